@@ -1,0 +1,33 @@
+"""Build of the compiled core.
+
+The Cython sources live in ``_core/`` (the design card's layout) but are compiled into the
+``agent.core`` package, so callers always import them through ``agent`` and never a bare
+top-level module. ``agent/core/__init__.py`` picks the compiled modules or their pure-Python twin.
+"""
+from setuptools import Extension, setup
+from Cython.Build import cythonize
+
+CORE_MODULES = ["deadline_queue", "latency_table", "batch_rules", "batch_assembly"]
+
+extensions = [
+    Extension(
+        f"agent.core._{name}",
+        sources=[f"_core/{name}.pyx"],
+        extra_compile_args=["-O3"],
+    )
+    for name in CORE_MODULES
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["_core"],
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    ),
+)
