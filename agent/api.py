@@ -1,0 +1,195 @@
+"""The front door: :class:`Agent` loads the configured models and serves ``submit() -> Future``.
+
+Every intake (MQTT today, the Open Inference Protocol next) turns bytes into a call of
+:meth:`Agent.submit`; nothing else reaches the scheduler. A refused request (unknown model, bad
+input, full queue, shutting down) raises :class:`~agent.errors.InferenceError` at once: nothing was
+accepted. An accepted request's future resolves exactly once: a :class:`Result`, or an
+``InferenceError`` (``deadline_missed``, ``internal``, ``shutting_down``).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from agent.backends import load_backend
+from agent.backends.base import Backend
+from agent.config import Config, ModelConfig
+from agent.core import LatencyTable
+from agent.errors import BAD_REQUEST, UNKNOWN_MODEL, InferenceError
+from agent.models.card import ModelCard, load_card
+from agent.profiler import measure_latency_table
+from agent.scheduler.clock import MonotonicClock
+from agent.scheduler.dispatcher import Dispatch, Scheduler
+from agent.scheduler.executor import InstanceSet, LocalExecutor
+from agent.scheduler.live import LiveLoop
+from agent.scheduler.request import Request, Result
+from agent.scheduler.rules import build_rule
+from agent.telemetry import Telemetry
+from agent.wire import check_inputs
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Agent", "LoadedModel", "Result", "InferenceError"]
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    card: ModelCard
+    backends: list[Backend]
+    latency: LatencyTable
+    rule: object
+
+
+def _check_backend_matches_card(card: ModelCard, backend: Backend, path) -> None:
+    """A file that disagrees with its card fails at load, not on the first request."""
+    for kind, want, got in (("input", card.inputs, backend.inputs), ("output", card.outputs, backend.outputs)):
+        got_by_name = {spec.name: spec for spec in got}
+        for spec in want:
+            have = got_by_name.get(spec.name)
+            if have is None:
+                raise ValueError(f"{path}: card of {card.name!r} names {kind} {spec.name!r}, the file has {sorted(got_by_name)}")
+            if have.dtype != spec.dtype or have.item_shape() != spec.item_shape():
+                raise ValueError(
+                    f"{path}: {kind} {spec.name!r} is {have.dtype.name}{list(have.item_shape())} in the file, "
+                    f"{spec.dtype.name}{list(spec.item_shape())} in the card")
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load a model's instances, check them against its card, and measure its batch latency here."""
+    card = load_card(config.card)
+    path = card.verify_file(config.file)
+    backends = [load_backend(config.backend, path, threads=config.threads) for _ in range(config.instances)]
+    for backend in backends:
+        _check_backend_matches_card(card, backend, path)
+    max_batch = config.batching.max_batch if config.batching.rule != "fixed" else config.batching.size
+    latency = measure_latency_table(backends[0], card.inputs, max_batch)
+    for backend in backends[1:]:  # warm every instance once at full batch
+        backend.run({s.name: np.zeros((max_batch, *s.item_shape()), dtype=s.dtype) for s in card.inputs})
+    return LoadedModel(config, card, backends, latency, build_rule(config.batching, latency))
+
+
+class Agent:
+    """Serves the configured models on this board.
+
+    >>> with Agent(Config.demo()) as agent:               # doctest: +SKIP
+    ...     result = agent.infer("mobilenet_digits", {"frames": frame}, slo_ms=50)
+    """
+
+    def __init__(self, config: Config, *, grace_s: float = 1.0) -> None:
+        self.config = config
+        self.grace_s = grace_s
+        self.clock = MonotonicClock.now
+        self.models: dict[str, LoadedModel] = {}
+        try:
+            for model_config in config.models:
+                log.info("loading %s (%s, %s x%d)", model_config.name, model_config.backend, model_config.file,
+                         model_config.instances)
+                self.models[model_config.name] = load_model(model_config)
+        except Exception:
+            for loaded in self.models.values():
+                for backend in loaded.backends:
+                    backend.close()
+            raise
+        self.telemetry = Telemetry(list(self.models))
+        self.scheduler = Scheduler(
+            [Scheduler.lane(name, m.rule, m.config.instances, m.config.queue_capacity) for name, m in self.models.items()],
+            max_concurrent=config.worker_count,
+        )
+        self.executor = LocalExecutor({
+            name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in self.models.items()
+        })
+        self._served_by = {
+            name: [{"device": config.device, "backend": b.kind, "accelerator": b.device, "instance": i}
+                   for i, b in enumerate(m.backends)]
+            for name, m in self.models.items()
+        }
+        self._ids = itertools.count(1)
+        self.loop = LiveLoop(self.scheduler, self.executor, self.clock, config.worker_count,
+                             served_by=self._dispatch_served_by, on_reply=self._record)
+        self.loop.start()
+        self._closed = False
+
+    # --- serving -------------------------------------------------------------------------------
+
+    def submit(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
+               deadline: float | None = None, priority: int = 0, client_id: str | None = None) -> "Future[Result]":
+        """Queue one request; its future resolves to a :class:`Result` or an ``InferenceError``.
+
+        ``slo_ms`` is relative to now; ``deadline`` is unix seconds (wall clock, as on the wire).
+        With neither, the model's ``default_slo_ms`` applies. Raises ``InferenceError`` if refused.
+        """
+        now = self.clock()
+        loaded = self.models.get(model)
+        if loaded is None:
+            raise InferenceError(UNKNOWN_MODEL, f"no model {model!r} is loaded; loaded: {sorted(self.models)}", "model")
+        try:
+            arrays = check_inputs(model, loaded.card.inputs, inputs)
+            if deadline is not None:
+                if slo_ms is not None:
+                    raise InferenceError(BAD_REQUEST, "give slo_ms or deadline, not both", "deadline")
+                deadline_at = now + (deadline - time.time())
+            else:
+                slo = loaded.config.default_slo_ms if slo_ms is None else slo_ms
+                if not slo > 0:
+                    raise InferenceError(BAD_REQUEST, f"slo_ms = {slo_ms!r}: expected a number > 0", "slo_ms")
+                deadline_at = now + slo / 1000.0
+            future: Future = Future()
+            self.loop.submit(Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id))
+        except InferenceError as exc:
+            self.telemetry.refused(model, exc.code)
+            raise
+        self.telemetry.accepted(model)
+        return future
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs) -> Result:
+        """Blocking convenience: ``submit(...).result()``."""
+        return self.submit(model, inputs, **kwargs).result()
+
+    def _dispatch_served_by(self, dispatch: Dispatch) -> dict:
+        return self._served_by[dispatch.model][dispatch.instance]
+
+    def _record(self, request: Request, result: Result | None, error: InferenceError | None) -> None:
+        if result is not None:
+            self.telemetry.record(request.model, result.total_ms, result.compute_ms, result.batch_size, None)
+        else:
+            self.telemetry.record(request.model, None, None, None, error.code)
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """Capabilities and load, as published on ``edge/v1/<device>/status``."""
+        return {
+            "device": self.config.device,
+            "state": "online",
+            "models": {
+                name: {"inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.item_shape())}
+                                  for s in m.card.inputs],
+                       "backend": m.config.backend, "instances": m.config.instances,
+                       "batching": m.rule.describe(),
+                       "latency_ms": dict(zip(m.latency.batch_sizes.tolist(),
+                                              (1000 * m.latency.latencies_s).round(3).tolist())),
+                       "queued": len(self.scheduler.lanes[name].queue)}
+                for name, m in self.models.items()
+            },
+        }
+
+    def close(self) -> None:
+        """Serve what is queued for up to ``grace_s``, answer the rest ``shutting_down``, release backends."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.stop(self.grace_s)
+        self.executor.close()
+
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

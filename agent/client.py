@@ -1,0 +1,77 @@
+"""An application's side of the MQTT wire: publish a request, get its one reply back.
+
+Used by the demo's cameras and the loopback benchmark; any MQTT v5 client works the same way
+(response topic + correlation data, msgpack payload; see the README).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable, Mapping
+
+import numpy as np
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import wire
+from agent.intake.mqtt import infer_topic
+from agent.mqtt import connect, make_client
+
+ReplyCallback = Callable[[dict, float], None]   # (decoded reply, round trip seconds)
+
+
+class InferenceClient:
+    def __init__(self, host: str, port: int, device: str, client_id: str) -> None:
+        self.device = device
+        self.reply_topic = f"apps/{client_id}/replies"
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: dict[bytes, tuple[float, ReplyCallback]] = {}
+        self.client = make_client(client_id)
+        self.client.on_message = self._on_message
+        connect(self.client, host, port)
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.subscribe(self.reply_topic, qos=0)
+        if not subscribed.wait(5.0):
+            raise TimeoutError(f"broker {host}:{port} did not acknowledge the subscription to {self.reply_topic}")
+
+    def send(self, model: str, inputs: Mapping[str, np.ndarray], on_reply: ReplyCallback, *,
+             slo_ms: float | None = None, priority: int | None = None, request_id: str | None = None) -> bytes:
+        """Publish one request; ``on_reply`` runs on the network thread when its reply arrives."""
+        seq = next(self._seq)
+        correlation = seq.to_bytes(8, "big")
+        payload = wire.encode_request(request_id or f"{self.reply_topic}#{seq}", inputs, slo_ms=slo_ms, priority=priority)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = correlation
+        with self._lock:
+            self._waiting[correlation] = (time.perf_counter(), on_reply)
+        self.client.publish(infer_topic(self.device, model), payload, qos=0, properties=props)
+        return correlation
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
+              timeout: float = 10.0) -> dict:
+        """Blocking round trip; returns the decoded reply map."""
+        future: Future = Future()
+        self.send(model, inputs, lambda reply, rtt: future.set_result(reply), slo_ms=slo_ms)
+        return future.result(timeout)
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def _on_message(self, client, userdata, message) -> None:
+        correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
+        with self._lock:
+            entry = self._waiting.pop(correlation, None)
+        if entry is None:
+            return  # not ours, or a duplicate
+        sent, callback = entry
+        callback(wire.decode_reply(message.payload), time.perf_counter() - sent)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -1,0 +1,214 @@
+"""Versioned agent configuration (TOML), validated with errors that name the field, the value and
+what was expected.
+
+A board's file lives in ``firmware_configs/``; ``Config.demo()`` is the embedded default the demo
+runs on. Validation happens once, at load: a running agent never meets a malformed setting.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_VERSION = 1
+BATCHING_RULES = ("fixed", "dynamic", "deadline_aware")
+BACKEND_KINDS = ("onnxruntime", "litert")
+
+
+class ConfigError(ValueError):
+    """``field = value: expected ...``: one bad setting, named so it can be fixed without guessing."""
+
+    def __init__(self, field_path: str, value: Any, expected: str) -> None:
+        super().__init__(f"config: {field_path} = {value!r}: expected {expected}")
+        self.field = field_path
+        self.value = value
+        self.expected = expected
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Which batching rule forms a model's batches, and its parameters (``agent.core`` rules)."""
+
+    rule: str = "deadline_aware"
+    max_batch: int = 8
+    size: int = 4                              # fixed
+    preferred_sizes: tuple[int, ...] = ()      # dynamic
+    max_queue_delay_ms: float = 0.0            # dynamic
+    max_wait_ms: float = 0.0                   # deadline_aware: hold for a bigger batch while slack allows
+    margin_ms: float = 0.5                     # deadline_aware: safety margin on predicted finish
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    card: str                                  # "demo:NAME" or a path to a model card
+    backend: str = "onnxruntime"
+    file: str = "onnx"                         # which of the card's files: onnx | tflite | tflite_int8
+    instances: int = 1                         # concurrent sessions of this model
+    threads: int = 1                           # intra-op threads per instance
+    queue_capacity: int = 1024
+    default_slo_ms: float = 100.0              # used when a request names neither slo_ms nor deadline
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 1883
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True)
+class Config:
+    device: str = "edge-board"
+    workers: int = 0                           # execution slots; 0 = one per CPU core
+    max_payload_bytes: int = 4 * 1024 * 1024
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    models: tuple[ModelConfig, ...] = ()
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @staticmethod
+    def demo(mqtt_port: int = 1883) -> "Config":
+        """The embedded default: both demo models on onnxruntime, deadline-aware batching."""
+        return parse_config({
+            "config_version": CONFIG_VERSION,
+            "agent": {"device": "demo-board"},
+            "mqtt": {"host": "127.0.0.1", "port": mqtt_port},
+            "models": [
+                {"name": "mobilenet_digits", "card": "demo:mobilenet_digits", "instances": 1,
+                 "batching": {"rule": "deadline_aware", "max_batch": 8}},
+                {"name": "resnet_digits", "card": "demo:resnet_digits", "instances": 1,
+                 "batching": {"rule": "deadline_aware", "max_batch": 8}},
+            ],
+        })
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML config file; every problem is a :class:`ConfigError` naming the field."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError("file", str(path), "an existing TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("file", str(path), f"valid TOML ({exc})") from None
+    return parse_config(data, base_dir=path.parent)
+
+
+# --- validation helpers: each names the dotted field path ---------------------------------------
+
+def _take(table: dict, key: str, where: str, kind: type | tuple, default: Any, check=None, expected: str = "") -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    path = f"{where}.{key}" if where else key
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(path, value, expected or f"a {kinds[0].__name__}")
+    if not isinstance(value, kinds):
+        raise ConfigError(path, value, expected or f"a {kinds[0].__name__}")
+    if check is not None and not check(value):
+        raise ConfigError(path, value, expected)
+    return value
+
+
+def _no_unknown(table: dict, known: set[str], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{where}.{key}" if where else key, table[key], f"one of the known keys {sorted(known)}")
+
+
+def _table(data: dict, key: str, where: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}.{key}" if where else key, value, "a table")
+    return value
+
+
+def _parse_batching(t: dict, where: str) -> BatchingConfig:
+    _no_unknown(t, set(BatchingConfig.__dataclass_fields__), where)
+    rule = _take(t, "rule", where, str, "deadline_aware", lambda v: v in BATCHING_RULES, f"one of {BATCHING_RULES}")
+    max_batch = _take(t, "max_batch", where, int, 8, lambda v: 1 <= v <= 1024, "an integer in 1..1024")
+    size = _take(t, "size", where, int, min(4, max_batch), lambda v: 1 <= v <= max_batch, f"an integer in 1..max_batch ({max_batch})")
+    preferred = _take(t, "preferred_sizes", where, list, [],
+                      lambda v: all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= max_batch for x in v),
+                      f"a list of integers in 1..max_batch ({max_batch})")
+    return BatchingConfig(
+        rule=rule, max_batch=max_batch, size=size, preferred_sizes=tuple(sorted(set(preferred))),
+        max_queue_delay_ms=float(_take(t, "max_queue_delay_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0")),
+        max_wait_ms=float(_take(t, "max_wait_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0")),
+        margin_ms=float(_take(t, "margin_ms", where, (int, float), 0.5, lambda v: v >= 0, "a number >= 0")),
+    )
+
+
+def _parse_model(t: Any, where: str, base_dir: Path | None) -> ModelConfig:
+    if not isinstance(t, dict):
+        raise ConfigError(where, t, "a table with at least name and card")
+    _no_unknown(t, set(ModelConfig.__dataclass_fields__), where)
+    name = _take(t, "name", where, str, None, lambda v: v and "/" not in v and "+" not in v and "#" not in v,
+                 "a non-empty name without '/', '+' or '#' (it is an MQTT topic level)")
+    if name is None:
+        raise ConfigError(f"{where}.name", None, "a model name")
+    card = _take(t, "card", where, str, f"demo:{name}")
+    if not card.startswith("demo:") and base_dir is not None and not Path(card).is_absolute():
+        card = str((base_dir / card).resolve())
+    return ModelConfig(
+        name=name, card=card,
+        backend=_take(t, "backend", where, str, "onnxruntime", lambda v: v in BACKEND_KINDS, f"one of {BACKEND_KINDS}"),
+        file=_take(t, "file", where, str, "onnx", lambda v: bool(v), "a file variant named in the model card"),
+        instances=_take(t, "instances", where, int, 1, lambda v: 1 <= v <= 64, "an integer in 1..64"),
+        threads=_take(t, "threads", where, int, 1, lambda v: 1 <= v <= 64, "an integer in 1..64"),
+        queue_capacity=_take(t, "queue_capacity", where, int, 1024, lambda v: 1 <= v <= 1_000_000, "an integer in 1..1000000"),
+        default_slo_ms=float(_take(t, "default_slo_ms", where, (int, float), 100.0, lambda v: v > 0, "a number > 0")),
+        batching=_parse_batching(_table(t, "batching", where), f"{where}.batching"),
+    )
+
+
+def parse_config(data: dict, base_dir: Path | None = None) -> Config:
+    """Validate a config mapping (as read from TOML) into a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError("(top level)", data, "a table")
+    _no_unknown(data, {"config_version", "agent", "mqtt", "models"}, "")
+    version = data.get("config_version")
+    if version != CONFIG_VERSION:
+        raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
+    agent = _table(data, "agent", "")
+    _no_unknown(agent, {"device", "workers", "max_payload_bytes"}, "agent")
+    mqtt = _table(data, "mqtt", "")
+    _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
+    models_raw = data.get("models", [])
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ConfigError("models", models_raw, "at least one [[models]] table")
+    models = tuple(_parse_model(m, f"models[{i}]", base_dir) for i, m in enumerate(models_raw))
+    seen: set[str] = set()
+    for i, m in enumerate(models):
+        if m.name in seen:
+            raise ConfigError(f"models[{i}].name", m.name, "a name not used by another model")
+        seen.add(m.name)
+    device = _take(agent, "device", "agent", str, "edge-board",
+                   lambda v: v and all(c not in v for c in "/+#"), "a non-empty id without '/', '+' or '#'")
+    return Config(
+        device=device,
+        workers=_take(agent, "workers", "agent", int, 0, lambda v: 0 <= v <= 256, "an integer in 0..256 (0 = one per core)"),
+        max_payload_bytes=_take(agent, "max_payload_bytes", "agent", int, 4 * 1024 * 1024,
+                                lambda v: 1024 <= v <= 256 * 1024 * 1024, "an integer in 1024..268435456"),
+        mqtt=MqttConfig(
+            enabled=_take(mqtt, "enabled", "mqtt", bool, True),
+            host=_take(mqtt, "host", "mqtt", str, "127.0.0.1", lambda v: bool(v), "a host name or address"),
+            port=_take(mqtt, "port", "mqtt", int, 1883, lambda v: 1 <= v <= 65535, "a port in 1..65535"),
+            keepalive_s=_take(mqtt, "keepalive_s", "mqtt", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"),
+        ),
+        models=models,
+    )

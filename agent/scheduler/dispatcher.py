@@ -1,0 +1,167 @@
+"""The scheduler: per-model deadline queues, and the decision, each time an execution slot frees,
+of which model runs next and how big a batch it takes.
+
+It is a passive state machine with no threads and no clock of its own: a driver calls
+:meth:`Scheduler.enqueue` when a request arrives, :meth:`Scheduler.poll` when it has a free slot,
+and :meth:`Scheduler.finish` when a batch is done. The live agent drives it from worker threads on the
+monotonic clock (``agent.scheduler.live``); the simulator drives the very same object on a virtual
+clock. That is how policies trained or compared in simulation are the code that runs on the board.
+
+Across models the choice is earliest-deadline-first on each queue's head (higher priority first), among
+models whose rule says "dispatch now" and that have an idle instance.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from agent.core import DeadlineQueue, PushResult
+from agent.errors import REJECTED, InferenceError
+from agent.scheduler.request import Request
+
+
+@dataclass(slots=True, eq=False)
+class Dispatch:
+    """A batch handed to an executor: which model, which of its instances, which requests."""
+
+    model: str
+    instance: int
+    requests: list[Request]
+    started: float
+
+
+@dataclass(slots=True)
+class Decision:
+    """What :meth:`Scheduler.poll` decided: a batch to run (or none), requests that expired in the
+    queue (to be answered ``deadline_missed``), and when to poll again if nothing arrives first."""
+
+    dispatch: Dispatch | None
+    expired: list[Request]
+    wake_at: float
+
+
+@dataclass(eq=False)
+class ModelLane:
+    """One model's queue, batching rule and instance slots."""
+
+    name: str
+    rule: object
+    instances: int
+    queue: DeadlineQueue
+    pending: dict[int, Request] = field(default_factory=dict)
+    free_instances: list[int] = field(default_factory=list)
+    ready_ids: np.ndarray = field(default=None)
+    expired_ids: np.ndarray = field(default=None)
+
+    def __post_init__(self) -> None:
+        self.free_instances = list(range(self.instances - 1, -1, -1))
+        self.ready_ids = np.empty(self.rule.max_batch, dtype=np.int64)
+        self.expired_ids = np.empty(max(64, self.rule.max_batch), dtype=np.int64)
+
+
+class Scheduler:
+    """Queues, batching rules and slot accounting for every loaded model.
+
+    ``max_concurrent`` bounds the batches in flight across all models (the execution slots: worker
+    threads live, virtual slots in simulation); each model is further bounded by its instance count.
+    """
+
+    def __init__(self, lanes: Iterable[ModelLane], max_concurrent: int) -> None:
+        self.lanes: dict[str, ModelLane] = {lane.name: lane for lane in lanes}
+        self._lane_list = list(self.lanes.values())
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent = {max_concurrent}: expected >= 1")
+        self.max_concurrent = max_concurrent
+        self.in_flight = 0
+
+    @staticmethod
+    def lane(name: str, rule: object, instances: int, queue_capacity: int) -> ModelLane:
+        return ModelLane(name=name, rule=rule, instances=instances, queue=DeadlineQueue(queue_capacity))
+
+    def queued(self) -> int:
+        return sum(len(lane.queue) for lane in self._lane_list)
+
+    def enqueue(self, request: Request) -> None:
+        """Queue an admitted request; a full queue refuses it at once (``rejected``), never silently."""
+        lane = self.lanes[request.model]
+        result = lane.queue.push(request.rid, request.deadline, request.arrival, request.priority)
+        if result != PushResult.OK:
+            if result == PushResult.FULL:
+                raise InferenceError(
+                    REJECTED, f"model {request.model!r} queue is full ({lane.queue.capacity} requests waiting)")
+            raise InferenceError(REJECTED, f"request id {request.rid} is already queued")
+        lane.pending[request.rid] = request
+
+    def poll(self, now: float) -> Decision:
+        """Called by a driver with a free slot: expire what is overdue, then pick at most one batch."""
+        expired: list[Request] = []
+        wake_at = math.inf
+        best: ModelLane | None = None
+        best_key = None
+        best_take = 0
+        slot_free = self.in_flight < self.max_concurrent
+        for lane in self._lane_list:
+            queue = lane.queue
+            if not len(queue):
+                continue
+            if queue.earliest_deadline() < now:
+                self._expire(lane, now, expired)
+                if not len(queue):
+                    continue
+            if not slot_free or not lane.free_instances:
+                # Busy: :meth:`finish` will prompt a re-poll; meanwhile wake to expire the overdue.
+                wake_at = min(wake_at, queue.earliest_deadline())
+                continue
+            take, lane_wake = lane.rule.plan(queue, now)
+            if take > 0:
+                key = (-queue.head_priority(), queue.head_deadline())
+                if best is None or key < best_key:
+                    best, best_key, best_take = lane, key, take
+            else:
+                wake_at = min(wake_at, lane_wake)
+        dispatch = None
+        if best is not None:
+            dispatch = self._pop(best, best_take, now, expired)
+        return Decision(dispatch, expired, wake_at)
+
+    def _expire(self, lane: ModelLane, now: float, expired: list[Request]) -> None:
+        while True:
+            n = lane.queue.drop_expired(now, lane.expired_ids)
+            pending = lane.pending
+            expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n].tolist())
+            if n < len(lane.expired_ids):
+                return
+
+    def _pop(self, lane: ModelLane, take: int, now: float, expired: list[Request]) -> Dispatch | None:
+        n_ready, n_expired = lane.queue.pop_batch(take, now, lane.ready_ids, lane.expired_ids)
+        pending = lane.pending
+        if n_expired:
+            expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n_expired].tolist())
+        if not n_ready:
+            return None
+        requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
+        self.in_flight += 1
+        return Dispatch(lane.name, lane.free_instances.pop(), requests, now)
+
+    def finish(self, dispatch: Dispatch) -> None:
+        """The batch is done (whatever its outcome): its instance and slot are free again."""
+        self.lanes[dispatch.model].free_instances.append(dispatch.instance)
+        self.in_flight -= 1
+
+    def cancel(self, model: str, rid: int) -> Request | None:
+        lane = self.lanes[model]
+        if lane.queue.cancel(rid):
+            return lane.pending.pop(rid)
+        return None
+
+    def drain(self) -> list[Request]:
+        """Remove every queued request (shutdown): the caller answers each ``shutting_down``."""
+        out: list[Request] = []
+        for lane in self._lane_list:
+            for rid in list(lane.pending):
+                lane.queue.cancel(rid)
+                out.append(lane.pending.pop(rid))
+        return out

@@ -1,0 +1,76 @@
+"""Executors run a dispatched batch. The scheduler never sees a backend: only this interface.
+
+The live executor assembles the batch into a preallocated buffer per (model, instance) with the
+compiled core's ``gather_into`` (one memcpy per request), runs the instance's backend, and scatters the
+output rows back per request. The simulator's executor (next issue) draws the time from the profile.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from agent.backends.base import Backend, TensorSpec
+from agent.core import gather_into, scatter_rows
+from agent.scheduler.dispatcher import Dispatch
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """A finished batch: per-request outputs in dispatch order, or the error that stopped it."""
+
+    outputs: list[dict[str, np.ndarray]] | None
+    compute_s: float
+    error: BaseException | None = None
+
+
+class Executor(Protocol):
+    def run(self, dispatch: Dispatch) -> BatchOutcome:
+        """Run one batch to completion on the caller's thread."""
+
+
+class InstanceSet:
+    """A model's loaded instances and their preallocated batch buffers (one set per instance,
+    since instances run at once)."""
+
+    def __init__(self, backends: Sequence[Backend], inputs: Sequence[TensorSpec], max_batch: int) -> None:
+        self.backends = list(backends)
+        self.input_names = [spec.name for spec in inputs]
+        self.buffers = [
+            {spec.name: np.empty((max_batch, *spec.item_shape()), dtype=spec.dtype) for spec in inputs}
+            for _ in self.backends
+        ]
+
+
+class LocalExecutor:
+    """Runs batches on this board's backends."""
+
+    def __init__(self, models: dict[str, InstanceSet], clock=time.perf_counter) -> None:
+        self.models = models
+        self._clock = clock
+
+    def run(self, dispatch: Dispatch) -> BatchOutcome:
+        instances = self.models[dispatch.model]
+        buffers = instances.buffers[dispatch.instance]
+        requests = dispatch.requests
+        n = len(requests)
+        try:
+            batch = {}
+            for name in instances.input_names:
+                buffer = buffers[name]
+                gather_into(buffer, [r.inputs[name] for r in requests])
+                batch[name] = buffer[:n]
+            t0 = self._clock()
+            outputs = instances.backends[dispatch.instance].run(batch)
+            compute_s = self._clock() - t0
+            per_output = {name: scatter_rows(array, n) for name, array in outputs.items()}
+        except Exception as exc:  # a backend failure answers the batch; the agent keeps serving
+            return BatchOutcome(None, 0.0, exc)
+        return BatchOutcome([{name: rows[i] for name, rows in per_output.items()} for i in range(n)], compute_s)
+
+    def close(self) -> None:
+        for instances in self.models.values():
+            for backend in instances.backends:
+                backend.close()

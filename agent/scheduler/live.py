@@ -1,0 +1,139 @@
+"""The live driver: worker threads that run the scheduler on the monotonic clock.
+
+Each worker is an execution slot. When idle it asks the scheduler for a batch, runs it through the
+executor on its own thread (onnxruntime and LiteRT release the GIL while they compute, so instances
+really run at once), answers every request, and asks again. A new request wakes one idle worker.
+No dispatcher thread sits in between: a request crosses exactly two thread hand-offs (submitter ->
+worker -> waiter), which is what keeps the agent's own overhead per request in microseconds.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from concurrent.futures import InvalidStateError
+from typing import Callable
+
+from agent.errors import DEADLINE_MISSED, INTERNAL, SHUTTING_DOWN, InferenceError
+from agent.scheduler.dispatcher import Dispatch, Scheduler
+from agent.scheduler.executor import BatchOutcome, Executor
+from agent.scheduler.request import Request, Result
+
+log = logging.getLogger(__name__)
+
+MAX_IDLE_WAIT_S = 1.0
+
+
+class LiveLoop:
+    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Callable[[], float], workers: int,
+                 served_by: Callable[[Dispatch], dict], on_reply: Callable[[Request, Result | None, InferenceError | None], None] | None = None) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.clock = clock
+        self.cond = threading.Condition(threading.Lock())
+        self._served_by = served_by
+        self._on_reply = on_reply
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"edge-agent-worker-{i}", daemon=True) for i in range(workers)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, request: Request) -> None:
+        """Queue a request (raises ``InferenceError`` if refused) and wake one idle worker."""
+        with self.cond:
+            if self._stopping:
+                raise InferenceError(SHUTTING_DOWN, "the agent is shutting down")
+            self.scheduler.enqueue(request)
+            self.cond.notify()
+
+    def stop(self, grace_s: float) -> None:
+        """Stop taking requests, serve what is queued for up to ``grace_s``, answer the rest
+        ``shutting_down``, then end the workers. Every accepted request gets its one reply."""
+        deadline = self.clock() + grace_s
+        with self.cond:
+            self._stopping = True
+            while self.scheduler.queued() and self.clock() < deadline:
+                self.cond.wait(timeout=max(0.0, min(0.05, deadline - self.clock())))
+            leftover = self.scheduler.drain()
+            self.cond.notify_all()
+        for request in leftover:
+            self._fail(request, InferenceError(SHUTTING_DOWN, "the agent shut down before this request ran"))
+        for thread in self._threads:
+            thread.join(timeout=10.0)
+
+    # --- worker --------------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        scheduler, cond, clock = self.scheduler, self.cond, self.clock
+        while True:
+            with cond:
+                while True:
+                    now = clock()
+                    decision = scheduler.poll(now)
+                    if decision.dispatch is not None or decision.expired:
+                        break
+                    if self._stopping and not scheduler.queued():
+                        cond.notify_all()
+                        return
+                    timeout = decision.wake_at - now
+                    cond.wait(MAX_IDLE_WAIT_S if math.isinf(timeout) else min(max(timeout, 0.0), MAX_IDLE_WAIT_S))
+            for request in decision.expired:
+                self._fail(request, InferenceError(
+                    DEADLINE_MISSED, f"deadline passed after {1000 * (now - request.arrival):.1f} ms in the queue"))
+            dispatch = decision.dispatch
+            if dispatch is None:
+                continue
+            outcome = self.executor.run(dispatch)
+            with cond:
+                scheduler.finish(dispatch)
+                cond.notify()
+            self._complete(dispatch, outcome)
+
+    def _complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
+        now = self.clock()
+        if outcome.error is not None:
+            log.error("model %s instance %d failed a batch of %d: %r", dispatch.model, dispatch.instance,
+                      len(dispatch.requests), outcome.error)
+            error = InferenceError(INTERNAL, f"backend failed: {type(outcome.error).__name__}: {outcome.error}")
+            for request in dispatch.requests:
+                self._fail(request, error)
+            return
+        batch_size = len(dispatch.requests)
+        compute_ms = 1000.0 * outcome.compute_s
+        served_by = self._served_by(dispatch)
+        on_reply = self._on_reply
+        for request, outputs in zip(dispatch.requests, outcome.outputs):
+            if now > request.deadline:
+                self._fail(request, InferenceError(DEADLINE_MISSED, (
+                    f"finished {1000 * (now - request.deadline):.1f} ms after its deadline "
+                    f"(queued {1000 * (dispatch.started - request.arrival):.1f} ms, batch of {batch_size} "
+                    f"computed in {compute_ms:.1f} ms)")))
+                continue
+            result = Result(
+                outputs=outputs,
+                queue_ms=1000.0 * (dispatch.started - request.arrival),
+                compute_ms=compute_ms,
+                total_ms=1000.0 * (now - request.arrival),
+                batch_size=batch_size,
+                served_by=served_by,
+            )
+            if on_reply is not None:
+                on_reply(request, result, None)
+            _deliver(request.reply.set_result, result)
+
+    def _fail(self, request: Request, error: InferenceError) -> None:
+        if self._on_reply is not None:
+            self._on_reply(request, None, error)
+        _deliver(request.reply.set_exception, error)
+
+
+def _deliver(setter, value) -> None:
+    """Set a reply, tolerating a caller that cancelled its future: the worker must survive that."""
+    try:
+        setter(value)
+    except InvalidStateError:
+        log.debug("reply to a cancelled future dropped")

@@ -1,0 +1,211 @@
+"""Request/reply codec (wire format v1, DESIGN.md) and the input validation every intake shares.
+
+Validation order matters: size is checked before a byte is decoded, the map's fields next, the
+model's interface last, so each error names the first thing wrong. Decoded tensors are zero-copy
+views of the payload (``numpy.frombuffer``); the batch assembly copies them once into the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+from agent.backends.base import TensorSpec
+from agent.errors import BAD_REQUEST, INVALID_INPUT, TOO_LARGE, InferenceError
+
+WIRE_VERSION = 1
+
+
+@dataclass(slots=True)
+class WireRequest:
+    """A decoded, validated request: what an intake hands to ``Agent.submit``."""
+
+    id: str
+    inputs: dict[str, np.ndarray]
+    slo_ms: float | None
+    deadline: float | None        # unix seconds
+    priority: int
+    min_accuracy: float | None
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+def encode_tensor(array: np.ndarray) -> dict:
+    """``{dtype, shape, data}``: C order, little-endian bytes."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def decode_tensor(tensor: Any, field: str) -> np.ndarray:
+    """A wire tensor to a read-only numpy view; errors name the tensor's field."""
+    if not isinstance(tensor, Mapping):
+        raise InferenceError(INVALID_INPUT, f"{field} must be a map with dtype, shape, data; got {type(tensor).__name__}", field)
+    for key in ("dtype", "shape", "data"):
+        if key not in tensor:
+            raise InferenceError(INVALID_INPUT, f"{field} has no {key!r}", f"{field}.{key}")
+    codec = tensor.get("codec")
+    if codec not in (None, "", "raw"):
+        raise InferenceError(INVALID_INPUT, f"{field}.codec = {codec!r}: this agent accepts raw tensors only", f"{field}.codec")
+    try:
+        dtype = np.dtype(tensor["dtype"]) if isinstance(tensor["dtype"], str) else None
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "biuf":
+        raise InferenceError(INVALID_INPUT, f"{field}.dtype = {tensor['dtype']!r} is not a numeric numpy dtype name", f"{field}.dtype")
+    shape = tensor["shape"]
+    if (not isinstance(shape, (list, tuple)) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise InferenceError(INVALID_INPUT, f"{field}.shape = {shape!r}: expected a list of non-negative ints", f"{field}.shape")
+    data = tensor["data"]
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InferenceError(INVALID_INPUT, f"{field}.data must be bytes (msgpack bin), got {type(data).__name__}", f"{field}.data")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise InferenceError(
+            INVALID_INPUT,
+            f"{field}.data has {len(data)} bytes; shape {list(shape)} of {dtype.name} needs {expected}",
+            f"{field}.data",
+        )
+    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def check_inputs(model: str, specs: Sequence[TensorSpec], inputs: Any) -> dict[str, np.ndarray]:
+    """Check a request's tensors against the model's card: names, dtype, rank and shape.
+
+    One request carries one item: each tensor has the model's item shape, with or without a leading
+    batch dimension of 1. Returns arrays shaped ``(1, *item_shape)`` in the model's dtype.
+    """
+    if not isinstance(inputs, Mapping):
+        raise InferenceError(BAD_REQUEST, f"inputs must be a map of name -> tensor, got {type(inputs).__name__}", "inputs")
+    expected_names = [s.name for s in specs]
+    for name in inputs:
+        if name not in expected_names:
+            raise InferenceError(
+                INVALID_INPUT, f"model {model!r} has no input {name!r}; its inputs are {expected_names}", f"inputs.{name}")
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        field = f"inputs.{spec.name}"
+        if spec.name not in inputs:
+            raise InferenceError(INVALID_INPUT, f"missing input {spec.name!r} of model {model!r}", field)
+        array = inputs[spec.name]
+        if not isinstance(array, np.ndarray):
+            raise InferenceError(INVALID_INPUT, f"{field} must be a numpy array, got {type(array).__name__}", field)
+        if array.dtype != spec.dtype:
+            raise InferenceError(
+                INVALID_INPUT, f"{field} has dtype {array.dtype.name}; model {model!r} expects {spec.dtype.name}",
+                f"{field}.dtype")
+        item = spec.item_shape()
+        if array.shape == item:
+            array = array.reshape((1, *item))
+        elif array.shape != (1, *item):
+            raise InferenceError(
+                INVALID_INPUT,
+                f"{field} has shape {list(array.shape)}; model {model!r} expects {list(item)} (or [1, ...] with one item)",
+                f"{field}.shape")
+        out[spec.name] = array
+    return out
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def decode_request(payload: bytes, max_payload_bytes: int) -> WireRequest:
+    """Bytes to a :class:`WireRequest` with its tensors decoded (not yet checked against a model).
+
+    Raises :class:`InferenceError`; the caller replies with it. The request id, when it could be
+    read, is on the exception as ``request_id`` so the error reply can carry it.
+    """
+    if len(payload) > max_payload_bytes:
+        raise InferenceError(TOO_LARGE, f"payload of {len(payload)} bytes exceeds the limit of {max_payload_bytes} bytes")
+    try:
+        message = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise InferenceError(BAD_REQUEST, f"payload is not valid msgpack ({type(exc).__name__}: {exc})") from None
+    if not isinstance(message, dict):
+        raise InferenceError(BAD_REQUEST, f"request must be a msgpack map, got {type(message).__name__}")
+    request_id = message.get("id")
+    try:
+        return _fields(message)
+    except InferenceError as exc:
+        exc.request_id = request_id if isinstance(request_id, str) else None
+        raise
+
+
+def _fields(message: dict) -> WireRequest:
+    request_id = message.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise InferenceError(BAD_REQUEST, f"id must be a non-empty string, got {request_id!r}", "id")
+    slo_ms, deadline = message.get("slo_ms"), message.get("deadline")
+    if slo_ms is not None and deadline is not None:
+        raise InferenceError(BAD_REQUEST, "give slo_ms or deadline, not both", "deadline")
+    if slo_ms is not None and not (_number(slo_ms) and slo_ms > 0):
+        raise InferenceError(BAD_REQUEST, f"slo_ms = {slo_ms!r}: expected a number > 0 (milliseconds)", "slo_ms")
+    if deadline is not None and not (_number(deadline) and deadline > 0):
+        raise InferenceError(BAD_REQUEST, f"deadline = {deadline!r}: expected unix seconds (a number > 0)", "deadline")
+    priority = message.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
+        raise InferenceError(BAD_REQUEST, f"priority = {priority!r}: expected an integer in -1000..1000", "priority")
+    min_accuracy = message.get("min_accuracy")
+    if min_accuracy is not None and not (_number(min_accuracy) and 0 <= min_accuracy <= 1):
+        raise InferenceError(BAD_REQUEST, f"min_accuracy = {min_accuracy!r}: expected a number in 0..1", "min_accuracy")
+    inputs = message.get("inputs")
+    if not isinstance(inputs, dict) or not inputs:
+        raise InferenceError(BAD_REQUEST, "inputs must be a non-empty map of name -> tensor", "inputs")
+    tensors = {}
+    for name, tensor in inputs.items():
+        if not isinstance(name, str):
+            raise InferenceError(BAD_REQUEST, f"input names must be strings, got {name!r}", "inputs")
+        tensors[name] = decode_tensor(tensor, f"inputs.{name}")
+    return WireRequest(
+        id=request_id, inputs=tensors,
+        slo_ms=None if slo_ms is None else float(slo_ms),
+        deadline=None if deadline is None else float(deadline),
+        priority=priority,
+        min_accuracy=None if min_accuracy is None else float(min_accuracy),
+    )
+
+
+def encode_request(request_id: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
+                   deadline: float | None = None, priority: int | None = None) -> bytes:
+    """The client side: what an application publishes to ``edge/v1/<device>/infer/<model>``."""
+    message: dict[str, Any] = {"id": request_id, "inputs": {k: encode_tensor(v) for k, v in inputs.items()}}
+    if slo_ms is not None:
+        message["slo_ms"] = slo_ms
+    if deadline is not None:
+        message["deadline"] = deadline
+    if priority is not None:
+        message["priority"] = priority
+    return msgpack.packb(message, use_bin_type=True)
+
+
+# --- replies ------------------------------------------------------------------------------------
+
+def encode_reply(reply: dict) -> bytes:
+    """A reply map (see :meth:`agent.api.Result.as_wire`) to bytes; numpy outputs become wire tensors."""
+    outputs = reply.get("outputs")
+    if outputs is not None:
+        reply = dict(reply, outputs={k: encode_tensor(v) for k, v in outputs.items()})
+    return msgpack.packb(reply, use_bin_type=True)
+
+
+def error_reply(request_id: str | None, error: InferenceError, timing: dict | None = None) -> dict:
+    reply: dict[str, Any] = {"id": request_id, "status": "error", "error": error.as_dict()}
+    if timing is not None:
+        reply["timing"] = timing
+    return reply
+
+
+def decode_reply(payload: bytes) -> dict:
+    """The client side: a reply's bytes to a map whose outputs are numpy arrays."""
+    reply = msgpack.unpackb(payload, raw=False)
+    if reply.get("outputs"):
+        reply["outputs"] = {k: decode_tensor(v, f"outputs.{k}") for k, v in reply["outputs"].items()}
+    return reply

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian machine: installs what is missing, builds, then runs.
+#
+#   bash tools/dev.sh demo [--duration S] [--load X]   the demo on the embedded default config
+#   bash tools/dev.sh test [pytest args]               the whole test suite
+#   bash tools/dev.sh setup                            only the set-up (venv, compiled core, mosquitto)
+#   bash tools/dev.sh agent ARGS...                    any edge-agent command from the venv
+#
+# Set-up: Debian packages (mosquitto, python3-venv, gcc) when missing, a virtualenv in .venv with
+# the project installed editable with its [dev] extra, which compiles the Cython core. It is redone
+# only when pyproject.toml, setup.py or _core/ changed since the last build.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY=${PYTHON:-python3}
+
+say() { printf '[dev.sh] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    say "need root to run: $*"; exit 1; fi
+}
+
+apt_install() {
+  say "installing Debian packages: $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_system() {
+  local missing=()
+  command -v "$PY" >/dev/null || missing+=(python3)
+  "$PY" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  command -v gcc >/dev/null || missing+=(gcc)
+  "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null || missing+=(python3-dev)
+  { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=(mosquitto)
+  command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+build_stamp() {
+  cat pyproject.toml setup.py _core/*.pyx _core/*.pxd 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtualenv $VENV"
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+  fi
+  local stamp; stamp=$(build_stamp)
+  if [ "$(cat "$VENV/.edge-agent-build" 2>/dev/null)" != "$stamp" ] \
+     || ! "$VENV/bin/python" -c 'import agent.core as c; assert c.IMPLEMENTATION == "compiled"' 2>/dev/null; then
+    say "installing edge-agent[dev] and compiling the core (first time: a few minutes)"
+    "$VENV/bin/pip" install -q -e ".[dev]"
+    echo "$stamp" > "$VENV/.edge-agent-build"
+  fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) ensure_system; ensure_venv ;;
+  demo)  ensure_system; ensure_venv; exec "$VENV/bin/edge-agent" demo "$@" ;;
+  test)  ensure_system; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
+  agent) ensure_system; ensure_venv; exec "$VENV/bin/edge-agent" "$@" ;;
+  *) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+esac
