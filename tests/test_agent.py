@@ -1,0 +1,148 @@
+"""The in-process front door with the real demo models on the real runtimes."""
+import threading
+import time
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+
+from agent.api import Agent
+from agent.config import CONFIG_VERSION, parse_config
+from agent.errors import DEADLINE_MISSED, INTERNAL, INVALID_INPUT, REJECTED, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
+from agent.models.card import load_card
+from agent.models.digits import frames_from_digits, load_test_set
+
+
+def config(**model_overrides):
+    model = {"name": "mobilenet_digits", "card": "demo:mobilenet_digits", "instances": 2,
+             "batching": {"rule": "deadline_aware", "max_batch": 8}}
+    model.update(model_overrides)
+    return parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "test", "workers": 2},
+                         "mqtt": {"enabled": False}, "models": [model]})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    images, labels = load_test_set()
+    return frames_from_digits(images), labels
+
+
+@pytest.fixture(scope="module")
+def agent():
+    with Agent(config()) as a:
+        yield a
+
+
+def test_serves_real_predictions_at_the_cards_accuracy(agent, digits):
+    frames, labels = digits
+    futures = [agent.submit("mobilenet_digits", {"frames": f}, slo_ms=5000) for f in frames]
+    results = [f.result(timeout=60) for f in futures]
+    predicted = np.array([int(np.argmax(r.outputs["logits"])) for r in results])
+    accuracy = float(np.mean(predicted == labels))
+    card_accuracy = load_card("demo:mobilenet_digits").file("onnx").accuracy
+    assert accuracy == pytest.approx(card_accuracy, abs=1e-9)
+    assert all(r.outputs["logits"].shape == (1, 10) for r in results)
+
+
+def test_a_burst_is_batched(agent, digits):
+    frames, _ = digits
+    futures = [agent.submit("mobilenet_digits", {"frames": frames[i]}, slo_ms=5000) for i in range(64)]
+    sizes = [f.result(timeout=30).batch_size for f in futures]
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= 8
+
+
+def test_batched_outputs_match_batch_of_one(agent, digits):
+    frames, _ = digits
+    alone = [agent.infer("mobilenet_digits", {"frames": frames[i]}, slo_ms=5000) for i in range(8)]
+    together = [f.result(30) for f in [agent.submit("mobilenet_digits", {"frames": frames[i]}, slo_ms=5000) for i in range(8)]]
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a.outputs["logits"], b.outputs["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_result_timing_adds_up(agent, digits):
+    frames, _ = digits
+    result = agent.infer("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000)
+    assert result.compute_ms > 0
+    assert result.total_ms >= result.queue_ms + result.compute_ms - 1e-6
+    assert result.served_by["device"] == "test" and result.served_by["backend"] == "onnxruntime"
+
+
+def test_unmeetable_slo_gets_deadline_missed(agent, digits):
+    frames, _ = digits
+    future = agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=0.001)
+    with pytest.raises(InferenceError) as info:
+        future.result(timeout=10)
+    assert info.value.code == DEADLINE_MISSED
+
+
+def test_refusals_are_immediate_and_named(agent, digits):
+    frames, _ = digits
+    with pytest.raises(InferenceError) as info:
+        agent.submit("no_such_model", {"frames": frames[0]})
+    assert info.value.code == UNKNOWN_MODEL and "mobilenet_digits" in info.value.message
+    with pytest.raises(InferenceError) as info:
+        agent.submit("mobilenet_digits", {"frames": frames[0].astype(np.float32)})
+    assert info.value.code == INVALID_INPUT and info.value.field == "inputs.frames.dtype"
+    with pytest.raises(InferenceError) as info:
+        agent.submit("mobilenet_digits", {"frames": frames[0][:32]})
+    assert info.value.code == INVALID_INPUT and info.value.field == "inputs.frames.shape"
+
+
+def test_counts_add_up(agent, digits):
+    stats = agent.telemetry.snapshot()["mobilenet_digits"]
+    answered = stats["ok"] + sum(v for k, v in stats["errors"].items() if k not in (UNKNOWN_MODEL, INVALID_INPUT))
+    assert stats["accepted"] == answered
+
+
+def test_full_queue_rejects_and_close_answers_every_queued_request(digits):
+    frames, _ = digits
+    small = config(instances=1, queue_capacity=4, batching={"rule": "fixed", "size": 8})
+    agent = Agent(small, grace_s=0.0)
+    futures = [agent.submit("mobilenet_digits", {"frames": frames[i]}, slo_ms=60_000) for i in range(4)]
+    with pytest.raises(InferenceError) as info:
+        agent.submit("mobilenet_digits", {"frames": frames[5]}, slo_ms=60_000)
+    assert info.value.code == REJECTED
+    agent.close()   # fixed batch of 8 never forms: every queued request is answered shutting_down
+    codes = [f.exception(timeout=5).code for f in futures]
+    assert codes == [SHUTTING_DOWN] * 4
+    with pytest.raises(InferenceError) as info:
+        agent.submit("mobilenet_digits", {"frames": frames[0]})
+    assert info.value.code == SHUTTING_DOWN
+
+
+def test_backend_failure_answers_internal_and_serving_continues(digits):
+    frames, _ = digits
+    with Agent(config(instances=1)) as agent:
+        backend = agent.models["mobilenet_digits"].backends[0]
+        real_run = backend.run
+        failing = threading.Event()
+        failing.set()
+
+        def flaky(batch):   # fault injection on the real backend: fails once, then recovers
+            if failing.is_set():
+                failing.clear()
+                raise RuntimeError("injected fault")
+            return real_run(batch)
+
+        backend.run = flaky
+        with pytest.raises(InferenceError) as info:
+            agent.infer("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000)
+        assert info.value.code == INTERNAL and "injected fault" in info.value.message
+        assert agent.infer("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000).outputs["logits"].shape == (1, 10)
+
+
+def test_two_models_with_litert(digits):
+    frames, labels = digits
+    cfg = parse_config({
+        "config_version": CONFIG_VERSION, "agent": {"device": "t", "workers": 2}, "mqtt": {"enabled": False},
+        "models": [
+            {"name": "mobilenet_digits", "card": "demo:mobilenet_digits", "backend": "litert", "file": "tflite"},
+            {"name": "resnet_digits", "card": "demo:resnet_digits", "backend": "onnxruntime",
+             "batching": {"rule": "dynamic", "max_batch": 4, "preferred_sizes": [2, 4], "max_queue_delay_ms": 1}},
+        ]})
+    with Agent(cfg) as agent:
+        futures = [(agent.submit(model, {"frames": frames[i]}, slo_ms=10_000), labels[i])
+                   for i in range(40) for model in ("mobilenet_digits", "resnet_digits")]
+        correct = sum(int(np.argmax(f.result(60).outputs["logits"])) == label for f, label in futures)
+        assert correct >= 0.9 * len(futures)

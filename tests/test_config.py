@@ -1,0 +1,82 @@
+"""Config validation: good files load; each bad setting is named with its value and expectation."""
+from pathlib import Path
+
+import pytest
+
+from agent.config import CONFIG_VERSION, Config, ConfigError, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base() -> dict:
+    return {
+        "config_version": CONFIG_VERSION,
+        "agent": {"device": "board-1"},
+        "models": [{"name": "mobilenet_digits", "card": "demo:mobilenet_digits"}],
+    }
+
+
+def test_demo_config_is_valid():
+    config = Config.demo(mqtt_port=18830)
+    assert config.mqtt.port == 18830
+    assert [m.name for m in config.models] == ["mobilenet_digits", "resnet_digits"]
+    assert all(m.batching.rule == "deadline_aware" for m in config.models)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "firmware_configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_board_configs_parse(path):
+    config = load_config(path)
+    assert config.models, path
+
+
+def test_defaults_fill_in():
+    config = parse_config(base())
+    model = config.models[0]
+    assert (model.backend, model.file, model.instances, model.threads) == ("onnxruntime", "onnx", 1, 1)
+    assert config.worker_count >= 1
+
+
+@pytest.mark.parametrize("mutate, field, fragment", [
+    (lambda c: c.update(config_version=2), "config_version", "expected 1"),
+    (lambda c: c.update(models=[]), "models", "at least one"),
+    (lambda c: c["models"][0].update(instances=0), "models[0].instances", "1..64"),
+    (lambda c: c["models"][0].update(instances="2"), "models[0].instances", "1..64"),
+    (lambda c: c["models"][0].update(backend="tensorflow"), "models[0].backend", "onnxruntime"),
+    (lambda c: c["models"][0].update(name="a/b"), "models[0].name", "topic level"),
+    (lambda c: c["models"][0].update(batching={"rule": "greedy"}), "models[0].batching.rule", "deadline_aware"),
+    (lambda c: c["models"][0].update(batching={"max_batch": 0}), "models[0].batching.max_batch", "1..1024"),
+    (lambda c: c["models"][0].update(batching={"max_batch": 4, "preferred_sizes": [8]}),
+     "models[0].batching.preferred_sizes", "1..max_batch (4)"),
+    (lambda c: c["models"][0].update(batching={"max_queue_delay_ms": -1}), "models[0].batching.max_queue_delay_ms", ">= 0"),
+    (lambda c: c["models"][0].update(default_slo_ms=0), "models[0].default_slo_ms", "> 0"),
+    (lambda c: c["models"][0].update(instanses=2), "models[0].instanses", "known keys"),
+    (lambda c: c["agent"].update(max_payload_bytes=10), "agent.max_payload_bytes", "1024.."),
+    (lambda c: c["agent"].update(device="a+b"), "agent.device", "without"),
+    (lambda c: c.update(mqtt={"port": 70000}), "mqtt.port", "1..65535"),
+    (lambda c: c.update(mqtt={"enabled": "yes"}), "mqtt.enabled", "bool"),
+    (lambda c: c["models"].append(dict(c["models"][0])), "models[1].name", "not used by another"),
+])
+def test_bad_settings_are_named(mutate, field, fragment):
+    config = base()
+    mutate(config)
+    with pytest.raises(ConfigError) as info:
+        parse_config(config)
+    assert info.value.field == field
+    assert fragment in str(info.value)
+    assert str(info.value).startswith(f"config: {field} = ")
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("config_version = = 1\n")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="an existing TOML file"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_relative_card_path_resolves_against_the_config_file(tmp_path):
+    (tmp_path / "cfg.toml").write_text(
+        'config_version = 1\n[[models]]\nname = "m"\ncard = "cards/m.json"\n')
+    config = load_config(tmp_path / "cfg.toml")
+    assert config.models[0].card == str(tmp_path / "cards" / "m.json")

@@ -1,0 +1,138 @@
+"""The scheduler as a state machine on a hand-driven clock, with the real core's queue and rules.
+
+No backend and no threads: exactly how the simulator will drive it.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from agent.core import DynamicBatch, FixedBatch, LatencyTable, DeadlineAwareBatch
+from agent.errors import REJECTED, InferenceError
+from agent.scheduler.dispatcher import Scheduler
+from agent.scheduler.request import Request
+
+
+class Sink:
+    def __init__(self):
+        self.value = None
+
+    def set_result(self, value):
+        self.value = value
+
+    def set_exception(self, exc):
+        self.value = exc
+
+
+_ids = iter(range(1, 10**9))
+
+
+def req(model, arrival, slo, priority=0):
+    return Request(next(_ids), model, {}, arrival, arrival + slo, priority, Sink())
+
+
+def table(per_item_s=0.001, fixed_s=0.001):
+    sizes = np.array([1, 2, 4, 8])
+    return LatencyTable(sizes, fixed_s + per_item_s * sizes)
+
+
+def scheduler(rules, instances=None, max_concurrent=4, capacity=64):
+    instances = instances or {}
+    return Scheduler([Scheduler.lane(name, rule, instances.get(name, 1), capacity) for name, rule in rules.items()],
+                     max_concurrent=max_concurrent)
+
+
+def test_earliest_deadline_model_goes_first():
+    s = scheduler({"a": FixedBatch(1), "b": FixedBatch(1)})
+    s.enqueue(req("a", 0.0, 0.050))
+    s.enqueue(req("b", 0.0, 0.010))
+    first = s.poll(0.001).dispatch
+    second = s.poll(0.001).dispatch
+    assert (first.model, second.model) == ("b", "a")
+
+
+def test_priority_beats_deadline_across_models():
+    s = scheduler({"a": FixedBatch(1), "b": FixedBatch(1)})
+    s.enqueue(req("a", 0.0, 0.050, priority=5))
+    s.enqueue(req("b", 0.0, 0.010))
+    assert s.poll(0.001).dispatch.model == "a"
+
+
+def test_instance_limit_and_finish():
+    s = scheduler({"a": FixedBatch(1)}, instances={"a": 2})
+    for _ in range(3):
+        s.enqueue(req("a", 0.0, 1.0))
+    d1, d2 = s.poll(0.0).dispatch, s.poll(0.0).dispatch
+    assert {d1.instance, d2.instance} == {0, 1}
+    blocked = s.poll(0.0)
+    assert blocked.dispatch is None
+    assert blocked.wake_at == pytest.approx(1.0)     # wakes to expire the waiting one at its deadline
+    s.finish(d1)
+    d3 = s.poll(0.0).dispatch
+    assert d3.instance == d1.instance
+
+
+def test_global_slot_limit():
+    s = scheduler({"a": FixedBatch(1), "b": FixedBatch(1)}, max_concurrent=1)
+    s.enqueue(req("a", 0.0, 1.0))
+    s.enqueue(req("b", 0.0, 1.0))
+    d = s.poll(0.0).dispatch
+    assert d is not None and s.poll(0.0).dispatch is None
+    s.finish(d)
+    assert s.poll(0.0).dispatch is not None
+
+
+def test_expired_requests_are_returned_not_run():
+    s = scheduler({"a": FixedBatch(2)})
+    late = req("a", 0.0, 0.005)
+    s.enqueue(late)
+    decision = s.poll(0.001)
+    assert decision.dispatch is None and decision.wake_at == pytest.approx(0.005)
+    decision = s.poll(0.006)
+    assert decision.expired == [late] and s.queued() == 0
+
+
+def test_dynamic_batch_waits_for_queue_delay_then_dispatches():
+    s = scheduler({"a": DynamicBatch(8, (4,), 0.002)})
+    for _ in range(3):
+        s.enqueue(req("a", 0.0, 1.0))
+    waiting = s.poll(0.0005)
+    assert waiting.dispatch is None and waiting.wake_at == pytest.approx(0.002)
+    dispatch = s.poll(0.002).dispatch
+    assert len(dispatch.requests) == 3
+
+
+def test_deadline_aware_takes_the_batch_that_meets_the_head_deadline():
+    s = scheduler({"a": DeadlineAwareBatch(table(0.001, 0.001), 8)})
+    for _ in range(8):
+        s.enqueue(req("a", 0.0, 0.0045))   # batch of b takes 1 + b ms; 4.5 ms of slack fits 3
+    dispatch = s.poll(0.0).dispatch
+    assert len(dispatch.requests) == 3
+
+
+def test_batch_requests_come_out_in_deadline_order():
+    s = scheduler({"a": FixedBatch(4)})
+    slos = [0.04, 0.01, 0.03, 0.02]
+    requests = [req("a", 0.0, slo) for slo in slos]
+    for r in requests:
+        s.enqueue(r)
+    dispatch = s.poll(0.0).dispatch
+    assert [r.deadline for r in dispatch.requests] == sorted(slos)
+
+
+def test_full_queue_is_refused():
+    s = scheduler({"a": FixedBatch(4)}, capacity=2)
+    s.enqueue(req("a", 0.0, 1.0))
+    s.enqueue(req("a", 0.0, 1.0))
+    with pytest.raises(InferenceError) as info:
+        s.enqueue(req("a", 0.0, 1.0))
+    assert info.value.code == REJECTED and "full" in info.value.message
+
+
+def test_drain_returns_everything_queued():
+    s = scheduler({"a": FixedBatch(4), "b": FixedBatch(4)})
+    queued = [req("a", 0.0, 1.0), req("b", 0.0, 1.0), req("b", 0.0, 1.0)]
+    for r in queued:
+        s.enqueue(r)
+    assert sorted(r.rid for r in s.drain()) == sorted(r.rid for r in queued)
+    assert s.queued() == 0 and s.poll(0.0).wake_at == math.inf

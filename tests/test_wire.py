@@ -1,0 +1,104 @@
+"""Wire format v1: every kind of bad input is refused with the right code and names its field."""
+import math
+
+import msgpack
+import numpy as np
+import pytest
+
+from agent import wire
+from agent.backends.base import TensorSpec
+from agent.errors import BAD_REQUEST, INVALID_INPUT, TOO_LARGE, InferenceError
+
+SPECS = (TensorSpec("frames", np.uint8, (None, 4, 4, 3)),)
+LIMIT = 64 * 1024
+
+
+def frame(dtype=np.uint8, shape=(4, 4, 3)):
+    return (np.arange(math.prod(shape)) % 251).astype(dtype).reshape(shape)
+
+
+def request(**overrides) -> dict:
+    message = {"id": "r1", "inputs": {"frames": wire.encode_tensor(frame())}, "slo_ms": 50}
+    message.update(overrides)
+    return message
+
+
+def pack(message) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def test_round_trip_request():
+    payload = wire.encode_request("r1", {"frames": frame()}, slo_ms=20, priority=3)
+    decoded = wire.decode_request(payload, LIMIT)
+    assert (decoded.id, decoded.slo_ms, decoded.priority, decoded.deadline) == ("r1", 20.0, 3, None)
+    arrays = wire.check_inputs("m", SPECS, decoded.inputs)
+    assert arrays["frames"].shape == (1, 4, 4, 3)
+    np.testing.assert_array_equal(arrays["frames"][0], frame())
+
+
+def test_reply_round_trip():
+    logits = np.linspace(0, 1, 10, dtype=np.float32).reshape(1, 10)
+    payload = wire.encode_reply({"id": "r1", "status": "ok", "outputs": {"logits": logits}, "batch_size": 2})
+    reply = wire.decode_reply(payload)
+    np.testing.assert_array_equal(reply["outputs"]["logits"], logits)
+    assert reply["batch_size"] == 2
+
+
+def test_oversize_is_refused_before_decoding():
+    with pytest.raises(InferenceError) as info:
+        wire.decode_request(b"\xc1" * (LIMIT + 1), LIMIT)   # not msgpack either: size is checked first
+    assert info.value.code == TOO_LARGE
+    assert str(LIMIT) in info.value.message
+
+
+@pytest.mark.parametrize("payload, code, field", [
+    (b"\xc1\xc1garbage", BAD_REQUEST, None),
+    (pack([1, 2, 3]), BAD_REQUEST, None),
+    (pack(request(id=None)), BAD_REQUEST, "id"),
+    (pack(request(id=7)), BAD_REQUEST, "id"),
+    (pack(request(slo_ms=-5)), BAD_REQUEST, "slo_ms"),
+    (pack(request(slo_ms="fast")), BAD_REQUEST, "slo_ms"),
+    (pack(request(deadline=1.0e9)), BAD_REQUEST, "deadline"),        # both slo_ms and deadline
+    (pack(request(priority=1.5)), BAD_REQUEST, "priority"),
+    (pack(request(min_accuracy=2)), BAD_REQUEST, "min_accuracy"),
+    (pack(request(inputs=[])), BAD_REQUEST, "inputs"),
+    (pack(request(inputs={"frames": {"dtype": "uint8", "shape": [4, 4, 3]}})), INVALID_INPUT, "inputs.frames.data"),
+    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), dtype="complex64")})), INVALID_INPUT, "inputs.frames.dtype"),
+    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), dtype="nonsense")})), INVALID_INPUT, "inputs.frames.dtype"),
+    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), shape=[4, "x"])})), INVALID_INPUT, "inputs.frames.shape"),
+    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), data=b"short")})), INVALID_INPUT, "inputs.frames.data"),
+    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), codec="zstd")})), INVALID_INPUT, "inputs.frames.codec"),
+])
+def test_malformed_requests(payload, code, field):
+    with pytest.raises(InferenceError) as info:
+        wire.decode_request(payload, LIMIT)
+    assert info.value.code == code
+    assert info.value.field == field
+
+
+def test_request_id_survives_on_errors():
+    with pytest.raises(InferenceError) as info:
+        wire.decode_request(pack(request(slo_ms=0)), LIMIT)
+    assert info.value.request_id == "r1"
+
+
+@pytest.mark.parametrize("inputs, field, fragment", [
+    ({"frames": frame(np.float32)}, "inputs.frames.dtype", "expects uint8"),
+    ({"frames": frame(shape=(4, 4, 1))}, "inputs.frames.shape", "expects [4, 4, 3]"),
+    ({"frames": frame(shape=(2, 4, 4, 3))}, "inputs.frames.shape", "one item"),
+    ({"image": frame()}, "inputs.image", "its inputs are ['frames']"),
+    ({}, "inputs.frames", "missing input"),
+    ({"frames": [[1, 2]]}, "inputs.frames", "numpy array"),
+])
+def test_inputs_checked_against_the_model(inputs, field, fragment):
+    with pytest.raises(InferenceError) as info:
+        wire.check_inputs("m", SPECS, inputs)
+    assert info.value.code == INVALID_INPUT
+    assert info.value.field == field
+    assert fragment in info.value.message
+
+
+def test_decoded_tensor_is_a_zero_copy_view():
+    payload = wire.encode_request("r", {"frames": frame()}, slo_ms=5)
+    decoded = wire.decode_request(payload, LIMIT)
+    assert not decoded.inputs["frames"].flags.owndata
