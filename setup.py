@@ -13,7 +13,10 @@ extensions = [
     Extension(
         f"agent.core._{name}",
         sources=[f"_core/{name}.pyx"],
-        extra_compile_args=["-O3"],
+        # -ffp-contract=off: no fused multiply-add, so the latency table and the batching
+        # rules compute bit-identical doubles to the pure-Python twin on every board (GCC
+        # contracts a*b+c by default where the CPU has FMA, e.g. aarch64 Jetsons).
+        extra_compile_args=["-O3", "-ffp-contract=off"],
     )
     for name in CORE_MODULES
 ]

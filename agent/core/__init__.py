@@ -1,0 +1,71 @@
+"""The hot-path core: deadline queue, latency table, batching rules, batch assembly.
+
+Two implementations behind the same names, as msgpack does with ``_cmsgpack`` and
+``fallback.py``:
+
+* the compiled one (``_core/*.pyx``, built into ``agent.core._deadline_queue`` and friends):
+  what the agent runs by default;
+* the pure-Python twin, ``agent.core.pure``: the readable specification, and what runs on a
+  board without a C compiler. Select it with ``EDGE_AGENT_CORE=python``.
+
+Callers import from here (``from agent.core import DeadlineQueue``), never a compiled module by
+name. ``IMPLEMENTATION`` says which one was loaded ("compiled" or "python"). If the compiled
+modules are missing and the twin was not asked for, importing fails loudly rather than falling
+back silently: a 10x slower queue on a board is a deployment mistake, not a detail.
+"""
+import os
+
+__all__ = [
+    "DeadlineQueue",
+    "PushResult",
+    "LatencyTable",
+    "FixedBatch",
+    "DynamicBatch",
+    "DeadlineAwareBatch",
+    "BatchPlan",
+    "gather_into",
+    "scatter_rows",
+    "IMPLEMENTATION",
+]
+
+_ENV_VAR = "EDGE_AGENT_CORE"
+_requested = os.environ.get(_ENV_VAR, "").strip().lower()
+
+if _requested == "python":
+    from agent.core.pure import (
+        BatchPlan,
+        DeadlineAwareBatch,
+        DeadlineQueue,
+        DynamicBatch,
+        FixedBatch,
+        LatencyTable,
+        PushResult,
+        gather_into,
+        scatter_rows,
+    )
+
+    IMPLEMENTATION = "python"
+elif _requested in ("", "compiled"):
+    try:
+        from agent.core._deadline_queue import DeadlineQueue
+        from agent.core._latency_table import LatencyTable
+        from agent.core._batch_rules import DeadlineAwareBatch, DynamicBatch, FixedBatch
+        from agent.core._batch_assembly import gather_into, scatter_rows
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("agent.core._"):
+            _why = f"the compiled core was not built ({exc.name} is missing)"
+        else:
+            _why = f"the compiled core failed to import ({exc}); rebuild it"
+        raise ImportError(
+            f"edge-agent: {_why}. Build it with `pip install -e .` (or "
+            f"`python setup.py build_ext --inplace` in the source tree), or set "
+            f"{_ENV_VAR}=python to run the pure-Python twin (slower, same behaviour)."
+        ) from exc
+    from agent.core.pure import BatchPlan, PushResult
+
+    IMPLEMENTATION = "compiled"
+else:
+    raise ImportError(
+        f"{_ENV_VAR} must be 'python' or 'compiled' (or unset, meaning compiled), "
+        f"got {os.environ[_ENV_VAR]!r}"
+    )
