@@ -100,6 +100,21 @@ class CameraThread(threading.Thread):
                 stats.errors[code] = stats.errors.get(code, 0) + 1
 
 
+def _num(value: float | None, width: int, digits: int = 2) -> str:
+    return "-".rjust(width) if value is None else f"{value:>{width}.{digits}f}"
+
+
+def format_models(snapshot: dict) -> str:
+    """Per model, as the agent sees it: its own latency (arrival to reply), SLO attainment, batching."""
+    head = f"{'model (agent side)':<28} {'ok':>7} {'p50 ms':>7} {'p99 ms':>7} {'in SLO':>7} {'batch':>6}  errors"
+    lines = [head, "-" * len(head)]
+    for name, s in snapshot.items():
+        attainment = None if s["slo_attainment"] is None else 100 * s["slo_attainment"]
+        lines.append(f"{name:<28} {s['ok']:>7} {_num(s['p50_ms'], 7)} {_num(s['p99_ms'], 7)} {_num(attainment, 6, 1)}% "
+                     f"{s['mean_batch']:>6.2f}  " + (", ".join(f"{k}={v}" for k, v in sorted(s["errors"].items())) or "-"))
+    return "\n".join(lines)
+
+
 def format_table(cameras: list[CameraThread], elapsed: float, interval: float) -> str:
     head = (f"{'camera':<10} {'model':<17} {'SLO':>5} {'sent/s':>7} {'ok/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'in SLO':>7} {'batch':>5} {'acc':>6}  errors")
@@ -114,11 +129,11 @@ def format_table(cameras: list[CameraThread], elapsed: float, interval: float) -
             answered = s.ok + sum(s.errors.values())
             lines.append(
                 f"{cam.camera.name:<10} {cam.camera.model:<17} {cam.camera.slo_ms:>5.0f} {sent_rate:>7.1f} {ok_rate:>6.1f} "
-                f"{(np.percentile(rtt, 50) if rtt is not None else float('nan')):>7.2f} "
-                f"{(np.percentile(rtt, 99) if rtt is not None else float('nan')):>7.2f} "
-                f"{(100.0 * s.within_slo / answered if answered else float('nan')):>6.1f}% "
-                f"{(s.batch_sum / s.ok if s.ok else float('nan')):>5.1f} "
-                f"{(100.0 * s.correct / s.ok if s.ok else float('nan')):>5.1f}%  "
+                f"{_num(None if rtt is None else np.percentile(rtt, 50), 7)} "
+                f"{_num(None if rtt is None else np.percentile(rtt, 99), 7)} "
+                f"{_num(100.0 * s.within_slo / answered if answered else None, 6, 1)}% "
+                f"{_num(s.batch_sum / s.ok if s.ok else None, 5, 1)} "
+                f"{_num(100.0 * s.correct / s.ok if s.ok else None, 5, 1)}%  "
                 + (", ".join(f"{k}={v}" for k, v in sorted(s.errors.items())) or "-"))
     return "\n".join(lines)
 
@@ -152,7 +167,8 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
             try:
                 while duration_s is None or time.perf_counter() - started < duration_s:
                     time.sleep(interval_s if duration_s is None else min(interval_s, max(0.0, duration_s - (time.perf_counter() - started))))
-                    table = format_table(cameras, time.perf_counter() - started, interval_s)
+                    table = (format_table(cameras, time.perf_counter() - started, interval_s) + "\n\n"
+                             + format_models(service.agent.telemetry.snapshot()))
                     print(("\033[H\033[J" if tty else "") + table + ("" if tty else "\n"), file=out, flush=True)
             except KeyboardInterrupt:
                 print("\nstopping: cameras first, then the agent answers what it holds ...", file=out)
@@ -175,5 +191,6 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
                 "unanswered": cam.client.outstanding(),
             }
         print(format_table(cameras, time.perf_counter() - started, interval_s), file=out)
+        print(format_models(service.agent.telemetry.snapshot()), file=out)
         print("unanswered: " + ", ".join(f"{k}={v['unanswered']}" for k, v in summary.items()), file=out)
         return summary

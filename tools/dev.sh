@@ -40,7 +40,7 @@ ensure_system() {
 }
 
 build_stamp() {
-  cat pyproject.toml setup.py _core/*.pyx _core/*.pxd 2>/dev/null | sha256sum | cut -d' ' -f1
+  { cat pyproject.toml setup.py; find _core -name '*.pyx' -o -name '*.pxd' | sort | xargs cat; } | sha256sum | cut -d' ' -f1
 }
 
 ensure_venv() {

@@ -1,0 +1,111 @@
+"""The demo models' data: scikit-learn's digits, turned into camera-like frames.
+
+Runtime code (numpy only): the demo clients, the tests and ``tools/build_models.py`` all
+make frames with :func:`frames_from_digits`, so the shipped models see at run time exactly
+what they were trained on.
+
+* ``frames_from_digits(images8x8)``: 8x8 digits (values 0..16) -> uint8 frames
+  ``[N, 64, 64, 3]`` (NHWC), the demo models' ``frames`` input.
+* ``load_test_set()``: the held-out test split shipped as ``demo/digits_test.npz``
+  (stratified 80/20 split of the 1797 images, seed 0; the training split is not shipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "FRAME_SIZE",
+    "TINT",
+    "LABELS",
+    "TEST_SET_PATH",
+    "frames_from_digits",
+    "load_test_set",
+]
+
+#: Side of a frame in pixels.
+FRAME_SIZE = 64
+#: Source image side (sklearn digits are 8x8).
+SOURCE_SIZE = 8
+#: Maximum source value (sklearn digits are 0..16).
+SOURCE_MAX = 16.0
+#: Fixed per-channel tint (R, G, B) applied to the grey frame: a warm, camera-like cast.
+TINT = (1.0, 0.86, 0.72)
+#: Class labels, index = class id.
+LABELS = tuple(str(i) for i in range(10))
+#: The shipped test split.
+TEST_SET_PATH = Path(__file__).resolve().parent / "demo" / "digits_test.npz"
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] matrix of 1-D bilinear interpolation (half-pixel centres, edges clamped)."""
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = src - lo
+    m = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+def _blur_matrix(n: int) -> np.ndarray:
+    """[n, n] matrix of a 1-D binomial [1, 4, 6, 4, 1]/16 blur, edges replicated."""
+    kernel = np.array([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
+    m = np.zeros((n, n), dtype=np.float64)
+    for i in range(n):
+        for k, w in enumerate(kernel):
+            j = min(max(i + k - 2, 0), n - 1)
+            m[i, j] += w
+    return m
+
+
+# Separable resampling operator: bilinear 8 -> 64, then a fixed 5-tap binomial blur,
+# scaled so that a source value of 16 maps to 255. A frame channel is
+# tint[c] * (R @ img @ R.T). Built once at import (a 64x8 matrix).
+_RESAMPLE = (_blur_matrix(FRAME_SIZE) @ _bilinear_matrix(SOURCE_SIZE, FRAME_SIZE)).astype(np.float32)
+_CHANNEL_GAIN = (np.asarray(TINT, dtype=np.float32) * np.float32(255.0 / SOURCE_MAX))
+
+
+def frames_from_digits(images8x8: np.ndarray) -> np.ndarray:
+    """Turn 8x8 digits (0..16, float or integer) into uint8 RGB frames.
+
+    ``images8x8`` has shape ``[N, 8, 8]`` (or ``[8, 8]`` for one image; any leading
+    dimensions are kept). Returns uint8 ``[N, 64, 64, 3]`` (NHWC): bilinear upsampling to
+    64x64, a fixed binomial blur, values scaled 0..16 -> 0..255, grey replicated to three
+    channels with the fixed tint :data:`TINT`. Deterministic; numpy only.
+    """
+    x = np.asarray(images8x8)
+    if x.ndim < 2 or x.shape[-2:] != (SOURCE_SIZE, SOURCE_SIZE):
+        raise ValueError(
+            f"images8x8: expected shape [N, 8, 8] or [8, 8], got {list(x.shape)}"
+        )
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+            or x.dtype == np.bool_):
+        raise ValueError(f"images8x8: expected a numeric dtype, got {x.dtype}")
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, SOURCE_SIZE, SOURCE_SIZE).astype(np.float32, copy=False)
+    grey = np.matmul(np.matmul(_RESAMPLE, flat), _RESAMPLE.T)  # [M, 64, 64]
+    rgb = grey[..., None] * _CHANNEL_GAIN  # [M, 64, 64, 3]
+    out = np.clip(np.rint(rgb), 0.0, 255.0).astype(np.uint8)
+    return out.reshape(*lead, FRAME_SIZE, FRAME_SIZE, 3)
+
+
+def load_test_set(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped test split: ``(images8x8 uint8 [M, 8, 8], labels int64 [M])``."""
+    p = Path(path) if path is not None else TEST_SET_PATH
+    with np.load(p, allow_pickle=False) as z:
+        images = np.asarray(z["images"], dtype=np.uint8)
+        labels = np.asarray(z["labels"], dtype=np.int64)
+    if images.ndim != 3 or images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE):
+        raise ValueError(f"{p}: images: expected shape [M, 8, 8], got {list(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(
+            f"{p}: labels: expected shape [{images.shape[0]}], got {list(labels.shape)}"
+        )
+    return images, labels
