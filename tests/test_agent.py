@@ -40,7 +40,7 @@ def test_serves_real_predictions_at_the_cards_accuracy(agent, digits):
     predicted = np.array([int(np.argmax(r.outputs["logits"])) for r in results])
     accuracy = float(np.mean(predicted == labels))
     card_accuracy = load_card("demo:mobilenet_digits").file("onnx").accuracy
-    assert accuracy == pytest.approx(card_accuracy, abs=1e-9)
+    assert accuracy == pytest.approx(card_accuracy, abs=1e-4)   # the card keeps 4 decimals; one image is 0.0028
     assert all(r.outputs["logits"].shape == (1, 10) for r in results)
 
 

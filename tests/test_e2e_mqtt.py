@@ -191,7 +191,8 @@ def test_cli_agent_with_mosquitto_pub_and_sub(broker, tmp_path, digits):
             if "serving" in line:
                 break
         assert "serving" in seen[-1], seen
-        sub = subprocess.Popen(["mosquitto_sub", "-V", "5", "-h", broker.host, "-p", str(broker.port), "-d",
+        # stdbuf: mosquitto_sub block-buffers a pipe, and the SUBACK line must arrive before we publish.
+        sub = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", "-V", "5", "-h", broker.host, "-p", str(broker.port), "-d",
                                 "-t", "apps/cli/replies", "-C", "2", "-W", "20", "-F", "REPLY %D %x"],
                                stdout=subprocess.PIPE, text=True)
         while "SUBACK" not in sub.stdout.readline():

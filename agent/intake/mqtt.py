@@ -44,11 +44,17 @@ class MqttIntake:
         self._lock = threading.Lock()
         offline = json.dumps({"device": self.device, "state": "offline"}).encode()
         self.client = make_client(f"edge-agent-{self.device}", will=(status_topic(self.device), offline, True))
+        self._subscribed = threading.Event()
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
 
-    def start(self) -> "MqttIntake":
+    def start(self, timeout: float = 10.0) -> "MqttIntake":
+        """Connect and return once the broker has acknowledged the subscription: from then on no
+        request published to the agent's topics is missed."""
         connect(self.client, self.host, self.port)
+        if not self._subscribed.wait(timeout):
+            raise TimeoutError(f"broker {self.host}:{self.port} did not acknowledge the subscription in {timeout} s")
         return self
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -1,0 +1,23 @@
+"""Shared fixtures: a real Mosquitto broker for the whole test session.
+
+CI installs mosquitto, so there the broker tests always run; the skip below is only for a
+developer machine without it, and says how to install it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.broker import LocalBroker, MosquittoNotFound
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """A LocalBroker on a free loopback port, shared by the session. Tests must not stop it;
+    a test that restarts a broker starts its own."""
+    try:
+        local_broker = LocalBroker()
+    except MosquittoNotFound as exc:
+        pytest.skip(f"no MQTT broker for integration tests: {exc}")
+    with local_broker:
+        yield local_broker
