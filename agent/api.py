@@ -119,7 +119,8 @@ class Agent:
     # --- serving -------------------------------------------------------------------------------
 
     def submit(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
-               deadline: float | None = None, priority: int = 0, client_id: str | None = None) -> "Future[Result]":
+               deadline: float | None = None, priority: int = 0, client_id: str | None = None,
+               _run_here: bool = False) -> "Future[Result]":
         """Queue one request; its future resolves to a :class:`Result` or an ``InferenceError``.
 
         ``slo_ms`` is relative to now; ``deadline`` is unix seconds (wall clock, as on the wire).
@@ -141,16 +142,20 @@ class Agent:
                     raise InferenceError(BAD_REQUEST, f"slo_ms = {slo_ms!r}: expected a number > 0", "slo_ms")
                 deadline_at = now + slo / 1000.0
             future: Future = Future()
-            self.loop.submit(Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id))
+            request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id)
+            self.loop.submit(request, wake_worker=not _run_here)
         except InferenceError as exc:
             self.telemetry.refused(model, exc.code)
             raise
         self.telemetry.accepted(model)
+        if _run_here:
+            self.loop.run_while_pending(request)
         return future
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs) -> Result:
-        """Blocking convenience: ``submit(...).result()``."""
-        return self.submit(model, inputs, **kwargs).result()
+        """Blocking: like ``submit(...).result()``, but the calling thread runs batches itself while
+        it waits (when an execution slot is free), saving two thread hand-offs per request."""
+        return self.submit(model, inputs, _run_here=True, **kwargs).result()
 
     def _dispatch_served_by(self, dispatch: Dispatch) -> dict:
         return self._served_by[dispatch.model][dispatch.instance]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import msgpack
 import numpy as np
@@ -80,7 +81,7 @@ def check_inputs(model: str, specs: Sequence[TensorSpec], inputs: Any) -> dict[s
     One request carries one item: each tensor has the model's item shape, with or without a leading
     batch dimension of 1. Returns arrays shaped ``(1, *item_shape)`` in the model's dtype.
     """
-    if not isinstance(inputs, Mapping):
+    if type(inputs) is not dict and not isinstance(inputs, Mapping):
         raise InferenceError(BAD_REQUEST, f"inputs must be a map of name -> tensor, got {type(inputs).__name__}", "inputs")
     expected_names = [s.name for s in specs]
     for name in inputs:

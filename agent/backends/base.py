@@ -58,6 +58,9 @@ class TensorSpec:
         Raises :class:`BackendError` when the tensor has no batch dimension or a dimension other
         than the batch one is dynamic, because then one item has no fixed size.
         """
+        cached = self.__dict__.get("_item_shape")
+        if cached is not None:   # asked once per request by the wire's input check
+            return cached
         if not self.shape:
             raise BackendError(
                 f"tensor {self.name!r} is a scalar (shape ()); expected a leading batch dimension"
@@ -69,7 +72,9 @@ class TensorSpec:
                 f"tensor {self.name!r} has shape {_shape_text(self.shape)}: dimension(s) "
                 f"{dynamic} are dynamic; only the leading batch dimension may be dynamic"
             )
-        return tuple(int(d) for d in rest)  # type: ignore[arg-type]
+        item = tuple(int(d) for d in rest)  # type: ignore[arg-type]
+        object.__setattr__(self, "_item_shape", item)
+        return item
 
     def __str__(self) -> str:
         return f"{self.name}: {self.dtype.name}{_shape_text(self.shape)}"

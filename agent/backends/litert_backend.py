@@ -62,8 +62,7 @@ __all__ = [
 EDGETPU_LIBRARY = "libedgetpu.so.1"
 EDGETPU_INSTALL_HINT = (
     "install the Edge TPU runtime from Coral's apt repository on the board "
-    "(deb https://packages.cloud.google.com/apt coral-edgetpu-stable main; "
-    "sudo apt-get install libedgetpu1-std) and attach the TPU"
+    "(its coral-edgetpu-stable suite: sudo apt-get install libedgetpu1-std) and attach the TPU"
 )
 TFLITE_INSTALL_HINT = "pip install 'edge-agent[tflite]'"
 _EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"

@@ -15,7 +15,7 @@ from concurrent.futures import InvalidStateError
 from typing import Callable
 
 from agent.errors import DEADLINE_MISSED, INTERNAL, SHUTTING_DOWN, InferenceError
-from agent.scheduler.dispatcher import Dispatch, Scheduler
+from agent.scheduler.dispatcher import Decision, Dispatch, Scheduler
 from agent.scheduler.executor import BatchOutcome, Executor
 from agent.scheduler.request import Request, Result
 
@@ -42,13 +42,15 @@ class LiveLoop:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, request: Request) -> None:
-        """Queue a request (raises ``InferenceError`` if refused) and wake one idle worker."""
+    def submit(self, request: Request, wake_worker: bool = True) -> None:
+        """Queue a request (raises ``InferenceError`` if refused) and wake one idle worker, unless
+        the caller will run it itself (:meth:`run_while_pending`)."""
         with self.cond:
             if self._stopping:
                 raise InferenceError(SHUTTING_DOWN, "the agent is shutting down")
             self.scheduler.enqueue(request)
-            self.cond.notify()
+            if wake_worker:
+                self.cond.notify()
 
     def stop(self, grace_s: float) -> None:
         """Stop taking requests, serve what is queued for up to ``grace_s``, answer the rest
@@ -64,6 +66,27 @@ class LiveLoop:
             self._fail(request, InferenceError(SHUTTING_DOWN, "the agent shut down before this request ran"))
         for thread in self._threads:
             thread.join(timeout=10.0)
+
+    def run_while_pending(self, request: Request) -> None:
+        """While a queued request's reply is pending, run batches on the calling thread.
+
+        For a caller about to block on the reply anyway (``Agent.infer``): the thread that would
+        sleep does the work, so on an idle agent the request crosses no thread at all (on a VM each
+        cross-vCPU wake-up costs tens of microseconds). The caller takes an execution slot like any
+        worker and runs whatever the scheduler picks, its own request or a more urgent one. When
+        nothing may run now (a rule holds for a bigger batch, every slot is busy) it hands the
+        timing to a worker and waits for its reply.
+        """
+        scheduler, cond, clock = self.scheduler, self.cond, self.clock
+        reply = request.reply
+        while not reply.done():
+            with cond:
+                now = clock()
+                decision = scheduler.poll(now)
+                if decision.dispatch is None and not decision.expired:
+                    cond.notify()
+                    return
+            self._carry_out(decision, now)
 
     # --- worker --------------------------------------------------------------------------------
 
@@ -81,17 +104,22 @@ class LiveLoop:
                         return
                     timeout = decision.wake_at - now
                     cond.wait(MAX_IDLE_WAIT_S if math.isinf(timeout) else min(max(timeout, 0.0), MAX_IDLE_WAIT_S))
-            for request in decision.expired:
-                self._fail(request, InferenceError(
-                    DEADLINE_MISSED, f"deadline passed after {1000 * (now - request.arrival):.1f} ms in the queue"))
-            dispatch = decision.dispatch
-            if dispatch is None:
-                continue
-            outcome = self.executor.run(dispatch)
-            with cond:
-                scheduler.finish(dispatch)
-                cond.notify()
-            self._complete(dispatch, outcome)
+            self._carry_out(decision, now)
+
+    def _carry_out(self, decision: Decision, now: float) -> None:
+        """Answer what expired, run the batch (if any), free its slot, answer its requests."""
+        for request in decision.expired:
+            self._fail(request, InferenceError(
+                DEADLINE_MISSED, f"deadline passed after {1000 * (now - request.arrival):.1f} ms in the queue"))
+        dispatch = decision.dispatch
+        if dispatch is None:
+            return
+        outcome = self.executor.run(dispatch)
+        with self.cond:
+            self.scheduler.finish(dispatch)
+            if self.scheduler.queued():   # a freed instance matters only to waiting requests
+                self.cond.notify()
+        self._complete(dispatch, outcome)
 
     def _complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
         now = self.clock()
