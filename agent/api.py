@@ -99,7 +99,9 @@ class Agent:
             raise
         self.telemetry = Telemetry(list(self.models))
         self.scheduler = Scheduler(
-            [Scheduler.lane(name, m.rule, m.config.instances, m.config.queue_capacity) for name, m in self.models.items()],
+            [Scheduler.lane(name, m.rule, m.config.instances, m.config.queue_capacity,
+                            min_latency_s=m.latency.predict(1) if m.config.batching.shed_hopeless else 0.0)
+             for name, m in self.models.items()],
             max_concurrent=config.worker_count,
         )
         self.executor = LocalExecutor({

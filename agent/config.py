@@ -38,6 +38,7 @@ class BatchingConfig:
     max_queue_delay_ms: float = 0.0            # dynamic
     max_wait_ms: float = 0.0                   # deadline_aware: hold for a bigger batch while slack allows
     margin_ms: float = 0.5                     # deadline_aware: safety margin on predicted finish
+    shed_hopeless: bool = True                 # answer at once what cannot finish in time (default: deadline_aware only)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,9 @@ class Config:
             "agent": {"device": "demo-board"},
             "mqtt": {"host": "127.0.0.1", "port": mqtt_port},
             "models": [
-                {"name": "mobilenet_digits", "card": "demo:mobilenet_digits", "instances": 1,
+                {"name": "mobilenet_digits", "card": "demo:mobilenet_digits", "instances": 2,
                  "batching": {"rule": "deadline_aware", "max_batch": 8}},
-                {"name": "resnet_digits", "card": "demo:resnet_digits", "instances": 1,
+                {"name": "resnet_digits", "card": "demo:resnet_digits", "instances": 2,
                  "batching": {"rule": "deadline_aware", "max_batch": 8}},
             ],
         })
@@ -150,6 +151,7 @@ def _parse_batching(t: dict, where: str) -> BatchingConfig:
         max_queue_delay_ms=float(_take(t, "max_queue_delay_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0")),
         max_wait_ms=float(_take(t, "max_wait_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0")),
         margin_ms=float(_take(t, "margin_ms", where, (int, float), 0.5, lambda v: v >= 0, "a number >= 0")),
+        shed_hopeless=_take(t, "shed_hopeless", where, bool, rule == "deadline_aware"),
     )
 
 

@@ -136,3 +136,20 @@ def test_drain_returns_everything_queued():
         s.enqueue(r)
     assert sorted(r.rid for r in s.drain()) == sorted(r.rid for r in queued)
     assert s.queued() == 0 and s.poll(0.0).wake_at == math.inf
+
+
+def test_hopeless_requests_are_shed_not_computed_late():
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, min_latency_s=0.004)], max_concurrent=1)
+    hopeless, fine = req("a", 0.0, 0.003), req("a", 0.0, 0.010)   # a run takes at least 4 ms
+    s.enqueue(hopeless)
+    s.enqueue(fine)
+    decision = s.poll(0.0)
+    assert decision.expired == [hopeless]
+    assert decision.dispatch.requests == [fine]
+
+
+def test_without_shedding_a_late_request_still_runs():
+    s = scheduler({"a": FixedBatch(1)})
+    late = req("a", 0.0, 0.003)
+    s.enqueue(late)
+    assert s.poll(0.0).dispatch.requests == [late]

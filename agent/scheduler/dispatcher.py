@@ -51,6 +51,10 @@ class ModelLane:
     rule: object
     instances: int
     queue: DeadlineQueue
+    # Seconds a batch of one takes at the least. With ``shed_hopeless``, a request whose deadline
+    # is nearer than this is answered ``deadline_missed`` at once instead of being computed late:
+    # under overload that compute is what the next, still feasible, requests need.
+    min_latency_s: float = 0.0
     pending: dict[int, Request] = field(default_factory=dict)
     free_instances: list[int] = field(default_factory=list)
     ready_ids: np.ndarray = field(default=None)
@@ -78,8 +82,10 @@ class Scheduler:
         self.in_flight = 0
 
     @staticmethod
-    def lane(name: str, rule: object, instances: int, queue_capacity: int) -> ModelLane:
-        return ModelLane(name=name, rule=rule, instances=instances, queue=DeadlineQueue(queue_capacity))
+    def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0) -> ModelLane:
+        """A model's lane; ``min_latency_s`` > 0 sheds requests that cannot finish in time (see ModelLane)."""
+        return ModelLane(name=name, rule=rule, instances=instances, queue=DeadlineQueue(queue_capacity),
+                         min_latency_s=min_latency_s)
 
     def queued(self) -> int:
         return sum(len(lane.queue) for lane in self._lane_list)
@@ -107,13 +113,14 @@ class Scheduler:
             queue = lane.queue
             if not len(queue):
                 continue
-            if queue.earliest_deadline() < now:
-                self._expire(lane, now, expired)
+            horizon = now + lane.min_latency_s
+            if queue.earliest_deadline() < horizon:
+                self._expire(lane, horizon, expired)
                 if not len(queue):
                     continue
             if not slot_free or not lane.free_instances:
                 # Busy: :meth:`finish` will prompt a re-poll; meanwhile wake to expire the overdue.
-                wake_at = min(wake_at, queue.earliest_deadline())
+                wake_at = min(wake_at, queue.earliest_deadline() - lane.min_latency_s)
                 continue
             take, lane_wake = lane.rule.plan(queue, now)
             if take > 0:
@@ -127,16 +134,17 @@ class Scheduler:
             dispatch = self._pop(best, best_take, now, expired)
         return Decision(dispatch, expired, wake_at)
 
-    def _expire(self, lane: ModelLane, now: float, expired: list[Request]) -> None:
+    def _expire(self, lane: ModelLane, horizon: float, expired: list[Request]) -> None:
+        """Take out every request whose deadline is before ``horizon``."""
         while True:
-            n = lane.queue.drop_expired(now, lane.expired_ids)
+            n = lane.queue.drop_expired(horizon, lane.expired_ids)
             pending = lane.pending
             expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n].tolist())
             if n < len(lane.expired_ids):
                 return
 
     def _pop(self, lane: ModelLane, take: int, now: float, expired: list[Request]) -> Dispatch | None:
-        n_ready, n_expired = lane.queue.pop_batch(take, now, lane.ready_ids, lane.expired_ids)
+        n_ready, n_expired = lane.queue.pop_batch(take, now + lane.min_latency_s, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
         if n_expired:
             expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n_expired].tolist())

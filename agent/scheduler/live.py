@@ -109,8 +109,12 @@ class LiveLoop:
     def _carry_out(self, decision: Decision, now: float) -> None:
         """Answer what expired, run the batch (if any), free its slot, answer its requests."""
         for request in decision.expired:
-            self._fail(request, InferenceError(
-                DEADLINE_MISSED, f"deadline passed after {1000 * (now - request.arrival):.1f} ms in the queue"))
+            if request.deadline < now:
+                message = f"deadline passed after {1000 * (now - request.arrival):.1f} ms in the queue"
+            else:
+                message = (f"shed: {1000 * (request.deadline - now):.2f} ms left, less than this model's "
+                           f"fastest run, after {1000 * (now - request.arrival):.1f} ms in the queue")
+            self._fail(request, InferenceError(DEADLINE_MISSED, message))
         dispatch = decision.dispatch
         if dispatch is None:
             return
