@@ -45,15 +45,14 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
     print("edge-agent bench core: medians of repeated runs, every ratio measured side by side in this run", flush=True)
     results = {"queue": bench_queue(), "assembly": bench_assembly()}
     print(format_core_report(results), flush=True)
-    results["overhead_inprocess"] = bench_overhead_inprocess(n=args.requests)
-    mqtt = None
+    rows = bench_overhead_inprocess(n=args.requests)
     if not args.no_mqtt:
         try:
-            mqtt = bench_overhead_mqtt(n=max(200, args.requests // 2))
+            rows["MQTT loopback"] = bench_overhead_mqtt(n=max(200, args.requests // 2))
         except Exception as exc:  # no broker on this machine: say so, keep the other figures
             print(f"(MQTT loopback skipped: {exc})")
-    results["overhead_mqtt"] = mqtt
-    print(format_overhead(results["overhead_inprocess"], mqtt), flush=True)
+    results["overhead"] = rows
+    print(format_overhead(rows), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2, default=float)

@@ -146,3 +146,27 @@ def test_two_models_with_litert(digits):
                    for i in range(40) for model in ("mobilenet_digits", "resnet_digits")]
         correct = sum(int(np.argmax(f.result(60).outputs["logits"])) == label for f, label in futures)
         assert correct >= 0.9 * len(futures)
+
+
+def test_blocking_callers_run_batches_themselves_and_all_get_their_own_answer(agent, digits):
+    frames, labels = digits
+    results: dict[int, int] = {}
+    errors: list = []
+
+    def caller(start):
+        try:
+            for i in range(start, len(frames), 4):
+                results[i] = int(np.argmax(agent.infer("mobilenet_digits", {"frames": frames[i]}, slo_ms=5000)
+                                           .outputs["logits"]))
+        except Exception as exc:   # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(results) == len(frames)
+    accuracy = np.mean([results[i] == labels[i] for i in range(len(frames))])
+    assert accuracy == pytest.approx(load_card("demo:mobilenet_digits").file("onnx").accuracy, abs=1e-4)

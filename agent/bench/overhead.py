@@ -1,19 +1,31 @@
 """The agent's own cost per request at batch 1: submit to reply, minus the backend's run time.
 
-Requests go one at a time (closed loop), so every one runs alone as a batch of 1 and the figure is the
-agent's overhead (validation, queueing, thread hand-offs, batch assembly, reply), not queueing delay.
-In process it is ``Agent.submit(...).result()``; over MQTT it is a loopback round trip through a real
-Mosquitto broker (wire encoding, broker hops and paho on both sides included).
+Requests go one at a time (closed loop), so each runs alone as a batch of 1 and the figure is the
+agent's overhead (validation, queueing, hand-offs, batch assembly, reply), not queueing delay. Rows:
+
+- ``submit``: ``Agent.submit(...).result()``: a worker thread runs the batch (two thread hand-offs);
+- ``infer``: ``Agent.infer(...)``: the calling thread runs the batch itself when a slot is free;
+- ``infer, no-op model``: the same path with the backend answering from a preallocated output, so
+  the figure is the agent's code alone, with the caches warm (after a real model run, the same code
+  runs on caches the model has flushed, which costs tens of microseconds more on this machine);
+- ``MQTT loopback``: a round trip through a real Mosquitto broker (wire codec, broker, paho both sides).
+
+Beside each real-model row, ``floor``: the same model run on a bare worker thread (Condition in,
+Future out), timed interleaved request by request so both see the same machine. On a VM it is mostly
+wake-up latency of an idle vCPU, and it moves with the machine's state.
 """
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
+from typing import Callable
 
 import numpy as np
 
-from agent.config import parse_config, CONFIG_VERSION
+from agent.config import CONFIG_VERSION, parse_config
 
 OVERHEAD_MODEL = "mobilenet_digits"
+TARGET_US = 50.0
 
 
 def _config(port: int | None) -> dict:
@@ -33,17 +45,10 @@ def _frame() -> np.ndarray:
 
 
 class HandoffFloor:
-    """The least any thread-pool server can do: hand the frame to a worker thread (Condition in),
-    run the same model there, hand the outputs back (Future out). No queue, no batching, no checks.
+    """The least a thread-pool server does: hand the frame to a worker thread, run the model there,
+    hand the outputs back. No queue, no batching, no checks."""
 
-    Its overhead (round trip minus the model's run time) is the floor of the two thread hand-offs
-    on this machine. On a VM it is mostly wake-up latency: the caller's vCPU idles while the model
-    runs, and waking an idle vCPU is an IPI (measured here: 13 us round trip with no work between,
-    far more once the core has gone idle for the model's 0.5 ms). It is timed interleaved with the
-    agent's requests, so both see the same machine.
-    """
-
-    def __init__(self, run) -> None:
+    def __init__(self, run: Callable) -> None:
         import threading
         self._run = run
         self._cond = threading.Condition(threading.Lock())
@@ -66,9 +71,8 @@ class HandoffFloor:
 
     def overhead(self, inputs) -> float:
         """Round trip minus the model's own run time, in seconds."""
-        from concurrent.futures import Future
         t0 = time.perf_counter()
-        future = Future()
+        future: Future = Future()
         with self._cond:
             self._box.append((future, inputs))
             self._cond.notify()
@@ -82,6 +86,27 @@ class HandoffFloor:
         self._thread.join()
 
 
+def _measure(call: Callable[[], float], n: int, warmup: int, floor: HandoffFloor | None, batch: dict) -> dict:
+    """``call()`` runs one request and returns the backend's own seconds; interleaved with the floor."""
+    totals, computes, floors = [], [], []
+    for i in range(warmup + n):
+        handoff = floor.overhead(batch) if floor is not None else 0.0
+        t0 = time.perf_counter()
+        compute = call()
+        total = time.perf_counter() - t0
+        if i >= warmup:
+            totals.append(total)
+            computes.append(compute)
+            floors.append(handoff)
+    totals, computes, floors = np.array(totals), np.array(computes), np.array(floors)
+    return {"n": n,
+            "median_total_us": 1e6 * float(np.median(totals)),
+            "median_backend_us": 1e6 * float(np.median(computes)),
+            "median_overhead_us": 1e6 * float(np.median(totals - computes)),
+            "p99_overhead_us": 1e6 * float(np.percentile(totals - computes, 99)),
+            "median_floor_us": 1e6 * float(np.median(floors)) if floor is not None else None}
+
+
 def _floor_backend():
     """A second instance of the overhead model, loaded the way the agent loads one."""
     from agent.backends import load_backend
@@ -90,44 +115,35 @@ def _floor_backend():
     return load_backend("onnxruntime", card.verify_file("onnx"), threads=1)
 
 
-def _summary(n: int, totals: list, computes: list, floors: list) -> dict:
-    totals, computes, floors = np.array(totals), np.array(computes), np.array(floors)
-    overhead = totals - computes
-    return {"n": n, "median_total_us": 1e6 * float(np.median(totals)),
-            "median_backend_us": 1e6 * float(np.median(computes)),
-            "median_overhead_us": 1e6 * float(np.median(overhead)),
-            "p99_overhead_us": 1e6 * float(np.percentile(overhead, 99)),
-            "median_handoff_floor_us": 1e6 * float(np.median(floors)),
-            "median_overhead_above_floor_us": 1e6 * float(np.median(overhead) - np.median(floors))}
-
-
-def bench_overhead_inprocess(n: int = 2000, warmup: int = 200, blocking: bool = False) -> dict:
-    """``blocking=False``: ``submit(...).result()`` (a worker thread runs the batch);
-    ``blocking=True``: ``infer(...)`` (the calling thread runs it when a slot is free)."""
+def bench_overhead_inprocess(n: int = 2000, warmup: int = 200) -> dict[str, dict]:
+    """Rows ``submit``, ``infer`` and ``infer, no-op model`` (see the module docstring)."""
     from agent.api import Agent
     frame = _frame()
-    totals, computes, floors = [], [], []
-    backend = _floor_backend()
-    floor = HandoffFloor(backend.run)
-    batch = {"frames": frame[None]}
+    inputs, batch = {"frames": frame}, {"frames": frame[None]}
+    floor_backend = _floor_backend()
+    floor = HandoffFloor(floor_backend.run)
+    rows: dict[str, dict] = {}
     try:
         with Agent(parse_config(_config(None))) as agent:
-            for i in range(warmup + n):
-                handoff = floor.overhead(batch)
-                t0 = time.perf_counter()
-                if blocking:
-                    result = agent.infer(OVERHEAD_MODEL, {"frames": frame}, slo_ms=1000)
-                else:
-                    result = agent.submit(OVERHEAD_MODEL, {"frames": frame}, slo_ms=1000).result()
-                t1 = time.perf_counter()
-                if i >= warmup:
-                    totals.append(t1 - t0)
-                    computes.append(result.compute_ms / 1000)
-                    floors.append(handoff)
+            rows["submit"] = _measure(
+                lambda: agent.submit(OVERHEAD_MODEL, inputs, slo_ms=1000).result().compute_ms / 1000,
+                n, warmup, floor, batch)
+            rows["infer"] = _measure(
+                lambda: agent.infer(OVERHEAD_MODEL, inputs, slo_ms=1000).compute_ms / 1000,
+                n, warmup, floor, batch)
+            backend = agent.models[OVERHEAD_MODEL].backends[0]
+            real_run, canned = backend.run, backend.run(batch)
+            backend.run = lambda _batch: canned
+            try:
+                rows["infer, no-op model"] = _measure(
+                    lambda: agent.infer(OVERHEAD_MODEL, inputs, slo_ms=1000).compute_ms / 1000,
+                    n, warmup, None, batch)
+            finally:
+                backend.run = real_run
     finally:
         floor.close()
-        backend.close()
-    return _summary(n, totals, computes, floors)
+        floor_backend.close()
+    return rows
 
 
 def bench_overhead_mqtt(n: int = 1000, warmup: int = 100) -> dict:
@@ -135,42 +151,39 @@ def bench_overhead_mqtt(n: int = 1000, warmup: int = 100) -> dict:
     from agent.client import InferenceClient
     from agent.service import Service
     frame = _frame()
-    totals, computes, floors = [], [], []
-    backend = _floor_backend()
-    floor = HandoffFloor(backend.run)
-    batch = {"frames": frame[None]}
-    with LocalBroker() as broker, Service(parse_config(_config(broker.port))) as service:
-        client = InferenceClient(broker.host, broker.port, service.config.device, "bench-client")
-        try:
-            for i in range(warmup + n):
-                handoff = floor.overhead(batch)
-                t0 = time.perf_counter()
-                reply = client.infer(OVERHEAD_MODEL, {"frames": frame}, slo_ms=1000)
-                t1 = time.perf_counter()
+    inputs, batch = {"frames": frame}, {"frames": frame[None]}
+    floor_backend = _floor_backend()
+    floor = HandoffFloor(floor_backend.run)
+    try:
+        with LocalBroker() as broker, Service(parse_config(_config(broker.port))) as service:
+            client = InferenceClient(broker.host, broker.port, service.config.device, "bench-client")
+
+            def call() -> float:
+                reply = client.infer(OVERHEAD_MODEL, inputs, slo_ms=1000)
                 if reply["status"] != "ok":
                     raise RuntimeError(f"overhead bench got an error reply: {reply.get('error')}")
-                if i >= warmup:
-                    totals.append(t1 - t0)
-                    computes.append(reply["timing"]["compute_ms"] / 1000)
-                    floors.append(handoff)
-        finally:
-            client.close()
-            floor.close()
-            backend.close()
-    return _summary(n, totals, computes, floors)
+                return reply["timing"]["compute_ms"] / 1000
+
+            try:
+                return _measure(call, n, warmup, floor, batch)
+            finally:
+                client.close()
+    finally:
+        floor.close()
+        floor_backend.close()
 
 
-def format_overhead(inprocess: dict, mqtt: dict | None) -> str:
-    lines = ["Per-request overhead at batch 1: submit to reply minus the backend's own run time, requests one at a time.",
-             "floor = the same model run on a bare worker thread (two hand-offs, nothing else), interleaved with the agent's requests.",
-             f"{'path':<15} {'n':>6} {'total us':>9} {'backend us':>11} {'overhead us':>12} {'p99 us':>8} "
-             f"{'floor us':>9} {'above floor us':>15}"]
-    for name, r in (("in-process", inprocess), ("MQTT loopback", mqtt)):
+def format_overhead(rows: dict[str, dict]) -> str:
+    lines = ["Per-request overhead at batch 1 (submit to reply minus the backend's own run time), requests one at a time;",
+             "floor = the same model on a bare worker thread (two hand-offs, nothing else), interleaved request by request.",
+             f"{'path':<22} {'n':>6} {'total us':>9} {'backend us':>11} {'overhead us':>12} {'p99 us':>8} {'floor us':>9}"]
+    for name, r in rows.items():
         if r is None:
             continue
-        lines.append(f"{name:<15} {r['n']:>6} {r['median_total_us']:>9.1f} {r['median_backend_us']:>11.1f} "
-                     f"{r['median_overhead_us']:>12.1f} {r['p99_overhead_us']:>8.1f} {r['median_handoff_floor_us']:>9.1f} "
-                     f"{r['median_overhead_above_floor_us']:>15.1f}")
-    verdict = "met" if inprocess["median_overhead_us"] < 50 else "NOT met"
-    lines.append(f"target: in-process median overhead < 50 us: {verdict} (medians; overhead and floor taken per request pair)")
+        floor = "-" if r["median_floor_us"] is None else f"{r['median_floor_us']:.1f}"
+        lines.append(f"{name:<22} {r['n']:>6} {r['median_total_us']:>9.1f} {r['median_backend_us']:>11.1f} "
+                     f"{r['median_overhead_us']:>12.1f} {r['p99_overhead_us']:>8.1f} {floor:>9}")
+    verdicts = ", ".join(f"{name}: {'met' if r['median_overhead_us'] < TARGET_US else 'NOT met'}"
+                         for name, r in rows.items() if r is not None and name != "MQTT loopback")
+    lines.append(f"target: in-process median overhead < {TARGET_US:.0f} us: {verdicts}")
     return "\n".join(lines)
