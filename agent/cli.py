@@ -35,7 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
-    run_demo(duration_s=args.duration, load=args.load)
+    run_demo(duration_s=args.duration, load=args.load, shed=not args.no_shed)
     return 0
 
 
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "drive them with simulated cameras (mixed SLOs). Ctrl-C stops cleanly.")
     demo.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
     demo.add_argument("--load", type=float, default=1.0, metavar="X", help="scale every camera's frame rate (default 1.0)")
+    demo.add_argument("--no-shed", action="store_true",
+                      help="compute requests that can no longer meet their deadline instead of answering them at once "
+                           "(to compare; see BENCHMARKS.md)")
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")

@@ -9,6 +9,7 @@ formed and the share of frames classified correctly; below it, the agent's own f
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import random
 import signal
@@ -171,8 +172,12 @@ def format_models(snapshot: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: float = 1.0, out=sys.stdout) -> dict:
-    """Run the demo until Ctrl-C (or ``duration_s``); returns the final figures per camera group."""
+def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: float = 1.0, out=sys.stdout,
+             shed: bool = True) -> dict:
+    """Run the demo until Ctrl-C (or ``duration_s``); returns the final figures per camera group.
+
+    ``shed=False`` computes requests that can no longer make their deadline instead of answering them
+    at once (the comparison in BENCHMARKS.md)."""
     try:
         broker = LocalBroker()
     except MosquittoNotFound as exc:
@@ -182,6 +187,10 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
     tty = out.isatty() if hasattr(out, "isatty") else False
     with broker:
         config = Config.demo(mqtt_port=broker.port)
+        if not shed:
+            config = dataclasses.replace(config, models=tuple(
+                dataclasses.replace(m, batching=dataclasses.replace(m.batching, shed_hopeless=False))
+                for m in config.models))
         print(f"broker: mosquitto on {broker.host}:{broker.port}; loading and profiling the demo models ...", file=out)
         service = Service(config)
         final: list[dict] = []
@@ -200,6 +209,8 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
             try:
                 while duration_s is None or time.perf_counter() - started < duration_s:
                     if not parent_end.poll(interval_s * 3):
+                        if not process.is_alive():
+                            raise RuntimeError(f"the demo's camera process exited (code {process.exitcode})")
                         continue
                     _, snapshots = parent_end.recv()
                     text = (format_cameras(snapshots, previous, time.perf_counter() - started, interval_s) + "\n\n"
@@ -209,7 +220,7 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
             except KeyboardInterrupt:
                 print("\nstopping: cameras first, then the agent answers what it holds ...", file=out)
             parent_end.send("stop")
-            while parent_end.poll(15.0):   # skip the last periodic snapshots, up to the final one
+            while process.is_alive() and parent_end.poll(15.0):   # skip periodic snapshots, up to the final one
                 kind, final = parent_end.recv()
                 if kind == "final":
                     break
