@@ -3,8 +3,10 @@
 Each worker is an execution slot. When idle it asks the scheduler for a batch, runs it through the
 executor on its own thread (onnxruntime and LiteRT release the GIL while they compute, so instances
 really run at once), answers every request, and asks again. A new request wakes one idle worker.
-No dispatcher thread sits in between: a request crosses exactly two thread hand-offs (submitter ->
-worker -> waiter), which is what keeps the agent's own overhead per request in microseconds.
+No dispatcher thread sits in between: a submitted request crosses two thread hand-offs (submitter
+-> worker -> waiter), and a blocking caller's request none (:meth:`LiveLoop.run_while_pending`).
+Timed wake-ups (a rule holding for a bigger batch, a deadline to expire) are each worker's
+``Condition.wait`` timeout, taken from the scheduler's ``wake_at``.
 """
 from __future__ import annotations
 

@@ -306,7 +306,8 @@ def test_id_index_survives_churn(core, capacity):
 def test_contains_is_false_for_non_ids(core):
     queue = core.DeadlineQueue(2)
     queue.push(1, 1.0, 0.0)
-    assert 1 in queue and np.int64(1) in queue
+    rid = 1
+    assert rid in queue and np.int64(rid) in queue
     assert "1" not in queue and 1.5 not in queue and None not in queue and (1 << 70) not in queue
 
 
