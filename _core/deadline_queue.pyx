@@ -283,6 +283,18 @@ cdef class DeadlineQueue:
         """``earliest_deadline() - now``: how long until the most urgent request misses."""
         return self.earliest_deadline_c() - now
 
+    def count_ahead(self, double deadline, int32_t priority=0):
+        """How many queued entries would pop before a new entry with this deadline and priority
+        (higher priority, or equal priority and a deadline no later: ties go to the earlier push).
+        Admission control asks this for each arriving request: O(n), one pass over the heap in C."""
+        cdef Py_ssize_t i, ahead = 0
+        cdef QueueNode* node
+        for i in range(self._size):
+            node = &self._heap[i]
+            if node.priority > priority or (node.priority == priority and node.deadline <= deadline):
+                ahead += 1
+        return ahead
+
     def ids(self):
         """Queued ids in key order (pop order). For debugging and tests: O(n log n)."""
         cdef Py_ssize_t n = self._sorted_copy()

@@ -29,7 +29,7 @@ from agent.scheduler.dispatcher import Dispatch, Scheduler
 from agent.scheduler.executor import InstanceSet, LocalExecutor
 from agent.scheduler.live import LiveLoop
 from agent.scheduler.request import Request, Result
-from agent.scheduler.rules import build_rule
+from agent.scheduler.rules import build_lane, build_rule
 from agent.telemetry import Telemetry
 from agent.wire import check_inputs
 
@@ -99,9 +99,7 @@ class Agent:
             raise
         self.telemetry = Telemetry(list(self.models))
         self.scheduler = Scheduler(
-            [Scheduler.lane(name, m.rule, m.config.instances, m.config.queue_capacity,
-                            min_latency_s=m.latency.predict(1) if m.config.batching.shed_hopeless else 0.0)
-             for name, m in self.models.items()],
+            [build_lane(name, m.rule, m.config, m.latency) for name, m in self.models.items()],
             max_concurrent=config.worker_count,
         )
         self.executor = LocalExecutor({

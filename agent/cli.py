@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--no-mqtt", action="store_true", help="skip the MQTT loopback figure")
     core.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     core.set_defaults(func=_cmd_bench_core)
+
+    from agent.workload.cli import add_trace_parser
+    add_trace_parser(sub)
     return parser
 
 

@@ -39,6 +39,7 @@ class BatchingConfig:
     max_wait_ms: float = 0.0                   # deadline_aware: hold for a bigger batch while slack allows
     margin_ms: float = 0.5                     # deadline_aware: safety margin on predicted finish
     shed_hopeless: bool = True                 # answer at once what cannot finish in time (default: deadline_aware only)
+    admission: bool = True                     # refuse at arrival what is predicted to miss (default: deadline_aware only)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ def _parse_batching(t: dict, where: str) -> BatchingConfig:
         max_wait_ms=float(_take(t, "max_wait_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0")),
         margin_ms=float(_take(t, "margin_ms", where, (int, float), 0.5, lambda v: v >= 0, "a number >= 0")),
         shed_hopeless=_take(t, "shed_hopeless", where, bool, rule == "deadline_aware"),
+        admission=_take(t, "admission", where, bool, rule == "deadline_aware"),
     )
 
 

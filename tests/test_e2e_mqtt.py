@@ -152,11 +152,12 @@ def test_request_without_response_topic_is_counted_not_run(raw, service, digits)
     assert not future.done()
 
 
-def test_impossible_deadline_gets_deadline_missed(raw, digits):
+def test_impossible_deadline_is_rejected_with_the_reason(raw, digits):
     frames, _ = digits
     reply = raw.request("mobilenet_digits", wire.encode_request("late", {"frames": frames[0]}, deadline=time.time() - 1),
                         b"late").result(10)
-    assert reply["error"]["code"] == "deadline_missed" and reply["id"] == "late"
+    assert reply["error"]["code"] == "rejected" and reply["id"] == "late"
+    assert "deadline cannot be met" in reply["error"]["message"]
 
 
 def test_status_is_retained(broker, service):

@@ -153,3 +153,36 @@ def test_without_shedding_a_late_request_still_runs():
     late = req("a", 0.0, 0.003)
     s.enqueue(late)
     assert s.poll(0.0).dispatch.requests == [late]
+
+
+def test_admission_predicts_from_the_queue_ahead_and_busy_instances():
+    from agent.scheduler.admission import AdmissionControl
+    t = table(0.001, 0.001)              # a batch of b takes (1 + b) ms
+    s = Scheduler([Scheduler.lane("a", FixedBatch(2), 1, 64, admission=AdmissionControl(t, 2))], max_concurrent=1)
+    # Idle: one request alone finishes at 2 ms.
+    with pytest.raises(InferenceError) as info:
+        s.enqueue(req("a", 0.0, 0.0019))
+    assert info.value.code == REJECTED and "0 queued ahead" in info.value.message
+    s.enqueue(req("a", 0.0, 0.0021))
+    # Second request: batch of 2 finishing at 3 ms.
+    with pytest.raises(InferenceError):
+        s.enqueue(req("a", 0.0, 0.0029))
+    s.enqueue(req("a", 0.0, 0.0031))
+    # The instance starts that batch (predicted to end at 3 ms); a third request waits for it,
+    # then runs alone: 3 + 2 = 5 ms.
+    dispatch = s.poll(0.0).dispatch
+    assert len(dispatch.requests) == 2
+    with pytest.raises(InferenceError):
+        s.enqueue(req("a", 0.0, 0.0049))
+    s.enqueue(req("a", 0.0, 0.0051))
+    s.finish(dispatch)
+    assert s.lanes["a"].busy_until == {}
+
+
+def test_admission_counts_only_what_pops_first():
+    from agent.scheduler.admission import AdmissionControl
+    t = table(0.001, 0.001)
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, admission=AdmissionControl(t, 1))], max_concurrent=1)
+    for _ in range(5):
+        s.enqueue(req("a", 0.0, 1.0))     # loose deadlines: they pop after a tight one
+    s.enqueue(req("a", 0.0, 0.0021))      # nothing ahead of it: admitted

@@ -362,6 +362,13 @@ class DeadlineQueue:
         """``earliest_deadline() - now``: how long until the most urgent request misses."""
         return self.earliest_deadline() - _as_float(now, "now")
 
+    def count_ahead(self, deadline: float, priority: int = 0) -> int:
+        """How many queued entries would pop before a new entry with this deadline and priority
+        (higher priority, or equal priority and a deadline no later: ties go to the earlier push)."""
+        deadline = _as_float(deadline, "deadline")
+        return sum(1 for neg_priority, entry_deadline, *_ in self._live.values()
+                   if -neg_priority > priority or (-neg_priority == priority and entry_deadline <= deadline))
+
     def ids(self) -> list[int]:
         """Queued ids in key order (pop order). For debugging and tests: O(n log n)."""
         return [entry[3] for entry in sorted(self._live.values())]

@@ -20,6 +20,7 @@ import numpy as np
 
 from agent.core import DeadlineQueue, PushResult
 from agent.errors import REJECTED, InferenceError
+from agent.scheduler.admission import AdmissionControl
 from agent.scheduler.request import Request
 
 
@@ -55,6 +56,10 @@ class ModelLane:
     # is nearer than this is answered ``deadline_missed`` at once instead of being computed late:
     # under overload that compute is what the next, still feasible, requests need.
     min_latency_s: float = 0.0
+    # Refuses at arrival what cannot finish in time (agent.scheduler.admission); None = admit all.
+    admission: AdmissionControl | None = None
+    # Predicted end of the batch running on each busy instance (for admission).
+    busy_until: dict[int, float] = field(default_factory=dict)
     pending: dict[int, Request] = field(default_factory=dict)
     free_instances: list[int] = field(default_factory=list)
     ready_ids: np.ndarray = field(default=None)
@@ -82,10 +87,12 @@ class Scheduler:
         self.in_flight = 0
 
     @staticmethod
-    def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0) -> ModelLane:
-        """A model's lane; ``min_latency_s`` > 0 sheds requests that cannot finish in time (see ModelLane)."""
+    def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
+             admission: AdmissionControl | None = None) -> ModelLane:
+        """A model's lane; ``min_latency_s`` > 0 sheds requests that cannot finish in time, and
+        ``admission`` refuses at arrival those predicted not to (see ModelLane)."""
         return ModelLane(name=name, rule=rule, instances=instances, queue=DeadlineQueue(queue_capacity),
-                         min_latency_s=min_latency_s)
+                         min_latency_s=min_latency_s, admission=admission)
 
     def queued(self) -> int:
         return sum(len(lane.queue) for lane in self._lane_list)
@@ -93,6 +100,11 @@ class Scheduler:
     def enqueue(self, request: Request) -> None:
         """Queue an admitted request; a full queue refuses it at once (``rejected``), never silently."""
         lane = self.lanes[request.model]
+        if lane.admission is not None:
+            reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
+                                           min(lane.instances, self.max_concurrent), list(lane.busy_until.values()))
+            if reason is not None:
+                raise InferenceError(REJECTED, reason)
         result = lane.queue.push(request.rid, request.deadline, request.arrival, request.priority)
         if result != PushResult.OK:
             if result == PushResult.FULL:
@@ -152,12 +164,24 @@ class Scheduler:
             return None
         requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
         self.in_flight += 1
-        return Dispatch(lane.name, lane.free_instances.pop(), requests, now)
+        instance = lane.free_instances.pop()
+        if lane.admission is not None:
+            lane.busy_until[instance] = now + lane.admission.batch_s(n_ready)
+        return Dispatch(lane.name, instance, requests, now)
 
     def finish(self, dispatch: Dispatch) -> None:
         """The batch is done (whatever its outcome): its instance and slot are free again."""
-        self.lanes[dispatch.model].free_instances.append(dispatch.instance)
+        lane = self.lanes[dispatch.model]
+        lane.free_instances.append(dispatch.instance)
+        lane.busy_until.pop(dispatch.instance, None)
         self.in_flight -= 1
+
+    def observe(self, dispatch: Dispatch, now: float) -> None:
+        """The batch's requests are answered: its whole cost (dispatch to the last reply) teaches
+        the lane's admission control what a batch really takes here (see admission.py)."""
+        admission = self.lanes[dispatch.model].admission
+        if admission is not None:
+            admission.observe(len(dispatch.requests), now - dispatch.started)
 
     def cancel(self, model: str, rid: int) -> Request | None:
         lane = self.lanes[model]

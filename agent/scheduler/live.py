@@ -126,6 +126,9 @@ class LiveLoop:
             if self.scheduler.queued():   # a freed instance matters only to waiting requests
                 self.cond.notify()
         self._complete(dispatch, outcome)
+        # Outside the lock: one float updated per batch; a lost update between two workers only
+        # delays the estimate by a batch.
+        self.scheduler.observe(dispatch, self.clock())
 
     def _complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
         now = self.clock()

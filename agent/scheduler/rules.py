@@ -1,12 +1,15 @@
-"""Build a model's batching rule (``agent.core``) from its config.
+"""Build a model's batching rule (``agent.core``) and scheduler lane from its config.
 
 The rules themselves live in the compiled core (``_core/batch_rules.pyx``, twin in
-``agent/core/pure.py``); this is the one place a config section becomes a rule object.
+``agent/core/pure.py``); this is the one place a config section becomes a rule object and a lane,
+for the live agent and the simulator alike.
 """
 from __future__ import annotations
 
-from agent.config import BatchingConfig
+from agent.config import BatchingConfig, ModelConfig
 from agent.core import DeadlineAwareBatch, DynamicBatch, FixedBatch, LatencyTable
+from agent.scheduler.admission import AdmissionControl
+from agent.scheduler.dispatcher import ModelLane, Scheduler
 
 
 def build_rule(batching: BatchingConfig, table: LatencyTable):
@@ -18,3 +21,13 @@ def build_rule(batching: BatchingConfig, table: LatencyTable):
     if batching.rule == "deadline_aware":
         return DeadlineAwareBatch(table, batching.max_batch, batching.max_wait_ms / 1000.0, batching.margin_ms / 1000.0)
     raise ValueError(f"unknown batching rule {batching.rule!r}")
+
+
+def build_lane(name: str, rule, config: ModelConfig, table: LatencyTable) -> ModelLane:
+    """The model's scheduler lane: queue, rule, instances, shedding and admission per its config."""
+    batching = config.batching
+    return Scheduler.lane(
+        name, rule, config.instances, config.queue_capacity,
+        min_latency_s=table.predict(1) if batching.shed_hopeless else 0.0,
+        admission=AdmissionControl(table, rule.max_batch, batching.margin_ms / 1000.0) if batching.admission else None,
+    )

@@ -376,3 +376,16 @@ def test_negative_max_n_is_refused(core):
     queue = core.DeadlineQueue(2)
     with pytest.raises(ValueError, match="max_n must be >= 0, got -1"):
         queue.pop_batch(-1, 0.0, np.zeros(1, np.int64), np.zeros(1, np.int64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(-2, 2), st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0])), max_size=40),
+       probe=st.tuples(st.integers(-2, 2), st.sampled_from([0.25, 1.0, 1.5, 2.5, 9.0])))
+def test_count_ahead_is_the_position_a_new_entry_would_pop_at(core, entries, probe):
+    queue = core.DeadlineQueue(64)
+    for rid, (priority, deadline) in enumerate(entries):
+        queue.push(rid, deadline, 0.0, priority)
+    priority, deadline = probe
+    ahead = queue.count_ahead(deadline, priority)
+    queue.push(10_000, deadline, 0.0, priority)          # the probe itself: pops after exactly `ahead`
+    assert queue.ids().index(10_000) == ahead

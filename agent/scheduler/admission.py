@@ -1,0 +1,73 @@
+"""Admission control: refuse at arrival a request whose deadline cannot be met.
+
+DeepRT (PAPERS.md §3) admits a request only if the whole admitted set stays schedulable, with a
+utilisation test first and an exact EDF imitation second. This is a cheaper per-request test in the
+same spirit, and ours: it predicts when the arriving request would finish if it joined its model's
+queue now, from the profiled latency table, and refuses it when that is after its deadline.
+
+The prediction, for a request of model m:
+
+- ``ahead`` = queued requests of m that pop before it (higher priority, or an earlier or equal
+  deadline: ``DeadlineQueue.count_ahead``, one pass in C);
+- those ``ahead + 1`` requests run in batches of at most ``max_batch``; batch ``j`` (0-based) runs on
+  the instance that becomes free ``j mod I``-th earliest, in round ``j // I``, where the ``I``
+  instances free up now (idle) or when their running batch is predicted to end;
+- the request finishes at that instance's free time + full batches before it + its own batch.
+
+The profiled table holds the backend's own run time; a batch in the live agent also pays batch
+assembly, replies and thread hand-offs, and shares the CPU with the intake. So every finished batch
+reports its observed duration (dispatch to done), and an exponentially weighted mean of the excess
+over the table's prediction is added to every predicted batch: the model adapts online to what
+the board really delivers (an overrun raises it, a calm period lowers it).
+
+What it leaves out, and so where it is optimistic: other models competing for the same execution
+slots, and batches smaller than ``max_batch`` (the deadline-aware rule may pick them). An admitted
+request that still cannot make it is shed before it runs (``shed_hopeless``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from agent.core import DeadlineQueue, LatencyTable
+
+
+class AdmissionControl:
+    EWMA_WEIGHT = 0.2     # weight of the newest batch in the excess estimate
+
+    def __init__(self, table: LatencyTable, max_batch: int, margin_s: float = 0.0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch = {max_batch}: expected >= 1")
+        self.table = table
+        self.max_batch = max_batch
+        self.margin_s = margin_s
+        self.excess_s = 0.0       # learned: observed batch duration minus the table's prediction
+        self.overruns = 0         # batches that took longer than predicted + the learned excess
+        self._full_batch_s = table.predict(max_batch)
+
+    def observe(self, batch_size: int, duration_s: float) -> None:
+        """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the excess."""
+        excess = duration_s - self.table.predict(batch_size)
+        if excess > self.excess_s + self.margin_s:
+            self.overruns += 1
+        self.excess_s += self.EWMA_WEIGHT * (excess - self.excess_s)
+
+    def batch_s(self, batch_size: int) -> float:
+        """Predicted duration of one batch: the profiled time plus the learned excess."""
+        return max(0.0, self.table.predict(batch_size) + self.excess_s)
+
+    def refuse(self, queue: DeadlineQueue, deadline: float, priority: int, now: float,
+               instances: int, busy_until: Sequence[float]) -> str | None:
+        """``None`` to admit, else the reason (for the ``rejected`` reply)."""
+        ahead = queue.count_ahead(deadline, priority)
+        n = ahead + 1
+        batches = -(-n // self.max_batch)
+        last_batch = n - (batches - 1) * self.max_batch
+        free_at = sorted([now] * (instances - len(busy_until)) + [max(now, t) for t in busy_until])
+        j = batches - 1
+        full = max(0.0, self._full_batch_s + self.excess_s)
+        finish = free_at[j % instances] + (j // instances) * full + self.batch_s(last_batch)
+        if finish + self.margin_s <= deadline:
+            return None
+        return (f"deadline cannot be met: predicted finish in {1000 * (finish - now):.1f} ms, deadline in "
+                f"{1000 * (deadline - now):.1f} ms ({ahead} queued ahead, batches of up to {self.max_batch}, "
+                f"{instances} instance{'s' if instances != 1 else ''})")

@@ -1,0 +1,331 @@
+"""The discrete-event simulator: the live agent's scheduler on a virtual clock.
+
+DESIGN.md, "One scheduler, two clocks": policies are trained and baselines compared on exactly the
+code that runs on the board. So this module contains no scheduling logic of its own. It builds the
+same :class:`agent.scheduler.dispatcher.Scheduler` (same compiled ``DeadlineQueue``, same batching
+rules from ``agent.scheduler.rules.build_rule``, same shedding threshold) and drives it the way
+``agent.scheduler.live.LiveLoop`` does, only with time taken from an event heap instead of the
+monotonic clock and batch durations from :class:`~agent.sim.executor.SimExecutor` instead of a
+backend.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from agent.config import Config
+from agent.core import LatencyTable
+from agent.errors import DEADLINE_MISSED, UNKNOWN_MODEL, InferenceError
+from agent.scheduler.admission import AdmissionControl
+from agent.scheduler.dispatcher import Scheduler
+from agent.scheduler.request import Request, Result
+from agent.scheduler.rules import build_rule
+from agent.sim.executor import SimBatch, SimExecutor
+from agent.workload.records import RequestRecord
+from agent.workload.trace import TraceRow
+
+# Event kinds, in the order they are applied when they fall on the same instant (the heap key is
+# (time, kind, seq)): a batch that ends at t frees its slot before a request arriving at t is
+# queued, and both happen before a timed wake-up at t re-plans. ``seq`` (insertion order) breaks
+# the remaining ties; arrivals at one instant are applied in trace order.
+COMPLETE = 0
+ARRIVAL = 1
+WAKE = 2
+
+_NO_INPUTS: dict = {}
+_NO_SERVED_BY: dict = {}
+# The simulator records only the code; one shared instance per reason saves formatting a message
+# per request (the live agent's messages carry the per-request figures).
+_EXPIRED = InferenceError(DEADLINE_MISSED, "expired (or shed) in the queue (simulated)")
+_LATE = InferenceError(DEADLINE_MISSED, "the batch finished after the deadline (simulated)")
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """One model lane of the simulated board: what ``agent.api.Agent`` builds per loaded model.
+
+    ``rule`` is a batching rule from ``agent.core`` (``FixedBatch``, ``DynamicBatch``,
+    ``DeadlineAwareBatch``); ``latency`` the profiled table that times its batches;
+    ``min_latency_s`` > 0 sheds requests that cannot finish in time (``ModelLane``); ``jitter`` the
+    lognormal sigma of its run times (0: every batch takes exactly ``latency.predict(b)``).
+    """
+
+    name: str
+    rule: object
+    instances: int
+    queue_capacity: int
+    latency: LatencyTable
+    min_latency_s: float = 0.0
+    jitter: float = 0.0
+    admission: bool = False            # refuse at arrival what is predicted to miss (admission.py)
+    margin_s: float = 0.0              # the admission test's safety margin
+
+
+def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
+                           jitter: float = 0.0) -> list[SimModel]:
+    """The lanes ``agent.api.Agent`` would build from ``config``, timed by ``tables`` (model name ->
+    table, e.g. the live agent's start-up profile) instead of a fresh measurement.
+
+    Mirrors ``agent.scheduler.rules.build_lane`` (what ``Agent.__init__`` uses): the rule from
+    ``build_rule(model.batching, table)``, ``min_latency_s = table.predict(1)`` when
+    ``batching.shed_hopeless`` (else 0), and admission control when ``batching.admission``.
+    """
+    models = []
+    for model in config.models:
+        if model.name not in tables:
+            raise KeyError(f"no latency table for model {model.name!r}; tables given for {sorted(tables)}")
+        table = tables[model.name]
+        models.append(SimModel(
+            name=model.name,
+            rule=build_rule(model.batching, table),
+            instances=model.instances,
+            queue_capacity=model.queue_capacity,
+            latency=table,
+            min_latency_s=table.predict(1) if model.batching.shed_hopeless else 0.0,
+            jitter=jitter,
+            admission=model.batching.admission,
+            margin_s=model.batching.margin_ms / 1000.0,
+        ))
+    return models
+
+
+@dataclass
+class SimResult:
+    """What a simulated run produced: one record per trace row (same index), and counters."""
+
+    records: list[RequestRecord]
+    duration_s: float                  # virtual seconds until the last arrival or reply, whichever is later
+    events: int                        # events applied (arrivals, completions, wakes)
+    stale_events: int                  # superseded completions / wakes, popped and ignored
+    batches: int
+    batch_histogram: dict[str, dict[int, int]] = field(default_factory=dict)  # model -> size -> count
+    wall_s: float = 0.0                # real seconds the simulation took
+
+    def status_counts(self) -> dict[str, int]:
+        return dict(Counter(r.status for r in self.records))
+
+    def goodput_rps(self, duration_s: float | None = None) -> float:
+        """Requests answered ``ok`` within their SLO, per second of ``duration_s`` (default: the run)."""
+        span = self.duration_s if duration_s is None else duration_s
+        good = sum(1 for r in self.records if r.within_slo)
+        return good / span if span > 0 else 0.0
+
+    def slo_attainment(self) -> float:
+        """Share of all trace rows answered ``ok`` within their SLO."""
+        return sum(1 for r in self.records if r.within_slo) / len(self.records) if self.records else 1.0
+
+    def mean_batch_size(self, model: str | None = None) -> float:
+        hists = [self.batch_histogram.get(model, {})] if model else list(self.batch_histogram.values())
+        n = sum(c for h in hists for c in h.values())
+        return sum(s * c for h in hists for s, c in h.items()) / n if n else 0.0
+
+
+class _Reply:
+    """A request's reply sink (``ReplySink``): writes the outcome into its record at virtual now."""
+
+    __slots__ = ("record", "clock")
+
+    def __init__(self, record: RequestRecord, clock: "_Clock") -> None:
+        self.record = record
+        self.clock = clock
+
+    def set_result(self, result: Result) -> None:
+        record = self.record
+        record.status = "ok"
+        record.finish_s = self.clock.now
+        record.batch_size = result.batch_size
+        record.queue_ms = result.queue_ms
+        record.compute_ms = result.compute_ms
+
+    def set_exception(self, exception: InferenceError) -> None:
+        record = self.record
+        record.status = exception.code
+        record.finish_s = self.clock.now
+
+
+class _Clock:
+    """The virtual clock (``agent.scheduler.clock.Clock``): the time of the event being applied."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int, *, seed: int = 0,
+             cores: int | None = None) -> SimResult:
+    """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
+
+    ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
+    ``max_concurrent``); ``cores`` how many batches run at full speed at once (default
+    ``workers``: no slowdown; fewer cores than workers shares them, see ``agent.sim.executor``);
+    ``seed`` seeds the run-time noise (only used by models with ``jitter > 0``). Times in the
+    records are seconds from the trace's start, like ``TraceRow.t_s``.
+
+    Event loop. Pending events sit in a heap keyed ``(time, kind, seq)``; arrivals come from the
+    trace (already in time order) and are merged with the heap as if they were ``ARRIVAL`` entries
+    (cheaper than pushing them all). Same-instant order: completions, then arrivals (in trace
+    order), then wakes. On every event the engine
+
+    1. applies it: an arrival is ``Scheduler.enqueue``-d (a full queue answers it ``rejected`` at
+       once; a model not configured is recorded ``unknown_model``); a completion frees the slot
+       (``Scheduler.finish``) and answers the batch's requests ``ok``, or ``deadline_missed`` for
+       each whose deadline the batch finished after (``now > deadline``, as ``LiveLoop._complete``);
+    2. while an execution slot is idle, calls ``Scheduler.poll(now)``: expired or shed requests are
+       answered ``deadline_missed`` at ``now``; a dispatched batch starts on the executor, which
+       schedules its completion; as in the live driver, nothing polls while every slot is busy;
+    3. when the last poll dispatched nothing, schedules a ``WAKE`` at its ``wake_at`` if finite and
+       earlier than the pending wake. A ``wake_at`` at or before ``now`` (the queue expires only
+       deadlines strictly before ``now``, so a request is still queued at its exact deadline) is
+       moved to the next representable instant, ``math.nextafter(now, inf)``: the live worker's
+       clock moves on the same way. A request held past its deadline thus expires one ulp after it.
+
+    Comparing with a live run. Replay the same trace file against the live agent (the lead's
+    replayer) and simulate it with ``sim_models_from_config(config, tables)``, where ``config`` is
+    the live agent's config and ``tables`` its start-up profile (``{name: agent.models[name].latency}``,
+    also published in the status message's ``latency_ms``); use ``workers=config.worker_count`` and
+    ``cores`` = the board's cores. Then compare per-status counts, goodput, the batch-size
+    histogram and latency percentiles, per model. Expect the simulation to be optimistic by the
+    agent's per-request overhead (intake, thread hand-offs: ``edge-agent bench``) and, on a
+    shared board, by the interference the processor-sharing model leaves out.
+    """
+    started_wall = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"workers = {workers!r}: expected an integer >= 1")
+    if cores is None:
+        cores = workers
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {names}")
+    scheduler = Scheduler(
+        [Scheduler.lane(m.name, m.rule, m.instances, m.queue_capacity, min_latency_s=m.min_latency_s,
+                        admission=AdmissionControl(m.latency, m.rule.max_batch, m.margin_s) if m.admission else None)
+         for m in models],
+        max_concurrent=workers,
+    )
+    executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
+                           jitter={m.name: m.jitter for m in models}, cores=cores)
+    clock = _Clock()
+    n_rows = len(trace)
+    records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
+               for i, row in enumerate(trace)]
+    order = list(range(n_rows))
+    if any(trace[i].t_s > trace[i + 1].t_s for i in range(n_rows - 1)):
+        order.sort(key=lambda i: trace[i].t_s)    # stable: same-instant rows stay in trace order
+
+    heap: list = []
+    seq = 0
+    pending_wake = math.inf
+    events = stale = batches = 0
+    histogram: dict[str, Counter] = {name: Counter() for name in names}
+    lanes = scheduler.lanes
+    enqueue, poll, finish = scheduler.enqueue, scheduler.poll, scheduler.finish
+    heappush, heappop = heapq.heappush, heapq.heappop
+    inf = math.inf
+    next_i = 0
+    next_t = trace[order[0]].t_s if n_rows else inf
+    now = 0.0
+
+    while True:
+        # --- 1. the next event, and apply it ---------------------------------------------------
+        if heap and (next_t > heap[0][0] or (next_t == heap[0][0] and heap[0][1] == COMPLETE)):
+            at, kind, _, batch, generation = heappop(heap)
+            if kind == COMPLETE:
+                if generation != batch.generation:
+                    stale += 1
+                    continue
+                now = clock.now = at
+                events += 1
+                for other in executor.stop(batch, now):
+                    seq += 1
+                    heappush(heap, (other.finish, COMPLETE, seq, other, other.generation))
+                dispatch = batch.payload
+                finish(dispatch)
+                size = batch.size
+                started = dispatch.started
+                compute_ms = 1000.0 * (now - started)
+                for request in dispatch.requests:
+                    if now > request.deadline:
+                        request.reply.set_exception(_LATE)
+                    else:
+                        request.reply.set_result(Result(
+                            _NO_INPUTS, 1000.0 * (started - request.arrival), compute_ms,
+                            1000.0 * (now - request.arrival), size, _NO_SERVED_BY))
+                scheduler.observe(dispatch, now)
+            else:  # WAKE
+                if at != pending_wake:
+                    stale += 1
+                    continue
+                now = clock.now = at
+                events += 1
+                pending_wake = inf
+        elif next_t < inf:
+            index = order[next_i]
+            next_i += 1
+            now = next_t
+            next_t = trace[order[next_i]].t_s if next_i < n_rows else inf
+            clock.now = now
+            events += 1
+            row = trace[index]
+            record = records[index]
+            if row.model not in lanes:
+                record.status = UNKNOWN_MODEL
+                record.finish_s = now
+                continue        # nothing changed for the scheduler: no need to poll
+            try:
+                enqueue(Request(index + 1, row.model, _NO_INPUTS, now, now + row.slo_ms / 1000.0,
+                                row.priority, _Reply(record, clock), row.app))
+            except InferenceError as exc:
+                record.status = exc.code
+                record.finish_s = now
+                continue
+        else:
+            break
+        if next_t == inf and not scheduler.in_flight and not scheduler.queued():
+            break       # all answered; a pending wake could only poll an empty scheduler
+
+        # --- 2. fill idle slots, 3. schedule the next wake ------------------------------------
+        while scheduler.in_flight < workers:
+            decision = poll(now)
+            for request in decision.expired:
+                request.reply.set_exception(_EXPIRED)
+            dispatch = decision.dispatch
+            if dispatch is not None:
+                size = len(dispatch.requests)
+                batches += 1
+                histogram[dispatch.model][size] += 1
+                for batch in executor.start(dispatch, dispatch.model, size, now):
+                    seq += 1
+                    heappush(heap, (batch.finish, COMPLETE, seq, batch, batch.generation))
+                continue
+            if decision.expired:
+                continue
+            wake_at = decision.wake_at
+            if wake_at <= now:
+                wake_at = math.nextafter(now, inf)
+            if wake_at < pending_wake:
+                pending_wake = wake_at
+                seq += 1
+                heappush(heap, (wake_at, WAKE, seq, None, 0))
+            break
+
+    # Every rule dispatches or expires what it holds, so nothing should be left; if a rule ever
+    # held a request forever, say so in the records rather than lose it silently.
+    for request in scheduler.drain():
+        request.reply.record.finish_s = None
+    return SimResult(
+        records=records,
+        duration_s=max([now, *(r.finish_s for r in records if r.finish_s is not None)]),
+        events=events,
+        stale_events=stale,
+        batches=batches,
+        batch_histogram={name: dict(sorted(h.items())) for name, h in histogram.items()},
+        wall_s=time.perf_counter() - started_wall,
+    )
+
+
+__all__ = ["COMPLETE", "ARRIVAL", "WAKE", "SimModel", "SimResult", "SimBatch", "simulate", "sim_models_from_config"]

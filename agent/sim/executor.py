@@ -1,0 +1,135 @@
+"""The simulator's executor: how long a batch takes, drawn from the board's latency profile.
+
+The live executor runs a backend and measures; this one *predicts*: a batch of ``b`` on model ``m``
+needs ``table[m].predict(b)`` seconds of work, times multiplicative lognormal noise.
+
+Timing model (kept deliberately simple, and exactly reproducible for ``jitter = 0``):
+
+* **Work.** ``work_s = table.predict(b) * exp(N(0, jitter))``. The noise has median 1 because the
+  profiler's table holds *medians* (``agent.profiler.measure_latency_table``), so the simulated
+  median equals the profiled one; its mean is ``exp(jitter**2 / 2)`` times higher, a right skew like
+  real run times. Each model draws from its own stream, seeded by ``(seed, model name)``: adding a
+  model to a configuration does not reshuffle another model's noise.
+* **Concurrency: processor sharing.** Up to ``cores`` batches run at once without interfering (one
+  intra-op thread per instance, one core each: the live agent's set-up). With ``running > cores``
+  every running batch progresses at ``rate = cores / running`` seconds of work per second, so the
+  board's total throughput stays at ``cores`` and each batch is slowed proportionally. A batch's
+  finish time therefore changes whenever another batch starts or ends while the board is
+  oversubscribed; :meth:`SimExecutor.start` and :meth:`SimExecutor.stop` return every batch whose
+  finish moved, each with a new ``generation`` so the engine can ignore its stale completion event.
+  While the rate stays 1, a batch finishes at exactly ``start + work_s`` (no accumulated rounding).
+
+What it leaves out (the full profiler's interference model will replace ``rate``): memory-bandwidth
+and cache interference between co-running models, GPU/TPU queueing, and a backend's per-call
+overhead outside the profiled run.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Mapping, Sequence
+
+from agent.core import LatencyTable
+
+
+class SimBatch:
+    """One batch running in the simulation: its work and where it stands.
+
+    ``remaining_s`` is the work (seconds at full speed) left as of virtual time ``since``;
+    ``finish`` is when it completes at the current rate; ``generation`` counts finish changes.
+    """
+
+    __slots__ = ("payload", "model", "size", "work_s", "remaining_s", "since", "finish", "generation")
+
+    def __init__(self, payload: Any, model: str, size: int, work_s: float, now: float) -> None:
+        self.payload = payload
+        self.model = model
+        self.size = size
+        self.work_s = work_s
+        self.remaining_s = work_s
+        self.since = now
+        self.finish = math.inf
+        self.generation = 0
+
+    def __repr__(self) -> str:
+        return (f"SimBatch({self.model!r}, size={self.size}, work_s={self.work_s:.6g}, "
+                f"finish={self.finish:.6g}, generation={self.generation})")
+
+
+class SimExecutor:
+    """Draws batch run times from latency tables and shares ``cores`` among running batches.
+
+    ``tables`` maps a model name to its :class:`~agent.core.LatencyTable`; ``jitter`` is the
+    lognormal sigma, one float for every model or a per-model mapping (missing models: 0);
+    ``cores=None`` means no sharing at all (every batch runs at full speed).
+    """
+
+    def __init__(self, tables: Mapping[str, LatencyTable], seed: int = 0,
+                 jitter: float | Mapping[str, float] = 0.0, cores: int | None = None) -> None:
+        if cores is not None and cores < 1:
+            raise ValueError(f"cores = {cores!r}: expected an integer >= 1 (or None: no sharing)")
+        self.tables = dict(tables)
+        self.cores = cores
+        self._jitter: dict[str, float] = {}
+        for name in self.tables:
+            sigma = jitter.get(name, 0.0) if isinstance(jitter, Mapping) else jitter
+            if not (sigma >= 0.0 and math.isfinite(sigma)):
+                raise ValueError(f"jitter of model {name!r} = {sigma!r}: expected a finite number >= 0")
+            self._jitter[name] = float(sigma)
+        # str seeds are hashed with SHA-512 by random.seed: stable across runs and Python versions.
+        self._rngs = {name: random.Random(f"edge-agent-sim/{seed}/{name}") for name in self.tables}
+        self.running: list[SimBatch] = []
+
+    def work_s(self, model: str, batch_size: int) -> float:
+        """Seconds a batch of ``batch_size`` needs at full speed: the profile times the noise."""
+        predicted = self.tables[model].predict(batch_size)
+        sigma = self._jitter[model]
+        if sigma == 0.0:
+            return predicted
+        return predicted * math.exp(self._rngs[model].gauss(0.0, sigma))
+
+    def rate(self, running: int | None = None) -> float:
+        """Seconds of work each running batch gets per second when ``running`` batches share the board."""
+        n = len(self.running) if running is None else running
+        cores = self.cores
+        if cores is None or n <= cores:
+            return 1.0
+        return cores / n
+
+    def start(self, payload: Any, model: str, batch_size: int, now: float) -> Sequence[SimBatch]:
+        """Start a batch at ``now``; returns the batches whose finish time is new or changed
+        (the new one first)."""
+        batch = SimBatch(payload, model, batch_size, self.work_s(model, batch_size), now)
+        running = self.running
+        running.append(batch)
+        n, cores = len(running), self.cores
+        if cores is None or n <= cores:      # the common case: the rate was and stays 1
+            batch.finish = now + batch.work_s
+            return (batch,)
+        new_rate = cores / n
+        changed = self._rerate(now, self.rate(n - 1), new_rate, exclude=batch)
+        batch.finish = now + batch.work_s / new_rate
+        return [batch, *changed]
+
+    def stop(self, batch: SimBatch, now: float) -> Sequence[SimBatch]:
+        """``batch`` completed at ``now``; returns the other batches whose finish time changed."""
+        running = self.running
+        n, cores = len(running), self.cores
+        running.remove(batch)
+        if cores is None or n <= cores:
+            return ()
+        return self._rerate(now, cores / n, self.rate(n - 1), exclude=None)
+
+    def _rerate(self, now: float, old_rate: float, new_rate: float, exclude: SimBatch | None) -> list[SimBatch]:
+        """Account the work done at ``old_rate`` up to ``now`` and re-time every running batch."""
+        changed = []
+        for batch in self.running:
+            if batch is exclude:
+                continue
+            remaining = batch.remaining_s - (now - batch.since) * old_rate
+            batch.remaining_s = remaining if remaining > 0.0 else 0.0
+            batch.since = now
+            batch.finish = now + batch.remaining_s / new_rate
+            batch.generation += 1
+            changed.append(batch)
+        return changed
