@@ -37,9 +37,9 @@ def write_trace(path: str | Path, rows: Iterable[TraceRow]) -> int:
         writer = csv.writer(fh)
         writer.writerow(TRACE_COLUMNS + (OPTIONAL_COLUMNS if with_accuracy else ()))
         for r in rows:
-            line = [f"{r.t_s:.6f}", r.app, r.model, f"{r.slo_ms:g}", r.priority]
+            line = [f"{r.t_s:.6f}", r.app, r.model, repr(float(r.slo_ms)), r.priority]
             if with_accuracy:
-                line.append("" if r.min_accuracy is None else f"{r.min_accuracy:g}")
+                line.append("" if r.min_accuracy is None else repr(float(r.min_accuracy)))
             writer.writerow(line)
     return len(rows)
 
