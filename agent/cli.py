@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -60,6 +61,36 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.bench.policies import POLICIES
+    from agent.bench.run import MODES, format_results, run_bench
+    from agent.config import Config, ConfigError, load_config
+    from agent.workload.trace import TraceError, read_trace
+    try:
+        config = load_config(args.config) if args.config else Config.demo()
+        trace = read_trace(args.trace)
+    except (ConfigError, TraceError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        print(f"edge-agent: --policies {args.policies!r}: unknown {unknown}; choose from {sorted(POLICIES)}", file=sys.stderr)
+        return 2
+    missing = sorted({row.model for row in trace} - {m.name for m in config.models})
+    if missing:
+        print(f"edge-agent: the trace names models the config does not load: {missing}", file=sys.stderr)
+        return 2
+    modes = MODES if args.mode == "both" else (args.mode,)
+    config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
+    results = run_bench(config, trace, policies, modes, Path(args.out), seed=args.seed)
+    print(format_results(results))
+    print(f"wrote {args.out}/bench.json" + (f" and {len(results.get('plots', []))} plots" if results.get("plots") else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -94,7 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     core.set_defaults(func=_cmd_bench_core)
 
+    bench_run = bench_sub.add_parser(
+        "run", help="replay one trace through every scheduling policy, live and simulated",
+        description="Replay a workload trace (edge-agent trace generate) through each policy: live (real models, "
+                    "open loop, in process) and in the simulator (same scheduler code, virtual clock). Prints one "
+                    "table, the simulated-vs-live goodput error, and writes JSON and PNG plots.")
+    bench_run.add_argument("--trace", required=True, metavar="CSV", help="a v1 trace (t_s,app,model,slo_ms,priority)")
+    bench_run.add_argument("--config", metavar="FILE", help="agent config whose models the trace names (default: the demo)")
+    bench_run.add_argument("--policies", default="fifo,fixed,triton,clipper,deeprt,edge",
+                           help="comma-separated policies (default: all): fifo, fixed, triton, clipper, deeprt, edge")
+    bench_run.add_argument("--mode", choices=("both", "live", "sim"), default="both", help="live, simulated, or both (default)")
+    bench_run.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON and plots go (default bench_out/)")
+    bench_run.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    bench_run.set_defaults(func=_cmd_bench_run)
+
+    from agent.profiler.cli import add_profile_parser
     from agent.workload.cli import add_trace_parser
+    add_profile_parser(sub)
     add_trace_parser(sub)
     return parser
 

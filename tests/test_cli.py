@@ -15,7 +15,7 @@ def edge_agent(*args, **kw):
 def test_help_lists_the_commands():
     out = edge_agent("--help")
     assert out.returncode == 0
-    for command in ("run", "demo", "bench"):
+    for command in ("run", "demo", "bench", "profile", "trace"):
         assert command in out.stdout
     assert "--config" in edge_agent("run", "--help").stdout
     assert "--duration" in edge_agent("demo", "--help").stdout

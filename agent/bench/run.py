@@ -1,0 +1,186 @@
+"""``edge-agent bench run``: one trace, every scheduling policy, side by side, live and simulated.
+
+For each policy the same trace is replayed through the live agent (real models, real runtimes,
+open loop) and through the simulator (the same scheduler code on a virtual clock, batch times from
+the live agent's start-up profile). One table, a row per policy and mode; the simulated-versus-live
+goodput error per policy; JSON with every figure; PNG plots when matplotlib is installed
+(``pip install 'edge-agent[bench]'``): latency CDF, goodput over time, batch-size histogram.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from agent.config import Config
+from agent.core import LatencyTable
+from agent.metrics import format_table, summarize
+from agent.workload.records import RequestRecord
+from agent.workload.trace import TraceRow
+
+MODES = ("live", "sim")
+
+
+def slo_floor_by_model(trace: Sequence[TraceRow]) -> dict[str, float]:
+    """The tightest SLO of each model in the trace (DeepRT sizes its windows from it)."""
+    floors: dict[str, float] = {}
+    for row in trace:
+        floors[row.model] = min(row.slo_ms, floors.get(row.model, row.slo_ms))
+    return floors
+
+
+def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], seed: int = 0,
+               log=sys.stderr) -> dict[str, dict]:
+    """Replay ``trace`` under one (already applied) policy config; returns ``{mode: {summary, records, ...}}``."""
+    from agent.api import Agent
+    from agent.bench.replay import replay_live
+    from agent.sim import sim_models_from_config, simulate
+
+    out: dict[str, dict] = {}
+    with Agent(config) as agent:
+        overhead_s = measure_batch_overhead(agent)
+        # The simulator times a batch as the profiled backend time plus the agent's own measured
+        # cost around it (assembly, hand-offs, replies), so both modes price a batch the same way.
+        tables = {name: LatencyTable(m.latency.batch_sizes, m.latency.latencies_s + overhead_s[name])
+                  for name, m in agent.models.items()}
+        if "live" in modes:
+            t0 = time.perf_counter()
+            run = replay_live(agent, trace)
+            out["live"] = {"records": run.records, "duration_s": run.duration_s,
+                           "send_lag_ms": {"p50": run.send_lag_ms_p50, "p99": run.send_lag_ms_p99},
+                           "wall_s": time.perf_counter() - t0}
+    if "sim" in modes:
+        result = simulate(list(trace), sim_models_from_config(config, tables), config.worker_count, seed=seed)
+        out["sim"] = {"records": result.records, "duration_s": result.duration_s, "wall_s": result.wall_s}
+    for mode, entry in out.items():
+        entry["summary"] = summarize(entry["records"], entry["duration_s"])
+    return out
+
+
+def measure_batch_overhead(agent, requests: int = 100) -> dict[str, float]:
+    """Per model, the median of (submit-to-reply minus backend time) over requests sent one at a
+    time through a worker thread: what the agent adds to every batch on this machine."""
+    from agent.bench.replay import inputs_for
+    overheads = {}
+    for name, loaded in agent.models.items():
+        inputs = inputs_for(loaded.card, count=1)[0]
+        samples = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            result = agent.submit(name, inputs, slo_ms=10_000).result()
+            samples.append(time.perf_counter() - t0 - result.compute_ms / 1000)
+        overheads[name] = max(0.0, float(np.median(samples)))
+    return overheads
+
+
+def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str], modes: Sequence[str],
+              out_dir: Path | None, seed: int = 0, log=sys.stderr) -> dict:
+    """Every policy on the same trace; prints progress to ``log``; returns the JSON-able results."""
+    from agent.bench.policies import apply_policy
+
+    slo_floor = slo_floor_by_model(trace)
+    runs: dict[str, dict[str, dict]] = {}
+    for k, policy in enumerate(policies, start=1):
+        print(f"[{k}/{len(policies)}] {policy}: {', '.join(modes)} ({len(trace)} requests, "
+              f"{trace[-1].t_s if trace else 0:.1f} s)", file=log, flush=True)
+        runs[policy] = run_policy(apply_policy(config, policy, slo_ms_by_model=slo_floor), trace, modes, seed, log)
+    rows = {f"{policy} ({mode})": entry["summary"]["overall"]
+            for policy, by_mode in runs.items() for mode, entry in by_mode.items()}
+    agreement = {}
+    for policy, by_mode in runs.items():
+        if "live" in by_mode and "sim" in by_mode:
+            live = by_mode["live"]["summary"]["overall"]["goodput_per_s"]
+            sim = by_mode["sim"]["summary"]["overall"]["goodput_per_s"]
+            agreement[policy] = {"live_goodput": live, "sim_goodput": sim,
+                                 "rel_error": (sim - live) / live if live else None}
+    results = {
+        "trace_rows": len(trace), "policies": list(policies), "modes": list(modes), "seed": seed,
+        "table": rows, "sim_vs_live": agreement,
+        "runs": {policy: {mode: {k: v for k, v in entry.items() if k != "records"} for mode, entry in by_mode.items()}
+                 for policy, by_mode in runs.items()},
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(results, indent=2, default=float))
+        records = {f"{policy} ({mode})": entry["records"] for policy, by_mode in runs.items() for mode, entry in by_mode.items()}
+        (out_dir / "records.json").write_text(json.dumps({k: [asdict(r) for r in v] for k, v in records.items()}))
+        results["plots"] = write_plots(records, out_dir)
+    return results
+
+
+def format_results(results: dict) -> str:
+    lines = [format_table(results["table"])]
+    if results["sim_vs_live"]:
+        lines.append("")
+        lines.append("simulated vs live goodput (same trace, same scheduler code, batch times from the live profile):")
+        for policy, a in results["sim_vs_live"].items():
+            error = "-" if a["rel_error"] is None else f"{100 * a['rel_error']:+.1f}%"
+            lines.append(f"  {policy:<10} live {a['live_goodput']:8.1f}/s  sim {a['sim_goodput']:8.1f}/s  error {error}")
+    for policy, by_mode in results["runs"].items():
+        live = by_mode.get("live")
+        if live:
+            lag = live["send_lag_ms"]
+            lines.append(f"  {policy:<10} send lag p50 {lag['p50']:.2f} ms, p99 {lag['p99']:.2f} ms (open loop)")
+    return "\n".join(lines)
+
+
+def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[str]:
+    """Latency CDF, goodput over time (1 s bins) and batch-size histogram, one line per run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(plots skipped: matplotlib is not installed; pip install 'edge-agent[bench]')", file=sys.stderr)
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, recs in records.items():
+        lat = np.sort([r.latency_ms for r in recs if r.status == "ok" and r.latency_ms is not None])
+        if len(lat):
+            ax.plot(lat, np.arange(1, len(lat) + 1) / len(recs), label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency of ok replies (ms)")
+    ax.set_ylabel("fraction of all requests sent")
+    ax.set_title("latency CDF")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out_dir / "latency_cdf.png", plt))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, recs in records.items():
+        done = np.array([r.finish_s for r in recs if r.within_slo])
+        if len(done):
+            bins = np.arange(0, np.ceil(done.max()) + 1)
+            counts, edges = np.histogram(done, bins=bins)
+            ax.step(edges[:-1], counts, where="post", label=name)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("replies within SLO per second")
+    ax.set_title("goodput over time")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out_dir / "goodput.png", plt))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(records)
+    for k, name in enumerate(names):
+        sizes = np.array([r.batch_size for r in records[name] if r.batch_size])
+        if len(sizes):
+            values, counts = np.unique(sizes, return_counts=True)
+            ax.bar(values + (k - len(names) / 2) * 0.8 / len(names), counts / counts.sum(), width=0.8 / len(names), label=name)
+    ax.set_xlabel("batch size a request was served in")
+    ax.set_ylabel("fraction of served requests")
+    ax.set_title("batch sizes")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "batch_sizes.png", plt))
+    return written
+
+
+def _save(fig, path: Path, plt) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
