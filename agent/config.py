@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_VERSION = 1
-BATCHING_RULES = ("fixed", "dynamic", "deadline_aware")
+BATCHING_RULES = ("fixed", "dynamic", "deadline_aware", "fifo", "aimd", "disbatcher")
 BACKEND_KINDS = ("onnxruntime", "litert")
 
 
@@ -38,6 +38,7 @@ class BatchingConfig:
     max_queue_delay_ms: float = 0.0            # dynamic
     max_wait_ms: float = 0.0                   # deadline_aware: hold for a bigger batch while slack allows
     margin_ms: float = 0.5                     # deadline_aware: safety margin on predicted finish
+    window_ms: float = 0.0                     # disbatcher (required > 0): DeepRT's window, batches leave at its joints
     shed_hopeless: bool = True                 # answer at once what cannot finish in time (default: deadline_aware only)
     admission: bool = True                     # refuse at arrival what is predicted to miss (default: deadline_aware only)
 
@@ -147,13 +148,25 @@ def _parse_batching(t: dict, where: str) -> BatchingConfig:
     preferred = _take(t, "preferred_sizes", where, list, [],
                       lambda v: all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= max_batch for x in v),
                       f"a list of integers in 1..max_batch ({max_batch})")
+    window_ms = float(_take(t, "window_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0"))
+    if rule == "disbatcher" and not window_ms > 0:
+        raise ConfigError(f"{where}.window_ms", t.get("window_ms"),
+                          "a number > 0 for rule 'disbatcher' (DeepRT's window: half the smallest SLO of the model)")
+    shed_hopeless = _take(t, "shed_hopeless", where, bool, rule == "deadline_aware")
+    admission = _take(t, "admission", where, bool, rule == "deadline_aware")
+    if rule == "fifo":
+        # The plain one-at-a-time loop computes every request, late or not: that is the baseline.
+        for key, value in (("shed_hopeless", shed_hopeless), ("admission", admission)):
+            if value:
+                raise ConfigError(f"{where}.{key}", value, "false for rule 'fifo' (a plain loop neither sheds nor refuses)")
     return BatchingConfig(
         rule=rule, max_batch=max_batch, size=size, preferred_sizes=tuple(sorted(set(preferred))),
         max_queue_delay_ms=float(_take(t, "max_queue_delay_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0")),
         max_wait_ms=float(_take(t, "max_wait_ms", where, (int, float), 0.0, lambda v: v >= 0, "a number >= 0")),
         margin_ms=float(_take(t, "margin_ms", where, (int, float), 0.5, lambda v: v >= 0, "a number >= 0")),
-        shed_hopeless=_take(t, "shed_hopeless", where, bool, rule == "deadline_aware"),
-        admission=_take(t, "admission", where, bool, rule == "deadline_aware"),
+        window_ms=window_ms,
+        shed_hopeless=shed_hopeless,
+        admission=admission,
     )
 
 

@@ -9,6 +9,10 @@ clock. That is how policies trained or compared in simulation are the code that 
 
 Across models the choice is earliest-deadline-first on each queue's head (higher priority first), among
 models whose rule says "dispatch now" and that have an idle instance.
+
+A rule may have two optional hooks (``agent.scheduler.baselines``): ``dispatched(n, now)``, called
+when a batch it planned is popped, and ``observe(batch_size, duration_s, met)``, called when the
+batch is answered.
 """
 from __future__ import annotations
 
@@ -58,6 +62,10 @@ class ModelLane:
     min_latency_s: float = 0.0
     # Refuses at arrival what cannot finish in time (agent.scheduler.admission); None = admit all.
     admission: AdmissionControl | None = None
+    # The FIFO baseline (rule "fifo"): the queue is keyed by arrival instead of deadline (priority
+    # ignored), nothing expires in the queue, and a late request is computed and answered
+    # deadline_missed at completion, as a plain one-at-a-time loop does. No shedding, no admission.
+    fifo: bool = False
     # Predicted end of the batch running on each busy instance (for admission).
     busy_until: dict[int, float] = field(default_factory=dict)
     pending: dict[int, Request] = field(default_factory=dict)
@@ -66,6 +74,9 @@ class ModelLane:
     expired_ids: np.ndarray = field(default=None)
 
     def __post_init__(self) -> None:
+        if self.fifo and (self.min_latency_s > 0 or self.admission is not None):
+            raise ValueError(f"model {self.name!r}: a fifo lane neither sheds nor refuses "
+                             f"(min_latency_s = {self.min_latency_s!r}, admission = {self.admission!r}): expected 0 and None")
         self.free_instances = list(range(self.instances - 1, -1, -1))
         self.ready_ids = np.empty(self.rule.max_batch, dtype=np.int64)
         self.expired_ids = np.empty(max(64, self.rule.max_batch), dtype=np.int64)
@@ -88,11 +99,12 @@ class Scheduler:
 
     @staticmethod
     def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
-             admission: AdmissionControl | None = None) -> ModelLane:
-        """A model's lane; ``min_latency_s`` > 0 sheds requests that cannot finish in time, and
-        ``admission`` refuses at arrival those predicted not to (see ModelLane)."""
+             admission: AdmissionControl | None = None, fifo: bool = False) -> ModelLane:
+        """A model's lane; ``min_latency_s`` > 0 sheds requests that cannot finish in time,
+        ``admission`` refuses at arrival those predicted not to, ``fifo`` serves in arrival order
+        and never expires in the queue (see ModelLane)."""
         return ModelLane(name=name, rule=rule, instances=instances, queue=DeadlineQueue(queue_capacity),
-                         min_latency_s=min_latency_s, admission=admission)
+                         min_latency_s=min_latency_s, admission=admission, fifo=fifo)
 
     def queued(self) -> int:
         return sum(len(lane.queue) for lane in self._lane_list)
@@ -105,7 +117,10 @@ class Scheduler:
                                            min(lane.instances, self.max_concurrent), list(lane.busy_until.values()))
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
-        result = lane.queue.push(request.rid, request.deadline, request.arrival, request.priority)
+        if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
+            result = lane.queue.push(request.rid, request.arrival, request.arrival, 0)
+        else:
+            result = lane.queue.push(request.rid, request.deadline, request.arrival, request.priority)
         if result != PushResult.OK:
             if result == PushResult.FULL:
                 raise InferenceError(
@@ -125,14 +140,18 @@ class Scheduler:
             queue = lane.queue
             if not len(queue):
                 continue
-            horizon = now + lane.min_latency_s
-            if queue.earliest_deadline() < horizon:
-                self._expire(lane, horizon, expired)
-                if not len(queue):
-                    continue
+            fifo = lane.fifo
+            if not fifo:
+                horizon = now + lane.min_latency_s
+                if queue.earliest_deadline() < horizon:
+                    self._expire(lane, horizon, expired)
+                    if not len(queue):
+                        continue
             if not slot_free or not lane.free_instances:
-                # Busy: :meth:`finish` will prompt a re-poll; meanwhile wake to expire the overdue.
-                wake_at = min(wake_at, queue.earliest_deadline() - lane.min_latency_s)
+                # Busy: :meth:`finish` will prompt a re-poll; meanwhile wake to expire the overdue
+                # (a fifo lane expires nothing, and its keys are arrivals: waking for them would spin).
+                if not fifo:
+                    wake_at = min(wake_at, queue.earliest_deadline() - lane.min_latency_s)
                 continue
             take, lane_wake = lane.rule.plan(queue, now)
             if take > 0:
@@ -156,13 +175,17 @@ class Scheduler:
                 return
 
     def _pop(self, lane: ModelLane, take: int, now: float, expired: list[Request]) -> Dispatch | None:
-        n_ready, n_expired = lane.queue.pop_batch(take, now + lane.min_latency_s, lane.ready_ids, lane.expired_ids)
+        expire_before = -math.inf if lane.fifo else now + lane.min_latency_s
+        n_ready, n_expired = lane.queue.pop_batch(take, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
         if n_expired:
             expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n_expired].tolist())
         if not n_ready:
             return None
         requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
+        dispatched = getattr(lane.rule, "dispatched", None)
+        if dispatched is not None:
+            dispatched(n_ready, now)
         self.in_flight += 1
         instance = lane.free_instances.pop()
         if lane.admission is not None:
@@ -178,10 +201,16 @@ class Scheduler:
 
     def observe(self, dispatch: Dispatch, now: float) -> None:
         """The batch's requests are answered: its whole cost (dispatch to the last reply) teaches
-        the lane's admission control what a batch really takes here (see admission.py)."""
-        admission = self.lanes[dispatch.model].admission
+        the lane's admission control what a batch really takes here (see admission.py), and a rule
+        with ``observe`` (Clipper's AIMD) whether the batch met every deadline in it."""
+        lane = self.lanes[dispatch.model]
+        admission = lane.admission
         if admission is not None:
             admission.observe(len(dispatch.requests), now - dispatch.started)
+        observe = getattr(lane.rule, "observe", None)
+        if observe is not None and dispatch.requests:
+            met = now <= min(request.deadline for request in dispatch.requests)
+            observe(len(dispatch.requests), now - dispatch.started, met)
 
     def cancel(self, model: str, rid: int) -> Request | None:
         lane = self.lanes[model]

@@ -49,7 +49,8 @@ class SimModel:
     """One model lane of the simulated board: what ``agent.api.Agent`` builds per loaded model.
 
     ``rule`` is a batching rule from ``agent.core`` (``FixedBatch``, ``DynamicBatch``,
-    ``DeadlineAwareBatch``); ``latency`` the profiled table that times its batches;
+    ``DeadlineAwareBatch``) or ``agent.scheduler.baselines`` (``AimdBatch``, ``DisBatch``: they keep
+    state, so give each run fresh ones); ``latency`` the profiled table that times its batches;
     ``min_latency_s`` > 0 sheds requests that cannot finish in time (``ModelLane``); ``jitter`` the
     lognormal sigma of its run times (0: every batch takes exactly ``latency.predict(b)``).
     """
@@ -63,6 +64,7 @@ class SimModel:
     jitter: float = 0.0
     admission: bool = False            # refuse at arrival what is predicted to miss (admission.py)
     margin_s: float = 0.0              # the admission test's safety margin
+    fifo: bool = False                 # rule "fifo": arrival order, no expiry in the queue (ModelLane.fifo)
 
 
 def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
@@ -72,7 +74,9 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
 
     Mirrors ``agent.scheduler.rules.build_lane`` (what ``Agent.__init__`` uses): the rule from
     ``build_rule(model.batching, table)``, ``min_latency_s = table.predict(1)`` when
-    ``batching.shed_hopeless`` (else 0), and admission control when ``batching.admission``.
+    ``batching.shed_hopeless`` (else 0), admission control when ``batching.admission``, and an
+    arrival-ordered lane for rule ``fifo``. Rules with state (``aimd``, ``disbatcher``) are built
+    fresh here, so build the models anew for each run.
     """
     models = []
     for model in config.models:
@@ -89,6 +93,7 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
             jitter=jitter,
             admission=model.batching.admission,
             margin_s=model.batching.margin_ms / 1000.0,
+            fifo=model.batching.rule == "fifo",
         ))
     return models
 
@@ -203,7 +208,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         raise ValueError(f"model names must be unique, got {names}")
     scheduler = Scheduler(
         [Scheduler.lane(m.name, m.rule, m.instances, m.queue_capacity, min_latency_s=m.min_latency_s,
-                        admission=AdmissionControl(m.latency, m.rule.max_batch, m.margin_s) if m.admission else None)
+                        admission=AdmissionControl(m.latency, m.rule.max_batch, m.margin_s) if m.admission else None,
+                        fifo=m.fifo)
          for m in models],
         max_concurrent=workers,
     )

@@ -1,0 +1,100 @@
+"""The scheduling policies ``edge-agent bench run`` compares, each a rewrite of the agent's config.
+
+A policy replaces every model's ``[models.batching]`` section (and, where the policy says, its
+instances and the agent's workers), so each runs through the ordinary config path: the live agent
+and the simulator build it exactly as they would from a TOML file. Everything else in the config
+(models, cards, backends, queue sizes, SLO defaults) is kept, so the comparison changes one thing.
+
+The baselines follow the papers (PAPERS.md §3 DeepRT, §6 Clipper / Triton as read in code); where we
+differ from the original, the rule's docstring says so (``agent.scheduler.baselines``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+from agent.config import BatchingConfig, Config, ModelConfig
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A named policy: what it is and where it comes from (one line), and how it rewrites a model."""
+
+    name: str
+    description: str
+    # (model config, its smallest SLO in ms or None) -> the model config under this policy
+    apply_model: Callable[[ModelConfig, "float | None"], ModelConfig]
+    workers: int | None = None         # the agent's execution slots under this policy; None = keep
+
+
+def _batching(model: ModelConfig, rule: str, *, shed: bool = False, admission: bool = False, **fields) -> BatchingConfig:
+    """``model``'s batching replaced by ``rule``; max_batch and margin_ms are kept unless given."""
+    base = model.batching
+    return BatchingConfig(rule=rule, max_batch=fields.pop("max_batch", base.max_batch),
+                          margin_ms=fields.pop("margin_ms", base.margin_ms),
+                          shed_hopeless=shed, admission=admission, **fields)
+
+
+def _fifo(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
+    return replace(model, instances=1, batching=_batching(model, "fifo"))
+
+
+def _fixed(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
+    return replace(model, batching=_batching(model, "fixed", size=4, max_batch=max(4, model.batching.max_batch)))
+
+
+def _triton(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
+    max_batch = model.batching.max_batch
+    return replace(model, batching=_batching(model, "dynamic", preferred_sizes=(max_batch,), max_queue_delay_ms=2.0))
+
+
+def _clipper(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
+    return replace(model, batching=_batching(model, "aimd"))
+
+
+def _deeprt(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
+    if slo_ms is None:
+        raise ValueError(f"policy 'deeprt': no SLO for model {model.name!r}; pass slo_ms_by_model "
+                         f"(its smallest SLO in ms, e.g. agent.bench.run.slo_floor_by_model(trace))")
+    if not slo_ms > 0:
+        raise ValueError(f"policy 'deeprt': slo_ms_by_model[{model.name!r}] = {slo_ms!r}: expected a number > 0")
+    return replace(model, batching=_batching(model, "disbatcher", window_ms=0.5 * float(slo_ms), admission=True))
+
+
+def _edge(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
+    base = model.batching
+    max_wait_ms = base.max_wait_ms if base.rule == "deadline_aware" else 0.0
+    return replace(model, batching=_batching(model, "deadline_aware", max_wait_ms=max_wait_ms, shed=True, admission=True))
+
+
+POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
+    PolicySpec("fifo", "one request at a time in arrival order, one instance, one worker: the plain loop a user "
+                       "writes (DeepRT's SEDF without EDF or admission)", _fifo, workers=1),
+    PolicySpec("fixed", "fixed batches of 4, no shedding or admission: Triton's plain batching, DeepRT's BATCH "
+                        "baseline (PAPERS.md §3)", _fixed),
+    PolicySpec("triton", "Triton's dynamic batcher: preferred size max_batch or a 2 ms queue delay, no shedding or "
+                         "admission; DeepRT's BATCH-Delay baseline (PAPERS.md §3, §6)", _triton),
+    PolicySpec("clipper", "Clipper's AIMD batch size (NSDI'17, as DeepRT describes it; not the repo's final "
+                          "explore-and-fit code), no shedding or admission (PAPERS.md §3, §6)", _clipper),
+    PolicySpec("deeprt", "DeepRT's DisBatcher: jobs at window joints, window = half the model's smallest SLO, EDF "
+                         "across models, with our admission control in place of its EDF imitator (PAPERS.md §3)",
+               _deeprt),
+    PolicySpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, with shedding "
+                       "and admission control (README, agent.scheduler)", _edge),
+)}
+
+
+def apply_policy(config: Config, policy: str, *, slo_ms_by_model: Mapping[str, float] | None = None) -> Config:
+    """A copy of ``config`` with every model's batching (and instances / workers where the policy
+    says) replaced by ``policy``'s. ``slo_ms_by_model`` (model -> its smallest SLO in ms) is needed by
+    ``deeprt``, whose window is half of it; a ``ValueError`` names what is missing or unknown."""
+    spec = POLICIES.get(policy)
+    if spec is None:
+        raise ValueError(f"policy = {policy!r}: expected one of {sorted(POLICIES)}")
+    slos = slo_ms_by_model or {}
+    models = tuple(spec.apply_model(model, slos.get(model.name)) for model in config.models)
+    workers = config.workers if spec.workers is None else spec.workers
+    return replace(config, models=models, workers=workers)
+
+
+__all__ = ["POLICIES", "PolicySpec", "apply_policy"]
