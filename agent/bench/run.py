@@ -34,19 +34,20 @@ def slo_floor_by_model(trace: Sequence[TraceRow]) -> dict[str, float]:
     return floors
 
 
-def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], seed: int = 0,
-               log=sys.stderr) -> dict[str, dict]:
-    """Replay ``trace`` under one (already applied) policy config; returns ``{mode: {summary, records, ...}}``."""
+def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], overhead_s: dict[str, float],
+               seed: int = 0) -> dict[str, dict]:
+    """Replay ``trace`` under one (already applied) policy config; returns ``{mode: {summary, records, ...}}``.
+
+    The simulator times a batch as the live agent's profiled backend time plus ``overhead_s`` (the
+    agent's own measured cost around a batch: assembly, hand-offs, replies), so both modes price a
+    batch the same way."""
     from agent.api import Agent
     from agent.bench.replay import replay_live
     from agent.sim import sim_models_from_config, simulate
 
     out: dict[str, dict] = {}
     with Agent(config) as agent:
-        overhead_s = measure_batch_overhead(agent)
-        # The simulator times a batch as the profiled backend time plus the agent's own measured
-        # cost around it (assembly, hand-offs, replies), so both modes price a batch the same way.
-        tables = {name: LatencyTable(m.latency.batch_sizes, m.latency.latencies_s + overhead_s[name])
+        tables = {name: LatencyTable(m.latency.batch_sizes, m.latency.latencies_s + overhead_s.get(name, 0.0))
                   for name, m in agent.models.items()}
         if "live" in modes:
             t0 = time.perf_counter()
@@ -62,19 +63,23 @@ def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], 
     return out
 
 
-def measure_batch_overhead(agent, requests: int = 100) -> dict[str, float]:
+def measure_batch_overhead(config: Config, requests: int = 100) -> dict[str, float]:
     """Per model, the median of (submit-to-reply minus backend time) over requests sent one at a
-    time through a worker thread: what the agent adds to every batch on this machine."""
+    time through a worker thread: what the agent adds to every batch on this machine. Measured once
+    per bench, on the config's models with batches of one whatever the policy."""
+    from agent.api import Agent
+    from agent.bench.policies import apply_policy
     from agent.bench.replay import inputs_for
     overheads = {}
-    for name, loaded in agent.models.items():
-        inputs = inputs_for(loaded.card, count=1)[0]
-        samples = []
-        for _ in range(requests):
-            t0 = time.perf_counter()
-            result = agent.submit(name, inputs, slo_ms=10_000).result()
-            samples.append(time.perf_counter() - t0 - result.compute_ms / 1000)
-        overheads[name] = max(0.0, float(np.median(samples)))
+    with Agent(apply_policy(config, "edge")) as agent:
+        for name, loaded in agent.models.items():
+            inputs = inputs_for(loaded.card, count=1)[0]
+            samples = []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                result = agent.submit(name, inputs, slo_ms=10_000).result()
+                samples.append(time.perf_counter() - t0 - result.compute_ms / 1000)
+            overheads[name] = max(0.0, float(np.median(samples)))
     return overheads
 
 
@@ -84,11 +89,15 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
     from agent.bench.policies import apply_policy
 
     slo_floor = slo_floor_by_model(trace)
+    overhead_s = measure_batch_overhead(config) if "sim" in modes else {}
+    if overhead_s:
+        print("agent overhead per batch (added to simulated batch times): "
+              + ", ".join(f"{name} {1e6 * v:.0f} us" for name, v in overhead_s.items()), file=log, flush=True)
     runs: dict[str, dict[str, dict]] = {}
     for k, policy in enumerate(policies, start=1):
         print(f"[{k}/{len(policies)}] {policy}: {', '.join(modes)} ({len(trace)} requests, "
               f"{trace[-1].t_s if trace else 0:.1f} s)", file=log, flush=True)
-        runs[policy] = run_policy(apply_policy(config, policy, slo_ms_by_model=slo_floor), trace, modes, seed, log)
+        runs[policy] = run_policy(apply_policy(config, policy, slo_ms_by_model=slo_floor), trace, modes, overhead_s, seed)
     rows = {f"{policy} ({mode})": entry["summary"]["overall"]
             for policy, by_mode in runs.items() for mode, entry in by_mode.items()}
     agreement = {}
@@ -100,6 +109,7 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
                                  "rel_error": (sim - live) / live if live else None}
     results = {
         "trace_rows": len(trace), "policies": list(policies), "modes": list(modes), "seed": seed,
+        "overhead_us_per_batch": {name: 1e6 * v for name, v in overhead_s.items()},
         "table": rows, "sim_vs_live": agreement,
         "runs": {policy: {mode: {k: v for k, v in entry.items() if k != "records"} for mode, entry in by_mode.items()}
                  for policy, by_mode in runs.items()},
@@ -139,11 +149,17 @@ def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[
         print("(plots skipped: matplotlib is not installed; pip install 'edge-agent[bench]')", file=sys.stderr)
         return []
     written = []
+    policies = list(dict.fromkeys(name.split(" (")[0] for name in records))
+    colors = {p: plt.get_cmap("tab10")(k % 10) for k, p in enumerate(policies)}
+
+    def style(name: str) -> dict:   # one colour per policy; live solid, simulated dashed
+        return {"color": colors[name.split(" (")[0]], "linestyle": "--" if name.endswith("(sim)") else "-"}
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, recs in records.items():
         lat = np.sort([r.latency_ms for r in recs if r.status == "ok" and r.latency_ms is not None])
         if len(lat):
-            ax.plot(lat, np.arange(1, len(lat) + 1) / len(recs), label=name)
+            ax.plot(lat, np.arange(1, len(lat) + 1) / len(recs), label=name, **style(name))
     ax.set_xscale("log")
     ax.set_xlabel("latency of ok replies (ms)")
     ax.set_ylabel("fraction of all requests sent")
@@ -157,7 +173,7 @@ def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[
         if len(done):
             bins = np.arange(0, np.ceil(done.max()) + 1)
             counts, edges = np.histogram(done, bins=bins)
-            ax.step(edges[:-1], counts, where="post", label=name)
+            ax.step(edges[:-1], counts, where="post", label=name, **style(name))
     ax.set_xlabel("time (s)")
     ax.set_ylabel("replies within SLO per second")
     ax.set_title("goodput over time")
@@ -170,7 +186,8 @@ def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[
         sizes = np.array([r.batch_size for r in records[name] if r.batch_size])
         if len(sizes):
             values, counts = np.unique(sizes, return_counts=True)
-            ax.bar(values + (k - len(names) / 2) * 0.8 / len(names), counts / counts.sum(), width=0.8 / len(names), label=name)
+            ax.bar(values + (k - len(names) / 2) * 0.8 / len(names), counts / counts.sum(), width=0.8 / len(names),
+                   label=name, color=style(name)["color"], alpha=0.5 if name.endswith("(sim)") else 1.0)
     ax.set_xlabel("batch size a request was served in")
     ax.set_ylabel("fraction of served requests")
     ax.set_title("batch sizes")
