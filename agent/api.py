@@ -23,7 +23,7 @@ from agent.config import Config, ModelConfig
 from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
-from agent.profiler import measure_latency_table
+from agent.profiler import Profile, load_profile, measure_latency_table
 from agent.scheduler.clock import MonotonicClock
 from agent.scheduler.dispatcher import Dispatch, Scheduler
 from agent.scheduler.executor import InstanceSet, LocalExecutor
@@ -61,16 +61,32 @@ def _check_backend_matches_card(card: ModelCard, backend: Backend, path) -> None
                     f"{spec.dtype.name}{list(spec.item_shape())} in the card")
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
-    """Load a model's instances, check them against its card, and measure its batch latency here."""
+def _profiled_table(profile: Profile, config: ModelConfig) -> LatencyTable | None:
+    """The profile's table for this model, if the profile measured it with the same backend and file."""
+    if config.name not in profile.model_names:
+        log.warning("profile %s has no model %r: measuring it at start", profile.source, config.name)
+        return None
+    entry = profile.model(config.name)
+    if (entry.get("backend"), entry.get("file")) != (config.backend, config.file):
+        log.warning("profile %s measured %r as %s/%s, the config runs %s/%s: measuring it at start", profile.source,
+                    config.name, entry.get("backend"), entry.get("file"), config.backend, config.file)
+        return None
+    return profile.latency_table(config.name)
+
+
+def load_model(config: ModelConfig, profile: Profile | None = None) -> LoadedModel:
+    """Load a model's instances, check them against its card, and take its batch latency from the
+    board's profile file when it has the model, else measure it here."""
     card = load_card(config.card)
     path = card.verify_file(config.file)
     backends = [load_backend(config.backend, path, threads=config.threads) for _ in range(config.instances)]
     for backend in backends:
         _check_backend_matches_card(card, backend, path)
     max_batch = config.batching.max_batch if config.batching.rule != "fixed" else config.batching.size
-    latency = measure_latency_table(backends[0], card.inputs, max_batch)
-    for backend in backends[1:]:  # warm every instance once at full batch
+    latency = _profiled_table(profile, config) if profile is not None else None
+    if latency is None:
+        latency = measure_latency_table(backends[0], card.inputs, max_batch)
+    for backend in backends[1:] if profile is None else backends:  # warm every instance at full batch
         backend.run({s.name: np.zeros((max_batch, *s.item_shape()), dtype=s.dtype) for s in card.inputs})
     return LoadedModel(config, card, backends, latency, build_rule(config.batching, latency))
 
@@ -87,11 +103,12 @@ class Agent:
         self.grace_s = grace_s
         self.clock = MonotonicClock.now
         self.models: dict[str, LoadedModel] = {}
+        profile = load_profile(config.profile) if config.profile else None
         try:
             for model_config in config.models:
                 log.info("loading %s (%s, %s x%d)", model_config.name, model_config.backend, model_config.file,
                          model_config.instances)
-                self.models[model_config.name] = load_model(model_config)
+                self.models[model_config.name] = load_model(model_config, profile)
         except Exception:
             for loaded in self.models.values():
                 for backend in loaded.backends:

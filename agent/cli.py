@@ -12,15 +12,16 @@ import threading
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
+    from agent.profiler import ProfileError
     from agent.service import Service
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        service = Service(config)
+    except (ConfigError, ProfileError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    service = Service(config)
     print(f"edge-agent: device {config.device!r} serving {sorted(service.agent.models)}"
           + (f" on mqtt://{config.mqtt.host}:{config.mqtt.port}" if config.mqtt.enabled else ""), flush=True)
     try:
@@ -70,8 +71,12 @@ def _cmd_bench_run(args: argparse.Namespace) -> int:
     from agent.workload.trace import TraceError, read_trace
     try:
         config = load_config(args.config) if args.config else Config.demo()
+        if args.profile:
+            from agent.profiler import load_profile
+            load_profile(args.profile)   # fail now, naming the field, not after the first policy
+            config = dataclasses.replace(config, profile=str(Path(args.profile).resolve()))
         trace = read_trace(args.trace)
-    except (ConfigError, TraceError) as exc:
+    except (ConfigError, TraceError, ValueError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -134,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_run.add_argument("--config", metavar="FILE", help="agent config whose models the trace names (default: the demo)")
     bench_run.add_argument("--policies", default="fifo,fixed,triton,clipper,deeprt,edge",
                            help="comma-separated policies (default: all): fifo, fixed, triton, clipper, deeprt, edge")
+    bench_run.add_argument("--profile", metavar="FILE",
+                           help="batch latencies from this profile (edge-agent profile) instead of measuring at start")
     bench_run.add_argument("--mode", choices=("both", "live", "sim"), default="both", help="live, simulated, or both (default)")
     bench_run.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON and plots go (default bench_out/)")
     bench_run.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")

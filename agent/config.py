@@ -69,6 +69,7 @@ class Config:
     device: str = "edge-board"
     workers: int = 0                           # execution slots; 0 = one per CPU core
     max_payload_bytes: int = 4 * 1024 * 1024
+    profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     models: tuple[ModelConfig, ...] = ()
 
@@ -193,6 +194,12 @@ def _parse_model(t: Any, where: str, base_dir: Path | None) -> ModelConfig:
     )
 
 
+def _profile_path(value: str | None, base_dir: Path | None) -> str | None:
+    if value is None or base_dir is None or Path(value).is_absolute():
+        return value
+    return str((base_dir / value).resolve())
+
+
 def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     """Validate a config mapping (as read from TOML) into a :class:`Config`."""
     if not isinstance(data, dict):
@@ -202,7 +209,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     if version != CONFIG_VERSION:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
-    _no_unknown(agent, {"device", "workers", "max_payload_bytes"}, "agent")
+    _no_unknown(agent, {"device", "workers", "max_payload_bytes", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     models_raw = data.get("models", [])
@@ -221,6 +228,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         workers=_take(agent, "workers", "agent", int, 0, lambda v: 0 <= v <= 256, "an integer in 0..256 (0 = one per core)"),
         max_payload_bytes=_take(agent, "max_payload_bytes", "agent", int, 4 * 1024 * 1024,
                                 lambda v: 1024 <= v <= 256 * 1024 * 1024, "an integer in 1024..268435456"),
+        profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),
+                              base_dir),
         mqtt=MqttConfig(
             enabled=_take(mqtt, "enabled", "mqtt", bool, True),
             host=_take(mqtt, "host", "mqtt", str, "127.0.0.1", lambda v: bool(v), "a host name or address"),
