@@ -20,9 +20,13 @@ reports its observed duration (dispatch to done), and an exponentially weighted 
 over the table's prediction is added to every predicted batch: the model adapts online to what
 the board really delivers (an overrun raises it, a calm period lowers it).
 
-What it leaves out, and so where it is optimistic: other models competing for the same execution
-slots, and batches smaller than ``max_batch`` (the deadline-aware rule may pick them). An admitted
-request that still cannot make it is shed before it runs (``shed_hopeless``).
+Models share the execution slots: the scheduler also sums, over every model with admission, the
+predicted work that will run before the request (queued requests with earlier deadlines, and what
+is in flight) and spreads it over the slots; the later of the two predictions decides.
+
+What it leaves out, and so where it is optimistic: batches smaller than ``max_batch`` (the
+deadline-aware rule may pick them), and CPU taken by the intake and the applications themselves.
+An admitted request that still cannot make it is shed before it runs (``shed_hopeless``).
 """
 from __future__ import annotations
 
@@ -55,9 +59,21 @@ class AdmissionControl:
         """Predicted duration of one batch: the profiled time plus the learned excess."""
         return max(0.0, self.table.predict(batch_size) + self.excess_s)
 
+    def work_s(self, n: int) -> float:
+        """Predicted compute for ``n`` requests in batches of at most ``max_batch``."""
+        if n <= 0:
+            return 0.0
+        full_batches, rest = divmod(n, self.max_batch)
+        return full_batches * self.batch_s(self.max_batch) + (self.batch_s(rest) if rest else 0.0)
+
     def refuse(self, queue: DeadlineQueue, deadline: float, priority: int, now: float,
-               instances: int, busy_until: Sequence[float]) -> str | None:
-        """``None`` to admit, else the reason (for the ``rejected`` reply)."""
+               instances: int, busy_until: Sequence[float], shared_work_s: float = 0.0, slots: int = 1) -> str | None:
+        """``None`` to admit, else the reason (for the ``rejected`` reply).
+
+        Two bounds, the later wins: this model's own queue on its instances (above), and, when other
+        models share the execution slots, ``shared_work_s`` (every model's predicted work that runs
+        before this request, in flight included) spread over the ``slots``.
+        """
         ahead = queue.count_ahead(deadline, priority)
         n = ahead + 1
         batches = -(-n // self.max_batch)
@@ -66,8 +82,11 @@ class AdmissionControl:
         j = batches - 1
         full = max(0.0, self._full_batch_s + self.excess_s)
         finish = free_at[j % instances] + (j // instances) * full + self.batch_s(last_batch)
+        shared = now + shared_work_s / slots + self.batch_s(last_batch) if shared_work_s > 0 else now
+        finish = max(finish, shared)
         if finish + self.margin_s <= deadline:
             return None
         return (f"deadline cannot be met: predicted finish in {1000 * (finish - now):.1f} ms, deadline in "
                 f"{1000 * (deadline - now):.1f} ms ({ahead} queued ahead, batches of up to {self.max_batch}, "
-                f"{instances} instance{'s' if instances != 1 else ''})")
+                f"{instances} instance{'s' if instances != 1 else ''}, "
+                f"{1000 * shared_work_s:.1f} ms of all models' work ahead on {slots} slot{'s' if slots != 1 else ''})")

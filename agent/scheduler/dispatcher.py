@@ -114,7 +114,8 @@ class Scheduler:
         lane = self.lanes[request.model]
         if lane.admission is not None:
             reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
-                                           min(lane.instances, self.max_concurrent), list(lane.busy_until.values()))
+                                           min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
+                                           self._shared_work_s(lane, request), self.max_concurrent)
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
@@ -127,6 +128,21 @@ class Scheduler:
                     REJECTED, f"model {request.model!r} queue is full ({lane.queue.capacity} requests waiting)")
             raise InferenceError(REJECTED, f"request id {request.rid} is already queued")
         lane.pending[request.rid] = request
+
+    def _shared_work_s(self, lane: ModelLane, request: Request) -> float:
+        """Predicted work of every model (with admission) that runs before ``request``: queued
+        requests that pop first across models (earlier deadline or higher priority, as the
+        cross-model choice in :meth:`poll`), and the rest of every batch in flight."""
+        if len(self._lane_list) == 1:
+            return 0.0   # the lane's own bound covers it
+        now, work = request.arrival, 0.0
+        for other in self._lane_list:
+            admission = other.admission
+            if admission is None:
+                continue
+            n = other.queue.count_ahead(request.deadline, request.priority) + (other is lane)
+            work += admission.work_s(n) + sum(max(0.0, t - now) for t in other.busy_until.values())
+        return work
 
     def poll(self, now: float) -> Decision:
         """Called by a driver with a free slot: expire what is overdue, then pick at most one batch."""
