@@ -8,10 +8,11 @@ goodput error per policy; JSON with every figure; PNG plots when matplotlib is i
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,12 +35,12 @@ def slo_floor_by_model(trace: Sequence[TraceRow]) -> dict[str, float]:
     return floors
 
 
-def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], overhead_s: dict[str, float],
+def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], overhead: dict[str, "BatchOverhead"],
                seed: int = 0) -> dict[str, dict]:
     """Replay ``trace`` under one (already applied) policy config; returns ``{mode: {summary, records, ...}}``.
 
-    The simulator times a batch as the live agent's profiled backend time plus ``overhead_s`` (the
-    agent's own measured cost around a batch: assembly, hand-offs, replies), so both modes price a
+    The simulator times a batch as the live agent's profiled backend time plus ``overhead`` (the
+    agent's own measured cost around a batch: hand-offs, assembly, replies), so both modes price a
     batch the same way."""
     from agent.api import Agent
     from agent.bench.replay import replay_live
@@ -47,7 +48,8 @@ def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], 
 
     out: dict[str, dict] = {}
     with Agent(config) as agent:
-        tables = {name: LatencyTable(m.latency.batch_sizes, m.latency.latencies_s + overhead_s.get(name, 0.0))
+        tables = {name: LatencyTable(m.latency.batch_sizes, m.latency.latencies_s
+                                     + (overhead[name].of(m.latency.batch_sizes) if name in overhead else 0.0))
                   for name, m in agent.models.items()}
         if "live" in modes:
             t0 = time.perf_counter()
@@ -63,24 +65,52 @@ def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], 
     return out
 
 
-def measure_batch_overhead(config: Config, requests: int = 100) -> dict[str, float]:
-    """Per model, the median of (submit-to-reply minus backend time) over requests sent one at a
-    time through a worker thread: what the agent adds to every batch on this machine. Measured once
-    per bench, on the config's models with batches of one whatever the policy."""
+@dataclass(frozen=True)
+class BatchOverhead:
+    """What the live agent adds around a batch of b on this machine: ``per_batch_s`` once (hand-offs,
+    dispatch) plus ``per_item_s`` for every request in it (validation, assembly, its reply)."""
+
+    per_batch_s: float
+    per_item_s: float
+
+    def of(self, batch_sizes: np.ndarray) -> np.ndarray:
+        return self.per_batch_s + self.per_item_s * np.asarray(batch_sizes, dtype=np.float64)
+
+
+def measure_batch_overhead(config: Config, requests: int = 100, burst: int = 4) -> dict[str, BatchOverhead]:
+    """Per model: the median of (submit-to-last-reply minus backend time) for single requests and
+    for bursts of ``burst`` served as one batch, both through worker threads; the two fit
+    ``per_batch + per_item * b``. Measured once per bench, whatever the policy."""
     from agent.api import Agent
     from agent.bench.policies import apply_policy
     from agent.bench.replay import inputs_for
-    overheads = {}
+
+    def median_overhead(agent, name, inputs, n) -> float:
+        samples = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            futures = [agent.submit(name, inputs, slo_ms=10_000) for _ in range(n)]
+            results = [f.result() for f in futures]
+            # one batch: every result carries that batch's compute time (FixedBatch(n), one instance)
+            samples.append(time.perf_counter() - t0 - max(r.compute_ms for r in results) / 1000)
+        return float(np.median(samples))
+
+    singles, bursts = {}, {}
     with Agent(apply_policy(config, "edge")) as agent:
         for name, loaded in agent.models.items():
-            inputs = inputs_for(loaded.card, count=1)[0]
-            samples = []
-            for _ in range(requests):
-                t0 = time.perf_counter()
-                result = agent.submit(name, inputs, slo_ms=10_000).result()
-                samples.append(time.perf_counter() - t0 - result.compute_ms / 1000)
-            overheads[name] = max(0.0, float(np.median(samples)))
-    return overheads
+            singles[name] = median_overhead(agent, name, inputs_for(loaded.card, count=1)[0], 1)
+    fixed = dataclasses.replace(apply_policy(config, "fixed"), workers=1)
+    fixed = dataclasses.replace(fixed, models=tuple(dataclasses.replace(
+        m, instances=1, batching=dataclasses.replace(m.batching, size=burst, max_batch=max(burst, m.batching.max_batch)))
+        for m in fixed.models))
+    with Agent(fixed) as agent:
+        for name, loaded in agent.models.items():
+            bursts[name] = median_overhead(agent, name, inputs_for(loaded.card, count=1)[0], burst)
+    out = {}
+    for name in singles:
+        per_item = max(0.0, (bursts[name] - singles[name]) / (burst - 1))
+        out[name] = BatchOverhead(max(0.0, singles[name] - per_item), per_item)
+    return out
 
 
 def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str], modes: Sequence[str],
@@ -89,15 +119,16 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
     from agent.bench.policies import apply_policy
 
     slo_floor = slo_floor_by_model(trace)
-    overhead_s = measure_batch_overhead(config) if "sim" in modes else {}
-    if overhead_s:
-        print("agent overhead per batch (added to simulated batch times): "
-              + ", ".join(f"{name} {1e6 * v:.0f} us" for name, v in overhead_s.items()), file=log, flush=True)
+    overhead = measure_batch_overhead(config) if "sim" in modes else {}
+    if overhead:
+        print("agent overhead around a batch of b (added to simulated batch times): "
+              + ", ".join(f"{name} {1e6 * v.per_batch_s:.0f} us + {1e6 * v.per_item_s:.0f} us x b"
+                          for name, v in overhead.items()), file=log, flush=True)
     runs: dict[str, dict[str, dict]] = {}
     for k, policy in enumerate(policies, start=1):
         print(f"[{k}/{len(policies)}] {policy}: {', '.join(modes)} ({len(trace)} requests, "
               f"{trace[-1].t_s if trace else 0:.1f} s)", file=log, flush=True)
-        runs[policy] = run_policy(apply_policy(config, policy, slo_ms_by_model=slo_floor), trace, modes, overhead_s, seed)
+        runs[policy] = run_policy(apply_policy(config, policy, slo_ms_by_model=slo_floor), trace, modes, overhead, seed)
     rows = {f"{policy} ({mode})": entry["summary"]["overall"]
             for policy, by_mode in runs.items() for mode, entry in by_mode.items()}
     agreement = {}
@@ -109,7 +140,8 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
                                  "rel_error": (sim - live) / live if live else None}
     results = {
         "trace_rows": len(trace), "policies": list(policies), "modes": list(modes), "seed": seed,
-        "overhead_us_per_batch": {name: 1e6 * v for name, v in overhead_s.items()},
+        "agent_overhead_us": {name: {"per_batch": 1e6 * v.per_batch_s, "per_item": 1e6 * v.per_item_s}
+                              for name, v in overhead.items()},
         "table": rows, "sim_vs_live": agreement,
         "runs": {policy: {mode: {k: v for k, v in entry.items() if k != "records"} for mode, entry in by_mode.items()}
                  for policy, by_mode in runs.items()},
