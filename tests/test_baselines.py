@@ -15,28 +15,10 @@ from agent.core import FixedBatch, LatencyTable
 from agent.scheduler.admission import AdmissionControl
 from agent.scheduler.baselines import AimdBatch, DisBatch
 from agent.scheduler.dispatcher import Scheduler
-from agent.scheduler.request import Request
+from tests.scheduling import req
 from agent.scheduler.rules import build_lane, build_rule
 from agent.sim import SimModel, sim_models_from_config, simulate
 from agent.workload.trace import TraceRow
-
-
-class Sink:
-    def __init__(self):
-        self.value = None
-
-    def set_result(self, value):
-        self.value = value
-
-    def set_exception(self, exc):
-        self.value = exc
-
-
-_ids = iter(range(1, 10**9))
-
-
-def req(model, arrival, slo, priority=0):
-    return Request(next(_ids), model, {}, arrival, arrival + slo, priority, Sink())
 
 
 def table(*latencies_s, sizes=None):

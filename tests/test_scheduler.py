@@ -10,25 +10,7 @@ import pytest
 from agent.core import DynamicBatch, FixedBatch, LatencyTable, DeadlineAwareBatch
 from agent.errors import REJECTED, InferenceError
 from agent.scheduler.dispatcher import Scheduler
-from agent.scheduler.request import Request
-
-
-class Sink:
-    def __init__(self):
-        self.value = None
-
-    def set_result(self, value):
-        self.value = value
-
-    def set_exception(self, exc):
-        self.value = exc
-
-
-_ids = iter(range(1, 10**9))
-
-
-def req(model, arrival, slo, priority=0):
-    return Request(next(_ids), model, {}, arrival, arrival + slo, priority, Sink())
+from tests.scheduling import req
 
 
 def table(per_item_s=0.001, fixed_s=0.001):
