@@ -168,3 +168,26 @@ def test_admission_counts_only_what_pops_first():
     for _ in range(5):
         s.enqueue(req("a", 0.0, 1.0))     # loose deadlines: they pop after a tight one
     s.enqueue(req("a", 0.0, 0.0021))      # nothing ahead of it: admitted
+
+
+def test_water_level_pours_work_over_the_slots_free_first():
+    from agent.scheduler.dispatcher import water_level
+    assert water_level([0.0, 0.0], 0.0) == 0.0
+    assert water_level([0.0, 0.0], 2.0) == pytest.approx(1.0)         # both slots share it
+    assert water_level([0.0, 10.0], 2.0) == pytest.approx(2.0)        # the busy slot does not help
+    assert water_level([0.0, 1.0], 3.0) == pytest.approx(2.0)         # 2 s on the first, 1 on the second
+    assert water_level([5.0, 5.0], 0.0) == pytest.approx(5.0)         # nothing ahead: the first free slot
+
+
+def test_admission_sees_the_other_models_work_on_the_shared_slots():
+    from agent.scheduler.admission import AdmissionControl
+    t = table(0.001, 0.001)              # a batch of b takes (1 + b) ms
+    lanes = [Scheduler.lane(name, FixedBatch(1), 1, 64, admission=AdmissionControl(t, 1)) for name in ("a", "b")]
+    s = Scheduler(lanes, max_concurrent=1)
+    for _ in range(4):
+        s.enqueue(req("b", 0.0, 0.0090))  # 8 ms of b's work with earlier deadlines: it runs first
+    with pytest.raises(InferenceError) as info:
+        s.enqueue(req("a", 0.0, 0.0095))  # alone it takes 2 ms, but the one slot is b's for 8 ms first
+    assert "slots shared with other models" in info.value.message
+    s.enqueue(req("a", 0.0, 0.0105))      # 8 + 2 ms fits
+    s.enqueue(req("a", 0.0, 0.0085))      # due before b's: b's work does not come first (and 2 + 2 ms fits)

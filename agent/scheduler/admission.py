@@ -20,9 +20,10 @@ reports its observed duration (dispatch to done), and an exponentially weighted 
 over the table's prediction is added to every predicted batch: the model adapts online to what
 the board really delivers (an overrun raises it, a calm period lowers it).
 
-Models share the execution slots: the scheduler also sums, over every model with admission, the
-predicted work that will run before the request (queued requests with earlier deadlines, and what
-is in flight) and spreads it over the slots; the later of the two predictions decides.
+Models share the execution slots: the scheduler also pours every model's predicted work that will
+run before the request (queued requests that pop first) over the slots, each free now or when its
+batch in flight is predicted to end, to find when a slot is free for it; the later of the two
+predictions decides.
 
 What it leaves out, and so where it is optimistic: batches smaller than ``max_batch`` (the
 deadline-aware rule may pick them), and CPU taken by the intake and the applications themselves.
@@ -67,12 +68,12 @@ class AdmissionControl:
         return full_batches * self.batch_s(self.max_batch) + (self.batch_s(rest) if rest else 0.0)
 
     def refuse(self, queue: DeadlineQueue, deadline: float, priority: int, now: float,
-               instances: int, busy_until: Sequence[float], shared_work_s: float = 0.0, slots: int = 1) -> str | None:
+               instances: int, busy_until: Sequence[float], shared_start: float | None = None) -> str | None:
         """``None`` to admit, else the reason (for the ``rejected`` reply).
 
         Two bounds, the later wins: this model's own queue on its instances (above), and, when other
-        models share the execution slots, ``shared_work_s`` (every model's predicted work that runs
-        before this request, in flight included) spread over the ``slots``.
+        models share the execution slots, ``shared_start``: when the slots will have done every
+        model's work that runs before this request (``Scheduler._shared_start``).
         """
         ahead = queue.count_ahead(deadline, priority)
         n = ahead + 1
@@ -82,11 +83,13 @@ class AdmissionControl:
         j = batches - 1
         full = max(0.0, self._full_batch_s + self.excess_s)
         finish = free_at[j % instances] + (j // instances) * full + self.batch_s(last_batch)
-        shared = now + shared_work_s / slots + self.batch_s(last_batch) if shared_work_s > 0 else now
-        finish = max(finish, shared)
+        if shared_start is not None:
+            finish = max(finish, shared_start + self.batch_s(last_batch))
         if finish + self.margin_s <= deadline:
             return None
         return (f"deadline cannot be met: predicted finish in {1000 * (finish - now):.1f} ms, deadline in "
                 f"{1000 * (deadline - now):.1f} ms ({ahead} queued ahead, batches of up to {self.max_batch}, "
-                f"{instances} instance{'s' if instances != 1 else ''}, "
-                f"{1000 * shared_work_s:.1f} ms of all models' work ahead on {slots} slot{'s' if slots != 1 else ''})")
+                f"{instances} instance{'s' if instances != 1 else ''}"
+                + ("" if shared_start is None else
+                   f"; slots shared with other models free for it in {1000 * max(0.0, shared_start - now):.1f} ms")
+                + ")")

@@ -28,6 +28,18 @@ from agent.scheduler.admission import AdmissionControl
 from agent.scheduler.request import Request
 
 
+def water_level(free_at: list[float], work: float) -> float:
+    """The time by which slots free at ``free_at`` (ascending) have together done ``work`` seconds,
+    work poured onto whichever slot is free (a fluid approximation of list scheduling)."""
+    level, total = free_at[0], 0.0
+    for k, t in enumerate(free_at, start=1):
+        total += t
+        level = (work + total) / k
+        if k == len(free_at) or level <= free_at[k]:
+            return max(level, free_at[0])
+    return level
+
+
 @dataclass(slots=True, eq=False)
 class Dispatch:
     """A batch handed to an executor: which model, which of its instances, which requests."""
@@ -115,7 +127,7 @@ class Scheduler:
         if lane.admission is not None:
             reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
                                            min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
-                                           self._shared_work_s(lane, request), self.max_concurrent)
+                                           self._shared_start(lane, request))
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
@@ -129,20 +141,24 @@ class Scheduler:
             raise InferenceError(REJECTED, f"request id {request.rid} is already queued")
         lane.pending[request.rid] = request
 
-    def _shared_work_s(self, lane: ModelLane, request: Request) -> float:
-        """Predicted work of every model (with admission) that runs before ``request``: queued
-        requests that pop first across models (earlier deadline or higher priority, as the
-        cross-model choice in :meth:`poll`), and the rest of every batch in flight."""
+    def _shared_start(self, lane: ModelLane, request: Request) -> float | None:
+        """When the execution slots, shared by every model, would have done all the work that runs
+        before ``request``: queued requests that pop first across models (earlier deadline or higher
+        priority, as :meth:`poll` chooses) poured like water over the slots, each slot free now or when
+        its batch in flight is predicted to end. ``None`` with a single model (its own bound covers it)."""
         if len(self._lane_list) == 1:
-            return 0.0   # the lane's own bound covers it
+            return None
         now, work = request.arrival, 0.0
+        free_at = []
         for other in self._lane_list:
             admission = other.admission
             if admission is None:
                 continue
-            n = other.queue.count_ahead(request.deadline, request.priority) + (other is lane)
-            work += admission.work_s(n) + sum(max(0.0, t - now) for t in other.busy_until.values())
-        return work
+            # What pops first; the request's own batch is priced by its lane's bound.
+            work += admission.work_s(other.queue.count_ahead(request.deadline, request.priority))
+            free_at.extend(max(now, t) for t in other.busy_until.values())
+        free_at = sorted(free_at + [now] * (self.max_concurrent - len(free_at)))[:self.max_concurrent]
+        return water_level(free_at, work)
 
     def poll(self, now: float) -> Decision:
         """Called by a driver with a free slot: expire what is overdue, then pick at most one batch."""
