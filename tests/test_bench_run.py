@@ -21,19 +21,22 @@ def trace_file(tmp_path_factory):
 
 def test_bench_run_compares_policies_live_and_simulated(trace_file, tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "bench", "run", "--trace", str(trace_file), "--policies", "fifo,edge",
+        [sys.executable, "-m", "agent.cli", "bench", "run", "--trace", str(trace_file), "--policies", "fifo,triton,edge",
          "--out", str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    for row in ("fifo (live)", "fifo (sim)", "edge (live)", "edge (sim)"):
+    for row in ("fifo (live)", "fifo (sim)", "triton (live)", "triton (sim)", "edge (live)", "edge (sim)"):
         assert row in out.stdout
+    assert "triton: best of 15 settings in the simulator" in out.stdout
     assert "simulated vs live goodput" in out.stdout
     results = json.loads((tmp_path / "out" / "bench.json").read_text())
     rows = results["trace_rows"]
     for name, summary in results["table"].items():
         assert summary["sent"] == rows, name                      # every row accounted for, in every run
         assert summary["unanswered"] == 0, name
-    assert set(results["sim_vs_live"]) == {"fifo", "edge"}
+    assert set(results["sim_vs_live"]) == {"fifo", "triton", "edge"}
+    tuning = results["triton_tuning"]
+    assert tuning["best"]["sim_goodput"] == max(g["sim_goodput"] for g in tuning["grid"])
     # At 150 requests/s the board is far from full: every policy serves most requests in time.
     assert results["table"]["edge (live)"]["slo_attainment"] > 0.8
     assert results["table"]["edge (sim)"]["slo_attainment"] > 0.8

@@ -77,10 +77,12 @@ class BatchOverhead:
         return self.per_batch_s + self.per_item_s * np.asarray(batch_sizes, dtype=np.float64)
 
 
-def measure_batch_overhead(config: Config, requests: int = 100, burst: int = 4) -> dict[str, BatchOverhead]:
+def measure_batch_overhead(config: Config, requests: int = 100,
+                           burst: int = 4) -> tuple[dict[str, BatchOverhead], dict[str, LatencyTable]]:
     """Per model: the median of (submit-to-last-reply minus backend time) for single requests and
     for bursts of ``burst`` served as one batch, both through worker threads; the two fit
-    ``per_batch + per_item * b``. Measured once per bench, whatever the policy."""
+    ``per_batch + per_item * b``. Measured once per bench, whatever the policy. Also returns the
+    models' batch latency tables (start-up profile, or the config's profile file)."""
     from agent.api import Agent
     from agent.bench.policies import apply_policy
     from agent.bench.replay import inputs_for
@@ -97,6 +99,7 @@ def measure_batch_overhead(config: Config, requests: int = 100, burst: int = 4) 
 
     singles, bursts = {}, {}
     with Agent(apply_policy(config, "edge")) as agent:
+        tables = {name: loaded.latency for name, loaded in agent.models.items()}
         for name, loaded in agent.models.items():
             singles[name] = median_overhead(agent, name, inputs_for(loaded.card, count=1)[0], 1)
     fixed = dataclasses.replace(apply_policy(config, "fixed"), workers=1)
@@ -110,7 +113,39 @@ def measure_batch_overhead(config: Config, requests: int = 100, burst: int = 4) 
     for name in singles:
         per_item = max(0.0, (bursts[name] - singles[name]) / (burst - 1))
         out[name] = BatchOverhead(max(0.0, singles[name] - per_item), per_item)
-    return out
+    return out, tables
+
+
+TRITON_PREFERRED = ("max", "half,max", "2,4,max")   # candidate preferred_sizes ("max" = max_batch)
+TRITON_DELAYS_MS = (0.0, 0.5, 1.0, 2.0, 5.0)        # candidate max_queue_delay_ms
+
+
+def tune_triton(config: Config, trace: Sequence[TraceRow], tables: dict[str, LatencyTable],
+                seed: int = 0) -> tuple[Config, dict]:
+    """Triton's best dynamic-batcher setting for this trace, chosen by simulated goodput over a grid
+    of preferred sizes and queue delays: the baseline gets its tuning with hindsight, on the very
+    trace it is then measured on, as a Triton user tuning with perf_analyzer would aim for."""
+    from agent.bench.policies import apply_policy
+    from agent.sim import sim_models_from_config, simulate
+    base = apply_policy(config, "triton")
+    grid = []
+    best: tuple[float, Config, dict] | None = None
+    for preferred in TRITON_PREFERRED:
+        for delay_ms in TRITON_DELAYS_MS:
+            models = []
+            for m in base.models:
+                b = m.batching.max_batch
+                sizes = {"max": (b,), "half,max": (max(1, b // 2), b), "2,4,max": (2, 4, b)}[preferred]
+                models.append(dataclasses.replace(m, batching=dataclasses.replace(
+                    m.batching, preferred_sizes=tuple(sorted({s for s in sizes if 1 <= s <= b})), max_queue_delay_ms=delay_ms)))
+            candidate = dataclasses.replace(base, models=tuple(models))
+            result = simulate(list(trace), sim_models_from_config(candidate, tables), candidate.worker_count, seed=seed)
+            goodput = summarize(result.records, result.duration_s)["overall"]["goodput_per_s"]
+            setting = {"preferred_sizes": preferred, "max_queue_delay_ms": delay_ms, "sim_goodput": goodput}
+            grid.append(setting)
+            if best is None or goodput > best[0]:
+                best = (goodput, candidate, setting)
+    return best[1], {"best": best[2], "grid": grid}
 
 
 def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str], modes: Sequence[str],
@@ -119,16 +154,25 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
     from agent.bench.policies import apply_policy
 
     slo_floor = slo_floor_by_model(trace)
-    overhead = measure_batch_overhead(config) if "sim" in modes else {}
+    overhead, raw_tables = measure_batch_overhead(config) if "sim" in modes else ({}, {})
     if overhead:
         print("agent overhead around a batch of b (added to simulated batch times): "
               + ", ".join(f"{name} {1e6 * v.per_batch_s:.0f} us + {1e6 * v.per_item_s:.0f} us x b"
                           for name, v in overhead.items()), file=log, flush=True)
+    configs = {policy: apply_policy(config, policy, slo_ms_by_model=slo_floor) for policy in policies}
+    triton_tuning = None
+    if "triton" in configs and overhead:
+        sim_tables = {name: LatencyTable(t.batch_sizes, t.latencies_s + overhead[name].of(t.batch_sizes))
+                      for name, t in raw_tables.items()}
+        configs["triton"], triton_tuning = tune_triton(config, trace, sim_tables, seed)
+        best = triton_tuning["best"]
+        print(f"triton tuned in the simulator over {len(triton_tuning['grid'])} settings: preferred sizes "
+              f"{best['preferred_sizes']}, max queue delay {best['max_queue_delay_ms']} ms", file=log, flush=True)
     runs: dict[str, dict[str, dict]] = {}
     for k, policy in enumerate(policies, start=1):
         print(f"[{k}/{len(policies)}] {policy}: {', '.join(modes)} ({len(trace)} requests, "
               f"{trace[-1].t_s if trace else 0:.1f} s)", file=log, flush=True)
-        runs[policy] = run_policy(apply_policy(config, policy, slo_ms_by_model=slo_floor), trace, modes, overhead, seed)
+        runs[policy] = run_policy(configs[policy], trace, modes, overhead, seed)
     rows = {f"{policy} ({mode})": entry["summary"]["overall"]
             for policy, by_mode in runs.items() for mode, entry in by_mode.items()}
     agreement = {}
@@ -142,7 +186,7 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
         "trace_rows": len(trace), "policies": list(policies), "modes": list(modes), "seed": seed,
         "agent_overhead_us": {name: {"per_batch": 1e6 * v.per_batch_s, "per_item": 1e6 * v.per_item_s}
                               for name, v in overhead.items()},
-        "table": rows, "sim_vs_live": agreement,
+        "table": rows, "sim_vs_live": agreement, "triton_tuning": triton_tuning,
         "runs": {policy: {mode: {k: v for k, v in entry.items() if k != "records"} for mode, entry in by_mode.items()}
                  for policy, by_mode in runs.items()},
     }
@@ -157,6 +201,10 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
 
 def format_results(results: dict) -> str:
     lines = [format_table(results["table"])]
+    if results.get("triton_tuning"):
+        best = results["triton_tuning"]["best"]
+        lines.append(f"triton: best of {len(results['triton_tuning']['grid'])} settings in the simulator: preferred "
+                     f"sizes {best['preferred_sizes']}, max queue delay {best['max_queue_delay_ms']} ms")
     if results["sim_vs_live"]:
         lines.append("")
         lines.append("simulated vs live goodput (same trace, same scheduler code, batch times from the live profile):")
