@@ -197,10 +197,19 @@ class Agent:
                        "batching": m.rule.describe(),
                        "latency_ms": dict(zip(m.latency.batch_sizes.tolist(),
                                               (1000 * m.latency.latencies_s).round(3).tolist())),
-                       "queued": len(self.scheduler.lanes[name].queue)}
+                       "queued": len(self.scheduler.lanes[name].queue),
+                       "admission": self._admission_status(name)}
                 for name, m in self.models.items()
             },
         }
+
+    def _admission_status(self, model: str) -> dict | None:
+        """What admission control has learned: the excess of a real batch over the profile, and how
+        many batches overran the prediction (``None`` when the model runs without admission)."""
+        admission = self.scheduler.lanes[model].admission
+        if admission is None:
+            return None
+        return {"excess_ms": round(1000 * admission.excess_s, 3), "overruns": admission.overruns}
 
     def close(self) -> None:
         """Serve what is queued for up to ``grace_s``, answer the rest ``shutting_down``, release backends."""

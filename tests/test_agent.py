@@ -241,3 +241,24 @@ def test_a_missing_profile_file_is_named():
     with pytest.raises(ProfileError, match="nonexistent.json"):
         Agent(parse_config({"config_version": CONFIG_VERSION, "agent": {"profile": "/nonexistent.json"},
                             "mqtt": {"enabled": False}, "models": [{"name": "mobilenet_digits"}]}))
+
+
+def test_overruns_are_counted_and_the_prediction_adapts(digits):
+    frames, _ = digits
+    with Agent(config(instances=1)) as agent:
+        backend = agent.models["mobilenet_digits"].backends[0]
+        real_run = backend.run
+
+        def slow(batch):   # fault injection: the board slows down by 5 ms per batch
+            time.sleep(0.005)
+            return real_run(batch)
+
+        for i in range(5):
+            agent.infer("mobilenet_digits", {"frames": frames[i]}, slo_ms=5000)
+        calm = agent.status()["models"]["mobilenet_digits"]["admission"]
+        backend.run = slow
+        for i in range(20):
+            agent.infer("mobilenet_digits", {"frames": frames[i]}, slo_ms=5000)
+        slowed = agent.status()["models"]["mobilenet_digits"]["admission"]
+    assert slowed["overruns"] > calm["overruns"]
+    assert slowed["excess_ms"] > calm["excess_ms"] + 3.0     # the learned excess approaches the 5 ms
