@@ -76,6 +76,11 @@ class AdmissionControl:
         model's work that runs before this request (``Scheduler._shared_start``).
         """
         ahead = queue.count_ahead(deadline, priority)
+        if ahead == 0 and len(busy_until) < instances and shared_start is None:
+            # The common case on a board with headroom: an idle instance, nothing ahead.
+            finish = now + self.batch_s(1)
+            if finish + self.margin_s <= deadline:
+                return None
         n = ahead + 1
         batches = -(-n // self.max_batch)
         last_batch = n - (batches - 1) * self.max_batch

@@ -32,7 +32,9 @@ class LiveLoop:
         self.scheduler = scheduler
         self.executor = executor
         self.clock = clock
-        self.cond = threading.Condition(threading.Lock())
+        # ``with self.lock`` (C-level) where nothing waits; ``self.cond`` (the same lock) to wait/notify.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self._served_by = served_by
         self._on_reply = on_reply
         self._stopping = False
@@ -47,7 +49,7 @@ class LiveLoop:
     def submit(self, request: Request, wake_worker: bool = True) -> None:
         """Queue a request (raises ``InferenceError`` if refused) and wake one idle worker, unless
         the caller will run it itself (:meth:`run_while_pending`)."""
-        with self.cond:
+        with self.lock:
             if self._stopping:
                 raise InferenceError(SHUTTING_DOWN, "the agent is shutting down")
             self.scheduler.enqueue(request)
@@ -79,16 +81,18 @@ class LiveLoop:
         nothing may run now (a rule holds for a bigger batch, every slot is busy) it hands the
         timing to a worker and waits for its reply.
         """
-        scheduler, cond, clock = self.scheduler, self.cond, self.clock
+        scheduler, lock, clock = self.scheduler, self.lock, self.clock
         reply = request.reply
-        while not reply.done():
-            with cond:
+        while True:
+            with lock:
                 now = clock()
                 decision = scheduler.poll(now)
                 if decision.dispatch is None and not decision.expired:
-                    cond.notify()
+                    self.cond.notify()
                     return
             self._carry_out(decision, now)
+            if reply.done():
+                return
 
     # --- worker --------------------------------------------------------------------------------
 
@@ -121,7 +125,7 @@ class LiveLoop:
         if dispatch is None:
             return
         outcome = self.executor.run(dispatch)
-        with self.cond:
+        with self.lock:
             self.scheduler.finish(dispatch)
             if self.scheduler.queued():   # a freed instance matters only to waiting requests
                 self.cond.notify()
