@@ -23,7 +23,7 @@ from agent.errors import DEADLINE_MISSED, UNKNOWN_MODEL, InferenceError
 from agent.scheduler.admission import AdmissionControl
 from agent.scheduler.dispatcher import Scheduler
 from agent.scheduler.request import Request, Result
-from agent.scheduler.rules import build_rule
+from agent.scheduler.rules import build_lane, build_rule
 from agent.sim.executor import SimBatch, SimExecutor
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
@@ -72,28 +72,28 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
     """The lanes ``agent.api.Agent`` would build from ``config``, timed by ``tables`` (model name ->
     table, e.g. the live agent's start-up profile) instead of a fresh measurement.
 
-    Mirrors ``agent.scheduler.rules.build_lane`` (what ``Agent.__init__`` uses): the rule from
-    ``build_rule(model.batching, table)``, ``min_latency_s = table.predict(1)`` when
-    ``batching.shed_hopeless`` (else 0), admission control when ``batching.admission``, and an
-    arrival-ordered lane for rule ``fifo``. Rules with state (``aimd``, ``disbatcher``) are built
-    fresh here, so build the models anew for each run.
+    The lane settings come from ``agent.scheduler.rules.build_lane``, exactly what ``Agent.__init__``
+    uses (the rule, shedding, admission, fifo order), so the simulator cannot drift from the live
+    agent's reading of the config. Rules with state (``aimd``, ``disbatcher``) are built fresh here,
+    so build the models anew for each run.
     """
     models = []
     for model in config.models:
         if model.name not in tables:
             raise KeyError(f"no latency table for model {model.name!r}; tables given for {sorted(tables)}")
         table = tables[model.name]
+        lane = build_lane(model.name, build_rule(model.batching, table), model, table)
         models.append(SimModel(
             name=model.name,
-            rule=build_rule(model.batching, table),
-            instances=model.instances,
-            queue_capacity=model.queue_capacity,
+            rule=lane.rule,
+            instances=lane.instances,
+            queue_capacity=lane.queue.capacity,
             latency=table,
-            min_latency_s=table.predict(1) if model.batching.shed_hopeless else 0.0,
+            min_latency_s=lane.min_latency_s,
             jitter=jitter,
-            admission=model.batching.admission,
-            margin_s=model.batching.margin_ms / 1000.0,
-            fifo=model.batching.rule == "fifo",
+            admission=lane.admission is not None,
+            margin_s=lane.admission.margin_s if lane.admission is not None else 0.0,
+            fifo=lane.fifo,
         ))
     return models
 
