@@ -24,6 +24,7 @@ from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
 from agent.profiler import Profile, load_profile, measure_latency_table
+from agent.profiler.measure import zeros_batch
 from agent.scheduler.clock import MonotonicClock
 from agent.scheduler.dispatcher import Dispatch, Scheduler
 from agent.scheduler.executor import InstanceSet, LocalExecutor
@@ -87,7 +88,7 @@ def load_model(config: ModelConfig, profile: Profile | None = None) -> LoadedMod
     if latency is None:
         latency = measure_latency_table(backends[0], card.inputs, max_batch)
     for backend in backends[1:] if profile is None else backends:  # warm every instance at full batch
-        backend.run({s.name: np.zeros((max_batch, *s.item_shape()), dtype=s.dtype) for s in card.inputs})
+        backend.run(zeros_batch(card.inputs, max_batch))
     return LoadedModel(config, card, backends, latency, build_rule(config.batching, latency))
 
 

@@ -241,12 +241,8 @@ def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[
         if len(lat):
             ax.plot(lat, np.arange(1, len(lat) + 1) / len(recs), label=name, **style(name))
     ax.set_xscale("log")
-    ax.set_xlabel("latency of ok replies (ms)")
-    ax.set_ylabel("fraction of all requests sent")
-    ax.set_title("latency CDF")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, out_dir / "latency_cdf.png", plt))
+    written.append(_save(fig, ax, "latency of ok replies (ms)", "fraction of all requests sent", "latency CDF",
+                         out_dir / "latency_cdf.png", plt))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, recs in records.items():
         done = np.array([r.finish_s for r in recs if r.within_slo])
@@ -254,12 +250,8 @@ def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[
             bins = np.arange(0, np.ceil(done.max()) + 1)
             counts, edges = np.histogram(done, bins=bins)
             ax.step(edges[:-1], counts, where="post", label=name, **style(name))
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("replies within SLO per second")
-    ax.set_title("goodput over time")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, out_dir / "goodput.png", plt))
+    written.append(_save(fig, ax, "time (s)", "replies within SLO per second", "goodput over time",
+                         out_dir / "goodput.png", plt))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(records)
     for k, name in enumerate(names):
@@ -268,15 +260,19 @@ def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[
             values, counts = np.unique(sizes, return_counts=True)
             ax.bar(values + (k - len(names) / 2) * 0.8 / len(names), counts / counts.sum(), width=0.8 / len(names),
                    label=name, color=style(name)["color"], alpha=0.5 if name.endswith("(sim)") else 1.0)
-    ax.set_xlabel("batch size a request was served in")
-    ax.set_ylabel("fraction of served requests")
-    ax.set_title("batch sizes")
-    ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "batch_sizes.png", plt))
+    written.append(_save(fig, ax, "batch size a request was served in", "fraction of served requests", "batch sizes",
+                         out_dir / "batch_sizes.png", plt, grid=False))
     return written
 
 
-def _save(fig, path: Path, plt) -> str:
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, plt, grid: bool = True) -> str:
+    """Label, legend and write one plot; returns its path."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    if grid:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

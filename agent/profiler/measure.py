@@ -57,16 +57,7 @@ def measure_latency_table(backend: Backend, inputs: Sequence[TensorSpec], max_ba
                           repeats: int = 5) -> LatencyTable:
     """Median run time per batch size on one instance, after one warm-up run per size."""
     sizes = profile_batch_sizes(max_batch)
-    medians = []
-    for b in sizes:
-        batch = {spec.name: np.zeros((b, *spec.item_shape()), dtype=spec.dtype) for spec in inputs}
-        backend.run(batch)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            backend.run(batch)
-            times.append(time.perf_counter() - t0)
-        medians.append(float(np.median(times)))
+    medians = [float(np.median(time_runs(backend, zeros_batch(inputs, b), repeats, warmup=1))) for b in sizes]
     # Measurement noise can make b+1 look faster than b; the table must not promise that.
     medians = np.maximum.accumulate(np.array(medians))
     return LatencyTable(np.array(sizes, dtype=np.int64), medians)
@@ -105,6 +96,18 @@ def zeros_batch(inputs: Sequence[TensorSpec], batch_size: int) -> dict[str, np.n
     return {spec.name: np.zeros((batch_size, *spec.item_shape()), dtype=spec.dtype) for spec in inputs}
 
 
+def time_runs(backend: Backend, batch: dict[str, np.ndarray], repeats: int, warmup: int) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``batch``, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        backend.run(batch)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.run(batch)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
 @dataclass(frozen=True)
 class BatchSweep:
     """Latency per batch size of one instance running alone.
@@ -137,14 +140,7 @@ def measure_batch_sweep(backend: Backend, inputs: Sequence[TensorSpec], sizes: S
         if on_step is not None:
             on_step(b)
         try:
-            batch = zeros_batch(inputs, b)
-            for _ in range(warmup):
-                backend.run(batch)
-            samples = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                backend.run(batch)
-                samples.append(time.perf_counter() - t0)
+            samples = time_runs(backend, zeros_batch(inputs, b), repeats, warmup)
         except (BackendError, MemoryError) as exc:
             return BatchSweep(done_sizes, stats, f"batch {b} failed: {exc}", all_samples)
         done_sizes.append(int(b))
