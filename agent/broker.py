@@ -92,6 +92,11 @@ class LocalBroker:
         return self._dir / "mosquitto.log"
 
     @property
+    def pid(self) -> int | None:
+        """The broker process's pid while it runs (benchmarks meter its CPU and memory)."""
+        return self._process.pid if self.running else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -5,10 +5,12 @@
 #   bash tools/dev.sh test [pytest args]               the whole test suite
 #   bash tools/dev.sh setup                            only the set-up (venv, compiled core, mosquitto)
 #   bash tools/dev.sh agent ARGS...                    any edge-agent command from the venv
+#   bash tools/dev.sh triton [bench args]              edge-agent vs a real Triton (edge-agent bench triton)
 #
 # Set-up: Debian packages (mosquitto, python3-venv, gcc) when missing, a virtualenv in .venv with
 # the project installed editable with its [dev] extra, which compiles the Cython core. It is redone
-# only when pyproject.toml, setup.py or _core/ changed since the last build.
+# only when pyproject.toml, setup.py or _core/ changed since the last build. `triton` uses its own
+# virtualenv, .venv-triton, with the [triton] extra (nvidia-pytriton pins numpy < 2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -43,18 +45,19 @@ build_stamp() {
   { cat pyproject.toml setup.py; find _core -name '*.pyx' -o -name '*.pxd' | sort | xargs cat; } | sha256sum | cut -d' ' -f1
 }
 
-ensure_venv() {
-  if [ ! -x "$VENV/bin/python" ]; then
-    say "creating virtualenv $VENV"
-    "$PY" -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
+ensure_venv() {  # ensure_venv [DIR EXTRA]: the project installed editable with EXTRA in DIR
+  local venv=${1:-$VENV} extra=${2:-dev}
+  if [ ! -x "$venv/bin/python" ]; then
+    say "creating virtualenv $venv"
+    "$PY" -m venv "$venv"
+    "$venv/bin/pip" install -q --upgrade pip
   fi
   local stamp; stamp=$(build_stamp)
-  if [ "$(cat "$VENV/.edge-agent-build" 2>/dev/null)" != "$stamp" ] \
-     || ! "$VENV/bin/python" -c 'import agent.core as c; assert c.IMPLEMENTATION == "compiled"' 2>/dev/null; then
-    say "installing edge-agent[dev] and compiling the core (first time: a few minutes)"
-    "$VENV/bin/pip" install -q -e ".[dev]"
-    echo "$stamp" > "$VENV/.edge-agent-build"
+  if [ "$(cat "$venv/.edge-agent-build" 2>/dev/null)" != "$stamp" ] \
+     || ! "$venv/bin/python" -c 'import agent.core as c; assert c.IMPLEMENTATION == "compiled"' 2>/dev/null; then
+    say "installing edge-agent[$extra] into $venv and compiling the core (first time: a few minutes)"
+    "$venv/bin/pip" install -q -e ".[$extra]"
+    echo "$stamp" > "$venv/.edge-agent-build"
   fi
 }
 
@@ -65,5 +68,7 @@ case "$cmd" in
   demo)  ensure_system; ensure_venv; exec "$VENV/bin/edge-agent" demo "$@" ;;
   test)  ensure_system; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
   agent) ensure_system; ensure_venv; exec "$VENV/bin/edge-agent" "$@" ;;
-  *) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  triton) ensure_system; ensure_venv "$ROOT/.venv-triton" triton
+          exec "$ROOT/.venv-triton/bin/edge-agent" bench triton "$@" ;;
+  *) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
 esac

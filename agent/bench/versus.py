@@ -1,0 +1,483 @@
+"""``edge-agent bench triton``: edge-agent side by side with a real Triton Inference Server.
+
+One open-loop trace (:mod:`agent.bench.loadgen`), replayed at each load against each system in
+turn, one system running at a time, with the same frames and the same ONNX files:
+
+- ``edge-agent/mqtt``: ``edge-agent`` serving MQTT v5 through a local Mosquitto (the broker's CPU
+  and memory are counted with the agent's: it is part of that serving path);
+- ``edge-agent/oip``: ``edge-agent`` serving the Open Inference Protocol over HTTP, Triton's API;
+- ``triton``: ``tritonserver`` 2.51 (python backend running onnxruntime, :mod:`agent.bench.triton`)
+  with its dynamic batcher, at every setting of a small grid; its row is the setting with the
+  best goodput at that load (the others stay in the JSON);
+- ``plain loop``: the loop a user writes, one request at a time in arrival order on one instance
+  (policy ``fifo``), served over the same HTTP protocol.
+
+Loads are multiples of the plain loop's capacity, ``1 / sum_m share_m x t_m`` with ``t_m`` the
+median batch-1 time of model ``m`` on one onnxruntime instance measured here before the run (the
+model's own time: no server, no protocol), so "1x" is the most one request at a time can serve.
+
+Each server runs in its own process tree (edge-agent in a spawned Python process); its CPU seconds
+and peak memory are read from ``/proc`` over the replay window only (:mod:`agent.bench.proctree`).
+Per-request overhead is a model's median latency minus its own batch-1 time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from agent.bench.loadgen import Frames, HttpTarget, MqttTarget, Replay, replay
+from agent.bench.proctree import TreeMeter
+from agent.config import Config
+from agent.metrics import summarize
+from agent.workload.trace import TraceRow
+
+SYSTEMS = ("edge-agent/mqtt", "edge-agent/oip", "triton", "plain loop")
+LOADS = (0.5, 1.0, 1.5)
+
+
+# --- the systems ------------------------------------------------------------------------------------
+
+@dataclass
+class RunningServer:
+    """A started system: where to send, which pids to meter, how to stop it."""
+
+    name: str
+    transport: str                  # "http" or "mqtt"
+    flavor: str                     # "edge-agent" or "triton" (how the SLO is spelled)
+    host: str
+    port: int
+    roots: list[int]
+    stop: Callable[[], None]
+    device: str = ""
+    setting: dict | None = None     # Triton's dynamic-batcher setting
+
+    def target(self, frames: Frames):
+        if self.transport == "mqtt":
+            return MqttTarget(self.host, self.port, self.device, frames)
+        return HttpTarget(self.host, self.port, frames, self.flavor)
+
+
+def _serve_agent(config: Config, ready, stop) -> None:
+    """The body of a spawned agent process: what ``edge-agent run`` does, reporting the bound port."""
+    try:
+        from agent.service import Service
+        service = Service(config)
+    except BaseException:
+        ready.put(("error", traceback.format_exc()))
+        return
+    ready.put(("ok", service.http.port if service.http is not None else None))
+    stop.wait()
+    service.close()
+
+
+def agent_config(policy: str, *, mqtt_port: int | None, http: bool) -> Config:
+    """The demo config under ``policy`` (``edge``: ours; ``fifo``: the plain loop) with the
+    intakes the system serves."""
+    from agent.bench.policies import apply_policy
+    from agent.config import HttpConfig
+    base = Config.demo(mqtt_port or 1883)
+    config = apply_policy(base, policy)
+    return dataclasses.replace(
+        config, device="bench-board",
+        mqtt=dataclasses.replace(config.mqtt, enabled=mqtt_port is not None, port=mqtt_port or 1883),
+        http=HttpConfig(enabled=http, host="127.0.0.1", port=0))
+
+
+def start_agent(name: str, config: Config, *, broker=None, timeout_s: float = 120.0) -> RunningServer:
+    """Start ``config`` in a spawned process; returns once its intakes take requests."""
+    context = multiprocessing.get_context("spawn")
+    ready, stop = context.Queue(), context.Event()
+    process = context.Process(target=_serve_agent, args=(config, ready, stop), name=f"bench-{name}", daemon=True)
+    process.start()
+    try:
+        state, value = ready.get(timeout=timeout_s)
+    except Exception:
+        process.kill()
+        raise RuntimeError(f"{name}: the agent did not start within {timeout_s} s") from None
+    if state != "ok":
+        process.join(5)
+        raise RuntimeError(f"{name}: the agent failed to start:\n{value}")
+
+    def halt() -> None:
+        stop.set()
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+        if broker is not None:
+            broker.close()
+
+    roots = [process.pid] + ([broker.pid] if broker is not None else [])
+    if config.http.enabled:
+        return RunningServer(name, "http", "edge-agent", "127.0.0.1", value, roots, halt, config.device)
+    return RunningServer(name, "mqtt", "edge-agent", config.mqtt.host, config.mqtt.port, roots, halt, config.device)
+
+
+def start_system(name: str, *, triton_setting=None, workdir: Path | None = None) -> RunningServer:
+    """Start one of :data:`SYSTEMS` (``triton`` with ``triton_setting``)."""
+    if name == "edge-agent/mqtt":
+        from agent.broker import LocalBroker
+        broker = LocalBroker().start()
+        try:
+            return start_agent(name, agent_config("edge", mqtt_port=broker.port, http=False), broker=broker)
+        except BaseException:
+            broker.close()
+            raise
+    if name == "edge-agent/oip":
+        return start_agent(name, agent_config("edge", mqtt_port=None, http=True))
+    if name == "plain loop":
+        return start_agent(name, agent_config("fifo", mqtt_port=None, http=True))
+    if name == "triton":
+        from agent.bench.triton import TritonServer, write_model_repository
+        from agent.models.card import resolve_card_path
+        root = Path(tempfile.mkdtemp(prefix="triton-repo-", dir=workdir))
+        models = [(m, resolve_card_path(f"demo:{m}")) for m in ("mobilenet_digits", "resnet_digits")]
+        write_model_repository(root, models, triton_setting)
+        server = TritonServer(root, http_port=0, log_path=root / "tritonserver.log").start()
+        host, port = server.url.rsplit(":", 1)
+        return RunningServer(name, "http", "triton", host, int(port), [server.pid], server.stop,
+                             setting=triton_setting.as_dict())
+    raise ValueError(f"system {name!r}: expected one of {SYSTEMS}")
+
+
+def triton_grid() -> list:
+    """The dynamic-batcher settings tried at every load (Triton's row is the best of them):
+    instance count (1, 2, 3 on 2 cores), queue delay (none, 0.5 ms, 2 ms) and preferred sizes."""
+    from agent.bench.triton import TritonSetting
+    return [
+        TritonSetting(instances=1, max_batch_size=8, max_queue_delay_us=0),
+        TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=0),
+        TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=500),
+        TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=2000),
+        TritonSetting(instances=2, max_batch_size=8, preferred_batch_sizes=(4, 8), max_queue_delay_us=2000),
+        TritonSetting(instances=3, max_batch_size=8, max_queue_delay_us=500),
+    ]
+
+
+# --- the plain loop's capacity ---------------------------------------------------------------------
+
+def own_times_ms(frames: Frames, repeats: int = 300) -> dict[str, float]:
+    """Median batch-1 time of each model on one onnxruntime instance (one thread), real frames."""
+    from agent.backends import load_backend
+    from agent.models.card import load_card
+    out = {}
+    for model, (input_name, _, model_frames, _) in frames.inputs.items():
+        backend = load_backend("onnxruntime", load_card(f"demo:{model}").verify_file("onnx"), threads=1)
+        try:
+            samples = []
+            for k in range(repeats + 20):
+                t0 = time.perf_counter()
+                backend.run({input_name: model_frames[k % len(model_frames)]})
+                if k >= 20:
+                    samples.append(time.perf_counter() - t0)
+        finally:
+            backend.close()
+        out[model] = 1000.0 * float(np.median(samples))
+    return out
+
+
+def plain_capacity_per_s(trace: Sequence[TraceRow], own_ms: dict[str, float]) -> float:
+    """Requests per second one instance serves one at a time on ``trace``'s model mix."""
+    mean_ms = float(np.mean([own_ms[row.model] for row in trace]))
+    return 1000.0 / mean_ms
+
+
+def scaled(trace: Sequence[TraceRow], factor: float) -> list[TraceRow]:
+    """``trace`` played ``factor`` times faster (the same arrivals, compressed in time)."""
+    return [dataclasses.replace(row, t_s=round(row.t_s / factor, 6)) for row in trace]
+
+
+def trace_rate(trace: Sequence[TraceRow]) -> float:
+    span = max(row.t_s for row in trace)
+    return len(trace) / span if span > 0 else float(len(trace))
+
+
+# --- one replay, one system ------------------------------------------------------------------------
+
+def _warm_up(server: RunningServer, frames: Frames, models: Sequence[str], per_model: int = 30) -> None:
+    """A few sequential requests per model, unmetered, so first-call costs stay out of the figures."""
+    rows = [TraceRow(0.01 * k, "warmup", m, 1000.0, 0) for k, m in
+            enumerate(m for m in models for _ in range(per_model))]
+    replay(server.target(frames), rows, frames, drain_s=5.0)
+
+
+def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames, own_ms: dict[str, float]) -> dict:
+    """Replay ``trace`` against a started server; every figure of one row of the table."""
+    _warm_up(server, frames, sorted(own_ms))
+    meter = TreeMeter(server.roots).start()
+    run: Replay = replay(server.target(frames), trace, frames)
+    usage = meter.stop()
+    summary = summarize(run.records, run.duration_s)
+    sent = len(run.records)
+    overhead = {m: (fig["p50_ms"] - own_ms[m]) if fig["p50_ms"] is not None else None
+                for m, fig in summary["models"].items()}
+    known = [v for v in overhead.values() if v is not None]
+    return {
+        "summary": summary,
+        "usage": usage.as_dict(),
+        "cpu_s_per_1000": 1000.0 * usage.cpu_s / sent if sent else None,
+        "send_lag_ms": run.send_lag_ms,
+        "wrong": run.wrong, "checked": run.checked,
+        "overhead_ms": overhead,
+        "mean_overhead_ms": float(np.mean(known)) if known else None,
+        "setting": server.setting,
+        "records": run.records,
+    }
+
+
+def _errored(overall: dict) -> int:
+    """Error replies other than refusals and deadline misses: ``internal``, ``shutting_down``..."""
+    return sum(n for code, n in overall["errors"].items()
+               if code not in ("rejected", "deadline_missed", "unanswered"))
+
+
+# --- the whole comparison ---------------------------------------------------------------------------
+
+@dataclass
+class VersusResult:
+    own_ms: dict[str, float]
+    capacity_per_s: float
+    loads: dict[str, dict] = field(default_factory=dict)    # "1.5x" -> {system: row, "triton grid": [...]}
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_versus(trace: Sequence[TraceRow], *, loads: Sequence[float] | None = None,
+               scales: Sequence[float] | None = None, systems: Sequence[str] = SYSTEMS,
+               triton_settings: Sequence | None = None, out_dir: Path) -> dict:
+    """Replay ``trace`` at each load (a multiple of the plain loop's capacity) or each raw time
+    ``scale`` against every system; write ``versus.json`` and plots to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models = sorted({row.model for row in trace})
+    frames = Frames.digits(models)
+    _say(f"measuring each model's own batch-1 time ({', '.join(models)}) ...")
+    own_ms = own_times_ms(frames)
+    capacity = plain_capacity_per_s(trace, own_ms)
+    rate = trace_rate(trace)
+    if scales is None:
+        loads = list(loads or LOADS)
+        plan = [(f"{load:g}x", load * capacity / rate) for load in loads]
+    else:
+        plan = [(f"scale {s:g}", float(s)) for s in scales]
+    settings = list(triton_settings) if triton_settings is not None else (triton_grid() if "triton" in systems else [])
+    _say(f"own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
+         + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s")
+    results: dict = {"own_ms": own_ms, "plain_capacity_per_s": capacity, "trace_rows": len(trace),
+                     "trace_rate_per_s": rate, "systems": list(systems), "loads": {}}
+    all_records: dict[str, dict[str, list]] = {}
+    runs_total = len(plan) * sum(len(settings) if s == "triton" else 1 for s in systems)
+    done = 0
+    for label, factor in plan:
+        load_trace = scaled(trace, factor)
+        rows: dict[str, dict] = {}
+        grid_rows: list[dict] = []
+        for system in systems:
+            for setting in (settings if system == "triton" else [None]):
+                done += 1
+                what = system + (f" [{setting.describe()}]" if setting is not None else "")
+                _say(f"[{done}/{runs_total}] {label}: {what}: {len(load_trace)} requests over "
+                     f"{max(r.t_s for r in load_trace):.1f} s ...")
+                server = start_system(system, triton_setting=setting, workdir=out_dir)
+                try:
+                    row = run_system(server, load_trace, frames, own_ms)
+                finally:
+                    server.stop()
+                _say(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
+                     f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
+                     f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
+                if system == "triton":
+                    grid_rows.append(row)
+                else:
+                    rows[system] = row
+        if grid_rows:
+            best = max(grid_rows, key=lambda r: (r["summary"]["overall"]["goodput_per_s"],
+                                                 r["summary"]["overall"]["slo_attainment"] or 0))
+            rows["triton"] = best
+        ordered = {s: rows[s] for s in systems if s in rows}
+        all_records[label] = {s: r.pop("records") for s, r in ordered.items()}
+        for r in grid_rows:
+            r.pop("records", None)
+        results["loads"][label] = {"factor": factor, "rows": ordered,
+                                   "triton_grid": [{"setting": r["setting"],
+                                                    "goodput_per_s": r["summary"]["overall"]["goodput_per_s"],
+                                                    "slo_attainment": r["summary"]["overall"]["slo_attainment"],
+                                                    "p99_ms": r["summary"]["overall"]["p99_ms"],
+                                                    "cpu_s_per_1000": r["cpu_s_per_1000"]} for r in grid_rows]}
+    results["targets"] = check_targets(results)
+    (out_dir / "versus.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    results["plots"] = write_plots(all_records, out_dir)
+    return results
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+# --- the issue's targets ------------------------------------------------------------------------------
+
+def check_targets(results: dict, ours: str = "edge-agent/oip") -> list[dict]:
+    """The targets of the Triton comparison, each with the figures it compares and whether it held.
+    ``ours`` is the edge-agent row judged (the one speaking Triton's own protocol)."""
+    checks = []
+
+    def add(load: str, what: str, ok: bool | None, detail: str) -> None:
+        checks.append({"load": load, "target": what, "met": ok, "detail": detail})
+
+    for label, load in results["loads"].items():
+        rows = load["rows"]
+        if ours not in rows or "triton" not in rows:
+            continue
+        a, t = rows[ours]["summary"]["overall"], rows["triton"]["summary"]["overall"]
+        if label == "1.5x":
+            ratio = a["goodput_per_s"] / t["goodput_per_s"] if t["goodput_per_s"] else float("inf")
+            add(label, "goodput >= 1.3x Triton's best", ratio >= 1.3,
+                f"{a['goodput_per_s']:.1f}/s vs {t['goodput_per_s']:.1f}/s = {ratio:.2f}x")
+            admitted_ok = 1.0 - (a["deadline_miss_rate"] or 0.0)
+            add(label, ">= 95% of admitted requests within SLO", admitted_ok >= 0.95, f"{100 * admitted_ok:.1f}%")
+        if label == "1x":
+            gap = 100 * ((a["slo_attainment"] or 0) - (t["slo_attainment"] or 0))
+            add(label, "SLO attainment >= Triton's + 10 points", gap >= 10,
+                f"{100 * (a['slo_attainment'] or 0):.1f}% vs {100 * (t['slo_attainment'] or 0):.1f}% ({gap:+.1f} points)")
+        if label == "0.5x":
+            add(label, "p99 no worse than Triton's", (a["p99_ms"] or 0) <= (t["p99_ms"] or float("inf")),
+                f"{a['p99_ms']:.2f} ms vs {t['p99_ms']:.2f} ms")
+            ao, to = rows[ours]["mean_overhead_ms"], rows["triton"]["mean_overhead_ms"]
+            if ao is not None and to is not None:
+                add(label, "per-request overhead <= half of Triton's", ao <= 0.5 * to, f"{ao:.2f} ms vs {to:.2f} ms")
+        ours_cpu, t_cpu = rows[ours]["cpu_s_per_1000"], rows["triton"]["cpu_s_per_1000"]
+        add(label, "CPU s per 1000 requests below Triton's", ours_cpu < t_cpu, f"{ours_cpu:.2f} vs {t_cpu:.2f}")
+        ours_rss, t_rss = rows[ours]["usage"]["peak_rss_mb"], rows["triton"]["usage"]["peak_rss_mb"]
+        add(label, "peak RSS below Triton's", ours_rss < t_rss, f"{ours_rss:.0f} MB vs {t_rss:.0f} MB")
+    return checks
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def format_versus(results: dict) -> str:
+    """One table per load, the Triton grid under it, then the targets."""
+    lines = [f"own batch-1 time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in results["own_ms"].items())
+             + f"; plain-loop capacity {results['plain_capacity_per_s']:.0f} req/s"]
+    for label, load in results["loads"].items():
+        rows = load["rows"]
+        classes = sorted({c for r in rows.values() for c in r["summary"]["classes"]})
+        short = [c.replace("_digits", "") for c in classes]
+        head = (f"{'system':<16}{'goodput/s':>10}{'attain%':>8}" + "".join(f"{s[:15]:>16}" for s in short)
+                + f"{'p50 ms':>8}{'p99 ms':>8}{'overh ms':>9}{'rejected':>9}{'missed':>7}{'errored':>8}"
+                  f"{'unansw':>7}{'CPU s/1k':>9}{'RSS MB':>7}{'PSS MB':>7}{'lag p99':>8}")
+        lines += ["", f"load {label} (time scale {load['factor']:.3f}):", head]
+        for system, row in rows.items():
+            o = row["summary"]["overall"]
+            cells = [f"{system:<16}", f"{o['goodput_per_s']:>10.1f}", f"{_pct(o['slo_attainment']):>8}"]
+            cells += [f"{_pct(row['summary']['classes'].get(c, {}).get('slo_attainment')):>16}" for c in classes]
+            cells += [f"{_num(o['p50_ms']):>8}", f"{_num(o['p99_ms']):>8}", f"{_num(row['mean_overhead_ms']):>9}",
+                      f"{o['rejected']:>9d}", f"{o['deadline_missed']:>7d}", f"{_errored(o):>8d}",
+                      f"{o['unanswered']:>7d}", f"{_num(row['cpu_s_per_1000']):>9}",
+                      f"{row['usage']['peak_rss_mb']:>7.0f}", f"{row['usage']['peak_pss_mb']:>7.0f}",
+                      f"{row['send_lag_ms']['p99']:>8.2f}"]
+            lines.append("".join(cells))
+        if load["triton_grid"]:
+            lines.append("  triton settings tried (best goodput is the row above):")
+            for g in load["triton_grid"]:
+                s = g["setting"]
+                lines.append(f"    {_describe(s):<58} goodput {g['goodput_per_s']:7.1f}/s  attain "
+                             f"{_pct(g['slo_attainment']):>5}%  p99 {_num(g['p99_ms'])} ms")
+        wrong = {s: (r["wrong"], r["checked"]) for s, r in rows.items() if r["wrong"]}
+        if wrong:
+            lines.append("  wrong predictions (of checked ok replies): "
+                         + ", ".join(f"{s} {w}/{c}" for s, (w, c) in wrong.items()))
+    if results.get("targets"):
+        lines += ["", "targets (edge-agent over the Inference Protocol vs Triton's best setting):"]
+        for t in results["targets"]:
+            mark = "met" if t["met"] else "NOT met"
+            lines.append(f"  {t['load']:>5} {t['target']:<45} {mark:<8} {t['detail']}")
+    return "\n".join(lines)
+
+
+def _describe(setting: dict) -> str:
+    pref = setting.get("preferred_batch_sizes") or []
+    return (f"{setting['instances']} instances, max batch {setting['max_batch_size']}, preferred "
+            f"{list(pref) or '-'}, delay {setting['max_queue_delay_us']} us")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100.0 * value:.1f}"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_plots(records: dict[str, dict[str, list]], out_dir: Path) -> list[str]:
+    """Per load: latency CDF per SLO class (one panel each, one line per system) and goodput over
+    time (replies within SLO per 1 s bin, one line per system)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _say("(plots skipped: matplotlib is not installed; pip install 'edge-agent[bench]')")
+        return []
+    written = []
+    for label, by_system in records.items():
+        tag = label.replace(" ", "_")
+        colors = {s: plt.get_cmap("tab10")(k) for k, s in enumerate(SYSTEMS)}
+        classes = sorted({(r.model, r.slo_ms) for recs in by_system.values() for r in recs})
+        cols = 2
+        nrows = max(1, (len(classes) + cols - 1) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(10, 3.6 * nrows), squeeze=False)
+        for ax, (model, slo) in zip(axes.flat, classes):
+            for system, recs in by_system.items():
+                mine = [r for r in recs if r.model == model and r.slo_ms == slo]
+                lat = np.sort([r.latency_ms for r in mine if r.status == "ok"])
+                if len(lat):
+                    ax.plot(lat, np.arange(1, len(lat) + 1) / len(mine), label=system, color=colors.get(system))
+            ax.axvline(slo, color="grey", linestyle=":", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_title(f"{model} @ {slo:g} ms SLO", fontsize=9)
+            ax.set_xlabel("latency of ok replies (ms)")
+            ax.set_ylabel("fraction of requests sent")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(classes):]:
+            ax.set_visible(False)
+        fig.suptitle(f"latency CDF per SLO class, load {label}")
+        fig.tight_layout()
+        path = out_dir / f"latency_cdf_{tag}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+        fig, ax = plt.subplots(figsize=(8, 4.2))
+        for system, recs in by_system.items():
+            done = np.array([r.finish_s for r in recs if r.within_slo])
+            if len(done):
+                counts, edges = np.histogram(done, bins=np.arange(0, np.ceil(done.max()) + 1))
+                ax.step(edges[:-1], counts, where="post", label=system, color=colors.get(system))
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("replies within SLO per second")
+        ax.set_title(f"goodput over time, load {label}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"goodput_{tag}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+__all__ = ["LOADS", "SYSTEMS", "RunningServer", "check_targets", "format_versus", "own_times_ms",
+           "plain_capacity_per_s", "run_versus", "scaled", "start_system", "triton_grid"]
