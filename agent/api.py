@@ -1,6 +1,6 @@
 """The front door: :class:`Agent` loads the configured models and serves ``submit() -> Future``.
 
-Every intake (MQTT today, the Open Inference Protocol next) turns bytes into a call of
+Every intake (MQTT, the Open Inference Protocol over HTTP) turns bytes into a call of
 :meth:`Agent.submit`; nothing else reaches the scheduler. A refused request (unknown model, bad
 input, full queue, shutting down) raises :class:`~agent.errors.InferenceError` at once: nothing was
 accepted. An accepted request's future resolves exactly once: a :class:`Result`, or an

@@ -10,20 +10,42 @@ import sys
 import threading
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port in 0..65535 (0 = any free port)")
+    return port
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
     from agent.profiler import ProfileError
     from agent.service import Service
     try:
         config = load_config(args.config)
+        if args.http_port is not None:
+            config = dataclasses.replace(config, http=dataclasses.replace(config.http, enabled=True, port=args.http_port))
+        if args.no_mqtt:
+            config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
+        if not (config.mqtt.enabled or config.http.enabled):
+            print("edge-agent: no intake: enable [mqtt] or [http] in the config, or give --http-port", file=sys.stderr)
+            return 2
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         service = Service(config)
     except (ConfigError, ProfileError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
-    print(f"edge-agent: device {config.device!r} serving {sorted(service.agent.models)}"
-          + (f" on mqtt://{config.mqtt.host}:{config.mqtt.port}" if config.mqtt.enabled else ""), flush=True)
+    except OSError as exc:   # the HTTP port is taken, the broker unreachable...
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 1
+    endpoints = ([f"mqtt://{config.mqtt.host}:{config.mqtt.port}"] if service.mqtt is not None else []) + (
+        [f"http://{config.http.host}:{service.http.port} (Open Inference Protocol)"] if service.http is not None else [])
+    print(f"edge-agent: device {config.device!r} serving {sorted(service.agent.models)} on {' and '.join(endpoints)}",
+          flush=True)
     try:
         while not stop.wait(0.5):
             pass
@@ -105,9 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="serve the models of a config file until SIGTERM or Ctrl-C",
                          description="Load the models of a config (see firmware_configs/), profile them, and serve "
-                                     "inference requests over MQTT until SIGTERM or Ctrl-C; queued requests are "
-                                     "answered before exit.")
+                                     "inference requests over MQTT and/or HTTP (the Open Inference Protocol, "
+                                     "Triton's HTTP API) until SIGTERM or Ctrl-C; queued requests are answered "
+                                     "before exit.")
     run.add_argument("--config", required=True, metavar="FILE", help="TOML config (e.g. firmware_configs/generic-linux.toml)")
+    run.add_argument("--http-port", type=_port, metavar="N",
+                     help="also serve the Open Inference Protocol (KServe v2 / Triton HTTP, e.g. tritonclient.http) "
+                          "on port N (0 = any free port) of the config's [http] host (default 127.0.0.1)")
+    run.add_argument("--no-mqtt", action="store_true",
+                     help="do not connect to the MQTT broker (serve only HTTP: give --http-port or enable [http])")
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="local broker + agent + simulated cameras, with a live table",

@@ -65,12 +65,22 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The Open Inference Protocol (KServe v2 / Triton HTTP) intake: off unless enabled."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000                           # 0 = any free port (the bound one is logged)
+
+
+@dataclass(frozen=True)
 class Config:
     device: str = "edge-board"
     workers: int = 0                           # execution slots; 0 = one per CPU core
     max_payload_bytes: int = 4 * 1024 * 1024
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     models: tuple[ModelConfig, ...] = ()
 
     @property
@@ -204,7 +214,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     """Validate a config mapping (as read from TOML) into a :class:`Config`."""
     if not isinstance(data, dict):
         raise ConfigError("(top level)", data, "a table")
-    _no_unknown(data, {"config_version", "agent", "mqtt", "models"}, "")
+    _no_unknown(data, {"config_version", "agent", "mqtt", "http", "models"}, "")
     version = data.get("config_version")
     if version != CONFIG_VERSION:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
@@ -212,6 +222,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
+    http = _table(data, "http", "")
+    _no_unknown(http, set(HttpConfig.__dataclass_fields__), "http")
     models_raw = data.get("models", [])
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models", models_raw, "at least one [[models]] table")
@@ -235,6 +247,12 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
             host=_take(mqtt, "host", "mqtt", str, "127.0.0.1", lambda v: bool(v), "a host name or address"),
             port=_take(mqtt, "port", "mqtt", int, 1883, lambda v: 1 <= v <= 65535, "a port in 1..65535"),
             keepalive_s=_take(mqtt, "keepalive_s", "mqtt", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"),
+        ),
+        http=HttpConfig(
+            enabled=_take(http, "enabled", "http", bool, False),
+            host=_take(http, "host", "http", str, "127.0.0.1", lambda v: bool(v), "a host name or address to listen on"),
+            port=_take(http, "port", "http", int, 8000, lambda v: 0 <= v <= 65535,
+                       "a port in 0..65535 (0 = any free port)"),
         ),
         models=models,
     )

@@ -1,8 +1,9 @@
 """An agent with its intakes, started and stopped in the order that loses no reply.
 
-Start: models load (and are profiled) before any intake subscribes. Stop: intakes stop taking
-requests, the agent serves or answers everything it accepted, then the intakes disconnect (with
-the ``offline`` status) so the last replies still reach their clients.
+Start: models load (and are profiled) before any intake subscribes or listens. Stop: intakes stop
+taking requests (MQTT unsubscribes; HTTP answers new requests 503), the agent serves or answers
+everything it accepted, then the intakes disconnect (MQTT with the ``offline`` status, HTTP after
+writing the last replies) so the last replies still reach their clients.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 
 from agent.api import Agent
 from agent.config import Config
+from agent.intake.http import HttpIntake
 from agent.intake.mqtt import MqttIntake
 
 log = logging.getLogger(__name__)
@@ -20,19 +22,23 @@ class Service:
         self.config = config
         self.agent = Agent(config, grace_s=grace_s)
         self.mqtt: MqttIntake | None = None
+        self.http: HttpIntake | None = None
         try:
+            if config.http.enabled:
+                self.http = HttpIntake(self.agent, config.http.host, config.http.port).start()
             if config.mqtt.enabled:
                 self.mqtt = MqttIntake(self.agent, config.mqtt.host, config.mqtt.port).start()
         except Exception:
-            self.agent.close()
+            self.close()
             raise
 
     def close(self) -> None:
-        if self.mqtt is not None:
-            self.mqtt.stop_taking()
+        intakes = [intake for intake in (self.mqtt, self.http) if intake is not None]
+        for intake in intakes:
+            intake.stop_taking()
         self.agent.close()
-        if self.mqtt is not None:
-            self.mqtt.stop()
+        for intake in intakes:
+            intake.stop()
 
     def __enter__(self) -> "Service":
         return self

@@ -54,6 +54,12 @@ def test_defaults_fill_in():
     (lambda c: c["agent"].update(device="a+b"), "agent.device", "without"),
     (lambda c: c.update(mqtt={"port": 70000}), "mqtt.port", "1..65535"),
     (lambda c: c.update(mqtt={"enabled": "yes"}), "mqtt.enabled", "bool"),
+    (lambda c: c.update(http={"port": 70000}), "http.port", "0..65535"),
+    (lambda c: c.update(http={"port": "8000"}), "http.port", "0..65535"),
+    (lambda c: c.update(http={"enabled": 1}), "http.enabled", "bool"),
+    (lambda c: c.update(http={"host": ""}), "http.host", "a host name or address"),
+    (lambda c: c.update(http={"prot": 8000}), "http.prot", "known keys"),
+    (lambda c: c.update(http=[]), "http", "a table"),
     (lambda c: c["models"].append(dict(c["models"][0])), "models[1].name", "not used by another"),
 ])
 def test_bad_settings_are_named(mutate, field, fragment):
@@ -64,6 +70,13 @@ def test_bad_settings_are_named(mutate, field, fragment):
     assert info.value.field == field
     assert fragment in str(info.value)
     assert str(info.value).startswith(f"config: {field} = ")
+
+
+def test_http_intake_is_off_unless_enabled():
+    http = parse_config(base()).http
+    assert (http.enabled, http.host, http.port) == (False, "127.0.0.1", 8000)
+    http = parse_config(dict(base(), http={"enabled": True, "host": "0.0.0.0", "port": 0})).http
+    assert (http.enabled, http.host, http.port) == (True, "0.0.0.0", 0)
 
 
 def test_bad_toml_and_missing_file(tmp_path):

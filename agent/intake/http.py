@@ -1,0 +1,526 @@
+"""HTTP/1.1 intake: the Open Inference Protocol (KServe v2 REST, Triton's HTTP API) on an asyncio server.
+
+An application written against ``tritonclient.http`` (or any KServe v2 client) talks to edge-agent
+unchanged; its requests go through :meth:`agent.api.Agent.submit`, into the same queues, scheduler
+and admission control as MQTT ones. The protocol itself (bodies in, bodies out) is
+:mod:`agent.intake.oip`; this module is the transport: parsing HTTP/1.1, routing, replying.
+
+One event loop on its own thread serves every connection (no thread per request). The loop never
+blocks: an inference request is decoded, submitted and left; the worker that finishes its batch
+hands the future back to the loop (``call_soon_threadsafe``), which encodes and writes the reply.
+Connections are keep-alive; requests on one connection are answered in order (a pipelined request
+waits until the one before it is answered). Every request that was read gets exactly one reply; a
+client that disconnects first simply gets none, and nothing else notices.
+
+Limits, checked before the body is read: ``Content-Length`` over ``max_payload_bytes`` is answered
+413 at once and the connection closed (the body is never read); a POST without ``Content-Length``
+(chunked bodies included) 411; a malformed request line or header 400. Those close the connection,
+since the next request's start can no longer be found.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+import zlib
+from concurrent.futures import Future
+from http import HTTPStatus
+from urllib.parse import unquote
+
+import numpy as np
+
+from agent import __version__
+from agent.api import Agent
+from agent.errors import BAD_REQUEST, INTERNAL, SHUTTING_DOWN, TOO_LARGE, UNKNOWN_MODEL, InferenceError
+from agent.intake import oip
+
+log = logging.getLogger(__name__)
+
+#: What ``GET /v2`` lists: the protocol extensions this server implements.
+EXTENSIONS = ("binary_tensor_data", "model_configuration")
+MAX_HEAD_BYTES = 64 * 1024            # request line + headers
+LINGER_S = 2.0                        # after an error that closes: drain what the client still sends
+_JSON = b"application/json"
+_BINARY = b"application/octet-stream"
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_ROUTES_HINT = ("GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/1][/ready|/config]; "
+                "POST /v2/models/{name}[/versions/1]/infer")
+
+
+def _json(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class _HttpError(Exception):
+    """A request the server answers without the agent: status, message, and whether to close."""
+
+    def __init__(self, status: int, message: str, close: bool = False, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.close, self.allow = status, message, close, allow
+
+
+def _no_endpoint(head: "_Head") -> _HttpError:
+    return _HttpError(404, f"{BAD_REQUEST}: no endpoint {head.method} {head.path}; this server serves {_ROUTES_HINT}")
+
+
+class _Head:
+    """A parsed request line and the headers this server reads."""
+
+    __slots__ = ("method", "path", "keep_alive", "content_length", "header_length", "content_encoding", "expect")
+
+    def __init__(self, raw: bytes) -> None:
+        lines = raw.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[1]:
+            raise _HttpError(400, f"{BAD_REQUEST}: malformed request line {lines[0][:100]!r}", close=True)
+        method, target, version = parts
+        self.method = method.decode("latin-1")
+        self.path = target.split(b"?", 1)[0].decode("latin-1")
+        connection = b""
+        self.content_length: int | None = None
+        self.header_length: int | None = None
+        self.content_encoding = b""
+        self.expect = b""
+        chunked = False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep or not name or name[-1:] in (b" ", b"\t"):
+                raise _HttpError(400, f"{BAD_REQUEST}: malformed header line {line[:100]!r}", close=True)
+            name = name.lower()
+            value = value.strip()
+            if name == b"content-length":
+                if not value.isdigit():
+                    raise _HttpError(400, f"{BAD_REQUEST}: Content-Length = {value[:40]!r}: expected a byte count",
+                                     close=True)
+                length = int(value)
+                if self.content_length is not None and self.content_length != length:
+                    raise _HttpError(400, f"{BAD_REQUEST}: two different Content-Length headers", close=True)
+                self.content_length = length
+            elif name == b"inference-header-content-length":
+                if not value.isdigit():
+                    raise _HttpError(400, f"{BAD_REQUEST}: Inference-Header-Content-Length = {value[:40]!r}: "
+                                          f"expected a byte count", close=True)
+                self.header_length = int(value)
+            elif name == b"connection":
+                connection = value.lower()
+            elif name == b"content-encoding":
+                self.content_encoding = value.lower()
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"expect":
+                self.expect = value.lower()
+        tokens = {t.strip() for t in connection.split(b",")}
+        self.keep_alive = b"close" not in tokens if version == b"HTTP/1.1" else b"keep-alive" in tokens
+        if chunked:
+            raise _HttpError(411, f"{BAD_REQUEST}: Transfer-Encoding is not accepted: send the body with a "
+                                  f"Content-Length", close=True)
+        if self.content_length is None:
+            if self.method == "POST":
+                raise _HttpError(411, f"{BAD_REQUEST}: a POST needs a Content-Length", close=True)
+            self.content_length = 0
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse requests in order, one in flight at a time, reply in order."""
+
+    def __init__(self, intake: "HttpIntake") -> None:
+        self.intake = intake
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.head: _Head | None = None
+        self.busy = False                 # a request is being answered: later ones wait in the buffer
+        self.keep_alive = True            # of the request being answered
+        self.head_only = False            # the request being answered is a HEAD: no body in the reply
+        self.closing = False
+        self.reading_paused = False
+        self.writing_paused = False
+
+    # --- asyncio callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:   # not TCP (a Unix socket in someone's test): nothing to tune
+                pass
+        self.intake._connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.transport = None
+        self.closing = True
+        self.buffer = bytearray()
+        self.intake._connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return                        # lingering after an error reply: drain and drop
+        self.buffer += data
+        if self.busy or self.writing_paused:
+            if len(self.buffer) > self.intake.max_payload + MAX_HEAD_BYTES and not self.reading_paused:
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        self._process()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True        # a client not reading its replies: read no more requests
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._next()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Take every complete request from the buffer while none is in flight."""
+        buffer = self.buffer
+        while not self.busy and not self.closing and not self.writing_paused:
+            head = self.head
+            if head is None:
+                self.head_only = False
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_HEAD_BYTES:
+                        self._error(431, f"{BAD_REQUEST}: request line and headers exceed {MAX_HEAD_BYTES} bytes",
+                                    close=True)
+                    return
+                try:
+                    head = _Head(bytes(buffer[:end]))
+                except _HttpError as exc:
+                    self._error(exc.status, exc.message, close=True)
+                    return
+                del buffer[:end + 4]
+                if head.content_length > self.intake.max_payload:
+                    # Answered from the header alone: the body is never read, so the connection cannot go on.
+                    self._error(413, f"{TOO_LARGE}: Content-Length of {head.content_length} bytes exceeds the "
+                                     f"limit of {self.intake.max_payload} bytes", close=True)
+                    return
+                if head.expect == b"100-continue" and len(buffer) < head.content_length:
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.head = head
+            length = head.content_length
+            if len(buffer) < length:
+                return
+            if len(buffer) == length:
+                body = bytes(buffer)
+                buffer.clear()
+            else:
+                body = bytes(buffer[:length])
+                del buffer[:length]
+            self.head = None
+            self.busy = True
+            self.keep_alive = head.keep_alive
+            self.head_only = head.method == "HEAD"
+            try:
+                self.intake._handle(self, head, body)
+            except Exception as exc:      # a bug must not cost the client its reply, nor the loop its life
+                log.exception("HTTP intake failed on %s %s", head.method, head.path)
+                if self.busy:
+                    self._error(500, f"{INTERNAL}: {type(exc).__name__}: {exc}")
+
+    def _next(self) -> None:
+        """After an asynchronous reply: resume reading, and serve what was pipelined meanwhile."""
+        if self.closing:
+            return
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if not self.busy and self.buffer:
+            self._process()
+
+    # --- replies -------------------------------------------------------------------------------
+
+    def respond(self, status: int, chunks: list[bytes], content_type: bytes = _JSON,
+                header_length: int | None = None, close: bool = False, allow: str | None = None) -> None:
+        """Write one response; the connection is free for the next request."""
+        self.busy = False
+        transport = self.transport
+        if transport is None or self.closing:
+            return                        # the client left: nobody to answer
+        close = close or not self.keep_alive
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n" % (
+            status, _REASONS.get(status, b"Unknown"), content_type, size)
+        if header_length is not None:
+            head += b"Inference-Header-Content-Length: %d\r\n" % header_length
+        if allow is not None:
+            head += b"Allow: %s\r\n" % allow.encode()
+        if close:
+            head += b"Connection: close\r\n"
+        transport.write(head + b"\r\n" if self.head_only else b"".join((head, b"\r\n", *chunks)))
+        if close:
+            self._close(linger=status >= 400)
+
+    def _error(self, status: int, message: str, close: bool = False, allow: str | None = None) -> None:
+        self.respond(status, [_json({"error": message})], close=close, allow=allow)
+
+    def respond_error(self, error: InferenceError) -> None:
+        self.respond(oip.error_status(error), [oip.error_body(error)])
+
+    def finish(self, request: oip.InferRequest, futures: list[Future]) -> None:
+        """On the loop, once every row of ``request`` is answered: encode and write the one reply."""
+        try:
+            try:
+                results = [future.result() for future in futures]   # done: never blocks
+            except InferenceError as exc:
+                self.respond_error(exc)
+                return
+            if len(results) == 1:
+                outputs = results[0].outputs
+            else:
+                outputs = {name: np.concatenate([r.outputs[name] for r in results]) for name, _ in request.outputs}
+            slowest = max(results, key=lambda r: r.total_ms)
+            timing = {"queue_ms": round(slowest.queue_ms, 3), "compute_ms": round(slowest.compute_ms, 3),
+                      "total_ms": round(slowest.total_ms, 3), "batch_size": slowest.batch_size}
+            chunks, header_length = oip.infer_response(request, outputs, timing)
+            self.respond(200, chunks, _JSON if header_length is None else _BINARY, header_length)
+        except Exception as exc:
+            log.exception("HTTP intake failed to encode the reply to %s", request.model)
+            self._error(500, f"{INTERNAL}: {type(exc).__name__}: {exc}")
+        finally:
+            self._next()
+
+    def _close(self, linger: bool = False) -> None:
+        """Close after the replies written so far are sent. ``linger``: half-close and read (and drop)
+        what the client still sends for a while, so an unread body does not reset the connection
+        before the client has read our error reply."""
+        if self.closing or self.transport is None:
+            return
+        self.closing = True
+        transport = self.transport
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            self.intake._loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
+
+
+class _Gather:
+    """Counts a multi-row request's rows down; the last one to finish hands them all to the loop."""
+
+    __slots__ = ("remaining", "lock", "callback")
+
+    def __init__(self, rows: int, callback) -> None:
+        self.remaining = rows
+        self.lock = threading.Lock()
+        self.callback = callback
+
+    def row_done(self, _future: Future) -> None:
+        with self.lock:
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            self.callback()
+
+
+class _ModelView:
+    """What the intake needs of a loaded model, computed once: its tensors and metadata bodies."""
+
+    def __init__(self, name: str, loaded) -> None:
+        card = loaded.card
+        self.inputs, self.outputs = card.inputs, card.outputs
+        backend = loaded.config.backend
+        self.metadata = _json(oip.model_metadata(name, backend, card.inputs, card.outputs))
+        self.config = _json(oip.model_config(name, backend, loaded.rule.max_batch, card.inputs, card.outputs))
+
+
+class HttpIntake:
+    """Serves the agent's models over the Open Inference Protocol on ``host:port`` (0 = a free port;
+    :attr:`port` is the bound one after :meth:`start`)."""
+
+    def __init__(self, agent: Agent, host: str, port: int) -> None:
+        self.agent = agent
+        self.host, self.port = host, port
+        self.max_payload = agent.config.max_payload_bytes
+        self.taking = False
+        self._models = {name: _ModelView(name, loaded) for name, loaded in agent.models.items()}
+        self._server_metadata = _json(oip.server_metadata(__version__, EXTENSIONS))
+        self._connections: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> "HttpIntake":
+        """Bind and listen; returns once connections are accepted (a bind error raises here)."""
+        loop = asyncio.new_event_loop()
+        try:
+            self._server = loop.run_until_complete(loop.create_server(
+                lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024))
+        except BaseException:
+            loop.close()
+            raise
+        self._loop = loop
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.taking = True
+        self._thread = threading.Thread(target=loop.run_forever, name="edge-agent-http", daemon=True)
+        self._thread.start()
+        log.info("serving %s on http://%s:%d (Open Inference Protocol)", sorted(self._models), self.host, self.port)
+        return self
+
+    def stop_taking(self) -> None:
+        """From now on, new inference requests are answered 503 (``shutting_down``) and readiness is
+        false, while requests already submitted are answered when the agent finishes them."""
+        self.taking = False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """After ``Agent.close`` has answered everything: write the last replies, close every
+        connection and the listening socket, end the loop's thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        self.taking = False
+        try:
+            # Queued behind the replies the workers handed to the loop: those are written first.
+            asyncio.run_coroutine_threadsafe(self._shutdown(timeout), loop).result(timeout + 1.0)
+        except Exception:  # a loop that cannot finish cleanly still has to stop
+            log.exception("HTTP intake did not shut down cleanly")
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            loop.close()
+        self._loop = None
+
+    async def _shutdown(self, timeout: float) -> None:
+        self._server.close()
+        for connection in list(self._connections):
+            connection.closing = True
+            if connection.transport is not None:
+                connection.transport.close()     # after what is buffered, the last replies, is sent
+        deadline = self._loop.time() + timeout
+        while self._connections and self._loop.time() < deadline:   # let the transports flush and close
+            await asyncio.sleep(0.01)
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+
+    # --- routing (on the loop) -----------------------------------------------------------------
+
+    def _handle(self, connection: _Connection, head: _Head, body: bytes) -> None:
+        path = head.path
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
+        parts = path.split("/")
+        try:
+            if len(parts) < 2 or parts[0] != "" or parts[1] != "v2":
+                raise _no_endpoint(head)
+            self._route(connection, head, parts[2:], body)
+        except _HttpError as exc:
+            connection._error(exc.status, exc.message, close=exc.close, allow=exc.allow)
+        except InferenceError as exc:
+            connection.respond_error(exc)
+
+    @staticmethod
+    def _method(head: _Head, allowed: str) -> None:
+        if head.method != allowed and not (head.method == "HEAD" and allowed == "GET"):
+            raise _HttpError(405, f"{BAD_REQUEST}: method {head.method} is not allowed on {head.path} "
+                                  f"(allowed: {allowed})", allow=allowed)
+
+    def _route(self, connection: _Connection, head: _Head, parts: list[str], body: bytes) -> None:
+        if not parts:                                         # /v2
+            self._method(head, "GET")
+            connection.respond(200, [self._server_metadata])
+            return
+        if parts[0] == "health" and len(parts) == 2 and parts[1] in ("live", "ready"):
+            self._method(head, "GET")
+            if parts[1] == "live" or self.ready():
+                connection.respond(200, [])
+            else:
+                connection._error(400, f"{SHUTTING_DOWN}: the agent is not taking requests")
+            return
+        if parts[0] == "models" and len(parts) >= 2:
+            name = unquote(parts[1])
+            rest = parts[2:]
+            if rest[:1] == ["versions"]:
+                if len(rest) < 2:
+                    raise _no_endpoint(head)
+                version, rest = unquote(rest[1]), rest[2:]
+            else:
+                version = None
+            if len(rest) <= 1 and (not rest or rest[0] in ("ready", "infer", "config")):
+                model = self._models.get(name)
+                if model is None:
+                    raise InferenceError(UNKNOWN_MODEL, f"no model {name!r} is loaded; loaded: {sorted(self._models)}",
+                                         "model")
+                if version is not None and version != oip.MODEL_VERSION:
+                    raise InferenceError(UNKNOWN_MODEL, f"model {name!r} has no version {version!r}; its versions: "
+                                                        f"[{oip.MODEL_VERSION!r}]", "model")
+                action = rest[0] if rest else None
+                if action == "infer":
+                    self._method(head, "POST")
+                    self._infer(connection, head, name, model, body)
+                elif action == "ready":
+                    self._method(head, "GET")
+                    if self.ready():
+                        connection.respond(200, [])
+                    else:
+                        connection._error(400, f"{SHUTTING_DOWN}: model {name!r} is not taking requests")
+                elif action == "config":
+                    self._method(head, "GET")
+                    connection.respond(200, [model.config])
+                else:
+                    self._method(head, "GET")
+                    connection.respond(200, [model.metadata])
+                return
+        raise _no_endpoint(head)
+
+    def ready(self) -> bool:
+        """Models loaded (the intake starts after them) and requests taken."""
+        return self.taking
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def _infer(self, connection: _Connection, head: _Head, name: str, model: _ModelView, body: bytes) -> None:
+        if not self.taking:
+            raise InferenceError(SHUTTING_DOWN, "the agent is shutting down: not taking new requests")
+        if head.content_encoding not in (b"", b"identity"):
+            body = self._decompress(head.content_encoding, body)
+        request = oip.parse_infer_request(name, body, head.header_length, model.inputs, model.outputs)
+        submit = self.agent.submit
+        if request.rows == 1:
+            futures = [submit(name, request.inputs, slo_ms=request.slo_ms, priority=request.priority,
+                              client_id=request.id)]
+        else:
+            # The agent queues single items: each row is its own request (same SLO), gathered in order.
+            futures = [submit(name, {k: v[row:row + 1] for k, v in request.inputs.items()}, slo_ms=request.slo_ms,
+                              priority=request.priority, client_id=request.id)
+                       for row in range(request.rows)]
+        loop = self._loop
+
+        def hand_back() -> None:          # on a worker thread: the loop writes the reply
+            try:
+                loop.call_soon_threadsafe(connection.finish, request, futures)
+            except RuntimeError:          # the loop is closed: the server is gone, and the client with it
+                pass
+
+        if len(futures) == 1:
+            futures[0].add_done_callback(lambda _future: hand_back())
+        else:
+            gather = _Gather(len(futures), hand_back)
+            for future in futures:
+                future.add_done_callback(gather.row_done)
+
+    def _decompress(self, encoding: bytes, body: bytes) -> bytes:
+        """A gzip or deflate body (``tritonclient``'s ``request_compression_algorithm``), bounded by the
+        payload limit after decompression too."""
+        if encoding == b"gzip":
+            decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        elif encoding == b"deflate":
+            decoder = zlib.decompressobj()
+        else:
+            raise _HttpError(415, f"{BAD_REQUEST}: Content-Encoding {encoding.decode('latin-1')!r} is not "
+                                  f"supported (identity, gzip, deflate)")
+        try:
+            data = decoder.decompress(body, self.max_payload + 1)
+        except zlib.error as exc:
+            raise InferenceError(BAD_REQUEST, f"the {encoding.decode()} body does not decompress ({exc})") from None
+        if len(data) > self.max_payload:
+            raise InferenceError(TOO_LARGE, f"the decompressed body exceeds the limit of {self.max_payload} bytes")
+        return data
