@@ -118,6 +118,50 @@ def _cmd_bench_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_triton(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.bench.versus import SYSTEMS, format_versus, run_versus, triton_grid
+    from agent.workload.trace import TraceError, read_trace
+    try:
+        trace = read_trace(args.trace) if args.trace else None
+        loads = _numbers(args.load, "--load") if args.scale is None else None
+        scales = _numbers(args.scale, "--scale") if args.scale is not None else None
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        unknown = [s for s in systems if s not in SYSTEMS]
+        if unknown or not systems:
+            raise ValueError(f"--systems {args.systems!r}: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
+        settings = None
+        if "triton" in systems:
+            from agent.bench.triton import find_tritonserver
+            find_tritonserver()      # fail now, with the install hint, not after the first system
+            settings = triton_grid(args.triton_grid)
+    except (TraceError, ValueError, RuntimeError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    if trace is not None:
+        missing = sorted({row.model for row in trace} - {"mobilenet_digits", "resnet_digits"})
+        if missing:
+            print(f"edge-agent: --trace {args.trace}: models {missing} are not served here; "
+                  f"bench triton serves the demo models mobilenet_digits and resnet_digits", file=sys.stderr)
+            return 2
+    results = run_versus(trace, loads=loads, scales=scales, systems=systems, triton_settings=settings,
+                         out_dir=Path(args.out), duration_s=args.duration, seed=args.seed)
+    print(format_versus(results))
+    print(f"wrote {args.out}/versus.json" + (f" and {len(results['plots'])} plots" if results.get("plots") else ""))
+    return 0
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers > 0, e.g. 0.5,1,1.5")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -173,6 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench_run.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON and plots go (default bench_out/)")
     bench_run.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     bench_run.set_defaults(func=_cmd_bench_run)
+
+    triton = bench_sub.add_parser(
+        "triton", help="edge-agent vs a real Triton server and a plain loop, same trace, open loop",
+        description="Replay one open-loop trace against edge-agent over MQTT, edge-agent over the Open Inference "
+                    "Protocol (HTTP), a real tritonserver (python backend on onnxruntime, dynamic batcher at each "
+                    "setting of a small grid, best kept) and the plain one-request-at-a-time loop, one system at a "
+                    "time. Prints goodput, SLO attainment per class, p50/p99, refusals, CPU s per 1000 requests and "
+                    "peak memory of each server's process tree; writes versus.json and plots. Triton comes from the "
+                    "[triton] extra: run it all with `bash tools/dev.sh triton`.")
+    triton.add_argument("--trace", metavar="CSV",
+                        help="a v1 trace of the demo models (default: a bursty trace of the demo's four SLO classes "
+                             "at the plain loop's capacity)")
+    triton.add_argument("--load", default="0.5,1,1.5", metavar="X,Y",
+                        help="loads as multiples of the plain loop's capacity (default 0.5,1,1.5)")
+    triton.add_argument("--scale", metavar="X,Y", help="instead of --load: play the trace X times faster, as is")
+    triton.add_argument("--duration", type=float, default=15.0, metavar="S",
+                        help="length of the generated trace at 1x, in seconds (default 15)")
+    triton.add_argument("--systems", default=",".join(("edge-agent/mqtt", "edge-agent/oip", "triton", "plain loop")),
+                        help="comma-separated systems to run (default: all four)")
+    triton.add_argument("--triton-grid", choices=("full", "quick"), default="full",
+                        help="Triton settings to try at each load: full (6) or quick (2) (default full)")
+    triton.add_argument("--out", default="bench_out/triton", metavar="DIR", help="where JSON and plots go")
+    triton.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")
+    triton.set_defaults(func=_cmd_bench_triton)
 
     from agent.profiler.cli import add_profile_parser
     from agent.workload.cli import add_trace_parser

@@ -150,10 +150,16 @@ def start_system(name: str, *, triton_setting=None, workdir: Path | None = None)
     raise ValueError(f"system {name!r}: expected one of {SYSTEMS}")
 
 
-def triton_grid() -> list:
+def triton_grid(kind: str = "full") -> list:
     """The dynamic-batcher settings tried at every load (Triton's row is the best of them):
-    instance count (1, 2, 3 on 2 cores), queue delay (none, 0.5 ms, 2 ms) and preferred sizes."""
+    instance count (1, 2, 3 on 2 cores), queue delay (none, 0.5 ms, 2 ms) and preferred sizes;
+    ``quick``: the two settings that did best here."""
     from agent.bench.triton import TritonSetting
+    if kind == "quick":
+        return [TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=0),
+                TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=500)]
+    if kind != "full":
+        raise ValueError(f"triton grid {kind!r}: expected 'full' or 'quick'")
     return [
         TritonSetting(instances=1, max_batch_size=8, max_queue_delay_us=0),
         TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=0),
@@ -254,16 +260,29 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run_versus(trace: Sequence[TraceRow], *, loads: Sequence[float] | None = None,
+def default_trace(own_ms: dict[str, float], duration_s: float, seed: int) -> list[TraceRow]:
+    """The demo's four SLO classes (two models, a tight and a loose SLO each) as a bursty trace
+    whose mean rate is the plain loop's capacity on that mix, so load 1x replays it as is."""
+    from agent.workload.generators import DEMO_APPS, bursty
+    shares = sum(app.share for app in DEMO_APPS)
+    mean_ms = sum(app.share * own_ms[app.model] for app in DEMO_APPS) / shares
+    return bursty(1000.0 / mean_ms, duration_s, DEMO_APPS, seed)
+
+
+def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | None = None,
                scales: Sequence[float] | None = None, systems: Sequence[str] = SYSTEMS,
-               triton_settings: Sequence | None = None, out_dir: Path) -> dict:
+               triton_settings: Sequence | None = None, out_dir: Path,
+               duration_s: float = 15.0, seed: int = 0) -> dict:
     """Replay ``trace`` at each load (a multiple of the plain loop's capacity) or each raw time
-    ``scale`` against every system; write ``versus.json`` and plots to ``out_dir``."""
+    ``scale`` against every system; write ``versus.json`` and plots to ``out_dir``. Without a
+    trace, :func:`default_trace` makes one of ``duration_s`` at 1x (shorter at higher loads)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = sorted({row.model for row in trace})
+    models = sorted({row.model for row in trace}) if trace else ["mobilenet_digits", "resnet_digits"]
     frames = Frames.digits(models)
     _say(f"measuring each model's own batch-1 time ({', '.join(models)}) ...")
     own_ms = own_times_ms(frames)
+    if not trace:
+        trace = default_trace(own_ms, duration_s, seed)
     capacity = plain_capacity_per_s(trace, own_ms)
     rate = trace_rate(trace)
     if scales is None:
@@ -479,5 +498,5 @@ def write_plots(records: dict[str, dict[str, list]], out_dir: Path) -> list[str]
     return written
 
 
-__all__ = ["LOADS", "SYSTEMS", "RunningServer", "check_targets", "format_versus", "own_times_ms",
+__all__ = ["LOADS", "SYSTEMS", "RunningServer", "check_targets", "default_trace", "format_versus", "own_times_ms",
            "plain_capacity_per_s", "run_versus", "scaled", "start_system", "triton_grid"]
