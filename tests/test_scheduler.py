@@ -191,3 +191,53 @@ def test_admission_sees_the_other_models_work_on_the_shared_slots():
     assert "slots shared with other models" in info.value.message
     s.enqueue(req("a", 0.0, 0.0105))      # 8 + 2 ms fits
     s.enqueue(req("a", 0.0, 0.0085))      # due before b's: b's work does not come first (and 2 + 2 ms fits)
+
+
+def _share(capacity=1.0):
+    from agent.scheduler.admission import AdmissionControl, CostShare
+    return CostShare({"cheap": AdmissionControl(table(0.0005, 0.0005), 1),      # 1 ms a request
+                      "dear": AdmissionControl(table(0.002, 0.002), 1)}, capacity)  # 4 ms a request
+
+
+def _offer(share, seconds, cheap_per_s, dear_per_s, priority=0):
+    """Interleaved arrivals of both models at the given rates; returns admitted counts after 1 s."""
+    arrivals = sorted([(k / cheap_per_s, "cheap") for k in range(int(seconds * cheap_per_s))]
+                      + [(k / dear_per_s, "dear") for k in range(int(seconds * dear_per_s))])
+    admitted = {"cheap": [0, 0], "dear": [0, 0]}
+    for t, model in arrivals:
+        ok = share.refuse(model, priority, t) is None
+        if t >= 1.0:
+            admitted[model][0] += ok
+            admitted[model][1] += 1
+    return {m: a / n for m, (a, n) in admitted.items()}
+
+
+def test_cost_share_admits_everything_below_capacity():
+    share = _share()
+    assert _offer(share, 3.0, cheap_per_s=300, dear_per_s=100) == {"cheap": 1.0, "dear": 1.0}   # 0.7 s/s of work
+    assert share.refused == {"cheap": 0, "dear": 0}
+
+
+def test_cost_share_refuses_the_expensive_model_first_under_overload():
+    # 0.5 s/s of cheap work + 1.0 s/s of dear work on one slot: cheap gets all it asks, dear the
+    # 0.5 s/s left, so about half of dear's requests (the greedy fluid optimum: 750 answered/s, where
+    # refusing both alike would give 500).
+    fractions = _offer(_share(), 4.0, cheap_per_s=500, dear_per_s=250)
+    assert fractions["cheap"] == 1.0
+    assert 0.4 <= fractions["dear"] <= 0.6, fractions
+
+
+def test_cost_share_reason_and_priority():
+    share = _share()
+    _offer(share, 2.0, cheap_per_s=1000, dear_per_s=250)       # cheap alone fills the slot
+    reason = share.refuse("dear", 0, 2.0)
+    assert reason is not None and "'dear'" in reason and "cost-aware admission" in reason
+    assert share.refuse("dear", 1, 2.0) is None                  # priority above 0 is never refused here
+
+
+def test_scheduler_refuses_through_the_cost_share_only_with_several_admitted_models():
+    from agent.scheduler.admission import AdmissionControl
+    one = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, admission=AdmissionControl(table(), 1))], 1)
+    assert one.share is None
+    two = Scheduler([Scheduler.lane(n, FixedBatch(1), 1, 64, admission=AdmissionControl(table(), 1)) for n in "ab"], 2)
+    assert two.share is not None and two.share.capacity == 2.0

@@ -31,6 +31,7 @@ An admitted request that still cannot make it is shed before it runs (``shed_hop
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from agent.core import DeadlineQueue, LatencyTable
@@ -98,3 +99,69 @@ class AdmissionControl:
                 + ("" if shared_start is None else
                    f"; slots shared with other models free for it in {1000 * max(0.0, shared_start - now):.1f} ms")
                 + ")")
+
+
+class CostShare:
+    """Under overload, refuse the most expensive models' requests first (ours).
+
+    Goodput counts requests, and a request of a cheap model costs the board a fraction of an
+    expensive one's compute: when more work arrives than the execution slots can do, serving the
+    cheap models fully and giving the expensive ones what is left answers the most requests in time
+    (the greedy optimum of the fluid problem: maximise admitted requests subject to their summed
+    work fitting the capacity). Per-request deadline tests alone (:class:`AdmissionControl`) refuse
+    whichever request arrives when the queue is long, whatever it costs, and EDF then lets a tight
+    request of an expensive model push several cheap ones past their deadlines.
+
+    Each model's demand is tracked as work arriving per second (its requests' predicted per-item
+    cost, exponentially decayed with time constant ``TAU_S``). On an arrival of model m, with the
+    models sorted by per-item cost, m's share of the ``capacity`` (in slots, i.e. seconds of work per
+    second) is what the cheaper models' demand leaves; the fraction ``share / demand`` of m's
+    requests is admitted (deterministically, by accumulating credit), the rest refused with the
+    figures in the reason. Requests that pass still face the deadline test. With demand below
+    capacity every model gets everything: nothing changes off overload. Requests with a priority
+    above 0 are never refused here.
+    """
+
+    TAU_S = 0.25
+
+    def __init__(self, lanes: "dict[str, AdmissionControl]", capacity: float) -> None:
+        if not capacity > 0:
+            raise ValueError(f"capacity = {capacity!r}: expected slots > 0")
+        self.lanes = dict(lanes)
+        self.capacity = float(capacity)
+        self._demand = {name: 0.0 for name in self.lanes}    # work per second, decayed to _at[name]
+        self._at = {name: 0.0 for name in self.lanes}
+        self._credit = {name: 1.0 for name in self.lanes}
+        self.refused = {name: 0 for name in self.lanes}
+
+    def item_cost_s(self, model: str) -> float:
+        """Predicted compute per request when batches are full (the learned excess included)."""
+        admission = self.lanes[model]
+        return admission.batch_s(admission.max_batch) / admission.max_batch
+
+    def demand(self, model: str, now: float) -> float:
+        """Model's arriving work, seconds of compute per second, as of ``now``."""
+        return self._demand[model] * math.exp(-max(0.0, now - self._at[model]) / self.TAU_S)
+
+    def refuse(self, model: str, priority: int, now: float) -> str | None:
+        cost = self.item_cost_s(model)
+        demand = self.demand(model, now) + cost / self.TAU_S
+        self._demand[model], self._at[model] = demand, now
+        left = self.capacity
+        for other in sorted(self.lanes, key=lambda name: (self.item_cost_s(name), name)):
+            if other == model:
+                break
+            left -= self.demand(other, now)
+        share = min(1.0, max(0.0, left) / demand)
+        if share >= 1.0 or priority > 0:
+            self._credit[model] = 1.0
+            return None
+        credit = min(1.0, self._credit[model]) + share
+        if credit >= 1.0:
+            self._credit[model] = credit - 1.0
+            return None
+        self._credit[model] = credit
+        self.refused[model] += 1
+        return (f"over its share of the board: {model!r} brings {demand:.2f} s of work per second at "
+                f"{1000 * cost:.2f} ms a request; cheaper models leave {max(0.0, left):.2f} of the "
+                f"{self.capacity:g} slots, so {100 * share:.0f}% of its requests are admitted (cost-aware admission)")

@@ -24,7 +24,7 @@ import numpy as np
 
 from agent.core import DeadlineQueue, PushResult
 from agent.errors import REJECTED, InferenceError
-from agent.scheduler.admission import AdmissionControl
+from agent.scheduler.admission import AdmissionControl, CostShare
 from agent.scheduler.request import Request
 
 
@@ -108,6 +108,9 @@ class Scheduler:
             raise ValueError(f"max_concurrent = {max_concurrent}: expected >= 1")
         self.max_concurrent = max_concurrent
         self.in_flight = 0
+        # With several models under admission control, overload refuses the expensive ones first.
+        admitted = {lane.name: lane.admission for lane in self._lane_list if lane.admission is not None}
+        self.share = CostShare(admitted, max_concurrent) if len(admitted) > 1 else None
 
     @staticmethod
     def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
@@ -125,6 +128,9 @@ class Scheduler:
         """Queue an admitted request; a full queue refuses it at once (``rejected``), never silently."""
         lane = self.lanes[request.model]
         if lane.admission is not None:
+            reason = None if self.share is None else self.share.refuse(request.model, request.priority, request.arrival)
+            if reason is not None:
+                raise InferenceError(REJECTED, reason)
             reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
                                            min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
                                            self._shared_start(lane, request))

@@ -452,10 +452,6 @@ class TritonServer:
         """tritonserver and its stubs: every process of the server's session."""
         return session_pids(self.pid) if self.pid is not None else []
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the whole server tree (server + stubs), from /proc."""
-        return sum(_rss_bytes(pid) for pid in self.tree_pids())
-
 
 def session_pids(session: int) -> list[int]:
     """Live processes (not zombies) whose session id is ``session``, from /proc (Linux)."""
@@ -471,13 +467,3 @@ def session_pids(session: int) -> list[int]:
         if fields[0] != "Z" and int(fields[3]) == session:
             pids.append(int(entry.name))
     return sorted(pids)
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
