@@ -92,7 +92,25 @@ def error_code_of(message: str) -> str:
     return head if head in errors.ERROR_CODES else _triton_code(message)
 
 
-class HttpTarget:
+class _Target:
+    """What both transports share: every distinct request's bytes, built before the run."""
+
+    frames: Frames
+    _bodies: dict[tuple[str, float, int, int], bytes]
+
+    def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
+        raise NotImplementedError
+
+    def prepare(self, trace: Sequence[TraceRow]) -> None:
+        for key in {(row.model, row.slo_ms, row.priority) for row in trace}:
+            for k in range(len(self.frames.inputs[key[0]][2])):
+                self._bodies[(*key, k)] = self.encode(*key, k)
+
+    def body(self, row: TraceRow, frame_index: int) -> bytes:
+        return self._bodies[(row.model, row.slo_ms, row.priority, frame_index)]
+
+
+class HttpTarget(_Target):
     """Sends OIP requests to ``host:port`` over a pool of keep-alive connections, one request per
     connection at a time (HTTP/1.1 without pipelining); ``flavor`` is ``"edge-agent"`` or
     ``"triton"`` and only decides how the SLO is spelled."""
@@ -103,25 +121,17 @@ class HttpTarget:
         self.host, self.port, self.frames, self.flavor = host, port, frames, flavor
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._open = 0
-        self._bodies: dict[tuple[str, float, int], bytes] = {}
+        self._bodies = {}
 
-    def prepare(self, trace: Sequence[TraceRow]) -> None:
-        """Build every distinct request's bytes before the run."""
-        for row in trace:
-            input_name, output_name, frames, _ = self.frames.inputs[row.model]
-            for k in range(len(frames)):
-                key = (row.model, row.slo_ms, k)
-                if key in self._bodies:
-                    break
-                params = ({"slo_ms": row.slo_ms} if self.flavor == "edge-agent"
-                          else {"timeout": int(round(row.slo_ms * 1000))})
-                if row.priority and self.flavor == "edge-agent":
-                    params["priority"] = row.priority
-                header, tail = oip_body(input_name, frames[k], output_name, params)
-                self._bodies[key] = (
-                    f"POST /v2/models/{row.model}/infer HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                    f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
-                    f"Content-Length: {len(header) + len(tail)}\r\n\r\n").encode() + header + tail
+    def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
+        input_name, output_name, frames, _ = self.frames.inputs[model]
+        params = ({"slo_ms": slo_ms} if self.flavor == "edge-agent" else {"timeout": int(round(slo_ms * 1000))})
+        if priority and self.flavor == "edge-agent":
+            params["priority"] = priority
+        header, tail = oip_body(input_name, frames[frame_index], output_name, params)
+        return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+                f"Content-Length: {len(header) + len(tail)}\r\n\r\n").encode() + header + tail
 
     async def _connection(self):
         if self._idle:
@@ -135,7 +145,7 @@ class HttpTarget:
 
     async def request(self, row: TraceRow, frame_index: int, index: int) -> tuple[str, bytes | None, float]:
         """One request; returns (status, the binary output bytes or None, when the reply arrived)."""
-        body = self._bodies[(row.model, row.slo_ms, frame_index)]
+        body = self.body(row, frame_index)
         reader, writer = await self._connection()
         try:
             writer.write(body)
@@ -171,28 +181,23 @@ class HttpTarget:
 
 # --- edge-agent's MQTT wire format ------------------------------------------------------------------
 
-class MqttTarget:
+class MqttTarget(_Target):
     """Publishes to ``edge/v1/<device>/infer/<model>`` with a response topic and the row index as
     correlation data; replies arrive on paho's network thread and complete asyncio futures."""
 
     def __init__(self, host: str, port: int, device: str, frames: Frames) -> None:
         self.host, self.port, self.device, self.frames = host, port, device, frames
-        self._bodies: dict[tuple[str, float, int], bytes] = {}
+        self._bodies = {}
         self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
         self._client = None
         self._reply_topic = ""
 
-    def prepare(self, trace: Sequence[TraceRow]) -> None:
+    def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
         from agent import wire
-        for row in trace:
-            input_name, _, frames, _ = self.frames.inputs[row.model]
-            for k in range(len(frames)):
-                key = (row.model, row.slo_ms, k)
-                if key in self._bodies:
-                    break
-                self._bodies[key] = wire.encode_request(f"{k}", {input_name: frames[k]}, slo_ms=row.slo_ms,
-                                                        priority=row.priority or None)
+        input_name, _, frames, _ = self.frames.inputs[model]
+        return wire.encode_request(f"{frame_index}", {input_name: frames[frame_index]}, slo_ms=slo_ms,
+                                   priority=priority or None)
 
     def connect(self) -> None:
         from agent.mqtt import connect, make_client
@@ -235,7 +240,7 @@ class MqttTarget:
         props.ResponseTopic = self._reply_topic
         props.CorrelationData = struct.pack("!Q", index)
         self._client.publish(f"edge/v1/{self.device}/infer/{row.model}",
-                             self._bodies[(row.model, row.slo_ms, frame_index)], qos=0, properties=props)
+                             self.body(row, frame_index), qos=0, properties=props)
         return await future
 
     async def close(self) -> None:
