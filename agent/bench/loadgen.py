@@ -120,7 +120,6 @@ class HttpTarget(_Target):
             raise ValueError(f"flavor = {flavor!r}: expected 'edge-agent' or 'triton'")
         self.host, self.port, self.frames, self.flavor = host, port, frames, flavor
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._open = 0
         self._bodies = {}
 
     def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
@@ -140,7 +139,6 @@ class HttpTarget(_Target):
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._open += 1
         return reader, writer
 
     async def request(self, row: TraceRow, frame_index: int, index: int) -> tuple[str, bytes | None, float]:
@@ -157,11 +155,9 @@ class HttpTarget(_Target):
             received = time.perf_counter()
         except BaseException:
             writer.close()
-            self._open -= 1
             raise
         if headers.get("connection", "").lower() == "close":
             writer.close()
-            self._open -= 1
         else:
             self._idle.append((reader, writer))
         if code == 200:
