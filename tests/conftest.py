@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from agent.broker import LocalBroker, MosquittoNotFound
+from agent.models.digits import frames_from_digits, load_test_set
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,10 @@ def broker():
         pytest.skip(f"no MQTT broker for integration tests: {exc}")
     with local_broker:
         yield local_broker
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The shipped digits test set as the demo models' uint8 frames, and its labels."""
+    images, labels = load_test_set()
+    return frames_from_digits(images), labels

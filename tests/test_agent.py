@@ -10,7 +10,6 @@ from agent.api import Agent
 from agent.config import CONFIG_VERSION, parse_config
 from agent.errors import DEADLINE_MISSED, INTERNAL, INVALID_INPUT, REJECTED, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
 from agent.models.card import load_card
-from agent.models.digits import frames_from_digits, load_test_set
 
 
 def config(**model_overrides):
@@ -19,12 +18,6 @@ def config(**model_overrides):
     model.update(model_overrides)
     return parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "test", "workers": 2},
                          "mqtt": {"enabled": False}, "models": [model]})
-
-
-@pytest.fixture(scope="module")
-def digits():
-    images, labels = load_test_set()
-    return frames_from_digits(images), labels
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,11 @@ from agent.backends import (
     load_backend,
 )
 from agent.models.card import DEMO_DIR, load_card
-from agent.models.digits import frames_from_digits, load_test_set
 
 DEMO_MODELS = ("mobilenet_digits", "resnet_digits")
 VARIANTS = {"onnx": "onnxruntime", "tflite": "litert", "tflite_int8": "litert"}
 CASES = [(model, variant) for model in DEMO_MODELS for variant in VARIANTS]
 CASE_IDS = [f"{model}-{variant}" for model, variant in CASES]
-
-
-@pytest.fixture(scope="module")
-def test_set():
-    images, labels = load_test_set()
-    return frames_from_digits(images), labels
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +117,9 @@ def test_specs_match_the_card(backends, model, variant):
 
 
 @pytest.mark.parametrize("model, variant", CASES, ids=CASE_IDS)
-def test_runs_batch_1_and_batch_5(backends, test_set, model, variant):
+def test_runs_batch_1_and_batch_5(backends, digits, model, variant):
     backend = backends(model, variant)
-    frames = test_set[0][:5]
+    frames = digits[0][:5]
     one = backend.run({"frames": frames[:1]})["logits"]
     five = backend.run({"frames": frames})["logits"]
     assert one.shape == (1, 10) and five.shape == (5, 10)
@@ -136,8 +129,8 @@ def test_runs_batch_1_and_batch_5(backends, test_set, model, variant):
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
-def test_onnx_and_tflite_float_agree(backends, test_set, model):
-    frames = test_set[0][:128]
+def test_onnx_and_tflite_float_agree(backends, digits, model):
+    frames = digits[0][:128]
     onnx_logits = _logits(backends(model, "onnx"), frames)
     tflite_logits = _logits(backends(model, "tflite"), frames)
     np.testing.assert_allclose(tflite_logits, onnx_logits, atol=2e-3, rtol=0)
@@ -145,17 +138,17 @@ def test_onnx_and_tflite_float_agree(backends, test_set, model):
 
 
 @pytest.mark.parametrize("model, variant", CASES, ids=CASE_IDS)
-def test_accuracy_matches_the_card(backends, test_set, model, variant):
-    frames, labels = test_set
+def test_accuracy_matches_the_card(backends, digits, model, variant):
+    frames, labels = digits
     recorded = load_card(f"demo:{model}").file(variant).accuracy
     accuracy = float((_logits(backends(model, variant), frames).argmax(1) == labels).mean())
     assert accuracy >= recorded - 0.01, f"{model} {variant}: {accuracy:.4f} < card {recorded:.4f} - 0.01"
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
-def test_int8_model_takes_uint8_frames_and_returns_float32_logits(backends, test_set, model):
+def test_int8_model_takes_uint8_frames_and_returns_float32_logits(backends, digits, model):
     int8 = backends(model, "tflite_int8")
-    frames = test_set[0][:128]
+    frames = digits[0][:128]
     assert int8.inputs[0].dtype == np.uint8 and int8.outputs[0].dtype == np.float32
     quantised = _logits(int8, frames)
     assert quantised.dtype == np.float32
@@ -210,8 +203,8 @@ def test_onnxruntime_unavailable_provider_is_an_error():
 # ---- LiteRT specifics ---------------------------------------------------------------------
 
 
-def test_litert_keeps_a_bounded_cache_of_interpreters_by_batch_size(test_set):
-    frames = test_set[0][:8]
+def test_litert_keeps_a_bounded_cache_of_interpreters_by_batch_size(digits):
+    frames = digits[0][:8]
     backend = load_backend("litert", DEMO_DIR / "mobilenet_digits.tflite", max_interpreters=3)
     reference = backend.run({"frames": frames})["logits"]
     for size in (1, 2, 3, 8, 2, 5, 1):
@@ -227,9 +220,9 @@ def test_litert_keeps_a_bounded_cache_of_interpreters_by_batch_size(test_set):
         assert in_place.cached_batch_sizes == [size]
 
 
-def test_litert_instances_on_two_threads_give_the_sequential_results(test_set):
+def test_litert_instances_on_two_threads_give_the_sequential_results(digits):
     """Concurrent instances (one thread each, invoke releases the GIL) compute the same thing."""
-    frames = test_set[0][:64]
+    frames = digits[0][:64]
     instances = [load_backend("litert", DEMO_DIR / "mobilenet_digits.tflite") for _ in range(2)]
     expected = _logits(instances[0], frames, batch=8)
     results: list[np.ndarray | None] = [None, None]
@@ -278,14 +271,14 @@ def _edgetpu_model(tmp_path) -> Path:
     return tmp_path / "mobilenet_digits_int8_edgetpu.tflite"
 
 
-def test_edgetpu_runs_a_compiled_model_through_the_delegate(tmp_path, test_set):
+def test_edgetpu_runs_a_compiled_model_through_the_delegate(tmp_path, digits):
     present, reason = edgetpu_available()
     if not present:
         pytest.skip(f"no Edge TPU: {reason}")
     path = _edgetpu_model(tmp_path)
     backend = load_backend("litert", path, delegate="edgetpu")
     assert backend.device == "edgetpu"
-    frames, labels = test_set
+    frames, labels = digits
     accuracy = float((_logits(backend, frames, batch=5).argmax(1) == labels).mean())
     recorded = load_card("demo:mobilenet_digits").file("tflite_int8").accuracy
     assert accuracy >= recorded - 0.02
@@ -377,7 +370,7 @@ def _write_int8_io_model(path: Path, input_quant: tuple[float, int], output_quan
     ids=["shift", "affine", "fixed-batch-2"],
 )
 def test_litert_int8_boundary_tensors_meet_the_uint8_in_float32_out_interface(
-    tmp_path, test_set, input_quant, fixed_batch
+    tmp_path, digits, input_quant, fixed_batch
 ):
     rng = np.random.default_rng(0)
     weights, bias = rng.normal(0, 0.02, (10, 3)), rng.normal(0, 0.5, 10)
@@ -388,7 +381,7 @@ def test_litert_int8_boundary_tensors_meet_the_uint8_in_float32_out_interface(
     backend = load_backend("litert", path)
     assert backend.inputs == [TensorSpec("frames", np.uint8, (None, 64, 64, 3))]
     assert backend.outputs == [TensorSpec("logits", np.float32, (None, 10))]
-    frames = test_set[0][:5]  # with a fixed batch of 2: invokes of 2, 2 and a padded 1
+    frames = digits[0][:5]  # with a fixed batch of 2: invokes of 2, 2 and a padded 1
     logits = backend.run({"frames": frames})["logits"]
     assert logits.dtype == np.float32 and logits.shape == (5, 10)
     np.testing.assert_array_equal(backend.run({"frames": frames[:1]})["logits"], logits[:1])

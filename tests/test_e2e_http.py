@@ -38,12 +38,6 @@ def make_config(**agent_fields):
 
 
 @pytest.fixture(scope="module")
-def digits():
-    images, labels = load_test_set()
-    return frames_from_digits(images), labels
-
-
-@pytest.fixture(scope="module")
 def service():
     with Service(make_config()) as svc:
         yield svc
