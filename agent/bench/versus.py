@@ -163,11 +163,11 @@ def start_system(name: str, *, triton_setting=None, workdir: Path | None = None)
 def triton_grid(kind: str = "full") -> list:
     """The dynamic-batcher settings tried at every load (Triton's row is the best of them):
     instance count (1, 2, 3 on 2 cores), queue delay (none, 0.5 ms, 2 ms) and preferred sizes;
-    ``quick``: the two settings that did best here."""
+    ``quick``: the two settings that were best here (BENCHMARKS.md)."""
     from agent.bench.triton import TritonSetting
     if kind == "quick":
-        return [TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=0),
-                TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=500)]
+        return [TritonSetting(instances=1, max_batch_size=8, max_queue_delay_us=0),
+                TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=0)]
     if kind != "full":
         raise ValueError(f"triton grid {kind!r}: expected 'full' or 'quick'")
     return [
