@@ -138,11 +138,15 @@ class Agent:
 
     def submit(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
                deadline: float | None = None, priority: int = 0, client_id: str | None = None,
-               _run_here: bool = False) -> "Future[Result]":
+               _run_here: str | None = None) -> "Future[Result]":
         """Queue one request; its future resolves to a :class:`Result` or an ``InferenceError``.
 
         ``slo_ms`` is relative to now; ``deadline`` is unix seconds (wall clock, as on the wire).
         With neither, the model's ``default_slo_ms`` applies. Raises ``InferenceError`` if refused.
+
+        ``_run_here`` is for the agent's own intakes: ``"until_done"`` (:meth:`infer`) runs batches on
+        the calling thread until this reply is ready; ``"if_idle"`` (the HTTP event loop) runs this
+        request on the calling thread only when the board is idle (``LiveLoop.run_if_idle``).
         """
         now = self.clock()
         loaded = self.models.get(model)
@@ -161,19 +165,21 @@ class Agent:
                 deadline_at = now + slo / 1000.0
             future: Future = Future()
             request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id)
-            self.loop.submit(request, wake_worker=not _run_here)
+            self.loop.submit(request, wake_worker=_run_here is None)
         except InferenceError as exc:
             self.telemetry.refused(model, exc.code)
             raise
         self.telemetry.accepted(model)
-        if _run_here:
+        if _run_here == "if_idle":
+            self.loop.run_if_idle()
+        elif _run_here == "until_done":
             self.loop.run_while_pending(request)
         return future
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs) -> Result:
         """Blocking: like ``submit(...).result()``, but the calling thread runs batches itself while
         it waits (when an execution slot is free), saving two thread hand-offs per request."""
-        return self.submit(model, inputs, _run_here=True, **kwargs).result()
+        return self.submit(model, inputs, _run_here="until_done", **kwargs).result()
 
     def _dispatch_served_by(self, dispatch: Dispatch) -> dict:
         return self._served_by[dispatch.model][dispatch.instance]

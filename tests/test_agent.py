@@ -207,6 +207,23 @@ def test_blocking_callers_run_batches_themselves_and_all_get_their_own_answer(ag
     assert accuracy == pytest.approx(load_card("demo:mobilenet_digits").file("onnx").accuracy, abs=1e-4)
 
 
+def test_an_idle_board_runs_an_intakes_request_on_its_thread_a_busy_one_hands_it_to_a_worker(digits):
+    frames, labels = digits
+    ran_on: list[str] = []
+    with Agent(config(instances=1)) as agent:
+        backend = agent.models["mobilenet_digits"].backends[0]
+        run = backend.run
+        backend.run = lambda batch: (ran_on.append(threading.current_thread().name), run(batch))[1]
+        time.sleep(0.05)                                   # idle: nothing in flight or queued for a while
+        first = agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000, _run_here="if_idle")
+        assert first.done() and ran_on == [threading.current_thread().name]
+        # Right behind it the board is not idle: the request goes to a worker, the caller returns at once.
+        second = agent.submit("mobilenet_digits", {"frames": frames[1]}, slo_ms=5000, _run_here="if_idle")
+        assert int(np.argmax(second.result(10).outputs["logits"])) == labels[1]
+        assert ran_on[1].startswith("edge-agent-worker-")
+        assert int(np.argmax(first.result().outputs["logits"])) == labels[0]
+
+
 def test_a_profile_file_supplies_the_latency_table(tmp_path):
     import subprocess
     import sys

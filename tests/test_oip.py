@@ -211,6 +211,55 @@ def test_all_json_reply_has_no_binary_part():
                                     "data": [1.5, -2.25, 3.0, 4.0]}]
 
 
+def test_all_binary_reply_reads_back_with_tritonclient_each_time():
+    # The all-binary reply's JSON is partly encoded once per shape: replies after the first must
+    # still carry their own id, parameters and bytes.
+    for k, request_id in enumerate(("r1", None, 'quote"d')):
+        fields = {"id": request_id} if request_id is not None else {}
+        request = parse(*binary_body(frames(2), outputs=[{"name": "logits", "parameters": {"binary_data": True}},
+                                                         {"name": "features", "parameters": {"binary_data": True}}],
+                                     **fields))
+        outputs = {"logits": np.full((2, 10), k, np.float32), "features": np.full((2, 2), -k, np.float32)}
+        chunks, header_length = oip.infer_response(request, outputs, {"total_ms": k + 0.5} if k != 1 else None)
+        body = b"".join(chunks)
+        result = InferResult.from_response_body(body, header_length=header_length)
+        np.testing.assert_array_equal(result.as_numpy("logits").reshape(2, 10), outputs["logits"])
+        np.testing.assert_array_equal(result.as_numpy("features").reshape(2, 2), outputs["features"])
+        response = result.get_response()
+        assert response.get("id") == request_id and response["model_name"] == "m"
+        assert response.get("parameters") == ({"total_ms": k + 0.5} if k != 1 else None)
+        assert response["outputs"][1] == {"name": "features", "datatype": "FP32", "shape": [2, 2],
+                                          "parameters": {"binary_data_size": 16}}
+
+
+def test_layout_cache_gives_the_same_request_and_this_bodys_bytes():
+    cache = oip.LayoutCache()
+    first = frames()
+    body, header_length = binary_body(first, parameters={"slo_ms": 20, "priority": 2}, id="a")
+    cold = oip.parse_infer_request("m", body, header_length, INPUTS, OUTPUTS, cache)
+    assert len(cache) == 1
+    second = 255 - first                                   # same header, other pixels
+    body2, _ = binary_body(second, parameters={"slo_ms": 20, "priority": 2}, id="a")
+    warm = oip.parse_infer_request("m", body2, header_length, INPUTS, OUTPUTS, cache)
+    assert (warm.id, warm.rows, warm.slo_ms, warm.priority, warm.outputs) == \
+        (cold.id, cold.rows, cold.slo_ms, cold.priority, cold.outputs)
+    np.testing.assert_array_equal(warm.inputs["frames"], second)
+    assert np.shares_memory(warm.inputs["frames"], np.frombuffer(body2, np.uint8))
+    # A body of another size under the same header is checked afresh, and refused.
+    with pytest.raises(InferenceError) as info:
+        oip.parse_infer_request("m", body2 + b"x", header_length, INPUTS, OUTPUTS, cache)
+    assert info.value.code == BAD_REQUEST and "after the JSON header" in info.value.message
+
+
+def test_layout_cache_skips_json_data_and_stays_bounded():
+    cache = oip.LayoutCache()
+    oip.parse_infer_request("m", json_body(frames().ravel().tolist()), None, INPUTS, OUTPUTS, cache)
+    assert len(cache) == 0                                 # the data is the header: nothing to reuse
+    for k in range(oip.LAYOUT_CACHE_SIZE + 5):             # a fresh id per request
+        oip.parse_infer_request("m", *binary_body(frames(), id=f"r{k}"), INPUTS, OUTPUTS, cache)
+        assert len(cache) <= oip.LAYOUT_CACHE_SIZE
+
+
 # --- errors, metadata ---------------------------------------------------------------------------
 
 def test_every_error_code_has_an_http_status():

@@ -170,6 +170,44 @@ def test_admission_counts_only_what_pops_first():
     s.enqueue(req("a", 0.0, 0.0021))      # nothing ahead of it: admitted
 
 
+def test_admission_learns_a_slack_from_misses_and_lets_it_go_when_requests_make_it():
+    from agent.scheduler.admission import AdmissionControl
+    t = table(0.001, 0.001)              # a batch of one: 2 ms
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, admission=AdmissionControl(t, 1))], max_concurrent=1)
+    admission = s.lanes["a"].admission
+    s.enqueue(req("a", 0.0, 0.003))      # 1 ms to spare: admitted
+    dispatch = s.poll(0.0).dispatch
+    s.finish(dispatch)
+    s.observe(dispatch, 0.010)           # ...but it finished at 10 ms: a miss
+    assert admission.slack_s == pytest.approx(admission.MISS_QUANTILE * admission.STEP_S)
+    admission.excess_s = 0.0             # the slow batch taught the mean excess too; this test is the slack's
+    misses = math.ceil(0.0011 / (admission.MISS_QUANTILE * admission.STEP_S))
+    for _ in range(misses - 1):
+        admission.calibrate(True)
+    assert admission.slack_s > 0.001
+    with pytest.raises(InferenceError) as info:
+        s.enqueue(req("a", 0.0, 0.003))  # the same request is now refused, and the reason says why
+    assert info.value.code == REJECTED and "learned slack" in info.value.message
+    # Requests that make it take the slack back down, at (1 - q) / q of a miss's step each.
+    hits = math.ceil(admission.slack_s / ((1 - admission.MISS_QUANTILE) * admission.STEP_S))
+    for _ in range(hits):
+        admission.calibrate(False)
+    assert admission.slack_s == 0.0
+    s.enqueue(req("a", 0.0, 0.003))
+
+
+def test_requests_expiring_in_the_queue_count_as_misses():
+    from agent.scheduler.admission import AdmissionControl
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, min_latency_s=0.002,
+                                  admission=AdmissionControl(table(0.001, 0.001), 1))], max_concurrent=1)
+    for _ in range(3):
+        s.enqueue(req("a", 0.0, 0.003))
+    decision = s.poll(0.0015)            # 1.5 ms left, a run takes 2: all three shed
+    assert len(decision.expired) == 3 and decision.dispatch is None
+    admission = s.lanes["a"].admission
+    assert admission.slack_s == pytest.approx(3 * admission.MISS_QUANTILE * admission.STEP_S)
+
+
 def test_water_level_pours_work_over_the_slots_free_first():
     from agent.scheduler.dispatcher import water_level
     assert water_level([0.0, 0.0], 0.0) == 0.0

@@ -328,6 +328,7 @@ class _ModelView:
         backend = loaded.config.backend
         self.metadata = _json(oip.model_metadata(name, backend, card.inputs, card.outputs))
         self.config = _json(oip.model_config(name, backend, loaded.rule.max_batch, card.inputs, card.outputs))
+        self.layouts = oip.LayoutCache()      # only the loop's thread parses: no lock
 
 
 class HttpIntake:
@@ -482,11 +483,14 @@ class HttpIntake:
             raise InferenceError(SHUTTING_DOWN, "the agent is shutting down: not taking new requests")
         if head.content_encoding not in (b"", b"identity"):
             body = self._decompress(head.content_encoding, body)
-        request = oip.parse_infer_request(name, body, head.header_length, model.inputs, model.outputs)
+        request = oip.parse_infer_request(name, body, head.header_length, model.inputs, model.outputs, model.layouts)
         submit = self.agent.submit
         if request.rows == 1:
             futures = [submit(name, request.inputs, slo_ms=request.slo_ms, priority=request.priority,
-                              client_id=request.id)]
+                              client_id=request.id, _run_here="if_idle")]
+            if futures[0].done():
+                connection.finish(request, futures)
+                return
         else:
             # The agent queues single items: each row is its own request (same SLO), gathered in order.
             futures = [submit(name, {k: v[row:row + 1] for k, v in request.inputs.items()}, slo_ms=request.slo_ms,

@@ -26,7 +26,14 @@ batch in flight is predicted to end, to find when a slot is free for it; the lat
 predictions decides.
 
 What it leaves out, and so where it is optimistic: batches smaller than ``max_batch`` (the
-deadline-aware rule may pick them), and CPU taken by the intake and the applications themselves.
+deadline-aware rule may pick them), CPU taken by the intake and the applications themselves, and
+requests that arrive later with earlier deadlines and overtake this one (EDF across models: a
+tight request of an expensive model pushes cheap ones back). So the test is calibrated online, as
+a quantile (ours): every admitted request that misses raises a learned slack by ``q x STEP_S``, every
+one that makes it lowers it by ``(1 - q) x STEP_S`` (never below 0), and a request is admitted only
+if its predicted finish plus the slack is within its deadline. This is the stochastic-approximation
+quantile tracker: the slack settles where a fraction ``1 - q`` of admitted requests miss (the
+``MISS_QUANTILE`` target), whatever the model above leaves out, and falls back to 0 off overload.
 An admitted request that still cannot make it is shed before it runs (``shed_hopeless``).
 """
 from __future__ import annotations
@@ -39,6 +46,8 @@ from agent.core import DeadlineQueue, LatencyTable
 
 class AdmissionControl:
     EWMA_WEIGHT = 0.2     # weight of the newest batch in the excess estimate
+    MISS_QUANTILE = 0.98  # the slack aims at 98% of admitted requests in time (2% miss)
+    STEP_S = 0.0001       # a miss adds 0.098 ms of slack, a request in time takes off 0.002 ms
 
     def __init__(self, table: LatencyTable, max_batch: int, margin_s: float = 0.0) -> None:
         if max_batch < 1:
@@ -47,6 +56,7 @@ class AdmissionControl:
         self.max_batch = max_batch
         self.margin_s = margin_s
         self.excess_s = 0.0       # learned: observed batch duration minus the table's prediction
+        self.slack_s = 0.0        # learned: the quantile slack (module docstring)
         self.overruns = 0         # batches that took longer than predicted + the learned excess
         self._full_batch_s = table.predict(max_batch)
 
@@ -56,6 +66,13 @@ class AdmissionControl:
         if excess > self.excess_s + self.margin_s:
             self.overruns += 1
         self.excess_s += self.EWMA_WEIGHT * (excess - self.excess_s)
+
+    def calibrate(self, missed: bool) -> None:
+        """An admitted request was answered in time, or missed (late, expired or shed): move the slack."""
+        if missed:
+            self.slack_s += self.MISS_QUANTILE * self.STEP_S
+        else:
+            self.slack_s = max(0.0, self.slack_s - (1.0 - self.MISS_QUANTILE) * self.STEP_S)
 
     def batch_s(self, batch_size: int) -> float:
         """Predicted duration of one batch: the profiled time plus the learned excess."""
@@ -80,7 +97,7 @@ class AdmissionControl:
         if ahead == 0 and len(busy_until) < instances and shared_start is None:
             # The common case on a board with headroom: an idle instance, nothing ahead.
             finish = now + self.batch_s(1)
-            if finish + self.margin_s <= deadline:
+            if finish + self.margin_s + self.slack_s <= deadline:
                 return None
         n = ahead + 1
         batches = -(-n // self.max_batch)
@@ -91,9 +108,10 @@ class AdmissionControl:
         finish = free_at[j % instances] + (j // instances) * full + self.batch_s(last_batch)
         if shared_start is not None:
             finish = max(finish, shared_start + self.batch_s(last_batch))
-        if finish + self.margin_s <= deadline:
+        if finish + self.margin_s + self.slack_s <= deadline:
             return None
-        return (f"deadline cannot be met: predicted finish in {1000 * (finish - now):.1f} ms, deadline in "
+        return (f"deadline cannot be met: predicted finish in {1000 * (finish - now):.1f} ms + "
+                f"{1000 * self.slack_s:.1f} ms learned slack, deadline in "
                 f"{1000 * (deadline - now):.1f} ms ({ahead} queued ahead, batches of up to {self.max_batch}, "
                 f"{instances} instance{'s' if instances != 1 else ''}"
                 + ("" if shared_start is None else

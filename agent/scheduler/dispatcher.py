@@ -209,6 +209,7 @@ class Scheduler:
             n = lane.queue.drop_expired(horizon, lane.expired_ids)
             pending = lane.pending
             expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n].tolist())
+            self._missed(lane, n)
             if n < len(lane.expired_ids):
                 return
 
@@ -218,6 +219,7 @@ class Scheduler:
         pending = lane.pending
         if n_expired:
             expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n_expired].tolist())
+            self._missed(lane, n_expired)
         if not n_ready:
             return None
         requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
@@ -229,6 +231,13 @@ class Scheduler:
         if lane.admission is not None:
             lane.busy_until[instance] = now + lane.admission.batch_s(n_ready)
         return Dispatch(lane.name, instance, requests, now)
+
+    @staticmethod
+    def _missed(lane: ModelLane, n: int) -> None:
+        """``n`` admitted requests expired or were shed in the queue: each a miss for calibration."""
+        if lane.admission is not None:
+            for _ in range(n):
+                lane.admission.calibrate(True)
 
     def finish(self, dispatch: Dispatch) -> None:
         """The batch is done (whatever its outcome): its instance and slot are free again."""
@@ -245,6 +254,8 @@ class Scheduler:
         admission = lane.admission
         if admission is not None:
             admission.observe(len(dispatch.requests), now - dispatch.started)
+            for request in dispatch.requests:
+                admission.calibrate(now > request.deadline)
         observe = getattr(lane.rule, "observe", None)
         if observe is not None and dispatch.requests:
             met = now <= min(request.deadline for request in dispatch.requests)

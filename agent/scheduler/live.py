@@ -24,6 +24,9 @@ from agent.scheduler.request import Request, Result
 log = logging.getLogger(__name__)
 
 MAX_IDLE_WAIT_S = 1.0
+# run_if_idle: no other request for this long means the board is idle (a loaded board's requests
+# arrive closer together than one batch of the cheapest model takes).
+IDLE_GAP_S = 0.002
 
 
 class LiveLoop:
@@ -38,6 +41,7 @@ class LiveLoop:
         self._served_by = served_by
         self._on_reply = on_reply
         self._stopping = False
+        self._last_arrival = self._previous_arrival = -math.inf
         self._threads = [
             threading.Thread(target=self._worker, name=f"edge-agent-worker-{i}", daemon=True) for i in range(workers)
         ]
@@ -53,6 +57,7 @@ class LiveLoop:
             if self._stopping:
                 raise InferenceError(SHUTTING_DOWN, "the agent is shutting down")
             self.scheduler.enqueue(request)
+            self._previous_arrival, self._last_arrival = self._last_arrival, request.arrival
             if wake_worker:
                 self.cond.notify()
 
@@ -93,6 +98,29 @@ class LiveLoop:
             self._carry_out(decision, now)
             if reply.done():
                 return
+
+    def run_if_idle(self) -> bool:
+        """Run the request just queued on the calling thread if the agent is idle; otherwise wake a
+        worker for it. Returns whether a batch ran here.
+
+        For an event-loop intake (HTTP): on an idle board the thread that read the request runs it
+        and writes the reply, so the request crosses no thread (two fewer cross-vCPU wake-ups, about
+        0.15 ms here). Idle means no batch in flight, nothing else queued, and no other request for
+        ``IDLE_GAP_S``: under load the loop must stay on its sockets (a model run there would delay
+        every other connection's requests, unseen by their deadlines), so the workers run everything.
+        """
+        with self.lock:
+            now = self.clock()
+            gap = now - self._previous_arrival
+            if self.scheduler.in_flight or self.scheduler.queued() != 1 or gap < IDLE_GAP_S:
+                self.cond.notify()
+                return False
+            decision = self.scheduler.poll(now)
+            if decision.dispatch is None and not decision.expired:
+                self.cond.notify()
+                return False
+        self._carry_out(decision, now)
+        return decision.dispatch is not None
 
     # --- worker --------------------------------------------------------------------------------
 
