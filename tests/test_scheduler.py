@@ -200,9 +200,10 @@ def test_requests_expiring_in_the_queue_count_as_misses():
     from agent.scheduler.admission import AdmissionControl
     s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, min_latency_s=0.002,
                                   admission=AdmissionControl(table(0.001, 0.001), 1))], max_concurrent=1)
-    for _ in range(3):
-        s.enqueue(req("a", 0.0, 0.003))
-    decision = s.poll(0.0015)            # 1.5 ms left, a run takes 2: all three shed
+    for deadline in (0.003, 0.005, 0.007):   # each admitted: predicted to finish at 2, 4, 6 ms
+        s.enqueue(req("a", 0.0, deadline))
+    decision = s.poll(0.0055)            # the first slot frees late: 1.5 ms left at best, a run takes 2
+
     assert len(decision.expired) == 3 and decision.dispatch is None
     admission = s.lanes["a"].admission
     assert admission.slack_s == pytest.approx(3 * admission.MISS_QUANTILE * admission.STEP_S)
