@@ -28,6 +28,7 @@ import dataclasses
 import json
 import multiprocessing
 import queue
+import shutil
 import sys
 import tempfile
 import time
@@ -153,9 +154,18 @@ def start_system(name: str, *, triton_setting=None, workdir: Path | None = None)
         root = Path(tempfile.mkdtemp(prefix="triton-repo-", dir=workdir))
         models = [(m, resolve_card_path(f"demo:{m}")) for m in ("mobilenet_digits", "resnet_digits")]
         write_model_repository(root, models, triton_setting)
-        server = TritonServer(root, http_port=0, log_path=root / "tritonserver.log").start()
+        try:
+            server = TritonServer(root, http_port=0, log_path=root / "tritonserver.log").start()
+        except BaseException:
+            _say(f"tritonserver failed to start; its repository and log are kept in {root}")
+            raise
+
+        def stop() -> None:            # the repository (and the log of a run that went well) goes with it
+            server.stop()
+            shutil.rmtree(root, ignore_errors=True)
+
         host, port = server.url.rsplit(":", 1)
-        return RunningServer(name, "http", "triton", host, int(port), [server.pid], server.stop,
+        return RunningServer(name, "http", "triton", host, int(port), [server.pid], stop,
                              setting=triton_setting.as_dict())
     raise ValueError(f"system {name!r}: expected one of {SYSTEMS}")
 
