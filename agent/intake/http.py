@@ -5,9 +5,13 @@ unchanged; its requests go through :meth:`agent.api.Agent.submit`, into the same
 and admission control as MQTT ones. The protocol itself (bodies in, bodies out) is
 :mod:`agent.intake.oip`; this module is the transport: parsing HTTP/1.1, routing, replying.
 
-One event loop on its own thread serves every connection (no thread per request). The loop never
-blocks: an inference request is decoded, submitted and left; the worker that finishes its batch
-hands the future back to the loop (``call_soon_threadsafe``), which encodes and writes the reply.
+One event loop on its own thread serves every connection (no thread per request). Under load the
+loop never blocks: an inference request is decoded, submitted and left; the worker that finishes
+its batch hands the future back to the loop (``call_soon_threadsafe``), which encodes and writes
+the reply. On an idle board (no batch in flight, nothing queued, no other request for 2 ms) the
+loop runs the request itself and writes the reply at once: two thread hand-offs fewer, each a
+cross-vCPU wake-up (``LiveLoop.run_if_idle``). Requests whose JSON header repeats (every request a
+client sends to one model, but for the tensor bytes) are parsed once (``oip.LayoutCache``).
 Connections are keep-alive; requests on one connection are answered in order (a pipelined request
 waits until the one before it is answered). Every request that was read gets exactly one reply; a
 client that disconnects first simply gets none, and nothing else notices.
