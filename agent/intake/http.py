@@ -267,8 +267,10 @@ class _Connection(asyncio.Protocol):
     def respond_error(self, error: InferenceError) -> None:
         self.respond(oip.error_status(error), [oip.error_body(error)])
 
-    def finish(self, request: oip.InferRequest, futures: list[Future]) -> None:
-        """On the loop, once every row of ``request`` is answered: encode and write the one reply."""
+    def finish(self, request: oip.InferRequest, futures: list[Future], resume: bool = True) -> None:
+        """On the loop, once every row of ``request`` is answered: encode and write the one reply,
+        then (``resume``) serve what was pipelined meanwhile; a request answered inside
+        :meth:`_process` (the idle fast path) leaves that to the loop already running there."""
         try:
             try:
                 results = [future.result() for future in futures]   # done: never blocks
@@ -288,7 +290,8 @@ class _Connection(asyncio.Protocol):
             log.exception("HTTP intake failed to encode the reply to %s", request.model)
             self._error(500, f"{INTERNAL}: {type(exc).__name__}: {exc}")
         finally:
-            self._next()
+            if resume:
+                self._next()
 
     def _close(self, linger: bool = False) -> None:
         """Close after the replies written so far are sent. ``linger``: half-close and read (and drop)
@@ -493,7 +496,7 @@ class HttpIntake:
             futures = [submit(name, request.inputs, slo_ms=request.slo_ms, priority=request.priority,
                               client_id=request.id, _run_here="if_idle")]
             if futures[0].done():
-                connection.finish(request, futures)
+                connection.finish(request, futures, resume=False)
                 return
         else:
             # The agent queues single items: each row is its own request (same SLO), gathered in order.
