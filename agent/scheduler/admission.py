@@ -67,12 +67,13 @@ class AdmissionControl:
             self.overruns += 1
         self.excess_s += self.EWMA_WEIGHT * (excess - self.excess_s)
 
-    def calibrate(self, missed: bool) -> None:
-        """An admitted request was answered in time, or missed (late, expired or shed): move the slack."""
+    def calibrate(self, missed: bool, count: int = 1) -> None:
+        """``count`` admitted requests were answered in time, or missed (late, expired or shed):
+        move the slack (misses add up; each request in time steps down, never below 0)."""
         if missed:
-            self.slack_s += self.MISS_QUANTILE * self.STEP_S
+            self.slack_s += count * self.MISS_QUANTILE * self.STEP_S
         else:
-            self.slack_s = max(0.0, self.slack_s - (1.0 - self.MISS_QUANTILE) * self.STEP_S)
+            self.slack_s = max(0.0, self.slack_s - count * (1.0 - self.MISS_QUANTILE) * self.STEP_S)
 
     def batch_s(self, batch_size: int) -> float:
         """Predicted duration of one batch: the profiled time plus the learned excess."""

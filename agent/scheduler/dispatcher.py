@@ -235,9 +235,8 @@ class Scheduler:
     @staticmethod
     def _missed(lane: ModelLane, n: int) -> None:
         """``n`` admitted requests expired or were shed in the queue: each a miss for calibration."""
-        if lane.admission is not None:
-            for _ in range(n):
-                lane.admission.calibrate(True)
+        if lane.admission is not None and n:
+            lane.admission.calibrate(True, n)
 
     def finish(self, dispatch: Dispatch) -> None:
         """The batch is done (whatever its outcome): its instance and slot are free again."""
