@@ -118,7 +118,7 @@ class Agent:
         self.telemetry = Telemetry(list(self.models))
         self.scheduler = Scheduler(
             [build_lane(name, m.rule, m.config, m.latency) for name, m in self.models.items()],
-            max_concurrent=config.worker_count,
+            max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
         )
         self.executor = LocalExecutor({
             name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in self.models.items()

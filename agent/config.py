@@ -78,6 +78,9 @@ class Config:
     device: str = "edge-board"
     workers: int = 0                           # execution slots; 0 = one per CPU core
     max_payload_bytes: int = 4 * 1024 * 1024
+    # A batch holds its slot for at most this share of the tightest recent SLO, unless batching pays
+    # (agent.scheduler.dispatcher.hold_cap); 0 = no cap. Lanes under admission control only.
+    hold_fraction: float = 0.25
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -219,7 +222,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     if version != CONFIG_VERSION:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
-    _no_unknown(agent, {"device", "workers", "max_payload_bytes", "profile"}, "agent")
+    _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
@@ -240,6 +243,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         workers=_take(agent, "workers", "agent", int, 0, lambda v: 0 <= v <= 256, "an integer in 0..256 (0 = one per core)"),
         max_payload_bytes=_take(agent, "max_payload_bytes", "agent", int, 4 * 1024 * 1024,
                                 lambda v: 1024 <= v <= 256 * 1024 * 1024, "an integer in 1024..268435456"),
+        hold_fraction=float(_take(agent, "hold_fraction", "agent", (int, float), 0.25, lambda v: 0 <= v <= 1,
+                                  "a fraction in 0..1 (0 = batches not capped by the tightest SLO)")),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),
                               base_dir),
         mqtt=MqttConfig(

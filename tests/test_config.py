@@ -52,6 +52,8 @@ def test_defaults_fill_in():
     (lambda c: c["models"][0].update(instanses=2), "models[0].instanses", "known keys"),
     (lambda c: c["agent"].update(max_payload_bytes=10), "agent.max_payload_bytes", "1024.."),
     (lambda c: c["agent"].update(device="a+b"), "agent.device", "without"),
+    (lambda c: c["agent"].update(hold_fraction=2), "agent.hold_fraction", "0..1"),
+    (lambda c: c["agent"].update(hold_fraction="0.25"), "agent.hold_fraction", "0..1"),
     (lambda c: c.update(mqtt={"port": 70000}), "mqtt.port", "1..65535"),
     (lambda c: c.update(mqtt={"enabled": "yes"}), "mqtt.enabled", "bool"),
     (lambda c: c.update(http={"port": 70000}), "http.port", "0..65535"),
@@ -70,6 +72,13 @@ def test_bad_settings_are_named(mutate, field, fragment):
     assert info.value.field == field
     assert fragment in str(info.value)
     assert str(info.value).startswith(f"config: {field} = ")
+
+
+def test_hold_fraction_defaults_to_a_quarter_and_zero_turns_it_off():
+    assert parse_config(base()).hold_fraction == 0.25
+    config = base()
+    config["agent"]["hold_fraction"] = 0
+    assert parse_config(config).hold_fraction == 0.0
 
 
 def test_http_intake_is_off_unless_enabled():

@@ -280,3 +280,61 @@ def test_scheduler_refuses_through_the_cost_share_only_with_several_admitted_mod
     assert one.share is None
     two = Scheduler([Scheduler.lane(n, FixedBatch(1), 1, 64, admission=AdmissionControl(table(), 1)) for n in "ab"], 2)
     assert two.share is not None and two.share.capacity == 2.0
+
+
+# --- the hold bound: batches capped by the tightest recent SLO --------------------------------------
+
+def test_hold_cap_bounds_the_batch_unless_batching_pays():
+    from agent.scheduler.dispatcher import hold_cap
+    linear = table(per_item_s=0.001, fixed_s=0.0)          # a batch of b takes b ms: batching saves nothing
+    assert hold_cap(linear, 8, 0.0025) == 2
+    assert hold_cap(linear, 8, 0.0005) == 1                # even one does not fit: still 1
+    assert hold_cap(linear, 8, 0.010) == 8
+    paying = table(per_item_s=0.0001, fixed_s=0.002)       # a batch of 8 costs 0.28 ms a request (GPU-like)
+    assert hold_cap(paying, 8, 0.0025) == 8
+
+
+def _capped_scheduler(hold_fraction):
+    from agent.scheduler.admission import AdmissionControl
+    t = table(per_item_s=0.001, fixed_s=0.0)
+    lanes = [Scheduler.lane(name, DeadlineAwareBatch(t, 8), 1, 64, admission=AdmissionControl(t, 8)) for name in "ab"]
+    return Scheduler(lanes, max_concurrent=2, hold_fraction=hold_fraction)
+
+
+def test_a_tight_request_caps_every_lanes_batches():
+    s = _capped_scheduler(0.25)
+    for _ in range(8):
+        s.enqueue(req("a", 0.0, 1.0))                      # loose: a full batch of 8 (8 ms)
+    s.enqueue(req("b", 0.0, 0.010))                        # one 10 ms request on the other model
+    assert s.tight_slo_s == pytest.approx(0.010)
+    assert [lane.batch_cap for lane in s.lanes.values()] == [2, 2]     # 2 ms <= 10 ms / 4
+    first, second = s.poll(0.0).dispatch, s.poll(0.0).dispatch
+    assert (first.model, len(first.requests)) == ("b", 1)
+    assert (second.model, len(second.requests)) == ("a", 2)
+    # Admission predicts with the cap too: 6 queued ahead in batches of 2 on one instance.
+    assert s.lanes["a"].admission.max_batch == 2
+
+
+def test_the_cap_lifts_once_no_tight_request_came_for_a_window():
+    s = _capped_scheduler(0.25)
+    s.enqueue(req("b", 0.0, 0.010))
+    assert s.lanes["a"].batch_cap == 2
+    later = Scheduler.TIGHT_WINDOW_S + 0.5
+    for _ in range(8):
+        s.enqueue(req("a", later, 1.0))
+    assert s.tight_slo_s == pytest.approx(1.0)
+    assert s.lanes["a"].batch_cap == 8
+    decision = s.poll(later)
+    assert len(decision.expired) == 1                       # the 10 ms request, long overdue
+    assert len(decision.dispatch.requests) == 8
+
+
+def test_no_cap_without_a_hold_fraction():
+    s = _capped_scheduler(0.0)
+    for _ in range(8):
+        s.enqueue(req("a", 0.0, 1.0))
+    s.enqueue(req("b", 0.0, 0.010))
+    s.poll(0.0)
+    assert len(s.poll(0.0).dispatch.requests) == 8
+    with pytest.raises(ValueError, match="hold_fraction"):
+        _capped_scheduler(1.5)

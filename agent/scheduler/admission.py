@@ -60,6 +60,13 @@ class AdmissionControl:
         self.overruns = 0         # batches that took longer than predicted + the learned excess
         self._full_batch_s = table.predict(max_batch)
 
+    def limit_batch(self, max_batch: int) -> None:
+        """Predict with batches of at most ``max_batch`` from now on (the scheduler's hold cap)."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch = {max_batch}: expected >= 1")
+        self.max_batch = max_batch
+        self._full_batch_s = self.table.predict(max_batch)
+
     def observe(self, batch_size: int, duration_s: float) -> None:
         """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the excess."""
         excess = duration_s - self.table.predict(batch_size)
