@@ -244,6 +244,50 @@ def test_pipelined_requests_are_answered_in_order_and_expect_continue(service, d
         assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
 
 
+def test_replies_to_a_client_that_does_not_read_stay_whole_and_in_order(service, digits):
+    """Workers write replies on the socket themselves; when it is full, the rest goes through the
+    loop's transport. A client that pipelines many requests and reads nothing until the end fills
+    both buffers: every reply must still arrive once, whole, in order."""
+    frames, labels = digits
+    rows = 4                                     # JSON outputs: about 1 KB a reply
+    header = json.dumps({"inputs": [{"name": "frames", "shape": [rows, 64, 64, 3], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": rows * 64 * 64 * 3}}],
+                         "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+                         "parameters": {"slo_ms": 60_000}}).encode()
+    count = 200
+    requests = []
+    for k in range(count):
+        json_part = json.dumps({**json.loads(header), "id": str(k)}).encode()
+        body = json_part + frames[k % 50:k % 50 + rows].tobytes()
+        requests.append((f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+                         f"Inference-Header-Content-Length: {len(json_part)}\r\n\r\n").encode() + body)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # before connect: a small window
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", service.http.port))
+        time.sleep(0.05)
+        for connection in list(service.http._connections):           # the server's side, just as small
+            if connection._direct is not None and connection._direct.getpeername() == sock.getsockname():
+                connection._direct.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = b"".join(requests) + b"GET /v2 HTTP/1.1\r\nConnection: close\r\n\r\n"
+        with ThreadPoolExecutor(1) as pool:      # a full server stops reading: send beside the reads
+            sending = pool.submit(sock.sendall, data)
+            time.sleep(0.5)                      # the server answers into full buffers meanwhile
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            sending.result()
+    responses = split_responses(b"".join(chunks))
+    assert len(responses) == count + 1
+    for k, (status, body) in enumerate(responses[:count]):
+        assert status == b"HTTP/1.1 200 OK"
+        reply = json.loads(body)
+        assert reply["id"] == str(k)
+        logits = np.array(reply["outputs"][0]["data"]).reshape(rows, 10)
+        assert (logits.argmax(1) == labels[k % 50:k % 50 + rows]).mean() >= 0.9
+    assert b'"name":"edge-agent"' in responses[-1][1]
+
+
 def test_a_client_that_leaves_mid_request_harms_nobody(service, client, digits):
     frames, _ = digits
     header = json.dumps({"inputs": [{"name": "frames", "shape": [1, 64, 64, 3], "datatype": "UINT8",
