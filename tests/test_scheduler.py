@@ -274,6 +274,15 @@ def test_cost_share_reason_and_priority():
     assert share.refuse("dear", 1, 2.0) is None                  # priority above 0 is never refused here
 
 
+def test_cost_share_leaves_the_cheapest_models_overload_to_the_deadline_test():
+    # 2 s/s of cheap work alone on one slot: nothing cheaper to protect, so none of it is refused
+    # here (the deadline test keeps what can wait); dear gets nothing while cheap fills the slot.
+    share = _share()
+    fractions = _offer(share, 3.0, cheap_per_s=2000, dear_per_s=100)
+    assert fractions["cheap"] == 1.0 and share.refused["cheap"] == 0
+    assert fractions["dear"] < 0.1, fractions
+
+
 def test_scheduler_refuses_through_the_cost_share_only_with_several_admitted_models():
     from agent.scheduler.admission import AdmissionControl
     one = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, admission=AdmissionControl(table(), 1))], 1)
