@@ -230,11 +230,12 @@ def trace_rate(trace: Sequence[TraceRow]) -> float:
 
 # --- one replay, one system ------------------------------------------------------------------------
 
-def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], per_model: int = 120,
+def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], per_model: int = 300,
              gap_s: float = 0.005) -> dict[str, float]:
     """Unmetered requests, one at a time (``gap_s`` apart, longer than a reply takes), so first-call
     costs stay out of the figures; returns each model's idle overhead: median latency minus its
-    own batch-1 time, over the second half (the server warm, nothing queued)."""
+    own batch-1 time, over the second half (the server warm, nothing queued). 150 samples a model
+    over 3 s: with 60 over 1.2 s, a passing stall of this VM moved one system's figure by half."""
     models = sorted(own_ms)
     rows = [TraceRow(round(gap_s * k, 6), "warmup", m, 1000.0, 0)
             for k, m in enumerate(m for m in models for _ in range(per_model))]
