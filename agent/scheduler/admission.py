@@ -147,8 +147,7 @@ class CostShare:
     capacity every model gets everything: nothing changes off overload. Requests with a priority
     above 0 are never refused here, nor those of the cheapest model: when it alone brings more work
     than the slots can do, a share would refuse its requests blindly, loose and tight alike, where
-    the deadline test refuses those that cannot finish and keeps those that can wait out a burst
-    (measured: its 50 ms class went from 74-80% to 84% in time at 1.5x load, BENCHMARKS.md).
+    the deadline test refuses those that cannot finish and keeps those that can wait out a burst.
     """
 
     TAU_S = 0.25
