@@ -25,6 +25,9 @@ class PolicySpec:
     # (model config, its smallest SLO in ms or None) -> the model config under this policy
     apply_model: Callable[[ModelConfig, "float | None"], ModelConfig]
     workers: int | None = None         # the agent's execution slots under this policy; None = keep
+    # The agent's batch cap by the tightest SLO (``Config.hold_fraction``, ours): off for the baselines,
+    # which follow their papers (deeprt uses admission control, which the cap would otherwise reach).
+    hold_fraction: float | None = 0.0  # None = keep the config's
 
 
 def _batching(model: ModelConfig, rule: str, *, shed: bool = False, admission: bool = False, **fields) -> BatchingConfig:
@@ -79,14 +82,15 @@ POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
     PolicySpec("deeprt", "DeepRT's DisBatcher: jobs at window joints, window = half the model's smallest SLO, EDF "
                          "across models, with our admission control in place of its EDF imitator (PAPERS.md §3)",
                _deeprt),
-    PolicySpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, with shedding "
-                       "and admission control (README, agent.scheduler)", _edge),
+    PolicySpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, batches capped "
+                       "by the tightest SLO, shedding and admission control (README, agent.scheduler)", _edge,
+               hold_fraction=None),
 )}
 
 
 def apply_policy(config: Config, policy: str, *, slo_ms_by_model: Mapping[str, float] | None = None) -> Config:
-    """A copy of ``config`` with every model's batching (and instances / workers where the policy
-    says) replaced by ``policy``'s. ``slo_ms_by_model`` (model -> its smallest SLO in ms) is needed by
+    """A copy of ``config`` with every model's batching (and instances / workers / the batch cap where
+    the policy says) replaced by ``policy``'s. ``slo_ms_by_model`` (model -> its smallest SLO in ms) is needed by
     ``deeprt``, whose window is half of it; a ``ValueError`` names what is missing or unknown."""
     spec = POLICIES.get(policy)
     if spec is None:
@@ -94,7 +98,8 @@ def apply_policy(config: Config, policy: str, *, slo_ms_by_model: Mapping[str, f
     slos = slo_ms_by_model or {}
     models = tuple(spec.apply_model(model, slos.get(model.name)) for model in config.models)
     workers = config.workers if spec.workers is None else spec.workers
-    return replace(config, models=models, workers=workers)
+    hold = config.hold_fraction if spec.hold_fraction is None else spec.hold_fraction
+    return replace(config, models=models, workers=workers, hold_fraction=hold)
 
 
 __all__ = ["POLICIES", "PolicySpec", "apply_policy"]
