@@ -78,8 +78,8 @@ class Config:
     device: str = "edge-board"
     workers: int = 0                           # execution slots; 0 = one per CPU core
     max_payload_bytes: int = 4 * 1024 * 1024
-    # A batch holds its slot for at most this share of the tightest recent SLO, unless batching pays
-    # (agent.scheduler.dispatcher.hold_cap); 0 = no cap. Lanes under admission control only.
+    # While an urgent request waits, a batch holds its slot for at most this share of the tightest
+    # recent SLO, unless batching pays (agent.scheduler.dispatcher); 0 = no cap. Admission lanes only.
     hold_fraction: float = 0.25
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     mqtt: MqttConfig = field(default_factory=MqttConfig)

@@ -310,18 +310,29 @@ def _capped_scheduler(hold_fraction):
     return Scheduler(lanes, max_concurrent=2, hold_fraction=hold_fraction)
 
 
-def test_a_tight_request_caps_every_lanes_batches():
+def test_an_urgent_request_waiting_caps_every_lanes_batches():
     s = _capped_scheduler(0.25)
     for _ in range(8):
         s.enqueue(req("a", 0.0, 1.0))                      # loose: a full batch of 8 (8 ms)
-    s.enqueue(req("b", 0.0, 0.010))                        # one 10 ms request on the other model
+    for _ in range(3):                                     # three 10 ms requests on the other model (one instance)
+        s.enqueue(req("b", 0.0, 0.010))
     assert s.tight_slo_s == pytest.approx(0.010)
     assert [lane.batch_cap for lane in s.lanes.values()] == [2, 2]     # 2 ms <= 10 ms / 4
     first, second = s.poll(0.0).dispatch, s.poll(0.0).dispatch
-    assert (first.model, len(first.requests)) == ("b", 1)
-    assert (second.model, len(second.requests)) == ("a", 2)
+    assert (first.model, len(first.requests)) == ("b", 2)
+    assert (second.model, len(second.requests)) == ("a", 2)           # the third b is still waiting
     # Admission predicts with the cap too: 6 queued ahead in batches of 2 on one instance.
     assert s.lanes["a"].admission.max_batch == 2
+
+
+def test_with_nothing_urgent_queued_a_batch_takes_what_the_rule_allows():
+    s = _capped_scheduler(0.25)
+    s.enqueue(req("b", 0.0, 0.010))
+    assert s.poll(0.0).dispatch.model == "b"               # the tight request runs
+    for _ in range(8):
+        s.enqueue(req("a", 0.0, 1.0))
+    assert s.lanes["a"].batch_cap == 2                     # a tight SLO was seen within the window ...
+    assert len(s.poll(0.0).dispatch.requests) == 8         # ... but none waits: the backlog drains at full size
 
 
 def test_the_cap_lifts_once_no_tight_request_came_for_a_window():
@@ -342,6 +353,7 @@ def test_no_cap_without_a_hold_fraction():
     s = _capped_scheduler(0.0)
     for _ in range(8):
         s.enqueue(req("a", 0.0, 1.0))
+    s.enqueue(req("b", 0.0, 0.010))
     s.enqueue(req("b", 0.0, 0.010))
     s.poll(0.0)
     assert len(s.poll(0.0).dispatch.requests) == 8

@@ -10,13 +10,16 @@ clock. That is how policies trained or compared in simulation are the code that 
 Across models the choice is earliest-deadline-first on each queue's head (higher priority first), among
 models whose rule says "dispatch now" and that have an idle instance.
 
-A batch cannot be preempted: while it runs, its slot is closed to a tight request that arrives
-behind it. So lanes under admission control (ours) cap their batches by a *hold bound*
-(:func:`hold_cap`): a batch holds its slot for at most ``hold_fraction`` of the tightest SLO among
-requests that arrived in the last ``TIGHT_WINDOW_S``, unless batching pays for itself on this board
-(a batch of ``b`` at most half the cost of ``b`` runs of one, as on a GPU). On the 2-core CPU of
-BENCHMARKS.md a batch of 8 costs about 8 batches of 1, and capping each batch at a quarter of the
-10 ms class served twice as many of the 10 ms requests in time at 1x load as uncapped batches of 8.
+A batch cannot be preempted: while it runs, its slot is closed to a tight request waiting behind
+it. So lanes under admission control (ours) cap their batches by a *hold bound* (:func:`hold_cap`)
+while an urgent request waits: when any of their queues holds a request due within the tightest
+SLO seen in the last ``TIGHT_WINDOW_S``, a batch holds its slot for at most ``hold_fraction`` of
+that SLO, unless batching pays for itself on this board (a batch of ``b`` at most half the cost of
+``b`` runs of one, as on a GPU). With nothing urgent queued, batches take what the rule allows and
+drain a backlog of loose requests at full efficiency. On the 2-core CPU of BENCHMARKS.md a batch of
+8 costs about 8 batches of 1: capping at a quarter of the 10 ms class doubled the share of 10 ms
+requests in time at 1x load; capping always, not only while something urgent waits, left the 150 ms
+class waiting behind tight ones after every burst (p99 149 ms at 0.5x load against 49-63 ms).
 
 A rule may have two optional hooks (``agent.scheduler.baselines``): ``dispatched(n, now)``, called
 when a batch it planned is popped, and ``observe(batch_size, duration_s, met)``, called when the
@@ -97,7 +100,8 @@ class ModelLane:
     # ignored), nothing expires in the queue, and a late request is computed and answered
     # deadline_missed at completion, as a plain one-at-a-time loop does. No shedding, no admission.
     fifo: bool = False
-    # The biggest batch this lane takes now: ``rule.max_batch``, or less under a hold bound.
+    # The biggest batch this lane takes while an urgent request waits: ``rule.max_batch``, or less
+    # under a hold bound (Scheduler._urgent_waiting).
     batch_cap: int = 0
     # Predicted end of the batch running on each busy instance (for admission).
     busy_until: dict[int, float] = field(default_factory=dict)
@@ -179,6 +183,14 @@ class Scheduler:
             raise InferenceError(REJECTED, f"request id {request.rid} is already queued")
         lane.pending[request.rid] = request
 
+    def _urgent_waiting(self, now: float) -> bool:
+        """Whether a capped lane holds a request due within the tightest recent SLO (from ``now``)."""
+        horizon = now + self.tight_slo_s
+        for lane in self._capped:
+            if len(lane.queue) and lane.queue.earliest_deadline() <= horizon:
+                return True
+        return False
+
     def _track_tight(self, slo_s: float, now: float) -> None:
         """Keep the tightest SLO of the last ``TIGHT_WINDOW_S`` and re-cap the lanes when it moves."""
         if slo_s < self.tight_slo_s or now - self._tight_at > self.TIGHT_WINDOW_S:
@@ -237,7 +249,7 @@ class Scheduler:
                     wake_at = min(wake_at, queue.earliest_deadline() - lane.min_latency_s)
                 continue
             take, lane_wake = lane.rule.plan(queue, now)
-            if take > lane.batch_cap:
+            if take > lane.batch_cap and self._urgent_waiting(now):
                 take = lane.batch_cap
             if take > 0:
                 key = (-queue.head_priority(), queue.head_deadline())
