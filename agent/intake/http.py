@@ -8,7 +8,8 @@ and admission control as MQTT ones. The protocol itself (bodies in, bodies out) 
 One event loop on its own thread serves every connection (no thread per request). Under load the
 loop never blocks: an inference request is decoded, submitted and left; the worker that finishes
 its batch encodes the reply and sends it on the connection's socket itself (the loop would make it
-wait behind a burst of arrivals), handing the loop only what the socket did not take. On an idle board (no batch in flight, nothing queued, no other request for 2 ms) the
+wait behind a burst of arrivals), handing the loop only what the socket did not take. On an idle
+board (no batch in flight, nothing queued, no other request for 2 ms) the
 loop runs the request itself and writes the reply at once: two thread hand-offs fewer, each a
 cross-vCPU wake-up (``LiveLoop.run_if_idle``). Requests whose JSON header repeats (every request a
 client sends to one model, but for the tensor bytes) are parsed once (``oip.LayoutCache``).
@@ -271,14 +272,19 @@ class _Connection(asyncio.Protocol):
     def respond(self, status: int, chunks: list[bytes], content_type: bytes = _JSON,
                 header_length: int | None = None, close: bool = False, allow: str | None = None) -> None:
         """On the loop: write one response; the connection is free for the next request."""
+        close = close or not self.keep_alive
+        self._write(self._response(status, chunks, content_type, header_length, close, allow), close, status)
+
+    def _write(self, data: bytes, close: bool, status: int) -> bool:
+        """On the loop: write response bytes, then close if asked; False if the client has left."""
         self.busy = False
         transport = self.transport
         if transport is None or self.closing:
-            return                        # the client left: nobody to answer
-        close = close or not self.keep_alive
-        transport.write(self._response(status, chunks, content_type, header_length, close, allow))
+            return False                  # the client left: nobody to answer
+        transport.write(data)
         if close:
             self._close(linger=status >= 400)
+        return True
 
     def _error(self, status: int, message: str, close: bool = False, allow: str | None = None) -> None:
         self.respond(status, [_json({"error": message})], close=close, allow=allow)
@@ -353,14 +359,7 @@ class _Connection(asyncio.Protocol):
 
     def _write_rest(self, data: bytes, close: bool, status: int) -> None:
         """On the loop: what a worker's send left (or all of the reply), then close or go on."""
-        self.busy = False
-        transport = self.transport
-        if transport is None or self.closing:
-            return
-        transport.write(data)
-        if close:
-            self._close(linger=status >= 400)
-        else:
+        if self._write(data, close, status) and not close:
             self._next()
 
     def _close(self, linger: bool = False) -> None:
