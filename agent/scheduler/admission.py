@@ -50,15 +50,12 @@ class AdmissionControl:
     STEP_S = 0.0001       # a miss adds 0.098 ms of slack, a request in time takes off 0.002 ms
 
     def __init__(self, table: LatencyTable, max_batch: int, margin_s: float = 0.0) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch = {max_batch}: expected >= 1")
         self.table = table
-        self.max_batch = max_batch
+        self.limit_batch(max_batch)   # sets max_batch (checked) and the full batch's predicted time
         self.margin_s = margin_s
         self.excess_s = 0.0       # learned: observed batch duration minus the table's prediction
         self.slack_s = 0.0        # learned: the quantile slack (module docstring)
         self.overruns = 0         # batches that took longer than predicted + the learned excess
-        self._full_batch_s = table.predict(max_batch)
 
     def limit_batch(self, max_batch: int) -> None:
         """Predict with batches of at most ``max_batch`` from now on (the scheduler's hold cap)."""
