@@ -224,6 +224,35 @@ def test_unknown_path_method_and_malformed_http(service):
                               f"0\r\n\r\n".encode()).startswith(b"HTTP/1.1 411 ")
 
 
+def test_a_repeated_head_is_routed_and_its_body_checked_every_time(service, digits):
+    # Heads are parsed and routed once per distinct head: the same head on another connection, and
+    # on this one after an error, must reach the same model; a body that changed under the same head
+    # is still checked; the same path with another method or model is routed on its own.
+    frames, labels = digits
+    port = service.http.port
+
+    def infer_bytes(model, frame, datatype="UINT8"):
+        header = json.dumps({"inputs": [{"name": "frames", "shape": [1, 64, 64, 3], "datatype": datatype,
+                                         "parameters": {"binary_data_size": frame.nbytes}}]}).encode()
+        body = header + frame.tobytes()
+        return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+                f"Inference-Header-Content-Length: {len(header)}\r\n\r\n").encode() + body
+
+    good = [infer_bytes(MODEL, frames[k]) for k in range(3)]
+    assert len({request.partition(b"\r\n\r\n")[0] for request in good}) == 1     # one head for all three
+    bad_dtype = infer_bytes(MODEL, frames[0].astype(np.int8), datatype="INT8")
+    other_model = infer_bytes(NO_ADMISSION, frames[1])
+    for _ in range(2):     # the second pass finds every head cached
+        reply = raw_exchange(port, good[0] + bad_dtype + good[1] + other_model + good[2]
+                             + f"GET /v2/models/{MODEL}/infer HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+        responses = split_responses(reply)
+        assert [status.split(b" ")[1] for status, _ in responses] == [b"200", b"400", b"200", b"200", b"200", b"405"]
+        for (_, body), k in zip([responses[0], responses[2], responses[4]], range(3)):
+            assert int(np.argmax(json.loads(body)["outputs"][0]["data"])) == labels[k]
+        assert b"inputs.frames.datatype" in responses[1][1]
+        assert b'"model_name":"mobilenet_no_admission"' in responses[3][1]
+
+
 def test_pipelined_requests_are_answered_in_order_and_expect_continue(service, digits):
     frames, _ = digits
     header = json.dumps({"inputs": [{"name": "frames", "shape": [1, 64, 64, 3], "datatype": "UINT8",

@@ -232,6 +232,21 @@ def test_all_binary_reply_reads_back_with_tritonclient_each_time():
                                           "parameters": {"binary_data_size": 16}}
 
 
+@pytest.mark.parametrize("parameters", [
+    {"queue_ms": 0.1, "compute_ms": 2.5e-07, "total_ms": 12.375, "batch_size": 3},   # what the agent sends
+    {"flag": True, "name": 'say "hi"', "nan": float("nan")},                          # what goes through json
+    {"two words": 1, "x": -0.0},
+])
+def test_reply_parameters_are_json_with_their_exact_values(parameters):
+    request = parse(*binary_body(frames(1), outputs=[{"name": "logits", "parameters": {"binary_data": True}}]))
+    chunks, header_length = oip.infer_response(request, {"logits": np.zeros((1, 10), np.float32)}, parameters)
+    sent = json.loads(chunks[0])["parameters"]
+    assert sent.keys() == parameters.keys()
+    for key, value in parameters.items():
+        assert sent[key] == value or (value != value and sent[key] != sent[key]), key   # NaN == NaN here
+        assert type(sent[key]) is type(value), key
+
+
 def test_layout_cache_gives_the_same_request_and_this_bodys_bytes():
     cache = oip.LayoutCache()
     first = frames()

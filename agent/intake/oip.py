@@ -442,7 +442,7 @@ def infer_response(request: InferRequest, outputs: Mapping[str, np.ndarray],
             head.append(b'"id":%s,' % json.dumps(request.id).encode())
         head.append(prefix)
         if parameters:
-            head.append(b',"parameters":%s' % json.dumps(parameters, separators=_JSON_SEPARATORS).encode())
+            head.append(b',"parameters":%s' % _parameters_json(parameters))
         head.append(b"}")
         header = b"".join(head)
         return [header, *(_little_endian_bytes(a) for _, _, a in arrays)], len(header)
@@ -475,6 +475,24 @@ def infer_response(request: InferRequest, outputs: Mapping[str, np.ndarray],
 # Encoded JSON of all-binary replies up to their outputs, per (model, outputs' names, dtypes, shapes):
 # a handful of entries (a model's outputs have one shape per batch size a client sends), bounded anyway.
 _BINARY_PREFIXES: dict[tuple, bytes] = {}
+
+
+def _parameters_json(parameters: dict) -> bytes:
+    """``parameters`` as compact JSON. Every reply carries the agent's timing (a flat map of numbers),
+    and ``json.dumps`` is most of the cost of encoding a reply: numbers are written directly (``repr``
+    of a finite float is valid JSON), anything else goes through ``json``."""
+    parts = []
+    for key, value in parameters.items():
+        kind = type(value)
+        if type(key) is not str or not key.isidentifier():
+            return json.dumps(parameters, separators=_JSON_SEPARATORS).encode()
+        if kind is float and math.isfinite(value):
+            parts.append('"%s":%r' % (key, value))
+        elif kind is int:
+            parts.append('"%s":%d' % (key, value))
+        else:
+            return json.dumps(parameters, separators=_JSON_SEPARATORS).encode()
+    return ("{%s}" % ",".join(parts)).encode()
 
 
 def _little_endian_bytes(array: np.ndarray) -> bytes:
