@@ -109,6 +109,37 @@ def test_replay_against_a_real_agent_server_answers_everything_right(system, fra
     assert run.send_lag_ms["p99"] < 50.0
 
 
+def test_a_reply_is_timed_when_it_arrives_not_when_the_busy_generator_reads_it(frames, tmp_path):
+    # The generator's loop is held for 150 ms right after each send (as a burst of other replies
+    # would hold it): the latency must still be the server's, and the wait show as read lag.
+    class BusyAfterSend:
+        def __init__(self, target):
+            self.target = target
+
+        def prepare(self, trace):
+            self.target.prepare(trace)
+
+        def send(self, row, frame_index, done):
+            self.target.send(row, frame_index, done)
+            time.sleep(0.15)
+
+        async def close(self):
+            await self.target.close()
+
+    server = versus.start_system("edge-agent/oip", workdir=tmp_path)
+    try:
+        trace = [TraceRow(0.2 * k, "app", "mobilenet_digits", 100.0, 0) for k in range(4)]
+        run = replay(BusyAfterSend(server.target(frames)), trace, frames)
+    finally:
+        server.stop()
+    assert [r.status for r in run.records] == ["ok"] * 4 and run.wrong == 0
+    latencies = [r.latency_ms for r in run.records]
+    read_ms = [1000 * (t - r.arrival_s) for r, t in zip(run.records, run.read_s)]
+    assert max(latencies) < 50.0, latencies              # a mobilenet reply takes a few ms here
+    assert min(read_ms) >= 150.0, read_ms                # the loop read each after its 150 ms stall
+    assert run.read_lag_ms["p50"] > 100.0
+
+
 def test_replay_records_refusals_and_unanswered(frames, tmp_path):
     # An impossible SLO is refused by admission (or missed): never counted as ok.
     server = versus.start_system("edge-agent/oip", workdir=tmp_path)

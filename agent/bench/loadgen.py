@@ -1,8 +1,17 @@
 """One open-loop load generator for every server ``edge-agent bench triton`` compares.
 
 Open loop: each request's send time is fixed by the trace before the run; a slow server never
-delays a send (every request is its own task, and a new connection is opened when none is idle),
-and how late each send went out (send lag) is recorded, so a run whose generator fell behind shows.
+delays a send (the loop writes each request at its time and reads replies in callbacks; a new
+connection is opened when none is idle), and how late each send went out (send lag) is recorded, so
+a run whose generator fell behind shows.
+
+A request's latency runs from its send to its reply reaching this process: over HTTP, the kernel's
+receive stamp on the reply's last segment (``SO_TIMESTAMPNS``). The generator plays every
+application of the board from one Python process on the same cores as the server, and its loop can
+be busy for milliseconds when a burst of replies comes in; an application of its own would not queue
+behind the others' replies. How long replies waited for the loop is reported too (read lag), and
+``Replay.read_s`` keeps when each was read. Over MQTT, paho gives no kernel stamp: a reply is stamped
+when paho's network thread reads it.
 
 The generator has to be cheap, because on a 2-core board it shares the CPU with the server under
 test: request bodies are built once per (model, SLO, frame) before the run and sent as bytes; HTTP
@@ -21,13 +30,15 @@ Two transports, one record per trace row (:class:`~agent.workload.records.Reques
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -59,6 +70,11 @@ class Replay:
     send_lag_ms: dict[str, float]   # p50 / p99 / max of how late sends went out
     wrong: int                      # ok replies whose predicted class was not the frame's label
     checked: int                    # ok replies whose prediction was checked
+    # p50 / p99 / max of how long a reply waited in this process's socket before the generator's
+    # loop read it (HTTP: from the kernel's receive stamp; MQTT: 0, stamped when paho read it)
+    read_lag_ms: dict[str, float] = field(default_factory=lambda: {"p50": 0.0, "p99": 0.0, "max": 0.0})
+    # per record, when the generator's loop read the reply (seconds from the start; None: no reply)
+    read_s: list = field(default_factory=list)
 
 
 # --- Open Inference Protocol over HTTP -----------------------------------------------------------
@@ -92,6 +108,10 @@ def error_code_of(message: str) -> str:
     return head if head in errors.ERROR_CODES else _triton_code(message)
 
 
+# done(status, the binary output or None, when the reply reached this process, when the loop read it)
+Done = Callable[[str, "bytes | None", float, float], None]
+
+
 class _Target:
     """What both transports share: every distinct request's bytes, built before the run."""
 
@@ -113,13 +133,21 @@ class _Target:
 class HttpTarget(_Target):
     """Sends OIP requests to ``host:port`` over a pool of keep-alive connections, one request per
     connection at a time (HTTP/1.1 without pipelining); ``flavor`` is ``"edge-agent"`` or
-    ``"triton"`` and only decides how the SLO is spelled."""
+    ``"triton"`` and only decides how the SLO is spelled.
+
+    Sockets are driven straight from the event loop (no stream objects, no task per request): a
+    request is written at its send time by the loop's own call, and each connection's reply is
+    read by a reader callback. A reply is stamped with the kernel's receive time
+    (``SO_TIMESTAMPNS``): when it reached this process's socket, not when this generator's loop,
+    busy with other sends and replies on the same cores as the server, got round to reading it.
+    Both times are kept: ``Replay.read_lag_ms`` says how far the loop fell behind."""
 
     def __init__(self, host: str, port: int, frames: Frames, flavor: str) -> None:
         if flavor not in ("edge-agent", "triton"):
             raise ValueError(f"flavor = {flavor!r}: expected 'edge-agent' or 'triton'")
         self.host, self.port, self.frames, self.flavor = host, port, frames, flavor
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_HttpConnection] = []
+        self._open: set[_HttpConnection] = set()
         self._bodies = {}
 
     def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
@@ -132,59 +160,161 @@ class HttpTarget(_Target):
                 f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
                 f"Content-Length: {len(header) + len(tail)}\r\n\r\n").encode() + header + tail
 
-    async def _connection(self):
-        if self._idle:
-            return self._idle.pop()
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
+    def send(self, row: TraceRow, frame_index: int, done: Done) -> None:
+        """Write one request now, on the loop's thread; ``done(status, binary output or None, kernel
+        receive time, loop read time)`` is called on the loop when its reply is read (perf_counter
+        seconds). Raises ``OSError`` when no connection can be opened."""
+        connection = self._idle.pop() if self._idle else self._connect()
+        connection.send(self.body(row, frame_index), done)
 
-    async def request(self, row: TraceRow, frame_index: int, index: int) -> tuple[str, bytes | None, float]:
-        """One request; returns (status, the binary output bytes or None, when the reply arrived)."""
-        body = self.body(row, frame_index)
-        reader, writer = await self._connection()
-        try:
-            writer.write(body)
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            code = int(lines[0].split(" ", 2)[1])
-            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-            payload = await reader.readexactly(int(headers.get("content-length", "0")))
-            received = time.perf_counter()
-        except BaseException:
-            writer.close()
-            raise
-        if headers.get("connection", "").lower() == "close":
-            writer.close()
-        else:
-            self._idle.append((reader, writer))
-        if code == 200:
-            json_length = int(headers.get("inference-header-content-length", len(payload)))
-            return "ok", payload[json_length:], received
-        try:
-            message = json.loads(payload).get("error", "")
-        except ValueError:
-            message = payload.decode("utf-8", "replace")
-        return error_code_of(str(message)), None, received
+    def _connect(self) -> "_HttpConnection":
+        sock = socket.create_connection((self.host, self.port))   # loopback: the handshake is the kernel's
+        connection = _HttpConnection(self, sock, asyncio.get_running_loop())
+        self._open.add(connection)
+        return connection
+
+    def _reusable(self, connection: "_HttpConnection") -> None:
+        self._idle.append(connection)
+
+    def _gone(self, connection: "_HttpConnection") -> None:
+        self._open.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)
 
     async def close(self) -> None:
-        for _, writer in self._idle:
-            writer.close()
-        self._idle.clear()
+        for connection in list(self._open):
+            connection.close()
+
+
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python does not name it
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+class _HttpConnection:
+    """One keep-alive connection of :class:`HttpTarget`, with at most one request in flight."""
+
+    __slots__ = ("target", "sock", "loop", "buffer", "pending", "done", "unsent", "stamped")
+
+    def __init__(self, target: HttpTarget, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.stamped = True
+        except OSError:                      # not Linux: replies are stamped when read
+            self.stamped = False
+        sock.setblocking(False)
+        self.target, self.sock, self.loop = target, sock, loop
+        self.buffer = bytearray()
+        self.done = None
+        self.unsent = b""
+        loop.add_reader(sock.fileno(), self._readable)
+
+    def send(self, data: bytes, done) -> None:
+        self.done = done
+        self.buffer.clear()
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._fail()
+            return
+        if sent < len(data):                 # a full send buffer: the loop writes the rest
+            self.unsent = data[sent:]
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        try:
+            sent = self.sock.send(self.unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._fail()
+            return
+        self.unsent = self.unsent[sent:]
+        if not self.unsent:
+            self.loop.remove_writer(self.sock.fileno())
+
+    def _readable(self) -> None:
+        try:
+            data, ancillary, _, _ = self.sock.recvmsg(65536, _STAMP_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancillary = b"", []
+        read = time.perf_counter()
+        if not data:                         # the server closed the connection
+            self._fail()
+            return
+        self.buffer += data
+        reply = _complete_reply(self.buffer)
+        if reply is None:
+            return
+        received = read
+        for level, kind, stamp in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(stamp) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", stamp[:16])
+                # The kernel stamps in wall-clock time; perf_counter is monotonic: convert at once.
+                received = min(read, seconds + 1e-9 * nanoseconds - (time.time() - time.perf_counter()))
+        status, output, close = reply
+        done, self.done = self.done, None
+        if close:
+            self.close()
+        else:
+            self.target._reusable(self)
+        if done is not None:
+            done(status, output, received, read)
+
+    def _fail(self) -> None:
+        done, self.done = self.done, None
+        self.close()
+        if done is not None:
+            now = time.perf_counter()
+            done(errors.INTERNAL, None, now, now)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.sock.fileno())
+            if self.unsent:
+                self.loop.remove_writer(self.sock.fileno())
+            self.sock.close()
+        self.target._gone(self)
+
+
+def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool] | None":
+    """(status, binary output or None, server closes) once ``buffer`` holds a whole OIP reply."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    length = int(headers.get("content-length", "0"))
+    if len(buffer) < end + 4 + length:
+        return None
+    payload = bytes(buffer[end + 4:end + 4 + length])
+    code = int(lines[0].split(" ", 2)[1])
+    close = headers.get("connection", "").lower() == "close"
+    if code == 200:
+        json_length = int(headers.get("inference-header-content-length", len(payload)))
+        return "ok", payload[json_length:], close
+    try:
+        message = json.loads(payload).get("error", "")
+    except ValueError:
+        message = payload.decode("utf-8", "replace")
+    return error_code_of(str(message)), None, close
 
 
 # --- edge-agent's MQTT wire format ------------------------------------------------------------------
 
 class MqttTarget(_Target):
     """Publishes to ``edge/v1/<device>/infer/<model>`` with a response topic and the row index as
-    correlation data; replies arrive on paho's network thread and complete asyncio futures."""
+    correlation data; replies arrive on paho's network thread, which hands them to the loop."""
 
     def __init__(self, host: str, port: int, device: str, frames: Frames) -> None:
         self.host, self.port, self.device, self.frames = host, port, device, frames
         self._bodies = {}
-        self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, Done]] = {}
+        self._ids = itertools.count()
         self._lock = threading.Lock()
         self._client = None
         self._reply_topic = ""
@@ -208,6 +338,8 @@ class MqttTarget(_Target):
             raise TimeoutError(f"broker {self.host}:{self.port} did not acknowledge the reply subscription")
 
     def _on_reply(self, client, userdata, message) -> None:
+        """On paho's network thread: the reply is stamped here (no kernel time through paho) and
+        handed to the loop."""
         from agent import wire
         received = time.perf_counter()
         index = struct.unpack("!Q", message.properties.CorrelationData)[0]
@@ -218,36 +350,34 @@ class MqttTarget(_Target):
         reply = wire.decode_reply(message.payload)
         if reply.get("status") == "ok":
             outputs = reply.get("outputs") or {}
-            result = ("ok", next(iter(outputs.values())).tobytes() if outputs else None, received)
+            status, output = "ok", next(iter(outputs.values())).tobytes() if outputs else None
         else:
-            result = ((reply.get("error") or {}).get("code", errors.INTERNAL), None, received)
-        loop, future = waiting
-        loop.call_soon_threadsafe(_set_result, future, result)
+            status, output = (reply.get("error") or {}).get("code", errors.INTERNAL), None
+        loop, done = waiting
+        try:
+            loop.call_soon_threadsafe(done, status, output, received, received)
+        except RuntimeError:               # the replay is over and its loop closed: too late to count
+            pass
 
-    async def request(self, row: TraceRow, frame_index: int, index: int) -> tuple[str, bytes | None, float]:
-        """One request; returns (status, the output bytes or None, when the reply arrived)."""
+    def send(self, row: TraceRow, frame_index: int, done: Done) -> None:
+        """Publish one request now; ``done`` is called on the loop when its reply arrives."""
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        index = next(self._ids)
         with self._lock:
-            self._waiting[index] = (loop, future)
+            self._waiting[index] = (asyncio.get_running_loop(), done)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self._reply_topic
         props.CorrelationData = struct.pack("!Q", index)
         self._client.publish(f"edge/v1/{self.device}/infer/{row.model}",
                              self.body(row, frame_index), qos=0, properties=props)
-        return await future
 
     async def close(self) -> None:
+        with self._lock:
+            self._waiting.clear()
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
-
-
-def _set_result(future: asyncio.Future, result) -> None:
-    if not future.done():
-        future.set_result(result)
 
 
 # --- the replay -------------------------------------------------------------------------------------
@@ -265,27 +395,32 @@ def replay(target: "HttpTarget | MqttTarget", trace: Sequence[TraceRow], frames:
 async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: float) -> Replay:
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
+    read_s: list[float | None] = [None] * len(trace)
     lags: list[float] = []
-    wrong = checked = 0
-    tasks: list[asyncio.Task] = []
+    read_lags: list[float] = []
     frame_count = {m: len(v[2]) for m, v in frames.inputs.items()}
+    labels = {m: v[3] for m, v in frames.inputs.items()}
+    loop = asyncio.get_running_loop()
+    all_answered = loop.create_future()
+    counts = {"waiting": len(trace), "wrong": 0, "checked": 0}
+    start = time.perf_counter()
 
-    async def one(i: int, row: TraceRow, start: float) -> None:
-        nonlocal wrong, checked
-        k = i % frame_count[row.model]
-        try:
-            status, output, received = await target.request(row, k, i)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            status, output, received = errors.INTERNAL, None, time.perf_counter()
+    def answered(i: int, k: int, status: str, output: bytes | None, received: float, read: float) -> None:
         record = records[i]
+        if record.status != "unanswered" or all_answered.done():
+            return                        # a late second call, or after the drain: not counted
         record.finish_s = received - start
         record.status = status
+        read_s[i] = read - start
+        read_lags.append(read - received)
         if status == "ok" and output:
             logits = np.frombuffer(output[-40:], dtype=np.float32)
-            checked += 1
-            wrong += int(np.argmax(logits)) != int(frames.inputs[row.model][3][k])
+            counts["checked"] += 1
+            counts["wrong"] += int(np.argmax(logits)) != int(labels[record.model][k])
+        counts["waiting"] -= 1
+        if not counts["waiting"]:
+            all_answered.set_result(None)
 
-    start = time.perf_counter()
     for i, row in enumerate(trace):
         delay = start + row.t_s - time.perf_counter()
         if delay > 0:
@@ -293,25 +428,32 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
         sent = time.perf_counter() - start
         lags.append(sent - row.t_s)
         records[i].arrival_s = sent
-        tasks.append(asyncio.create_task(one(i, row, start)))
+        k = i % frame_count[row.model]
+        try:
+            target.send(row, k, functools.partial(answered, i, k))
+        except (OSError, ValueError):
+            now = time.perf_counter()
+            answered(i, k, errors.INTERNAL, None, now, now)
     last_deadline = max((row.t_s + row.slo_ms / 1000.0 for row in trace), default=0.0)
     remaining = start + last_deadline + drain_s - time.perf_counter()
-    pending = [t for t in tasks if not t.done()]
-    if pending:
-        _, pending = await asyncio.wait(pending, timeout=max(0.0, remaining))
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
+    if trace and not all_answered.done():
+        try:
+            await asyncio.wait_for(asyncio.shield(all_answered), timeout=max(0.0, remaining))
+        except asyncio.TimeoutError:
+            all_answered.cancel()         # what is still out stays unanswered
     for record in records:
         if record.status == "unanswered":
             record.finish_s = None
     await target.close()
     lag_ms = 1000.0 * np.asarray(lags or [0.0])
+    read_ms = 1000.0 * np.asarray(read_lags or [0.0])
     span = max((row.t_s for row in trace), default=0.0) or 1e-9
-    return Replay(records, span,
-                  {"p50": float(np.percentile(lag_ms, 50)), "p99": float(np.percentile(lag_ms, 99)),
-                   "max": float(lag_ms.max())}, wrong, checked)
+    return Replay(records, span, _spread(lag_ms), counts["wrong"], counts["checked"], _spread(read_ms), read_s)
+
+
+def _spread(values_ms: np.ndarray) -> dict[str, float]:
+    return {"p50": float(np.percentile(values_ms, 50)), "p99": float(np.percentile(values_ms, 99)),
+            "max": float(values_ms.max())}
 
 
 __all__ = ["Frames", "HttpTarget", "MqttTarget", "Replay", "error_code_of", "oip_body", "replay"]

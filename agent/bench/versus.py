@@ -261,6 +261,10 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
     run: Replay = replay(server.target(frames), trace, frames)
     usage = meter.stop()
     summary = summarize(run.records, run.duration_s)
+    # The same replies timed when the generator's loop read them instead of when they arrived
+    # (loadgen's docstring): what one Python process playing every application saw.
+    as_read = [dataclasses.replace(r, finish_s=t) if t is not None and r.status == "ok" else r
+               for r, t in zip(run.records, run.read_s or [None] * len(run.records))]
     sent = len(run.records)
     loaded = {m: (fig["p50_ms"] - own_ms[m]) if fig["p50_ms"] is not None else None
               for m, fig in summary["models"].items()}
@@ -269,6 +273,8 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
         "usage": usage.as_dict(),
         "cpu_s_per_1000": 1000.0 * usage.cpu_s / sent if sent else None,
         "send_lag_ms": run.send_lag_ms,
+        "read_lag_ms": run.read_lag_ms,
+        "as_read": summarize(as_read, run.duration_s)["overall"],
         "wrong": run.wrong, "checked": run.checked,
         "idle_overhead_ms": idle,
         "mean_overhead_ms": _mean_known(idle),
@@ -408,7 +414,10 @@ def check_targets(results: dict, ours: str = "edge-agent/oip") -> list[dict]:
             add(label, "goodput >= 1.3x Triton's best", ratio >= 1.3,
                 f"{a['goodput_per_s']:.1f}/s vs {t['goodput_per_s']:.1f}/s = {ratio:.2f}x")
             admitted_ok = 1.0 - (a["deadline_miss_rate"] or 0.0)
-            add(label, ">= 95% of admitted requests within SLO", admitted_ok >= 0.95, f"{100 * admitted_ok:.1f}%")
+            read = rows[ours].get("as_read")
+            add(label, ">= 95% of admitted requests within SLO", admitted_ok >= 0.95, f"{100 * admitted_ok:.1f}%"
+                + ("" if read is None else f" ({100 * (1.0 - (read['deadline_miss_rate'] or 0.0)):.1f}% timed "
+                                           f"when the generator's loop read the replies)"))
         if label == "1x":
             gap = 100 * ((a["slo_attainment"] or 0) - (t["slo_attainment"] or 0))
             add(label, "SLO attainment >= Triton's + 10 points", gap >= 10,
@@ -439,7 +448,7 @@ def format_versus(results: dict) -> str:
         short = [c.replace("_digits", "") for c in classes]
         head = (f"{'system':<16}{'goodput/s':>10}{'attain%':>8}" + "".join(f"{s[:15]:>16}" for s in short)
                 + f"{'p50 ms':>8}{'p99 ms':>8}{'ovh idle':>9}{'ovh load':>9}{'rejected':>9}{'missed':>7}{'errored':>8}"
-                  f"{'unansw':>7}{'CPU s/1k':>9}{'RSS MB':>7}{'PSS MB':>7}{'lag p99':>8}")
+                  f"{'unansw':>7}{'CPU s/1k':>9}{'RSS MB':>7}{'PSS MB':>7}{'lag p99':>8}{'read p99':>9}")
         lines += ["", f"load {label} (time scale {load['factor']:.3f}):", head]
         for system, row in rows.items():
             o = row["summary"]["overall"]
@@ -450,7 +459,7 @@ def format_versus(results: dict) -> str:
                       f"{o['rejected']:>9d}", f"{o['deadline_missed']:>7d}", f"{_errored(o):>8d}",
                       f"{o['unanswered']:>7d}", f"{_num(row['cpu_s_per_1000']):>9}",
                       f"{row['usage']['peak_rss_mb']:>7.0f}", f"{row['usage']['peak_pss_mb']:>7.0f}",
-                      f"{row['send_lag_ms']['p99']:>8.2f}"]
+                      f"{row['send_lag_ms']['p99']:>8.2f}", f"{row.get('read_lag_ms', {}).get('p99', 0.0):>9.2f}"]
             lines.append("".join(cells))
         if load["triton_grid"]:
             lines.append("  triton settings tried (best goodput is the row above):")
