@@ -18,6 +18,9 @@ model's own time: no server, no protocol), so "1x" is the most one request at a 
 
 Each server runs in its own process tree (edge-agent in a spawned Python process); its CPU seconds
 and peak memory are read from ``/proc`` over the replay window only (:mod:`agent.bench.proctree`).
+Latency runs from a request's send to its reply reaching the generator's process (the kernel's
+receive stamp over HTTP; :mod:`agent.bench.loadgen`); the summary timed when the generator's loop
+read each reply is kept beside it (``as_read``), with how long replies waited for it (read lag).
 Per-request overhead is a model's median latency minus its own batch-1 time, taken twice: idle
 (requests one at a time before the metered run: the cost of the server's path, what the targets
 judge) and under load (the run's median: queueing and batching included).
@@ -241,10 +244,13 @@ def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], pe
     """Unmetered requests, one at a time (``gap_s`` apart, longer than a reply takes), so first-call
     costs stay out of the figures; returns each model's idle overhead: median latency minus its
     own batch-1 time, over the second half (the server warm, nothing queued). 150 samples a model
-    over 3 s: with 60 over 1.2 s, a passing stall of this VM moved one system's figure by half."""
+    over 3 s: with 60 over 1.2 s, a passing stall of this VM moved one system's figure by half. The
+    models take turns request by request: one model's requests after the other's once gave 0.40 ms
+    for one and 1.00 ms for the other on the same server, as the VM's vCPUs went from one state to
+    another between the two halves."""
     models = sorted(own_ms)
-    rows = [TraceRow(round(gap_s * k, 6), "warmup", m, 1000.0, 0)
-            for k, m in enumerate(m for m in models for _ in range(per_model))]
+    rows = [TraceRow(round(gap_s * k, 6), "warmup", models[k % len(models)], 1000.0, 0)
+            for k in range(per_model * len(models))]
     run = replay(server.target(frames), rows, frames, drain_s=5.0)
     overhead = {}
     for m in models:
