@@ -119,6 +119,7 @@ class Agent:
         self.scheduler = Scheduler(
             [build_lane(name, m.rule, m.config, m.latency) for name, m in self.models.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
+            lookahead=config.admission_lookahead,
         )
         self.executor = LocalExecutor({
             name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in self.models.items()
@@ -130,7 +131,8 @@ class Agent:
         }
         self._ids = itertools.count(1)
         self.loop = LiveLoop(self.scheduler, self.executor, self.clock, config.worker_count,
-                             served_by=self._dispatch_served_by, on_reply=self._record)
+                             served_by=self._dispatch_served_by, on_reply=self._record,
+                             worker_nice=config.worker_nice)
         self.loop.start()
         self._closed = False
 
@@ -211,12 +213,15 @@ class Agent:
         }
 
     def _admission_status(self, model: str) -> dict | None:
-        """What admission control has learned: the excess of a real batch over the profile, and how
-        many batches overran the prediction (``None`` when the model runs without admission)."""
+        """What admission control has learned: the slowdown of a batch here over the profile
+        (observed / profiled), what it adds to a batch of one (``excess_ms``), and how many batches
+        overran the prediction (``None`` when the model runs without admission)."""
         admission = self.scheduler.lanes[model].admission
         if admission is None:
             return None
-        return {"excess_ms": round(1000 * admission.excess_s, 3), "overruns": admission.overruns}
+        return {"excess_ms": round(1000 * (admission.batch_s(1) - admission.table.predict(1)), 3),
+                "slowdown": round(admission.slowdown, 3),
+                "overruns": admission.overruns}
 
     def close(self) -> None:
         """Serve what is queued for up to ``grace_s``, answer the rest ``shutting_down``, release backends."""

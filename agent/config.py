@@ -81,6 +81,12 @@ class Config:
     # While an urgent request waits, a batch holds its slot for at most this share of the tightest
     # recent SLO, unless batching pays (agent.scheduler.dispatcher); 0 = no cap. Admission lanes only.
     hold_fraction: float = 0.25
+    # Admission counts the work that tighter SLO classes, arriving at their recent rates, will put
+    # ahead of a request while it waits (agent.scheduler.admission.overtaken_wait). Admission lanes only.
+    admission_lookahead: bool = True
+    # Added to the worker threads' nice value: the intake and the board's applications preempt model
+    # compute (agent.scheduler.live.lower_thread_priority); 0 = the same priority. Linux only.
+    worker_nice: int = 5
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -222,7 +228,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     if version != CONFIG_VERSION:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
-    _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "profile"}, "agent")
+    _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
+                        "worker_nice", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
@@ -245,6 +252,9 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                                 lambda v: 1024 <= v <= 256 * 1024 * 1024, "an integer in 1024..268435456"),
         hold_fraction=float(_take(agent, "hold_fraction", "agent", (int, float), 0.25, lambda v: 0 <= v <= 1,
                                   "a fraction in 0..1 (0 = batches not capped by the tightest SLO)")),
+        admission_lookahead=_take(agent, "admission_lookahead", "agent", bool, True),
+        worker_nice=_take(agent, "worker_nice", "agent", int, 5, lambda v: 0 <= v <= 19,
+                          "an integer in 0..19 (0 = workers at the intake's priority)"),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),
                               base_dir),
         mqtt=MqttConfig(

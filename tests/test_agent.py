@@ -1,4 +1,6 @@
 """The in-process front door with the real demo models on the real runtimes."""
+import os
+import sys
 import threading
 import time
 from concurrent.futures import wait
@@ -274,3 +276,16 @@ def test_overruns_are_counted_and_the_prediction_adapts(digits):
         slowed = agent.status()["models"]["mobilenet_digits"]["admission"]
     assert slowed["overruns"] > calm["overruns"]
     assert slowed["excess_ms"] > calm["excess_ms"] + 3.0     # the learned excess approaches the 5 ms
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_workers_run_at_a_lower_priority_than_the_thread_that_submits(agent, digits):
+    # worker_nice (default 5): the workers that run the models yield the cores to the intake's
+    # loop and to the applications; the threads that submit keep their priority.
+    frames, labels = digits
+    result = agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000).result(10)
+    assert int(np.argmax(result.outputs["logits"])) == labels[0]
+    workers = [t for t in threading.enumerate() if t.name.startswith("edge-agent-worker-")]
+    assert len(workers) == 2
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in workers] == [min(19, own + 5)] * 2

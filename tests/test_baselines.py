@@ -331,6 +331,7 @@ def test_apply_policy_rewrites_every_model(policy):
     assert config.workers == (1 if policy == "fifo" else base.workers)
     # Our batch cap is ours: the baselines (deeprt has admission control, which it would reach) run without it.
     assert config.hold_fraction == (base.hold_fraction if policy == "edge" else 0.0) and base.hold_fraction > 0
+    assert config.admission_lookahead == (policy == "edge") and base.admission_lookahead
     assert (config.device, config.mqtt) == (base.device, base.mqtt)
 
 

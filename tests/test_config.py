@@ -54,6 +54,9 @@ def test_defaults_fill_in():
     (lambda c: c["agent"].update(device="a+b"), "agent.device", "without"),
     (lambda c: c["agent"].update(hold_fraction=2), "agent.hold_fraction", "0..1"),
     (lambda c: c["agent"].update(hold_fraction="0.25"), "agent.hold_fraction", "0..1"),
+    (lambda c: c["agent"].update(worker_nice=20), "agent.worker_nice", "0..19"),
+    (lambda c: c["agent"].update(worker_nice=-1), "agent.worker_nice", "0..19"),
+    (lambda c: c["agent"].update(admission_lookahead=1), "agent.admission_lookahead", "bool"),
     (lambda c: c.update(mqtt={"port": 70000}), "mqtt.port", "1..65535"),
     (lambda c: c.update(mqtt={"enabled": "yes"}), "mqtt.enabled", "bool"),
     (lambda c: c.update(http={"port": 70000}), "http.port", "0..65535"),
@@ -72,6 +75,15 @@ def test_bad_settings_are_named(mutate, field, fragment):
     assert info.value.field == field
     assert fragment in str(info.value)
     assert str(info.value).startswith(f"config: {field} = ")
+
+
+def test_scheduler_settings_default_on_and_can_be_turned_off():
+    config = parse_config(base())
+    assert config.admission_lookahead is True and config.worker_nice == 5
+    raw = base()
+    raw["agent"].update(admission_lookahead=False, worker_nice=0)
+    config = parse_config(raw)
+    assert config.admission_lookahead is False and config.worker_nice == 0
 
 
 def test_hold_fraction_defaults_to_a_quarter_and_zero_turns_it_off():

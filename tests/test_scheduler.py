@@ -161,6 +161,61 @@ def test_admission_predicts_from_the_queue_ahead_and_busy_instances():
     assert s.lanes["a"].busy_until == {}
 
 
+def test_admission_learns_a_slowdown_weighted_by_batch_length():
+    from agent.scheduler.admission import AdmissionControl
+    t = table(0.001, 0.001)              # a batch of b takes (1 + b) ms as profiled
+    admission = AdmissionControl(t, 8)
+    assert admission.batch_s(4) == pytest.approx(0.005) and admission.slowdown == 1.0
+    admission.observe(8, 0.027)          # a batch of 8: three times its 9 ms
+    assert admission.slowdown == pytest.approx(3.0)
+    assert admission.batch_s(1) == pytest.approx(0.006) and admission.batch_s(4) == pytest.approx(0.015)
+    admission.observe(1, 0.002)          # a batch of one at its profiled 2 ms: a short batch moves it little
+    w = admission.EWMA_WEIGHT
+    assert admission.slowdown == pytest.approx((0.027 + w * (0.002 - 0.027)) / (0.009 + w * (0.002 - 0.009)))
+    assert admission.slowdown > 2.7
+    for _ in range(60):                  # batches back at their profiled time, of any size
+        admission.observe(2, 0.003)
+    assert admission.slowdown == pytest.approx(1.0, abs=1e-4)
+    assert admission.overruns == 1       # only the first batch took longer than predicted
+
+
+def test_overtaken_wait_adds_the_work_tighter_arrivals_bring_while_it_waits():
+    from agent.scheduler.admission import overtaken_wait
+    assert overtaken_wait(0.0, [(0.1, 0.5)], 1) == 0.0                        # starts now: nothing overtakes
+    assert overtaken_wait(0.010, [], 1) == 0.010
+    assert overtaken_wait(0.010, [(0.1, 0.5)], 1) == pytest.approx(0.020, rel=0.01)   # w = 10 ms + w / 2
+    assert overtaken_wait(0.010, [(0.1, 0.5)], 2) == pytest.approx(0.010 / 0.75, rel=0.01)  # two slots share it
+    assert overtaken_wait(0.010, [(0.004, 0.5)], 1) == pytest.approx(0.012)  # only 4 ms of arrivals are earlier
+
+
+def test_admission_refuses_what_tighter_arrivals_will_push_past_its_deadline():
+    from agent.core import DeadlineQueue
+    from agent.scheduler.admission import AdmissionControl
+    admission = AdmissionControl(table(0.001, 0.001), 1)    # 2 ms a request, one at a time
+    queue = DeadlineQueue(64)
+    for rid in range(4):
+        queue.push(rid, 0.012, 0.0, 0)                      # 8 ms of work ahead of a 15 ms request
+    assert admission.refuse(queue, 0.015, 0, 0.0, 1, []) is None               # finishes at 10 ms
+    # Tighter requests arriving at 0.5 s of work a second overtake it while it waits: 20 ms ahead.
+    reason = admission.refuse(queue, 0.015, 0, 0.0, 1, [], None, [(0.1, 0.5)], 1)
+    assert reason is not None and "predicted finish in 18.0 ms" in reason
+
+
+def test_lookahead_tracks_the_admitted_work_of_each_tighter_class():
+    from agent.scheduler.admission import AdmissionControl
+    lanes = [Scheduler.lane("a", FixedBatch(1), 1, 64, admission=AdmissionControl(table(0.001, 0.001), 1))]
+    s = Scheduler(lanes, max_concurrent=1, lookahead=True)
+    for k in range(5):
+        s.enqueue(req("a", 0.0, 0.010 + 0.01 * k))           # five classes, 2 ms of work each
+    tau = Scheduler.LOOKAHEAD_TAU_S
+    overtakers = sorted(s._overtakers(0.035, 0.0))          # classes of 10, 20 and 30 ms are tighter
+    assert [w for w, _ in overtakers] == pytest.approx([0.005, 0.015, 0.025])
+    assert [rate for _, rate in overtakers] == pytest.approx([0.002 / tau] * 3)
+    later = s._overtakers(0.035, tau)                       # a time constant later, rates down to 1/e
+    assert [rate for _, rate in later] == pytest.approx([0.002 / tau / math.e] * 3)
+    assert Scheduler(lanes, max_concurrent=1)._overtakers(0.035, 0.0) == []   # off by default: nothing counted
+
+
 def test_admission_counts_only_what_pops_first():
     from agent.scheduler.admission import AdmissionControl
     t = table(0.001, 0.001)
@@ -179,20 +234,26 @@ def test_admission_learns_a_slack_from_misses_and_lets_it_go_when_requests_make_
     dispatch = s.poll(0.0).dispatch
     s.finish(dispatch)
     s.observe(dispatch, 0.010)           # ...but it finished at 10 ms: a miss
-    assert admission.slack_s == pytest.approx(admission.MISS_QUANTILE * admission.STEP_S)
-    admission.excess_s = 0.0             # the slow batch taught the mean excess too; this test is the slack's
-    misses = math.ceil(0.0011 / (admission.MISS_QUANTILE * admission.STEP_S))
+    step = admission.STEP_FRACTION * 0.003            # a class steps in proportion to its SLO
+    assert admission.slack_s(0.003) == pytest.approx(admission.MISS_QUANTILE * step)
+    assert admission.slack_s(0.006) == 0.0            # another class learned nothing
+    for _ in range(60):                  # the slow batch taught its size's slowdown too; this test is the
+        admission.observe(1, 0.002)      # slack's, so batches at the profiled time teach it back to 1
+    misses = math.ceil(0.0011 / (admission.MISS_QUANTILE * step))
     for _ in range(misses - 1):
-        admission.calibrate(True)
-    assert admission.slack_s > 0.001
+        admission.calibrate(True, 0.003)
+    assert admission.slack_s(0.003) > 0.001
     with pytest.raises(InferenceError) as info:
         s.enqueue(req("a", 0.0, 0.003))  # the same request is now refused, and the reason says why
     assert info.value.code == REJECTED and "learned slack" in info.value.message
+    with pytest.raises(InferenceError):
+        s.enqueue(req("a", 0.0, 0.00301))  # 3.01 ms: the same class (4% wide), the same slack
+    s.enqueue(req("a", 0.0, 0.006))      # 6 ms: another class, without slack: 2 ms fits
     # Requests that make it take the slack back down, at (1 - q) / q of a miss's step each.
-    hits = math.ceil(admission.slack_s / ((1 - admission.MISS_QUANTILE) * admission.STEP_S))
+    hits = math.ceil(admission.slack_s(0.003) / ((1 - admission.MISS_QUANTILE) * step))
     for _ in range(hits):
-        admission.calibrate(False)
-    assert admission.slack_s == 0.0
+        admission.calibrate(False, 0.003)
+    assert admission.slack_s(0.003) == pytest.approx(0.0, abs=1e-12)
     s.enqueue(req("a", 0.0, 0.003))
 
 
@@ -206,7 +267,8 @@ def test_requests_expiring_in_the_queue_count_as_misses():
 
     assert len(decision.expired) == 3 and decision.dispatch is None
     admission = s.lanes["a"].admission
-    assert admission.slack_s == pytest.approx(3 * admission.MISS_QUANTILE * admission.STEP_S)
+    for slo in (0.003, 0.005, 0.007):       # one miss in each request's class
+        assert admission.slack_s(slo) == pytest.approx(admission.MISS_QUANTILE * admission.STEP_FRACTION * slo)
 
 
 def test_water_level_pours_work_over_the_slots_free_first():

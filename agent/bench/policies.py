@@ -28,6 +28,8 @@ class PolicySpec:
     # The agent's batch cap by the tightest SLO (``Config.hold_fraction``, ours): off for the baselines,
     # which follow their papers (deeprt uses admission control, which the cap would otherwise reach).
     hold_fraction: float | None = 0.0  # None = keep the config's
+    # Admission's lookahead at tighter arrivals (``Config.admission_lookahead``, ours): off likewise.
+    admission_lookahead: bool | None = False   # None = keep the config's
 
 
 def _batching(model: ModelConfig, rule: str, *, shed: bool = False, admission: bool = False, **fields) -> BatchingConfig:
@@ -84,7 +86,7 @@ POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
                _deeprt),
     PolicySpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, batches capped "
                        "by the tightest SLO, shedding and admission control (README, agent.scheduler)", _edge,
-               hold_fraction=None),
+               hold_fraction=None, admission_lookahead=None),
 )}
 
 
@@ -99,7 +101,8 @@ def apply_policy(config: Config, policy: str, *, slo_ms_by_model: Mapping[str, f
     models = tuple(spec.apply_model(model, slos.get(model.name)) for model in config.models)
     workers = config.workers if spec.workers is None else spec.workers
     hold = config.hold_fraction if spec.hold_fraction is None else spec.hold_fraction
-    return replace(config, models=models, workers=workers, hold_fraction=hold)
+    lookahead = config.admission_lookahead if spec.admission_lookahead is None else spec.admission_lookahead
+    return replace(config, models=models, workers=workers, hold_fraction=hold, admission_lookahead=lookahead)
 
 
 __all__ = ["POLICIES", "PolicySpec", "apply_policy"]

@@ -14,11 +14,20 @@ The prediction, for a request of model m:
   instances free up now (idle) or when their running batch is predicted to end;
 - the request finishes at that instance's free time + full batches before it + its own batch.
 
-The profiled table holds the backend's own run time; a batch in the live agent also pays batch
-assembly, replies and thread hand-offs, and shares the CPU with the intake. So every finished batch
-reports its observed duration (dispatch to done), and an exponentially weighted mean of the excess
-over the table's prediction is added to every predicted batch: the model adapts online to what
-the board really delivers (an overrun raises it, a calm period lowers it).
+The profiled table holds the backend's own run time, measured alone; a batch in the live agent
+also pays batch assembly, replies and thread hand-offs, and shares the cores with the other
+instances, the intake and the applications. So every finished batch reports its observed duration
+(dispatch to done), and the lane learns its slowdown: the ratio of exponentially weighted means of
+observed and profiled batch durations, so each batch counts in proportion to its length. Every
+prediction is the profiled time times it: the model adapts online to what the board really
+delivers. A slowdown, not an added excess, because sharing the cores stretches a batch in
+proportion to its length: at 1.5x load in ``bench triton`` a batch of one resnet ran 1.1x its
+profiled time and a batch of 8 1.6x (0.3 ms more against 9.9 ms more), and one excess learned mostly
+from the many batches of one had the big batches finish up to 30 ms past their deadlines. (A
+slowdown per batch size was tried: a size the lane stops running keeps the slowdown of its last
+slow spell, and in one run at 1x the cheap model's 50 ms class fell from 94% to 52% in time. Trimming a planned batch until its first
+deadline held at the learned time was tried too: at 0.5x load it took 8% of the goodput and doubled
+the p99, smaller batches draining each burst more slowly.)
 
 Models share the execution slots: the scheduler also pours every model's predicted work that will
 run before the request (queued requests that pop first) over the slots, each free now or when its
@@ -28,12 +37,18 @@ predictions decides.
 What it leaves out, and so where it is optimistic: batches smaller than ``max_batch`` (the
 deadline-aware rule may pick them), CPU taken by the intake and the applications themselves, and
 requests that arrive later with earlier deadlines and overtake this one (EDF across models: a
-tight request of an expensive model pushes cheap ones back). So the test is calibrated online, as
-a quantile (ours): every admitted request that misses raises a learned slack by ``q x STEP_S``, every
-one that makes it lowers it by ``(1 - q) x STEP_S`` (never below 0), and a request is admitted only
-if its predicted finish plus the slack is within its deadline. This is the stochastic-approximation
-quantile tracker: the slack settles where a fraction ``1 - q`` of admitted requests miss (the
+tight request of an expensive model pushes cheap ones back; the scheduler's lookahead estimates
+those, see :func:`overtaken_wait`). So the test is calibrated online, as a quantile (ours), one per
+SLO class (:func:`slo_class`): every admitted request of the class that misses raises its learned
+slack by ``q x STEP_FRACTION x SLO``, every one that makes it lowers it by ``(1 - q) x
+STEP_FRACTION x SLO`` (never below 0), and a request is admitted only if its predicted finish plus
+its class's slack is within its deadline. This is the stochastic-approximation quantile tracker:
+the slack settles where a fraction ``1 - q`` of the class's admitted requests miss (the
 ``MISS_QUANTILE`` target), whatever the model above leaves out, and falls back to 0 off overload.
+Per class, because what the model leaves out grows with the wait a class can afford: in ``bench
+triton`` at 1.5x load one slack for all of resnet's requests left its 150 ms class missing 10% while
+its 30 ms class missed 5%. Steps in proportion to the SLO, so that a 150 ms class moves as fast, in
+its own terms, as a 10 ms one (0.1 ms a miss there).
 An admitted request that still cannot make it is shed before it runs (``shed_hopeless``).
 """
 from __future__ import annotations
@@ -45,43 +60,71 @@ from agent.core import DeadlineQueue, LatencyTable
 
 
 class AdmissionControl:
-    EWMA_WEIGHT = 0.2     # weight of the newest batch in the excess estimate
+    EWMA_WEIGHT = 0.2     # weight of the newest batch in its size's slowdown
     MISS_QUANTILE = 0.98  # the slack aims at 98% of admitted requests in time (2% miss)
-    STEP_S = 0.0001       # a miss adds 0.098 ms of slack, a request in time takes off 0.002 ms
+    STEP_FRACTION = 0.01  # of the class's SLO: at 10 ms a miss adds 0.098 ms, a request in time takes off 0.002
 
     def __init__(self, table: LatencyTable, max_batch: int, margin_s: float = 0.0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch = {max_batch}: expected >= 1")
         self.table = table
+        # Per batch size 0..max_batch: the profiled time, and the predicted one (profiled x slowdown).
+        self._profiled = [0.0] + [table.predict(b) for b in range(1, max_batch + 1)]
+        self._predicted = list(self._profiled)
+        self._observed_mean_s = self._profiled_mean_s = 0.0   # EWMAs over batches (module docstring)
+        self.slowdown = 1.0       # learned: observed / profiled, batches weighted by their length
         self.limit_batch(max_batch)   # sets max_batch (checked) and the full batch's predicted time
         self.margin_s = margin_s
-        self.excess_s = 0.0       # learned: observed batch duration minus the table's prediction
-        self.slack_s = 0.0        # learned: the quantile slack (module docstring)
-        self.overruns = 0         # batches that took longer than predicted + the learned excess
+        self._slack: dict[int, float] = {}   # learned per SLO class: the quantile slack (module docstring)
+        self.overruns = 0         # batches that took longer than predicted
 
     def limit_batch(self, max_batch: int) -> None:
         """Predict with batches of at most ``max_batch`` from now on (the scheduler's hold cap)."""
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch}: expected >= 1")
         self.max_batch = max_batch
-        self._full_batch_s = self.table.predict(max_batch)
+        self._full_batch_s = self.batch_s(max_batch)
 
     def observe(self, batch_size: int, duration_s: float) -> None:
-        """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the excess."""
-        excess = duration_s - self.table.predict(batch_size)
-        if excess > self.excess_s + self.margin_s:
+        """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the slowdown."""
+        profiled = self._profiled[batch_size] if batch_size < len(self._profiled) else self.table.predict(batch_size)
+        if duration_s > self.batch_s(batch_size) + self.margin_s:
             self.overruns += 1
-        self.excess_s += self.EWMA_WEIGHT * (excess - self.excess_s)
-
-    def calibrate(self, missed: bool, count: int = 1) -> None:
-        """``count`` admitted requests were answered in time, or missed (late, expired or shed):
-        move the slack (misses add up; each request in time steps down, never below 0)."""
-        if missed:
-            self.slack_s += count * self.MISS_QUANTILE * self.STEP_S
+        if self._profiled_mean_s == 0.0:      # the first batch sets both means
+            self._observed_mean_s, self._profiled_mean_s = duration_s, profiled
         else:
-            self.slack_s = max(0.0, self.slack_s - count * (1.0 - self.MISS_QUANTILE) * self.STEP_S)
+            self._observed_mean_s += self.EWMA_WEIGHT * (duration_s - self._observed_mean_s)
+            self._profiled_mean_s += self.EWMA_WEIGHT * (profiled - self._profiled_mean_s)
+        self.slowdown = self._observed_mean_s / max(self._profiled_mean_s, 1e-9)
+        self._predicted = [t * self.slowdown for t in self._profiled]
+        self._full_batch_s = self._predicted[self.max_batch]
+
+    def calibrate(self, missed: bool, slo_s: float, count: int = 1) -> None:
+        """``count`` admitted requests with SLO ``slo_s`` were answered in time, or missed (late,
+        expired or shed): move their class's slack (misses add up; each request in time steps down,
+        never below 0)."""
+        key = slo_class(slo_s)
+        step = self.STEP_FRACTION * slo_s
+        slack = self._slack.get(key, 0.0)
+        if missed:
+            slack += count * self.MISS_QUANTILE * step
+        elif slack > 0.0:
+            slack = max(0.0, slack - count * (1.0 - self.MISS_QUANTILE) * step)
+        else:
+            return
+        if key not in self._slack and len(self._slack) >= MAX_CLASSES:
+            self._slack = {k: v for k, v in self._slack.items() if v > 0.0}   # forget the settled ones
+        self._slack[key] = slack
+
+    def slack_s(self, slo_s: float) -> float:
+        """The learned slack of ``slo_s``'s class."""
+        return self._slack.get(slo_class(slo_s), 0.0)
 
     def batch_s(self, batch_size: int) -> float:
-        """Predicted duration of one batch: the profiled time plus the learned excess."""
-        return max(0.0, self.table.predict(batch_size) + self.excess_s)
+        """Predicted duration of one batch: the profiled time times the learned slowdown."""
+        if batch_size < len(self._predicted):
+            return self._predicted[batch_size]
+        return self.table.predict(batch_size) * self.slowdown
 
     def work_s(self, n: int) -> float:
         """Predicted compute for ``n`` requests in batches of at most ``max_batch``."""
@@ -91,37 +134,77 @@ class AdmissionControl:
         return full_batches * self.batch_s(self.max_batch) + (self.batch_s(rest) if rest else 0.0)
 
     def refuse(self, queue: DeadlineQueue, deadline: float, priority: int, now: float,
-               instances: int, busy_until: Sequence[float], shared_start: float | None = None) -> str | None:
+               instances: int, busy_until: Sequence[float], shared_start: float | None = None,
+               overtakers: Sequence[tuple[float, float]] = (), slots: int = 1) -> str | None:
         """``None`` to admit, else the reason (for the ``rejected`` reply).
 
         Two bounds, the later wins: this model's own queue on its instances (above), and, when other
         models share the execution slots, ``shared_start``: when the slots will have done every
         model's work that runs before this request (``Scheduler._shared_start``).
+
+        ``overtakers``: (window s, work s per s) per class of requests that will pop before this one
+        if they arrive within the window (a tighter SLO: ``Scheduler._overtakers``). While this
+        request waits to start, they arrive and run first, on ``slots`` slots: its start moves later
+        by the work they bring in the wait, found by fixed-point iteration (module docstring).
         """
         ahead = queue.count_ahead(deadline, priority)
+        slack_s = self._slack.get(slo_class(deadline - now), 0.0) if self._slack else 0.0
         if ahead == 0 and len(busy_until) < instances and shared_start is None:
             # The common case on a board with headroom: an idle instance, nothing ahead.
             finish = now + self.batch_s(1)
-            if finish + self.margin_s + self.slack_s <= deadline:
+            if finish + self.margin_s + slack_s <= deadline:
                 return None
         n = ahead + 1
         batches = -(-n // self.max_batch)
         last_batch = n - (batches - 1) * self.max_batch
         free_at = sorted([now] * (instances - len(busy_until)) + [max(now, t) for t in busy_until])
         j = batches - 1
-        full = max(0.0, self._full_batch_s + self.excess_s)
-        finish = free_at[j % instances] + (j // instances) * full + self.batch_s(last_batch)
+        full = self._full_batch_s
+        start = free_at[j % instances] + (j // instances) * full
         if shared_start is not None:
-            finish = max(finish, shared_start + self.batch_s(last_batch))
-        if finish + self.margin_s + self.slack_s <= deadline:
+            start = max(start, shared_start)
+        if overtakers:
+            start = now + overtaken_wait(start - now, overtakers, slots)
+        finish = start + self.batch_s(last_batch)
+        if finish + self.margin_s + slack_s <= deadline:
             return None
         return (f"deadline cannot be met: predicted finish in {1000 * (finish - now):.1f} ms + "
-                f"{1000 * self.slack_s:.1f} ms learned slack, deadline in "
+                f"{1000 * slack_s:.1f} ms learned slack, deadline in "
                 f"{1000 * (deadline - now):.1f} ms ({ahead} queued ahead, batches of up to {self.max_batch}, "
                 f"{instances} instance{'s' if instances != 1 else ''}"
                 + ("" if shared_start is None else
                    f"; slots shared with other models free for it in {1000 * max(0.0, shared_start - now):.1f} ms")
                 + ")")
+
+
+MAX_CLASSES = 64   # SLO classes remembered (slack, lookahead rates); SLOs that vary request by request
+
+
+def slo_class(slo_s: float) -> int:
+    """The SLO class of a latency objective: 16 classes an octave (4% wide), so that objectives that
+    differ by a rounding (a deadline sent as wall-clock time) share one, and 10 ms and 12 ms do not."""
+    return round(16 * math.log2(max(slo_s, 1e-6)))
+
+
+def overtaken_wait(wait_s: float, overtakers: Sequence[tuple[float, float]], slots: int, rounds: int = 8) -> float:
+    """How long a request waits to start when ``wait_s`` of work is ahead of it now and, while it
+    waits, requests that pop before it keep arriving: ``overtakers`` are (window, rate) pairs, each
+    bringing ``rate`` seconds of work per second for as long as the wait lasts, up to ``window``
+    (after that its arrivals' deadlines fall behind this one's). The wait w solves
+    ``w = wait_s + sum(rate x min(w, window)) / slots``; iterated from ``wait_s`` (each round
+    only lengthens it), and left at the last round's value when the overtakers alone fill the slots."""
+    if wait_s <= 0.0:
+        return 0.0
+    w = wait_s
+    for _ in range(rounds):
+        extra = 0.0
+        for window, rate in overtakers:
+            extra += rate * (w if w < window else window)
+        w_next = wait_s + extra / slots
+        if w_next - w < 1e-5:
+            return w_next
+        w = w_next
+    return w
 
 
 class CostShare:
@@ -160,7 +243,7 @@ class CostShare:
         self.refused = {name: 0 for name in self.lanes}
 
     def item_cost_s(self, model: str) -> float:
-        """Predicted compute per request when batches are full (the learned excess included)."""
+        """Predicted compute per request when batches are full (the learned slowdown included)."""
         admission = self.lanes[model]
         return admission.batch_s(admission.max_batch) / admission.max_batch
 

@@ -21,6 +21,10 @@ drain a backlog of loose requests at full efficiency. On the 2-core CPU of BENCH
 requests in time at 1x load; capping always, not only while something urgent waits, left the 150 ms
 class waiting behind tight ones after every burst (p99 149 ms at 0.5x load against 49-63 ms).
 
+Admission (``agent.scheduler.admission``) is asked at each arrival. With ``lookahead`` (ours) the
+scheduler also tracks, per SLO class, the work it admits per second, and admission counts what the
+tighter classes will bring while a request waits: under EDF they pop first.
+
 A rule may have two optional hooks (``agent.scheduler.baselines``): ``dispatched(n, now)``, called
 when a batch it planned is popped, and ``observe(batch_size, duration_s, met)``, called when the
 batch is answered.
@@ -35,7 +39,7 @@ import numpy as np
 
 from agent.core import DeadlineQueue, PushResult
 from agent.errors import REJECTED, InferenceError
-from agent.scheduler.admission import AdmissionControl, CostShare
+from agent.scheduler.admission import MAX_CLASSES, AdmissionControl, CostShare, slo_class
 from agent.scheduler.request import Request
 
 
@@ -128,8 +132,10 @@ class Scheduler:
     """
 
     TIGHT_WINDOW_S = 1.0   # the hold bound follows the tightest SLO among this window's arrivals
+    LOOKAHEAD_TAU_S = 0.5  # time constant of the admitted work rates per SLO class (lookahead)
 
-    def __init__(self, lanes: Iterable[ModelLane], max_concurrent: int, hold_fraction: float = 0.0) -> None:
+    def __init__(self, lanes: Iterable[ModelLane], max_concurrent: int, hold_fraction: float = 0.0,
+                 lookahead: bool = False) -> None:
         self.lanes: dict[str, ModelLane] = {lane.name: lane for lane in lanes}
         self._lane_list = list(self.lanes.values())
         if max_concurrent < 1:
@@ -145,6 +151,11 @@ class Scheduler:
         self._capped = [lane for lane in self._lane_list if lane.admission is not None] if hold_fraction > 0 else []
         self.tight_slo_s = math.inf        # the tightest SLO seen within TIGHT_WINDOW_S ...
         self._tight_at = -math.inf         # ... last seen then
+        # Lookahead (ours): admitted work per second by SLO class (admission.slo_class), [rate, as of,
+        # the class's tightest SLO seen]; admission counts the tighter classes' arrivals that will
+        # overtake a request while it waits (AdmissionControl.refuse, overtaken_wait).
+        self.lookahead = lookahead
+        self._class_rates: dict[int, list[float]] = {}
 
     @staticmethod
     def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
@@ -167,9 +178,12 @@ class Scheduler:
             reason = None if self.share is None else self.share.refuse(request.model, request.priority, request.arrival)
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
+            slo_s = request.deadline - request.arrival
             reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
                                            min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
-                                           self._shared_start(lane, request))
+                                           self._shared_start(lane, request),
+                                           self._overtakers(slo_s, request.arrival) if self.lookahead else (),
+                                           self.max_concurrent)
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
@@ -182,6 +196,32 @@ class Scheduler:
                     REJECTED, f"model {request.model!r} queue is full ({lane.queue.capacity} requests waiting)")
             raise InferenceError(REJECTED, f"request id {request.rid} is already queued")
         lane.pending[request.rid] = request
+        if self.lookahead and lane.admission is not None:
+            self._count_admitted(lane.admission, request.deadline - request.arrival, request.arrival)
+
+    def _count_admitted(self, admission: AdmissionControl, slo_s: float, now: float) -> None:
+        """Add an admitted request's predicted work (per item, in full batches) to its SLO class's rate."""
+        key = slo_class(slo_s)
+        entry = self._class_rates.get(key)
+        if entry is None:
+            if len(self._class_rates) >= MAX_CLASSES:   # SLOs that vary request by request: keep the live ones
+                self._class_rates = {k: e for k, e in self._class_rates.items()
+                                     if now - e[1] < 4 * self.LOOKAHEAD_TAU_S}
+            entry = self._class_rates[key] = [0.0, now, slo_s]
+        item_s = admission.batch_s(admission.max_batch) / admission.max_batch
+        entry[0] = entry[0] * math.exp(-max(0.0, now - entry[1]) / self.LOOKAHEAD_TAU_S) + item_s / self.LOOKAHEAD_TAU_S
+        entry[1], entry[2] = now, min(entry[2], slo_s)
+
+    def _overtakers(self, slo_s: float, now: float) -> list[tuple[float, float]]:
+        """(window, work rate) of each SLO class tighter than ``slo_s``: a request of class s arriving
+        within ``slo_s - s`` of now has the earlier deadline and pops first."""
+        out = []
+        tau = self.LOOKAHEAD_TAU_S
+        own = slo_class(slo_s)
+        for key, (rate, at, class_s) in self._class_rates.items():
+            if key < own:
+                out.append((slo_s - class_s, rate * math.exp(-max(0.0, now - at) / tau)))
+        return out
 
     def _urgent_waiting(self, now: float) -> bool:
         """Whether a capped lane holds a request due within the tightest recent SLO (from ``now``)."""
@@ -267,8 +307,9 @@ class Scheduler:
         while True:
             n = lane.queue.drop_expired(horizon, lane.expired_ids)
             pending = lane.pending
-            expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n].tolist())
-            self._missed(lane, n)
+            gone = [pending.pop(rid) for rid in lane.expired_ids[:n].tolist()]
+            expired.extend(gone)
+            self._missed(lane, gone)
             if n < len(lane.expired_ids):
                 return
 
@@ -277,8 +318,9 @@ class Scheduler:
         n_ready, n_expired = lane.queue.pop_batch(take, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
         if n_expired:
-            expired.extend(pending.pop(rid) for rid in lane.expired_ids[:n_expired].tolist())
-            self._missed(lane, n_expired)
+            gone = [pending.pop(rid) for rid in lane.expired_ids[:n_expired].tolist()]
+            expired.extend(gone)
+            self._missed(lane, gone)
         if not n_ready:
             return None
         requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
@@ -292,10 +334,11 @@ class Scheduler:
         return Dispatch(lane.name, instance, requests, now)
 
     @staticmethod
-    def _missed(lane: ModelLane, n: int) -> None:
-        """``n`` admitted requests expired or were shed in the queue: each a miss for calibration."""
-        if lane.admission is not None and n:
-            lane.admission.calibrate(True, n)
+    def _missed(lane: ModelLane, gone: list[Request]) -> None:
+        """Admitted requests expired or shed in the queue: each a miss for calibration."""
+        if lane.admission is not None:
+            for request in gone:
+                lane.admission.calibrate(True, request.deadline - request.arrival)
 
     def finish(self, dispatch: Dispatch) -> None:
         """The batch is done (whatever its outcome): its instance and slot are free again."""
@@ -313,7 +356,7 @@ class Scheduler:
         if admission is not None:
             admission.observe(len(dispatch.requests), now - dispatch.started)
             for request in dispatch.requests:
-                admission.calibrate(now > request.deadline)
+                admission.calibrate(now > request.deadline, request.deadline - request.arrival)
         observe = getattr(lane.rule, "observe", None)
         if observe is not None and dispatch.requests:
             met = now <= min(request.deadline for request in dispatch.requests)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import threading
 from concurrent.futures import InvalidStateError
 from typing import Callable
@@ -31,7 +33,8 @@ IDLE_GAP_S = 0.002
 
 class LiveLoop:
     def __init__(self, scheduler: Scheduler, executor: Executor, clock: Callable[[], float], workers: int,
-                 served_by: Callable[[Dispatch], dict], on_reply: Callable[[Request, Result | None, InferenceError | None], None] | None = None) -> None:
+                 served_by: Callable[[Dispatch], dict], on_reply: Callable[[Request, Result | None, InferenceError | None], None] | None = None,
+                 worker_nice: int = 0) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.clock = clock
@@ -41,6 +44,7 @@ class LiveLoop:
         self._served_by = served_by
         self._on_reply = on_reply
         self._stopping = False
+        self._worker_nice = worker_nice
         self._last_arrival = self._previous_arrival = -math.inf
         self._threads = [
             threading.Thread(target=self._worker, name=f"edge-agent-worker-{i}", daemon=True) for i in range(workers)
@@ -125,6 +129,8 @@ class LiveLoop:
     # --- worker --------------------------------------------------------------------------------
 
     def _worker(self) -> None:
+        if self._worker_nice:
+            lower_thread_priority(self._worker_nice)
         scheduler, cond, clock = self.scheduler, self.cond, self.clock
         while True:
             with cond:
@@ -198,6 +204,27 @@ class LiveLoop:
         if self._on_reply is not None:
             self._on_reply(request, None, error)
         _deliver(request.reply.set_exception, error)
+
+
+def lower_thread_priority(nice: int) -> bool:
+    """Add ``nice`` to the calling thread's nice value; whether it could (Linux only).
+
+    The workers run the models; the intake's event loop thread reads and admits requests, and the
+    board's applications send them. On a board with as many workers as cores, every core is busy
+    computing under load, and a request waits for the loop until the kernel takes a core from a
+    worker: its arrival is stamped late (the agent's clock starts at admission), so a reply the
+    agent sends in time reaches its application late. A higher nice value lets the loop (and the
+    applications) preempt model compute at once. On Linux a thread is a task with its own nice
+    value; elsewhere ``setpriority`` would renice the whole process, so it is left alone."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:
+        log.warning("could not lower the priority of worker thread %s: %s", threading.current_thread().name, exc)
+        return False
+    return True
 
 
 def _deliver(setter, value) -> None:
