@@ -383,8 +383,9 @@ def test_an_urgent_request_waiting_caps_every_lanes_batches():
     first, second = s.poll(0.0).dispatch, s.poll(0.0).dispatch
     assert (first.model, len(first.requests)) == ("b", 2)
     assert (second.model, len(second.requests)) == ("a", 2)           # the third b is still waiting
-    # Admission predicts with the cap too: 6 queued ahead in batches of 2 on one instance.
-    assert s.lanes["a"].admission.max_batch == 2
+    # Admission predicts with the cap while it binds: an urgent arrival, or any arrival while one waits.
+    s.enqueue(req("a", 0.0, 1.0))
+    assert s.lanes["a"].admission.max_batch == 2 and s.lanes["b"].admission.max_batch == 2
 
 
 def test_with_nothing_urgent_queued_a_batch_takes_what_the_rule_allows():
@@ -394,7 +395,8 @@ def test_with_nothing_urgent_queued_a_batch_takes_what_the_rule_allows():
     for _ in range(8):
         s.enqueue(req("a", 0.0, 1.0))
     assert s.lanes["a"].batch_cap == 2                     # a tight SLO was seen within the window ...
-    assert len(s.poll(0.0).dispatch.requests) == 8         # ... but none waits: the backlog drains at full size
+    assert s.lanes["a"].admission.max_batch == 8           # ... but none waits: admission predicts full batches
+    assert len(s.poll(0.0).dispatch.requests) == 8         # ... and the backlog drains at full size
 
 
 def test_the_cap_lifts_once_no_tight_request_came_for_a_window():

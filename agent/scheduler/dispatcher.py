@@ -174,6 +174,7 @@ class Scheduler:
         lane = self.lanes[request.model]
         if self._capped:
             self._track_tight(request.deadline - request.arrival, request.arrival)
+            self._predict_capped(request)
         if lane.admission is not None:
             reason = None if self.share is None else self.share.refuse(request.model, request.priority, request.arrival)
             if reason is not None:
@@ -240,9 +241,20 @@ class Scheduler:
                 bound = self.hold_fraction * slo_s
                 for lane in self._capped:
                     lane.batch_cap = hold_cap(lane.admission.table, lane.rule.max_batch, bound)
-                    lane.admission.limit_batch(lane.batch_cap)
         elif slo_s == self.tight_slo_s:
             self._tight_at = now
+
+    def _predict_capped(self, request: Request) -> None:
+        """Admission predicts every capped lane with its cap while the cap binds for this request:
+        when it is urgent itself or an urgent request already waits; otherwise with full batches.
+        (Predicting with the cap always over-predicted on a Poisson trace at 90% load, where the cap
+        seldom binds: 1,726 requests refused live where the simulator refused 260.)"""
+        urgent = (request.deadline <= request.arrival + self.tight_slo_s
+                  or self._urgent_waiting(request.arrival))
+        for lane in self._capped:
+            limit = lane.batch_cap if urgent else lane.rule.max_batch
+            if lane.admission.max_batch != limit:
+                lane.admission.limit_batch(limit)
 
     def _shared_start(self, lane: ModelLane, request: Request) -> float | None:
         """When the execution slots, shared by every model, would have done all the work that runs
