@@ -3,6 +3,7 @@ open-loop load generator against real edge-agent servers (MQTT and the Inference
 load plan and the target checks. The real-Triton runs are in tests/test_triton_harness.py."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +139,24 @@ def test_a_reply_is_timed_when_it_arrives_not_when_the_busy_generator_reads_it(f
     assert max(latencies) < 50.0, latencies              # a mobilenet reply takes a few ms here
     assert min(read_ms) >= 150.0, read_ms                # the loop read each after its 150 ms stall
     assert run.read_lag_ms["p50"] > 100.0
+
+
+def test_a_server_that_does_not_accept_delays_no_send(frames):
+    # A listening socket that never accepts, its backlog full after the first connection: the
+    # kernel drops further handshakes and retries them after a second. A generator that connected
+    # with a blocking call would send every row after the second one that late.
+    from agent.bench.loadgen import HttpTarget
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    try:
+        trace = [TraceRow(0.01 * k, "app", "mobilenet_digits", 50.0, 0) for k in range(6)]
+        run = replay(HttpTarget("127.0.0.1", server.getsockname()[1], frames, "edge-agent"), trace, frames,
+                     drain_s=0.3)
+    finally:
+        server.close()
+    assert [r.status for r in run.records] == ["unanswered"] * 6
+    assert run.send_lag_ms["max"] < 100.0, run.send_lag_ms
 
 
 def test_replay_records_refusals_and_unanswered(frames, tmp_path):

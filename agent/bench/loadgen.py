@@ -30,9 +30,11 @@ Two transports, one record per trace row (:class:`~agent.workload.records.Reques
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import itertools
 import json
+import os
 import socket
 import struct
 import threading
@@ -148,6 +150,7 @@ class HttpTarget(_Target):
         self.host, self.port, self.frames, self.flavor = host, port, frames, flavor
         self._idle: list[_HttpConnection] = []
         self._open: set[_HttpConnection] = set()
+        self._address = None
         self._bodies = {}
 
     def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
@@ -168,8 +171,19 @@ class HttpTarget(_Target):
         connection.send(self.body(row, frame_index), done)
 
     def _connect(self) -> "_HttpConnection":
-        sock = socket.create_connection((self.host, self.port))   # loopback: the handshake is the kernel's
-        connection = _HttpConnection(self, sock, asyncio.get_running_loop())
+        """A new connection, connecting without blocking: a server slow to accept (a full backlog
+        retries the handshake after a second) must delay its own request, not every send after it."""
+        if self._address is None:
+            family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
+            self._address = (family, kind, proto, address)
+        family, kind, proto, address = self._address
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        if error not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            sock.close()
+            raise OSError(error, f"connect to {self.host}:{self.port}: {os.strerror(error)}")
+        connection = _HttpConnection(self, sock, asyncio.get_running_loop(), connecting=error != 0)
         self._open.add(connection)
         return connection
 
@@ -193,37 +207,46 @@ _STAMP_SPACE = socket.CMSG_SPACE(16)
 class _HttpConnection:
     """One keep-alive connection of :class:`HttpTarget`, with at most one request in flight."""
 
-    __slots__ = ("target", "sock", "loop", "buffer", "pending", "done", "unsent", "stamped")
+    __slots__ = ("target", "sock", "loop", "buffer", "done", "unsent", "connecting")
 
-    def __init__(self, target: HttpTarget, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, target: HttpTarget, sock: socket.socket, loop: asyncio.AbstractEventLoop,
+                 connecting: bool = False) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            self.stamped = True
         except OSError:                      # not Linux: replies are stamped when read
-            self.stamped = False
-        sock.setblocking(False)
+            pass
         self.target, self.sock, self.loop = target, sock, loop
         self.buffer = bytearray()
         self.done = None
         self.unsent = b""
+        self.connecting = connecting
         loop.add_reader(sock.fileno(), self._readable)
 
     def send(self, data: bytes, done) -> None:
         self.done = done
         self.buffer.clear()
         try:
-            sent = self.sock.send(data)
+            sent = self.sock.send(data)      # on loopback the handshake is usually done by now
+            self.connecting = False
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
-            self._fail()
-            return
+        except OSError as exc:
+            if not (self.connecting and exc.errno == errno.ENOTCONN):
+                self._fail()
+                return
+            sent = 0                         # the handshake is not done: the loop writes once it is
         if sent < len(data):                 # a full send buffer: the loop writes the rest
             self.unsent = data[sent:]
             self.loop.add_writer(self.sock.fileno(), self._writable)
 
     def _writable(self) -> None:
+        if self.connecting:
+            error = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self._fail()
+                return
+            self.connecting = False
         try:
             sent = self.sock.send(self.unsent)
         except (BlockingIOError, InterruptedError):
