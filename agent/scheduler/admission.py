@@ -26,7 +26,7 @@ profiled time and a batch of 8 1.6x (0.3 ms more against 9.9 ms more), and one e
 from the many batches of one had the big batches finish up to 30 ms past their deadlines. (A
 slowdown per batch size was tried: a size the lane stops running keeps the slowdown of its last
 slow spell, and in one run at 1x the cheap model's 50 ms class fell from 94% to 52% in time. Trimming a planned batch until its first
-deadline held at the learned time was tried too: at 0.5x load it took 8% of the goodput and doubled
+deadline held at the learned time was tried too: at 0.5x load it took 5% of the goodput and doubled
 the p99, smaller batches draining each burst more slowly.)
 
 Models share the execution slots: the scheduler also pours every model's predicted work that will
