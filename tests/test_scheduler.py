@@ -423,3 +423,16 @@ def test_no_cap_without_a_hold_fraction():
     assert len(s.poll(0.0).dispatch.requests) == 8
     with pytest.raises(ValueError, match="hold_fraction"):
         _capped_scheduler(1.5)
+
+
+def test_slos_that_vary_request_by_request_keep_the_learned_state_bounded():
+    from agent.scheduler.admission import MAX_CLASSES, AdmissionControl
+    admission = AdmissionControl(table(0.001, 0.001), 1)
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 10_000, admission=admission)], max_concurrent=1,
+                  lookahead=True)
+    for k in range(4 * MAX_CLASSES):
+        slo = 0.010 * 1.05 ** k                       # every request its own class
+        admission.calibrate(True, slo)
+        s.enqueue(req("a", 0.0, slo))
+        s.finish(s.poll(0.0).dispatch)               # run it: the next one finds the board idle
+        assert len(admission._slack) <= MAX_CLASSES and len(s._class_rates) <= MAX_CLASSES

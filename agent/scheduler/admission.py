@@ -25,9 +25,10 @@ proportion to its length: at 1.5x load in ``bench triton`` a batch of one resnet
 profiled time and a batch of 8 1.6x (0.3 ms more against 9.9 ms more), and one excess learned mostly
 from the many batches of one had the big batches finish up to 30 ms past their deadlines. (A
 slowdown per batch size was tried: a size the lane stops running keeps the slowdown of its last
-slow spell, and in one run at 1x the cheap model's 50 ms class fell from 94% to 52% in time. Trimming a planned batch until its first
-deadline held at the learned time was tried too: at 0.5x load it took 5% of the goodput and doubled
-the p99, smaller batches draining each burst more slowly.)
+slow spell, and in one run at 1x the cheap model's 50 ms class fell from 94% to 52% in time.
+Trimming a planned batch until its first deadline held at the learned time was tried too: at 0.5x
+load it took 5% of the goodput and doubled the p99, smaller batches draining each burst more
+slowly.)
 
 Models share the execution slots: the scheduler also pours every model's predicted work that will
 run before the request (queued requests that pop first) over the slots, each free now or when its
@@ -46,8 +47,8 @@ its class's slack is within its deadline. This is the stochastic-approximation q
 the slack settles where a fraction ``1 - q`` of the class's admitted requests miss (the
 ``MISS_QUANTILE`` target), whatever the model above leaves out, and falls back to 0 off overload.
 Per class, because what the model leaves out grows with the wait a class can afford: in ``bench
-triton`` at 1.5x load one slack for all of resnet's requests left its 150 ms class missing 10% while
-its 30 ms class missed 5%. Steps in proportion to the SLO, so that a 150 ms class moves as fast, in
+triton`` at 1.5x load one slack for all of resnet's requests left its 150 ms class missing about 10%
+while its 30 ms class missed 3-5%. Steps in proportion to the SLO, so that a 150 ms class moves as fast, in
 its own terms, as a 10 ms one (0.1 ms a miss there).
 An admitted request that still cannot make it is shed before it runs (``shed_hopeless``).
 """
@@ -60,20 +61,18 @@ from agent.core import DeadlineQueue, LatencyTable
 
 
 class AdmissionControl:
-    EWMA_WEIGHT = 0.2     # weight of the newest batch in its size's slowdown
+    EWMA_WEIGHT = 0.2     # weight of the newest batch in the slowdown's two means
     MISS_QUANTILE = 0.98  # the slack aims at 98% of admitted requests in time (2% miss)
     STEP_FRACTION = 0.01  # of the class's SLO: at 10 ms a miss adds 0.098 ms, a request in time takes off 0.002
 
     def __init__(self, table: LatencyTable, max_batch: int, margin_s: float = 0.0) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch = {max_batch}: expected >= 1")
         self.table = table
         # Per batch size 0..max_batch: the profiled time, and the predicted one (profiled x slowdown).
         self._profiled = [0.0] + [table.predict(b) for b in range(1, max_batch + 1)]
         self._predicted = list(self._profiled)
         self._observed_mean_s = self._profiled_mean_s = 0.0   # EWMAs over batches (module docstring)
         self.slowdown = 1.0       # learned: observed / profiled, batches weighted by their length
-        self.limit_batch(max_batch)   # sets max_batch (checked) and the full batch's predicted time
+        self.limit_batch(max_batch)   # sets max_batch (checked)
         self.margin_s = margin_s
         self._slack: dict[int, float] = {}   # learned per SLO class: the quantile slack (module docstring)
         self.overruns = 0         # batches that took longer than predicted
@@ -83,7 +82,6 @@ class AdmissionControl:
         if max_batch < 1:
             raise ValueError(f"max_batch = {max_batch}: expected >= 1")
         self.max_batch = max_batch
-        self._full_batch_s = self.batch_s(max_batch)
 
     def observe(self, batch_size: int, duration_s: float) -> None:
         """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the slowdown."""
@@ -97,7 +95,6 @@ class AdmissionControl:
             self._profiled_mean_s += self.EWMA_WEIGHT * (profiled - self._profiled_mean_s)
         self.slowdown = self._observed_mean_s / max(self._profiled_mean_s, 1e-9)
         self._predicted = [t * self.slowdown for t in self._profiled]
-        self._full_batch_s = self._predicted[self.max_batch]
 
     def calibrate(self, missed: bool, slo_s: float, count: int = 1) -> None:
         """``count`` admitted requests with SLO ``slo_s`` were answered in time, or missed (late,
@@ -114,6 +111,8 @@ class AdmissionControl:
             return
         if key not in self._slack and len(self._slack) >= MAX_CLASSES:
             self._slack = {k: v for k, v in self._slack.items() if v > 0.0}   # forget the settled ones
+            if len(self._slack) >= MAX_CLASSES:
+                self._slack.clear()               # SLOs that vary request by request: start over
         self._slack[key] = slack
 
     def slack_s(self, slo_s: float) -> float:
@@ -159,7 +158,7 @@ class AdmissionControl:
         last_batch = n - (batches - 1) * self.max_batch
         free_at = sorted([now] * (instances - len(busy_until)) + [max(now, t) for t in busy_until])
         j = batches - 1
-        full = self._full_batch_s
+        full = self.batch_s(self.max_batch)
         start = free_at[j % instances] + (j // instances) * full
         if shared_start is not None:
             start = max(start, shared_start)

@@ -208,6 +208,8 @@ class Scheduler:
             if len(self._class_rates) >= MAX_CLASSES:   # SLOs that vary request by request: keep the live ones
                 self._class_rates = {k: e for k, e in self._class_rates.items()
                                      if now - e[1] < 4 * self.LOOKAHEAD_TAU_S}
+                if len(self._class_rates) >= MAX_CLASSES:
+                    self._class_rates.clear()
             entry = self._class_rates[key] = [0.0, now, slo_s]
         item_s = admission.batch_s(admission.max_batch) / admission.max_batch
         entry[0] = entry[0] * math.exp(-max(0.0, now - entry[1]) / self.LOOKAHEAD_TAU_S) + item_s / self.LOOKAHEAD_TAU_S
