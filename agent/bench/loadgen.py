@@ -39,7 +39,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -74,9 +74,9 @@ class Replay:
     checked: int                    # ok replies whose prediction was checked
     # p50 / p99 / max of how long a reply waited in this process's socket before the generator's
     # loop read it (HTTP: from the kernel's receive stamp; MQTT: 0, stamped when paho read it)
-    read_lag_ms: dict[str, float] = field(default_factory=lambda: {"p50": 0.0, "p99": 0.0, "max": 0.0})
+    read_lag_ms: dict[str, float]
     # per record, when the generator's loop read the reply (seconds from the start; None: no reply)
-    read_s: list = field(default_factory=list)
+    read_s: list[float | None]
 
 
 # --- Open Inference Protocol over HTTP -----------------------------------------------------------

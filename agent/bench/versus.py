@@ -270,7 +270,7 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
     # The same replies timed when the generator's loop read them instead of when they arrived
     # (loadgen's docstring): what one Python process playing every application saw.
     as_read = [dataclasses.replace(r, finish_s=t) if t is not None and r.status == "ok" else r
-               for r, t in zip(run.records, run.read_s or [None] * len(run.records))]
+               for r, t in zip(run.records, run.read_s)]
     sent = len(run.records)
     loaded = {m: (fig["p50_ms"] - own_ms[m]) if fig["p50_ms"] is not None else None
               for m, fig in summary["models"].items()}

@@ -96,17 +96,16 @@ class AdmissionControl:
         self.slowdown = self._observed_mean_s / max(self._profiled_mean_s, 1e-9)
         self._predicted = [t * self.slowdown for t in self._profiled]
 
-    def calibrate(self, missed: bool, slo_s: float, count: int = 1) -> None:
-        """``count`` admitted requests with SLO ``slo_s`` were answered in time, or missed (late,
-        expired or shed): move their class's slack (misses add up; each request in time steps down,
-        never below 0)."""
+    def calibrate(self, missed: bool, slo_s: float) -> None:
+        """An admitted request with SLO ``slo_s`` was answered in time, or missed (late, expired or
+        shed): move its class's slack (misses add up; each request in time steps down, never below 0)."""
         key = slo_class(slo_s)
         step = self.STEP_FRACTION * slo_s
         slack = self._slack.get(key, 0.0)
         if missed:
-            slack += count * self.MISS_QUANTILE * step
+            slack += self.MISS_QUANTILE * step
         elif slack > 0.0:
-            slack = max(0.0, slack - count * (1.0 - self.MISS_QUANTILE) * step)
+            slack = max(0.0, slack - (1.0 - self.MISS_QUANTILE) * step)
         else:
             return
         if key not in self._slack and len(self._slack) >= MAX_CLASSES:

@@ -320,10 +320,7 @@ class Scheduler:
         """Take out every request whose deadline is before ``horizon``."""
         while True:
             n = lane.queue.drop_expired(horizon, lane.expired_ids)
-            pending = lane.pending
-            gone = [pending.pop(rid) for rid in lane.expired_ids[:n].tolist()]
-            expired.extend(gone)
-            self._missed(lane, gone)
+            self._missed(lane, n, expired)
             if n < len(lane.expired_ids):
                 return
 
@@ -332,9 +329,7 @@ class Scheduler:
         n_ready, n_expired = lane.queue.pop_batch(take, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
         if n_expired:
-            gone = [pending.pop(rid) for rid in lane.expired_ids[:n_expired].tolist()]
-            expired.extend(gone)
-            self._missed(lane, gone)
+            self._missed(lane, n_expired, expired)
         if not n_ready:
             return None
         requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
@@ -348,11 +343,15 @@ class Scheduler:
         return Dispatch(lane.name, instance, requests, now)
 
     @staticmethod
-    def _missed(lane: ModelLane, gone: list[Request]) -> None:
-        """Admitted requests expired or shed in the queue: each a miss for calibration."""
-        if lane.admission is not None:
-            for request in gone:
-                lane.admission.calibrate(True, request.deadline - request.arrival)
+    def _missed(lane: ModelLane, n: int, expired: list[Request]) -> None:
+        """The first ``n`` of ``lane.expired_ids`` expired or were shed in the queue: move them from
+        the lane's pending requests to ``expired``, each a miss for calibration."""
+        pending, admission = lane.pending, lane.admission
+        for rid in lane.expired_ids[:n].tolist():
+            request = pending.pop(rid)
+            expired.append(request)
+            if admission is not None:
+                admission.calibrate(True, request.deadline - request.arrival)
 
     def finish(self, dispatch: Dispatch) -> None:
         """The batch is done (whatever its outcome): its instance and slot are free again."""
