@@ -67,9 +67,8 @@ class AdmissionControl:
 
     def __init__(self, table: LatencyTable, max_batch: int, margin_s: float = 0.0) -> None:
         self.table = table
-        # Per batch size 0..max_batch: the profiled time, and the predicted one (profiled x slowdown).
+        # Per batch size 0..max_batch: the profiled time (predicted: times the slowdown).
         self._profiled = [0.0] + [table.predict(b) for b in range(1, max_batch + 1)]
-        self._predicted = list(self._profiled)
         self._observed_mean_s = self._profiled_mean_s = 0.0   # EWMAs over batches (module docstring)
         self.slowdown = 1.0       # learned: observed / profiled, batches weighted by their length
         self.limit_batch(max_batch)   # sets max_batch (checked)
@@ -94,7 +93,6 @@ class AdmissionControl:
             self._observed_mean_s += self.EWMA_WEIGHT * (duration_s - self._observed_mean_s)
             self._profiled_mean_s += self.EWMA_WEIGHT * (profiled - self._profiled_mean_s)
         self.slowdown = self._observed_mean_s / max(self._profiled_mean_s, 1e-9)
-        self._predicted = [t * self.slowdown for t in self._profiled]
 
     def calibrate(self, missed: bool, slo_s: float) -> None:
         """An admitted request with SLO ``slo_s`` was answered in time, or missed (late, expired or
@@ -120,8 +118,8 @@ class AdmissionControl:
 
     def batch_s(self, batch_size: int) -> float:
         """Predicted duration of one batch: the profiled time times the learned slowdown."""
-        if batch_size < len(self._predicted):
-            return self._predicted[batch_size]
+        if batch_size < len(self._profiled):
+            return self._profiled[batch_size] * self.slowdown
         return self.table.predict(batch_size) * self.slowdown
 
     def work_s(self, n: int) -> float:

@@ -179,12 +179,17 @@ class Scheduler:
             reason = None if self.share is None else self.share.refuse(request.model, request.priority, request.arrival)
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
-            slo_s = request.deadline - request.arrival
+            if self.in_flight == 0 and not self.queued():
+                # An idle board: the request starts now, so no other model's work and no overtaker
+                # can delay it (the bounds below would come to the same, at a cost on every request).
+                shared_start, overtakers = None, ()
+            else:
+                shared_start = self._shared_start(lane, request)
+                overtakers = (self._overtakers(request.deadline - request.arrival, request.arrival)
+                              if self.lookahead else ())
             reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
                                            min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
-                                           self._shared_start(lane, request),
-                                           self._overtakers(slo_s, request.arrival) if self.lookahead else (),
-                                           self.max_concurrent)
+                                           shared_start, overtakers, self.max_concurrent)
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply

@@ -2,7 +2,8 @@
 
 The live executor assembles the batch into a preallocated buffer per (model, instance) with the
 compiled core's ``gather_into`` (one memcpy per request), runs the instance's backend, and scatters the
-output rows back per request. The simulator's executor (next issue) draws the time from the profile.
+output rows back per request. A batch of one (every request on an idle board) runs on the request's
+own arrays, already shaped ``(1, ...)`` at intake: a camera frame is not copied once more. The simulator's executor (next issue) draws the time from the profile.
 """
 from __future__ import annotations
 
@@ -57,11 +58,14 @@ class LocalExecutor:
         requests = dispatch.requests
         n = len(requests)
         try:
-            batch = {}
-            for name in instances.input_names:
-                buffer = buffers[name]
-                gather_into(buffer, [r.inputs[name] for r in requests])
-                batch[name] = buffer[:n]
+            if n == 1 and all(a.flags.c_contiguous for a in requests[0].inputs.values()):
+                batch = requests[0].inputs      # already (1, *item_shape), checked at intake: no copy
+            else:
+                batch = {}
+                for name in instances.input_names:
+                    buffer = buffers[name]
+                    gather_into(buffer, [r.inputs[name] for r in requests])
+                    batch[name] = buffer[:n]
             t0 = self._clock()
             outputs = instances.backends[dispatch.instance].run(batch)
             compute_s = self._clock() - t0
