@@ -426,3 +426,13 @@ def test_cli_serves_http_only(tmp_path, digits):
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out
     assert "stopping" in out
+
+
+def test_the_start_up_heap_is_frozen_out_of_the_collectors_reach(service):
+    """The service freezes what it built at start (models, runtimes, tables), so a full collection
+    under load walks only the objects made since, instead of stopping every thread for all of them."""
+    import gc
+    loaded = service.agent.models["mobilenet_digits"]
+    assert gc.get_freeze_count() > 10_000
+    assert gc.is_tracked(loaded)
+    assert all(obj is not loaded for obj in gc.get_objects(generation=2))   # frozen, not in the oldest generation
