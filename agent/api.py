@@ -119,7 +119,7 @@ class Agent:
         self.scheduler = Scheduler(
             [build_lane(name, m.rule, m.config, m.latency) for name, m in self.models.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
-            lookahead=config.admission_lookahead, tail_cap_s=config.tail_cap_ms / 1000.0,
+            lookahead=config.admission_lookahead,
         )
         self.executor = LocalExecutor({
             name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in self.models.items()

@@ -84,9 +84,6 @@ class Config:
     # Admission counts the work that tighter SLO classes, arriving at their recent rates, will put
     # ahead of a request while it waits (agent.scheduler.admission.overtaken_wait). Admission lanes only.
     admission_lookahead: bool = True
-    # A request whose SLO is looser than this waits in the queue as if it were this tight; one not
-    # started by then goes back to its own deadline (agent.scheduler.dispatcher, "tail cap"). 0 = off.
-    tail_cap_ms: float = 0.0
     # Added to the worker threads' nice value: the intake and the board's applications preempt model
     # compute (agent.scheduler.live.lower_thread_priority); 0 = the same priority. Linux only.
     worker_nice: int = 5
@@ -232,7 +229,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
-                        "tail_cap_ms", "worker_nice", "profile"}, "agent")
+                        "worker_nice", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
@@ -256,8 +253,6 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         hold_fraction=float(_take(agent, "hold_fraction", "agent", (int, float), 0.25, lambda v: 0 <= v <= 1,
                                   "a fraction in 0..1 (0 = batches not capped by the tightest SLO)")),
         admission_lookahead=_take(agent, "admission_lookahead", "agent", bool, True),
-        tail_cap_ms=float(_take(agent, "tail_cap_ms", "agent", (int, float), 0.0, lambda v: 0 <= v <= 3_600_000,
-                                "milliseconds in 0..3600000 (0 = every request queued by its own deadline)")),
         worker_nice=_take(agent, "worker_nice", "agent", int, 5, lambda v: 0 <= v <= 19,
                           "an integer in 0..19 (0 = workers at the intake's priority)"),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),

@@ -135,7 +135,7 @@ class Scheduler:
     LOOKAHEAD_TAU_S = 0.5  # time constant of the admitted work rates per SLO class (lookahead)
 
     def __init__(self, lanes: Iterable[ModelLane], max_concurrent: int, hold_fraction: float = 0.0,
-                 lookahead: bool = False, tail_cap_s: float = 0.0) -> None:
+                 lookahead: bool = False) -> None:
         self.lanes: dict[str, ModelLane] = {lane.name: lane for lane in lanes}
         self._lane_list = list(self.lanes.values())
         if max_concurrent < 1:
@@ -156,11 +156,6 @@ class Scheduler:
         # overtake a request while it waits (AdmissionControl.refuse, overtaken_wait).
         self.lookahead = lookahead
         self._class_rates: dict[int, list[float]] = {}
-        # Tail cap (ours): a request with a looser SLO is queued by arrival + tail_cap_s until then
-        # (see enqueue); 0 = off, every request queued by its deadline.
-        if not tail_cap_s >= 0.0:
-            raise ValueError(f"tail_cap_s = {tail_cap_s!r}: expected seconds >= 0 (0 = off)")
-        self.tail_cap_s = tail_cap_s
 
     @staticmethod
     def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
@@ -200,10 +195,7 @@ class Scheduler:
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
             result = lane.queue.push(request.rid, request.arrival, request.arrival, 0)
         else:
-            key = request.deadline
-            if self.tail_cap_s and request.deadline > request.arrival + self.tail_cap_s:
-                key = request.arrival + self.tail_cap_s
-            result = lane.queue.push(request.rid, key, request.arrival, request.priority)
+            result = lane.queue.push(request.rid, request.deadline, request.arrival, request.priority)
         if result != PushResult.OK:
             if result == PushResult.FULL:
                 raise InferenceError(
@@ -333,7 +325,7 @@ class Scheduler:
         """Take out every request whose deadline is before ``horizon``."""
         while True:
             n = lane.queue.drop_expired(horizon, lane.expired_ids)
-            self._missed(lane, n, expired, horizon)
+            self._missed(lane, n, expired)
             if n < len(lane.expired_ids):
                 return
 
@@ -342,7 +334,7 @@ class Scheduler:
         n_ready, n_expired = lane.queue.pop_batch(take, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
         if n_expired:
-            self._missed(lane, n_expired, expired, expire_before)
+            self._missed(lane, n_expired, expired)
         if not n_ready:
             return None
         requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
@@ -356,18 +348,12 @@ class Scheduler:
         return Dispatch(lane.name, instance, requests, now)
 
     @staticmethod
-    def _missed(lane: ModelLane, n: int, expired: list[Request], horizon: float) -> None:
-        """The first ``n`` of ``lane.expired_ids`` came out of the queue with keys before ``horizon``.
-        A request queued by its tail cap whose own deadline is not that near goes back in, keyed by
-        its deadline; the rest expired or were shed: moved from the lane's pending requests to
-        ``expired``, each a miss for calibration."""
+    def _missed(lane: ModelLane, n: int, expired: list[Request]) -> None:
+        """The first ``n`` of ``lane.expired_ids`` expired or were shed in the queue: move them from
+        the lane's pending requests to ``expired``, each a miss for calibration."""
         pending, admission = lane.pending, lane.admission
         for rid in lane.expired_ids[:n].tolist():
-            request = pending[rid]
-            if request.deadline >= horizon:
-                lane.queue.push(rid, request.deadline, request.arrival, request.priority)
-                continue
-            del pending[rid]
+            request = pending.pop(rid)
             expired.append(request)
             if admission is not None:
                 admission.calibrate(True, request.deadline - request.arrival)
