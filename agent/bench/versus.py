@@ -195,18 +195,22 @@ def triton_grid(kind: str = "full") -> list:
 
 # --- the plain loop's capacity ---------------------------------------------------------------------
 
-def own_times_ms(frames: Frames, repeats: int = 300, rounds: int = 3) -> dict[str, float]:
+def own_times_ms(frames: Frames, repeats: int = 300, rounds: int = 5, pause_s: float = 2.0) -> dict[str, float]:
     """Batch-1 time of each model on one onnxruntime instance (one thread), real frames: the lowest
-    of ``rounds`` medians of ``repeats`` runs, the models taking turns. A slow spell of the VM only
-    ever adds time, and one that covered a single round (0.84 ms for a 0.55 ms model, once) would
-    otherwise set every load of the run 13% too light and every overhead too small."""
+    of ``rounds`` medians of ``repeats`` runs, ``pause_s`` apart, the models taking turns. A slow
+    spell of the VM only ever adds time, and one that covered a single round (0.84 ms for a 0.55 ms
+    model, once) would otherwise set every load of the run 13% too light and every overhead too
+    small. Three rounds back to back once all fell in one spell (0.85 ms for the same model, and a
+    "1x" of 639 requests/s where the machine serves 813-841): the rounds now span about 10 s."""
     from agent.backends import load_backend
     from agent.models.card import load_card
     backends = {model: load_backend("onnxruntime", load_card(f"demo:{model}").verify_file("onnx"), threads=1)
                 for model in frames.inputs}
     medians: dict[str, list[float]] = {model: [] for model in frames.inputs}
     try:
-        for _ in range(rounds):
+        for round_ in range(rounds):
+            if round_:
+                time.sleep(pause_s)
             for model, (input_name, _, model_frames, _) in frames.inputs.items():
                 samples = []
                 for k in range(repeats + 20):
