@@ -79,7 +79,9 @@ def check_inputs(model: str, specs: Sequence[TensorSpec], inputs: Any) -> dict[s
     """Check a request's tensors against the model's card: names, dtype, rank and shape.
 
     One request carries one item: each tensor has the model's item shape, with or without a leading
-    batch dimension of 1. Returns arrays shaped ``(1, *item_shape)`` in the model's dtype.
+    batch dimension of 1. Returns C-contiguous arrays shaped ``(1, *item_shape)`` in the model's dtype
+    (a strided view, a slice of a bigger frame say, is copied here, once: batch assembly and a batch of
+    one run on contiguous rows).
     """
     if type(inputs) is not dict and not isinstance(inputs, Mapping):
         raise InferenceError(BAD_REQUEST, f"inputs must be a map of name -> tensor, got {type(inputs).__name__}", "inputs")
@@ -108,7 +110,7 @@ def check_inputs(model: str, specs: Sequence[TensorSpec], inputs: Any) -> dict[s
                 INVALID_INPUT,
                 f"{field} has shape {list(array.shape)}; model {model!r} expects {list(item)} (or [1, ...] with one item)",
                 f"{field}.shape")
-        out[spec.name] = array
+        out[spec.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
     return out
 
 

@@ -55,6 +55,22 @@ def test_batched_outputs_match_batch_of_one(agent, digits):
         np.testing.assert_allclose(a.outputs["logits"], b.outputs["logits"], rtol=1e-4, atol=1e-4)
 
 
+def test_a_strided_view_is_served_alone_and_in_a_batch(agent, digits):
+    """A frame cut out of a bigger array (not contiguous) is a valid input: it gets the same answer
+    as the contiguous frame, whether it runs alone or batched with others."""
+    frames, _ = digits
+    wide = np.zeros(frames[0].shape[:-2] + (2 * frames[0].shape[-2], frames[0].shape[-1]), frames.dtype)
+    strided = wide[..., ::2, :]
+    strided[...] = frames[0]
+    assert not strided.flags.c_contiguous
+    expected = agent.infer("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000).outputs["logits"]
+    alone = agent.infer("mobilenet_digits", {"frames": strided}, slo_ms=5000)
+    burst = [agent.submit("mobilenet_digits", {"frames": strided if i == 0 else frames[i]}, slo_ms=5000)
+             for i in range(16)]
+    np.testing.assert_allclose(alone.outputs["logits"], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(burst[0].result(30).outputs["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_result_timing_adds_up(agent, digits):
     frames, _ = digits
     result = agent.infer("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000)

@@ -3,7 +3,8 @@
 The live executor assembles the batch into a preallocated buffer per (model, instance) with the
 compiled core's ``gather_into`` (one memcpy per request), runs the instance's backend, and scatters the
 output rows back per request. A batch of one (every request on an idle board) runs on the request's
-own arrays, already shaped ``(1, ...)`` at intake: a camera frame is not copied once more. The simulator's executor (next issue) draws the time from the profile.
+own arrays, already contiguous and shaped ``(1, ...)`` at intake (``wire.check_inputs``): a camera
+frame is not copied once more. The simulator's executor draws the time from the profile.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ class LocalExecutor:
         requests = dispatch.requests
         n = len(requests)
         try:
-            if n == 1 and all(a.flags.c_contiguous for a in requests[0].inputs.values()):
-                batch = requests[0].inputs      # already (1, *item_shape), checked at intake: no copy
+            if n == 1:
+                batch = requests[0].inputs      # (1, *item_shape), contiguous, checked at intake: no copy
             else:
                 batch = {}
                 for name in instances.input_names:
