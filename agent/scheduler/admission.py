@@ -84,8 +84,8 @@ class AdmissionControl:
 
     def observe(self, batch_size: int, duration_s: float) -> None:
         """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the slowdown."""
-        profiled = self._profiled[batch_size] if batch_size < len(self._profiled) else self.table.predict(batch_size)
-        if duration_s > self.batch_s(batch_size) + self.margin_s:
+        profiled = self._profiled_s(batch_size)
+        if duration_s > profiled * self.slowdown + self.margin_s:
             self.overruns += 1
         if self._profiled_mean_s == 0.0:      # the first batch sets both means
             self._observed_mean_s, self._profiled_mean_s = duration_s, profiled
@@ -113,14 +113,21 @@ class AdmissionControl:
         self._slack[key] = slack
 
     def slack_s(self, slo_s: float) -> float:
-        """The learned slack of ``slo_s``'s class."""
-        return self._slack.get(slo_class(slo_s), 0.0)
+        """The learned slack of ``slo_s``'s class (0 while no class has learned any)."""
+        return self._slack.get(slo_class(slo_s), 0.0) if self._slack else 0.0
+
+    def _profiled_s(self, batch_size: int) -> float:
+        if batch_size < len(self._profiled):
+            return self._profiled[batch_size]
+        return self.table.predict(batch_size)
 
     def batch_s(self, batch_size: int) -> float:
         """Predicted duration of one batch: the profiled time times the learned slowdown."""
-        if batch_size < len(self._profiled):
-            return self._profiled[batch_size] * self.slowdown
-        return self.table.predict(batch_size) * self.slowdown
+        return self._profiled_s(batch_size) * self.slowdown
+
+    def item_s(self) -> float:
+        """Predicted compute per request when batches are full (the learned slowdown included)."""
+        return self.batch_s(self.max_batch) / self.max_batch
 
     def work_s(self, n: int) -> float:
         """Predicted compute for ``n`` requests in batches of at most ``max_batch``."""
@@ -144,7 +151,7 @@ class AdmissionControl:
         by the work they bring in the wait, found by fixed-point iteration (module docstring).
         """
         ahead = queue.count_ahead(deadline, priority)
-        slack_s = self._slack.get(slo_class(deadline - now), 0.0) if self._slack else 0.0
+        slack_s = self.slack_s(deadline - now)
         if ahead == 0 and len(busy_until) < instances and shared_start is None:
             # The common case on a board with headroom: an idle instance, nothing ahead.
             finish = now + self.batch_s(1)
@@ -239,9 +246,8 @@ class CostShare:
         self.refused = {name: 0 for name in self.lanes}
 
     def item_cost_s(self, model: str) -> float:
-        """Predicted compute per request when batches are full (the learned slowdown included)."""
-        admission = self.lanes[model]
-        return admission.batch_s(admission.max_batch) / admission.max_batch
+        """Predicted compute per request of ``model`` (:meth:`AdmissionControl.item_s`)."""
+        return self.lanes[model].item_s()
 
     def demand(self, model: str, now: float) -> float:
         """Model's arriving work, seconds of compute per second, as of ``now``."""

@@ -216,8 +216,8 @@ class Scheduler:
                 if len(self._class_rates) >= MAX_CLASSES:
                     self._class_rates.clear()
             entry = self._class_rates[key] = [0.0, now, slo_s]
-        item_s = admission.batch_s(admission.max_batch) / admission.max_batch
-        entry[0] = entry[0] * math.exp(-max(0.0, now - entry[1]) / self.LOOKAHEAD_TAU_S) + item_s / self.LOOKAHEAD_TAU_S
+        entry[0] = (entry[0] * math.exp(-max(0.0, now - entry[1]) / self.LOOKAHEAD_TAU_S)
+                    + admission.item_s() / self.LOOKAHEAD_TAU_S)
         entry[1], entry[2] = now, min(entry[2], slo_s)
 
     def _overtakers(self, slo_s: float, now: float) -> list[tuple[float, float]]:
