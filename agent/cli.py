@@ -128,6 +128,8 @@ def _cmd_bench_triton(args: argparse.Namespace) -> int:
         loads = _numbers(args.load, "--load") if args.scale is None else None
         scales = _numbers(args.scale, "--scale") if args.scale is not None else None
         systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        if args.repeat < 1:
+            raise ValueError(f"--repeat {args.repeat}: expected 1 or more rounds")
         unknown = [s for s in systems if s not in SYSTEMS]
         if unknown or not systems:
             raise ValueError(f"--systems {args.systems!r}: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
@@ -146,7 +148,7 @@ def _cmd_bench_triton(args: argparse.Namespace) -> int:
                   f"bench triton serves the demo models mobilenet_digits and resnet_digits", file=sys.stderr)
             return 2
     results = run_versus(trace, loads=loads, scales=scales, systems=systems, triton_settings=settings,
-                         out_dir=Path(args.out), duration_s=args.duration, seed=args.seed)
+                         out_dir=Path(args.out), duration_s=args.duration, seed=args.seed, repeat=args.repeat)
     print(format_versus(results))
     print(f"wrote {args.out}/versus.json" + (f" and {len(results['plots'])} plots" if results.get("plots") else ""))
     return 0
@@ -240,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Triton settings to try at each load: full (6) or quick (2) (default full)")
     triton.add_argument("--out", default="bench_out/triton", metavar="DIR", help="where JSON and plots go")
     triton.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")
+    triton.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="play the whole comparison K times and report the median of each figure, with how "
+                             "many rounds each target held in (default 1; the full grid takes about 17 minutes "
+                             "a round here; BENCHMARKS.md's verdict is --repeat 3)")
     triton.set_defaults(func=_cmd_bench_triton)
 
     from agent.profiler.cli import add_profile_parser

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -308,13 +308,6 @@ def _errored(overall: dict) -> int:
 
 # --- the whole comparison ---------------------------------------------------------------------------
 
-@dataclass
-class VersusResult:
-    own_ms: dict[str, float]
-    capacity_per_s: float
-    loads: dict[str, dict] = field(default_factory=dict)    # "1.5x" -> {system: row, "triton grid": [...]}
-
-
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -330,10 +323,20 @@ def default_trace(duration_s: float, seed: int) -> list[TraceRow]:
 def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | None = None,
                scales: Sequence[float] | None = None, systems: Sequence[str] = SYSTEMS,
                triton_settings: Sequence | None = None, out_dir: Path,
-               duration_s: float = 15.0, seed: int = 0) -> dict:
+               duration_s: float = 15.0, seed: int = 0, repeat: int = 1) -> dict:
     """Replay ``trace`` at each load (a multiple of the plain loop's capacity) or each raw time
     ``scale`` against every system; write ``versus.json`` and plots to ``out_dir``. Without a
-    trace, :func:`default_trace` makes one that lasts ``duration_s`` at 1x (less at higher loads)."""
+    trace, :func:`default_trace` makes one that lasts ``duration_s`` at 1x (less at higher loads).
+
+    ``repeat`` > 1 plays the whole comparison that many times (rounds; every other round takes the
+    systems in reverse order, so none always runs first after a server start): each figure of the
+    table is then the median over the rounds, the targets are judged on those medians, and each
+    target says in how many rounds it held on its own. On this VM one round's margins can sit
+    inside the run-to-run spread (BENCHMARKS.md); a median of three cannot be set by one slow
+    spell. ``versus.json`` is rewritten after every round, so a long run stopped early keeps what
+    it finished."""
+    if repeat < 1:
+        raise ValueError(f"repeat = {repeat!r}: expected 1 or more rounds")
     out_dir.mkdir(parents=True, exist_ok=True)
     models = sorted({row.model for row in trace}) if trace else ["mobilenet_digits", "resnet_digits"]
     frames = Frames.digits(models)
@@ -350,52 +353,133 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
         plan = [(f"scale {s:g}", float(s)) for s in scales]
     settings = list(triton_settings) if triton_settings is not None else (triton_grid() if "triton" in systems else [])
     _say(f"own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
-         + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s")
+         + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s"
+         + (f"; {repeat} rounds" if repeat > 1 else ""))
     results: dict = {"own_ms": own_ms, "plain_capacity_per_s": capacity, "trace_rows": len(trace),
-                     "trace_rate_per_s": rate, "systems": list(systems), "loads": {}}
-    all_records: dict[str, dict[str, list]] = {}
-    runs_total = len(plan) * sum(len(settings) if s == "triton" else 1 for s in systems)
+                     "trace_rate_per_s": rate, "systems": list(systems), "rounds": repeat, "rounds_done": 0,
+                     "loads": {}}
+    rounds: dict[str, list[dict]] = {label: [] for label, _ in plan}     # label -> one entry per round
+    curves: dict[str, dict[str, list]] = {label: {} for label, _ in plan}  # label -> system -> [(goodput, curves)]
+    runs_total = repeat * len(plan) * sum(len(settings) if s == "triton" else 1 for s in systems)
     done = 0
-    for label, factor in plan:
-        load_trace = scaled(trace, factor)
-        rows: dict[str, dict] = {}
-        grid_rows: list[dict] = []
-        for system in systems:
-            for setting in (settings if system == "triton" else [None]):
-                done += 1
-                what = system + (f" [{setting.describe()}]" if setting is not None else "")
-                _say(f"[{done}/{runs_total}] {label}: {what}: {len(load_trace)} requests over "
-                     f"{max(r.t_s for r in load_trace):.1f} s ...")
-                server = start_system(system, triton_setting=setting, workdir=out_dir)
-                try:
-                    row = run_system(server, load_trace, frames, own_ms)
-                finally:
-                    server.stop()
-                _say(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
-                     f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
-                     f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
-                if system == "triton":
-                    grid_rows.append(row)
-                else:
-                    rows[system] = row
-        if grid_rows:
-            best = max(grid_rows, key=lambda r: (r["summary"]["overall"]["goodput_per_s"],
-                                                 r["summary"]["overall"]["slo_attainment"] or 0))
-            rows["triton"] = best
-        ordered = {s: rows[s] for s in systems if s in rows}
-        all_records[label] = {s: r.pop("records") for s, r in ordered.items()}
-        for r in grid_rows:
-            r.pop("records", None)
-        results["loads"][label] = {"factor": factor, "rows": ordered,
-                                   "triton_grid": [{"setting": r["setting"],
-                                                    "goodput_per_s": r["summary"]["overall"]["goodput_per_s"],
-                                                    "slo_attainment": r["summary"]["overall"]["slo_attainment"],
-                                                    "p99_ms": r["summary"]["overall"]["p99_ms"],
-                                                    "cpu_s_per_1000": r["cpu_s_per_1000"]} for r in grid_rows]}
-    results["targets"] = check_targets(results)
-    (out_dir / "versus.json").write_text(json.dumps(results, indent=1, default=_json_default))
-    results["plots"] = write_plots(all_records, out_dir)
+    for k in range(repeat):
+        order = list(systems) if k % 2 == 0 else list(reversed(systems))
+        for label, factor in plan:
+            load_trace = scaled(trace, factor)
+            rows: dict[str, dict] = {}
+            grid_rows: list[dict] = []
+            for system in order:
+                for setting in (settings if system == "triton" else [None]):
+                    done += 1
+                    what = system + (f" [{setting.describe()}]" if setting is not None else "")
+                    _say(f"[{done}/{runs_total}] " + (f"round {k + 1}/{repeat}, " if repeat > 1 else "")
+                         + f"{label}: {what}: {len(load_trace)} requests over "
+                         f"{max(r.t_s for r in load_trace):.1f} s ...")
+                    server = start_system(system, triton_setting=setting, workdir=out_dir)
+                    try:
+                        row = run_system(server, load_trace, frames, own_ms)
+                    finally:
+                        server.stop()
+                    row["curves"] = plot_curves(row.pop("records"))
+                    _say(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
+                         f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
+                         f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
+                    if system == "triton":
+                        grid_rows.append(row)
+                    else:
+                        rows[system] = row
+            if grid_rows:
+                rows["triton"] = max(grid_rows, key=lambda r: (r["summary"]["overall"]["goodput_per_s"],
+                                                              r["summary"]["overall"]["slo_attainment"] or 0))
+            for system, row in rows.items():
+                curves[label].setdefault(system, []).append(
+                    (row["summary"]["overall"]["goodput_per_s"], row["curves"]))
+            for row in [*rows.values(), *grid_rows]:
+                row.pop("curves", None)
+            rounds[label].append({"rows": {s: rows[s] for s in systems if s in rows},
+                                  "triton_grid": [_grid_entry(r) for r in grid_rows]})
+        results["rounds_done"] = k + 1
+        results["loads"] = {label: combine_rounds(rounds[label], factor) for label, factor in plan}
+        results["targets"] = judge_rounds(results)
+        (out_dir / "versus.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    median_curves = {label: {system: _median_round(entries) for system, entries in by_system.items()}
+                     for label, by_system in curves.items()}
+    results["plots"] = write_plots(median_curves, out_dir)
     return results
+
+
+def _grid_entry(row: dict) -> dict:
+    overall = row["summary"]["overall"]
+    return {"setting": row["setting"], "goodput_per_s": overall["goodput_per_s"],
+            "slo_attainment": overall["slo_attainment"], "p99_ms": overall["p99_ms"],
+            "cpu_s_per_1000": row["cpu_s_per_1000"]}
+
+
+def _median_round(entries: list[tuple[float, dict]]) -> dict:
+    """The curves of the round whose goodput is the median (the lower middle one of an even count)."""
+    ranked = sorted(entries, key=lambda entry: entry[0])
+    return ranked[(len(ranked) - 1) // 2][1]
+
+
+# --- rounds: medians and how often each target held -------------------------------------------------
+
+def median_row(rows: Sequence[dict]) -> dict:
+    """One row of figures from the same row of several rounds: each number the median of its
+    rounds (counts stay whole numbers, rounded), a figure missing from a round left out of its
+    median, except error counts, where a code a round never saw counts 0 there. Anything not a
+    number (Triton's chosen setting, which may differ from round to round) becomes the list of the
+    rounds' values unless they all agree."""
+    return _median_of([dict(r) for r in rows], key="")
+
+
+def _median_of(values: list, key: str):
+    if key != "setting" and all(isinstance(v, dict) for v in values):
+        keys = list(dict.fromkeys(k for v in values for k in v))
+        if key == "errors":
+            return {k: _median_of([v.get(k, 0) for v in values], k) for k in keys}
+        return {k: _median_of([v[k] for v in values if k in v], k) for k in keys}
+    numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if numbers and len(numbers) == len([v for v in values if v is not None]):
+        middle = float(np.median(numbers))
+        return int(round(middle)) if all(isinstance(v, int) for v in numbers) else middle
+    if all(v == values[0] for v in values):
+        return values[0] if values else None
+    return list(values)
+
+
+def combine_rounds(per_round: list[dict], factor: float) -> dict:
+    """A load's entry of ``versus.json``: its rows as medians over the rounds (:func:`median_row`),
+    the Triton grid likewise per setting, and every round's own rows kept under ``rounds``."""
+    systems = list(dict.fromkeys(s for r in per_round for s in r["rows"]))
+    rows = {s: median_row([r["rows"][s] for r in per_round if s in r["rows"]]) for s in systems}
+    grid = []
+    for index, entry in enumerate(per_round[0]["triton_grid"]):
+        same = [r["triton_grid"][index] for r in per_round if index < len(r["triton_grid"])]
+        grid.append({**median_row([{k: v for k, v in g.items() if k != "setting"} for g in same]),
+                     "setting": entry["setting"]})
+    combined = {"factor": factor, "rows": rows, "triton_grid": grid}
+    if len(per_round) > 1:
+        combined["rounds"] = per_round
+    return combined
+
+
+def judge_rounds(results: dict) -> list[dict]:
+    """:func:`check_targets` on the median rows, each check also telling in how many rounds it held
+    on its own (``rounds_met`` of ``rounds``) and each round's figures (``per_round``)."""
+    checks = check_targets(results)
+    count = results.get("rounds_done", 1)
+    if count <= 1:
+        return checks
+    by_round = [check_targets({"loads": {label: {"rows": load["rounds"][k]["rows"]}
+                                         for label, load in results["loads"].items()}})
+                for k in range(count)]
+    for check in checks:
+        same = [c for round_checks in by_round for c in round_checks
+                if c["load"] == check["load"] and c["target"] == check["target"]]
+        check["rounds"] = len(same)
+        check["rounds_met"] = sum(1 for c in same if c["met"])
+        check["per_round"] = [c["detail"] for c in same]
+    return checks
 
 
 def _json_default(value):
@@ -452,6 +536,9 @@ def format_versus(results: dict) -> str:
     """One table per load, the Triton grid under it, then the targets."""
     lines = [f"own batch-1 time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in results["own_ms"].items())
              + f"; plain-loop capacity {results['plain_capacity_per_s']:.0f} req/s"]
+    count = results.get("rounds_done", 1)
+    if count > 1:
+        lines.append(f"every figure is the median of {count} rounds (each round's own rows are in versus.json)")
     for label, load in results["loads"].items():
         rows = load["rows"]
         classes = sorted({c for r in rows.values() for c in r["summary"]["classes"]})
@@ -472,7 +559,8 @@ def format_versus(results: dict) -> str:
                       f"{row['send_lag_ms']['p99']:>8.2f}", f"{row.get('read_lag_ms', {}).get('p99', 0.0):>9.2f}"]
             lines.append("".join(cells))
         if load["triton_grid"]:
-            lines.append("  triton settings tried (best goodput is the row above):")
+            lines.append("  triton settings tried (best goodput is the row above"
+                         + (f"; medians of {count} rounds, the best chosen in each round):" if count > 1 else "):"))
             for g in load["triton_grid"]:
                 s = g["setting"]
                 lines.append(f"    {_describe(s):<58} goodput {g['goodput_per_s']:7.1f}/s  attain "
@@ -482,10 +570,13 @@ def format_versus(results: dict) -> str:
             lines.append("  wrong predictions (of checked ok replies): "
                          + ", ".join(f"{s} {w}/{c}" for s, (w, c) in wrong.items()))
     if results.get("targets"):
-        lines += ["", "targets (edge-agent over the Inference Protocol vs Triton's best setting):"]
+        lines += ["", "targets (edge-agent over the Inference Protocol vs Triton's best setting"
+                  + (f", judged on the medians of {count} rounds):" if count > 1 else "):")]
         for t in results["targets"]:
             mark = "met" if t["met"] else "NOT met"
-            lines.append(f"  {t['load']:>5} {t['target']:<45} {mark:<8} {t['detail']}")
+            held = f"  [held in {t['rounds_met']} of {t['rounds']} rounds: {'; '.join(t['per_round'])}]" \
+                if "rounds" in t else ""
+            lines.append(f"  {t['load']:>5} {t['target']:<45} {mark:<8} {t['detail']}{held}")
     return "\n".join(lines)
 
 
@@ -503,9 +594,25 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_plots(records: dict[str, dict[str, list]], out_dir: Path) -> list[str]:
+def plot_curves(records: Sequence) -> dict:
+    """What the plots need of one replay, kept as a few arrays instead of its request records (a
+    run of three rounds would otherwise hold three million objects in the load generator, whose
+    collections would stall its sends): per SLO class the sorted latencies of ok replies and the
+    count sent; the replies within SLO per 1 s bin."""
+    classes: dict[tuple[str, float], list] = {}
+    for r in records:
+        classes.setdefault((r.model, r.slo_ms), []).append(r)
+    cdf = {key: (np.sort([r.latency_ms for r in mine if r.status == "ok"]), len(mine))
+           for key, mine in sorted(classes.items())}
+    done = np.array([r.finish_s for r in records if r.within_slo])
+    per_s = np.histogram(done, bins=np.arange(0, np.ceil(done.max()) + 1))[0] if len(done) else np.zeros(0)
+    return {"cdf": cdf, "goodput_per_s": per_s}
+
+
+def write_plots(curves: dict[str, dict[str, dict]], out_dir: Path) -> list[str]:
     """Per load: latency CDF per SLO class (one panel each, one line per system) and goodput over
-    time (replies within SLO per 1 s bin, one line per system)."""
+    time (replies within SLO per 1 s bin, one line per system). ``curves``: load -> system ->
+    :func:`plot_curves` of the round drawn (with several rounds, the one of median goodput)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -514,19 +621,18 @@ def write_plots(records: dict[str, dict[str, list]], out_dir: Path) -> list[str]
         _say("(plots skipped: matplotlib is not installed; pip install 'edge-agent[bench]')")
         return []
     written = []
-    for label, by_system in records.items():
+    for label, by_system in curves.items():
         tag = label.replace(" ", "_")
         colors = {s: plt.get_cmap("tab10")(k) for k, s in enumerate(SYSTEMS)}
-        classes = sorted({(r.model, r.slo_ms) for recs in by_system.values() for r in recs})
+        classes = sorted({key for c in by_system.values() for key in c["cdf"]})
         cols = 2
         nrows = max(1, (len(classes) + cols - 1) // cols)
         fig, axes = plt.subplots(nrows, cols, figsize=(10, 3.6 * nrows), squeeze=False)
         for ax, (model, slo) in zip(axes.flat, classes):
-            for system, recs in by_system.items():
-                mine = [r for r in recs if r.model == model and r.slo_ms == slo]
-                lat = np.sort([r.latency_ms for r in mine if r.status == "ok"])
+            for system, c in by_system.items():
+                lat, sent = c["cdf"].get((model, slo), (np.zeros(0), 0))
                 if len(lat):
-                    ax.plot(lat, np.arange(1, len(lat) + 1) / len(mine), label=system, color=colors.get(system))
+                    ax.plot(lat, np.arange(1, len(lat) + 1) / sent, label=system, color=colors.get(system))
             ax.axvline(slo, color="grey", linestyle=":", linewidth=1)
             ax.set_xscale("log")
             ax.set_title(f"{model} @ {slo:g} ms SLO", fontsize=9)
@@ -543,11 +649,10 @@ def write_plots(records: dict[str, dict[str, list]], out_dir: Path) -> list[str]
         plt.close(fig)
         written.append(str(path))
         fig, ax = plt.subplots(figsize=(8, 4.2))
-        for system, recs in by_system.items():
-            done = np.array([r.finish_s for r in recs if r.within_slo])
-            if len(done):
-                counts, edges = np.histogram(done, bins=np.arange(0, np.ceil(done.max()) + 1))
-                ax.step(edges[:-1], counts, where="post", label=system, color=colors.get(system))
+        for system, c in by_system.items():
+            per_s = c["goodput_per_s"]
+            if len(per_s):
+                ax.step(np.arange(len(per_s)), per_s, where="post", label=system, color=colors.get(system))
         ax.set_xlabel("time (s)")
         ax.set_ylabel("replies within SLO per second")
         ax.set_title(f"goodput over time, load {label}")
@@ -561,5 +666,6 @@ def write_plots(records: dict[str, dict[str, list]], out_dir: Path) -> list[str]
     return written
 
 
-__all__ = ["LOADS", "SYSTEMS", "RunningServer", "check_targets", "default_trace", "format_versus", "own_times_ms",
-           "plain_capacity_per_s", "run_versus", "scaled", "start_system", "triton_grid"]
+__all__ = ["LOADS", "SYSTEMS", "RunningServer", "check_targets", "combine_rounds", "default_trace", "format_versus",
+           "judge_rounds", "median_row", "own_times_ms", "plain_capacity_per_s", "plot_curves", "run_versus", "scaled",
+           "start_system", "triton_grid"]
