@@ -109,13 +109,17 @@ def test_median_row_takes_each_figure_over_the_rounds():
     assert two["summary"]["overall"]["goodput_per_s"] == 1.5 and two["setting"] == a
 
 
+def _triton(goodput: float, p99: float = 30.0) -> dict:
+    return {**_row({"goodput_per_s": goodput, "deadline_miss_rate": 0.3, "slo_attainment": 0.5, "p99_ms": p99,
+                    "cpu": 5.0, "rss": 200.0}), "setting": {"instances": 1}}
+
+
 def test_judge_rounds_counts_the_rounds_each_target_held_in():
     ours = {"goodput_per_s": 140.0, "deadline_miss_rate": 0.02, "slo_attainment": 0.9, "p99_ms": 20.0,
             "cpu": 1.0, "rss": 100.0}
     def round_(goodput):
-        t = {"goodput_per_s": goodput, "deadline_miss_rate": 0.3, "slo_attainment": 0.5, "p99_ms": 30.0,
-             "cpu": 5.0, "rss": 200.0}
-        return {"rows": {"edge-agent/oip": _row(dict(ours)), "triton": _row(t)}, "triton_grid": []}
+        t = _triton(goodput)
+        return {"rows": {"edge-agent/oip": _row(dict(ours)), "triton": t}, "grid": [t]}
     # Triton's goodput 100, 120, 90: ours (140) is 1.4x, 1.17x, 1.56x: held in two rounds, and the
     # median row (Triton 100) meets it.
     load = versus.combine_rounds([round_(100.0), round_(120.0), round_(90.0)], 1.0)
@@ -128,6 +132,23 @@ def test_judge_rounds_counts_the_rounds_each_target_held_in():
     text = versus.format_versus({"own_ms": {}, "plain_capacity_per_s": 1.0, "rounds_done": 3, "targets": checks,
                                  "loads": {}})
     assert "median of 3 rounds" in text and "held in 2 of 3 rounds" in text
+
+
+def test_triton_row_is_its_tuned_setting_not_each_rounds_luckiest():
+    # Setting A: 170, 100, 160/s (median 160); setting B: 100, 165, 150 (median 150). Each round's
+    # best (170, 165, 160) has a median of 165, a figure no one setting reached; the tuned setting is
+    # A, and every Triton figure is A's median.
+    a, b = {"instances": 1}, {"instances": 2}
+    def round_(ga, gb, pa, pb):
+        grid = [_triton(ga, pa), _triton(gb, pb)]
+        grid[0]["setting"], grid[1]["setting"] = a, b
+        return {"rows": {"triton": max(grid, key=lambda r: r["summary"]["overall"]["goodput_per_s"])}, "grid": grid}
+    load = versus.combine_rounds([round_(170, 100, 40, 90), round_(100, 165, 50, 80), round_(160, 150, 45, 70)], 1.0)
+    triton = load["rows"]["triton"]
+    assert load["triton_tuned"] == 0 and triton["setting"] == a
+    assert triton["summary"]["overall"]["goodput_per_s"] == 160.0 and triton["summary"]["overall"]["p99_ms"] == 45.0
+    assert [g["goodput_per_s"] for g in load["triton_grid"]] == [160.0, 150.0]
+    assert [r["rows"]["triton"]["setting"] for r in load["rounds"]] == [a, b, a]
 
 
 def test_plot_curves_keep_what_the_plots_draw(tmp_path):
