@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")
     triton.add_argument("--repeat", type=int, default=1, metavar="K",
                         help="play the whole comparison K times and report the median of each figure, with how "
-                             "many rounds each target held in (default 1; the full grid takes about 17 minutes "
+                             "many rounds each target held in (default 1; the full grid takes about 15 minutes "
                              "a round here; BENCHMARKS.md's verdict is --repeat 3)")
     triton.set_defaults(func=_cmd_bench_triton)
 

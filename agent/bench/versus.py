@@ -8,7 +8,8 @@ turn, one system running at a time, with the same frames and the same ONNX files
 - ``edge-agent/oip``: ``edge-agent`` serving the Open Inference Protocol over HTTP, Triton's API;
 - ``triton``: ``tritonserver`` 2.51 (python backend running onnxruntime, :mod:`agent.bench.triton`)
   with its dynamic batcher, at every setting of a small grid; its row is the setting with the
-  best goodput at that load (the others stay in the JSON);
+  best goodput at that load (over several rounds, the best median goodput: its tuned setting; the
+  others stay in the JSON);
 - ``plain loop``: the loop a user writes, one request at a time in arrival order on one instance
   (policy ``fifo``), served over the same HTTP protocol.
 
