@@ -438,7 +438,7 @@ def median_row(rows: Sequence[dict]) -> dict:
     median, except error counts, where a code a round never saw counts 0 there. Anything not a
     number (Triton's chosen setting, which may differ from round to round) becomes the list of the
     rounds' values unless they all agree."""
-    return _median_of([dict(r) for r in rows], key="")
+    return _median_of(list(rows), key="")
 
 
 def _median_of(values: list, key: str):
@@ -467,15 +467,15 @@ def combine_rounds(per_round: list[dict], factor: float) -> dict:
     still compares against that round's best. Every round's rows are kept under ``rounds`` (with
     Triton's settings summarised)."""
     systems = list(dict.fromkeys(s for r in per_round for s in r["rows"] if s != "triton"))
-    rows = {s: median_row([r["rows"][s] for r in per_round if s in r["rows"]]) for s in systems}
+    medians = {s: median_row([r["rows"][s] for r in per_round if s in r["rows"]]) for s in systems}
     grid = [median_row([r["grid"][index] for r in per_round if index < len(r["grid"])])
             for index in range(len(per_round[0]["grid"]))]
-    combined: dict = {"factor": factor, "rows": rows, "triton_grid": [_grid_entry(g) for g in grid]}
+    combined: dict = {"factor": factor, "triton_grid": [_grid_entry(g) for g in grid]}
     if grid:
         tuned = max(range(len(grid)), key=lambda index: _goodput_key(grid[index]))
-        rows["triton"] = grid[tuned]
+        medians["triton"] = grid[tuned]
         combined["triton_tuned"] = tuned
-        combined["rows"] = {s: rows[s] for s in [*per_round[0]["rows"]] if s in rows}
+    combined["rows"] = {s: medians[s] for s in per_round[0]["rows"] if s in medians}   # the systems' order
     if len(per_round) > 1:
         combined["rounds"] = [{"rows": r["rows"], "triton_grid": [_grid_entry(g) for g in r["grid"]]}
                               for r in per_round]
