@@ -36,6 +36,15 @@ def test_run_without_a_config_file():
     assert "/nonexistent/agent.toml" in out.stderr
 
 
+def test_bench_triton_refuses_bad_arguments_before_any_work():
+    # Checked up front: a run of the full grid takes about 15 minutes a round.
+    out = edge_agent("bench", "triton", "--repeat", "0", "--systems", "edge-agent/oip")
+    assert out.returncode == 2 and "--repeat 0: expected 1 or more rounds" in out.stderr
+    out = edge_agent("bench", "triton", "--systems", "edge-agent/oip,nginx")
+    assert out.returncode == 2 and "unknown ['nginx']" in out.stderr
+    assert "--repeat K" in edge_agent("bench", "triton", "--help").stdout
+
+
 def test_missing_compiled_core_says_how_to_build(tmp_path):
     # A copy of the package without the compiled modules, as on a checkout nobody built.
     shutil.copytree(ROOT / "agent", tmp_path / "agent", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
