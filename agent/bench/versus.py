@@ -360,7 +360,8 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
                      "trace_rate_per_s": rate, "systems": list(systems), "rounds": repeat, "rounds_done": 0,
                      "loads": {}}
     rounds: dict[str, list[dict]] = {label: [] for label, _ in plan}     # label -> one entry per round
-    curves: dict[str, dict[str, list]] = {label: {} for label, _ in plan}  # label -> system -> [(goodput, curves)]
+    # label -> (system, Triton setting's index or None) -> [(goodput, plot_curves), one per round]
+    curves: dict[str, dict[tuple[str, int | None], list]] = {label: {} for label, _ in plan}
     runs_total = repeat * len(plan) * sum(len(settings) if s == "triton" else 1 for s in systems)
     done = 0
     for k in range(repeat):
@@ -370,7 +371,7 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
             rows: dict[str, dict] = {}
             grid_rows: list[dict] = []
             for system in order:
-                for setting in (settings if system == "triton" else [None]):
+                for index, setting in (enumerate(settings) if system == "triton" else [(None, None)]):
                     done += 1
                     what = system + (f" [{setting.describe()}]" if setting is not None else "")
                     _say(f"[{done}/{runs_total}] " + (f"round {k + 1}/{repeat}, " if repeat > 1 else "")
@@ -381,7 +382,8 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
                         row = run_system(server, load_trace, frames, own_ms)
                     finally:
                         server.stop()
-                    row["curves"] = plot_curves(row.pop("records"))
+                    curves[label].setdefault((system, index), []).append(
+                        (_goodput_key(row), plot_curves(row.pop("records"))))
                     _say(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
                          f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
                          f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
@@ -391,22 +393,16 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
                         rows[system] = row
             if grid_rows:       # this round's best: what the round's own verdict compares against
                 rows["triton"] = max(grid_rows, key=_goodput_key)
-            for system, row in rows.items():
-                if system != "triton":
-                    curves[label].setdefault(system, []).append((_goodput_key(row), row.pop("curves")))
-            for index, row in enumerate(grid_rows):
-                curves[label].setdefault(f"triton#{index}", []).append((_goodput_key(row), row.pop("curves")))
             rounds[label].append({"rows": {s: rows[s] for s in systems if s in rows}, "grid": grid_rows})
         results["rounds_done"] = k + 1
         results["loads"] = {label: combine_rounds(rounds[label], factor) for label, factor in plan}
         results["targets"] = judge_rounds(results)
         (out_dir / "versus.json").write_text(json.dumps(results, indent=1, default=_json_default))
     drawn = {}
-    for label, by_system in curves.items():
+    for label, by_run in curves.items():
         tuned = results["loads"][label].get("triton_tuned")
-        drawn[label] = {("triton" if key == f"triton#{tuned}" else key): _median_round(entries)
-                        for key, entries in by_system.items()
-                        if not key.startswith("triton#") or key == f"triton#{tuned}"}
+        drawn[label] = {system: _median_round(entries) for (system, index), entries in by_run.items()
+                        if index is None or index == tuned}
     results["plots"] = write_plots(drawn, out_dir)
     return results
 
