@@ -4,10 +4,11 @@
 The readable specification is ``agent.core.pure.DeadlineQueue``; this is the same behaviour with
 no Python object per queued request:
 
-* a binary heap of 24-byte nodes holding the ordering key inline (priority, deadline, seq) and a
-  slot number;
-* per-slot arrays (id, arrival, heap position) and a free-slot stack, all allocated once at
-  construction for ``capacity`` entries;
+* a binary heap of 24-byte nodes holding the ordering key inline (priority, key, seq) and a
+  slot number; the key is the deadline unless the caller gives another (the scheduler's EDF
+  horizon), and the deadline, which expiry goes by, lives in the slot;
+* per-slot arrays (id, arrival, deadline, heap position) and a free-slot stack, all allocated once
+  at construction for ``capacity`` entries;
 * an open-addressing hash table id -> slot (linear probing, Fibonacci hashing, backward-shift
   deletion, load factor <= 1/2), so ``cancel`` and ``__contains__`` are O(1) + O(log n);
 * cached minima of deadline and arrival, rescanned (a C loop) only after the entry holding the
@@ -45,11 +46,11 @@ cdef Py_ssize_t _DROP_ONE_BY_ONE = 8
 
 
 cdef inline bint _before(const QueueNode* a, const QueueNode* b) noexcept nogil:
-    """Key order: higher priority first, then earlier deadline, then earlier insertion."""
+    """Pop order: higher priority first, then earlier key, then earlier insertion."""
     if a.priority != b.priority:
         return a.priority > b.priority
-    if a.deadline != b.deadline:
-        return a.deadline < b.deadline
+    if a.key != b.key:
+        return a.key < b.key
     return a.seq < b.seq
 
 
@@ -137,9 +138,10 @@ cdef int _acquire_ids(object array, Py_buffer* view, str name) except -1:
 cdef class DeadlineQueue:
     """Earliest-deadline-first queue of request ids for one model.
 
-    Holds only ids and their timing (no payloads, no Python objects). Key order: higher
-    ``priority`` first, then earlier ``deadline``, then earlier insertion. Times are seconds on
-    the caller's clock. See ``agent.core.pure.DeadlineQueue`` for the full specification.
+    Holds only ids and their timing (no payloads, no Python objects). Pop order: higher
+    ``priority`` first, then earlier ``key`` (the deadline unless ``push`` was given another),
+    then earlier insertion; expiry goes by the deadline. Times are seconds on the caller's clock.
+    See ``agent.core.pure.DeadlineQueue`` for the full specification.
     """
 
     def __cinit__(self, capacity):
@@ -155,11 +157,12 @@ cdef class DeadlineQueue:
         self._scratch = <QueueNode*>malloc(cap * sizeof(QueueNode))
         self._slot_id = <int64_t*>malloc(cap * sizeof(int64_t))
         self._slot_arrival = <double*>malloc(cap * sizeof(double))
+        self._slot_deadline = <double*>malloc(cap * sizeof(double))
         self._slot_pos = <int32_t*>malloc(cap * sizeof(int32_t))
         self._free_slots = <int32_t*>malloc(cap * sizeof(int32_t))
         self._index = <int32_t*>malloc(buckets * sizeof(int32_t))
         if (self._heap == NULL or self._scratch == NULL or self._slot_id == NULL
-                or self._slot_arrival == NULL or self._slot_pos == NULL
+                or self._slot_arrival == NULL or self._slot_deadline == NULL or self._slot_pos == NULL
                 or self._free_slots == NULL or self._index == NULL):
             raise MemoryError(f"cannot allocate a DeadlineQueue of capacity {cap}")
         for i in range(buckets):
@@ -183,6 +186,7 @@ cdef class DeadlineQueue:
         free(self._scratch)
         free(self._slot_id)
         free(self._slot_arrival)
+        free(self._slot_deadline)
         free(self._slot_pos)
         free(self._free_slots)
         free(self._index)
@@ -193,14 +197,18 @@ cdef class DeadlineQueue:
 
     # binding=False: a plain C method descriptor, a few ns cheaper per call than a cyfunction.
     @cython.binding(False)
-    def push(self, int64_t rid, double deadline, double arrival, int32_t priority=0):
-        """Queue request ``rid`` -> PushResult. DUPLICATE is checked before FULL; neither
-        changes the queue. NaN deadline or arrival is a ValueError (it would break the order)."""
+    def push(self, int64_t rid, double deadline, double arrival, int32_t priority=0, key=None):
+        """Queue request ``rid`` -> PushResult, ordered by ``key`` (default: ``deadline``), expiring
+        at ``deadline``. DUPLICATE is checked before FULL; neither changes the queue. NaN
+        deadline, arrival or key is a ValueError (it would break the order)."""
+        cdef double order = deadline if key is None else key
         if deadline != deadline:
             raise ValueError(f"deadline must be a number, got nan (request {rid})")
         if arrival != arrival:
             raise ValueError(f"arrival must be a number, got nan (request {rid})")
-        return _RESULTS[self.push_c(rid, deadline, arrival, priority)]
+        if order != order:
+            raise ValueError(f"key must be a number, got nan (request {rid})")
+        return _RESULTS[self.push_c(rid, deadline, arrival, priority, order)]
 
     @cython.binding(False)
     def pop_batch(self, Py_ssize_t max_n, double now, ready_out, expired_out):
@@ -232,7 +240,7 @@ cdef class DeadlineQueue:
 
     def drop_expired(self, double now, expired_out):
         """Remove every entry with ``deadline < now`` (anywhere in the heap, not only the top),
-        at most ``len(expired_out)`` of them, the first in key order; ids are written in key
+        at most ``len(expired_out)`` of them, the first in pop order; ids are written in pop
         order. Returns the count."""
         cdef Py_buffer out
         cdef Py_ssize_t count
@@ -275,6 +283,11 @@ cdef class DeadlineQueue:
         """Deadline of the entry that would pop next (+inf when empty)."""
         return self.head_deadline_c()
 
+    def head_key(self):
+        """Key of the entry that would pop next (+inf when empty): what the scheduler compares
+        across models to pick the next batch."""
+        return self.head_key_c()
+
     def head_priority(self):
         """Priority of the entry that would pop next (0 when empty)."""
         return self.head_priority_c()
@@ -283,15 +296,15 @@ cdef class DeadlineQueue:
         """``earliest_deadline() - now``: how long until the most urgent request misses."""
         return self.earliest_deadline_c() - now
 
-    def count_ahead(self, double deadline, int32_t priority=0):
-        """How many queued entries would pop before a new entry with this deadline and priority
-        (higher priority, or equal priority and a deadline no later: ties go to the earlier push).
+    def count_ahead(self, double key, int32_t priority=0):
+        """How many queued entries would pop before a new entry with this key and priority
+        (higher priority, or equal priority and a key no later: ties go to the earlier push).
         Admission control asks this for each arriving request: O(n), one pass over the heap in C."""
         cdef Py_ssize_t i, ahead = 0
         cdef QueueNode* node
         for i in range(self._size):
             node = &self._heap[i]
-            if node.priority > priority or (node.priority == priority and node.deadline <= deadline):
+            if node.priority > priority or (node.priority == priority and node.key <= key):
                 ahead += 1
         return ahead
 
@@ -324,7 +337,7 @@ cdef class DeadlineQueue:
             bucket = self._find_bucket(self._slot_id[slot])
             if bucket < 0 or self._index[bucket] != slot:
                 raise AssertionError(f"id {self._slot_id[slot]} is not indexed at slot {slot}")
-            min_deadline = min(min_deadline, self._heap[i].deadline)
+            min_deadline = min(min_deadline, self._slot_deadline[slot])
             min_arrival = min(min_arrival, self._slot_arrival[slot])
         for i in range(<Py_ssize_t>self._index_mask + 1):
             if self._index[i] >= 0:
@@ -351,8 +364,8 @@ cdef class DeadlineQueue:
         if not self._min_deadline_ok:
             m = INFINITY
             for i in range(self._size):
-                if self._heap[i].deadline < m:
-                    m = self._heap[i].deadline
+                if self._slot_deadline[self._heap[i].slot] < m:
+                    m = self._slot_deadline[self._heap[i].slot]
             self._min_deadline = m
             self._min_deadline_ok = True
         return self._min_deadline
@@ -371,12 +384,15 @@ cdef class DeadlineQueue:
         return self._min_arrival
 
     cdef double head_deadline_c(self) noexcept nogil:
-        return self._heap[0].deadline if self._size > 0 else INFINITY
+        return self._slot_deadline[self._heap[0].slot] if self._size > 0 else INFINITY
+
+    cdef double head_key_c(self) noexcept nogil:
+        return self._heap[0].key if self._size > 0 else INFINITY
 
     cdef int32_t head_priority_c(self) noexcept nogil:
         return self._heap[0].priority if self._size > 0 else 0
 
-    cdef int push_c(self, int64_t rid, double deadline, double arrival, int32_t priority) noexcept nogil:
+    cdef int push_c(self, int64_t rid, double deadline, double arrival, int32_t priority, double key) noexcept nogil:
         cdef int32_t slot
         cdef QueueNode node
         cdef Py_ssize_t bucket = _home_bucket(rid, self._index_shift)
@@ -394,10 +410,11 @@ cdef class DeadlineQueue:
         slot = self._free_slots[self._n_free]
         self._slot_id[slot] = rid
         self._slot_arrival[slot] = arrival
+        self._slot_deadline[slot] = deadline
         self._index[bucket] = slot
         node.priority = priority
         node.slot = slot
-        node.deadline = deadline
+        node.key = key
         node.seq = self._next_seq
         self._next_seq += 1
         self._size += 1
@@ -413,7 +430,7 @@ cdef class DeadlineQueue:
                           Py_ssize_t* n_ready, Py_ssize_t* n_expired) noexcept nogil:
         cdef Py_ssize_t taken = 0, dropped = 0
         while taken < max_n and self._size > 0:
-            if self._heap[0].deadline < now:
+            if self._slot_deadline[self._heap[0].slot] < now:
                 if dropped >= expired_room:
                     break
                 expired[dropped] = self._pop_top()
@@ -431,7 +448,7 @@ cdef class DeadlineQueue:
         if room <= 0 or self._size == 0 or not (self.earliest_deadline_c() < now):
             return 0
         for i in range(self._size):
-            if self._heap[i].deadline < now:
+            if self._slot_deadline[self._heap[i].slot] < now:
                 self._scratch[m] = self._heap[i]
                 m += 1
         qsort(self._scratch, m, sizeof(QueueNode), _compare_nodes)
@@ -516,7 +533,6 @@ cdef class DeadlineQueue:
         cdef QueueNode* heap = self._heap
         cdef int32_t* slot_pos = self._slot_pos
         cdef int32_t slot = heap[0].slot
-        cdef double deadline = heap[0].deadline
         cdef int64_t rid = self._slot_id[slot]
         cdef Py_ssize_t n, hole = 0, child = 1
         self._size -= 1
@@ -530,12 +546,12 @@ cdef class DeadlineQueue:
                 hole = child
                 child = 2 * hole + 1
             _sift_up(heap, slot_pos, hole, heap[n])
-        self._forget(slot, rid, deadline)
+        self._forget(slot, rid)
         return rid
 
-    cdef void _forget(self, int32_t slot, int64_t rid, double deadline) noexcept nogil:
+    cdef void _forget(self, int32_t slot, int64_t rid) noexcept nogil:
         """Bookkeeping after a node left the heap: minima caches, id index, free slot."""
-        if self._min_deadline_ok and deadline <= self._min_deadline:
+        if self._min_deadline_ok and self._slot_deadline[slot] <= self._min_deadline:
             self._min_deadline_ok = False
         if self._min_arrival_ok and self._slot_arrival[slot] <= self._min_arrival:
             self._min_arrival_ok = False
@@ -557,7 +573,7 @@ cdef class DeadlineQueue:
                 _sift_up(self._heap, self._slot_pos, pos, last)
             else:
                 _sift_down(self._heap, self._slot_pos, self._size, pos, last)
-        self._forget(slot, rid, removed.deadline)
+        self._forget(slot, rid)
         return rid
 
     cdef Py_ssize_t _sorted_copy(self) noexcept nogil:

@@ -119,7 +119,7 @@ class Agent:
         self.scheduler = Scheduler(
             [build_lane(name, m.rule, m.config, m.latency) for name, m in self.models.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
-            lookahead=config.admission_lookahead,
+            lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s,
         )
         self.executor = LocalExecutor({
             name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in self.models.items()

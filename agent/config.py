@@ -6,6 +6,7 @@ runs on. Validation happens once, at load: a running agent never meets a malform
 """
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -84,6 +85,10 @@ class Config:
     # Admission counts the work that tighter SLO classes, arriving at their recent rates, will put
     # ahead of a request while it waits (agent.scheduler.admission.overtaken_wait). Admission lanes only.
     admission_lookahead: bool = True
+    # The EDF horizon: a request whose SLO is looser than this is queued by ``arrival + horizon``
+    # instead of its deadline (it still expires by its deadline), so it does not wait out a whole
+    # burst behind tighter requests (agent.scheduler.dispatcher); 0 = plain EDF.
+    edf_horizon_ms: float = 50.0
     # Added to the worker threads' nice value: the intake and the board's applications preempt model
     # compute (agent.scheduler.live.lower_thread_priority); 0 = the same priority. Linux only.
     worker_nice: int = 5
@@ -95,6 +100,11 @@ class Config:
     @property
     def worker_count(self) -> int:
         return self.workers or (os.cpu_count() or 1)
+
+    @property
+    def edf_horizon_s(self) -> float:
+        """The scheduler's EDF horizon in seconds (``math.inf`` when ``edf_horizon_ms`` is 0: plain EDF)."""
+        return self.edf_horizon_ms / 1000.0 if self.edf_horizon_ms > 0 else math.inf
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -229,7 +239,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
-                        "worker_nice", "profile"}, "agent")
+                        "edf_horizon_ms", "worker_nice", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
@@ -253,6 +263,9 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         hold_fraction=float(_take(agent, "hold_fraction", "agent", (int, float), 0.25, lambda v: 0 <= v <= 1,
                                   "a fraction in 0..1 (0 = batches not capped by the tightest SLO)")),
         admission_lookahead=_take(agent, "admission_lookahead", "agent", bool, True),
+        edf_horizon_ms=float(_take(agent, "edf_horizon_ms", "agent", (int, float), 50.0,
+                                   lambda v: 0 <= v <= 3_600_000,
+                                   "milliseconds in 0..3600000 (0 = plain EDF, no horizon)")),
         worker_nice=_take(agent, "worker_nice", "agent", int, 5, lambda v: 0 <= v <= 19,
                           "an integer in 0..19 (0 = workers at the intake's priority)"),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),

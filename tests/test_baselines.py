@@ -332,6 +332,7 @@ def test_apply_policy_rewrites_every_model(policy):
     # Our batch cap is ours: the baselines (deeprt has admission control, which it would reach) run without it.
     assert config.hold_fraction == (base.hold_fraction if policy == "edge" else 0.0) and base.hold_fraction > 0
     assert config.admission_lookahead == (policy == "edge") and base.admission_lookahead
+    assert config.edf_horizon_ms == (base.edf_horizon_ms if policy == "edge" else 0.0) and base.edf_horizon_ms > 0
     assert (config.device, config.mqtt) == (base.device, base.mqtt)
 
 

@@ -1,4 +1,5 @@
 """Config validation: good files load; each bad setting is named with its value and expectation."""
+import math
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,8 @@ def test_defaults_fill_in():
     (lambda c: c["agent"].update(worker_nice=20), "agent.worker_nice", "0..19"),
     (lambda c: c["agent"].update(worker_nice=-1), "agent.worker_nice", "0..19"),
     (lambda c: c["agent"].update(admission_lookahead=1), "agent.admission_lookahead", "bool"),
+    (lambda c: c["agent"].update(edf_horizon_ms=-5), "agent.edf_horizon_ms", "0 = plain EDF"),
+    (lambda c: c["agent"].update(edf_horizon_ms="50"), "agent.edf_horizon_ms", "milliseconds"),
     (lambda c: c.update(mqtt={"port": 70000}), "mqtt.port", "1..65535"),
     (lambda c: c.update(mqtt={"enabled": "yes"}), "mqtt.enabled", "bool"),
     (lambda c: c.update(http={"port": 70000}), "http.port", "0..65535"),
@@ -91,6 +94,14 @@ def test_hold_fraction_defaults_to_a_quarter_and_zero_turns_it_off():
     config = base()
     config["agent"]["hold_fraction"] = 0
     assert parse_config(config).hold_fraction == 0.0
+
+
+def test_edf_horizon_defaults_to_50_ms_and_zero_means_plain_edf():
+    config = parse_config(base())
+    assert config.edf_horizon_ms == 50.0 and config.edf_horizon_s == 0.05
+    raw = base()
+    raw["agent"]["edf_horizon_ms"] = 0
+    assert parse_config(raw).edf_horizon_s == math.inf
 
 
 def test_http_intake_is_off_unless_enabled():

@@ -216,6 +216,55 @@ def test_lookahead_tracks_the_admitted_work_of_each_tighter_class():
     assert Scheduler(lanes, max_concurrent=1)._overtakers(0.035, 0.0) == []   # off by default: nothing counted
 
 
+def _pop_order(horizon_s, requests, now):
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64)], max_concurrent=1, edf_horizon_s=horizon_s)
+    for r in requests:
+        s.enqueue(r)
+    order = []
+    while s.queued():
+        decision = s.poll(now)
+        assert not decision.expired
+        order.append(decision.dispatch.requests[0])
+        s.finish(decision.dispatch)
+    return order
+
+
+def test_edf_horizon_queues_a_loose_request_by_arrival_plus_horizon():
+    loose = req("a", 0.0, 0.150)                 # keyed 0.050 under a 50 ms horizon
+    early_tight = req("a", 0.005, 0.030)         # keyed (and due) 0.035: before it either way
+    late_tight = req("a", 0.030, 0.030)          # due 0.060: after it under the horizon only
+    requests = (loose, early_tight, late_tight)
+    assert _pop_order(0.050, requests, 0.031) == [early_tight, loose, late_tight]
+    assert _pop_order(math.inf, requests, 0.031) == [early_tight, late_tight, loose]   # plain EDF
+
+
+def test_edf_horizon_expires_a_request_by_its_deadline_not_its_key():
+    loose = req("a", 0.0, 0.150)                 # keyed 0.050, due 0.150
+    assert _pop_order(0.050, [loose], 0.100) == [loose]       # past its key: still served
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64)], max_concurrent=1, edf_horizon_s=0.050)
+    late = req("a", 0.0, 0.150)
+    s.enqueue(late)
+    decision = s.poll(0.151)
+    assert decision.dispatch is None and decision.expired == [late]
+
+
+def test_edf_horizon_counts_as_overtakers_only_classes_keyed_tighter():
+    from agent.scheduler.admission import AdmissionControl
+    lanes = [Scheduler.lane("a", FixedBatch(1), 1, 64, admission=AdmissionControl(table(0.001, 0.001), 1))]
+    s = Scheduler(lanes, max_concurrent=1, lookahead=True, edf_horizon_s=0.020)
+    for k in range(5):
+        s.enqueue(req("a", 0.0, 0.010 + 0.01 * k))           # classes of 10, 20, 30, 40 and 50 ms
+    # A 35 ms request is keyed 20 ms after its arrival, as are the 20-50 ms classes: only the 10 ms
+    # class, keyed 10 ms after its arrival, overtakes it, for arrivals within 10 ms.
+    assert [w for w, _ in s._overtakers(0.035, 0.0)] == pytest.approx([0.010])
+    assert s._overtakers(0.015, 0.0) == [(pytest.approx(0.005), pytest.approx(0.002 / Scheduler.LOOKAHEAD_TAU_S))]
+
+
+def test_a_horizon_of_zero_or_less_is_refused():
+    with pytest.raises(ValueError, match="edf_horizon_s = 0"):
+        Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64)], max_concurrent=1, edf_horizon_s=0)
+
+
 def test_admission_counts_only_what_pops_first():
     from agent.scheduler.admission import AdmissionControl
     t = table(0.001, 0.001)

@@ -30,6 +30,8 @@ class PolicySpec:
     hold_fraction: float | None = 0.0  # None = keep the config's
     # Admission's lookahead at tighter arrivals (``Config.admission_lookahead``, ours): off likewise.
     admission_lookahead: bool | None = False   # None = keep the config's
+    # The EDF horizon (``Config.edf_horizon_ms``, ours): 0 (plain EDF, or the policy's own order) likewise.
+    edf_horizon_ms: float | None = 0.0  # None = keep the config's
 
 
 def _batching(model: ModelConfig, rule: str, *, shed: bool = False, admission: bool = False, **fields) -> BatchingConfig:
@@ -86,7 +88,7 @@ POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
                _deeprt),
     PolicySpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, batches capped "
                        "by the tightest SLO, shedding and admission control (README, agent.scheduler)", _edge,
-               hold_fraction=None, admission_lookahead=None),
+               hold_fraction=None, admission_lookahead=None, edf_horizon_ms=None),
 )}
 
 
@@ -102,7 +104,9 @@ def apply_policy(config: Config, policy: str, *, slo_ms_by_model: Mapping[str, f
     workers = config.workers if spec.workers is None else spec.workers
     hold = config.hold_fraction if spec.hold_fraction is None else spec.hold_fraction
     lookahead = config.admission_lookahead if spec.admission_lookahead is None else spec.admission_lookahead
-    return replace(config, models=models, workers=workers, hold_fraction=hold, admission_lookahead=lookahead)
+    horizon = config.edf_horizon_ms if spec.edf_horizon_ms is None else spec.edf_horizon_ms
+    return replace(config, models=models, workers=workers, hold_fraction=hold, admission_lookahead=lookahead,
+                   edf_horizon_ms=horizon)
 
 
 __all__ = ["POLICIES", "PolicySpec", "apply_policy"]

@@ -59,7 +59,8 @@ def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], 
                            "wall_s": time.perf_counter() - t0}
     if "sim" in modes:
         result = simulate(list(trace), sim_models_from_config(config, tables), config.worker_count, seed=seed,
-                          hold_fraction=config.hold_fraction, lookahead=config.admission_lookahead)
+                          hold_fraction=config.hold_fraction, lookahead=config.admission_lookahead,
+                          edf_horizon_s=config.edf_horizon_s)
         out["sim"] = {"records": result.records, "duration_s": result.duration_s, "wall_s": result.wall_s}
     for mode, entry in out.items():
         entry["summary"] = summarize(entry["records"], entry["duration_s"])
@@ -141,7 +142,8 @@ def tune_triton(config: Config, trace: Sequence[TraceRow], tables: dict[str, Lat
                     m.batching, preferred_sizes=tuple(sorted({s for s in sizes if 1 <= s <= b})), max_queue_delay_ms=delay_ms)))
             candidate = dataclasses.replace(base, models=tuple(models))
             result = simulate(list(trace), sim_models_from_config(candidate, tables), candidate.worker_count, seed=seed,
-                              hold_fraction=candidate.hold_fraction, lookahead=candidate.admission_lookahead)
+                              hold_fraction=candidate.hold_fraction, lookahead=candidate.admission_lookahead,
+                              edf_horizon_s=candidate.edf_horizon_s)
             goodput = summarize(result.records, result.duration_s)["overall"]["goodput_per_s"]
             setting = {"preferred_sizes": preferred, "max_queue_delay_ms": delay_ms, "sim_goodput": goodput}
             grid.append(setting)

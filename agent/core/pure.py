@@ -211,9 +211,10 @@ def _validated_preferred(preferred_sizes: Any, max_batch: int) -> tuple[int, ...
 # DeadlineQueue
 # --------------------------------------------------------------------------------------------
 
-# A queued entry: (-priority, deadline, seq, rid, arrival). Tuple order IS the key order: higher
-# priority first, then earlier deadline, then earlier insertion. seq is unique, so rid and arrival
-# never take part in a comparison and the order is total.
+# A queued entry: (-priority, key, seq, rid, arrival, deadline). Tuple order IS the pop order: higher
+# priority first, then earlier key (the deadline unless the caller gave another), then earlier
+# insertion. seq is unique, so rid, arrival and deadline never take part in a comparison and the
+# order is total.
 _Entry = tuple
 
 
@@ -221,8 +222,13 @@ class DeadlineQueue:
     """Earliest-deadline-first queue of request ids for one model.
 
     The queue holds ids only; the agent keeps each request's payload in its own dict keyed by the
-    id. Key order: higher ``priority`` first, then earlier ``deadline``, then earlier insertion.
-    Times are seconds on whatever clock the caller uses (monotonic live, virtual in simulation).
+    id. Pop order: higher ``priority`` first, then earlier ``key``, then earlier insertion. The key
+    is the deadline unless the caller gives another at ``push``: the scheduler queues a loose
+    request by ``arrival + horizon`` so that it does not wait out a whole burst behind tighter
+    ones (``agent.scheduler.dispatcher``), while it still expires by its own deadline. So two
+    times per entry: the key orders, the deadline expires (``pop_batch``, ``drop_expired``,
+    ``earliest_deadline``). Times are seconds on whatever clock the caller uses (monotonic live,
+    virtual in simulation).
 
     This twin keeps a ``heapq`` of entry tuples plus a dict ``rid -> entry``; a cancelled or
     dropped entry stays in the heap until it surfaces (lazy deletion) and is skipped because the
@@ -242,25 +248,30 @@ class DeadlineQueue:
 
     # ---- mutation -----------------------------------------------------------------------
 
-    def push(self, rid: int, deadline: float, arrival: float, priority: int = 0) -> PushResult:
-        """Queue request ``rid``. DUPLICATE is checked before FULL; neither changes the queue.
+    def push(self, rid: int, deadline: float, arrival: float, priority: int = 0,
+             key: float | None = None) -> PushResult:
+        """Queue request ``rid``, ordered by ``key`` (default: its ``deadline``), expiring at its
+        ``deadline``. DUPLICATE is checked before FULL; neither changes the queue.
 
-        NaN deadline or arrival is refused with ValueError: NaN compares false with everything
-        and would silently break the heap order.
+        NaN deadline, arrival or key is refused with ValueError: NaN compares false with
+        everything and would silently break the heap order.
         """
         rid = _as_int64(rid, "rid")
         deadline = _as_float(deadline, "deadline")
         arrival = _as_float(arrival, "arrival")
         priority = _as_int32(priority, "priority")
+        key = deadline if key is None else _as_float(key, "key")
         if deadline != deadline:
             raise ValueError(f"deadline must be a number, got nan (request {rid})")
         if arrival != arrival:
             raise ValueError(f"arrival must be a number, got nan (request {rid})")
+        if key != key:
+            raise ValueError(f"key must be a number, got nan (request {rid})")
         if rid in self._live:
             return PushResult.DUPLICATE
         if len(self._live) >= self._capacity:
             return PushResult.FULL
-        entry = (-priority, deadline, self._next_seq, rid, arrival)
+        entry = (-priority, key, self._next_seq, rid, arrival, deadline)
         self._next_seq += 1
         self._live[rid] = entry
         heapq.heappush(self._heap, entry)
@@ -287,7 +298,7 @@ class DeadlineQueue:
             top = self._top()
             if top is None:
                 break
-            if top[1] < now:
+            if top[5] < now:
                 if n_expired >= expired_room:
                     break
                 expired_out[n_expired] = top[3]
@@ -302,12 +313,12 @@ class DeadlineQueue:
     def drop_expired(self, now: float, expired_out: np.ndarray) -> int:
         """Remove every entry with ``deadline < now``, wherever it sits in the heap.
 
-        Ids are written in key order. At most ``len(expired_out)`` entries are removed (the
+        Ids are written in pop order. At most ``len(expired_out)`` entries are removed (the
         first ones in key order); the rest stay queued for the next call. Returns the count.
         """
         now = _as_float(now, "now")
         _check_ids_array(expired_out, "expired_out")
-        expired = sorted(entry for entry in self._live.values() if entry[1] < now)
+        expired = sorted(entry for entry in self._live.values() if entry[5] < now)
         taken = expired[: len(expired_out)]
         for i, entry in enumerate(taken):
             expired_out[i] = entry[3]
@@ -342,7 +353,7 @@ class DeadlineQueue:
     def earliest_deadline(self) -> float:
         """Minimum deadline over ALL queued entries (+inf when empty). With priorities this is
         not necessarily the head's deadline."""
-        return min((entry[1] for entry in self._live.values()), default=_INF)
+        return min((entry[5] for entry in self._live.values()), default=_INF)
 
     def oldest_arrival(self) -> float:
         """Minimum arrival time over all queued entries (+inf when empty)."""
@@ -350,6 +361,12 @@ class DeadlineQueue:
 
     def head_deadline(self) -> float:
         """Deadline of the entry that would pop next (+inf when empty)."""
+        top = self._top()
+        return _INF if top is None else top[5]
+
+    def head_key(self) -> float:
+        """Key of the entry that would pop next (+inf when empty): what the scheduler compares
+        across models to pick the next batch."""
         top = self._top()
         return _INF if top is None else top[1]
 
@@ -362,12 +379,12 @@ class DeadlineQueue:
         """``earliest_deadline() - now``: how long until the most urgent request misses."""
         return self.earliest_deadline() - _as_float(now, "now")
 
-    def count_ahead(self, deadline: float, priority: int = 0) -> int:
-        """How many queued entries would pop before a new entry with this deadline and priority
-        (higher priority, or equal priority and a deadline no later: ties go to the earlier push)."""
-        deadline = _as_float(deadline, "deadline")
-        return sum(1 for neg_priority, entry_deadline, *_ in self._live.values()
-                   if -neg_priority > priority or (-neg_priority == priority and entry_deadline <= deadline))
+    def count_ahead(self, key: float, priority: int = 0) -> int:
+        """How many queued entries would pop before a new entry with this key and priority
+        (higher priority, or equal priority and a key no later: ties go to the earlier push)."""
+        key = _as_float(key, "key")
+        return sum(1 for neg_priority, entry_key, *_ in self._live.values()
+                   if -neg_priority > priority or (-neg_priority == priority and entry_key <= key))
 
     def ids(self) -> list[int]:
         """Queued ids in key order (pop order). For debugging and tests: O(n log n)."""

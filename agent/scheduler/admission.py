@@ -8,7 +8,8 @@ queue now, from the profiled latency table, and refuses it when that is after it
 The prediction, for a request of model m:
 
 - ``ahead`` = queued requests of m that pop before it (higher priority, or an earlier or equal
-  deadline: ``DeadlineQueue.count_ahead``, one pass in C);
+  queue key: its deadline, or its arrival plus the EDF horizon if that is earlier,
+  ``Scheduler.queue_key``; ``DeadlineQueue.count_ahead``, one pass in C);
 - those ``ahead + 1`` requests run in batches of at most ``max_batch``; batch ``j`` (0-based) runs on
   the instance that becomes free ``j mod I``-th earliest, in round ``j // I``, where the ``I``
   instances free up now (idle) or when their running batch is predicted to end;
@@ -138,7 +139,8 @@ class AdmissionControl:
 
     def refuse(self, queue: DeadlineQueue, deadline: float, priority: int, now: float,
                instances: int, busy_until: Sequence[float], shared_start: float | None = None,
-               overtakers: Sequence[tuple[float, float]] = (), slots: int = 1) -> str | None:
+               overtakers: Sequence[tuple[float, float]] = (), slots: int = 1,
+               key: float | None = None) -> str | None:
         """``None`` to admit, else the reason (for the ``rejected`` reply).
 
         Two bounds, the later wins: this model's own queue on its instances (above), and, when other
@@ -149,8 +151,9 @@ class AdmissionControl:
         if they arrive within the window (a tighter SLO: ``Scheduler._overtakers``). While this
         request waits to start, they arrive and run first, on ``slots`` slots: its start moves later
         by the work they bring in the wait, found by fixed-point iteration (module docstring).
+        ``key``: what the request is queued by (``Scheduler.queue_key``; default its deadline).
         """
-        ahead = queue.count_ahead(deadline, priority)
+        ahead = queue.count_ahead(deadline if key is None else key, priority)
         slack_s = self.slack_s(deadline - now)
         if ahead == 0 and len(busy_until) < instances and shared_start is None:
             # The common case on a board with headroom: an idle instance, nothing ahead.

@@ -21,6 +21,17 @@ drain a backlog of loose requests at full efficiency. On the 2-core CPU of BENCH
 requests in time at 1x load; capping always, not only while something urgent waits, left the 150 ms
 class waiting behind tight ones after every burst (p99 149 ms at 0.5x load against 49-63 ms).
 
+EDF horizon (ours). EDF lets the loosest requests wait as long as their deadlines allow, and in a
+burst that is the whole burst: every tighter request that arrives meanwhile pops first. They are
+still served in time, but they make the tail: in ``bench triton`` at 0.5x load the slowest 1% of
+replies were all resnet's 150 ms class, waiting out one burst (p99 80 ms against Triton's 75). So a
+request is queued by ``min(deadline, arrival + edf_horizon_s)`` (:meth:`Scheduler.queue_key`): EDF
+among requests whose SLOs are within the horizon, arrival order past it, so a tighter request that
+arrives more than ``horizon - its SLO`` later no longer overtakes a loose one. It still expires by
+its own deadline (the queue keeps the two apart). Admission and lookahead count what pops first by
+the same key. The cost is under sustained overload, where a loose request served earlier takes the
+slot from a tighter one that then does not fit (measured in BENCHMARKS.md).
+
 Admission (``agent.scheduler.admission``) is asked at each arrival. With ``lookahead`` (ours) the
 scheduler also tracks, per SLO class, the work it admits per second, and admission counts what the
 tighter classes will bring while a request waits: under EDF they pop first.
@@ -135,7 +146,7 @@ class Scheduler:
     LOOKAHEAD_TAU_S = 0.5  # time constant of the admitted work rates per SLO class (lookahead)
 
     def __init__(self, lanes: Iterable[ModelLane], max_concurrent: int, hold_fraction: float = 0.0,
-                 lookahead: bool = False) -> None:
+                 lookahead: bool = False, edf_horizon_s: float = math.inf) -> None:
         self.lanes: dict[str, ModelLane] = {lane.name: lane for lane in lanes}
         self._lane_list = list(self.lanes.values())
         if max_concurrent < 1:
@@ -156,6 +167,9 @@ class Scheduler:
         # overtake a request while it waits (AdmissionControl.refuse, overtaken_wait).
         self.lookahead = lookahead
         self._class_rates: dict[int, list[float]] = {}
+        if not edf_horizon_s > 0:
+            raise ValueError(f"edf_horizon_s = {edf_horizon_s!r}: expected seconds > 0 (inf = plain EDF)")
+        self.edf_horizon_s = edf_horizon_s
 
     @staticmethod
     def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
@@ -169,9 +183,15 @@ class Scheduler:
     def queued(self) -> int:
         return sum(len(lane.queue) for lane in self._lane_list)
 
+    def queue_key(self, request: Request) -> float:
+        """When ``request`` pops, in the deadline's terms: its deadline, or ``arrival +
+        edf_horizon_s`` if that is earlier (module docstring, "EDF horizon")."""
+        return min(request.deadline, request.arrival + self.edf_horizon_s)
+
     def enqueue(self, request: Request) -> None:
         """Queue an admitted request; a full queue refuses it at once (``rejected``), never silently."""
         lane = self.lanes[request.model]
+        key = self.queue_key(request)
         if self._capped:
             self._track_tight(request.deadline - request.arrival, request.arrival)
             self._predict_capped(request)
@@ -184,18 +204,18 @@ class Scheduler:
                 # can delay it (the bounds below would come to the same, at a cost on every request).
                 shared_start, overtakers = None, ()
             else:
-                shared_start = self._shared_start(lane, request)
+                shared_start = self._shared_start(lane, request, key)
                 overtakers = (self._overtakers(request.deadline - request.arrival, request.arrival)
                               if self.lookahead else ())
             reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
                                            min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
-                                           shared_start, overtakers, self.max_concurrent)
+                                           shared_start, overtakers, self.max_concurrent, key)
             if reason is not None:
                 raise InferenceError(REJECTED, reason)
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
             result = lane.queue.push(request.rid, request.arrival, request.arrival, 0)
         else:
-            result = lane.queue.push(request.rid, request.deadline, request.arrival, request.priority)
+            result = lane.queue.push(request.rid, request.deadline, request.arrival, request.priority, key)
         if result != PushResult.OK:
             if result == PushResult.FULL:
                 raise InferenceError(
@@ -221,14 +241,18 @@ class Scheduler:
         entry[1], entry[2] = now, min(entry[2], slo_s)
 
     def _overtakers(self, slo_s: float, now: float) -> list[tuple[float, float]]:
-        """(window, work rate) of each SLO class tighter than ``slo_s``: a request of class s arriving
-        within ``slo_s - s`` of now has the earlier deadline and pops first."""
+        """(window, work rate) of each SLO class that pops before a request of SLO ``slo_s`` arriving
+        later: one of class s arriving within ``min(slo_s, H) - min(s, H)`` of now (``H`` the EDF
+        horizon) has the earlier key and pops first. Past the horizon every class is in arrival
+        order: nothing overtakes."""
         out = []
         tau = self.LOOKAHEAD_TAU_S
-        own = slo_class(slo_s)
-        for key, (rate, at, class_s) in self._class_rates.items():
-            if key < own:
-                out.append((slo_s - class_s, rate * math.exp(-max(0.0, now - at) / tau)))
+        horizon = self.edf_horizon_s
+        own = min(slo_s, horizon)
+        for rate, at, class_s in self._class_rates.values():
+            window = own - min(class_s, horizon)
+            if window > 0:
+                out.append((window, rate * math.exp(-max(0.0, now - at) / tau)))
         return out
 
     def _urgent_waiting(self, now: float) -> bool:
@@ -263,7 +287,7 @@ class Scheduler:
             if lane.admission.max_batch != limit:
                 lane.admission.limit_batch(limit)
 
-    def _shared_start(self, lane: ModelLane, request: Request) -> float | None:
+    def _shared_start(self, lane: ModelLane, request: Request, key: float) -> float | None:
         """When the execution slots, shared by every model, would have done all the work that runs
         before ``request``: queued requests that pop first across models (earlier deadline or higher
         priority, as :meth:`poll` chooses) poured like water over the slots, each slot free now or when
@@ -277,7 +301,7 @@ class Scheduler:
             if admission is None:
                 continue
             # What pops first; the request's own batch is priced by its lane's bound.
-            work += admission.work_s(other.queue.count_ahead(request.deadline, request.priority))
+            work += admission.work_s(other.queue.count_ahead(key, request.priority))
             free_at.extend(max(now, t) for t in other.busy_until.values())
         free_at = sorted(free_at + [now] * (self.max_concurrent - len(free_at)))[:self.max_concurrent]
         return water_level(free_at, work)
@@ -311,7 +335,7 @@ class Scheduler:
             if take > lane.batch_cap and self._urgent_waiting(now):
                 take = lane.batch_cap
             if take > 0:
-                key = (-queue.head_priority(), queue.head_deadline())
+                key = (-queue.head_priority(), queue.head_key())
                 if best is None or key < best_key:
                     best, best_key, best_take = lane, key, take
             else:

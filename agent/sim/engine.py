@@ -162,14 +162,16 @@ class _Clock:
 
 
 def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int, *, seed: int = 0,
-             cores: int | None = None, hold_fraction: float = 0.0, lookahead: bool = False) -> SimResult:
+             cores: int | None = None, hold_fraction: float = 0.0, lookahead: bool = False,
+             edf_horizon_s: float = math.inf) -> SimResult:
     """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
 
     ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
     ``max_concurrent``); ``cores`` how many batches run at full speed at once (default
     ``workers``: no slowdown; fewer cores than workers shares them, see ``agent.sim.executor``);
     ``hold_fraction`` is ``Config.hold_fraction`` (the scheduler's batch cap by the tightest SLO;
-    0 = none); ``lookahead`` is ``Config.admission_lookahead``; ``seed`` seeds the run-time noise (only used by models with ``jitter > 0``). Times in the
+    0 = none); ``lookahead`` is ``Config.admission_lookahead``; ``edf_horizon_s`` is
+    ``Config.edf_horizon_s`` (``math.inf``: plain EDF); ``seed`` seeds the run-time noise (only used by models with ``jitter > 0``). Times in the
     records are seconds from the trace's start, like ``TraceRow.t_s``.
 
     Event loop. Pending events sit in a heap keyed ``(time, kind, seq)``; arrivals come from the
@@ -194,7 +196,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     replayer) and simulate it with ``sim_models_from_config(config, tables)``, where ``config`` is
     the live agent's config and ``tables`` its start-up profile (``{name: agent.models[name].latency}``,
     also published in the status message's ``latency_ms``); use ``workers=config.worker_count``,
-    ``hold_fraction=config.hold_fraction``, ``lookahead=config.admission_lookahead`` and ``cores`` = the board's cores. Then compare per-status counts, goodput, the batch-size
+    ``hold_fraction=config.hold_fraction``, ``lookahead=config.admission_lookahead``,
+    ``edf_horizon_s=config.edf_horizon_s`` and ``cores`` = the board's cores. Then compare per-status counts, goodput, the batch-size
     histogram and latency percentiles, per model. Expect the simulation to be optimistic by the
     agent's per-request overhead (intake, thread hand-offs: ``edge-agent bench``) and, on a
     shared board, by the interference the processor-sharing model leaves out.
@@ -212,7 +215,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                         admission=AdmissionControl(m.latency, m.rule.max_batch, m.margin_s) if m.admission else None,
                         fifo=m.fifo)
          for m in models],
-        max_concurrent=workers, hold_fraction=hold_fraction, lookahead=lookahead,
+        max_concurrent=workers, hold_fraction=hold_fraction, lookahead=lookahead, edf_horizon_s=edf_horizon_s,
     )
     executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
                            jitter={m.name: m.jitter for m in models}, cores=cores)

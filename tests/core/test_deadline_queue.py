@@ -15,19 +15,20 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class OracleQueue:
-    """The specification in its plainest form: a list kept sorted by the key."""
+    """The specification in its plainest form: a list kept sorted by the pop order; the key
+    orders, the deadline expires."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.entries: list[tuple] = []  # (-priority, deadline, seq, rid, arrival), sorted
+        self.entries: list[tuple] = []  # (-priority, key, seq, rid, arrival, deadline), sorted
         self.seq = 0
 
-    def push(self, rid, deadline, arrival, priority=0) -> int:
+    def push(self, rid, deadline, arrival, priority=0, key=None) -> int:
         if any(e[3] == rid for e in self.entries):
             return 2
         if len(self.entries) >= self.capacity:
             return 1
-        bisect.insort(self.entries, (-priority, deadline, self.seq, rid, arrival))
+        bisect.insort(self.entries, (-priority, deadline if key is None else key, self.seq, rid, arrival, deadline))
         self.seq += 1
         return 0
 
@@ -35,7 +36,7 @@ class OracleQueue:
         ready, expired = [], []
         while len(ready) < min(max_n, ready_len) and self.entries:
             head = self.entries[0]
-            if head[1] < now:
+            if head[5] < now:
                 if len(expired) >= expired_len:
                     break
                 expired.append(head[3])
@@ -45,7 +46,7 @@ class OracleQueue:
         return ready, expired
 
     def drop_expired(self, now, room):
-        dropped = [e for e in self.entries if e[1] < now][:room]
+        dropped = [e for e in self.entries if e[5] < now][:room]
         for e in dropped:
             self.entries.remove(e)
         return [e[3] for e in dropped]
@@ -61,12 +62,15 @@ class OracleQueue:
         return [e[3] for e in self.entries]
 
     def earliest_deadline(self):
-        return min((e[1] for e in self.entries), default=INF)
+        return min((e[5] for e in self.entries), default=INF)
 
     def oldest_arrival(self):
         return min((e[4] for e in self.entries), default=INF)
 
     def head_deadline(self):
+        return self.entries[0][5] if self.entries else INF
+
+    def head_key(self):
         return self.entries[0][1] if self.entries else INF
 
     def head_priority(self):
@@ -80,6 +84,7 @@ def assert_same_state(queue, oracle, rid_universe=()):
     assert queue.earliest_deadline() == oracle.earliest_deadline()
     assert queue.oldest_arrival() == oracle.oldest_arrival()
     assert queue.head_deadline() == oracle.head_deadline()
+    assert queue.head_key() == oracle.head_key()
     assert queue.head_priority() == oracle.head_priority()
     queued = set(oracle.ids())
     for rid in rid_universe:
@@ -90,8 +95,8 @@ def apply(queue, oracle, op):
     """Apply one operation to both; assert the results agree."""
     kind = op[0]
     if kind == "push":
-        _, rid, deadline, arrival, priority = op
-        assert int(queue.push(rid, deadline, arrival, priority)) == oracle.push(rid, deadline, arrival, priority)
+        _, rid, deadline, arrival, priority, key = op
+        assert int(queue.push(rid, deadline, arrival, priority, key)) == oracle.push(rid, deadline, arrival, priority, key)
     elif kind == "pop":
         _, max_n, now, ready_len, expired_len = op
         ready = np.full(ready_len, -7, dtype=np.int64)
@@ -117,8 +122,9 @@ RIDS = st.integers(0, 12) | st.sampled_from([INT64_MIN, INT64_MAX, -1, 1 << 40])
 DEADLINES = st.sampled_from([-1.0, 0.0, 1.0, 2.0, 2.0, 3.0, 5.0, INF]) | st.floats(-5, 10, allow_nan=False)
 NOWS = st.sampled_from([-INF, 0.0, 1.0, 2.0, 2.5, 4.0, 10.0, INF])
 OPS = st.one_of(
-    st.tuples(st.just("push"), RIDS, DEADLINES, st.floats(-5, 5, allow_nan=False), st.integers(-2, 2)),
-    st.tuples(st.just("push"), RIDS, DEADLINES, st.floats(-5, 5, allow_nan=False), st.integers(-2, 2)),
+    st.tuples(st.just("push"), RIDS, DEADLINES, st.floats(-5, 5, allow_nan=False), st.integers(-2, 2), st.none()),
+    st.tuples(st.just("push"), RIDS, DEADLINES, st.floats(-5, 5, allow_nan=False), st.integers(-2, 2),
+              st.none() | DEADLINES),
     st.tuples(st.just("pop"), st.integers(0, 6), NOWS, st.integers(0, 6), st.integers(0, 4)),
     st.tuples(st.just("drop"), NOWS, st.integers(0, 5)),
     st.tuples(st.just("cancel"), RIDS),
@@ -147,8 +153,10 @@ def test_large_random_workload_agrees_with_oracle(core):
         if r < 0.55:
             rid = next_rid if rng.random() < 0.95 else rng.randrange(max(next_rid, 1))
             next_rid += 1
-            op = ("push", rid, rng.choice([rng.uniform(0, 100), float(rng.randrange(50))]),
-                  rng.uniform(0, 50), rng.randrange(-1, 3))
+            deadline, arrival = rng.choice([rng.uniform(0, 100), float(rng.randrange(50))]), rng.uniform(0, 50)
+            # Half keyed as the scheduler keys them past its EDF horizon: min(deadline, arrival + horizon).
+            key = None if rng.random() < 0.5 else min(deadline, arrival + rng.choice([5.0, 20.0]))
+            op = ("push", rid, deadline, arrival, rng.randrange(-1, 3), key)
         elif r < 0.75:
             op = ("pop", rng.randrange(0, 40), rng.uniform(0, 60), rng.randrange(0, 40), rng.randrange(0, 20))
         elif r < 0.85:
@@ -296,7 +304,7 @@ def test_id_index_survives_churn(core, capacity):
     for _ in range(3000):
         rid = rng.randrange(-40, 40) * rng.choice([1, 1 << 20, 1 << 40])
         if rng.random() < 0.6:
-            apply(queue, oracle, ("push", rid, float(rng.randrange(5)), 0.0, 0))
+            apply(queue, oracle, ("push", rid, float(rng.randrange(5)), 0.0, 0, None))
         else:
             apply(queue, oracle, ("cancel", rid))
         queue._check_invariants()
@@ -389,3 +397,30 @@ def test_count_ahead_is_the_position_a_new_entry_would_pop_at(core, entries, pro
     ahead = queue.count_ahead(deadline, priority)
     queue.push(10_000, deadline, 0.0, priority)          # the probe itself: pops after exactly `ahead`
     assert queue.ids().index(10_000) == ahead
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(-1, 1), st.sampled_from([0.5, 1.0, 1.5, 2.0]),
+                                  st.sampled_from([0.0, 0.5, 3.0])), max_size=40),
+       probe=st.tuples(st.integers(-1, 1), st.sampled_from([0.25, 1.0, 1.5, 2.5])))
+def test_count_ahead_counts_by_key_when_the_key_is_not_the_deadline(core, entries, probe):
+    queue = core.DeadlineQueue(64)
+    for rid, (priority, key, later) in enumerate(entries):
+        queue.push(rid, key + later, 0.0, priority, key)   # due `later` after its key
+    priority, key = probe
+    ahead = queue.count_ahead(key, priority)
+    queue.push(10_000, key + 9.0, 0.0, priority, key)
+    assert queue.ids().index(10_000) == ahead
+
+
+def test_a_key_orders_while_the_deadline_expires(core):
+    queue = core.DeadlineQueue(8)
+    queue.push(1, 10.0, 0.0, key=1.0)     # a loose request keyed early
+    queue.push(2, 2.0, 0.0)               # a tight one, keyed by its deadline
+    assert queue.ids() == [1, 2] and queue.head_key() == 1.0 and queue.head_deadline() == 10.0
+    assert queue.earliest_deadline() == 2.0
+    ready, expired = np.zeros(8, np.int64), np.zeros(8, np.int64)
+    assert queue.pop_batch(8, 5.0, ready, expired) == (1, 1)   # past 1's key, before its deadline: ready
+    assert ready[0] == 1 and expired[0] == 2
+    with pytest.raises(ValueError, match="key must be a number, got nan"):
+        queue.push(3, 1.0, 0.0, key=math.nan)

@@ -14,17 +14,17 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 
 
 # One heap node: the ordering key inline (no pointer chase while sifting) plus the slot that
-# holds the rest of the entry. 24 bytes.
+# holds the rest of the entry (its deadline among it). 24 bytes.
 ctypedef struct QueueNode:
     int32_t priority
     int32_t slot
-    double deadline
+    double key
     uint64_t seq
 
 
 @cython.final
 cdef class DeadlineQueue:
-    # Binary heap of nodes, in key order: higher priority, earlier deadline, earlier seq.
+    # Binary heap of nodes, in pop order: higher priority, earlier key, earlier seq.
     cdef QueueNode* _heap
     # Scratch space (capacity nodes) for drop_expired and ids(): no allocation per call.
     cdef QueueNode* _scratch
@@ -32,6 +32,7 @@ cdef class DeadlineQueue:
     # _slot_pos (an array write), never the id index (a hash probe).
     cdef int64_t* _slot_id
     cdef double* _slot_arrival
+    cdef double* _slot_deadline
     cdef int32_t* _slot_pos
     cdef int32_t* _free_slots
     cdef Py_ssize_t _n_free
@@ -53,9 +54,10 @@ cdef class DeadlineQueue:
     cdef double earliest_deadline_c(self) noexcept nogil
     cdef double oldest_arrival_c(self) noexcept nogil
     cdef double head_deadline_c(self) noexcept nogil
+    cdef double head_key_c(self) noexcept nogil
     cdef int32_t head_priority_c(self) noexcept nogil
-    # 0 = OK, 1 = FULL, 2 = DUPLICATE (PushResult values); deadline/arrival must not be NaN.
-    cdef int push_c(self, int64_t rid, double deadline, double arrival, int32_t priority) noexcept nogil
+    # 0 = OK, 1 = FULL, 2 = DUPLICATE (PushResult values); deadline/arrival/key must not be NaN.
+    cdef int push_c(self, int64_t rid, double deadline, double arrival, int32_t priority, double key) noexcept nogil
     cdef void pop_batch_c(self, Py_ssize_t max_n, double now,
                           int64_t* ready, int64_t* expired, Py_ssize_t expired_room,
                           Py_ssize_t* n_ready, Py_ssize_t* n_expired) noexcept nogil
@@ -67,5 +69,5 @@ cdef class DeadlineQueue:
     cdef void _index_delete(self, Py_ssize_t bucket) noexcept nogil
     cdef int64_t _remove_at(self, Py_ssize_t pos) noexcept nogil
     cdef int64_t _pop_top(self) noexcept nogil
-    cdef void _forget(self, int32_t slot, int64_t rid, double deadline) noexcept nogil
+    cdef void _forget(self, int32_t slot, int64_t rid) noexcept nogil
     cdef Py_ssize_t _sorted_copy(self) noexcept nogil
