@@ -29,8 +29,11 @@ request is queued by ``min(deadline, arrival + edf_horizon_s)`` (:meth:`Schedule
 among requests whose SLOs are within the horizon, arrival order past it, so a tighter request that
 arrives more than ``horizon - its SLO`` later no longer overtakes a loose one. It still expires by
 its own deadline (the queue keeps the two apart). Admission and lookahead count what pops first by
-the same key. The cost is under sustained overload, where a loose request served earlier takes the
-slot from a tighter one that then does not fit (measured in BENCHMARKS.md).
+the same key. The batch rules still size a batch by its head's own deadline: a tighter request
+queued behind a loose head rides in that batch, and the hold cap bounds it while anything urgent
+waits. The cost is where deadlines bind: a loose request served earlier takes the slot from a
+tighter one that then no longer fits (at 1x load in ``bench triton``, 2.7 points of attainment;
+BENCHMARKS.md).
 
 Admission (``agent.scheduler.admission``) is asked at each arrival. With ``lookahead`` (ours) the
 scheduler also tracks, per SLO class, the work it admits per second, and admission counts what the
@@ -289,8 +292,8 @@ class Scheduler:
 
     def _shared_start(self, lane: ModelLane, request: Request, key: float) -> float | None:
         """When the execution slots, shared by every model, would have done all the work that runs
-        before ``request``: queued requests that pop first across models (earlier deadline or higher
-        priority, as :meth:`poll` chooses) poured like water over the slots, each slot free now or when
+        before ``request``: queued requests that pop first across models (an earlier queue key or a
+        higher priority, as :meth:`poll` chooses) poured like water over the slots, each slot free now or when
         its batch in flight is predicted to end. ``None`` with a single model (its own bound covers it)."""
         if len(self._lane_list) == 1:
             return None
