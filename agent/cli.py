@@ -57,8 +57,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
+    # SIGTERM (`kill`, `timeout`, a terminal closing) stops the demo as Ctrl-C does: cameras first,
+    # the agent answers what it holds, and the demo's own Mosquitto is stopped. Without it the
+    # interpreter died at once and left that broker running.
+    signal.signal(signal.SIGTERM, _interrupt)
     run_demo(duration_s=args.duration, load=args.load, shed=not args.no_shed)
     return 0
 
@@ -186,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="local broker + agent + simulated cameras, with a live table",
                           description="Start Mosquitto on a free loopback port, serve the shipped demo models, and "
-                                      "drive them with simulated cameras (mixed SLOs). Ctrl-C stops cleanly.")
+                                      "drive them with simulated cameras (mixed SLOs). Ctrl-C (or SIGTERM) stops "
+                                      "cleanly.")
     demo.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
     demo.add_argument("--load", type=float, default=1.0, metavar="X", help="scale every camera's frame rate (default 1.0)")
     demo.add_argument("--no-shed", action="store_true",
