@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -140,7 +140,7 @@ class Agent:
 
     def submit(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
                deadline: float | None = None, priority: int = 0, client_id: str | None = None,
-               _run_here: str | None = None) -> "Future[Result]":
+               _run_here: str | None = None, _on_done: Callable[[Future], None] | None = None) -> "Future[Result]":
         """Queue one request; its future resolves to a :class:`Result` or an ``InferenceError``.
 
         ``slo_ms`` is relative to now; ``deadline`` is unix seconds (wall clock, as on the wire).
@@ -149,6 +149,9 @@ class Agent:
         ``_run_here`` is for the agent's own intakes: ``"until_done"`` (:meth:`infer`) runs batches on
         the calling thread until this reply is ready; ``"if_idle"`` (the HTTP event loop) runs this
         request on the calling thread only when the board is idle (``LiveLoop.run_if_idle``).
+        ``_on_done`` is attached to the future before the request can run, so an intake's reply
+        leaves from inside ``set_result``: on an idle board run here, ahead of the scheduler's
+        bookkeeping for the batch (freeing its slot, learning its time), not after it.
         """
         now = self.clock()
         loaded = self.models.get(model)
@@ -166,6 +169,8 @@ class Agent:
                     raise InferenceError(BAD_REQUEST, f"slo_ms = {slo_ms!r}: expected a number > 0", "slo_ms")
                 deadline_at = now + slo / 1000.0
             future: Future = Future()
+            if _on_done is not None:
+                future.add_done_callback(_on_done)
             request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id)
             self.loop.submit(request, wake_worker=_run_here is None)
         except InferenceError as exc:

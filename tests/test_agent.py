@@ -251,6 +251,30 @@ def test_an_idle_board_runs_an_intakes_request_on_its_thread_a_busy_one_hands_it
         assert int(np.argmax(first.result().outputs["logits"])) == labels[0]
 
 
+def test_an_intakes_callback_answers_from_inside_the_run_before_the_scheduler_learns_from_it(digits):
+    # An intake's reply callback is attached before the request can run: on an idle board it fires
+    # on the calling thread from inside the run, before the scheduler learns the batch's time (the
+    # client does not wait for that bookkeeping); a refused request never calls it.
+    frames, labels = digits
+    events: list[tuple] = []
+    with Agent(config(instances=1)) as agent:
+        observe = agent.scheduler.observe
+        agent.scheduler.observe = lambda dispatch, now: (events.append(("observe",)), observe(dispatch, now))
+        time.sleep(0.05)                                   # idle: nothing in flight or queued for a while
+
+        def on_done(future):
+            events.append(("reply", threading.current_thread().name, int(np.argmax(future.result().outputs["logits"]))))
+
+        future = agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000, _run_here="if_idle",
+                              _on_done=on_done)
+        assert future.done()
+        assert events == [("reply", threading.current_thread().name, labels[0]), ("observe",)]
+        with pytest.raises(InferenceError):
+            agent.submit("mobilenet_digits", {"frames": frames[0][:32]}, _run_here="if_idle", _on_done=on_done)
+        time.sleep(0.05)
+        assert len(events) == 2
+
+
 def test_a_profile_file_supplies_the_latency_table(tmp_path):
     import subprocess
     import sys

@@ -10,8 +10,9 @@ loop never blocks: an inference request is decoded, submitted and left; the work
 its batch encodes the reply and sends it on the connection's socket itself (the loop would make it
 wait behind a burst of arrivals), handing the loop only what the socket did not take. On an idle
 board (no batch in flight, nothing queued, no other request for 2 ms) the
-loop runs the request itself and writes the reply at once: two thread hand-offs fewer, each a
-cross-vCPU wake-up (``LiveLoop.run_if_idle``). Requests whose JSON header repeats (every request a
+loop runs the request itself and writes the reply at once, from inside the future's ``set_result``
+(before the scheduler's bookkeeping for the batch): two thread hand-offs fewer, each a cross-vCPU
+wake-up (``LiveLoop.run_if_idle``). Requests whose JSON header repeats (every request a
 client sends to one model, but for the tensor bytes) are parsed once (``oip.LayoutCache``).
 Connections are keep-alive; requests on one connection are answered in order (a pipelined request
 waits until the one before it is answered). Every request that was read gets exactly one reply; a
@@ -159,7 +160,7 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
-        # A duplicate of the connection's socket for workers to write replies on (``finish_on_worker``);
+        # A duplicate of the connection's socket for the answering thread to write replies on (``finish``);
         # its own descriptor, so the transport closing its socket can never leave a worker writing to
         # a reused number. The lock orders a worker's write against closing it.
         self._direct: socket.socket | None = None
@@ -335,24 +336,17 @@ class _Connection(asyncio.Protocol):
             log.exception("HTTP intake failed to encode the reply to %s", request.model)
             return 500, [_json({"error": f"{INTERNAL}: {type(exc).__name__}: {exc}"})], _JSON, None
 
-    def finish(self, request: oip.InferRequest, futures: list[Future], resume: bool = True) -> None:
-        """On the loop, once every row of ``request`` is answered: encode and write the one reply,
-        then (``resume``) serve what was pipelined meanwhile; a request answered inside
-        :meth:`_process` (the idle fast path) leaves that to the loop already running there."""
-        try:
-            self.respond(*self._infer_reply(request, futures))
-        finally:
-            if resume:
-                self._next()
-
-    def finish_on_worker(self, request: oip.InferRequest, futures: list[Future]) -> None:
+    def finish(self, request: oip.InferRequest, futures: list[Future]) -> None:
         """On the thread that answered the last row: encode the reply and send it on the socket now.
 
-        Under a burst the loop's thread is busy reading and admitting arrivals, and a reply handed to
-        it waits its turn behind them (a median of 2 ms for the replies that came back late at 1x
-        load in ``bench triton``). The connection has this one request in flight, so nothing else
-        writes to it meanwhile: the worker sends on its own descriptor when the transport has nothing
-        buffered, and hands the loop only what the socket did not take, a close, or pipelined input.
+        That thread is a worker, or on an idle board the loop itself (``LiveLoop.run_if_idle``),
+        called from inside the future's ``set_result``: before the scheduler frees the batch's slot
+        and learns its time, which the client need not wait for. Under a burst the loop's thread is
+        busy reading and admitting arrivals, and a reply handed to it waits its turn behind them (a
+        median of 2 ms for the replies that came back late at 1x load in ``bench triton``). The
+        connection has this one request in flight, so nothing else writes to it meanwhile: the
+        answering thread sends on its own descriptor when the transport has nothing buffered, and
+        hands the loop only what the socket did not take, a close, or pipelined input.
         """
         status, chunks, content_type, header_length = self._infer_reply(request, futures)
         loop = self.intake._loop
@@ -400,7 +394,7 @@ class _Connection(asyncio.Protocol):
 
 
 class _Gather:
-    """Counts a multi-row request's rows down; the last one to finish hands them all to the loop."""
+    """Counts a multi-row request's rows down; the thread that answers the last one writes the reply."""
 
     __slots__ = ("remaining", "lock", "callback")
 
@@ -595,25 +589,18 @@ class HttpIntake:
         request = oip.parse_infer_request(name, body, head.header_length, model.inputs, model.outputs, model.layouts)
         submit = self.agent.submit
         if request.rows == 1:
-            futures = [submit(name, request.inputs, slo_ms=request.slo_ms, priority=request.priority,
-                              client_id=request.id, _run_here="if_idle")]
-            if futures[0].done():
-                connection.finish(request, futures, resume=False)
-                return
-        else:
-            # The agent queues single items: each row is its own request (same SLO), gathered in order.
-            futures = [submit(name, {k: v[row:row + 1] for k, v in request.inputs.items()}, slo_ms=request.slo_ms,
-                              priority=request.priority, client_id=request.id)
-                       for row in range(request.rows)]
-        def hand_back() -> None:          # on the thread that answered: write the reply there
-            connection.finish_on_worker(request, futures)
-
-        if len(futures) == 1:
-            futures[0].add_done_callback(lambda _future: hand_back())
-        else:
-            gather = _Gather(len(futures), hand_back)
-            for future in futures:
-                future.add_done_callback(gather.row_done)
+            # The reply leaves from whichever thread answers (Connection.finish); on an idle board
+            # that is this one, inside submit.
+            submit(name, request.inputs, slo_ms=request.slo_ms, priority=request.priority, client_id=request.id,
+                   _run_here="if_idle", _on_done=lambda future: connection.finish(request, [future]))
+            return
+        # The agent queues single items: each row is its own request (same SLO), gathered in order.
+        futures = [submit(name, {k: v[row:row + 1] for k, v in request.inputs.items()}, slo_ms=request.slo_ms,
+                          priority=request.priority, client_id=request.id)
+                   for row in range(request.rows)]
+        gather = _Gather(len(futures), lambda: connection.finish(request, futures))
+        for future in futures:
+            future.add_done_callback(gather.row_done)
 
     def _decompress(self, encoding: bytes, body: bytes) -> bytes:
         """A gzip or deflate body (``tritonclient``'s ``request_compression_algorithm``), bounded by the
