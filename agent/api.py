@@ -148,7 +148,7 @@ class Agent:
 
         ``_run_here`` is for the agent's own intakes: ``"until_done"`` (:meth:`infer`) runs batches on
         the calling thread until this reply is ready; ``"if_idle"`` (the HTTP event loop) runs this
-        request on the calling thread only when the board is idle (``LiveLoop.run_if_idle``).
+        request on the calling thread only when the board is idle (``LiveLoop.submit``'s ``alone``).
         ``_on_done`` is attached to the future before the request can run, so an intake's reply
         leaves from inside ``set_result``: on an idle board run here, ahead of the scheduler's
         bookkeeping for the batch (freeing its slot, learning its time), not after it.
@@ -172,13 +172,13 @@ class Agent:
             if _on_done is not None:
                 future.add_done_callback(_on_done)
             request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id)
-            self.loop.submit(request, wake_worker=_run_here is None)
+            started = self.loop.submit(request, wake_worker=_run_here != "until_done", alone=_run_here == "if_idle")
         except InferenceError as exc:
             self.telemetry.refused(model, exc.code)
             raise
         self.telemetry.accepted(model)
-        if _run_here == "if_idle":
-            self.loop.run_if_idle()
+        if started is not None:
+            self.loop.run_alone(started)
         elif _run_here == "until_done":
             self.loop.run_while_pending(request)
         return future

@@ -251,10 +251,11 @@ def test_an_idle_board_runs_an_intakes_request_on_its_thread_a_busy_one_hands_it
         assert int(np.argmax(first.result().outputs["logits"])) == labels[0]
 
 
-def test_an_intakes_callback_answers_from_inside_the_run_before_the_scheduler_learns_from_it(digits):
+def test_an_intakes_callback_answers_from_inside_the_run_before_the_bookkeeping(digits):
     # An intake's reply callback is attached before the request can run: on an idle board it fires
-    # on the calling thread from inside the run, before the scheduler learns the batch's time (the
-    # client does not wait for that bookkeeping); a refused request never calls it.
+    # on the calling thread from inside the run, while the batch still holds its slot and before the
+    # reply is counted or the scheduler learns the batch's time (the client does not wait for that
+    # bookkeeping); a refused request never calls it.
     frames, labels = digits
     events: list[tuple] = []
     with Agent(config(instances=1)) as agent:
@@ -263,12 +264,14 @@ def test_an_intakes_callback_answers_from_inside_the_run_before_the_scheduler_le
         time.sleep(0.05)                                   # idle: nothing in flight or queued for a while
 
         def on_done(future):
-            events.append(("reply", threading.current_thread().name, int(np.argmax(future.result().outputs["logits"]))))
+            events.append(("reply", threading.current_thread().name, int(np.argmax(future.result().outputs["logits"])),
+                           agent.scheduler.in_flight, agent.telemetry.snapshot()["mobilenet_digits"]["ok"]))
 
         future = agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000, _run_here="if_idle",
                               _on_done=on_done)
         assert future.done()
-        assert events == [("reply", threading.current_thread().name, labels[0]), ("observe",)]
+        assert events == [("reply", threading.current_thread().name, labels[0], 1, 0), ("observe",)]
+        assert agent.scheduler.in_flight == 0 and agent.telemetry.snapshot()["mobilenet_digits"]["ok"] == 1
         with pytest.raises(InferenceError):
             agent.submit("mobilenet_digits", {"frames": frames[0][:32]}, _run_here="if_idle", _on_done=on_done)
         time.sleep(0.05)

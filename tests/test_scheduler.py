@@ -485,3 +485,84 @@ def test_slos_that_vary_request_by_request_keep_the_learned_state_bounded():
         s.enqueue(req("a", 0.0, slo))
         s.finish(s.poll(0.0).dispatch)               # run it: the next one finds the board idle
         assert len(admission._slack) <= MAX_CLASSES and len(s._class_rates) <= MAX_CLASSES
+
+
+# --- the idle board's path: start_alone ------------------------------------------------------------
+
+def _ours(starts_alone=True, **lane_kwargs):
+    """Two models under admission control, as the agent runs them: cost share, batch caps, lookahead."""
+    from agent.scheduler.admission import AdmissionControl
+    lanes = [Scheduler.lane(name, DeadlineAwareBatch(t, 8), 2, 64, min_latency_s=t.predict(1),
+                            admission=AdmissionControl(t, 8, 0.001), starts_alone=starts_alone, **lane_kwargs)
+             for name, t in (("cheap", table(0.001, 0.001)), ("dear", table(0.004, 0.002)))]
+    return Scheduler(lanes, max_concurrent=2, hold_fraction=0.25, lookahead=True, edf_horizon_s=0.050)
+
+
+def _state(s):
+    return (s.in_flight, s.tight_slo_s, s._tight_at, {k: list(v) for k, v in s._class_rates.items()},
+            dict(s.share._demand), {n: dict(lane.busy_until) for n, lane in s.lanes.items()},
+            {n: lane.batch_cap for n, lane in s.lanes.items()})
+
+
+def test_start_alone_starts_a_lone_request_at_once_and_learns_what_enqueue_and_poll_would():
+    alone, queued = _ours(), _ours()
+    for s in (alone, queued):                    # some history: a request answered a while ago
+        s.enqueue(req("cheap", 0.0, 0.010))
+        s.finish(s.poll(0.0).dispatch)
+    a = req("dear", 0.100, 0.150)
+    b = req("dear", 0.100, 0.150)
+    started = alone.start_alone(a)
+    assert started.requests == [a] and started.model == "dear" and started.started == 0.100
+    assert not alone.queued() and not alone.lanes["dear"].pending          # never queued
+    queued.enqueue(b)
+    polled = queued.poll(0.100).dispatch
+    assert polled.requests == [b] and polled.instance == started.instance
+    alone.learn_alone(a)
+    assert _state(alone) == _state(queued)
+    assert alone.lanes["dear"].busy_until[started.instance] == pytest.approx(0.100 + 0.006)
+
+
+def test_start_alone_leaves_to_the_queue_a_board_that_is_not_idle_a_rule_that_may_hold_and_a_hopeless_request():
+    s = _ours()
+    s.enqueue(req("cheap", 0.0, 0.050))
+    assert s.start_alone(req("dear", 0.0, 0.150)) is None                   # something queued
+    s.poll(0.0)
+    assert s.start_alone(req("dear", 0.0, 0.150)) is None                   # something in flight
+    assert _ours(starts_alone=False).start_alone(req("dear", 0.0, 0.150)) is None
+    hopeless = req("dear", 0.0, 0.005)            # due before its model's fastest run (6 ms)
+    assert _ours().start_alone(hopeless) is None  # enqueue and poll shed it, as any other
+    assert _ours().start_alone(req("dear", 0.0, 0.150)) is not None
+
+
+def test_start_alone_refuses_what_enqueue_refuses_with_the_same_reason():
+    alone, queued = _ours(), _ours()
+    tight = req("dear", 0.0, 0.0065)              # 6 ms to run and 1 ms of margin: cannot make it
+    with pytest.raises(InferenceError) as refused_alone:
+        alone.start_alone(tight)
+    with pytest.raises(InferenceError) as refused_queued:
+        queued.enqueue(tight)
+    assert refused_alone.value.code == REJECTED and refused_alone.value.message == refused_queued.value.message
+    assert _state(alone) == _state(queued) and alone.in_flight == 0
+
+
+def test_a_rule_that_plans_every_batch_itself_cannot_start_alone():
+    from agent.scheduler.baselines import DisBatch
+    with pytest.raises(ValueError, match="starts_alone"):
+        Scheduler.lane("a", DisBatch(0.1, 8), 1, 64, starts_alone=True)
+
+
+@pytest.mark.parametrize("batching, alone", [
+    ({}, True),                                                  # deadline_aware, no hold: the default
+    ({"max_wait_ms": 2.0}, False),
+    ({"rule": "dynamic", "max_queue_delay_ms": 0.0}, True),
+    ({"rule": "dynamic", "max_queue_delay_ms": 1.0}, False),
+    ({"rule": "fixed", "size": 4}, False),
+    ({"rule": "fifo", "shed_hopeless": False, "admission": False}, True),
+    ({"rule": "aimd"}, False),
+])
+def test_the_lane_starts_alone_only_under_a_rule_that_dispatches_a_lone_request_at_once(batching, alone):
+    from agent.config import BatchingConfig, ModelConfig
+    from agent.scheduler.rules import build_lane, build_rule
+    config = ModelConfig("m", "demo:mobilenet_digits", batching=BatchingConfig(**batching))
+    t = table()
+    assert build_lane("m", build_rule(config.batching, t), config, t).starts_alone is alone

@@ -12,7 +12,7 @@ wait behind a burst of arrivals), handing the loop only what the socket did not 
 board (no batch in flight, nothing queued, no other request for 2 ms) the
 loop runs the request itself and writes the reply at once, from inside the future's ``set_result``
 (before the scheduler's bookkeeping for the batch): two thread hand-offs fewer, each a cross-vCPU
-wake-up (``LiveLoop.run_if_idle``). Requests whose JSON header repeats (every request a
+wake-up (``LiveLoop.submit``'s ``alone``). Requests whose JSON header repeats (every request a
 client sends to one model, but for the tensor bytes) are parsed once (``oip.LayoutCache``).
 Connections are keep-alive; requests on one connection are answered in order (a pipelined request
 waits until the one before it is answered). Every request that was read gets exactly one reply; a
@@ -339,7 +339,7 @@ class _Connection(asyncio.Protocol):
     def finish(self, request: oip.InferRequest, futures: list[Future]) -> None:
         """On the thread that answered the last row: encode the reply and send it on the socket now.
 
-        That thread is a worker, or on an idle board the loop itself (``LiveLoop.run_if_idle``),
+        That thread is a worker, or on an idle board the loop itself (``LiveLoop.run_alone``),
         called from inside the future's ``set_result``: before the scheduler frees the batch's slot
         and learns its time, which the client need not wait for. Under a burst the loop's thread is
         busy reading and admitting arrivals, and a reply handed to it waits its turn behind them (a

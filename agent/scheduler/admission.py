@@ -261,10 +261,9 @@ class CostShare:
         demand = self.demand(model, now) + cost / self.TAU_S
         self._demand[model], self._at[model] = demand, now
         left = self.capacity
-        for other in sorted(self.lanes, key=lambda name: (self.item_cost_s(name), name)):
-            if other == model:
-                break
-            left -= self.demand(other, now)
+        for other, lane in self.lanes.items():     # less what the cheaper models (by cost, then name) ask
+            if other != model and (lane.item_s(), other) < (cost, model):
+                left -= self.demand(other, now)
         share = min(1.0, max(0.0, left) / demand)
         if share >= 1.0 or priority > 0 or left >= self.capacity:
             # (left == capacity: no cheaper model asks for anything, so refusing here would protect

@@ -4,7 +4,8 @@ Each worker is an execution slot. When idle it asks the scheduler for a batch, r
 executor on its own thread (onnxruntime and LiteRT release the GIL while they compute, so instances
 really run at once), answers every request, and asks again. A new request wakes one idle worker.
 No dispatcher thread sits in between: a submitted request crosses two thread hand-offs (submitter
--> worker -> waiter), and a blocking caller's request none (:meth:`LiveLoop.run_while_pending`).
+-> worker -> waiter), a blocking caller's request none (:meth:`LiveLoop.run_while_pending`), nor
+an event-loop intake's request on an idle board (:meth:`LiveLoop.submit` with ``alone``).
 Timed wake-ups (a rule holding for a bigger batch, a deadline to expire) are each worker's
 ``Condition.wait`` timeout, taken from the scheduler's ``wake_at``.
 """
@@ -26,7 +27,7 @@ from agent.scheduler.request import Request, Result
 log = logging.getLogger(__name__)
 
 MAX_IDLE_WAIT_S = 1.0
-# run_if_idle: no other request for this long means the board is idle (a loaded board's requests
+# submit(alone=True): no other request for this long means the board is idle (a loaded board's requests
 # arrive closer together than one batch of the cheapest model takes).
 IDLE_GAP_S = 0.002
 
@@ -45,7 +46,7 @@ class LiveLoop:
         self._on_reply = on_reply
         self._stopping = False
         self._worker_nice = worker_nice
-        self._last_arrival = self._previous_arrival = -math.inf
+        self._last_arrival = -math.inf
         self._threads = [
             threading.Thread(target=self._worker, name=f"edge-agent-worker-{i}", daemon=True) for i in range(workers)
         ]
@@ -54,16 +55,29 @@ class LiveLoop:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, request: Request, wake_worker: bool = True) -> None:
+    def submit(self, request: Request, wake_worker: bool = True, alone: bool = False) -> Dispatch | None:
         """Queue a request (raises ``InferenceError`` if refused) and wake one idle worker, unless
-        the caller will run it itself (:meth:`run_while_pending`)."""
+        the caller will run it itself (:meth:`run_while_pending`).
+
+        ``alone`` (an event-loop intake, HTTP): on an idle board the request is not queued but
+        started here, and returned for the caller to run on its own thread (:meth:`run_alone`): the
+        thread that read the request runs it and writes the reply, so it crosses no thread (two
+        fewer cross-vCPU wake-ups, about 0.15 ms here). Idle means no batch in flight, nothing
+        queued, and no other request for ``IDLE_GAP_S`` (``Scheduler.start_alone`` has the rest):
+        under load the loop must stay on its sockets (a model run there would delay every other
+        connection's requests, unseen by their deadlines), so the workers run everything."""
         with self.lock:
             if self._stopping:
                 raise InferenceError(SHUTTING_DOWN, "the agent is shutting down")
-            self.scheduler.enqueue(request)
-            self._previous_arrival, self._last_arrival = self._last_arrival, request.arrival
-            if wake_worker:
-                self.cond.notify()
+            started = None
+            if alone and request.arrival - self._last_arrival >= IDLE_GAP_S:
+                started = self.scheduler.start_alone(request)
+            if started is None:
+                self.scheduler.enqueue(request)
+                if wake_worker:
+                    self.cond.notify()
+            self._last_arrival = request.arrival
+        return started
 
     def stop(self, grace_s: float) -> None:
         """Stop taking requests, serve what is queued for up to ``grace_s``, answer the rest
@@ -103,28 +117,19 @@ class LiveLoop:
             if reply.done():
                 return
 
-    def run_if_idle(self) -> bool:
-        """Run the request just queued on the calling thread if the agent is idle; otherwise wake a
-        worker for it. Returns whether a batch ran here.
+    def run_alone(self, dispatch: Dispatch) -> None:
+        """Run a batch that :meth:`submit` started alone, on the calling thread.
 
-        For an event-loop intake (HTTP): on an idle board the thread that read the request runs it
-        and writes the reply, so the request crosses no thread (two fewer cross-vCPU wake-ups, about
-        0.15 ms here). Idle means no batch in flight, nothing else queued, and no other request for
-        ``IDLE_GAP_S``: under load the loop must stay on its sockets (a model run there would delay
-        every other connection's requests, unseen by their deadlines), so the workers run everything.
-        """
-        with self.lock:
-            now = self.clock()
-            gap = now - self._previous_arrival
-            if self.scheduler.in_flight or self.scheduler.queued() != 1 or gap < IDLE_GAP_S:
-                self.cond.notify()
-                return False
-            decision = self.scheduler.poll(now)
-            if decision.dispatch is None and not decision.expired:
-                self.cond.notify()
-                return False
-        self._carry_out(decision, now)
-        return decision.dispatch is not None
+        Its reply goes first: an intake's callback sends it from inside ``set_result``, before the
+        slot is freed, the reply counted and the scheduler's state updated (on an idle board no
+        other request waits for the slot, and the client waits for the reply)."""
+        outcome = self.executor.run(dispatch)
+        answered = self._complete(dispatch, outcome, record=False)
+        self._free(dispatch, started_alone=dispatch.requests[0])
+        if self._on_reply is not None:
+            for request, result in answered:
+                self._on_reply(request, result, None)
+        self.scheduler.observe(dispatch, self.clock())
 
     # --- worker --------------------------------------------------------------------------------
 
@@ -159,16 +164,25 @@ class LiveLoop:
         if dispatch is None:
             return
         outcome = self.executor.run(dispatch)
-        with self.lock:
-            self.scheduler.finish(dispatch)
-            if self.scheduler.queued():   # a freed instance matters only to waiting requests
-                self.cond.notify()
+        self._free(dispatch)
         self._complete(dispatch, outcome)
         # Outside the lock: one float updated per batch; a lost update between two workers only
         # delays the estimate by a batch.
         self.scheduler.observe(dispatch, self.clock())
 
-    def _complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
+    def _free(self, dispatch: Dispatch, started_alone: Request | None = None) -> None:
+        """The batch's slot is free again (and what the scheduler keeps from a request it started
+        alone is recorded); a waiting request gets a worker."""
+        with self.lock:
+            self.scheduler.finish(dispatch)
+            if started_alone is not None:
+                self.scheduler.learn_alone(started_alone)
+            if self.scheduler.queued():   # a freed instance matters only to waiting requests
+                self.cond.notify()
+
+    def _complete(self, dispatch: Dispatch, outcome: BatchOutcome, record: bool = True) -> list[tuple[Request, Result]]:
+        """Answer the batch's requests; returns those answered with a result. ``record``: report each
+        to ``on_reply`` before its reply is set (else the caller reports them afterwards)."""
         now = self.clock()
         if outcome.error is not None:
             log.error("model %s instance %d failed a batch of %d: %r", dispatch.model, dispatch.instance,
@@ -176,11 +190,12 @@ class LiveLoop:
             error = InferenceError(INTERNAL, f"backend failed: {type(outcome.error).__name__}: {outcome.error}")
             for request in dispatch.requests:
                 self._fail(request, error)
-            return
+            return []
         batch_size = len(dispatch.requests)
         compute_ms = 1000.0 * outcome.compute_s
         served_by = self._served_by(dispatch)
-        on_reply = self._on_reply
+        on_reply = self._on_reply if record else None
+        answered = []
         for request, outputs in zip(dispatch.requests, outcome.outputs):
             if now > request.deadline:
                 self._fail(request, InferenceError(DEADLINE_MISSED, (
@@ -199,6 +214,8 @@ class LiveLoop:
             if on_reply is not None:
                 on_reply(request, result, None)
             _deliver(request.reply.set_result, result)
+            answered.append((request, result))
+        return answered
 
     def _fail(self, request: Request, error: InferenceError) -> None:
         if self._on_reply is not None:

@@ -38,4 +38,6 @@ def build_lane(name: str, rule, config: ModelConfig, table: LatencyTable) -> Mod
         min_latency_s=table.predict(1) if batching.shed_hopeless else 0.0,
         admission=AdmissionControl(table, rule.max_batch, batching.margin_ms / 1000.0) if batching.admission else None,
         fifo=batching.rule == "fifo",
+        starts_alone=(batching.rule == "fifo" or (batching.rule == "deadline_aware" and batching.max_wait_ms == 0)
+                      or (batching.rule == "dynamic" and batching.max_queue_delay_ms == 0)),
     )
