@@ -517,7 +517,7 @@ def test_start_alone_starts_a_lone_request_at_once_and_learns_what_enqueue_and_p
     queued.enqueue(b)
     polled = queued.poll(0.100).dispatch
     assert polled.requests == [b] and polled.instance == started.instance
-    alone.learn_alone(a)
+    alone.learn_admitted(a)
     assert _state(alone) == _state(queued)
     assert alone.lanes["dear"].busy_until[started.instance] == pytest.approx(0.100 + 0.006)
 

@@ -261,8 +261,8 @@ class CostShare:
         demand = self.demand(model, now) + cost / self.TAU_S
         self._demand[model], self._at[model] = demand, now
         left = self.capacity
-        for other, lane in self.lanes.items():     # less what the cheaper models (by cost, then name) ask
-            if other != model and (lane.item_s(), other) < (cost, model):
+        for other in self.lanes:                   # less what the cheaper models (by cost, then name) ask
+            if other != model and (self.item_cost_s(other), other) < (cost, model):
                 left -= self.demand(other, now)
         share = min(1.0, max(0.0, left) / demand)
         if share >= 1.0 or priority > 0 or left >= self.capacity:

@@ -203,24 +203,7 @@ class Scheduler:
         """Queue an admitted request; a full queue refuses it at once (``rejected``), never silently."""
         lane = self.lanes[request.model]
         key = self.queue_key(request)
-        if self._capped:
-            self._track_tight(request.deadline - request.arrival, request.arrival)
-            self._predict_capped(request)
-        if lane.admission is not None:
-            self._refuse_share(request)
-            if self.in_flight == 0 and not self.queued():
-                # An idle board: the request starts now, so no other model's work and no overtaker
-                # can delay it (the bounds below would come to the same, at a cost on every request).
-                shared_start, overtakers = None, ()
-            else:
-                shared_start = self._shared_start(lane, request, key)
-                overtakers = (self._overtakers(request.deadline - request.arrival, request.arrival)
-                              if self.lookahead else ())
-            reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
-                                           min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
-                                           shared_start, overtakers, self.max_concurrent, key)
-            if reason is not None:
-                raise InferenceError(REJECTED, reason)
+        self._admit(lane, request, key)
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
             result = lane.queue.push(request.rid, request.arrival, request.arrival, 0)
         else:
@@ -231,54 +214,61 @@ class Scheduler:
                     REJECTED, f"model {request.model!r} queue is full ({lane.queue.capacity} requests waiting)")
             raise InferenceError(REJECTED, f"request id {request.rid} is already queued")
         lane.pending[request.rid] = request
-        if self.lookahead and lane.admission is not None:
-            self._count_admitted(lane.admission, request.deadline - request.arrival, request.arrival)
+        self.learn_admitted(request)
+
+    def _admit(self, lane: ModelLane, request: Request, key: float) -> None:
+        """The tests every arriving request passes (the batch caps set first, from the tightest
+        recent SLO): the cost share, then the deadline test; raises ``rejected`` with the reason."""
+        if self._capped:
+            self._track_tight(request.deadline - request.arrival, request.arrival)
+            self._predict_capped(request)
+        if lane.admission is None:
+            return
+        if self.share is not None:
+            reason = self.share.refuse(request.model, request.priority, request.arrival)
+            if reason is not None:
+                raise InferenceError(REJECTED, reason)
+        if self.in_flight == 0 and not self.queued():
+            # An idle board: the request starts now, so no other model's work and no overtaker
+            # can delay it (the bounds below would come to the same, at a cost on every request).
+            shared_start, overtakers = None, ()
+        else:
+            shared_start = self._shared_start(lane, request, key)
+            overtakers = (self._overtakers(request.deadline - request.arrival, request.arrival)
+                          if self.lookahead else ())
+        reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
+                                       min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
+                                       shared_start, overtakers, self.max_concurrent, key)
+        if reason is not None:
+            raise InferenceError(REJECTED, reason)
 
     def start_alone(self, request: Request) -> Dispatch | None:
         """The idle board's path (ours): a request that finds nothing queued and nothing in flight
         starts at once as a batch of one, without passing through its queue, when its lane's rule
         would dispatch it at once (``ModelLane.starts_alone``) and it is not to be shed. The
-        decisions are those of :meth:`enqueue` and :meth:`poll` for a queue of one (the batch caps
-        set by the tightest recent SLO, the cost share, the deadline test: ``InferenceError``
-        ``rejected`` if refused, with the same reasons), without the queue's push and pop or the
-        poll over every lane; the lookahead's rate is counted by :meth:`learn_alone`, which the
-        driver calls once the reply is out. On an idle board this Python runs on cold caches: the
+        decisions are those of :meth:`enqueue` and :meth:`poll` for a queue of one (:meth:`_admit`:
+        ``InferenceError`` ``rejected`` if refused, with the same reasons), without the queue's push
+        and pop or the poll over every lane; the lookahead's rate is counted by
+        :meth:`learn_admitted`, which the driver calls once the reply is out. On an idle board this Python runs on cold caches: the
         agent's path from reading a request to sending its reply took 118 us here against 156 us
         through the queue (BENCHMARKS.md). ``None``: not this path; :meth:`enqueue` the request."""
         lane = self.lanes[request.model]
         now = request.arrival
         if not lane.starts_alone or self.in_flight or request.deadline < now + lane.min_latency_s or self.queued():
             return None
-        if self._capped:
-            self._track_tight(request.deadline - request.arrival, now)
-            self._predict_capped(request)
-        admission = lane.admission
-        if admission is not None:
-            self._refuse_share(request)
-            reason = admission.refuse(lane.queue, request.deadline, request.priority, now,
-                                      min(lane.instances, self.max_concurrent), (), None, (),
-                                      self.max_concurrent, self.queue_key(request))
-            if reason is not None:
-                raise InferenceError(REJECTED, reason)
+        self._admit(lane, request, self.queue_key(request))
         self.in_flight += 1
         instance = lane.free_instances.pop()
-        if admission is not None:
-            lane.busy_until[instance] = now + admission.batch_s(1)
+        if lane.admission is not None:
+            lane.busy_until[instance] = now + lane.admission.batch_s(1)
         return Dispatch(lane.name, instance, [request], now)
 
-    def learn_alone(self, request: Request) -> None:
-        """For a request started by :meth:`start_alone`: what :meth:`enqueue` keeps from an admitted
-        request and :meth:`start_alone` left for later, the lookahead's rate of its SLO class."""
+    def learn_admitted(self, request: Request) -> None:
+        """What the scheduler keeps from an admitted request once it is queued (:meth:`enqueue`) or
+        answered (:meth:`start_alone`'s driver): the lookahead's rate of its SLO class."""
         lane = self.lanes[request.model]
         if self.lookahead and lane.admission is not None:
             self._count_admitted(lane.admission, request.deadline - request.arrival, request.arrival)
-
-    def _refuse_share(self, request: Request) -> None:
-        """The cost share's test (:class:`CostShare`): raises ``rejected`` if over the model's share."""
-        if self.share is not None:
-            reason = self.share.refuse(request.model, request.priority, request.arrival)
-            if reason is not None:
-                raise InferenceError(REJECTED, reason)
 
     def _count_admitted(self, admission: AdmissionControl, slo_s: float, now: float) -> None:
         """Add an admitted request's predicted work (per item, in full batches) to its SLO class's rate."""

@@ -176,7 +176,7 @@ class LiveLoop:
         with self.lock:
             self.scheduler.finish(dispatch)
             if started_alone is not None:
-                self.scheduler.learn_alone(started_alone)
+                self.scheduler.learn_admitted(started_alone)
             if self.scheduler.queued():   # a freed instance matters only to waiting requests
                 self.cond.notify()
 
