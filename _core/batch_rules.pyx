@@ -39,7 +39,7 @@ cdef inline PlanC _plan(Py_ssize_t take, double wake_at) noexcept nogil:
 
 
 cdef class BatchRule:
-    """One batching policy: ``plan(queue, now) -> BatchPlan``. Rules read the queue, never pop.
+    """One batching rule: ``plan(queue, now) -> BatchPlan``. Rules read the queue, never pop.
 
     Parameters are read-only; to change a policy while serving, swap in a new rule object.
     """
@@ -53,6 +53,12 @@ cdef class BatchRule:
 
     def describe(self):
         raise NotImplementedError
+
+    def dispatched(self, n, now):
+        """A batch this rule planned left the queue: stateless, ignored (see the pure twin)."""
+
+    def observe(self, batch_size, duration_s, met):
+        """A batch of this rule was answered: stateless, ignored (see the pure twin)."""
 
 
 cdef class FixedBatch(BatchRule):

@@ -25,10 +25,9 @@ from agent.errors import BAD_REQUEST, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
 from agent.profiler import Profile, load_profile, measure_latency_table
 from agent.profiler.measure import zeros_batch
-from agent.scheduler.clock import MonotonicClock
+from agent.runtime.live import LiveLoop
+from agent.runtime.local_executor import InstanceSet, LocalExecutor
 from agent.scheduler.dispatcher import Dispatch, Scheduler
-from agent.scheduler.executor import InstanceSet, LocalExecutor
-from agent.scheduler.live import LiveLoop
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
 from agent.telemetry import Telemetry
@@ -102,7 +101,7 @@ class Agent:
     def __init__(self, config: Config, *, grace_s: float = 1.0) -> None:
         self.config = config
         self.grace_s = grace_s
-        self.clock = MonotonicClock.now
+        self.clock = time.monotonic     # scheduler time: never wall time (agent.runtime.live)
         self.models: dict[str, LoadedModel] = {}
         profile = load_profile(config.profile) if config.profile else None
         try:
@@ -119,7 +118,7 @@ class Agent:
         self.scheduler = Scheduler(
             [build_lane(name, m.rule, m.config, m.latency) for name, m in self.models.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
-            lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s,
+            lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
         )
         self.executor = LocalExecutor({
             name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in self.models.items()
@@ -139,20 +138,41 @@ class Agent:
     # --- serving -------------------------------------------------------------------------------
 
     def submit(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
-               deadline: float | None = None, priority: int = 0, client_id: str | None = None,
-               _run_here: str | None = None, _on_done: Callable[[Future], None] | None = None) -> "Future[Result]":
+               deadline: float | None = None, priority: int = 0, client_id: str | None = None) -> "Future[Result]":
         """Queue one request; its future resolves to a :class:`Result` or an ``InferenceError``.
 
         ``slo_ms`` is relative to now; ``deadline`` is unix seconds (wall clock, as on the wire).
         With neither, the model's ``default_slo_ms`` applies. Raises ``InferenceError`` if refused.
-
-        ``_run_here`` is for the agent's own intakes: ``"until_done"`` (:meth:`infer`) runs batches on
-        the calling thread until this reply is ready; ``"if_idle"`` (the HTTP event loop) runs this
-        request on the calling thread only when the board is idle (``LiveLoop.submit``'s ``alone``).
-        ``_on_done`` is attached to the future before the request can run, so an intake's reply
-        leaves from inside ``set_result``: on an idle board run here, ahead of the scheduler's
-        bookkeeping for the batch (freeing its slot, learning its time), not after it.
         """
+        future, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=True)
+        return future
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
+              deadline: float | None = None, priority: int = 0, client_id: str | None = None) -> Result:
+        """Blocking: like ``submit(...).result()``, but the calling thread runs batches itself while
+        it waits (when an execution slot is free), saving two thread hand-offs per request."""
+        future, request = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=False)
+        self.loop.run_while_pending(request)
+        return future.result()
+
+    def submit_inline(self, model: str, inputs: Mapping[str, np.ndarray], on_done: Callable[[Future], None], *,
+                      slo_ms: float | None = None, deadline: float | None = None, priority: int = 0,
+                      client_id: str | None = None) -> "Future[Result]":
+        """For an intake on an event loop (HTTP): ``submit``, with ``on_done`` attached to the future
+        before the request can run, and, on an idle board, the request run on the calling thread
+        before this returns (``LiveLoop.submit``'s ``alone``): its reply leaves from inside
+        ``set_result``, ahead of the scheduler's bookkeeping for the batch, and crosses no thread."""
+        future, started = self._accept(model, inputs, slo_ms, deadline, priority, client_id, on_done,
+                                       wake_worker=True, alone=True)
+        if started is not None:
+            self.loop.run_alone(started)
+        return future
+
+    def _accept(self, model: str, inputs: Mapping[str, np.ndarray], slo_ms: float | None, deadline: float | None,
+                priority: int, client_id: str | None, on_done: Callable[[Future], None] | None, *,
+                wake_worker: bool, alone: bool = False):
+        """Check and queue a request (or start it alone): (its future, and the ``Request`` or, from
+        ``alone``, the ``Dispatch`` started for the caller to run, else ``None``)."""
         now = self.clock()
         loaded = self.models.get(model)
         if loaded is None:
@@ -169,24 +189,15 @@ class Agent:
                     raise InferenceError(BAD_REQUEST, f"slo_ms = {slo_ms!r}: expected a number > 0", "slo_ms")
                 deadline_at = now + slo / 1000.0
             future: Future = Future()
-            if _on_done is not None:
-                future.add_done_callback(_on_done)
+            if on_done is not None:
+                future.add_done_callback(on_done)
             request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id)
-            started = self.loop.submit(request, wake_worker=_run_here != "until_done", alone=_run_here == "if_idle")
+            started = self.loop.submit(request, wake_worker=wake_worker, alone=alone)
         except InferenceError as exc:
             self.telemetry.refused(model, exc.code)
             raise
         self.telemetry.accepted(model)
-        if started is not None:
-            self.loop.run_alone(started)
-        elif _run_here == "until_done":
-            self.loop.run_while_pending(request)
-        return future
-
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray], **kwargs) -> Result:
-        """Blocking: like ``submit(...).result()``, but the calling thread runs batches itself while
-        it waits (when an execution slot is free), saving two thread hand-offs per request."""
-        return self.submit(model, inputs, _run_here="until_done", **kwargs).result()
+        return future, (started if alone else request)
 
     def _dispatch_served_by(self, dispatch: Dispatch) -> dict:
         return self._served_by[dispatch.model][dispatch.instance]

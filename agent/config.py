@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.scheduler.policy import DEFAULT_POLICY, policy_names
+
 CONFIG_VERSION = 1
 BATCHING_RULES = ("fixed", "dynamic", "deadline_aware", "fifo", "aimd", "disbatcher")
 BACKEND_KINDS = ("onnxruntime", "litert")
@@ -90,8 +92,10 @@ class Config:
     # burst behind tighter requests (agent.scheduler.dispatcher); 0 = plain EDF.
     edf_horizon_ms: float = 50.0
     # Added to the worker threads' nice value: the intake and the board's applications preempt model
-    # compute (agent.scheduler.live.lower_thread_priority); 0 = the same priority. Linux only.
+    # compute (agent.runtime.live.lower_thread_priority); 0 = the same priority. Linux only.
     worker_nice: int = 5
+    # What decides each dispatch: a module of agent.scheduler.policies (agent.scheduler.policy).
+    policy: str = DEFAULT_POLICY
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -239,7 +243,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
-                        "edf_horizon_ms", "worker_nice", "profile"}, "agent")
+                        "edf_horizon_ms", "worker_nice", "policy", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
@@ -268,6 +272,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                                    "milliseconds in 0..3600000 (0 = plain EDF, no horizon)")),
         worker_nice=_take(agent, "worker_nice", "agent", int, 5, lambda v: 0 <= v <= 19,
                           "an integer in 0..19 (0 = workers at the intake's priority)"),
+        policy=_take(agent, "policy", "agent", str, DEFAULT_POLICY, lambda v: v in policy_names(),
+                     f"one of {policy_names()}"),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),
                               base_dir),
         mqtt=MqttConfig(

@@ -240,11 +240,11 @@ def test_an_idle_board_runs_an_intakes_request_on_its_thread_a_busy_one_hands_it
         run = backend.run
         backend.run = lambda batch: (ran_on.append(threading.current_thread().name), run(batch))[1]
         time.sleep(0.05)                                   # idle: nothing in flight or queued for a while
-        first = agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000, _run_here="if_idle")
+        first = agent.submit_inline("mobilenet_digits", {"frames": frames[0]}, lambda future: None, slo_ms=5000)
         assert first.done() and ran_on == [threading.current_thread().name]
         # Right behind another request the board is not idle: it goes to a worker, the caller returns at once.
         other = agent.submit("mobilenet_digits", {"frames": frames[1]}, slo_ms=5000)
-        second = agent.submit("mobilenet_digits", {"frames": frames[2]}, slo_ms=5000, _run_here="if_idle")
+        second = agent.submit_inline("mobilenet_digits", {"frames": frames[2]}, lambda future: None, slo_ms=5000)
         assert int(np.argmax(other.result(10).outputs["logits"])) == labels[1]
         assert int(np.argmax(second.result(10).outputs["logits"])) == labels[2]
         assert len(ran_on) >= 2 and all(name.startswith("edge-agent-worker-") for name in ran_on[1:])
@@ -267,13 +267,12 @@ def test_an_intakes_callback_answers_from_inside_the_run_before_the_bookkeeping(
             events.append(("reply", threading.current_thread().name, int(np.argmax(future.result().outputs["logits"])),
                            agent.scheduler.in_flight, agent.telemetry.snapshot()["mobilenet_digits"]["ok"]))
 
-        future = agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=5000, _run_here="if_idle",
-                              _on_done=on_done)
+        future = agent.submit_inline("mobilenet_digits", {"frames": frames[0]}, on_done, slo_ms=5000)
         assert future.done()
         assert events == [("reply", threading.current_thread().name, labels[0], 1, 0), ("observe",)]
         assert agent.scheduler.in_flight == 0 and agent.telemetry.snapshot()["mobilenet_digits"]["ok"] == 1
         with pytest.raises(InferenceError):
-            agent.submit("mobilenet_digits", {"frames": frames[0][:32]}, _run_here="if_idle", _on_done=on_done)
+            agent.submit_inline("mobilenet_digits", {"frames": frames[0][:32]}, on_done)
         time.sleep(0.05)
         assert len(events) == 2
 

@@ -63,7 +63,7 @@ def test_fifo_pops_in_arrival_order_even_when_later_arrivals_are_more_urgent():
         d = s.poll(0.3).dispatch
         order.append(d.requests[0])
         assert len(d.requests) == 1
-        s.finish(d)
+        s.release(d)
     assert order == [first, second, third]
 
 
@@ -84,7 +84,7 @@ def test_fifo_never_expires_in_the_queue_and_does_not_spin_while_busy():
     assert d.expired == [] and d.dispatch.requests == [a]
     busy = s.poll(6.0)                    # the only slot is busy: nothing to wake for
     assert busy.dispatch is None and busy.expired == [] and busy.wake_at == math.inf
-    s.finish(d.dispatch)
+    s.release(d.dispatch)
     assert s.poll(7.0).dispatch.requests == [late]
 
 
@@ -146,14 +146,14 @@ def test_scheduler_observe_feeds_aimd_met_or_missed():
     s = Scheduler([Scheduler.lane("a", AimdBatch(8), 1, 64)], max_concurrent=1)
     s.enqueue(req("a", 0.0, 1.0))
     d = s.poll(0.0).dispatch
-    s.finish(d)
+    s.release(d)
     s.observe(d, 0.5)                       # met
     assert s.lanes["a"].rule.batch_limit == 2
     s.enqueue(req("a", 1.0, 1.0))
     s.enqueue(req("a", 1.0, 0.1))
     d = s.poll(1.0).dispatch
     assert len(d.requests) == 2
-    s.finish(d)
+    s.release(d)
     s.observe(d, 1.2)                       # the 0.1 s one missed
     assert s.lanes["a"].rule.batch_limit == 1
 
@@ -176,7 +176,7 @@ def test_disbatcher_holds_between_joints_and_wakes_at_the_next_joint():
     assert d.dispatch is None and d.wake_at == pytest.approx(0.1)
     d = s.poll(0.1)
     assert len(d.dispatch.requests) == 2
-    s.finish(d.dispatch)
+    s.release(d.dispatch)
 
 
 def test_disbatcher_releases_one_job_per_joint():
@@ -206,10 +206,10 @@ def test_disbatcher_busy_at_the_joint_releases_at_the_first_poll_after_it():
     s.enqueue(req("a", 0.15, 10.0))
     s.enqueue(req("a", 0.16, 10.0))
     assert s.poll(0.2).dispatch is None               # busy at the 0.2 joint
-    s.finish(running)
+    s.release(running)
     late = s.poll(0.23).dispatch
     assert late is not None and len(late.requests) == 2
-    s.finish(late)
+    s.release(late)
     s.enqueue(req("a", 0.24, 10.0))
     assert s.poll(0.25).dispatch is None              # the 0.2 joint is served; next at 0.3
 
@@ -222,7 +222,7 @@ def test_disbatcher_joint_is_not_spent_when_another_model_wins_the_slot():
     s.enqueue(urgent)
     d = s.poll(0.1)
     assert d.dispatch.requests == [urgent]            # EDF across models
-    s.finish(d.dispatch)
+    s.release(d.dispatch)
     assert s.poll(0.11).dispatch.model == "a"         # the 0.1 joint still releases a's job
 
 

@@ -40,7 +40,7 @@ def test_priority_beats_deadline_across_models():
     assert s.poll(0.001).dispatch.model == "a"
 
 
-def test_instance_limit_and_finish():
+def test_instance_limit_and_release():
     s = scheduler({"a": FixedBatch(1)}, instances={"a": 2})
     for _ in range(3):
         s.enqueue(req("a", 0.0, 1.0))
@@ -49,7 +49,7 @@ def test_instance_limit_and_finish():
     blocked = s.poll(0.0)
     assert blocked.dispatch is None
     assert blocked.wake_at == pytest.approx(1.0)     # wakes to expire the waiting one at its deadline
-    s.finish(d1)
+    s.release(d1)
     d3 = s.poll(0.0).dispatch
     assert d3.instance == d1.instance
 
@@ -60,7 +60,7 @@ def test_global_slot_limit():
     s.enqueue(req("b", 0.0, 1.0))
     d = s.poll(0.0).dispatch
     assert d is not None and s.poll(0.0).dispatch is None
-    s.finish(d)
+    s.release(d)
     assert s.poll(0.0).dispatch is not None
 
 
@@ -157,7 +157,7 @@ def test_admission_predicts_from_the_queue_ahead_and_busy_instances():
     with pytest.raises(InferenceError):
         s.enqueue(req("a", 0.0, 0.0049))
     s.enqueue(req("a", 0.0, 0.0051))
-    s.finish(dispatch)
+    s.release(dispatch)
     assert s.lanes["a"].busy_until == {}
 
 
@@ -225,7 +225,7 @@ def _pop_order(horizon_s, requests, now):
         decision = s.poll(now)
         assert not decision.expired
         order.append(decision.dispatch.requests[0])
-        s.finish(decision.dispatch)
+        s.release(decision.dispatch)
     return order
 
 
@@ -281,7 +281,7 @@ def test_admission_learns_a_slack_from_misses_and_lets_it_go_when_requests_make_
     admission = s.lanes["a"].admission
     s.enqueue(req("a", 0.0, 0.003))      # 1 ms to spare: admitted
     dispatch = s.poll(0.0).dispatch
-    s.finish(dispatch)
+    s.release(dispatch)
     s.observe(dispatch, 0.010)           # ...but it finished at 10 ms: a miss
     step = admission.STEP_FRACTION * 0.003            # a class steps in proportion to its SLO
     assert admission.slack_s(0.003) == pytest.approx(admission.MISS_QUANTILE * step)
@@ -483,7 +483,7 @@ def test_slos_that_vary_request_by_request_keep_the_learned_state_bounded():
         slo = 0.010 * 1.05 ** k                       # every request its own class
         admission.calibrate(True, slo)
         s.enqueue(req("a", 0.0, slo))
-        s.finish(s.poll(0.0).dispatch)               # run it: the next one finds the board idle
+        s.release(s.poll(0.0).dispatch)               # run it: the next one finds the board idle
         assert len(admission._slack) <= MAX_CLASSES and len(s._class_rates) <= MAX_CLASSES
 
 
@@ -508,7 +508,7 @@ def test_start_alone_starts_a_lone_request_at_once_and_learns_what_enqueue_and_p
     alone, queued = _ours(), _ours()
     for s in (alone, queued):                    # some history: a request answered a while ago
         s.enqueue(req("cheap", 0.0, 0.010))
-        s.finish(s.poll(0.0).dispatch)
+        s.release(s.poll(0.0).dispatch)
     a = req("dear", 0.100, 0.150)
     b = req("dear", 0.100, 0.150)
     started = alone.start_alone(a)
@@ -545,10 +545,26 @@ def test_start_alone_refuses_what_enqueue_refuses_with_the_same_reason():
     assert _state(alone) == _state(queued) and alone.in_flight == 0
 
 
-def test_a_rule_that_plans_every_batch_itself_cannot_start_alone():
+def test_a_batch_started_alone_passes_through_the_policy_like_a_polled_one():
+    """The rule's dispatched hook runs for a batch started alone too: DeepRT's DisBatcher marks its
+    window's joint served, so a request arriving later in the same window waits for the next joint."""
     from agent.scheduler.baselines import DisBatch
-    with pytest.raises(ValueError, match="starts_alone"):
-        Scheduler.lane("a", DisBatch(0.1, 8), 1, 64, starts_alone=True)
+    s = Scheduler([Scheduler.lane("a", DisBatch(0.1, 8), 2, 64, starts_alone=True)], max_concurrent=2)
+    started = s.start_alone(req("a", 0.25, 1.0))
+    assert started is not None and started.action.batch_size == 1 and started.action.target == "local"
+    s.release(started)
+    s.enqueue(req("a", 0.26, 1.0))
+    decision = s.poll(0.26)
+    assert decision.dispatch is None and decision.wake_at == pytest.approx(0.3)
+
+
+def test_start_alone_waits_for_a_quiet_moment():
+    """Requests closer together than IDLE_GAP_S mean a loaded board: the second one is queued."""
+    from agent.scheduler.dispatcher import IDLE_GAP_S
+    s = _ours()
+    s.release(s.start_alone(req("cheap", 1.0, 0.010)))
+    assert s.start_alone(req("cheap", 1.0 + IDLE_GAP_S / 2, 0.010)) is None
+    assert s.start_alone(req("cheap", 1.0 + 2 * IDLE_GAP_S, 0.010)) is not None
 
 
 @pytest.mark.parametrize("batching, alone", [

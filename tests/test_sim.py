@@ -262,7 +262,7 @@ def test_deadline_aware_batches_grow_with_load():
 
 def test_the_simulator_drives_the_live_scheduler_class(monkeypatch):
     assert engine.Scheduler is dispatcher.Scheduler
-    calls = {"enqueue": 0, "poll": 0, "finish": 0}
+    calls = {"enqueue": 0, "start_alone": 0, "poll": 0, "release": 0}
     for name in calls:
         real = getattr(dispatcher.Scheduler, name)
 
@@ -272,7 +272,29 @@ def test_the_simulator_drives_the_live_scheduler_class(monkeypatch):
 
         monkeypatch.setattr(dispatcher.Scheduler, name, spy)
     simulate([row(0.0), row(0.125)], [model(FixedBatch(2))], workers=1)
-    assert calls["enqueue"] == 2 and calls["finish"] == 1 and calls["poll"] >= 2
+    assert calls["enqueue"] == 2 and calls["release"] == 1 and calls["poll"] >= 2
+
+
+def test_the_simulator_takes_the_idle_path_where_the_lane_allows_with_the_same_outcome():
+    """A lane that starts a lone request at once (build_lane's ``starts_alone``) is simulated through
+    Scheduler.start_alone, as the HTTP intake runs it; the decisions are those of the queue."""
+    fast = table(0.002, 0.003, 0.005, 0.009)
+    lane = SimModel("m", DeadlineAwareBatch(fast, 8), 2, 64, fast, min_latency_s=0.002, starts_alone=True)
+    rows = poisson(rate=150, duration_s=2.0, seed=5, slo_ms=15.0)
+    started = []
+    real = dispatcher.Scheduler.start_alone
+
+    def spy(self, request):
+        dispatch = real(self, request)
+        started.append(dispatch is not None)
+        return dispatch
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dispatcher.Scheduler, "start_alone", spy)
+        alone = simulate(rows, [lane], workers=2)
+    queued = simulate(rows, [lane], workers=2, idle_path=False)
+    assert sum(started) > len(rows) / 4                  # a light load: many requests find the board idle
+    assert alone.records == queued.records
 
 
 def test_models_from_config_mirror_the_live_agent():

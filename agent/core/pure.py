@@ -534,7 +534,7 @@ _IDLE = BatchPlan(0, _INF)
 
 
 class BatchRule:
-    """One batching policy: ``plan(queue, now) -> BatchPlan``. Rules read the queue, never pop.
+    """One batching rule: ``plan(queue, now) -> BatchPlan``. Rules read the queue, never pop.
 
     Parameters are fixed at construction (read-only attributes); to change a policy while
     serving, swap in a new rule object. Every rule has ``max_batch`` and ``describe()``.
@@ -552,6 +552,14 @@ class BatchRule:
 
     def describe(self) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def dispatched(self, n: int, now: float) -> None:
+        """A batch this rule planned left the queue with ``n`` requests at ``now`` (a rule that
+        plans in windows marks its window served here); stateless rules ignore it."""
+
+    def observe(self, batch_size: int, duration_s: float, met: bool) -> None:
+        """A batch of this rule was answered, ``met``: every request in it made its deadline (an
+        adaptive rule resizes its batches here); stateless rules ignore it."""
 
 
 class FixedBatch(BatchRule):

@@ -339,7 +339,7 @@ class _Connection(asyncio.Protocol):
     def finish(self, request: oip.InferRequest, futures: list[Future]) -> None:
         """On the thread that answered the last row: encode the reply and send it on the socket now.
 
-        That thread is a worker, or on an idle board the loop itself (``LiveLoop.run_alone``),
+        That thread is a worker, or on an idle board the loop itself (``agent.runtime.live.LiveLoop.run_alone``),
         called from inside the future's ``set_result``: before the scheduler frees the batch's slot
         and learns its time, which the client need not wait for. Under a burst the loop's thread is
         busy reading and admitting arrivals, and a reply handed to it waits its turn behind them (a
@@ -587,13 +587,13 @@ class HttpIntake:
         if head.content_encoding not in (b"", b"identity"):
             body = self._decompress(head.content_encoding, body)
         request = oip.parse_infer_request(name, body, head.header_length, model.inputs, model.outputs, model.layouts)
-        submit = self.agent.submit
         if request.rows == 1:
             # The reply leaves from whichever thread answers (Connection.finish); on an idle board
-            # that is this one, inside submit.
-            submit(name, request.inputs, slo_ms=request.slo_ms, priority=request.priority, client_id=request.id,
-                   _run_here="if_idle", _on_done=lambda future: connection.finish(request, [future]))
+            # that is this one, inside submit_inline.
+            self.agent.submit_inline(name, request.inputs, lambda future: connection.finish(request, [future]),
+                                     slo_ms=request.slo_ms, priority=request.priority, client_id=request.id)
             return
+        submit = self.agent.submit
         # The agent queues single items: each row is its own request (same SLO), gathered in order.
         futures = [submit(name, {k: v[row:row + 1] for k, v in request.inputs.items()}, slo_ms=request.slo_ms,
                           priority=request.priority, client_id=request.id)

@@ -1,11 +1,12 @@
 """Baseline batching rules from the papers we compare against, as plain Python rule objects.
 
-They implement the same interface as the compiled rules in ``agent.core`` (``plan(queue, now) ->
-BatchPlan``, ``max_batch``, ``describe()``), so a config picks them like any other rule
-(``agent.scheduler.rules.build_rule``) and the live agent and the simulator run them unchanged. They
-are baselines, not the hot path: Python is fast enough for them and keeps them readable.
+They implement the same rule interface as the compiled rules in ``agent.core`` (``plan(queue, now)
+-> BatchPlan``, ``max_batch``, ``describe()``, and the two hooks below), so a config picks them like
+any other rule (``agent.scheduler.rules.build_rule``) and the default policy
+(``agent.scheduler.policies.rules``) runs them, live and in the simulator. They are baselines, not the
+hot path: Python is fast enough for them and keeps them readable.
 
-Two optional hooks, called by the scheduler (``agent.scheduler.dispatcher``) when a rule has them:
+The hooks every rule has (no-ops in the stateless ones), called by the default policy:
 
 - ``observe(batch_size, duration_s, met)``: a batch is answered (``met``: every request in it made its
   deadline). Clipper's AIMD adapts its batch size from it.

@@ -3,9 +3,9 @@ of which model runs next and how big a batch it takes.
 
 It is a passive state machine with no threads and no clock of its own: a driver calls
 :meth:`Scheduler.enqueue` when a request arrives, :meth:`Scheduler.poll` when it has a free slot,
-and :meth:`Scheduler.finish` when a batch is done. The live agent drives it from worker threads on the
-monotonic clock (``agent.scheduler.live``); the simulator drives the very same object on a virtual
-clock. That is how policies trained or compared in simulation are the code that runs on the board.
+and :meth:`Scheduler.release` when a batch is done (``agent.runtime.driver``). The live agent drives
+it from worker threads on the monotonic clock (``agent.runtime.live``); the simulator drives the very
+same object on a virtual clock. That is how policies trained or compared in simulation are the code that runs on the board.
 
 Across models the choice is earliest-deadline-first on each queue's head (higher priority first), among
 models whose rule says "dispatch now" and that have an idle instance.
@@ -39,9 +39,11 @@ Admission (``agent.scheduler.admission``) is asked at each arrival. With ``looka
 scheduler also tracks, per SLO class, the work it admits per second, and admission counts what the
 tighter classes will bring while a request waits: under EDF they pop first.
 
-A rule may have two optional hooks (``agent.scheduler.baselines``): ``dispatched(n, now)``, called
-when a batch it planned is popped, and ``observe(batch_size, duration_s, met)``, called when the
-batch is answered.
+What runs when a slot frees is the policy's decision (``agent.scheduler.policy``: an
+:class:`~agent.scheduler.policy.Action`; the default, ``agent.scheduler.policies.rules``, asks each
+lane's batching rule and takes the most urgent). The scheduler keeps the mechanism around it: the
+queues, shedding what can no longer finish in time (before the policy is asked), admission, the
+hold caps admission predicts with, and which slots and instances are busy.
 """
 from __future__ import annotations
 
@@ -54,7 +56,14 @@ import numpy as np
 from agent.core import DeadlineQueue, PushResult
 from agent.errors import REJECTED, InferenceError
 from agent.scheduler.admission import MAX_CLASSES, AdmissionControl, CostShare, slo_class
+from agent.scheduler.policy import DEFAULT_POLICY, Action, Policy, build_policy
 from agent.scheduler.request import Request
+
+
+#: A request is started alone (:meth:`Scheduler.start_alone`) only when no other request arrived for
+#: this long: a loaded board's requests arrive closer together than one batch of the cheapest model
+#: takes, and under load the intake's thread must stay on its sockets.
+IDLE_GAP_S = 0.002
 
 
 def water_level(free_at: list[float], work: float) -> float:
@@ -82,12 +91,14 @@ def hold_cap(table, max_batch: int, bound_s: float) -> int:
 
 @dataclass(slots=True, eq=False)
 class Dispatch:
-    """A batch handed to an executor: which model, which of its instances, which requests."""
+    """A batch handed to an executor: which model, which of its instances, which requests, when,
+    and the policy's action it carries out (its target and exit)."""
 
     model: str
     instance: int
     requests: list[Request]
     started: float
+    action: Action
 
 
 @dataclass(slots=True)
@@ -119,7 +130,7 @@ class ModelLane:
     # deadline_missed at completion, as a plain one-at-a-time loop does. No shedding, no admission.
     fifo: bool = False
     # The biggest batch this lane takes while an urgent request waits: ``rule.max_batch``, or less
-    # under a hold bound (Scheduler._urgent_waiting).
+    # under a hold bound (Scheduler.urgent_waiting).
     batch_cap: int = 0
     # The rule dispatches a lone request at once (deadline-aware without a hold, dynamic without a
     # queue delay, fifo): on an idle board such a request may start without the queue
@@ -136,9 +147,6 @@ class ModelLane:
         if self.fifo and (self.min_latency_s > 0 or self.admission is not None):
             raise ValueError(f"model {self.name!r}: a fifo lane neither sheds nor refuses "
                              f"(min_latency_s = {self.min_latency_s!r}, admission = {self.admission!r}): expected 0 and None")
-        if self.starts_alone and getattr(self.rule, "dispatched", None) is not None:
-            raise ValueError(f"model {self.name!r}: a rule with a dispatched hook ({self.rule!r}) plans every "
-                             f"batch itself: starts_alone must be False")
         self.free_instances = list(range(self.instances - 1, -1, -1))
         self.batch_cap = self.rule.max_batch
         self.ready_ids = np.empty(self.rule.max_batch, dtype=np.int64)
@@ -150,13 +158,15 @@ class Scheduler:
 
     ``max_concurrent`` bounds the batches in flight across all models (the execution slots: worker
     threads live, virtual slots in simulation); each model is further bounded by its instance count.
+    ``policy`` decides each dispatch: a name of ``agent.scheduler.policies`` or a :class:`Policy`.
     """
 
     TIGHT_WINDOW_S = 1.0   # the hold bound follows the tightest SLO among this window's arrivals
     LOOKAHEAD_TAU_S = 0.5  # time constant of the admitted work rates per SLO class (lookahead)
 
     def __init__(self, lanes: Iterable[ModelLane], max_concurrent: int, hold_fraction: float = 0.0,
-                 lookahead: bool = False, edf_horizon_s: float = math.inf) -> None:
+                 lookahead: bool = False, edf_horizon_s: float = math.inf,
+                 policy: str | Policy = DEFAULT_POLICY) -> None:
         self.lanes: dict[str, ModelLane] = {lane.name: lane for lane in lanes}
         self._lane_list = list(self.lanes.values())
         if max_concurrent < 1:
@@ -180,6 +190,8 @@ class Scheduler:
         if not edf_horizon_s > 0:
             raise ValueError(f"edf_horizon_s = {edf_horizon_s!r}: expected seconds > 0 (inf = plain EDF)")
         self.edf_horizon_s = edf_horizon_s
+        self.policy: Policy = build_policy(policy, self) if isinstance(policy, str) else policy
+        self.last_arrival = -math.inf     # of the last request admitted (the idle path's gap)
 
     @staticmethod
     def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
@@ -214,6 +226,7 @@ class Scheduler:
                     REJECTED, f"model {request.model!r} queue is full ({lane.queue.capacity} requests waiting)")
             raise InferenceError(REJECTED, f"request id {request.rid} is already queued")
         lane.pending[request.rid] = request
+        self.last_arrival = request.arrival
         self.learn_admitted(request)
 
     def _admit(self, lane: ModelLane, request: Request, key: float) -> None:
@@ -244,24 +257,24 @@ class Scheduler:
 
     def start_alone(self, request: Request) -> Dispatch | None:
         """The idle board's path (ours): a request that finds nothing queued and nothing in flight
-        starts at once as a batch of one, without passing through its queue, when its lane's rule
-        would dispatch it at once (``ModelLane.starts_alone``) and it is not to be shed. The
-        decisions are those of :meth:`enqueue` and :meth:`poll` for a queue of one (:meth:`_admit`:
-        ``InferenceError`` ``rejected`` if refused, with the same reasons), without the queue's push
-        and pop or the poll over every lane; the lookahead's rate is counted by
-        :meth:`learn_admitted`, which the driver calls once the reply is out. On an idle board this Python runs on cold caches: the
-        agent's path from reading a request to sending its reply took 118 us here against 156 us
-        through the queue (BENCHMARKS.md). ``None``: not this path; :meth:`enqueue` the request."""
+        starts at once as a batch of one, without passing through its queue, when the policy says so
+        (:meth:`Policy.alone`; the default: when its lane's rule would dispatch it at once and it is
+        not to be shed). The decisions are those of :meth:`enqueue` and :meth:`poll` for a queue of
+        one (:meth:`_admit`: ``InferenceError`` ``rejected`` if refused, with the same reasons),
+        without the queue's push and pop or the poll over every lane; the lookahead's rate is counted
+        by :meth:`learn_admitted`, which the driver calls once the reply is out. On an idle board
+        this Python runs on cold caches: what the path saves is in BENCHMARKS.md ("idle path").
+        Idle means nothing queued, nothing in flight, and no request for ``IDLE_GAP_S``.
+        ``None``: not this path; :meth:`enqueue` the request."""
+        if self.in_flight or request.arrival - self.last_arrival < IDLE_GAP_S or self.queued():
+            return None
         lane = self.lanes[request.model]
-        now = request.arrival
-        if not lane.starts_alone or self.in_flight or request.deadline < now + lane.min_latency_s or self.queued():
+        action = self.policy.alone(self, lane, request)
+        if action is None:
             return None
         self._admit(lane, request, self.queue_key(request))
-        self.in_flight += 1
-        instance = lane.free_instances.pop()
-        if lane.admission is not None:
-            lane.busy_until[instance] = now + lane.admission.batch_s(1)
-        return Dispatch(lane.name, instance, [request], now)
+        self.last_arrival = request.arrival
+        return self._start(lane, action, [request], request.arrival)
 
     def learn_admitted(self, request: Request) -> None:
         """What the scheduler keeps from an admitted request once it is queued (:meth:`enqueue`) or
@@ -300,7 +313,7 @@ class Scheduler:
                 out.append((window, rate * math.exp(-max(0.0, now - at) / tau)))
         return out
 
-    def _urgent_waiting(self, now: float) -> bool:
+    def urgent_waiting(self, now: float) -> bool:
         """Whether a capped lane holds a request due within the tightest recent SLO (from ``now``)."""
         horizon = now + self.tight_slo_s
         for lane in self._capped:
@@ -326,7 +339,7 @@ class Scheduler:
         (Predicting with the cap always over-predicted on a Poisson trace at 90% load, where the cap
         seldom binds: 1,726 requests refused live where the simulator refused 260.)"""
         urgent = (request.deadline <= request.arrival + self.tight_slo_s
-                  or self._urgent_waiting(request.arrival))
+                  or self.urgent_waiting(request.arrival))
         for lane in self._capped:
             limit = lane.batch_cap if urgent else lane.rule.max_batch
             if lane.admission.max_batch != limit:
@@ -352,42 +365,19 @@ class Scheduler:
         return water_level(free_at, work)
 
     def poll(self, now: float) -> Decision:
-        """Called by a driver with a free slot: expire what is overdue, then pick at most one batch."""
+        """Called by a driver with a free slot: take out what can no longer finish in time, then
+        ask the policy for at most one batch."""
         expired: list[Request] = []
-        wake_at = math.inf
-        best: ModelLane | None = None
-        best_key = None
-        best_take = 0
-        slot_free = self.in_flight < self.max_concurrent
         for lane in self._lane_list:
-            queue = lane.queue
-            if not len(queue):
+            if lane.fifo or not len(lane.queue):
                 continue
-            fifo = lane.fifo
-            if not fifo:
-                horizon = now + lane.min_latency_s
-                if queue.earliest_deadline() < horizon:
-                    self._expire(lane, horizon, expired)
-                    if not len(queue):
-                        continue
-            if not slot_free or not lane.free_instances:
-                # Busy: :meth:`finish` will prompt a re-poll; meanwhile wake to expire the overdue
-                # (a fifo lane expires nothing, and its keys are arrivals: waking for them would spin).
-                if not fifo:
-                    wake_at = min(wake_at, queue.earliest_deadline() - lane.min_latency_s)
-                continue
-            take, lane_wake = lane.rule.plan(queue, now)
-            if take > lane.batch_cap and self._urgent_waiting(now):
-                take = lane.batch_cap
-            if take > 0:
-                key = (-queue.head_priority(), queue.head_key())
-                if best is None or key < best_key:
-                    best, best_key, best_take = lane, key, take
-            else:
-                wake_at = min(wake_at, lane_wake)
+            horizon = now + lane.min_latency_s
+            if lane.queue.earliest_deadline() < horizon:
+                self._expire(lane, horizon, expired)
+        action, wake_at = self.policy.decide(self, now)
         dispatch = None
-        if best is not None:
-            dispatch = self._pop(best, best_take, now, expired)
+        if action is not None:
+            dispatch = self._pop(self.lanes[action.model], action, now, expired)
         return Decision(dispatch, expired, wake_at)
 
     def _expire(self, lane: ModelLane, horizon: float, expired: list[Request]) -> None:
@@ -398,23 +388,28 @@ class Scheduler:
             if n < len(lane.expired_ids):
                 return
 
-    def _pop(self, lane: ModelLane, take: int, now: float, expired: list[Request]) -> Dispatch | None:
+    def _pop(self, lane: ModelLane, action: Action, now: float, expired: list[Request]) -> Dispatch | None:
         expire_before = -math.inf if lane.fifo else now + lane.min_latency_s
-        n_ready, n_expired = lane.queue.pop_batch(take, expire_before, lane.ready_ids, lane.expired_ids)
+        n_ready, n_expired = lane.queue.pop_batch(action.batch_size, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
         if n_expired:
             self._missed(lane, n_expired, expired)
         if not n_ready:
             return None
-        requests = [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()]
-        dispatched = getattr(lane.rule, "dispatched", None)
-        if dispatched is not None:
-            dispatched(n_ready, now)
+        return self._start(lane, action, [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()], now)
+
+    def _start(self, lane: ModelLane, action: Action, requests: list[Request], now: float) -> Dispatch:
+        """The batch takes a slot and an instance (the action's, or any free one)."""
+        self.policy.dispatched(action, len(requests), now)
         self.in_flight += 1
-        instance = lane.free_instances.pop()
+        if action.instance is None:
+            instance = lane.free_instances.pop()
+        else:
+            lane.free_instances.remove(action.instance)
+            instance = action.instance
         if lane.admission is not None:
-            lane.busy_until[instance] = now + lane.admission.batch_s(n_ready)
-        return Dispatch(lane.name, instance, requests, now)
+            lane.busy_until[instance] = now + lane.admission.batch_s(len(requests))
+        return Dispatch(lane.name, instance, requests, now, action)
 
     @staticmethod
     def _missed(lane: ModelLane, n: int, expired: list[Request]) -> None:
@@ -427,7 +422,7 @@ class Scheduler:
             if admission is not None:
                 admission.calibrate(True, request.deadline - request.arrival)
 
-    def finish(self, dispatch: Dispatch) -> None:
+    def release(self, dispatch: Dispatch) -> None:
         """The batch is done (whatever its outcome): its instance and slot are free again."""
         lane = self.lanes[dispatch.model]
         lane.free_instances.append(dispatch.instance)
@@ -436,24 +431,16 @@ class Scheduler:
 
     def observe(self, dispatch: Dispatch, now: float) -> None:
         """The batch's requests are answered: its whole cost (dispatch to the last reply) teaches
-        the lane's admission control what a batch really takes here (see admission.py), and a rule
-        with ``observe`` (Clipper's AIMD) whether the batch met every deadline in it."""
+        the lane's admission control what a batch really takes here (see admission.py), and the
+        policy learns what it wants from it (the default: a rule such as Clipper's AIMD, whether the
+        batch met every deadline in it)."""
         lane = self.lanes[dispatch.model]
         admission = lane.admission
         if admission is not None:
             admission.observe(len(dispatch.requests), now - dispatch.started)
             for request in dispatch.requests:
                 admission.calibrate(now > request.deadline, request.deadline - request.arrival)
-        observe = getattr(lane.rule, "observe", None)
-        if observe is not None and dispatch.requests:
-            met = now <= min(request.deadline for request in dispatch.requests)
-            observe(len(dispatch.requests), now - dispatch.started, met)
-
-    def cancel(self, model: str, rid: int) -> Request | None:
-        lane = self.lanes[model]
-        if lane.queue.cancel(rid):
-            return lane.pending.pop(rid)
-        return None
+        self.policy.observe(dispatch, now)
 
     def drain(self) -> list[Request]:
         """Remove every queued request (shutdown): the caller answers each ``shutting_down``."""

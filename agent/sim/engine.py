@@ -2,11 +2,10 @@
 
 DESIGN.md, "One scheduler, two clocks": policies are trained and baselines compared on exactly the
 code that runs on the board. So this module contains no scheduling logic of its own. It builds the
-same :class:`agent.scheduler.dispatcher.Scheduler` (same compiled ``DeadlineQueue``, same batching
-rules from ``agent.scheduler.rules.build_rule``, same shedding threshold) and drives it the way
-``agent.scheduler.live.LiveLoop`` does, only with time taken from an event heap instead of the
-monotonic clock and batch durations from :class:`~agent.sim.executor.SimExecutor` instead of a
-backend.
+same :class:`agent.scheduler.dispatcher.Scheduler` (same compiled ``DeadlineQueue``, same lanes from
+``agent.scheduler.rules.build_lane``, same policy) and drives it with the live agent's driver
+(``agent.runtime.driver``), only with time taken from an event heap instead of the monotonic clock
+and batches timed by :class:`~agent.sim.executor.SimExecutor` instead of run by a backend.
 """
 from __future__ import annotations
 
@@ -19,9 +18,11 @@ from typing import Mapping, Sequence
 
 from agent.config import Config
 from agent.core import LatencyTable
-from agent.errors import DEADLINE_MISSED, UNKNOWN_MODEL, InferenceError
+from agent.errors import UNKNOWN_MODEL, InferenceError
+from agent.runtime.driver import Driver
 from agent.scheduler.admission import AdmissionControl
-from agent.scheduler.dispatcher import Scheduler
+from agent.scheduler.dispatcher import ModelLane, Scheduler
+from agent.scheduler.policy import DEFAULT_POLICY
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
 from agent.sim.executor import SimBatch, SimExecutor
@@ -37,11 +38,6 @@ ARRIVAL = 1
 WAKE = 2
 
 _NO_INPUTS: dict = {}
-_NO_SERVED_BY: dict = {}
-# The simulator records only the code; one shared instance per reason saves formatting a message
-# per request (the live agent's messages carry the per-request figures).
-_EXPIRED = InferenceError(DEADLINE_MISSED, "expired (or shed) in the queue (simulated)")
-_LATE = InferenceError(DEADLINE_MISSED, "the batch finished after the deadline (simulated)")
 
 
 @dataclass(frozen=True)
@@ -65,6 +61,15 @@ class SimModel:
     admission: bool = False            # refuse at arrival what is predicted to miss (admission.py)
     margin_s: float = 0.0              # the admission test's safety margin
     fifo: bool = False                 # rule "fifo": arrival order, no expiry in the queue (ModelLane.fifo)
+    starts_alone: bool = False         # the rule dispatches a lone request at once (ModelLane.starts_alone)
+
+    def lane(self) -> ModelLane:
+        """A fresh scheduler lane with these settings (its own queue)."""
+        return Scheduler.lane(self.name, self.rule, self.instances, self.queue_capacity,
+                              min_latency_s=self.min_latency_s,
+                              admission=AdmissionControl(self.latency, self.rule.max_batch, self.margin_s)
+                              if self.admission else None,
+                              fifo=self.fifo, starts_alone=self.starts_alone)
 
 
 def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
@@ -94,6 +99,7 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
             admission=lane.admission is not None,
             margin_s=lane.admission.margin_s if lane.admission is not None else 0.0,
             fifo=lane.fifo,
+            starts_alone=lane.starts_alone,
         ))
     return models
 
@@ -112,12 +118,6 @@ class SimResult:
 
     def status_counts(self) -> dict[str, int]:
         return dict(Counter(r.status for r in self.records))
-
-    def goodput_rps(self, duration_s: float | None = None) -> float:
-        """Requests answered ``ok`` within their SLO, per second of ``duration_s`` (default: the run)."""
-        span = self.duration_s if duration_s is None else duration_s
-        good = sum(1 for r in self.records if r.within_slo)
-        return good / span if span > 0 else 0.0
 
     def slo_attainment(self) -> float:
         """Share of all trace rows answered ``ok`` within their SLO."""
@@ -153,7 +153,7 @@ class _Reply:
 
 
 class _Clock:
-    """The virtual clock (``agent.scheduler.clock.Clock``): the time of the event being applied."""
+    """The virtual clock: the time of the event being applied."""
 
     __slots__ = ("now",)
 
@@ -163,7 +163,7 @@ class _Clock:
 
 def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int, *, seed: int = 0,
              cores: int | None = None, hold_fraction: float = 0.0, lookahead: bool = False,
-             edf_horizon_s: float = math.inf) -> SimResult:
+             edf_horizon_s: float = math.inf, policy: str = DEFAULT_POLICY, idle_path: bool = True) -> SimResult:
     """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
 
     ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
@@ -171,21 +171,25 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     ``workers``: no slowdown; fewer cores than workers shares them, see ``agent.sim.executor``);
     ``hold_fraction`` is ``Config.hold_fraction`` (the scheduler's batch cap by the tightest SLO;
     0 = none); ``lookahead`` is ``Config.admission_lookahead``; ``edf_horizon_s`` is
-    ``Config.edf_horizon_s`` (``math.inf``: plain EDF); ``seed`` seeds the run-time noise (only used by models with ``jitter > 0``). Times in the
-    records are seconds from the trace's start, like ``TraceRow.t_s``.
+    ``Config.edf_horizon_s`` (``math.inf``: plain EDF); ``policy`` is ``Config.policy``; ``seed``
+    seeds the run-time noise (only used by models with ``jitter > 0``); ``idle_path``: a request
+    arriving at an idle board starts at once without the queue where its lane allows
+    (``Scheduler.start_alone``, as the HTTP intake does; False: every request queued, as
+    ``Agent.submit``). Times in the records are seconds from the trace's start, like ``TraceRow.t_s``.
 
     Event loop. Pending events sit in a heap keyed ``(time, kind, seq)``; arrivals come from the
     trace (already in time order) and are merged with the heap as if they were ``ARRIVAL`` entries
     (cheaper than pushing them all). Same-instant order: completions, then arrivals (in trace
     order), then wakes. On every event the engine
 
-    1. applies it: an arrival is ``Scheduler.enqueue``-d (a full queue answers it ``rejected`` at
-       once; a model not configured is recorded ``unknown_model``); a completion frees the slot
-       (``Scheduler.finish``) and answers the batch's requests ``ok``, or ``deadline_missed`` for
-       each whose deadline the batch finished after (``now > deadline``, as ``LiveLoop._complete``);
-    2. while an execution slot is idle, calls ``Scheduler.poll(now)``: expired or shed requests are
-       answered ``deadline_missed`` at ``now``; a dispatched batch starts on the executor, which
-       schedules its completion; as in the live driver, nothing polls while every slot is busy;
+    1. applies it: an arrival is started alone (``idle_path``) or ``Scheduler.enqueue``-d (refused:
+       recorded with its code at once, ``rejected`` for a full queue; a model not configured is
+       recorded ``unknown_model``); a completion goes to the driver (``Driver.complete``: the slot
+       is released, the batch's requests answered ``ok``, or ``deadline_missed`` for each whose
+       deadline the batch finished after, then the scheduler learns);
+    2. fills the idle execution slots (``Driver.fill``): expired or shed requests are answered
+       ``deadline_missed`` at ``now``; a dispatched batch starts on the executor, which schedules
+       its completion; as live, nothing polls while every slot is busy;
     3. when the last poll dispatched nothing, schedules a ``WAKE`` at its ``wake_at`` if finite and
        earlier than the pending wake. A ``wake_at`` at or before ``now`` (the queue expires only
        deadlines strictly before ``now``, so a request is still queued at its exact deadline) is
@@ -210,16 +214,20 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
-    scheduler = Scheduler(
-        [Scheduler.lane(m.name, m.rule, m.instances, m.queue_capacity, min_latency_s=m.min_latency_s,
-                        admission=AdmissionControl(m.latency, m.rule.max_batch, m.margin_s) if m.admission else None,
-                        fifo=m.fifo)
-         for m in models],
-        max_concurrent=workers, hold_fraction=hold_fraction, lookahead=lookahead, edf_horizon_s=edf_horizon_s,
-    )
-    executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
-                           jitter={m.name: m.jitter for m in models}, cores=cores)
+    scheduler = Scheduler([m.lane() for m in models], max_concurrent=workers, hold_fraction=hold_fraction,
+                          lookahead=lookahead, edf_horizon_s=edf_horizon_s, policy=policy)
     clock = _Clock()
+    heap: list = []
+    seq = 0
+
+    def schedule(batch: SimBatch) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, (batch.finish, COMPLETE, seq, batch, batch.generation))
+
+    executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
+                           jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule)
+    driver = Driver(scheduler, executor, lambda: clock.now, explain=False)
     n_rows = len(trace)
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
@@ -227,18 +235,27 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     if any(trace[i].t_s > trace[i + 1].t_s for i in range(n_rows - 1)):
         order.sort(key=lambda i: trace[i].t_s)    # stable: same-instant rows stay in trace order
 
-    heap: list = []
-    seq = 0
     pending_wake = math.inf
-    events = stale = batches = 0
-    histogram: dict[str, Counter] = {name: Counter() for name in names}
+    events = stale = 0
     lanes = scheduler.lanes
-    enqueue, poll, finish = scheduler.enqueue, scheduler.poll, scheduler.finish
+    enqueue, start_alone = scheduler.enqueue, scheduler.start_alone
     heappush, heappop = heapq.heappush, heapq.heappop
     inf = math.inf
     next_i = 0
     next_t = trace[order[0]].t_s if n_rows else inf
     now = 0.0
+
+    def wake(decision, at: float) -> bool:
+        """Nothing to start: wake at the decision's ``wake_at`` (step 3 below)."""
+        nonlocal pending_wake, seq
+        wake_at = decision.wake_at
+        if wake_at <= at:
+            wake_at = math.nextafter(at, inf)
+        if wake_at < pending_wake:
+            pending_wake = wake_at
+            seq += 1
+            heappush(heap, (wake_at, WAKE, seq, None, 0))
+        return False
 
     while True:
         # --- 1. the next event, and apply it ---------------------------------------------------
@@ -250,22 +267,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                     continue
                 now = clock.now = at
                 events += 1
-                for other in executor.stop(batch, now):
-                    seq += 1
-                    heappush(heap, (other.finish, COMPLETE, seq, other, other.generation))
-                dispatch = batch.payload
-                finish(dispatch)
-                size = batch.size
-                started = dispatch.started
-                compute_ms = 1000.0 * (now - started)
-                for request in dispatch.requests:
-                    if now > request.deadline:
-                        request.reply.set_exception(_LATE)
-                    else:
-                        request.reply.set_result(Result(
-                            _NO_INPUTS, 1000.0 * (started - request.arrival), compute_ms,
-                            1000.0 * (now - request.arrival), size, _NO_SERVED_BY))
-                scheduler.observe(dispatch, now)
+                executor.complete(batch, now)
             else:  # WAKE
                 if at != pending_wake:
                     stale += 1
@@ -286,42 +288,26 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                 record.status = UNKNOWN_MODEL
                 record.finish_s = now
                 continue        # nothing changed for the scheduler: no need to poll
+            request = Request(index + 1, row.model, _NO_INPUTS, now, now + row.slo_ms / 1000.0,
+                              row.priority, _Reply(record, clock), row.app)
             try:
-                enqueue(Request(index + 1, row.model, _NO_INPUTS, now, now + row.slo_ms / 1000.0,
-                                row.priority, _Reply(record, clock), row.app))
+                started = start_alone(request) if idle_path else None
+                if started is None:
+                    enqueue(request)
             except InferenceError as exc:
                 record.status = exc.code
                 record.finish_s = now
                 continue
+            if started is not None:
+                executor.start(started, driver.complete_alone)
+                continue        # the board was idle: nothing else waits for a slot
         else:
             break
         if next_t == inf and not scheduler.in_flight and not scheduler.queued():
             break       # all answered; a pending wake could only poll an empty scheduler
 
         # --- 2. fill idle slots, 3. schedule the next wake ------------------------------------
-        while scheduler.in_flight < workers:
-            decision = poll(now)
-            for request in decision.expired:
-                request.reply.set_exception(_EXPIRED)
-            dispatch = decision.dispatch
-            if dispatch is not None:
-                size = len(dispatch.requests)
-                batches += 1
-                histogram[dispatch.model][size] += 1
-                for batch in executor.start(dispatch, dispatch.model, size, now):
-                    seq += 1
-                    heappush(heap, (batch.finish, COMPLETE, seq, batch, batch.generation))
-                continue
-            if decision.expired:
-                continue
-            wake_at = decision.wake_at
-            if wake_at <= now:
-                wake_at = math.nextafter(now, inf)
-            if wake_at < pending_wake:
-                pending_wake = wake_at
-                seq += 1
-                heappush(heap, (wake_at, WAKE, seq, None, 0))
-            break
+        driver.fill(wake, slots=workers)
 
     # Every rule dispatches or expires what it holds, so nothing should be left; if a rule ever
     # held a request forever, say so in the records rather than lose it silently.
@@ -332,8 +318,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         duration_s=max([now, *(r.finish_s for r in records if r.finish_s is not None)]),
         events=events,
         stale_events=stale,
-        batches=batches,
-        batch_histogram={name: dict(sorted(h.items())) for name, h in histogram.items()},
+        batches=executor.batches,
+        batch_histogram={name: dict(sorted(h.items())) for name, h in executor.histogram.items()},
         wall_s=time.perf_counter() - started_wall,
     )
 

@@ -15,7 +15,7 @@ Timing model (kept deliberately simple, and exactly reproducible for ``jitter = 
   every running batch progresses at ``rate = cores / running`` seconds of work per second, so the
   board's total throughput stays at ``cores`` and each batch is slowed proportionally. A batch's
   finish time therefore changes whenever another batch starts or ends while the board is
-  oversubscribed; :meth:`SimExecutor.start` and :meth:`SimExecutor.stop` return every batch whose
+  oversubscribed; :meth:`SimExecutor.begin` and :meth:`SimExecutor.stop` return every batch whose
   finish moved, each with a new ``generation`` so the engine can ignore its stale completion event.
   While the rate stays 1, a batch finishes at exactly ``start + work_s`` (no accumulated rounding).
 
@@ -27,9 +27,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Mapping, Sequence
+from collections import Counter
+from typing import Any, Callable, Mapping, Sequence
 
 from agent.core import LatencyTable
+from agent.runtime.executor import BatchOutcome, OnDone
+from agent.scheduler.dispatcher import Dispatch
+
+_NO_OUTPUTS: dict = {}
 
 
 class SimBatch:
@@ -39,7 +44,7 @@ class SimBatch:
     ``finish`` is when it completes at the current rate; ``generation`` counts finish changes.
     """
 
-    __slots__ = ("payload", "model", "size", "work_s", "remaining_s", "since", "finish", "generation")
+    __slots__ = ("payload", "model", "size", "work_s", "remaining_s", "since", "finish", "generation", "on_done")
 
     def __init__(self, payload: Any, model: str, size: int, work_s: float, now: float) -> None:
         self.payload = payload
@@ -50,6 +55,7 @@ class SimBatch:
         self.since = now
         self.finish = math.inf
         self.generation = 0
+        self.on_done: OnDone | None = None
 
     def __repr__(self) -> str:
         return (f"SimBatch({self.model!r}, size={self.size}, work_s={self.work_s:.6g}, "
@@ -62,14 +68,25 @@ class SimExecutor:
     ``tables`` maps a model name to its :class:`~agent.core.LatencyTable`; ``jitter`` is the
     lognormal sigma, one float for every model or a per-model mapping (missing models: 0);
     ``cores=None`` means no sharing at all (every batch runs at full speed).
+
+    As the driver's executor (``agent.runtime.executor.Executor``): :meth:`start` reads the virtual
+    time from ``clock.now`` and hands every batch whose finish time is new or changed to
+    ``schedule`` (the engine's event heap); when that completion comes due the engine calls
+    :meth:`complete`, which calls the batch's ``on_done``. It counts the batches it ran, per model and
+    size (``histogram``).
     """
 
     def __init__(self, tables: Mapping[str, LatencyTable], seed: int = 0,
-                 jitter: float | Mapping[str, float] = 0.0, cores: int | None = None) -> None:
+                 jitter: float | Mapping[str, float] = 0.0, cores: int | None = None,
+                 clock: Any = None, schedule: Callable[[SimBatch], None] | None = None) -> None:
         if cores is not None and cores < 1:
             raise ValueError(f"cores = {cores!r}: expected an integer >= 1 (or None: no sharing)")
         self.tables = dict(tables)
         self.cores = cores
+        self._clock = clock
+        self._schedule = schedule
+        self.batches = 0
+        self.histogram: dict[str, Counter] = {name: Counter() for name in self.tables}
         self._jitter: dict[str, float] = {}
         for name in self.tables:
             sigma = jitter.get(name, 0.0) if isinstance(jitter, Mapping) else jitter
@@ -79,6 +96,23 @@ class SimExecutor:
         # str seeds are hashed with SHA-512 by random.seed: stable across runs and Python versions.
         self._rngs = {name: random.Random(f"edge-agent-sim/{seed}/{name}") for name in self.tables}
         self.running: list[SimBatch] = []
+
+    def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
+        """Start ``dispatch``'s batch now; its completion is scheduled, ``on_done`` called then."""
+        size = len(dispatch.requests)
+        self.batches += 1
+        self.histogram[dispatch.model][size] += 1
+        changed = self.begin(dispatch, dispatch.model, size, self._clock.now)
+        changed[0].on_done = on_done
+        for batch in changed:
+            self._schedule(batch)
+
+    def complete(self, batch: SimBatch, now: float) -> None:
+        """``batch``'s scheduled completion came due: re-time the others, then answer it."""
+        for other in self.stop(batch, now):
+            self._schedule(other)
+        dispatch = batch.payload
+        batch.on_done(dispatch, BatchOutcome([_NO_OUTPUTS] * batch.size, now - dispatch.started))
 
     def work_s(self, model: str, batch_size: int) -> float:
         """Seconds a batch of ``batch_size`` needs at full speed: the profile times the noise."""
@@ -96,9 +130,9 @@ class SimExecutor:
             return 1.0
         return cores / n
 
-    def start(self, payload: Any, model: str, batch_size: int, now: float) -> Sequence[SimBatch]:
-        """Start a batch at ``now``; returns the batches whose finish time is new or changed
-        (the new one first)."""
+    def begin(self, payload: Any, model: str, batch_size: int, now: float) -> Sequence[SimBatch]:
+        """Start a batch at ``now`` (the timing model alone); returns the batches whose finish time
+        is new or changed (the new one first)."""
         batch = SimBatch(payload, model, batch_size, self.work_s(model, batch_size), now)
         running = self.running
         running.append(batch)

@@ -1,36 +1,22 @@
-"""Executors run a dispatched batch. The scheduler never sees a backend: only this interface.
+"""The local executor: runs a batch on this board's backends, on the calling worker thread.
 
-The live executor assembles the batch into a preallocated buffer per (model, instance) with the
-compiled core's ``gather_into`` (one memcpy per request), runs the instance's backend, and scatters the
-output rows back per request. A batch of one (every request on an idle board) runs on the request's
-own arrays, already contiguous and shaped ``(1, ...)`` at intake (``wire.check_inputs``): a camera
-frame is not copied once more. The simulator's executor draws the time from the profile.
+It assembles the batch into a preallocated buffer per (model, instance) with the compiled core's
+``gather_into`` (one memcpy per request), runs the instance's backend, and scatters the output rows
+back per request. A batch of one (every request on an idle board) runs on the request's own arrays,
+already contiguous and shaped ``(1, ...)`` at intake (``check_inputs``): a camera frame is not copied
+once more.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from agent.backends.base import Backend, TensorSpec
 from agent.core import gather_into, scatter_rows
+from agent.runtime.executor import BatchOutcome, OnDone
 from agent.scheduler.dispatcher import Dispatch
-
-
-@dataclass(slots=True)
-class BatchOutcome:
-    """A finished batch: per-request outputs in dispatch order, or the error that stopped it."""
-
-    outputs: list[dict[str, np.ndarray]] | None
-    compute_s: float
-    error: BaseException | None = None
-
-
-class Executor(Protocol):
-    def run(self, dispatch: Dispatch) -> BatchOutcome:
-        """Run one batch to completion on the caller's thread."""
 
 
 class InstanceSet:
@@ -47,13 +33,19 @@ class InstanceSet:
 
 
 class LocalExecutor:
-    """Runs batches on this board's backends."""
+    """Runs batches on this board's backends (``agent.runtime.executor.Executor``)."""
 
     def __init__(self, models: dict[str, InstanceSet], clock=time.perf_counter) -> None:
         self.models = models
         self._clock = clock
 
+    def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
+        """Run the batch on the calling thread, then call ``on_done`` (before returning)."""
+        on_done(dispatch, self.run(dispatch))
+
     def run(self, dispatch: Dispatch) -> BatchOutcome:
+        """Run one batch to completion on the calling thread; a backend failure is the outcome's
+        ``error``, never an exception."""
         instances = self.models[dispatch.model]
         buffers = instances.buffers[dispatch.instance]
         requests = dispatch.requests

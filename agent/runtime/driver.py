@@ -1,0 +1,185 @@
+"""The driver: carries the scheduler's decisions out, the same way live and in the simulator.
+
+Everything between a decision and its replies is written here once:
+
+* **fill** the free slots: ask the scheduler (``Scheduler.poll``) and carry out what it says until
+  there is nothing to start, then hand back to the caller's idle step (a live worker waits on its
+  condition; the simulator schedules a wake-up event);
+* **carry out** a decision: answer what expired or was shed (``deadline_missed``), start the batch on
+  the executor with :meth:`Driver.complete` as its ``on_done``;
+* **complete** a batch, in this order: release its slot and instance (so a waiting request can take
+  them at once), answer each request (``ok``; ``deadline_missed`` for one the batch finished after;
+  ``internal`` for every request of a failed batch), then let the scheduler learn from the batch's
+  whole cost (``Scheduler.observe``: admission and the policy). A batch the scheduler started alone
+  on an idle board (:meth:`Driver.complete_alone`) answers first: nothing waits for its slot, and its
+  client waits for the reply.
+
+The live agent (``agent.runtime.live``) gives it the monotonic clock, a lock and the local executor;
+the simulator (``agent.sim.engine``) a virtual clock, no lock and the simulated executor, and asks
+for terse errors (``explain=False``: it records only the code).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from concurrent.futures import InvalidStateError
+from typing import Callable, ContextManager
+
+from agent.errors import DEADLINE_MISSED, INTERNAL, InferenceError
+from agent.runtime.executor import BatchOutcome, Executor
+from agent.scheduler.dispatcher import Decision, Dispatch, Scheduler
+from agent.scheduler.request import Request, Result
+
+log = logging.getLogger(__name__)
+
+#: ``on_reply(request, result, error)``: told of every reply just before it is set (telemetry).
+OnReply = Callable[[Request, Result | None, InferenceError | None], None]
+
+# With explain=False one shared error per reason saves formatting a message per request.
+_EXPIRED = InferenceError(DEADLINE_MISSED, "expired (or shed) in the queue")
+_LATE = InferenceError(DEADLINE_MISSED, "the batch finished after the deadline")
+_NO_SERVED_BY: dict = {}
+
+
+class Driver:
+    """Drives ``scheduler`` with ``executor`` on ``clock``.
+
+    ``lock`` guards the scheduler where several threads drive it (held around every scheduler call,
+    never around a batch's run or a reply); ``on_release``, called with the lock held after a batch's
+    slot is freed, lets the caller wake a thread for a waiting request. ``served_by(dispatch)`` says
+    where a batch ran, for its replies.
+    """
+
+    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Callable[[], float], *,
+                 lock: ContextManager | None = None, on_release: Callable[[], None] | None = None,
+                 on_reply: OnReply | None = None, served_by: Callable[[Dispatch], dict] | None = None,
+                 explain: bool = True) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.clock = clock
+        self.lock = lock if lock is not None else contextlib.nullcontext()
+        self._on_release = on_release
+        self._on_reply = on_reply
+        self._served_by = served_by
+        self._explain = explain
+
+    # --- deciding ------------------------------------------------------------------------------
+
+    def fill(self, idle: Callable[[Decision, float], bool], *, until: Callable[[], bool] | None = None,
+             slots: int | None = None) -> None:
+        """Poll and carry out until nothing is to be started. Then ``idle(decision, now)`` is called
+        with the lock held (the last decision: its ``wake_at``): it may wait for work and return
+        True to poll again, or return False to stop. Also stops once ``until()`` holds after a
+        decision was carried out, and, with ``slots``, as soon as that many batches are in flight
+        (nothing polls while every slot is busy)."""
+        scheduler, lock, clock = self.scheduler, self.lock, self.clock
+        while True:
+            with lock:
+                while True:
+                    if slots is not None and scheduler.in_flight >= slots:
+                        return
+                    now = clock()
+                    decision = scheduler.poll(now)
+                    if decision.dispatch is not None or decision.expired:
+                        break
+                    if not idle(decision, now):
+                        return
+            self.carry_out(decision, now)
+            if until is not None and until():
+                return
+
+    def carry_out(self, decision: Decision, now: float) -> None:
+        """Answer what expired, and start the batch (if any) with :meth:`complete` as its callback."""
+        for request in decision.expired:
+            self.fail(request, self._expired_error(request, now))
+        if decision.dispatch is not None:
+            self.executor.start(decision.dispatch, self.complete)
+
+    def _expired_error(self, request: Request, now: float) -> InferenceError:
+        if not self._explain:
+            return _EXPIRED
+        if request.deadline < now:
+            return InferenceError(DEADLINE_MISSED, f"deadline passed after {1000 * (now - request.arrival):.1f} ms in the queue")
+        return InferenceError(DEADLINE_MISSED, (
+            f"shed: {1000 * (request.deadline - now):.2f} ms left, less than this model's fastest run, "
+            f"after {1000 * (now - request.arrival):.1f} ms in the queue"))
+
+    # --- completing ----------------------------------------------------------------------------
+
+    def complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
+        """A batch is done (an executor's ``on_done``): release, answer, learn."""
+        self._release(dispatch)
+        self._answer(dispatch, outcome)
+        # Outside the lock: one float updated per batch; a lost update between two workers only
+        # delays the estimate by a batch.
+        self.scheduler.observe(dispatch, self.clock())
+
+    def complete_alone(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
+        """A batch ``Scheduler.start_alone`` started is done: its reply goes first (an intake's
+        callback sends it from inside ``set_result``), then the slot is freed, the reply counted and
+        the request's admission learned (``Scheduler.learn_admitted``), then the batch's cost."""
+        answered = self._answer(dispatch, outcome, record=False)
+        self._release(dispatch, started_alone=dispatch.requests[0])
+        if self._on_reply is not None:
+            for request, result in answered:
+                self._on_reply(request, result, None)
+        self.scheduler.observe(dispatch, self.clock())
+
+    def _release(self, dispatch: Dispatch, started_alone: Request | None = None) -> None:
+        with self.lock:
+            self.scheduler.release(dispatch)
+            if started_alone is not None:
+                self.scheduler.learn_admitted(started_alone)
+            if self._on_release is not None:
+                self._on_release()
+
+    def _answer(self, dispatch: Dispatch, outcome: BatchOutcome, record: bool = True) -> list[tuple[Request, Result]]:
+        """Answer the batch's requests; returns those answered with a result. ``record``: report each
+        to ``on_reply`` before its reply is set (else the caller reports them afterwards)."""
+        now = self.clock()
+        if outcome.error is not None:
+            log.error("model %s instance %d failed a batch of %d: %r", dispatch.model, dispatch.instance,
+                      len(dispatch.requests), outcome.error)
+            error = InferenceError(INTERNAL, f"backend failed: {type(outcome.error).__name__}: {outcome.error}")
+            for request in dispatch.requests:
+                self.fail(request, error)
+            return []
+        batch_size = len(dispatch.requests)
+        compute_ms = 1000.0 * outcome.compute_s
+        served_by = self._served_by(dispatch) if self._served_by is not None else _NO_SERVED_BY
+        on_reply = self._on_reply if record else None
+        answered = []
+        for request, outputs in zip(dispatch.requests, outcome.outputs):
+            if now > request.deadline:
+                self.fail(request, InferenceError(DEADLINE_MISSED, (
+                    f"finished {1000 * (now - request.deadline):.1f} ms after its deadline "
+                    f"(queued {1000 * (dispatch.started - request.arrival):.1f} ms, batch of {batch_size} "
+                    f"computed in {compute_ms:.1f} ms)")) if self._explain else _LATE)
+                continue
+            result = Result(
+                outputs=outputs,
+                queue_ms=1000.0 * (dispatch.started - request.arrival),
+                compute_ms=compute_ms,
+                total_ms=1000.0 * (now - request.arrival),
+                batch_size=batch_size,
+                served_by=served_by,
+            )
+            if on_reply is not None:
+                on_reply(request, result, None)
+            _deliver(request.reply.set_result, result)
+            answered.append((request, result))
+        return answered
+
+    def fail(self, request: Request, error: InferenceError) -> None:
+        """Answer ``request`` with ``error``."""
+        if self._on_reply is not None:
+            self._on_reply(request, None, error)
+        _deliver(request.reply.set_exception, error)
+
+
+def _deliver(setter, value) -> None:
+    """Set a reply, tolerating a caller that cancelled its future: the worker must survive that."""
+    try:
+        setter(value)
+    except InvalidStateError:
+        log.debug("reply to a cancelled future dropped")
