@@ -1,0 +1,132 @@
+"""The one driver (agent.runtime.driver): the order of a batch's completion, answering expired and
+late requests, and executors that call back later (as an offload executor will) without holding a
+worker thread while their batch is out."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import numpy as np
+
+from agent.core import FixedBatch
+from agent.errors import DEADLINE_MISSED, InferenceError
+from agent.runtime.driver import Driver
+from agent.runtime.executor import BatchOutcome
+from agent.runtime.live import LiveLoop
+from agent.scheduler.dispatcher import Scheduler
+from agent.scheduler.request import Request
+from tests.scheduling import req
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recording:
+    """An executor that keeps what it was given, to complete it when the test says."""
+
+    def __init__(self) -> None:
+        self.started = []
+
+    def start(self, dispatch, on_done) -> None:
+        self.started.append((dispatch, on_done))
+
+
+def test_a_batch_is_released_then_answered_then_learned_from():
+    clock = Clock()
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 8)], max_concurrent=1)
+    events = []
+    release, observe = scheduler.release, scheduler.observe
+    scheduler.release = lambda d: (events.append("release"), release(d))
+    scheduler.observe = lambda d, now: (events.append("observe"), observe(d, now))
+    executor = Recording()
+    driver = Driver(scheduler, executor, clock, on_reply=lambda r, result, error: events.append("reply"))
+    on_time, late = req("m", 0.0, 0.010), req("m", 0.0, 0.020)
+    for request in (on_time, late):
+        scheduler.enqueue(request)
+    driver.fill(lambda decision, now: False, slots=1)
+    (dispatch, on_done), = executor.started
+    assert dispatch.requests == [on_time] and dispatch.action.model == "m"
+    clock.now = 0.008
+    on_done(dispatch, BatchOutcome([{"y": np.zeros(1)}], 0.008))
+    assert events == ["release", "reply", "observe"]
+    assert on_time.reply.value.outputs["y"].shape == (1,) and on_time.reply.value.queue_ms == 0.0
+    # The other request expires before the next fill: it answers it, naming why.
+    clock.now = 0.5
+    driver.fill(lambda decision, now: False, slots=1)
+    assert isinstance(late.reply.value, InferenceError) and late.reply.value.code == DEADLINE_MISSED
+    assert "deadline passed" in late.reply.value.message and scheduler.in_flight == 0
+
+
+def test_a_batch_that_finishes_past_a_deadline_or_fails_is_answered_with_an_error_each():
+    clock = Clock()
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(2), 1, 8)], max_concurrent=1)
+    executor = Recording()
+    driver = Driver(scheduler, executor, clock)
+    loose, tight = req("m", 0.0, 1.0), req("m", 0.0, 0.100)
+    scheduler.enqueue(loose)
+    scheduler.enqueue(tight)
+    driver.fill(lambda decision, now: False)
+    (dispatch, on_done), = executor.started
+    clock.now = 0.2
+    on_done(dispatch, BatchOutcome([{}, {}], 0.2))
+    assert loose.reply.value.batch_size == 2
+    assert tight.reply.value.code == DEADLINE_MISSED and "after its deadline" in tight.reply.value.message
+    broken = [req("m", 0.3, 1.0), req("m", 0.3, 1.0)]
+    for request in broken:
+        scheduler.enqueue(request)
+    clock.now = 0.3
+    driver.fill(lambda decision, now: False)
+    dispatch, on_done = executor.started[-1]
+    on_done(dispatch, BatchOutcome(None, 0.0, RuntimeError("device lost")))
+    assert [r.reply.value.code for r in broken] == ["internal", "internal"]
+    assert "device lost" in broken[0].reply.value.message and scheduler.in_flight == 0
+
+
+class Later:
+    """An executor that answers from another thread after ``delay_s``, as a peer's reply would."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.threads = set()
+        self.out = self.peak = 0
+        self.lock = threading.Lock()
+
+    def start(self, dispatch, on_done) -> None:
+        self.threads.add(threading.current_thread().name)
+        with self.lock:
+            self.out += 1
+            self.peak = max(self.peak, self.out)
+        outcome = BatchOutcome([{"x": r.inputs["x"]} for r in dispatch.requests], self.delay_s)
+        threading.Timer(self.delay_s, self._done, (on_done, dispatch, outcome)).start()
+
+    def _done(self, on_done, dispatch, outcome) -> None:
+        with self.lock:
+            self.out -= 1
+        on_done(dispatch, outcome)
+
+
+def test_an_executor_that_calls_back_later_holds_no_worker_thread():
+    """One worker thread, two slots: batches of an asynchronous executor overlap, every request is
+    answered once with its own output, and the slots are free again at the end."""
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 2, 64)], max_concurrent=2)
+    executor = Later(0.2)
+    loop = LiveLoop(scheduler, executor, time.monotonic, workers=1, served_by=lambda d: {"device": "test"})
+    loop.start()
+    futures = []
+    for i in range(4):
+        future: Future = Future()
+        now = time.monotonic()
+        loop.submit(Request(i + 1, "m", {"x": np.full(1, i)}, now, now + 10.0, 0, future))
+        futures.append(future)
+    results = [future.result(timeout=5) for future in futures]
+    loop.stop(1.0)
+    assert [int(r.outputs["x"][0]) for r in results] == [0, 1, 2, 3]
+    assert executor.threads == {"edge-agent-worker-0"}
+    assert executor.peak == 2          # both slots busy at once on one thread; never more than the slots
+    assert scheduler.in_flight == 0 and not scheduler.queued()
