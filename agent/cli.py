@@ -1,13 +1,25 @@
-"""``edge-agent``: serve, demo and benchmark from the command line."""
+"""``edge-agent``: serve, profile and make traces from the command line; demo and benchmark through
+the lab package (``edge_lab``, the ``edge-agent-lab`` distribution in ``lab/``) where it is installed."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import signal
 import sys
 import threading
+
+#: What ``edge-agent demo`` and ``edge-agent bench`` say where the lab is not installed (a board).
+LAB_MISSING = (
+    "the demo and the benchmarks (bench core | run | triton) live in the edge-agent-lab package, which is "
+    "not installed here: the agent's own wheel, the one a board installs, holds the runtime only. From the "
+    "source tree: `pip install -e lab` beside the agent (or `bash tools/dev.sh setup`, which installs both "
+    "into .venv)")
+
+_LAB_COMMANDS = {
+    "demo": "local broker + agent + simulated cameras, with a live table (lab)",
+    "bench": "benchmarks that print figures: core, run, triton (lab)",
+}
 
 
 def _port(text: str) -> int:
@@ -57,119 +69,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt
+def _lab_missing(args: argparse.Namespace) -> int:
+    print(f"edge-agent {args.command}: {LAB_MISSING}", file=sys.stderr)
+    return 2
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
-    # SIGTERM (`kill`, `timeout`, a terminal closing) stops the demo as Ctrl-C does: cameras first,
-    # the agent answers what it holds, and the demo's own Mosquitto is stopped. Without it the
-    # interpreter died at once and left that broker running.
-    signal.signal(signal.SIGTERM, _interrupt)
-    run_demo(duration_s=args.duration, load=args.load, shed=not args.no_shed)
-    return 0
-
-
-def _cmd_bench_core(args: argparse.Namespace) -> int:
-    from agent.bench.core import bench_assembly, bench_queue, format_core_report
-    from agent.bench.overhead import bench_overhead_inprocess, bench_overhead_mqtt, format_overhead
-    print("edge-agent bench core: medians of repeated runs, every ratio measured side by side in this run", flush=True)
-    results = {"queue": bench_queue(), "assembly": bench_assembly()}
-    print(format_core_report(results), flush=True)
-    rows = bench_overhead_inprocess(n=args.requests)
-    if not args.no_mqtt:
-        try:
-            rows["MQTT loopback"] = bench_overhead_mqtt(n=max(200, args.requests // 2))
-        except Exception as exc:  # no broker on this machine: say so, keep the other figures
-            print(f"(MQTT loopback skipped: {exc})")
-    results["overhead"] = rows
-    print(format_overhead(rows), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2, default=float)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def _cmd_bench_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from agent.bench.policies import POLICIES
-    from agent.bench.run import MODES, format_results, run_bench
-    from agent.config import Config, ConfigError, load_config
-    from agent.workload.trace import TraceError, read_trace
+def _add_lab_parsers(sub: argparse._SubParsersAction) -> None:
+    """``demo`` and ``bench`` from the lab where it is installed (its parsers import nothing heavy);
+    elsewhere, commands of the same names that say where they live and exit 2."""
     try:
-        config = load_config(args.config) if args.config else Config.demo()
-        if args.profile:
-            from agent.profiler import load_profile
-            load_profile(args.profile)   # fail now, naming the field, not after the first policy
-            config = dataclasses.replace(config, profile=str(Path(args.profile).resolve()))
-        trace = read_trace(args.trace)
-    except (ConfigError, TraceError, ValueError) as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return 2
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown or not policies:
-        print(f"edge-agent: --policies {args.policies!r}: unknown {unknown}; choose from {sorted(POLICIES)}", file=sys.stderr)
-        return 2
-    missing = sorted({row.model for row in trace} - {m.name for m in config.models})
-    if missing:
-        print(f"edge-agent: the trace names models the config does not load: {missing}", file=sys.stderr)
-        return 2
-    modes = MODES if args.mode == "both" else (args.mode,)
-    config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
-    results = run_bench(config, trace, policies, modes, Path(args.out), seed=args.seed)
-    print(format_results(results))
-    print(f"wrote {args.out}/bench.json" + (f" and {len(results.get('plots', []))} plots" if results.get("plots") else ""))
-    return 0
-
-
-def _cmd_bench_triton(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from agent.bench.versus import SYSTEMS, format_versus, run_versus, triton_grid
-    from agent.workload.trace import TraceError, read_trace
-    try:
-        trace = read_trace(args.trace) if args.trace else None
-        loads = _numbers(args.load, "--load") if args.scale is None else None
-        scales = _numbers(args.scale, "--scale") if args.scale is not None else None
-        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-        if args.repeat < 1:
-            raise ValueError(f"--repeat {args.repeat}: expected 1 or more rounds")
-        unknown = [s for s in systems if s not in SYSTEMS]
-        if unknown or not systems:
-            raise ValueError(f"--systems {args.systems!r}: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
-        settings = None
-        if "triton" in systems:
-            from agent.bench.triton import find_tritonserver
-            find_tritonserver()      # fail now, with the install hint, not after the first system
-            settings = triton_grid(args.triton_grid)
-    except (TraceError, ValueError, RuntimeError) as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
-        return 2
-    if trace is not None:
-        missing = sorted({row.model for row in trace} - {"mobilenet_digits", "resnet_digits"})
-        if missing:
-            print(f"edge-agent: --trace {args.trace}: models {missing} are not served here; "
-                  f"bench triton serves the demo models mobilenet_digits and resnet_digits", file=sys.stderr)
-            return 2
-    results = run_versus(trace, loads=loads, scales=scales, systems=systems, triton_settings=settings,
-                         out_dir=Path(args.out), duration_s=args.duration, seed=args.seed, repeat=args.repeat)
-    print(format_versus(results))
-    print(f"wrote {args.out}/versus.json" + (f" and {len(results['plots'])} plots" if results.get("plots") else ""))
-    return 0
-
-
-def _numbers(text: str, flag: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(not v > 0 for v in values):
-        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers > 0, e.g. 0.5,1,1.5")
-    return values
+        from edge_lab.cli import add_lab_parsers
+    except ModuleNotFoundError as exc:
+        if exc.name != "edge_lab":
+            raise                   # the lab is there but broken: show that, not "not installed"
+    else:
+        add_lab_parsers(sub)
+        return
+    for name, help_text in _LAB_COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=f"Not installed: {LAB_MISSING}.").set_defaults(func=_lab_missing)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,70 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not connect to the MQTT broker (serve only HTTP: give --http-port or enable [http])")
     run.set_defaults(func=_cmd_run)
 
-    demo = sub.add_parser("demo", help="local broker + agent + simulated cameras, with a live table",
-                          description="Start Mosquitto on a free loopback port, serve the shipped demo models, and "
-                                      "drive them with simulated cameras (mixed SLOs). Ctrl-C (or SIGTERM) stops "
-                                      "cleanly.")
-    demo.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
-    demo.add_argument("--load", type=float, default=1.0, metavar="X", help="scale every camera's frame rate (default 1.0)")
-    demo.add_argument("--no-shed", action="store_true",
-                      help="compute requests that can no longer meet their deadline instead of answering them at once "
-                           "(to compare; see BENCHMARKS.md)")
-    demo.set_defaults(func=_cmd_demo)
-
-    bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    core = bench_sub.add_parser("core", help="compiled core vs heapq / numpy, and per-request overhead",
-                                description="Queue push+pop vs heapq, batch assembly vs numpy.copyto, and the agent's "
-                                            "own overhead per request at batch 1 (in process and over MQTT loopback).")
-    core.add_argument("--requests", type=int, default=2000, help="requests for the overhead figure (default 2000)")
-    core.add_argument("--no-mqtt", action="store_true", help="skip the MQTT loopback figure")
-    core.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    core.set_defaults(func=_cmd_bench_core)
-
-    bench_run = bench_sub.add_parser(
-        "run", help="replay one trace through every scheduling policy, live and simulated",
-        description="Replay a workload trace (edge-agent trace generate) through each policy: live (real models, "
-                    "open loop, in process) and in the simulator (same scheduler code, virtual clock). Prints one "
-                    "table, the simulated-vs-live goodput error, and writes JSON and PNG plots.")
-    bench_run.add_argument("--trace", required=True, metavar="CSV", help="a v1 trace (t_s,app,model,slo_ms,priority)")
-    bench_run.add_argument("--config", metavar="FILE", help="agent config whose models the trace names (default: the demo)")
-    bench_run.add_argument("--policies", default="fifo,fixed,triton,clipper,deeprt,edge",
-                           help="comma-separated policies (default: all): fifo, fixed, triton, clipper, deeprt, edge")
-    bench_run.add_argument("--profile", metavar="FILE",
-                           help="batch latencies from this profile (edge-agent profile) instead of measuring at start")
-    bench_run.add_argument("--mode", choices=("both", "live", "sim"), default="both", help="live, simulated, or both (default)")
-    bench_run.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON and plots go (default bench_out/)")
-    bench_run.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
-    bench_run.set_defaults(func=_cmd_bench_run)
-
-    triton = bench_sub.add_parser(
-        "triton", help="edge-agent vs a real Triton server and a plain loop, same trace, open loop",
-        description="Replay one open-loop trace against edge-agent over MQTT, edge-agent over the Open Inference "
-                    "Protocol (HTTP), a real tritonserver (python backend on onnxruntime, dynamic batcher at each "
-                    "setting of a small grid, best kept) and the plain one-request-at-a-time loop, one system at a "
-                    "time. Prints goodput, SLO attainment per class, p50/p99, refusals, CPU s per 1000 requests and "
-                    "peak memory of each server's process tree; writes versus.json and plots. Triton comes from the "
-                    "[triton] extra: run it all with `bash tools/dev.sh triton`.")
-    triton.add_argument("--trace", metavar="CSV",
-                        help="a v1 trace of the demo models (default: a bursty trace of the demo's four SLO classes "
-                             "at the plain loop's capacity)")
-    triton.add_argument("--load", default="0.5,1,1.5", metavar="X,Y",
-                        help="loads as multiples of the plain loop's capacity (default 0.5,1,1.5)")
-    triton.add_argument("--scale", metavar="X,Y", help="instead of --load: play the trace X times faster, as is")
-    triton.add_argument("--duration", type=float, default=15.0, metavar="S",
-                        help="length of the generated trace at 1x, in seconds (default 15)")
-    triton.add_argument("--systems", default=",".join(("edge-agent/mqtt", "edge-agent/oip", "triton", "plain loop")),
-                        help="comma-separated systems to run (default: all four)")
-    triton.add_argument("--triton-grid", choices=("full", "quick"), default="full",
-                        help="Triton settings to try at each load: full (6) or quick (2) (default full)")
-    triton.add_argument("--out", default="bench_out/triton", metavar="DIR", help="where JSON and plots go")
-    triton.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")
-    triton.add_argument("--repeat", type=int, default=1, metavar="K",
-                        help="play the whole comparison K times and report the median of each figure, with how "
-                             "many rounds each target held in (default 1; the full grid takes about 15 minutes "
-                             "a round here; BENCHMARKS.md's verdict is --repeat 3)")
-    triton.set_defaults(func=_cmd_bench_triton)
+    _add_lab_parsers(sub)
 
     from agent.profiler.cli import add_profile_parser
     from agent.workload.cli import add_trace_parser
@@ -265,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.func is not _lab_missing:   # a lab command's arguments, where the lab is absent
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

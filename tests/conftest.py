@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.broker import LocalBroker, MosquittoNotFound
 from agent.models.digits import frames_from_digits, load_test_set
+from edge_lab.broker import LocalBroker, MosquittoNotFound
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The paper baselines (fifo, Clipper's AIMD, DeepRT's DisBatcher) on a hand-driven clock and in the
-simulator, their config validation, and the bench policies that select them."""
+simulator, their config validation, and the bench contenders that select them."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from agent.bench.policies import POLICIES, apply_policy
+from edge_lab.bench.contenders import CONTENDERS, apply_contender
 from agent.config import Config, ConfigError, parse_config
 from agent.core import FixedBatch, LatencyTable
 from agent.scheduler.admission import AdmissionControl
@@ -291,64 +291,64 @@ def test_build_rule_and_lane_for_the_baselines():
     assert build_rule(_config({"rule": "disbatcher", "window_ms": 40}).models[0].batching, QUARTER).window_s == 0.04
 
 
-# --- policies -----------------------------------------------------------------------------------------
+# --- contenders ---------------------------------------------------------------------------------------
 
 SLOS = {"mobilenet_digits": 50.0, "resnet_digits": 80.0}
 
 
-def test_policies_have_descriptions_citing_a_source():
-    assert set(POLICIES) == {"fifo", "fixed", "triton", "clipper", "deeprt", "edge"}
-    for name, spec in POLICIES.items():
+def test_contenders_have_descriptions_citing_a_source():
+    assert set(CONTENDERS) == {"fifo", "fixed", "triton", "clipper", "deeprt", "edge"}
+    for name, spec in CONTENDERS.items():
         assert spec.name == name and spec.description and "\n" not in spec.description
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_apply_policy_rewrites_every_model(policy):
+@pytest.mark.parametrize("contender", sorted(CONTENDERS))
+def test_apply_contender_rewrites_every_model(contender):
     base = Config.demo()
-    config = apply_policy(base, policy, slo_ms_by_model=SLOS)
+    config = apply_contender(base, contender, slo_ms_by_model=SLOS)
     assert base.models[0].batching.rule == "deadline_aware"     # the original is untouched
     expected_rule = {"fifo": "fifo", "fixed": "fixed", "triton": "dynamic", "clipper": "aimd",
-                     "deeprt": "disbatcher", "edge": "deadline_aware"}[policy]
+                     "deeprt": "disbatcher", "edge": "deadline_aware"}[contender]
     for model in config.models:
         b = model.batching
         assert b.rule == expected_rule
         build_rule(b, QUARTER)                                   # buildable
-        if policy == "fifo":
+        if contender == "fifo":
             assert model.instances == 1 and not b.shed_hopeless and not b.admission
-        if policy == "fixed":
+        if contender == "fixed":
             assert b.size == 4 and not b.shed_hopeless and not b.admission
-        if policy == "triton":
+        if contender == "triton":
             assert b.preferred_sizes == (b.max_batch,) and b.max_queue_delay_ms == 2.0
             assert not b.shed_hopeless and not b.admission
-        if policy == "clipper":
+        if contender == "clipper":
             assert not b.shed_hopeless and not b.admission
-        if policy == "deeprt":
+        if contender == "deeprt":
             assert b.window_ms == SLOS[model.name] / 2 and b.admission and not b.shed_hopeless
-        if policy == "edge":
+        if contender == "edge":
             assert b.shed_hopeless and b.admission
-        if policy != "fifo":
+        if contender != "fifo":
             assert model.instances == base.model(model.name).instances
-    assert config.workers == (1 if policy == "fifo" else base.workers)
+    assert config.workers == (1 if contender == "fifo" else base.workers)
     # Our batch cap is ours: the baselines (deeprt has admission control, which it would reach) run without it.
-    assert config.hold_fraction == (base.hold_fraction if policy == "edge" else 0.0) and base.hold_fraction > 0
-    assert config.admission_lookahead == (policy == "edge") and base.admission_lookahead
-    assert config.edf_horizon_ms == (base.edf_horizon_ms if policy == "edge" else 0.0) and base.edf_horizon_ms > 0
+    assert config.hold_fraction == (base.hold_fraction if contender == "edge" else 0.0) and base.hold_fraction > 0
+    assert config.admission_lookahead == (contender == "edge") and base.admission_lookahead
+    assert config.edf_horizon_ms == (base.edf_horizon_ms if contender == "edge" else 0.0) and base.edf_horizon_ms > 0
     assert (config.device, config.mqtt) == (base.device, base.mqtt)
 
 
-def test_apply_policy_errors():
+def test_apply_contender_errors():
     with pytest.raises(ValueError, match="slo_ms_by_model"):
-        apply_policy(Config.demo(), "deeprt")
+        apply_contender(Config.demo(), "deeprt")
     with pytest.raises(ValueError, match="resnet_digits"):
-        apply_policy(Config.demo(), "deeprt", slo_ms_by_model={"mobilenet_digits": 50.0})
+        apply_contender(Config.demo(), "deeprt", slo_ms_by_model={"mobilenet_digits": 50.0})
     with pytest.raises(ValueError) as exc:
-        apply_policy(Config.demo(), "sjf")
-    for name in POLICIES:
+        apply_contender(Config.demo(), "sjf")
+    for name in CONTENDERS:
         assert name in str(exc.value)
 
 
-@pytest.mark.parametrize("policy", sorted(POLICIES))
-def test_every_policy_runs_a_poisson_trace_answering_each_row_once(policy, monkeypatch):
+@pytest.mark.parametrize("contender", sorted(CONTENDERS))
+def test_every_contender_runs_a_poisson_trace_answering_each_row_once(contender, monkeypatch):
     import agent.sim.engine as engine
     answers = {}
 
@@ -363,7 +363,7 @@ def test_every_policy_runs_a_poisson_trace_answering_each_row_once(policy, monke
     names = ("mobilenet_digits", "resnet_digits")
     trace = poisson(rate=30.0, duration_s=4.0, seed=7, models=names, slo_ms=(300.0, 1500.0))
     tables = {"mobilenet_digits": table(0.02, 0.03, 0.04, 0.06), "resnet_digits": table(0.04, 0.06, 0.08, 0.12)}
-    config = apply_policy(replace(Config.demo(), workers=2), policy,
+    config = apply_contender(replace(Config.demo(), workers=2), contender,
                           slo_ms_by_model={n: min(r.slo_ms for r in trace if r.model == n) for n in names})
     result = simulate(trace, sim_models_from_config(config, tables), config.worker_count)
     rejected = [r for r in result.records if r.status == "rejected"]

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from agent import errors
-from agent.bench import versus
-from agent.bench.loadgen import Frames, error_code_of, replay
-from agent.bench.proctree import TreeMeter, descendants, tree_cpu_s
-from agent.metrics import summarize
 from agent.workload.trace import TraceRow
+from edge_lab.bench import versus
+from edge_lab.bench.loadgen import Frames, error_code_of, replay
+from edge_lab.bench.proctree import TreeMeter, descendants, tree_cpu_s
+from edge_lab.metrics import summarize
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
 
@@ -249,7 +249,7 @@ def test_a_server_that_does_not_accept_delays_no_send(frames):
     # A listening socket that never accepts, its backlog full after the first connection: the
     # kernel drops further handshakes and retries them after a second. A generator that connected
     # with a blocking call would send every row after the second one that late.
-    from agent.bench.loadgen import HttpTarget
+    from edge_lab.bench.loadgen import HttpTarget
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(0)

@@ -10,9 +10,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import broker as broker_module
-from agent.broker import LocalBroker, MosquittoNotFound, find_mosquitto
 from agent.mqtt import connect, make_client
+from edge_lab import broker as broker_module
+from edge_lab.broker import LocalBroker, MosquittoNotFound, find_mosquitto
 
 
 def _client(broker, name, **kwargs):

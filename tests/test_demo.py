@@ -1,7 +1,7 @@
 """The demo, run briefly: a real broker, both models, the cameras; every frame answered."""
 import io
 
-from agent.demo import DEFAULT_CAMERAS, run_demo
+from edge_lab.demo import DEFAULT_CAMERAS, run_demo
 
 
 def test_demo_serves_every_camera_and_answers_every_frame(broker):   # broker: skips if mosquitto is absent

@@ -1,4 +1,4 @@
-"""Metrics on hand-built outcome records with answers worked out by hand (agent/metrics.py)."""
+"""Metrics on hand-built outcome records with answers worked out by hand (lab/edge_lab/metrics.py)."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import errors
-from agent.metrics import class_key, format_table, summarize, utility
 from agent.workload.records import RequestRecord
+from edge_lab.metrics import class_key, format_table, summarize, utility
 
 A, B = "mobilenet_digits", "resnet_digits"
 

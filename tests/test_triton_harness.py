@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bench.triton.server import (
+from agent.models.card import DEMO_DIR
+from agent.models.digits import frames_from_digits, load_test_set
+from edge_lab.bench.triton.server import (
     MODEL_PY,
     NO_DEFAULT_TIMEOUT_US,
     TritonServer,
@@ -19,11 +21,9 @@ from agent.bench.triton.server import (
     session_pids,
     write_model_repository,
 )
-from agent.models.card import DEMO_DIR
-from agent.models.digits import frames_from_digits, load_test_set
 
 TRITON_SKIP_REASON = (
-    "nvidia-pytriton (tritonserver) is not installed here; install the triton extra into its own "
+    "nvidia-pytriton (tritonserver) is not installed here; install the lab's triton extra into its own "
     "venv: bash tools/dev.sh triton, then run .venv-triton/bin/python -m pytest tests/test_triton_harness.py"
 )
 

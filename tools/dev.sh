@@ -8,9 +8,11 @@
 #   bash tools/dev.sh triton [bench args]              edge-agent vs a real Triton (edge-agent bench triton)
 #
 # Set-up: Debian packages (mosquitto, python3-venv, gcc) when missing, a virtualenv in .venv with
-# the project installed editable with its [dev] extra, which compiles the Cython core. It is redone
-# only when pyproject.toml, setup.py or _core/ changed since the last build. `triton` uses its own
-# virtualenv, .venv-triton, with the [triton] extra (nvidia-pytriton pins numpy < 2).
+# two editable installs from this tree: the agent with its [dev] extra (which compiles the Cython
+# core) and the lab (lab/: benchmarks, Triton harness, demo, test broker) with its [bench] extra.
+# It is redone only when pyproject.toml, lab/pyproject.toml, setup.py or _core/ changed since the
+# last build. `triton` uses its own virtualenv, .venv-triton: the agent and the lab's [triton]
+# extra (nvidia-pytriton pins numpy < 2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -42,11 +44,11 @@ ensure_system() {
 }
 
 build_stamp() {
-  { cat pyproject.toml setup.py; find _core -name '*.pyx' -o -name '*.pxd' | sort | xargs cat; } | sha256sum | cut -d' ' -f1
+  { cat pyproject.toml lab/pyproject.toml setup.py; find _core -name '*.pyx' -o -name '*.pxd' | sort | xargs cat; } | sha256sum | cut -d' ' -f1
 }
 
-ensure_venv() {  # ensure_venv [DIR EXTRA]: the project installed editable with EXTRA in DIR
-  local venv=${1:-$VENV} extra=${2:-dev}
+ensure_venv() {  # ensure_venv [DIR AGENT_EXTRA LAB_EXTRA]: the agent and the lab installed editable in DIR
+  local venv=${1:-$VENV} extra=${2-dev} lab_extra=${3:-bench}
   if [ ! -x "$venv/bin/python" ]; then
     say "creating virtualenv $venv"
     "$PY" -m venv "$venv"
@@ -54,9 +56,11 @@ ensure_venv() {  # ensure_venv [DIR EXTRA]: the project installed editable with 
   fi
   local stamp; stamp=$(build_stamp)
   if [ "$(cat "$venv/.edge-agent-build" 2>/dev/null)" != "$stamp" ] \
-     || ! "$venv/bin/python" -c 'import agent.core as c; assert c.IMPLEMENTATION == "compiled"' 2>/dev/null; then
-    say "installing edge-agent[$extra] into $venv and compiling the core (first time: a few minutes)"
-    "$venv/bin/pip" install -q -e ".[$extra]"
+     || ! "$venv/bin/python" -c 'import agent.core as c, edge_lab; assert c.IMPLEMENTATION == "compiled"' 2>/dev/null; then
+    local agent_spec=.
+    [ -z "$extra" ] || agent_spec=".[$extra]"
+    say "installing $agent_spec and ./lab[$lab_extra] into $venv, compiling the core (first time: a few minutes)"
+    "$venv/bin/pip" install -q -e "$agent_spec" -e "./lab[$lab_extra]"
     echo "$stamp" > "$venv/.edge-agent-build"
   fi
 }
@@ -68,7 +72,7 @@ case "$cmd" in
   demo)  ensure_system; ensure_venv; exec "$VENV/bin/edge-agent" demo "$@" ;;
   test)  ensure_system; ensure_venv; exec "$VENV/bin/python" -m pytest "$@" ;;
   agent) ensure_system; ensure_venv; exec "$VENV/bin/edge-agent" "$@" ;;
-  triton) ensure_system; ensure_venv "$ROOT/.venv-triton" triton
+  triton) ensure_system; ensure_venv "$ROOT/.venv-triton" "" triton
           exec "$ROOT/.venv-triton/bin/edge-agent" bench triton "$@" ;;
-  *) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
+  *) sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] || exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""A real Mosquitto broker on a loopback port, for tests, the demo and a board without a broker.
+"""A real Mosquitto broker on a loopback port, for tests, the demo and the benchmarks.
 
 ``LocalBroker`` writes a small config into a temporary directory and runs ``mosquitto -c`` on it:
 anonymous access on 127.0.0.1 only, no persistence, and ``set_tcp_nodelay true`` because with

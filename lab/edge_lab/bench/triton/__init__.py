@@ -4,7 +4,7 @@
 the ``tritonserver`` binary that ships in ``nvidia-pytriton``. That wheel pins numpy < 2, so it
 is installed in its own virtualenv (the ``triton`` extra); nothing here is imported by the agent.
 """
-from agent.bench.triton.server import (
+from edge_lab.bench.triton.server import (
     TritonError,
     TritonServer,
     TritonSetting,

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.broker import LocalBroker, MosquittoNotFound
 from agent.client import InferenceClient
 from agent.config import Config
 from agent.models.digits import frames_from_digits, load_test_set
 from agent.service import Service
+from edge_lab.broker import LocalBroker, MosquittoNotFound
 
 
 @dataclass

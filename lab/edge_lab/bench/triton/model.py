@@ -1,7 +1,7 @@
 """Triton python-backend model: one onnxruntime session per Triton model instance.
 
 This file is copied into a Triton model repository as ``<model>/1/model.py`` by
-:func:`agent.bench.triton.server.write_model_repository` and runs inside Triton's
+:func:`edge_lab.bench.triton.server.write_model_repository` and runs inside Triton's
 ``triton_python_backend_stub`` process, not inside edge-agent: it imports only numpy, onnxruntime
 and ``triton_python_backend_utils`` (which the stub provides), never ``agent``.
 

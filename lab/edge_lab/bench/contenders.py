@@ -1,6 +1,7 @@
-"""The scheduling policies ``edge-agent bench run`` compares, each a rewrite of the agent's config.
+"""The contenders ``edge-agent bench run`` compares: each a scheduling system (ours or a baseline's)
+written as a rewrite of the agent's config.
 
-A policy replaces every model's ``[models.batching]`` section (and, where the policy says, its
+A contender replaces every model's ``[models.batching]`` section (and, where the contender says, its
 instances and the agent's workers), so each runs through the ordinary config path: the live agent
 and the simulator build it exactly as they would from a TOML file. Everything else in the config
 (models, cards, backends, queue sizes, SLO defaults) is kept, so the comparison changes one thing.
@@ -17,20 +18,20 @@ from agent.config import BatchingConfig, Config, ModelConfig
 
 
 @dataclass(frozen=True)
-class PolicySpec:
-    """A named policy: what it is and where it comes from (one line), and how it rewrites a model."""
+class ContenderSpec:
+    """A named contender: what it is and where it comes from (one line), and how it rewrites a model."""
 
     name: str
     description: str
-    # (model config, its smallest SLO in ms or None) -> the model config under this policy
+    # (model config, its smallest SLO in ms or None) -> the model config under this contender
     apply_model: Callable[[ModelConfig, "float | None"], ModelConfig]
-    workers: int | None = None         # the agent's execution slots under this policy; None = keep
+    workers: int | None = None         # the agent's execution slots under this contender; None = keep
     # The agent's batch cap by the tightest SLO (``Config.hold_fraction``, ours): off for the baselines,
     # which follow their papers (deeprt uses admission control, which the cap would otherwise reach).
     hold_fraction: float | None = 0.0  # None = keep the config's
     # Admission's lookahead at tighter arrivals (``Config.admission_lookahead``, ours): off likewise.
     admission_lookahead: bool | None = False   # None = keep the config's
-    # The EDF horizon (``Config.edf_horizon_ms``, ours): 0 (plain EDF, or the policy's own order) likewise.
+    # The EDF horizon (``Config.edf_horizon_ms``, ours): 0 (plain EDF, or the contender's own order) likewise.
     edf_horizon_ms: float | None = 0.0  # None = keep the config's
 
 
@@ -61,10 +62,10 @@ def _clipper(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
 
 def _deeprt(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
     if slo_ms is None:
-        raise ValueError(f"policy 'deeprt': no SLO for model {model.name!r}; pass slo_ms_by_model "
-                         f"(its smallest SLO in ms, e.g. agent.bench.run.slo_floor_by_model(trace))")
+        raise ValueError(f"contender 'deeprt': no SLO for model {model.name!r}; pass slo_ms_by_model "
+                         f"(its smallest SLO in ms, e.g. edge_lab.bench.run.slo_floor_by_model(trace))")
     if not slo_ms > 0:
-        raise ValueError(f"policy 'deeprt': slo_ms_by_model[{model.name!r}] = {slo_ms!r}: expected a number > 0")
+        raise ValueError(f"contender 'deeprt': slo_ms_by_model[{model.name!r}] = {slo_ms!r}: expected a number > 0")
     return replace(model, batching=_batching(model, "disbatcher", window_ms=0.5 * float(slo_ms), admission=True))
 
 
@@ -74,31 +75,31 @@ def _edge(model: ModelConfig, slo_ms: float | None) -> ModelConfig:
     return replace(model, batching=_batching(model, "deadline_aware", max_wait_ms=max_wait_ms, shed=True, admission=True))
 
 
-POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
-    PolicySpec("fifo", "one request at a time in arrival order, one instance, one worker: the plain loop a user "
-                       "writes (DeepRT's SEDF without EDF or admission)", _fifo, workers=1),
-    PolicySpec("fixed", "fixed batches of 4, no shedding or admission: Triton's plain batching, DeepRT's BATCH "
-                        "baseline (PAPERS.md §3)", _fixed),
-    PolicySpec("triton", "Triton's dynamic batcher: preferred size max_batch or a 2 ms queue delay, no shedding or "
-                         "admission; DeepRT's BATCH-Delay baseline (PAPERS.md §3, §6)", _triton),
-    PolicySpec("clipper", "Clipper's AIMD batch size (NSDI'17, as DeepRT describes it; not the repo's final "
-                          "explore-and-fit code), no shedding or admission (PAPERS.md §3, §6)", _clipper),
-    PolicySpec("deeprt", "DeepRT's DisBatcher: jobs at window joints, window = half the model's smallest SLO, EDF "
-                         "across models, with our admission control in place of its EDF imitator (PAPERS.md §3)",
-               _deeprt),
-    PolicySpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, batches capped "
-                       "by the tightest SLO, shedding and admission control (README, agent.scheduler)", _edge,
-               hold_fraction=None, admission_lookahead=None, edf_horizon_ms=None),
+CONTENDERS: dict[str, ContenderSpec] = {spec.name: spec for spec in (
+    ContenderSpec("fifo", "one request at a time in arrival order, one instance, one worker: the plain loop a user "
+                          "writes (DeepRT's SEDF without EDF or admission)", _fifo, workers=1),
+    ContenderSpec("fixed", "fixed batches of 4, no shedding or admission: Triton's plain batching, DeepRT's BATCH "
+                           "baseline (PAPERS.md §3)", _fixed),
+    ContenderSpec("triton", "Triton's dynamic batcher: preferred size max_batch or a 2 ms queue delay, no shedding or "
+                            "admission; DeepRT's BATCH-Delay baseline (PAPERS.md §3, §6)", _triton),
+    ContenderSpec("clipper", "Clipper's AIMD batch size (NSDI'17, as DeepRT describes it; not the repo's final "
+                             "explore-and-fit code), no shedding or admission (PAPERS.md §3, §6)", _clipper),
+    ContenderSpec("deeprt", "DeepRT's DisBatcher: jobs at window joints, window = half the model's smallest SLO, EDF "
+                            "across models, with our admission control in place of its EDF imitator (PAPERS.md §3)",
+                  _deeprt),
+    ContenderSpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, batches capped "
+                          "by the tightest SLO, shedding and admission control (README, agent.scheduler)", _edge,
+                  hold_fraction=None, admission_lookahead=None, edf_horizon_ms=None),
 )}
 
 
-def apply_policy(config: Config, policy: str, *, slo_ms_by_model: Mapping[str, float] | None = None) -> Config:
+def apply_contender(config: Config, contender: str, *, slo_ms_by_model: Mapping[str, float] | None = None) -> Config:
     """A copy of ``config`` with every model's batching (and instances / workers / the batch cap where
-    the policy says) replaced by ``policy``'s. ``slo_ms_by_model`` (model -> its smallest SLO in ms) is needed by
+    the contender says) replaced by ``contender``'s. ``slo_ms_by_model`` (model -> its smallest SLO in ms) is needed by
     ``deeprt``, whose window is half of it; a ``ValueError`` names what is missing or unknown."""
-    spec = POLICIES.get(policy)
+    spec = CONTENDERS.get(contender)
     if spec is None:
-        raise ValueError(f"policy = {policy!r}: expected one of {sorted(POLICIES)}")
+        raise ValueError(f"contender = {contender!r}: expected one of {sorted(CONTENDERS)}")
     slos = slo_ms_by_model or {}
     models = tuple(spec.apply_model(model, slos.get(model.name)) for model in config.models)
     workers = config.workers if spec.workers is None else spec.workers
@@ -109,4 +110,4 @@ def apply_policy(config: Config, policy: str, *, slo_ms_by_model: Mapping[str, f
                    edf_horizon_ms=horizon)
 
 
-__all__ = ["POLICIES", "PolicySpec", "apply_policy"]
+__all__ = ["CONTENDERS", "ContenderSpec", "apply_contender"]

@@ -54,9 +54,9 @@ __all__ = [
 MODEL_PY = Path(__file__).resolve().parent / "model.py"
 
 INSTALL_HINT = (
-    "install the triton extra into its own virtualenv (nvidia-pytriton pins numpy < 2): "
+    "install the lab's triton extra into its own virtualenv (nvidia-pytriton pins numpy < 2): "
     "`bash tools/dev.sh triton`, or `python3 -m venv .venv-triton && "
-    ".venv-triton/bin/pip install -e '.[triton]'` (`pip install 'edge-agent[triton]'`)"
+    ".venv-triton/bin/pip install -e . -e './lab[triton]'` from the source tree"
 )
 
 _TRITON_TYPES = {

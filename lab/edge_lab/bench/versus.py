@@ -1,26 +1,26 @@
 """``edge-agent bench triton``: edge-agent side by side with a real Triton Inference Server.
 
-One open-loop trace (:mod:`agent.bench.loadgen`), replayed at each load against each system in
+One open-loop trace (:mod:`edge_lab.bench.loadgen`), replayed at each load against each system in
 turn, one system running at a time, with the same frames and the same ONNX files:
 
 - ``edge-agent/mqtt``: ``edge-agent`` serving MQTT v5 through a local Mosquitto (the broker's CPU
   and memory are counted with the agent's: it is part of that serving path);
 - ``edge-agent/oip``: ``edge-agent`` serving the Open Inference Protocol over HTTP, Triton's API;
-- ``triton``: ``tritonserver`` 2.51 (python backend running onnxruntime, :mod:`agent.bench.triton`)
+- ``triton``: ``tritonserver`` 2.51 (python backend running onnxruntime, :mod:`edge_lab.bench.triton`)
   with its dynamic batcher, at every setting of a small grid; its row is the setting with the
   best goodput at that load (over several rounds, the best median goodput: its tuned setting; the
   others stay in the JSON);
 - ``plain loop``: the loop a user writes, one request at a time in arrival order on one instance
-  (policy ``fifo``), served over the same HTTP protocol.
+  (contender ``fifo``), served over the same HTTP protocol.
 
 Loads are multiples of the plain loop's capacity, ``1 / sum_m share_m x t_m`` with ``t_m`` the
 median batch-1 time of model ``m`` on one onnxruntime instance measured here before the run (the
 model's own time: no server, no protocol), so "1x" is the most one request at a time can serve.
 
 Each server runs in its own process tree (edge-agent in a spawned Python process); its CPU seconds
-and peak memory are read from ``/proc`` over the replay window only (:mod:`agent.bench.proctree`).
+and peak memory are read from ``/proc`` over the replay window only (:mod:`edge_lab.bench.proctree`).
 Latency runs from a request's send to its reply reaching the generator's process (the kernel's
-receive stamp over HTTP; :mod:`agent.bench.loadgen`); the summary timed when the generator's loop
+receive stamp over HTTP; :mod:`edge_lab.bench.loadgen`); the summary timed when the generator's loop
 read each reply is kept beside it (``as_read``), with how long replies waited for it (read lag).
 Per-request overhead is a model's median latency minus its own batch-1 time, taken twice: idle
 (requests one at a time before the metered run: the cost of the server's path, what the targets
@@ -43,11 +43,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from agent.bench.loadgen import Frames, HttpTarget, MqttTarget, Replay, replay
-from agent.bench.proctree import TreeMeter
 from agent.config import Config
-from agent.metrics import summarize
 from agent.workload.trace import TraceRow
+from edge_lab.bench.loadgen import Frames, HttpTarget, MqttTarget, Replay, replay
+from edge_lab.bench.proctree import TreeMeter
+from edge_lab.metrics import summarize
 
 SYSTEMS = ("edge-agent/mqtt", "edge-agent/oip", "triton", "plain loop")
 LOADS = (0.5, 1.0, 1.5)
@@ -88,13 +88,13 @@ def _serve_agent(config: Config, ready, stop) -> None:
     service.close()
 
 
-def agent_config(policy: str, *, mqtt_port: int | None, http: bool) -> Config:
-    """The demo config under ``policy`` (``edge``: ours; ``fifo``: the plain loop) with the
+def agent_config(contender: str, *, mqtt_port: int | None, http: bool) -> Config:
+    """The demo config under ``contender`` (``edge``: ours; ``fifo``: the plain loop) with the
     intakes the system serves."""
-    from agent.bench.policies import apply_policy
     from agent.config import HttpConfig
+    from edge_lab.bench.contenders import apply_contender
     base = Config.demo(mqtt_port or 1883)
-    config = apply_policy(base, policy)
+    config = apply_contender(base, contender)
     return dataclasses.replace(
         config, device="bench-board",
         mqtt=dataclasses.replace(config.mqtt, enabled=mqtt_port is not None, port=mqtt_port or 1883),
@@ -141,7 +141,7 @@ def start_agent(name: str, config: Config, *, broker=None, timeout_s: float = 12
 def start_system(name: str, *, triton_setting=None, workdir: Path | None = None) -> RunningServer:
     """Start one of :data:`SYSTEMS` (``triton`` with ``triton_setting``)."""
     if name == "edge-agent/mqtt":
-        from agent.broker import LocalBroker
+        from edge_lab.broker import LocalBroker
         broker = LocalBroker().start()
         try:
             return start_agent(name, agent_config("edge", mqtt_port=broker.port, http=False), broker=broker)
@@ -153,8 +153,8 @@ def start_system(name: str, *, triton_setting=None, workdir: Path | None = None)
     if name == "plain loop":
         return start_agent(name, agent_config("fifo", mqtt_port=None, http=True))
     if name == "triton":
-        from agent.bench.triton import TritonServer, write_model_repository
         from agent.models.card import resolve_card_path
+        from edge_lab.bench.triton import TritonServer, write_model_repository
         root = Path(tempfile.mkdtemp(prefix="triton-repo-", dir=workdir))
         models = [(m, resolve_card_path(f"demo:{m}")) for m in ("mobilenet_digits", "resnet_digits")]
         write_model_repository(root, models, triton_setting)
@@ -178,7 +178,7 @@ def triton_grid(kind: str = "full") -> list:
     """The dynamic-batcher settings tried at every load (Triton's row is the best of them):
     instance count (1, 2, 3 on 2 cores), queue delay (none, 0.5 ms, 2 ms) and preferred sizes;
     ``quick``: the two settings that were best here (BENCHMARKS.md)."""
-    from agent.bench.triton import TritonSetting
+    from edge_lab.bench.triton import TritonSetting
     if kind == "quick":
         return [TritonSetting(instances=1, max_batch_size=8, max_queue_delay_us=0),
                 TritonSetting(instances=2, max_batch_size=8, max_queue_delay_us=0)]
@@ -633,7 +633,7 @@ def write_plots(curves: dict[str, dict[str, dict]], out_dir: Path) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _say("(plots skipped: matplotlib is not installed; pip install 'edge-agent[bench]')")
+        _say("(plots skipped: matplotlib is not installed; pip install -e 'lab[bench]', or bash tools/dev.sh setup)")
         return []
     written = []
     for label, by_system in curves.items():

@@ -1,10 +1,11 @@
-"""``edge-agent bench run``: one trace, every scheduling policy, side by side, live and simulated.
+"""``edge-agent bench run``: one trace, every contender (a scheduling system written as a config
+rewrite, :mod:`edge_lab.bench.contenders`), side by side, live and simulated.
 
-For each policy the same trace is replayed through the live agent (real models, real runtimes,
+For each contender the same trace is replayed through the live agent (real models, real runtimes,
 open loop) and through the simulator (the same scheduler code on a virtual clock, batch times from
-the live agent's start-up profile). One table, a row per policy and mode; the simulated-versus-live
-goodput error per policy; JSON with every figure; PNG plots when matplotlib is installed
-(``pip install 'edge-agent[bench]'``): latency CDF, goodput over time, batch-size histogram.
+the live agent's start-up profile). One table, a row per contender and mode; the simulated-versus-live
+goodput error per contender; JSON with every figure; PNG plots when matplotlib is installed
+(``pip install -e 'lab[bench]'``): latency CDF, goodput over time, batch-size histogram.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import numpy as np
 
 from agent.config import Config
 from agent.core import LatencyTable
-from agent.metrics import format_table, summarize
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
+from edge_lab.metrics import format_table, summarize
 
 MODES = ("live", "sim")
 
@@ -35,16 +36,16 @@ def slo_floor_by_model(trace: Sequence[TraceRow]) -> dict[str, float]:
     return floors
 
 
-def run_policy(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], overhead: dict[str, "BatchOverhead"],
-               seed: int = 0) -> dict[str, dict]:
-    """Replay ``trace`` under one (already applied) policy config; returns ``{mode: {summary, records, ...}}``.
+def run_contender(config: Config, trace: Sequence[TraceRow], modes: Sequence[str], overhead: dict[str, "BatchOverhead"],
+                  seed: int = 0) -> dict[str, dict]:
+    """Replay ``trace`` under one (already applied) contender config; returns ``{mode: {summary, records, ...}}``.
 
     The simulator times a batch as the live agent's profiled backend time plus ``overhead`` (the
     agent's own measured cost around a batch: hand-offs, assembly, replies), so both modes price a
     batch the same way."""
     from agent.api import Agent
-    from agent.bench.replay import replay_live
     from agent.sim import sim_models_from_config, simulate
+    from edge_lab.bench.replay import replay_live
 
     out: dict[str, dict] = {}
     with Agent(config) as agent:
@@ -83,11 +84,11 @@ def measure_batch_overhead(config: Config, requests: int = 100,
                            burst: int = 4) -> tuple[dict[str, BatchOverhead], dict[str, LatencyTable]]:
     """Per model: the median of (submit-to-last-reply minus backend time) for single requests and
     for bursts of ``burst`` served as one batch, both through worker threads; the two fit
-    ``per_batch + per_item * b``. Measured once per bench, whatever the policy. Also returns the
+    ``per_batch + per_item * b``. Measured once per bench, whatever the contender. Also returns the
     models' batch latency tables (start-up profile, or the config's profile file)."""
     from agent.api import Agent
-    from agent.bench.policies import apply_policy
-    from agent.bench.replay import inputs_for
+    from edge_lab.bench.contenders import apply_contender
+    from edge_lab.bench.replay import inputs_for
 
     def median_overhead(agent, name, inputs, n) -> float:
         samples = []
@@ -100,11 +101,11 @@ def measure_batch_overhead(config: Config, requests: int = 100,
         return float(np.median(samples))
 
     singles, bursts = {}, {}
-    with Agent(apply_policy(config, "edge")) as agent:
+    with Agent(apply_contender(config, "edge")) as agent:
         tables = {name: loaded.latency for name, loaded in agent.models.items()}
         for name, loaded in agent.models.items():
             singles[name] = median_overhead(agent, name, inputs_for(loaded.card, count=1)[0], 1)
-    fixed = dataclasses.replace(apply_policy(config, "fixed"), workers=1)
+    fixed = dataclasses.replace(apply_contender(config, "fixed"), workers=1)
     fixed = dataclasses.replace(fixed, models=tuple(dataclasses.replace(
         m, instances=1, batching=dataclasses.replace(m.batching, size=burst, max_batch=max(burst, m.batching.max_batch)))
         for m in fixed.models))
@@ -127,9 +128,9 @@ def tune_triton(config: Config, trace: Sequence[TraceRow], tables: dict[str, Lat
     """Triton's best dynamic-batcher setting for this trace, chosen by simulated goodput over a grid
     of preferred sizes and queue delays: the baseline gets its tuning with hindsight, on the very
     trace it is then measured on, as a Triton user tuning with perf_analyzer would aim for."""
-    from agent.bench.policies import apply_policy
     from agent.sim import sim_models_from_config, simulate
-    base = apply_policy(config, "triton")
+    from edge_lab.bench.contenders import apply_contender
+    base = apply_contender(config, "triton")
     grid = []
     best: tuple[float, Config, dict] | None = None
     for preferred in TRITON_PREFERRED:
@@ -152,10 +153,10 @@ def tune_triton(config: Config, trace: Sequence[TraceRow], tables: dict[str, Lat
     return best[1], {"best": best[2], "grid": grid}
 
 
-def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str], modes: Sequence[str],
+def run_bench(config: Config, trace: Sequence[TraceRow], contenders: Sequence[str], modes: Sequence[str],
               out_dir: Path | None, seed: int = 0, log=sys.stderr) -> dict:
-    """Every policy on the same trace; prints progress to ``log``; returns the JSON-able results."""
-    from agent.bench.policies import apply_policy
+    """Every contender on the same trace; prints progress to ``log``; returns the JSON-able results."""
+    from edge_lab.bench.contenders import apply_contender
 
     slo_floor = slo_floor_by_model(trace)
     overhead, raw_tables = measure_batch_overhead(config) if "sim" in modes else ({}, {})
@@ -163,7 +164,7 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
         print("agent overhead around a batch of b (added to simulated batch times): "
               + ", ".join(f"{name} {1e6 * v.per_batch_s:.0f} us + {1e6 * v.per_item_s:.0f} us x b"
                           for name, v in overhead.items()), file=log, flush=True)
-    configs = {policy: apply_policy(config, policy, slo_ms_by_model=slo_floor) for policy in policies}
+    configs = {contender: apply_contender(config, contender, slo_ms_by_model=slo_floor) for contender in contenders}
     triton_tuning = None
     if "triton" in configs and overhead:
         sim_tables = {name: LatencyTable(t.batch_sizes, t.latencies_s + overhead[name].of(t.batch_sizes))
@@ -173,31 +174,32 @@ def run_bench(config: Config, trace: Sequence[TraceRow], policies: Sequence[str]
         print(f"triton tuned in the simulator over {len(triton_tuning['grid'])} settings: preferred sizes "
               f"{best['preferred_sizes']}, max queue delay {best['max_queue_delay_ms']} ms", file=log, flush=True)
     runs: dict[str, dict[str, dict]] = {}
-    for k, policy in enumerate(policies, start=1):
-        print(f"[{k}/{len(policies)}] {policy}: {', '.join(modes)} ({len(trace)} requests, "
+    for k, contender in enumerate(contenders, start=1):
+        print(f"[{k}/{len(contenders)}] {contender}: {', '.join(modes)} ({len(trace)} requests, "
               f"{trace[-1].t_s if trace else 0:.1f} s)", file=log, flush=True)
-        runs[policy] = run_policy(configs[policy], trace, modes, overhead, seed)
-    rows = {f"{policy} ({mode})": entry["summary"]["overall"]
-            for policy, by_mode in runs.items() for mode, entry in by_mode.items()}
+        runs[contender] = run_contender(configs[contender], trace, modes, overhead, seed)
+    rows = {f"{contender} ({mode})": entry["summary"]["overall"]
+            for contender, by_mode in runs.items() for mode, entry in by_mode.items()}
     agreement = {}
-    for policy, by_mode in runs.items():
+    for contender, by_mode in runs.items():
         if "live" in by_mode and "sim" in by_mode:
             live = by_mode["live"]["summary"]["overall"]["goodput_per_s"]
             sim = by_mode["sim"]["summary"]["overall"]["goodput_per_s"]
-            agreement[policy] = {"live_goodput": live, "sim_goodput": sim,
-                                 "rel_error": (sim - live) / live if live else None}
+            agreement[contender] = {"live_goodput": live, "sim_goodput": sim,
+                                    "rel_error": (sim - live) / live if live else None}
     results = {
-        "trace_rows": len(trace), "policies": list(policies), "modes": list(modes), "seed": seed,
+        "trace_rows": len(trace), "policies": list(contenders), "modes": list(modes), "seed": seed,
         "agent_overhead_us": {name: {"per_batch": 1e6 * v.per_batch_s, "per_item": 1e6 * v.per_item_s}
                               for name, v in overhead.items()},
         "table": rows, "sim_vs_live": agreement, "triton_tuning": triton_tuning,
-        "runs": {policy: {mode: {k: v for k, v in entry.items() if k != "records"} for mode, entry in by_mode.items()}
-                 for policy, by_mode in runs.items()},
+        "runs": {contender: {mode: {k: v for k, v in entry.items() if k != "records"}
+                             for mode, entry in by_mode.items()}
+                 for contender, by_mode in runs.items()},
     }
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench.json").write_text(json.dumps(results, indent=2, default=float))
-        records = {f"{policy} ({mode})": entry["records"] for policy, by_mode in runs.items() for mode, entry in by_mode.items()}
+        records = {f"{contender} ({mode})": entry["records"] for contender, by_mode in runs.items() for mode, entry in by_mode.items()}
         (out_dir / "records.json").write_text(json.dumps({k: [asdict(r) for r in v] for k, v in records.items()}))
         results["plots"] = write_plots(records, out_dir)
     return results
@@ -212,14 +214,14 @@ def format_results(results: dict) -> str:
     if results["sim_vs_live"]:
         lines.append("")
         lines.append("simulated vs live goodput (same trace, same scheduler code, batch times from the live profile):")
-        for policy, a in results["sim_vs_live"].items():
+        for contender, a in results["sim_vs_live"].items():
             error = "-" if a["rel_error"] is None else f"{100 * a['rel_error']:+.1f}%"
-            lines.append(f"  {policy:<10} live {a['live_goodput']:8.1f}/s  sim {a['sim_goodput']:8.1f}/s  error {error}")
-    for policy, by_mode in results["runs"].items():
+            lines.append(f"  {contender:<10} live {a['live_goodput']:8.1f}/s  sim {a['sim_goodput']:8.1f}/s  error {error}")
+    for contender, by_mode in results["runs"].items():
         live = by_mode.get("live")
         if live:
             lag = live["send_lag_ms"]
-            lines.append(f"  {policy:<10} send lag p50 {lag['p50']:.2f} ms, p99 {lag['p99']:.2f} ms (open loop)")
+            lines.append(f"  {contender:<10} send lag p50 {lag['p50']:.2f} ms, p99 {lag['p99']:.2f} ms (open loop)")
     return "\n".join(lines)
 
 
@@ -230,13 +232,13 @@ def write_plots(records: dict[str, list[RequestRecord]], out_dir: Path) -> list[
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("(plots skipped: matplotlib is not installed; pip install 'edge-agent[bench]')", file=sys.stderr)
+        print("(plots skipped: matplotlib is not installed; pip install -e 'lab[bench]', or bash tools/dev.sh setup)", file=sys.stderr)
         return []
     written = []
-    policies = list(dict.fromkeys(name.split(" (")[0] for name in records))
-    colors = {p: plt.get_cmap("tab10")(k % 10) for k, p in enumerate(policies)}
+    contenders = list(dict.fromkeys(name.split(" (")[0] for name in records))
+    colors = {p: plt.get_cmap("tab10")(k % 10) for k, p in enumerate(contenders)}
 
-    def style(name: str) -> dict:   # one colour per policy; live solid, simulated dashed
+    def style(name: str) -> dict:   # one colour per contender; live solid, simulated dashed
         return {"color": colors[name.split(" (")[0]], "linestyle": "--" if name.endswith("(sim)") else "-"}
 
     fig, ax = plt.subplots(figsize=(7, 4.5))

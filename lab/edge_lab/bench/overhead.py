@@ -147,9 +147,9 @@ def bench_overhead_inprocess(n: int = 2000, warmup: int = 200) -> dict[str, dict
 
 
 def bench_overhead_mqtt(n: int = 1000, warmup: int = 100) -> dict:
-    from agent.broker import LocalBroker
     from agent.client import InferenceClient
     from agent.service import Service
+    from edge_lab.broker import LocalBroker
     frame = _frame()
     inputs, batch = {"frames": frame}, {"frames": frame[None]}
     floor_backend = _floor_backend()

@@ -1,6 +1,0 @@
-"""Benchmarks of the agent's own costs (``edge-agent bench``).
-
-``agent.bench.core`` measures the compiled hot path against its pure-Python twin and the obvious
-standard-library / numpy baselines; ``agent.bench.overhead`` measures the cost per request end to
-end. Each benchmark returns a plain dict of figures, so the CLI can print, log or compare them.
-"""

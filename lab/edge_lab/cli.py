@@ -1,0 +1,200 @@
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | run | triton``.
+
+The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
+it; the board's wheel holds the runtime only, and there these commands say where they live. Every
+handler imports what it runs inside itself, so ``edge-agent --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edge_lab.demo import run_demo
+    # SIGTERM (`kill`, `timeout`, a terminal closing) stops the demo as Ctrl-C does: cameras first,
+    # the agent answers what it holds, and the demo's own Mosquitto is stopped. Without it the
+    # interpreter died at once and left that broker running.
+    signal.signal(signal.SIGTERM, _interrupt)
+    run_demo(duration_s=args.duration, load=args.load, shed=not args.no_shed)
+    return 0
+
+
+def _cmd_bench_core(args: argparse.Namespace) -> int:
+    from edge_lab.bench.core import bench_assembly, bench_queue, format_core_report
+    from edge_lab.bench.overhead import bench_overhead_inprocess, bench_overhead_mqtt, format_overhead
+    print("edge-agent bench core: medians of repeated runs, every ratio measured side by side in this run", flush=True)
+    results = {"queue": bench_queue(), "assembly": bench_assembly()}
+    print(format_core_report(results), flush=True)
+    rows = bench_overhead_inprocess(n=args.requests)
+    if not args.no_mqtt:
+        try:
+            rows["MQTT loopback"] = bench_overhead_mqtt(n=max(200, args.requests // 2))
+        except Exception as exc:  # no broker on this machine: say so, keep the other figures
+            print(f"(MQTT loopback skipped: {exc})")
+    results["overhead"] = rows
+    print(format_overhead(rows), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_bench_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.config import Config, ConfigError, load_config
+    from agent.workload.trace import TraceError, read_trace
+    from edge_lab.bench.contenders import CONTENDERS
+    from edge_lab.bench.run import MODES, format_results, run_bench
+    try:
+        config = load_config(args.config) if args.config else Config.demo()
+        if args.profile:
+            from agent.profiler import load_profile
+            load_profile(args.profile)   # fail now, naming the field, not after the first contender
+            config = dataclasses.replace(config, profile=str(Path(args.profile).resolve()))
+        trace = read_trace(args.trace)
+    except (ConfigError, TraceError, ValueError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown or not contenders:
+        print(f"edge-agent: --contenders (--policies) {args.contenders!r}: unknown {unknown}; "
+              f"choose from {sorted(CONTENDERS)}", file=sys.stderr)
+        return 2
+    missing = sorted({row.model for row in trace} - {m.name for m in config.models})
+    if missing:
+        print(f"edge-agent: the trace names models the config does not load: {missing}", file=sys.stderr)
+        return 2
+    modes = MODES if args.mode == "both" else (args.mode,)
+    config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
+    results = run_bench(config, trace, contenders, modes, Path(args.out), seed=args.seed)
+    print(format_results(results))
+    print(f"wrote {args.out}/bench.json" + (f" and {len(results.get('plots', []))} plots" if results.get("plots") else ""))
+    return 0
+
+
+def _cmd_bench_triton(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.workload.trace import TraceError, read_trace
+    from edge_lab.bench.versus import SYSTEMS, format_versus, run_versus, triton_grid
+    try:
+        trace = read_trace(args.trace) if args.trace else None
+        loads = _numbers(args.load, "--load") if args.scale is None else None
+        scales = _numbers(args.scale, "--scale") if args.scale is not None else None
+        systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+        if args.repeat < 1:
+            raise ValueError(f"--repeat {args.repeat}: expected 1 or more rounds")
+        unknown = [s for s in systems if s not in SYSTEMS]
+        if unknown or not systems:
+            raise ValueError(f"--systems {args.systems!r}: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
+        settings = None
+        if "triton" in systems:
+            from edge_lab.bench.triton import find_tritonserver
+            find_tritonserver()      # fail now, with the install hint, not after the first system
+            settings = triton_grid(args.triton_grid)
+    except (TraceError, ValueError, RuntimeError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    if trace is not None:
+        missing = sorted({row.model for row in trace} - {"mobilenet_digits", "resnet_digits"})
+        if missing:
+            print(f"edge-agent: --trace {args.trace}: models {missing} are not served here; "
+                  f"bench triton serves the demo models mobilenet_digits and resnet_digits", file=sys.stderr)
+            return 2
+    results = run_versus(trace, loads=loads, scales=scales, systems=systems, triton_settings=settings,
+                         out_dir=Path(args.out), duration_s=args.duration, seed=args.seed, repeat=args.repeat)
+    print(format_versus(results))
+    print(f"wrote {args.out}/versus.json" + (f" and {len(results['plots'])} plots" if results.get("plots") else ""))
+    return 0
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers > 0, e.g. 0.5,1,1.5")
+    return values
+
+
+def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo`` and ``bench`` to the ``edge-agent`` command line (``agent.cli.build_parser``)."""
+    demo = sub.add_parser("demo", help="local broker + agent + simulated cameras, with a live table",
+                          description="Start Mosquitto on a free loopback port, serve the shipped demo models, and "
+                                      "drive them with simulated cameras (mixed SLOs). Ctrl-C (or SIGTERM) stops "
+                                      "cleanly.")
+    demo.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
+    demo.add_argument("--load", type=float, default=1.0, metavar="X", help="scale every camera's frame rate (default 1.0)")
+    demo.add_argument("--no-shed", action="store_true",
+                      help="compute requests that can no longer meet their deadline instead of answering them at once "
+                           "(to compare; see BENCHMARKS.md)")
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    core = bench_sub.add_parser("core", help="compiled core vs heapq / numpy, and per-request overhead",
+                                description="Queue push+pop vs heapq, batch assembly vs numpy.copyto, and the agent's "
+                                            "own overhead per request at batch 1 (in process and over MQTT loopback).")
+    core.add_argument("--requests", type=int, default=2000, help="requests for the overhead figure (default 2000)")
+    core.add_argument("--no-mqtt", action="store_true", help="skip the MQTT loopback figure")
+    core.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    core.set_defaults(func=_cmd_bench_core)
+
+    bench_run = bench_sub.add_parser(
+        "run", help="replay one trace through every contender (scheduling system), live and simulated",
+        description="Replay a workload trace (edge-agent trace generate) through each contender, a scheduling "
+                    "system (ours or a baseline's) written as a rewrite of the config: live (real models, "
+                    "open loop, in process) and in the simulator (same scheduler code, virtual clock). Prints one "
+                    "table, the simulated-vs-live goodput error, and writes JSON and PNG plots.")
+    bench_run.add_argument("--trace", required=True, metavar="CSV", help="a v1 trace (t_s,app,model,slo_ms,priority)")
+    bench_run.add_argument("--config", metavar="FILE", help="agent config whose models the trace names (default: the demo)")
+    bench_run.add_argument("--contenders", "--policies", dest="contenders", metavar="NAMES",
+                           default="fifo,fixed,triton,clipper,deeprt,edge",
+                           help="comma-separated contenders (default: all): fifo, fixed, triton, clipper, deeprt, "
+                                "edge; --policies is its older name")
+    bench_run.add_argument("--profile", metavar="FILE",
+                           help="batch latencies from this profile (edge-agent profile) instead of measuring at start")
+    bench_run.add_argument("--mode", choices=("both", "live", "sim"), default="both", help="live, simulated, or both (default)")
+    bench_run.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON and plots go (default bench_out/)")
+    bench_run.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    bench_run.set_defaults(func=_cmd_bench_run)
+
+    triton = bench_sub.add_parser(
+        "triton", help="edge-agent vs a real Triton server and a plain loop, same trace, open loop",
+        description="Replay one open-loop trace against edge-agent over MQTT, edge-agent over the Open Inference "
+                    "Protocol (HTTP), a real tritonserver (python backend on onnxruntime, dynamic batcher at each "
+                    "setting of a small grid, best kept) and the plain one-request-at-a-time loop, one system at a "
+                    "time. Prints goodput, SLO attainment per class, p50/p99, refusals, CPU s per 1000 requests and "
+                    "peak memory of each server's process tree; writes versus.json and plots. Triton comes from the "
+                    "lab's [triton] extra: run it all with `bash tools/dev.sh triton`.")
+    triton.add_argument("--trace", metavar="CSV",
+                        help="a v1 trace of the demo models (default: a bursty trace of the demo's four SLO classes "
+                             "at the plain loop's capacity)")
+    triton.add_argument("--load", default="0.5,1,1.5", metavar="X,Y",
+                        help="loads as multiples of the plain loop's capacity (default 0.5,1,1.5)")
+    triton.add_argument("--scale", metavar="X,Y", help="instead of --load: play the trace X times faster, as is")
+    triton.add_argument("--duration", type=float, default=15.0, metavar="S",
+                        help="length of the generated trace at 1x, in seconds (default 15)")
+    triton.add_argument("--systems", default=",".join(("edge-agent/mqtt", "edge-agent/oip", "triton", "plain loop")),
+                        help="comma-separated systems to run (default: all four)")
+    triton.add_argument("--triton-grid", choices=("full", "quick"), default="full",
+                        help="Triton settings to try at each load: full (6) or quick (2) (default full)")
+    triton.add_argument("--out", default="bench_out/triton", metavar="DIR", help="where JSON and plots go")
+    triton.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")
+    triton.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="play the whole comparison K times and report the median of each figure, with how "
+                             "many rounds each target held in (default 1; the full grid takes about 15 minutes "
+                             "a round here; BENCHMARKS.md's verdict is --repeat 3)")
+    triton.set_defaults(func=_cmd_bench_triton)
