@@ -16,8 +16,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import wire
-from agent.intake.mqtt import infer_topic
-from agent.mqtt import connect, make_client
+from agent.transport.paho_client import connect, make_client
+from agent.transport.topics import infer_topic
 
 ReplyCallback = Callable[[dict, float], None]   # (decoded reply, round trip seconds)
 

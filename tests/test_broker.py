@@ -1,4 +1,4 @@
-"""LocalBroker (a real mosquitto) and the paho helpers in agent.mqtt, against each other."""
+"""LocalBroker (a real mosquitto) and the paho helpers in agent.transport.paho_client, against each other."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from paho.mqtt.properties import Properties
 
 from agent import broker as broker_module
 from agent.broker import LocalBroker, MosquittoNotFound, find_mosquitto
-from agent.mqtt import connect, make_client
+from agent.transport.paho_client import connect, make_client
 
 
 def _client(broker, name, **kwargs):

@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 from agent import wire
 from agent.config import CONFIG_VERSION, parse_config
 from agent.models.digits import frames_from_digits, load_test_set
-from agent.mqtt import connect, make_client
+from agent.transport.paho_client import connect, make_client
 from agent.service import Service
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -349,7 +349,7 @@ class MqttTarget(_Target):
                                    priority=priority or None)
 
     def connect(self) -> None:
-        from agent.mqtt import connect, make_client
+        from agent.transport.paho_client import connect, make_client
         self._client = make_client(f"bench-loadgen-{id(self)}")
         self._reply_topic = f"bench/replies/{id(self)}"
         subscribed = threading.Event()
