@@ -23,6 +23,7 @@ from agent.config import Config, ModelConfig
 from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
+from agent.models.tensors import check_inputs
 from agent.profiler import Profile, load_profile, measure_latency_table
 from agent.profiler.measure import zeros_batch
 from agent.scheduler.clock import MonotonicClock
@@ -32,7 +33,6 @@ from agent.scheduler.live import LiveLoop
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
 from agent.telemetry import Telemetry
-from agent.wire import check_inputs
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from agent import wire
-from agent.backends.base import TensorSpec
 from agent.errors import BAD_REQUEST, INVALID_INPUT, TOO_LARGE, InferenceError
+from agent.models.tensors import TensorSpec, check_inputs
 
 SPECS = (TensorSpec("frames", np.uint8, (None, 4, 4, 3)),)
 LIMIT = 64 * 1024
@@ -31,7 +31,7 @@ def test_round_trip_request():
     payload = wire.encode_request("r1", {"frames": frame()}, slo_ms=20, priority=3)
     decoded = wire.decode_request(payload, LIMIT)
     assert (decoded.id, decoded.slo_ms, decoded.priority, decoded.deadline) == ("r1", 20.0, 3, None)
-    arrays = wire.check_inputs("m", SPECS, decoded.inputs)
+    arrays = check_inputs("m", SPECS, decoded.inputs)
     assert arrays["frames"].shape == (1, 4, 4, 3)
     np.testing.assert_array_equal(arrays["frames"][0], frame())
 
@@ -92,7 +92,7 @@ def test_request_id_survives_on_errors():
 ])
 def test_inputs_checked_against_the_model(inputs, field, fragment):
     with pytest.raises(InferenceError) as info:
-        wire.check_inputs("m", SPECS, inputs)
+        check_inputs("m", SPECS, inputs)
     assert info.value.code == INVALID_INPUT
     assert info.value.field == field
     assert fragment in info.value.message

@@ -14,8 +14,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from agent.backends.base import Backend, TensorSpec
+from agent.backends.base import Backend
 from agent.core import gather_into, scatter_rows
+from agent.models.tensors import TensorSpec
 from agent.scheduler.dispatcher import Dispatch
 
 
