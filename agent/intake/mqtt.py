@@ -17,9 +17,9 @@ from paho.mqtt.client import MQTTMessage
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from agent import wire
 from agent.api import Agent
 from agent.errors import InferenceError
+from agent.intake.msgpack_codec import decode_request, encode_reply, error_reply, result_reply
 from agent.transport.connection import MqttTransport
 from agent.transport.topics import infer_topic
 
@@ -60,19 +60,19 @@ class MqttIntake:
         model = message.topic.rsplit("/", 1)[-1]
         request_id = None
         try:
-            request = wire.decode_request(message.payload, self.max_payload)
+            request = decode_request(message.payload, self.max_payload)
             request_id = request.id
             future = self.agent.submit(model, request.inputs, slo_ms=request.slo_ms, deadline=request.deadline,
                                        priority=request.priority, client_id=request.id)
         except InferenceError as exc:
             if request_id is None:
                 request_id = getattr(exc, "request_id", None)
-            self._publish(response_topic, correlation, wire.error_reply(request_id, exc))
+            self._publish(response_topic, correlation, error_reply(request_id, exc))
             return
         except Exception as exc:  # never let one request take down the network thread
             log.exception("unexpected failure on %s", message.topic)
             self._publish(response_topic, correlation,
-                          wire.error_reply(request_id, InferenceError("internal", f"{type(exc).__name__}: {exc}")))
+                          error_reply(request_id, InferenceError("internal", f"{type(exc).__name__}: {exc}")))
             return
         future.add_done_callback(lambda f: self._reply(f, response_topic, correlation, request_id))
 
@@ -81,18 +81,18 @@ class MqttIntake:
     def _reply(self, future: Future, response_topic: str, correlation: bytes | None, request_id: str) -> None:
         error = future.exception()
         if error is None:
-            reply = future.result().as_wire(request_id)
+            reply = result_reply(future.result(), request_id)
         elif isinstance(error, InferenceError):
-            reply = wire.error_reply(request_id, error)
+            reply = error_reply(request_id, error)
         else:
-            reply = wire.error_reply(request_id, InferenceError("internal", f"{type(error).__name__}: {error}"))
+            reply = error_reply(request_id, InferenceError("internal", f"{type(error).__name__}: {error}"))
         self._publish(response_topic, correlation, reply)
 
     def _publish(self, response_topic: str, correlation: bytes | None, reply: dict) -> None:
         props = Properties(PacketTypes.PUBLISH)
         if correlation is not None:
             props.CorrelationData = correlation
-        self.transport.publish(response_topic, wire.encode_reply(reply), qos=0, properties=props)
+        self.transport.publish(response_topic, encode_reply(reply), qos=0, properties=props)
 
     def stop_taking(self) -> None:
         """Unsubscribe, so no new request arrives while the agent drains (replies still go out)."""

@@ -1,21 +1,27 @@
-"""Request/reply codec (wire format v1, DESIGN.md).
+"""The MQTT wire's codec (msgpack, wire format v1, DESIGN.md): requests, tensors and replies.
+
+Both sides use it: the agent's MQTT intake decodes requests and encodes replies, an application
+(``agent.client``, the load generator) encodes requests and decodes replies.
 
 Validation order matters: size is checked before a byte is decoded, the map's fields next, the
 model's interface last (``agent.models.tensors.check_inputs``, in ``Agent.submit``), so each error
-names the first thing wrong. Decoded tensors are zero-copy
-views of the payload (``numpy.frombuffer``); the batch assembly copies them once into the batch.
+names the first thing wrong. Decoded tensors are zero-copy views of the payload
+(``numpy.frombuffer``); the batch assembly copies them once into the batch.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 
 from agent.errors import BAD_REQUEST, INVALID_INPUT, TOO_LARGE, InferenceError
+
+if TYPE_CHECKING:   # an application's side imports the codec without the agent's scheduler
+    from agent.scheduler.request import Result
 
 WIRE_VERSION = 1
 
@@ -152,8 +158,17 @@ def encode_request(request_id: str, inputs: Mapping[str, np.ndarray], *, slo_ms:
 
 # --- replies ------------------------------------------------------------------------------------
 
+def result_reply(result: Result, request_id: str | None) -> dict:
+    """The reply map of a served request (outputs still numpy; :func:`encode_reply` packs them)."""
+    return {
+        "id": request_id, "status": "ok", "outputs": result.outputs,
+        "timing": {"queue_ms": result.queue_ms, "compute_ms": result.compute_ms, "total_ms": result.total_ms},
+        "batch_size": result.batch_size, "served_by": result.served_by,
+    }
+
+
 def encode_reply(reply: dict) -> bytes:
-    """A reply map (see :meth:`agent.api.Result.as_wire`) to bytes; numpy outputs become wire tensors."""
+    """A reply map (:func:`result_reply`, :func:`error_reply`) to bytes; numpy outputs become wire tensors."""
     outputs = reply.get("outputs")
     if outputs is not None:
         reply = dict(reply, outputs={k: encode_tensor(v) for k, v in outputs.items()})
