@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import socket
+import threading
 import time
 
 import pytest
@@ -123,21 +124,34 @@ def test_subscribe_after_connect_waits_for_the_broker_and_unsubscribe_stops_deli
         transport.stop()
 
 
+def _subscribed_reader(broker, topic):
+    """A client subscribed to ``topic`` (SUBACK received) and the queue its messages go to."""
+    reader = _app(broker, "reader")
+    messages: queue.Queue = queue.Queue()
+    acked = threading.Event()
+    reader.on_message = lambda c, u, m: messages.put(m)
+    reader.on_subscribe = lambda *args: acked.set()
+    reader.subscribe(topic, qos=1)
+    assert acked.wait(5)
+    return reader, messages
+
+
 def test_status_retained_on_connect_offline_on_stop_and_as_last_will(broker):
     device = _device("status")
+    topic = topics.status_topic(device)
     transport = MqttTransport(device, broker.host, broker.port, status=lambda: {"device": device, "state": "online"})
     assert transport.client_id == f"edge-agent-{device}"
-    transport.connect()
-    reader = _app(broker, "reader")
-    statuses: queue.Queue = queue.Queue()
-    reader.on_message = lambda c, u, m: statuses.put(m)
-    reader.subscribe(topics.status_topic(device), qos=1)
+    reader, statuses = _subscribed_reader(broker, topic)
     try:
-        online = statuses.get(timeout=5)
-        assert online.retain and json.loads(online.payload) == {"device": device, "state": "online"}
+        transport.connect()
+        assert json.loads(statuses.get(timeout=5).payload) == {"device": device, "state": "online"}
+        late_reader, late = _subscribed_reader(broker, topic)   # after the fact: the retained copy
+        retained = late.get(timeout=5)
+        _close(late_reader)
+        assert retained.retain and json.loads(retained.payload)["state"] == "online"
+
         transport.stop()
-        offline = statuses.get(timeout=5)
-        assert json.loads(offline.payload) == {"device": device, "state": "offline"}
+        assert json.loads(statuses.get(timeout=5).payload) == {"device": device, "state": "offline"}
 
         vanishing = MqttTransport(device, broker.host, broker.port, status=lambda: {"state": "online"}).connect()
         assert json.loads(statuses.get(timeout=5).payload) == {"state": "online"}

@@ -65,6 +65,7 @@ class MqttTransport:
         self._inflight: dict[int, tuple[str, ...]] = {}   # SUBSCRIBE packet id -> its filters
         self._acked: dict[str, Any] = {}             # filter -> the broker's reason code, this connection
         self._started = False
+        self._connect_handled = threading.Event()    # set once on_connect has subscribed and published
 
     # --- the router ------------------------------------------------------------------------------
 
@@ -120,7 +121,11 @@ class MqttTransport:
         when the broker cannot be reached or refuses, ``TimeoutError`` when it does not acknowledge."""
         with self._cond:
             self._started = True
+        self._connect_handled.clear()
         connect(self.client, self.host, self.port)
+        # connect() returns on CONNACK, which may be before _on_connect has run on the network thread.
+        if not self._connect_handled.wait(timeout):
+            raise TimeoutError(f"broker {self.host}:{self.port}: no connect callback within {timeout} s")
         with self._cond:
             filters = list(self._subscriptions)
         self._wait_acked(filters, timeout)
@@ -160,6 +165,7 @@ class MqttTransport:
             except Exception:
                 log.exception("could not publish the status on %s", self.status_topic)
         log.info("connected to mqtt://%s:%d as %s, subscribed to %s", self.host, self.port, self.client_id, filters)
+        self._connect_handled.set()
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         with self._cond:
