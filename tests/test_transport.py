@@ -112,8 +112,10 @@ def test_subscribe_after_connect_waits_for_the_broker_and_unsubscribe_stops_deli
         transport.subscribe(topics.offload_topic(device), put)   # returns after SUBACK
         app.publish(topics.offload_topic(device, "m"), b"o1").wait_for_publish(5)
         assert got.get(timeout=5).payload == b"o1"
-        with pytest.raises(ValueError, match="already has a handler"):
+        with pytest.raises(ValueError, match="already routes"):
             transport.subscribe(topics.offload_topic(device), put)
+        with pytest.raises(ValueError, match="already routes"):
+            transport.subscribe(topics.shared("g", topics.offload_topic(device)), put)
         transport.unsubscribe(topics.offload_topic(device))
         time.sleep(0.2)   # the UNSUBSCRIBE reaches the broker (same connection, in order)
         app.publish(topics.offload_topic(device, "m"), b"o2").wait_for_publish(5)

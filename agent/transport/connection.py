@@ -75,13 +75,15 @@ class MqttTransport:
         Before :meth:`connect` this only registers (``connect`` subscribes and waits); on a started
         transport it returns once the broker has acknowledged the subscription, so nothing
         published after it returns is missed. A shared filter (``$share/<group>/x/+``) routes the
-        messages on ``x/+``. One handler per filter. Raises ``TimeoutError`` when the broker does
-        not acknowledge within ``timeout`` seconds, ``ConnectionError`` when it refuses.
+        messages on ``x/+``. One handler per filter (a shared and a plain filter on the same topics
+        count as one). Raises ``TimeoutError`` when the broker does not acknowledge within
+        ``timeout`` seconds, ``ConnectionError`` when it refuses.
         """
         match = unshared(topic_filter)
         with self._cond:
-            if topic_filter in self._subscriptions:
-                raise ValueError(f"topic filter {topic_filter!r} already has a handler")
+            taken = [f for f in self._subscriptions if unshared(f) == match]
+            if taken:
+                raise ValueError(f"topic filter {topic_filter!r}: {taken[0]!r} already routes the messages on {match!r}")
             self._subscriptions[topic_filter] = qos
             self._acked.pop(topic_filter, None)
             self.client.message_callback_add(match, self._guarded(topic_filter, handler))
