@@ -23,6 +23,7 @@ from agent.config import Config, ModelConfig
 from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
+from agent.models.tensors import check_inputs
 from agent.profiler import Profile, load_profile, measure_latency_table
 from agent.profiler.measure import zeros_batch
 from agent.runtime.live import LiveLoop
@@ -31,7 +32,6 @@ from agent.scheduler.dispatcher import Dispatch, Scheduler
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
 from agent.telemetry import Telemetry
-from agent.wire import check_inputs
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import numpy as np
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import wire
-from agent.intake.mqtt import infer_topic
-from agent.mqtt import connect, make_client
+from agent.intake.msgpack_codec import decode_reply, encode_request
+from agent.transport.paho_client import connect, make_client
+from agent.transport.topics import infer_topic
 
 ReplyCallback = Callable[[dict, float], None]   # (decoded reply, round trip seconds)
 
@@ -43,7 +43,7 @@ class InferenceClient:
         """Publish one request; ``on_reply`` runs on the network thread when its reply arrives."""
         seq = next(self._seq)
         correlation = seq.to_bytes(8, "big")
-        payload = wire.encode_request(request_id or f"{self.reply_topic}#{seq}", inputs, slo_ms=slo_ms, priority=priority)
+        payload = encode_request(request_id or f"{self.reply_topic}#{seq}", inputs, slo_ms=slo_ms, priority=priority)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = correlation
@@ -70,7 +70,7 @@ class InferenceClient:
         if entry is None:
             return  # not ours, or a duplicate
         sent, callback = entry
-        callback(wire.decode_reply(message.payload), time.perf_counter() - sent)
+        callback(decode_reply(message.payload), time.perf_counter() - sent)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -2,6 +2,8 @@
 
 One exception type carries them all, so an error raised deep in validation reaches an MQTT reply,
 an in-process ``Future`` or a log line with the same code, message and offending field.
+:class:`BackendError`, a model that cannot be loaded or run, lives here too: the backends raise it,
+and so does a model's :class:`~agent.models.tensors.TensorSpec`, which the backends build on.
 """
 from __future__ import annotations
 
@@ -43,3 +45,7 @@ class InferenceError(Exception):
 
     def __repr__(self) -> str:
         return f"InferenceError({self.code!r}, {self.message!r}, field={self.field!r})"
+
+
+class BackendError(RuntimeError):
+    """A model could not be loaded or run; the message names the file, the provider and what failed."""

@@ -1,8 +1,10 @@
-"""An agent with its intakes, started and stopped in the order that loses no reply.
+"""An agent with its transport and intakes, started and stopped in the order that loses no reply.
 
-Start: models load (and are profiled) before any intake subscribes or listens. Stop: intakes stop
+Start: models load (and are profiled) before any intake subscribes or listens; the MQTT intake
+registers its topics on the agent's one MQTT connection (:mod:`agent.transport`) before that
+connects, so the retained ``online`` status never precedes the subscription. Stop: intakes stop
 taking requests (MQTT unsubscribes; HTTP answers new requests 503), the agent serves or answers
-everything it accepted, then the intakes disconnect (MQTT with the ``offline`` status, HTTP after
+everything it accepted, then the connections close (MQTT with the ``offline`` status, HTTP after
 writing the last replies) so the last replies still reach their clients.
 
 Between the two, the heap built at start-up (models, runtimes, numpy, the intakes' tables: some
@@ -20,6 +22,7 @@ from agent.api import Agent
 from agent.config import Config
 from agent.intake.http import HttpIntake
 from agent.intake.mqtt import MqttIntake
+from agent.transport.connection import MqttTransport
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +33,30 @@ class Service:
         self.agent = Agent(config, grace_s=grace_s)
         gc.collect()
         gc.freeze()
+        self.transport: MqttTransport | None = None
         self.mqtt: MqttIntake | None = None
         self.http: HttpIntake | None = None
         try:
             if config.http.enabled:
                 self.http = HttpIntake(self.agent, config.http.host, config.http.port).start()
             if config.mqtt.enabled:
-                self.mqtt = MqttIntake(self.agent, config.mqtt.host, config.mqtt.port).start()
+                self.transport = MqttTransport(config.device, config.mqtt.host, config.mqtt.port,
+                                               status=self.agent.status)
+                self.mqtt = MqttIntake(self.agent, self.transport).start()
+                self.transport.connect()
         except Exception:
             self.close()
             raise
 
     def close(self) -> None:
-        intakes = [intake for intake in (self.mqtt, self.http) if intake is not None]
-        for intake in intakes:
-            intake.stop_taking()
+        for intake in (self.mqtt, self.http):
+            if intake is not None:
+                intake.stop_taking()
         self.agent.close()
-        for intake in intakes:
-            intake.stop()
+        if self.transport is not None:
+            self.transport.stop()
+        if self.http is not None:
+            self.http.stop()
 
     def __enter__(self) -> "Service":
         return self

@@ -19,12 +19,12 @@ from agent.backends import (
     BACKEND_KINDS,
     Backend,
     BackendError,
-    TensorSpec,
     available_backends,
     edgetpu_available,
     load_backend,
 )
 from agent.models.card import DEMO_DIR, load_card
+from agent.models.tensors import TensorSpec
 
 DEMO_MODELS = ("mobilenet_digits", "resnet_digits")
 VARIANTS = {"onnx": "onnxruntime", "tflite": "litert", "tflite_int8": "litert"}

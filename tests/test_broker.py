@@ -1,4 +1,4 @@
-"""LocalBroker (a real mosquitto) and the paho helpers in agent.mqtt, against each other."""
+"""LocalBroker (a real mosquitto) and the paho helpers in agent.transport.paho_client, against each other."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt import connect, make_client
+from agent.transport.paho_client import connect, make_client
 from edge_lab import broker as broker_module
 from edge_lab.broker import LocalBroker, MosquittoNotFound, find_mosquitto
 

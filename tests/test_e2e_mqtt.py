@@ -16,11 +16,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import wire
 from agent.config import CONFIG_VERSION, parse_config
+from agent.intake.msgpack_codec import decode_tensor, encode_request, encode_tensor
 from agent.models.digits import frames_from_digits, load_test_set
-from agent.mqtt import connect, make_client
 from agent.service import Service
+from agent.transport.paho_client import connect, make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "e2e-board"
@@ -87,7 +87,7 @@ def raw(broker, service):
 
 
 def good_payload(frame, request_id="ok-1", **kw):
-    return wire.encode_request(request_id, {"frames": frame}, slo_ms=kw.pop("slo_ms", 2000), **kw)
+    return encode_request(request_id, {"frames": frame}, slo_ms=kw.pop("slo_ms", 2000), **kw)
 
 
 def test_good_request_gets_a_correct_reply(raw, digits):
@@ -95,34 +95,34 @@ def test_good_request_gets_a_correct_reply(raw, digits):
     for i in range(20):
         reply = raw.request("mobilenet_digits", good_payload(frames[i], f"r{i}"), f"c{i}".encode()).result(10)
         assert reply["status"] == "ok" and reply["id"] == f"r{i}"
-        logits = wire.decode_tensor(reply["outputs"]["logits"], "logits")
+        logits = decode_tensor(reply["outputs"]["logits"], "logits")
         assert logits.shape == (1, 10) and logits.dtype == np.float32
         assert set(reply["timing"]) == {"queue_ms", "compute_ms", "total_ms"}
         assert reply["served_by"]["device"] == DEVICE
-    correct = [int(np.argmax(wire.decode_tensor(raw.request("mobilenet_digits", good_payload(frames[i]), f"a{i}".encode())
+    correct = [int(np.argmax(decode_tensor(raw.request("mobilenet_digits", good_payload(frames[i]), f"a{i}".encode())
                                                 .result(10)["outputs"]["logits"], "l"))) == labels[i] for i in range(50)]
     assert sum(correct) >= 45
 
 
 def _tensor(frame, **changes):
-    return dict(wire.encode_tensor(frame), **changes)
+    return dict(encode_tensor(frame), **changes)
 
 
 BAD = {
     "not_msgpack": (lambda f: b"\xc1\xc1\xc1", "mobilenet_digits", "bad_request", None),
     "not_a_map": (lambda f: msgpack.packb([1, 2]), "mobilenet_digits", "bad_request", None),
-    "missing_id": (lambda f: msgpack.packb({"inputs": {"frames": wire.encode_tensor(f)}, "slo_ms": 10}),
+    "missing_id": (lambda f: msgpack.packb({"inputs": {"frames": encode_tensor(f)}, "slo_ms": 10}),
                    "mobilenet_digits", "bad_request", "id"),
     "unknown_model": (lambda f: good_payload(f), "no_such_model", "unknown_model", "model"),
-    "wrong_dtype": (lambda f: wire.encode_request("x", {"frames": f.astype(np.float32)}, slo_ms=100),
+    "wrong_dtype": (lambda f: encode_request("x", {"frames": f.astype(np.float32)}, slo_ms=100),
                     "mobilenet_digits", "invalid_input", "inputs.frames.dtype"),
-    "wrong_shape": (lambda f: wire.encode_request("x", {"frames": f[:32]}, slo_ms=100),
+    "wrong_shape": (lambda f: encode_request("x", {"frames": f[:32]}, slo_ms=100),
                     "mobilenet_digits", "invalid_input", "inputs.frames.shape"),
-    "wrong_input_name": (lambda f: wire.encode_request("x", {"image": f}, slo_ms=100),
+    "wrong_input_name": (lambda f: encode_request("x", {"image": f}, slo_ms=100),
                          "mobilenet_digits", "invalid_input", "inputs.image"),
     "short_data": (lambda f: msgpack.packb({"id": "x", "slo_ms": 10, "inputs": {"frames": _tensor(f, data=b"\0" * 10)}}),
                    "mobilenet_digits", "invalid_input", "inputs.frames.data"),
-    "oversize": (lambda f: wire.encode_request("x", {"frames": np.zeros((200, 200, 3), np.uint8)}, slo_ms=100),
+    "oversize": (lambda f: encode_request("x", {"frames": np.zeros((200, 200, 3), np.uint8)}, slo_ms=100),
                  "mobilenet_digits", "too_large", None),
     "bad_slo": (lambda f: good_payload(f, slo_ms=-1), "mobilenet_digits", "bad_request", "slo_ms"),
 }
@@ -154,7 +154,7 @@ def test_request_without_response_topic_is_counted_not_run(raw, service, digits)
 
 def test_impossible_deadline_is_rejected_with_the_reason(raw, digits):
     frames, _ = digits
-    reply = raw.request("mobilenet_digits", wire.encode_request("late", {"frames": frames[0]}, deadline=time.time() - 1),
+    reply = raw.request("mobilenet_digits", encode_request("late", {"frames": frames[0]}, deadline=time.time() - 1),
                         b"late").result(10)
     assert reply["error"]["code"] == "rejected" and reply["id"] == "late"
     assert "deadline cannot be met" in reply["error"]["message"]
@@ -199,7 +199,7 @@ def test_cli_agent_with_mosquitto_pub_and_sub(broker, tmp_path, digits):
         while "SUBACK" not in sub.stdout.readline():
             pass
         good = tmp_path / "good.bin"
-        good.write_bytes(wire.encode_request("cli-1", {"frames": frames[3]}, slo_ms=2000))
+        good.write_bytes(encode_request("cli-1", {"frames": frames[3]}, slo_ms=2000))
         bad = tmp_path / "bad.bin"
         bad.write_bytes(b"this is not msgpack \xc1")
         for name, path in (("corr-good", good), ("corr-bad", bad)):
@@ -215,7 +215,7 @@ def test_cli_agent_with_mosquitto_pub_and_sub(broker, tmp_path, digits):
         sub.wait(timeout=20)
         good_reply, bad_reply = replies["corr-good"], replies["corr-bad"]
         assert good_reply["status"] == "ok" and good_reply["id"] == "cli-1"
-        logits = wire.decode_tensor(good_reply["outputs"]["logits"], "logits")
+        logits = decode_tensor(good_reply["outputs"]["logits"], "logits")
         assert int(np.argmax(logits)) == labels[3]
         assert bad_reply["status"] == "error" and bad_reply["error"]["code"] == "bad_request"
     finally:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from tritonclient.http import InferResult
 
-from agent.backends.base import TensorSpec
 from agent.errors import (BAD_REQUEST, DEADLINE_MISSED, ERROR_CODES, INVALID_INPUT, REJECTED, SHUTTING_DOWN,
                           UNKNOWN_MODEL, InferenceError)
 from agent.intake import oip
+from agent.models.tensors import TensorSpec
 
 INPUTS = (TensorSpec("frames", np.uint8, (None, 4, 4, 3)),)
 OUTPUTS = (TensorSpec("logits", np.float32, (None, 10)), TensorSpec("features", np.float32, (None, 2)))

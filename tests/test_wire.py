@@ -5,9 +5,11 @@ import msgpack
 import numpy as np
 import pytest
 
-from agent import wire
-from agent.backends.base import TensorSpec
 from agent.errors import BAD_REQUEST, INVALID_INPUT, TOO_LARGE, InferenceError
+from agent.intake.msgpack_codec import (decode_reply, decode_request, encode_reply, encode_request, encode_tensor,
+                                        result_reply)
+from agent.models.tensors import TensorSpec, check_inputs
+from agent.scheduler.request import Result
 
 SPECS = (TensorSpec("frames", np.uint8, (None, 4, 4, 3)),)
 LIMIT = 64 * 1024
@@ -18,7 +20,7 @@ def frame(dtype=np.uint8, shape=(4, 4, 3)):
 
 
 def request(**overrides) -> dict:
-    message = {"id": "r1", "inputs": {"frames": wire.encode_tensor(frame())}, "slo_ms": 50}
+    message = {"id": "r1", "inputs": {"frames": encode_tensor(frame())}, "slo_ms": 50}
     message.update(overrides)
     return message
 
@@ -28,25 +30,37 @@ def pack(message) -> bytes:
 
 
 def test_round_trip_request():
-    payload = wire.encode_request("r1", {"frames": frame()}, slo_ms=20, priority=3)
-    decoded = wire.decode_request(payload, LIMIT)
+    payload = encode_request("r1", {"frames": frame()}, slo_ms=20, priority=3)
+    decoded = decode_request(payload, LIMIT)
     assert (decoded.id, decoded.slo_ms, decoded.priority, decoded.deadline) == ("r1", 20.0, 3, None)
-    arrays = wire.check_inputs("m", SPECS, decoded.inputs)
+    arrays = check_inputs("m", SPECS, decoded.inputs)
     assert arrays["frames"].shape == (1, 4, 4, 3)
     np.testing.assert_array_equal(arrays["frames"][0], frame())
 
 
 def test_reply_round_trip():
     logits = np.linspace(0, 1, 10, dtype=np.float32).reshape(1, 10)
-    payload = wire.encode_reply({"id": "r1", "status": "ok", "outputs": {"logits": logits}, "batch_size": 2})
-    reply = wire.decode_reply(payload)
+    payload = encode_reply({"id": "r1", "status": "ok", "outputs": {"logits": logits}, "batch_size": 2})
+    reply = decode_reply(payload)
     np.testing.assert_array_equal(reply["outputs"]["logits"], logits)
     assert reply["batch_size"] == 2
 
 
+def test_result_reply_is_wire_format_v1():
+    logits = np.arange(10, dtype=np.float32).reshape(1, 10)
+    result = Result({"logits": logits}, queue_ms=1.5, compute_ms=2.0, total_ms=3.75, batch_size=4,
+                    served_by={"device": "b1", "instance": 0})
+    reply = decode_reply(encode_reply(result_reply(result, "r7")))
+    assert set(reply) == {"id", "status", "outputs", "timing", "batch_size", "served_by"}
+    assert (reply["id"], reply["status"], reply["batch_size"]) == ("r7", "ok", 4)
+    assert reply["timing"] == {"queue_ms": 1.5, "compute_ms": 2.0, "total_ms": 3.75}
+    assert reply["served_by"] == {"device": "b1", "instance": 0}
+    np.testing.assert_array_equal(reply["outputs"]["logits"], logits)
+
+
 def test_oversize_is_refused_before_decoding():
     with pytest.raises(InferenceError) as info:
-        wire.decode_request(b"\xc1" * (LIMIT + 1), LIMIT)   # not msgpack either: size is checked first
+        decode_request(b"\xc1" * (LIMIT + 1), LIMIT)   # not msgpack either: size is checked first
     assert info.value.code == TOO_LARGE
     assert str(LIMIT) in info.value.message
 
@@ -63,22 +77,22 @@ def test_oversize_is_refused_before_decoding():
     (pack(request(min_accuracy=2)), BAD_REQUEST, "min_accuracy"),
     (pack(request(inputs=[])), BAD_REQUEST, "inputs"),
     (pack(request(inputs={"frames": {"dtype": "uint8", "shape": [4, 4, 3]}})), INVALID_INPUT, "inputs.frames.data"),
-    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), dtype="complex64")})), INVALID_INPUT, "inputs.frames.dtype"),
-    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), dtype="nonsense")})), INVALID_INPUT, "inputs.frames.dtype"),
-    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), shape=[4, "x"])})), INVALID_INPUT, "inputs.frames.shape"),
-    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), data=b"short")})), INVALID_INPUT, "inputs.frames.data"),
-    (pack(request(inputs={"frames": dict(wire.encode_tensor(frame()), codec="zstd")})), INVALID_INPUT, "inputs.frames.codec"),
+    (pack(request(inputs={"frames": dict(encode_tensor(frame()), dtype="complex64")})), INVALID_INPUT, "inputs.frames.dtype"),
+    (pack(request(inputs={"frames": dict(encode_tensor(frame()), dtype="nonsense")})), INVALID_INPUT, "inputs.frames.dtype"),
+    (pack(request(inputs={"frames": dict(encode_tensor(frame()), shape=[4, "x"])})), INVALID_INPUT, "inputs.frames.shape"),
+    (pack(request(inputs={"frames": dict(encode_tensor(frame()), data=b"short")})), INVALID_INPUT, "inputs.frames.data"),
+    (pack(request(inputs={"frames": dict(encode_tensor(frame()), codec="zstd")})), INVALID_INPUT, "inputs.frames.codec"),
 ])
 def test_malformed_requests(payload, code, field):
     with pytest.raises(InferenceError) as info:
-        wire.decode_request(payload, LIMIT)
+        decode_request(payload, LIMIT)
     assert info.value.code == code
     assert info.value.field == field
 
 
 def test_request_id_survives_on_errors():
     with pytest.raises(InferenceError) as info:
-        wire.decode_request(pack(request(slo_ms=0)), LIMIT)
+        decode_request(pack(request(slo_ms=0)), LIMIT)
     assert info.value.request_id == "r1"
 
 
@@ -92,13 +106,13 @@ def test_request_id_survives_on_errors():
 ])
 def test_inputs_checked_against_the_model(inputs, field, fragment):
     with pytest.raises(InferenceError) as info:
-        wire.check_inputs("m", SPECS, inputs)
+        check_inputs("m", SPECS, inputs)
     assert info.value.code == INVALID_INPUT
     assert info.value.field == field
     assert fragment in info.value.message
 
 
 def test_decoded_tensor_is_a_zero_copy_view():
-    payload = wire.encode_request("r", {"frames": frame()}, slo_ms=5)
-    decoded = wire.decode_request(payload, LIMIT)
+    payload = encode_request("r", {"frames": frame()}, slo_ms=5)
+    decoded = decode_request(payload, LIMIT)
     assert not decoded.inputs["frames"].flags.owndata

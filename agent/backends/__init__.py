@@ -3,8 +3,8 @@
 ``load_backend("onnxruntime" | "litert", path, threads=1, **options)`` loads ONE instance of a
 model; the agent loads several for concurrency and drives each from its own thread.
 
-Imports are lazy: importing ``agent.backends`` loads neither onnxruntime nor LiteRT, so the CLI,
-the wire codec and the simulator start fast and a board that lacks one runtime still runs the other.
+Imports are lazy: importing ``agent.backends`` loads neither onnxruntime nor LiteRT, so the CLI
+and the simulator start fast and a board that lacks one runtime still runs the other.
 Board-specific parts (the Edge TPU delegate, the TensorRT/CUDA providers) are detected at load time;
 :func:`available_backends` and :func:`edgetpu_available` let the self-test say what the board has.
 """
@@ -15,12 +15,11 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from agent.backends.base import Backend, BackendError, TensorSpec
+from agent.backends.base import Backend, BackendError
 
 __all__ = [
     "Backend",
     "BackendError",
-    "TensorSpec",
     "BACKEND_KINDS",
     "load_backend",
     "available_backends",

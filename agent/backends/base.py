@@ -22,66 +22,14 @@ scheduler state.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Backend", "BackendError", "TensorSpec"]
+from agent.errors import BackendError
+from agent.models.tensors import TensorSpec, shape_text
 
-
-class BackendError(RuntimeError):
-    """A model could not be loaded or run; the message names the file, the provider and what failed."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Name, element type and shape of one model input or output.
-
-    ``shape`` holds ``None`` for a dynamic dimension. Only the leading (batch) dimension may be
-    dynamic for a model the agent serves: the batch former needs a fixed per-item shape to lay
-    requests side by side in a preallocated buffer.
-    """
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]
-
-    def __post_init__(self) -> None:
-        # Normalise so that specs compare equal whatever the caller passed (np.uint8, "uint8", ...).
-        object.__setattr__(self, "dtype", np.dtype(self.dtype))
-        object.__setattr__(self, "shape", tuple(None if d is None else int(d) for d in self.shape))
-
-    def item_shape(self) -> tuple[int, ...]:
-        """The shape of one item: ``shape`` without the batch dimension.
-
-        Raises :class:`BackendError` when the tensor has no batch dimension or a dimension other
-        than the batch one is dynamic, because then one item has no fixed size.
-        """
-        cached = self.__dict__.get("_item_shape")
-        if cached is not None:   # asked once per request by the wire's input check
-            return cached
-        if not self.shape:
-            raise BackendError(
-                f"tensor {self.name!r} is a scalar (shape ()); expected a leading batch dimension"
-            )
-        rest = self.shape[1:]
-        dynamic = [i + 1 for i, d in enumerate(rest) if d is None]
-        if dynamic:
-            raise BackendError(
-                f"tensor {self.name!r} has shape {_shape_text(self.shape)}: dimension(s) "
-                f"{dynamic} are dynamic; only the leading batch dimension may be dynamic"
-            )
-        item = tuple(int(d) for d in rest)  # type: ignore[arg-type]
-        object.__setattr__(self, "_item_shape", item)
-        return item
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.dtype.name}{_shape_text(self.shape)}"
-
-
-def _shape_text(shape: tuple[int | None, ...]) -> str:
-    return "[" + ",".join("N" if d is None else str(d) for d in shape) + "]"
+__all__ = ["Backend", "BackendError"]
 
 
 class Backend(ABC):
@@ -122,9 +70,9 @@ class Backend(ABC):
     def _check_batch(self, batch: dict[str, np.ndarray]) -> int:
         """Validate input names, dtypes and item shapes; return the batch size.
 
-        The wire codec validates requests long before this; this check is the last line that turns
-        a programming error into a :class:`BackendError` naming the tensor, instead of a crash
-        deep in native code.
+        Requests are checked against the card long before this (``agent.models.tensors.check_inputs``);
+        this check is the last line that turns a programming error into a :class:`BackendError`
+        naming the tensor, instead of a crash deep in native code.
         """
         expected = {spec.name for spec in self.inputs}
         if set(batch) != expected:
@@ -147,7 +95,7 @@ class Backend(ABC):
             ):
                 raise BackendError(
                     f"{self.path.name}: input {spec.name!r} has shape {list(array.shape)}, "
-                    f"expected {_shape_text(spec.shape)}"
+                    f"expected {shape_text(spec.shape)}"
                 )
             if batch_size is None:
                 batch_size = int(array.shape[0])

@@ -47,7 +47,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import Backend, BackendError, TensorSpec
+from agent.backends.base import Backend, BackendError
+from agent.models.tensors import TensorSpec
 
 __all__ = [
     "LiteRTBackend",

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agent.backends.base import Backend, BackendError, TensorSpec
+from agent.backends.base import Backend, BackendError
+from agent.models.tensors import TensorSpec
 
 __all__ = ["OnnxRuntimeBackend", "AUTO_PROVIDER_ORDER", "ort_type_to_dtype"]
 

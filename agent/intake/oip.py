@@ -36,9 +36,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from agent.backends.base import TensorSpec
 from agent.errors import (BAD_REQUEST, DEADLINE_MISSED, INTERNAL, INVALID_INPUT, REJECTED, SHUTTING_DOWN,
                           TOO_LARGE, UNKNOWN_MODEL, InferenceError)
+from agent.models.tensors import TensorSpec
 
 #: The protocol's tensor datatypes this agent carries, and their numpy dtypes (little-endian on the wire).
 DATATYPES: dict[str, np.dtype] = {

@@ -1,8 +1,9 @@
 """Model cards: what a shipped model takes, returns, how accurate each file is, and where it may be split.
 
-The card is the agent's source of truth for a model's interface: the wire validates requests against
-it before a request is queued, and every loaded backend instance is checked against it at start, so a
-file that does not match its card fails at load time, not on the first request.
+The card is the agent's source of truth for a model's interface: every request is checked against
+it (``agent.models.tensors.check_inputs``) before it is queued, and every loaded backend instance is
+checked against it at start, so a file that does not match its card fails at load time, not on the
+first request.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.backends.base import TensorSpec
+from agent.models.tensors import TensorSpec
 
 CARD_VERSION = 1
 DEMO_DIR = Path(__file__).resolve().parent / "demo"

@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from agent.backends.base import Backend, BackendError, TensorSpec
+from agent.backends.base import Backend, BackendError
 from agent.core import LatencyTable
+from agent.models.tensors import TensorSpec
 
 __all__ = [
     "profile_batch_sizes",

@@ -3,7 +3,7 @@
 It assembles the batch into a preallocated buffer per (model, instance) with the compiled core's
 ``gather_into`` (one memcpy per request), runs the instance's backend, and scatters the output rows
 back per request. A batch of one (every request on an idle board) runs on the request's own arrays,
-already contiguous and shaped ``(1, ...)`` at intake (``check_inputs``): a camera frame is not copied
+already contiguous and shaped ``(1, ...)`` at intake (``agent.models.tensors.check_inputs``): a camera frame is not copied
 once more.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from agent.backends.base import Backend, TensorSpec
+from agent.backends.base import Backend
 from agent.core import gather_into, scatter_rows
+from agent.models.tensors import TensorSpec
 from agent.runtime.executor import BatchOutcome, OnDone
 from agent.scheduler.dispatcher import Dispatch
 

@@ -41,11 +41,3 @@ class Result:
     total_ms: float
     batch_size: int
     served_by: dict = field(default_factory=dict)
-
-    def as_wire(self, request_id: str | None) -> dict:
-        """The reply map of wire format v1 (outputs still numpy; ``wire.encode_reply`` packs them)."""
-        return {
-            "id": request_id, "status": "ok", "outputs": self.outputs,
-            "timing": {"queue_ms": self.queue_ms, "compute_ms": self.compute_ms, "total_ms": self.total_ms},
-            "batch_size": self.batch_size, "served_by": self.served_by,
-        }

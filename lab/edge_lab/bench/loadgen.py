@@ -343,13 +343,13 @@ class MqttTarget(_Target):
         self._reply_topic = ""
 
     def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
-        from agent import wire
+        from agent.intake import msgpack_codec as wire
         input_name, _, frames, _ = self.frames.inputs[model]
         return wire.encode_request(f"{frame_index}", {input_name: frames[frame_index]}, slo_ms=slo_ms,
                                    priority=priority or None)
 
     def connect(self) -> None:
-        from agent.mqtt import connect, make_client
+        from agent.transport.paho_client import connect, make_client
         self._client = make_client(f"bench-loadgen-{id(self)}")
         self._reply_topic = f"bench/replies/{id(self)}"
         subscribed = threading.Event()
@@ -363,7 +363,7 @@ class MqttTarget(_Target):
     def _on_reply(self, client, userdata, message) -> None:
         """On paho's network thread: the reply is stamped here (no kernel time through paho) and
         handed to the loop."""
-        from agent import wire
+        from agent.intake import msgpack_codec as wire
         received = time.perf_counter()
         index = struct.unpack("!Q", message.properties.CorrelationData)[0]
         with self._lock:

@@ -1,21 +1,27 @@
-"""Request/reply codec (wire format v1, DESIGN.md) and the input validation every intake shares.
+"""The MQTT wire's codec (msgpack, wire format v1, DESIGN.md): requests, tensors and replies.
+
+Both sides use it: the agent's MQTT intake decodes requests and encodes replies, an application
+(``agent.client``, the load generator) encodes requests and decodes replies.
 
 Validation order matters: size is checked before a byte is decoded, the map's fields next, the
-model's interface last, so each error names the first thing wrong. Decoded tensors are zero-copy
-views of the payload (``numpy.frombuffer``); the batch assembly copies them once into the batch.
+model's interface last (``agent.models.tensors.check_inputs``, in ``Agent.submit``), so each error
+names the first thing wrong. Decoded tensors are zero-copy views of the payload
+(``numpy.frombuffer``); the batch assembly copies them once into the batch.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 
-from agent.backends.base import TensorSpec
 from agent.errors import BAD_REQUEST, INVALID_INPUT, TOO_LARGE, InferenceError
+
+if TYPE_CHECKING:   # an application's side imports the codec without the agent's scheduler
+    from agent.scheduler.request import Result
 
 WIRE_VERSION = 1
 
@@ -73,45 +79,6 @@ def decode_tensor(tensor: Any, field: str) -> np.ndarray:
             f"{field}.data",
         )
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
-
-
-def check_inputs(model: str, specs: Sequence[TensorSpec], inputs: Any) -> dict[str, np.ndarray]:
-    """Check a request's tensors against the model's card: names, dtype, rank and shape.
-
-    One request carries one item: each tensor has the model's item shape, with or without a leading
-    batch dimension of 1. Returns C-contiguous arrays shaped ``(1, *item_shape)`` in the model's dtype
-    (a strided view, a slice of a bigger frame say, is copied here, once: batch assembly and a batch of
-    one run on contiguous rows).
-    """
-    if type(inputs) is not dict and not isinstance(inputs, Mapping):
-        raise InferenceError(BAD_REQUEST, f"inputs must be a map of name -> tensor, got {type(inputs).__name__}", "inputs")
-    expected_names = [s.name for s in specs]
-    for name in inputs:
-        if name not in expected_names:
-            raise InferenceError(
-                INVALID_INPUT, f"model {model!r} has no input {name!r}; its inputs are {expected_names}", f"inputs.{name}")
-    out: dict[str, np.ndarray] = {}
-    for spec in specs:
-        field = f"inputs.{spec.name}"
-        if spec.name not in inputs:
-            raise InferenceError(INVALID_INPUT, f"missing input {spec.name!r} of model {model!r}", field)
-        array = inputs[spec.name]
-        if not isinstance(array, np.ndarray):
-            raise InferenceError(INVALID_INPUT, f"{field} must be a numpy array, got {type(array).__name__}", field)
-        if array.dtype != spec.dtype:
-            raise InferenceError(
-                INVALID_INPUT, f"{field} has dtype {array.dtype.name}; model {model!r} expects {spec.dtype.name}",
-                f"{field}.dtype")
-        item = spec.item_shape()
-        if array.shape == item:
-            array = array.reshape((1, *item))
-        elif array.shape != (1, *item):
-            raise InferenceError(
-                INVALID_INPUT,
-                f"{field} has shape {list(array.shape)}; model {model!r} expects {list(item)} (or [1, ...] with one item)",
-                f"{field}.shape")
-        out[spec.name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-    return out
 
 
 # --- requests -----------------------------------------------------------------------------------
@@ -191,8 +158,17 @@ def encode_request(request_id: str, inputs: Mapping[str, np.ndarray], *, slo_ms:
 
 # --- replies ------------------------------------------------------------------------------------
 
+def result_reply(result: Result, request_id: str | None) -> dict:
+    """The reply map of a served request (outputs still numpy; :func:`encode_reply` packs them)."""
+    return {
+        "id": request_id, "status": "ok", "outputs": result.outputs,
+        "timing": {"queue_ms": result.queue_ms, "compute_ms": result.compute_ms, "total_ms": result.total_ms},
+        "batch_size": result.batch_size, "served_by": result.served_by,
+    }
+
+
 def encode_reply(reply: dict) -> bytes:
-    """A reply map (see :meth:`agent.api.Result.as_wire`) to bytes; numpy outputs become wire tensors."""
+    """A reply map (:func:`result_reply`, :func:`error_reply`) to bytes; numpy outputs become wire tensors."""
     outputs = reply.get("outputs")
     if outputs is not None:
         reply = dict(reply, outputs={k: encode_tensor(v) for k, v in outputs.items()})

@@ -1,4 +1,5 @@
-"""Thin helpers for paho-mqtt 2.x MQTT v5 clients: the intake, the demo clients and the tests use them.
+"""Thin helpers for paho-mqtt 2.x MQTT v5 clients: the agent's transport, the application client
+(``agent.client``), the load generator and the tests use them.
 
 Two things every client here needs and paho does not do by itself:
 
