@@ -1,8 +1,12 @@
 """Build of the compiled core.
 
-The Cython sources live in ``_core/`` (the design card's layout) but are compiled into the
-``agent.core`` package, so callers always import them through ``agent`` and never a bare
-top-level module. ``agent/core/__init__.py`` picks the compiled modules or their pure-Python twin.
+The Cython sources live in ``_core/`` (the design card's layout), each module at its qualified
+path with its declarations beside it: ``_core/agent/core/_deadline_queue.pyx`` and
+``_deadline_queue.pxd``, and so on. That is where Cython looks for a module's ``.pxd`` when another
+module cimports it (``from agent.core._deadline_queue cimport DeadlineQueue``, found through
+``include_path=["_core"]``). The modules are compiled into the ``agent.core`` package, so callers
+always import them through ``agent`` and never a bare top-level module. ``agent/core/__init__.py``
+picks the compiled modules or their pure-Python twin (``agent/core/pure/``).
 """
 from setuptools import Extension, setup
 from Cython.Build import cythonize
@@ -12,7 +16,7 @@ CORE_MODULES = ["deadline_queue", "latency_table", "batch_rules", "batch_assembl
 extensions = [
     Extension(
         f"agent.core._{name}",
-        sources=[f"_core/{name}.pyx"],
+        sources=[f"_core/agent/core/_{name}.pyx"],
         # -ffp-contract=off: no fused multiply-add, so the latency table and the batching
         # rules compute bit-identical doubles to the pure-Python twin on every board (GCC
         # contracts a*b+c by default where the CPU has FMA, e.g. aarch64 Jetsons).

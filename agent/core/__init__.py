@@ -3,10 +3,15 @@
 Two implementations behind the same names, as msgpack does with ``_cmsgpack`` and
 ``fallback.py``:
 
-* the compiled one (``_core/*.pyx``, built into ``agent.core._deadline_queue`` and friends):
-  what the agent runs by default;
-* the pure-Python twin, ``agent.core.pure``: the readable specification, and what runs on a
-  board without a C compiler. Select it with ``EDGE_AGENT_CORE=python``.
+* the compiled one (``_core/agent/core/*.pyx``, built into ``agent.core._deadline_queue`` and
+  friends): what the agent runs by default;
+* the pure-Python twin, the package ``agent.core.pure`` (one module per compiled module): the
+  readable specification, and what runs on a board without a C compiler. Select it with
+  ``EDGE_AGENT_CORE=python``.
+
+What both share is defined once in ``agent.core.types`` and exported from here whichever runs:
+the result types ``PushResult`` and ``BatchPlan``, and ``BatchRule``, the interface of every
+batching rule (compiled, pure, and the baselines in ``agent.scheduler.baselines``).
 
 Callers import from here (``from agent.core import DeadlineQueue``), never a compiled module by
 name. ``IMPLEMENTATION`` says which one was loaded ("compiled" or "python"). If the compiled
@@ -23,23 +28,24 @@ __all__ = [
     "DynamicBatch",
     "DeadlineAwareBatch",
     "BatchPlan",
+    "BatchRule",
     "gather_into",
     "scatter_rows",
     "IMPLEMENTATION",
 ]
+
+from agent.core.types import BatchPlan, BatchRule, PushResult
 
 _ENV_VAR = "EDGE_AGENT_CORE"
 _requested = os.environ.get(_ENV_VAR, "").strip().lower()
 
 if _requested == "python":
     from agent.core.pure import (
-        BatchPlan,
         DeadlineAwareBatch,
         DeadlineQueue,
         DynamicBatch,
         FixedBatch,
         LatencyTable,
-        PushResult,
         gather_into,
         scatter_rows,
     )
@@ -61,7 +67,6 @@ elif _requested in ("", "compiled"):
             f"`python setup.py build_ext --inplace` in the source tree), or set "
             f"{_ENV_VAR}=python to run the pure-Python twin (slower, same behaviour)."
         ) from exc
-    from agent.core.pure import BatchPlan, PushResult
 
     IMPLEMENTATION = "compiled"
 else:

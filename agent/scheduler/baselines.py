@@ -24,7 +24,7 @@ import math
 from typing import Any
 
 from agent.core import BatchPlan
-from agent.core.pure import BatchRule
+from agent.core import BatchRule
 
 _IDLE = BatchPlan(0, math.inf)
 

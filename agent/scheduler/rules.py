@@ -1,8 +1,9 @@
 """Build a model's batching rule (``agent.core``) and scheduler lane from its config.
 
-The rules themselves live in the compiled core (``_core/batch_rules.pyx``, twin in
-``agent/core/pure.py``), the paper baselines in ``agent/scheduler/baselines.py``; this is the one place a config section becomes a rule object and a lane,
-for the live agent and the simulator alike.
+The rules themselves live in the compiled core (``_core/agent/core/_batch_rules.pyx``, twin in
+``agent/core/pure/batch_rules.py``), the paper baselines in ``agent/scheduler/baselines.py``, all
+behind one interface (``agent.core.BatchRule``); this is the one place a config section becomes a
+rule object and a lane, for the live agent and the simulator alike.
 """
 from __future__ import annotations
 

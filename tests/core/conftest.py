@@ -3,7 +3,8 @@
 The ``core`` fixture is a namespace with the public names (DeadlineQueue, PushResult,
 LatencyTable, FixedBatch, DynamicBatch, DeadlineAwareBatch, BatchPlan, gather_into,
 scatter_rows). The compiled modules are imported by name here, on purpose: the tests must
-exercise both, whatever ``EDGE_AGENT_CORE`` selects for the package. If the extensions were not
+exercise both, whatever ``EDGE_AGENT_CORE`` selects for the package. ``PushResult`` and
+``BatchPlan`` are the shared ones (``agent.core.types``) in both. If the extensions were not
 built the compiled half is skipped with the reason (``-ra`` shows it).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import agent.core.pure as pure
+import agent.core.types as core_types
 
 settings.register_profile(
     "core",
@@ -44,12 +46,12 @@ def _compiled_namespace() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         name="compiled",
         DeadlineQueue=queue.DeadlineQueue,
-        PushResult=pure.PushResult,
+        PushResult=core_types.PushResult,
         LatencyTable=table.LatencyTable,
         FixedBatch=rules.FixedBatch,
         DynamicBatch=rules.DynamicBatch,
         DeadlineAwareBatch=rules.DeadlineAwareBatch,
-        BatchPlan=pure.BatchPlan,
+        BatchPlan=core_types.BatchPlan,
         gather_into=assembly.gather_into,
         scatter_rows=assembly.scatter_rows,
     )

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import agent.core.pure as pure
+import agent.core.types as core_types
 
 INF = math.inf
 
@@ -102,7 +103,7 @@ def test_plans_are_the_shared_namedtuple(core):
     queue = make_queue(core, [(1.0, 0.0, 0)] * 5)
     for rule in all_rules(core):
         plan = rule.plan(queue, 0.0)
-        assert type(plan) is pure.BatchPlan
+        assert type(plan) is core_types.BatchPlan
         assert 0 <= plan.take <= min(len(queue), rule.max_batch)
         assert len(queue) == 5  # rules never pop
 

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 EXPORTS = [
     "DeadlineQueue", "PushResult", "LatencyTable", "FixedBatch", "DynamicBatch",
-    "DeadlineAwareBatch", "BatchPlan", "gather_into", "scatter_rows", "IMPLEMENTATION",
+    "DeadlineAwareBatch", "BatchPlan", "BatchRule", "gather_into", "scatter_rows", "IMPLEMENTATION",
 ]
 
 
@@ -45,10 +45,13 @@ def test_compiled_core_is_the_default():
     pytest.importorskip("agent.core._deadline_queue")
     result = run_python(
         """
+        import sys
         import agent.core as core
         assert core.IMPLEMENTATION == "compiled", core.IMPLEMENTATION
         assert core.DeadlineQueue.__module__ == "agent.core._deadline_queue"
-        assert core.PushResult.__module__ == core.BatchPlan.__module__ == "agent.core.pure"
+        assert core.PushResult.__module__ == core.BatchPlan.__module__ == "agent.core.types"
+        assert core.BatchRule.__module__ == "agent.core.types"
+        assert "agent.core.pure" not in sys.modules  # the compiled core needs nothing of the twin
         """,
         None,
     )
@@ -84,3 +87,26 @@ def test_missing_compiled_core_explains_how_to_fix_it():
     assert message.startswith("ImportError: edge-agent: the compiled core was not built")
     assert "pip install -e ." in message and "python setup.py build_ext --inplace" in message
     assert "EDGE_AGENT_CORE=python" in message
+
+
+# Every name agent/core/pure.py defined while the twin was one module, private helpers included:
+# the package agent/core/pure/ re-exports them all, so no import elsewhere breaks.
+SINGLE_MODULE_ALL = [
+    "DeadlineQueue", "PushResult", "LatencyTable", "BatchRule", "FixedBatch", "DynamicBatch",
+    "DeadlineAwareBatch", "BatchPlan", "gather_into", "scatter_rows", "MAX_QUEUE_CAPACITY",
+]
+SINGLE_MODULE_PRIVATE = [
+    "_Entry", "_IDLE", "_INF", "_INT32_MAX", "_INT32_MIN", "_INT64_MAX", "_INT64_MIN", "_as_float",
+    "_as_int", "_as_int32", "_as_int64", "_check_batch_size", "_check_capacity", "_check_dst",
+    "_check_duration", "_check_ids_array", "_validated_preferred", "_validated_profile",
+]
+
+
+def test_pure_twin_package_keeps_every_name_of_the_single_module():
+    import agent.core.pure as pure
+    import agent.core.types as core_types
+
+    assert sorted(pure.__all__) == sorted(SINGLE_MODULE_ALL)
+    assert [name for name in SINGLE_MODULE_ALL + SINGLE_MODULE_PRIVATE if not hasattr(pure, name)] == []
+    for name in ("PushResult", "BatchPlan", "BatchRule", "MAX_QUEUE_CAPACITY", "_check_capacity"):
+        assert getattr(pure, name) is getattr(core_types, name), name

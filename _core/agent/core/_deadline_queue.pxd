@@ -1,11 +1,11 @@
 # C-level declaration of the deadline queue, for other compiled modules (uvloop style).
 #
-# Why this file lives at _core/agent/core/_deadline_queue.pxd and not _core/deadline_queue.pxd:
-# Cython finds a module's .pxd (and, at run time, imports the module that owns a shared cdef
-# class) by the module's fully qualified name. The extension is agent.core._deadline_queue, so
-# its declarations must be found as agent/core/_deadline_queue.pxd on the include path
-# (include_path=["_core"] in setup.py). A flat _core/deadline_queue.pxd would make cimporters
-# look for a top-level module "deadline_queue" at run time.
+# Why this file and its .pyx live at _core/agent/core/ and not flat in _core/: Cython finds a
+# module's .pxd (and, at run time, imports the module that owns a shared cdef class) by the
+# module's fully qualified name. The extension is agent.core._deadline_queue, so its declarations
+# must be found as agent/core/_deadline_queue.pxd on the include path (include_path=["_core"] in
+# setup.py), and the .pyx sits beside its .pxd. A flat _core/deadline_queue.pxd would make
+# cimporters look for a top-level module "deadline_queue" at run time.
 #
 # cimport it as:  from agent.core._deadline_queue cimport DeadlineQueue
 

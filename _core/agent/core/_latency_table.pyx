@@ -10,7 +10,7 @@ from libc.stdlib cimport malloc, free
 
 import numpy as np
 
-from agent.core.pure import _validated_profile
+from agent.core.types import _validated_profile
 
 
 cdef class LatencyTable:

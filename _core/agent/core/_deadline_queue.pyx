@@ -32,7 +32,7 @@ from cpython.buffer cimport (
     PyBUF_WRITABLE,
 )
 
-from agent.core.pure import PushResult, _check_capacity
+from agent.core.types import PushResult, _check_capacity
 
 # The returned enum members, held in C variables: no module-dict lookup per push.
 cdef object _RESULT_OK = PushResult.OK

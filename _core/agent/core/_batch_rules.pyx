@@ -2,9 +2,12 @@
 """Batching rules over the compiled queue (compiled as agent.core._batch_rules).
 
 Each rule reads the queue and the latency table through their C-level methods (declared in the
-.pxd files) and returns ``agent.core.pure.BatchPlan``, the very NamedTuple the pure twin
-returns. The exact rules, and why, are documented on the twin's classes in ``agent.core.pure``;
-the code below is the same logic, line for line, with the same floating-point expressions.
+.pxd files) and returns ``agent.core.types.BatchPlan``, the very NamedTuple the pure twin
+returns. The exact rules, and why, are documented on the twin's classes in
+``agent.core.pure.batch_rules``; the code below is the same logic, line for line, with the same
+floating-point expressions. The cdef base ``BatchRule`` is registered as a virtual subclass of
+``agent.core.types.BatchRule``, the interface every rule shares (a cdef class cannot inherit
+from a Python class).
 """
 from libc.stdlib cimport malloc, free
 from libc.math cimport INFINITY
@@ -12,8 +15,9 @@ from libc.math cimport INFINITY
 from agent.core._deadline_queue cimport DeadlineQueue
 from agent.core._latency_table cimport LatencyTable
 
-from agent.core.pure import (
+from agent.core.types import (
     BatchPlan,
+    BatchRule as _BatchRuleInterface,
     _check_batch_size,
     _check_duration,
     _validated_preferred,
@@ -59,6 +63,12 @@ cdef class BatchRule:
 
     def observe(self, batch_size, duration_s, met):
         """A batch of this rule was answered: stateless, ignored (see the pure twin)."""
+
+
+# The one rule interface is agent.core.types.BatchRule, a Python abstract base; a cdef class
+# cannot inherit from it, so the compiled base (and with it every compiled rule) is registered as
+# a virtual subclass: isinstance(rule, agent.core.BatchRule) holds for compiled rules too.
+_BatchRuleInterface.register(BatchRule)
 
 
 cdef class FixedBatch(BatchRule):
