@@ -125,3 +125,14 @@ def test_relative_card_path_resolves_against_the_config_file(tmp_path):
         'config_version = 1\n[[models]]\nname = "m"\ncard = "cards/m.json"\n')
     config = load_config(tmp_path / "cfg.toml")
     assert config.models[0].card == str(tmp_path / "cards" / "m.json")
+
+
+def test_the_policy_defaults_to_the_rules_and_an_unknown_one_is_named():
+    assert parse_config(base()).policy == "rules"
+    data = base()
+    data["agent"]["policy"] = "rules"
+    assert parse_config(data).policy == "rules"
+    data["agent"]["policy"] = "learned-v9"
+    with pytest.raises(ConfigError) as refused:
+        parse_config(data)
+    assert "agent.policy" in str(refused.value) and "learned-v9" in str(refused.value) and "rules" in str(refused.value)

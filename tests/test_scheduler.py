@@ -582,3 +582,58 @@ def test_the_lane_starts_alone_only_under_a_rule_that_dispatches_a_lone_request_
     config = ModelConfig("m", "demo:mobilenet_digits", batching=BatchingConfig(**batching))
     t = table()
     assert build_lane("m", build_rule(config.batching, t), config, t).starts_alone is alone
+
+
+# --- the policy seam ------------------------------------------------------------------------------
+
+
+class _MostQueued:
+    """A policy of the test's own: the model with the most queued requests, all of them, on the
+    highest free instance; records what it was told."""
+
+    name = "most-queued"
+
+    def __init__(self):
+        self.dispatched_calls, self.observed = [], []
+
+    def decide(self, s, now):
+        from agent.scheduler.policy import Action
+        lanes = [lane for lane in s.lanes.values() if len(lane.queue) and lane.free_instances]
+        if not lanes or s.in_flight >= s.max_concurrent:
+            return None, math.inf
+        lane = max(lanes, key=lambda lane: len(lane.queue))
+        return Action(lane.name, len(lane.queue), instance=max(lane.free_instances)), math.inf
+
+    def alone(self, s, lane, request):
+        return None
+
+    def dispatched(self, action, n, now):
+        self.dispatched_calls.append((action.model, n))
+
+    def observe(self, dispatch, now):
+        self.observed.append(dispatch.model)
+
+
+def test_a_policy_of_its_own_decides_every_dispatch_and_learns_from_it():
+    policy = _MostQueued()
+    s = Scheduler([Scheduler.lane(name, FixedBatch(4), 2, 64) for name in ("a", "b")], max_concurrent=2, policy=policy)
+    s.enqueue(req("a", 0.0, 0.010))          # the earliest deadline: EDF would take it first
+    for _ in range(3):
+        s.enqueue(req("b", 0.0, 1.0))
+    dispatch = s.poll(0.0).dispatch
+    assert (dispatch.model, len(dispatch.requests), dispatch.instance) == ("b", 3, 1)
+    assert dispatch.action.batch_size == 3 and dispatch.action.target == "local" and dispatch.action.exit is None
+    assert policy.dispatched_calls == [("b", 3)]
+    assert s.start_alone(req("a", 5.0, 1.0)) is None        # the policy never starts alone
+    s.release(dispatch)
+    s.observe(dispatch, 0.1)
+    assert policy.observed == ["b"] and sorted(s.lanes["b"].free_instances) == [0, 1] and s.in_flight == 0
+
+
+def test_the_policy_is_chosen_by_name():
+    from agent.scheduler.policy import build_policy, policy_names
+    assert "rules" in policy_names()
+    s = scheduler({"a": FixedBatch(1)})
+    assert s.policy.name == "rules" and build_policy("rules", s).name == "rules"
+    with pytest.raises(ValueError, match="policy = 'nope'"):
+        Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 8)], max_concurrent=1, policy="nope")

@@ -61,7 +61,8 @@ class Policy(Protocol):
         """The batch to start now, or ``None`` to leave the slots idle, and when to be asked again
         if nothing arrives or finishes first (``math.inf``: not before then). Called with every
         request that can no longer finish in time already taken out of the queues; a returned
-        action names a lane with a queued request and a free instance, and ``batch_size >= 1``."""
+        action names a lane with a queued request and a free instance, and ``1 <= batch_size <=``
+        the lane's ``rule.max_batch`` (its batch buffers are that big)."""
 
     def alone(self, scheduler: "Scheduler", lane: "ModelLane", request: "Request") -> Action | None:
         """A request has arrived at an idle board (nothing queued, nothing in flight): the action
