@@ -62,6 +62,7 @@ class Driver:
         self._on_reply = on_reply
         self._served_by = served_by
         self._explain = explain
+        self._complete = self.complete      # one bound method, not one per batch
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ class Driver:
         for request in decision.expired:
             self.fail(request, self._expired_error(request, now))
         if decision.dispatch is not None:
-            self.executor.start(decision.dispatch, self.complete)
+            self.executor.start(decision.dispatch, self._complete)
 
     def _expired_error(self, request: Request, now: float) -> InferenceError:
         if not self._explain:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:   # the scheduler imports this module; the types are for readers and checkers
     from agent.scheduler.dispatcher import Dispatch, ModelLane, Scheduler
@@ -34,9 +33,8 @@ LOCAL = "local"
 DEFAULT_POLICY = "rules"
 
 
-@dataclass(slots=True, frozen=True)
-class Action:
-    """One dispatch decision.
+class Action(NamedTuple):
+    """One dispatch decision (a named tuple: immutable, and cheap to make once per batch).
 
     ``model``: the lane whose queue the batch is popped from; ``batch_size``: how many requests it
     takes at most (fewer when some expire as it is popped); ``instance``: which of the model's

@@ -80,9 +80,13 @@ class RulePolicy:
 
     def observe(self, dispatch: "Dispatch", now: float) -> None:
         requests = dispatch.requests
-        if requests:
+        if len(requests) == 1:
+            met = now <= requests[0].deadline
+        elif requests:
             met = now <= min(request.deadline for request in requests)
-            self._rules[dispatch.model].observe(len(requests), now - dispatch.started, met)
+        else:
+            return
+        self._rules[dispatch.model].observe(len(requests), now - dispatch.started, met)
 
 
 def build(scheduler: "Scheduler") -> RulePolicy:
