@@ -7,11 +7,11 @@ taking requests (MQTT unsubscribes; HTTP answers new requests 503), the agent se
 everything it accepted, then the connections close (MQTT with the ``offline`` status, HTTP after
 writing the last replies) so the last replies still reach their clients.
 
-Between the two, the heap built at start-up (models, runtimes, numpy, the intakes' tables: some
-35,000 objects that live as long as the process) is moved out of the cyclic garbage collector's
-reach (``gc.freeze``). A full collection otherwise walks all of them and stops every Python thread,
-the intakes' event loop and the workers' hand-offs included: 13-14 ms on this board, twice in one
-0.5x ``bench triton`` replay (about 45 s); frozen, 1-2 ms.
+Between the two, the heap built at start-up (models, runtimes, numpy, the intakes' tables: tens of
+thousands of objects that live as long as the process) is moved out of the cyclic garbage
+collector's reach (``gc.freeze``). A full collection otherwise walks all of them and stops every
+Python thread, the intakes' event loop and the workers' hand-offs included, for many times longer
+than with the heap frozen (BENCHMARKS.md, "Side by side with a real Triton", sixth session).
 """
 from __future__ import annotations
 

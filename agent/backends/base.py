@@ -13,10 +13,10 @@ by sharing one object between threads:
   failures contained.
 
 Threads (not processes) are enough because both runtimes release the GIL while they compute
-(``InferenceSession.run`` and ``Interpreter.invoke`` run native code without the GIL; measured on
-the development machine: two threads on two interpreters finish in about the time of one), so two
-instances really run on two cores while the Python side stays in one process with one copy of the
-scheduler state.
+(``InferenceSession.run`` and ``Interpreter.invoke`` run native code without the GIL; on the
+development machine two threads on two interpreters finish in about the time of one: BENCHMARKS.md,
+"Figures that were in docstrings"), so two instances really run on two cores while the Python side
+stays in one process with one copy of the scheduler state.
 """
 
 from __future__ import annotations

@@ -7,11 +7,11 @@ older ``tflite_runtime`` wheel that some board images ship. Neither is a hard de
 ``resize_tensor_input`` + ``allocate_tensors`` and, on the next ``invoke``, XNNPACK re-plans its
 operators for the new shape. The backend can keep an LRU of interpreters keyed by batch size
 (``max_interpreters``); when the LRU is full the least recently used one is resized, not rebuilt.
-The default is 1, i.e. resize only when the batch size changes, because measured on the demo
-models (2-core x86, XNNPACK, one thread) a resize costs 0.03-0.07 ms (0.18 ms for the float
-ResNet at batch 1) against 0.4-34 ms per invoke, while four cached interpreters nearly double an
-instance's memory (mobilenet 19 -> 34 MiB, resnet 19 -> 38 MiB RSS) and a random 1/2/4/8 batch
-mix ran no faster (1.80 vs 1.83 ms per batch). Raise it for a delegate whose re-planning is costly.
+The default is 1, i.e. resize only when the batch size changes, because on the demo models
+(2-core x86, XNNPACK, one thread) a resize costs a small fraction of an invoke, while cached
+interpreters add much to an instance's memory and a random mix of batch sizes ran no faster
+(BENCHMARKS.md, "Figures that were in docstrings"). Raise it for a delegate whose re-planning is
+costly.
 
 **Quantised models.** Callers always see the model card's interface: uint8 frames in, float32
 logits out, whichever file variant is loaded. The demo ``*_int8.tflite`` files (PT2E static int8)
@@ -30,9 +30,9 @@ beside the delegate, so it is reported as the CPU it runs on. ``delegate="edgetp
 and fails with an error that says what is missing. Compiled models have a fixed batch size; a
 larger batch runs as consecutive invokes of that size.
 
-**Threads.** ``Interpreter.invoke`` releases the GIL while the kernels run (measured with the demo
-models at batch 8: two interpreters invoked from two threads finish 1.8-2.0x sooner than one after
-the other on 2 cores, and a pure-Python thread keeps its full speed during an invoke), so the
+**Threads.** ``Interpreter.invoke`` releases the GIL while the kernels run (with the demo models on
+2 cores, two interpreters invoked from two threads run nearly in parallel, and a pure-Python thread
+keeps its full speed during an invoke: BENCHMARKS.md, "Figures that were in docstrings"), so the
 agent's concurrent instances are backend objects driven from separate threads.
 """
 

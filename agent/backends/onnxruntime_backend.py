@@ -4,7 +4,8 @@ Session settings and why:
 
 * one intra-op thread per session, inter-op 1, spinning off for both. onnxruntime's default pool
   spins waiting for work; on a 2-core board shared with the agent's own threads the spinning
-  threads steal the cores the other instances need (measured: up to 4x less goodput). The agent
+  threads steal the cores the other instances need, at a large cost in goodput (BENCHMARKS.md,
+  "Figures that were in docstrings"). The agent
   gets parallelism by running several sessions (instances) on separate executor threads instead.
 * ``ORT_SEQUENTIAL`` execution: with one inter-op thread a parallel executor only adds overhead.
 * all graph optimisations: load time is paid once, at start.

@@ -16,7 +16,8 @@ batching rule (compiled, pure, and the baselines in ``agent.scheduler.baselines`
 Callers import from here (``from agent.core import DeadlineQueue``), never a compiled module by
 name. ``IMPLEMENTATION`` says which one was loaded ("compiled" or "python"). If the compiled
 modules are missing and the twin was not asked for, importing fails loudly rather than falling
-back silently: a 10x slower queue on a board is a deployment mistake, not a detail.
+back silently: on a board, a queue many times slower is a deployment mistake, not a detail
+(BENCHMARKS.md, "Deadline queue").
 """
 import os
 

@@ -134,9 +134,9 @@ class _HeadCache(dict):
     """Parsed request heads, keyed by their raw bytes. A client repeats the same head for every
     request to a model (the same path, headers and, for fixed-size tensors, Content-Length), so a
     head is parsed and routed once. On an idle board, where that Python runs on caches gone cold in
-    the wait, reading a request up to its body's parse took 33 us without it and 14 us with it
-    (BENCHMARKS.md, idle overhead). Bounded like ``oip.LayoutCache``:
-    cleared when full, so a client whose heads all differ costs one insert each."""
+    the wait, parsing the head anew took more than half of the time from reading a request to
+    parsing its body (BENCHMARKS.md, "Figures that were in docstrings"). Bounded like
+    ``oip.LayoutCache``: cleared when full, so a client whose heads all differ costs one insert each."""
 
     SIZE = 256
 
@@ -342,8 +342,9 @@ class _Connection(asyncio.Protocol):
         That thread is a worker, or on an idle board the loop itself (``agent.runtime.live.LiveLoop.run_alone``),
         called from inside the future's ``set_result``: before the scheduler frees the batch's slot
         and learns its time, which the client need not wait for. Under a burst the loop's thread is
-        busy reading and admitting arrivals, and a reply handed to it waits its turn behind them (a
-        median of 2 ms for the replies that came back late at 1x load in ``bench triton``). The
+        busy reading and admitting arrivals, and a reply handed to it waits its turn behind them (the
+        replies that came back late at 1x load in ``bench triton`` had waited there for milliseconds:
+        BENCHMARKS.md, "Figures that were in docstrings"). The
         connection has this one request in flight, so nothing else writes to it meanwhile: the
         answering thread sends on its own descriptor when the transport has nothing buffered, and
         hands the loop only what the socket did not take, a close, or pipelined input.

@@ -4,8 +4,8 @@
 
 * ``b``: batch size; ``k``: instances busy at once (this one included); ``P``: cores on the board.
 * ``alpha + beta * b``: the isolated batch time, a fixed per-call cost plus a per-item cost
-  (ours; on this 2-core CPU a batch of b costs about b batches of 1, so ``alpha`` is small, on a
-  GPU it dominates).
+  (ours; on the 2-core CPU of BENCHMARKS.md, "Board profile", a batch costs about as much as its
+  items run one by one, so ``alpha`` is small; on a GPU it dominates).
 * ``max(1, k * u / P)``: **processor sharing, from Ibis** (PAPERS.md section 2). Ibis models
   instances that share one accelerator as an M/G/1/PS queue: every busy instance gets an equal
   share of the processor, so each one's service stretches with the number sharing it. Ours: the
@@ -23,7 +23,7 @@
 Fitting: ``alpha`` and ``beta`` enter linearly once ``u`` and ``gamma`` are fixed, so the fit
 searches ``(u, gamma)`` on a grid that it zooms into, solving a least-squares problem for
 ``(alpha, beta)`` at each grid point. The loss is the sum of squared *relative* errors, so batch 1
-(0.5 ms) weighs as much as batch 64 (40 ms): admission control cares about relative error.
+weighs as much as batch 64, many times longer: admission control cares about relative error.
 
 Held-out points are never seen by the fit; their relative errors are the figure of merit.
 """

@@ -9,8 +9,8 @@ shape (the demo models' cost does not depend on the pixel values):
   agent runs them) busy at once, and pairs of *different* models busy at once. Only runs that
   started after every thread was going and finished before any thread was told to stop count, so
   every kept sample saw exactly k co-runners; a naive "start k threads, time N runs each" lets a
-  fast thread finish alone and reports too little interference (measured here: k = 3 instances of
-  a 0.55 ms model looked free).
+  fast thread finish alone and reports too little interference (on the 2-core development VM it
+  showed more instances than cores as free: BENCHMARKS.md, "Figures that were in docstrings").
 
 :func:`measure_latency_table` and :func:`profile_batch_sizes` are the quick start-up profile the
 agent takes before serving (:mod:`agent.api`); they keep their signatures and behaviour.
@@ -159,7 +159,8 @@ class ConcurrentSamples:
     by the runs): the duration *plus* the time the thread waited for a core between runs. The two
     differ when a run is shorter than the OS time slice: then k threads on too few cores take
     turns run by run, each run's duration stays as if alone, and the slowdown shows only in the
-    cycle (measured here: mobilenet at batch 1, 4 instances: 0.54 ms per run, but 4x fewer runs).
+    cycle (mobilenet at batch 1 on the 2-core development VM: BENCHMARKS.md, "Figures that were in
+    docstrings").
     """
 
     durations_s: list[list[float]]

@@ -126,7 +126,7 @@ def fit_points(entry: dict) -> list[tuple[int, int, float]]:
     (wall time per completed batch, :class:`~agent.profiler.measure.ConcurrentSamples`), not the
     run duration, because processor sharing predicts how much less often each instance finishes,
     and on a board where a run is shorter than the OS time slice the run's own duration hides
-    exactly that. At k = 1 the two agree within the Python overhead per call (tens of us).
+    exactly that. At k = 1 the two agree within the Python overhead per call.
     """
     batch, conc = entry["batch"], entry["concurrency"]
     points = [(int(b), 1, float(t)) for b, t in zip(batch["sizes"], batch["p50_ms"])]
@@ -156,9 +156,9 @@ def profile_config(config: Config, *, max_batch: int = 64, repeats: int = 30, wa
 
     ``rounds``: the whole plan (sweeps, concurrency grid, pairs) runs this many times, interleaved,
     and each figure is the median over rounds (the sweep pools its samples). A board shares its
-    cores with whatever else runs on it (measured on the development VM: a burst of other work
-    halved the cores for seconds and made 2 instances look 2x slower); a burst now spoils one
-    round of a point, not the point.
+    cores with whatever else runs on it (on the development VM a burst of other work took cores
+    away for seconds and made co-running instances look much slower: BENCHMARKS.md, "Figures that
+    were in docstrings"); a burst now spoils one round of a point, not the point.
     ``progress_stream``: where the progress bar goes (default stderr; None: nowhere).
     The result is validated (:func:`agent.profiler.profile_file.validate_profile`).
     """

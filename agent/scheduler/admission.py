@@ -22,14 +22,14 @@ instances, the intake and the applications. So every finished batch reports its 
 observed and profiled batch durations, so each batch counts in proportion to its length. Every
 prediction is the profiled time times it: the model adapts online to what the board really
 delivers. A slowdown, not an added excess, because sharing the cores stretches a batch in
-proportion to its length: at 1.5x load in ``bench triton`` a batch of one resnet ran 1.1x its
-profiled time and a batch of 8 1.6x (0.3 ms more against 9.9 ms more), and one excess learned mostly
-from the many batches of one had the big batches finish up to 30 ms past their deadlines. (A
-slowdown per batch size was tried: a size the lane stops running keeps the slowdown of its last
-slow spell, and in one run at 1x the cheap model's 50 ms class fell from 94% to 52% in time.
-Trimming a planned batch until its first deadline held at the learned time was tried too: at 0.5x
-load it took 5% of the goodput and doubled the p99, smaller batches draining each burst more
-slowly.)
+proportion to its length: under load in ``bench triton`` a big batch ran further past its profiled
+time, in proportion, than a batch of one, and one excess learned mostly from the many batches of
+one had the big batches finish well past their deadlines. (A slowdown per batch size was tried: a
+size the lane stops running keeps the slowdown of its last slow spell, and the cheap model's loose
+class lost much of its share in time. Trimming a planned batch until its first deadline held at
+the learned time was tried too: it cost goodput and lengthened the tail, smaller batches draining
+each burst more slowly. Figures: BENCHMARKS.md, "Side by side with a real Triton", fifth session,
+and "Figures that were in docstrings".)
 
 Models share the execution slots: the scheduler also pours every model's predicted work that will
 run before the request (queued requests that pop first) over the slots, each free now or when its
@@ -48,9 +48,10 @@ its class's slack is within its deadline. This is the stochastic-approximation q
 the slack settles where a fraction ``1 - q`` of the class's admitted requests miss (the
 ``MISS_QUANTILE`` target), whatever the model above leaves out, and falls back to 0 off overload.
 Per class, because what the model leaves out grows with the wait a class can afford: in ``bench
-triton`` at 1.5x load one slack for all of resnet's requests left its 150 ms class missing about 10%
-while its 30 ms class missed 3-5%. Steps in proportion to the SLO, so that a 150 ms class moves as fast, in
-its own terms, as a 10 ms one (0.1 ms a miss there).
+triton`` at 1.5x load one slack for all of resnet's requests left its loose class missing far more
+of its admitted requests than its tight class (BENCHMARKS.md, "Side by side with a real Triton",
+fifth session). Steps in proportion to the SLO, so that a 150 ms class moves as fast, in its own
+terms, as a 10 ms one (0.1 ms a miss there).
 An admitted request that still cannot make it is shed before it runs (``shed_hopeless``).
 """
 from __future__ import annotations

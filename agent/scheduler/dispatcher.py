@@ -16,15 +16,17 @@ while an urgent request waits: when any of their queues holds a request due with
 SLO seen in the last ``TIGHT_WINDOW_S``, a batch holds its slot for at most ``hold_fraction`` of
 that SLO, unless batching pays for itself on this board (a batch of ``b`` at most half the cost of
 ``b`` runs of one, as on a GPU). With nothing urgent queued, batches take what the rule allows and
-drain a backlog of loose requests at full efficiency. On the 2-core CPU of BENCHMARKS.md a batch of
-8 costs about 8 batches of 1: capping at a quarter of the 10 ms class doubled the share of 10 ms
-requests in time at 1x load; capping always, not only while something urgent waits, left the 150 ms
-class waiting behind tight ones after every burst (p99 149 ms at 0.5x load against 49-63 ms).
+drain a backlog of loose requests at full efficiency. On the 2-core CPU of BENCHMARKS.md a batch
+costs about as much as its requests run one by one, so batching buys little there and a long batch
+only keeps a tight request out: the cap raised the tightest class's share of requests in time.
+Capping always, not only while something urgent waits, left the loosest class waiting behind tight
+ones after every burst, with a much longer tail (BENCHMARKS.md, "Figures that were in docstrings").
 
 EDF horizon (ours). EDF lets the loosest requests wait as long as their deadlines allow, and in a
 burst that is the whole burst: every tighter request that arrives meanwhile pops first. They are
-still served in time, but they make the tail: in ``bench triton`` at 0.5x load the slowest 1% of
-replies were all resnet's 150 ms class, waiting out one burst (p99 80 ms against Triton's 75). So a
+still served in time, but they make the tail: in ``bench triton`` at 0.5x load the slowest replies
+were all of resnet's loosest class, waiting out one burst, which put the agent's p99 above Triton's
+(BENCHMARKS.md, "Side by side with a real Triton": "p99 at 0.5x was one burst"). So a
 request is queued by ``min(deadline, arrival + edf_horizon_s)`` (:meth:`Scheduler.queue_key`): EDF
 among requests whose SLOs are within the horizon, arrival order past it, so a tighter request that
 arrives more than ``horizon - its SLO`` later no longer overtakes a loose one. It still expires by
@@ -32,8 +34,8 @@ its own deadline (the queue keeps the two apart). Admission and lookahead count 
 the same key. The batch rules still size a batch by its head's own deadline: a tighter request
 queued behind a loose head rides in that batch, and the hold cap bounds it while anything urgent
 waits. The cost is where deadlines bind: a loose request served earlier takes the slot from a
-tighter one that then no longer fits (at 1x load in ``bench triton``, 2.7 points of attainment;
-BENCHMARKS.md).
+tighter one that then no longer fits: at 1x load in ``bench triton`` attainment fell a little
+(BENCHMARKS.md, "Side by side with a real Triton", the EDF horizon A/B).
 
 Admission (``agent.scheduler.admission``) is asked at each arrival. With ``lookahead`` (ours) the
 scheduler also tracks, per SLO class, the work it admits per second, and admission counts what the
@@ -263,7 +265,8 @@ class Scheduler:
         one (:meth:`_admit`: ``InferenceError`` ``rejected`` if refused, with the same reasons),
         without the queue's push and pop or the poll over every lane; the lookahead's rate is counted
         by :meth:`learn_admitted`, which the driver calls once the reply is out. On an idle board
-        this Python runs on cold caches: what the path saves is in BENCHMARKS.md ("idle path").
+        this Python runs on cold caches: what the path saves is in BENCHMARKS.md ("Side by side with
+        a real Triton", ninth session: "the idle board's path").
         Idle means nothing queued, nothing in flight, and no request for ``IDLE_GAP_S``.
         ``None``: not this path; :meth:`enqueue` the request."""
         if self.in_flight or request.arrival - self.last_arrival < IDLE_GAP_S or self.queued():
@@ -336,8 +339,9 @@ class Scheduler:
     def _predict_capped(self, request: Request) -> None:
         """Admission predicts every capped lane with its cap while the cap binds for this request:
         when it is urgent itself or an urgent request already waits; otherwise with full batches.
-        (Predicting with the cap always over-predicted on a Poisson trace at 90% load, where the cap
-        seldom binds: 1,726 requests refused live where the simulator refused 260.)"""
+        (Predicting with the cap always over-predicted on a Poisson trace near capacity, where the cap
+        seldom binds: live it refused several times what the simulator refused; BENCHMARKS.md,
+        "Poisson at about 90% of capacity".)"""
         urgent = (request.deadline <= request.arrival + self.tight_slo_s
                   or self.urgent_waiting(request.arrival))
         for lane in self._capped:

@@ -4,7 +4,8 @@
 Two things every client here needs and paho does not do by itself:
 
 * ``TCP_NODELAY``. paho leaves Nagle's algorithm on; a small reply then waits for the peer's
-  delayed ACK (measured on loopback: 88 ms per request/reply with Nagle, 0.5 ms without). The
+  delayed ACK, which on loopback made a request/reply round trip far slower (BENCHMARKS.md,
+  "Agent overhead per request at batch 1", and "Figures that were in docstrings"). The
   option is set in ``on_socket_open``, which paho calls for every new socket (first connect and
   each reconnect) before the CONNECT packet is written. Callers must not replace
   ``client.on_socket_open``; chain through :data:`NODELAY_SOCKET_OPEN` if they need the hook.

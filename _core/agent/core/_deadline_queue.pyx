@@ -14,8 +14,8 @@ no Python object per queued request:
 * cached minima of deadline and arrival, rescanned (a C loop) only after the entry holding the
   minimum leaves, so ``earliest_deadline`` and ``oldest_arrival`` are O(1) in the common case.
 
-The Python entry points keep the GIL: each call is well under a microsecond, and releasing and
-re-taking the GIL would cost more than that and could hand the interpreter to another thread
+The Python entry points keep the GIL: releasing and re-taking it would cost more than a whole
+call does (BENCHMARKS.md, "Deadline queue") and could hand the interpreter to another thread
 for a whole switch interval. The C-level methods are ``nogil`` so compiled callers may use them
 without it.
 """
@@ -195,7 +195,8 @@ cdef class DeadlineQueue:
     # Python surface
     # ------------------------------------------------------------------------------------
 
-    # binding=False: a plain C method descriptor, a few ns cheaper per call than a cyfunction.
+    # binding=False: a plain C method descriptor, cheaper per call than a cyfunction (BENCHMARKS.md,
+    # "Figures that were in docstrings").
     @cython.binding(False)
     def push(self, int64_t rid, double deadline, double arrival, int32_t priority=0, key=None):
         """Queue request ``rid`` -> PushResult, ordered by ``key`` (default: ``deadline``), expiring
