@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.scheduler.policy import DEFAULT_POLICY, policy_names
+from agent.transport.subscribers import DEFAULT_SUBSCRIBERS, SUBSCRIBERS
 
 CONFIG_VERSION = 1
 BATCHING_RULES = ("fixed", "dynamic", "deadline_aware", "fifo", "aimd", "disbatcher")
@@ -65,6 +66,8 @@ class MqttConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     keepalive_s: int = 30
+    # The topic handlers that run on the agent's connection (agent.transport.subscribers).
+    subscribers: tuple[str, ...] = DEFAULT_SUBSCRIBERS
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,9 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
             host=_take(mqtt, "host", "mqtt", str, "127.0.0.1", lambda v: bool(v), "a host name or address"),
             port=_take(mqtt, "port", "mqtt", int, 1883, lambda v: 1 <= v <= 65535, "a port in 1..65535"),
             keepalive_s=_take(mqtt, "keepalive_s", "mqtt", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"),
+            subscribers=tuple(_take(mqtt, "subscribers", "mqtt", list, list(DEFAULT_SUBSCRIBERS),
+                                    lambda v: all(name in SUBSCRIBERS for name in v) and len(set(v)) == len(v),
+                                    f"a list of distinct names from {sorted(SUBSCRIBERS)}")),
         ),
         http=HttpConfig(
             enabled=_take(http, "enabled", "http", bool, False),

@@ -21,8 +21,8 @@ import logging
 from agent.api import Agent
 from agent.config import Config
 from agent.intake.http import HttpIntake
-from agent.intake.mqtt import MqttIntake
 from agent.transport.connection import MqttTransport
+from agent.transport.subscribers import Subscriber, build_subscriber
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Service:
         gc.collect()
         gc.freeze()
         self.transport: MqttTransport | None = None
-        self.mqtt: MqttIntake | None = None
+        self.subscribers: dict[str, Subscriber] = {}     # [mqtt] subscribers, by name
         self.http: HttpIntake | None = None
         try:
             if config.http.enabled:
@@ -42,14 +42,20 @@ class Service:
             if config.mqtt.enabled:
                 self.transport = MqttTransport(config.device, config.mqtt.host, config.mqtt.port,
                                                status=self.agent.status)
-                self.mqtt = MqttIntake(self.agent, self.transport).start()
+                for name in config.mqtt.subscribers:
+                    self.subscribers[name] = build_subscriber(name, self.agent, self.transport).start()
                 self.transport.connect()
         except Exception:
             self.close()
             raise
 
+    @property
+    def mqtt(self):
+        """The MQTT inference intake (``agent.intake.mqtt.MqttIntake``), if it runs."""
+        return self.subscribers.get("infer")
+
     def close(self) -> None:
-        for intake in (self.mqtt, self.http):
+        for intake in (*self.subscribers.values(), self.http):
             if intake is not None:
                 intake.stop_taking()
         self.agent.close()

@@ -136,3 +136,28 @@ def test_the_policy_defaults_to_the_rules_and_an_unknown_one_is_named():
     with pytest.raises(ConfigError) as refused:
         parse_config(data)
     assert "agent.policy" in str(refused.value) and "learned-v9" in str(refused.value) and "rules" in str(refused.value)
+
+
+def test_mqtt_subscribers_default_to_the_inference_intake_and_unknown_ones_are_named():
+    assert parse_config(base()).mqtt.subscribers == ("infer",)
+    data = base()
+    data["mqtt"] = {"subscribers": []}
+    assert parse_config(data).mqtt.subscribers == ()
+    for wrong in (["infer", "telemetry-v0"], ["infer", "infer"], "infer"):
+        data["mqtt"] = {"subscribers": wrong}
+        with pytest.raises(ConfigError) as refused:
+            parse_config(data)
+        assert "mqtt.subscribers" in str(refused.value) and "infer" in str(refused.value)
+
+
+def test_each_known_subscriber_is_a_class_that_takes_the_agent_and_its_transport():
+    import importlib
+    import inspect
+    from agent.transport.subscribers import SUBSCRIBERS, build_subscriber
+    for name, where in SUBSCRIBERS.items():
+        module, _, cls = where.partition(":")
+        subscriber = getattr(importlib.import_module(module), cls)
+        assert list(inspect.signature(subscriber).parameters)[:2] == ["agent", "transport"], name
+        assert callable(subscriber.start) and callable(subscriber.stop_taking), name
+    with pytest.raises(ValueError, match="subscriber 'nope'"):
+        build_subscriber("nope", None, None)
