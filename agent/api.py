@@ -29,6 +29,7 @@ from agent.profiler.measure import zeros_batch
 from agent.runtime.live import LiveLoop
 from agent.runtime.local_executor import InstanceSet, LocalExecutor
 from agent.scheduler.dispatcher import Dispatch, Scheduler
+from agent.scheduler.policy import LOCAL
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
 from agent.telemetry import Telemetry
@@ -129,7 +130,7 @@ class Agent:
             for name, m in self.models.items()
         }
         self._ids = itertools.count(1)
-        self.loop = LiveLoop(self.scheduler, self.executor, self.clock, config.worker_count,
+        self.loop = LiveLoop(self.scheduler, {LOCAL: self.executor}, self.clock, config.worker_count,
                              served_by=self._dispatch_served_by, on_reply=self._record,
                              worker_nice=config.worker_nice)
         self.loop.start()

@@ -130,3 +130,45 @@ def test_an_executor_that_calls_back_later_holds_no_worker_thread():
     assert executor.threads == {"edge-agent-worker-0"}
     assert executor.peak == 2          # both slots busy at once on one thread; never more than the slots
     assert scheduler.in_flight == 0 and not scheduler.queued()
+
+
+def test_each_batch_starts_on_the_executor_of_its_target_and_a_target_without_one_is_answered():
+    from agent.scheduler.policy import Action
+
+    class Peer:
+        """A policy that sends every batch to a target it names."""
+        name = "to-target"
+
+        def __init__(self, target):
+            self.target = target
+
+        def decide(self, s, now):
+            lane = s.lanes["m"]
+            if len(lane.queue) and lane.free_instances and s.in_flight < s.max_concurrent:
+                return Action("m", 1, target=self.target), float("inf")
+            return None, float("inf")
+
+        def alone(self, s, lane, request):
+            return None
+
+        def dispatched(self, action, n, now):
+            pass
+
+        def observe(self, dispatch, now):
+            pass
+
+    clock = Clock()
+    local, peer = Recording(), Recording()
+    for target, expected in (("peer-1", peer), ("local", local)):
+        scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 8)], max_concurrent=1, policy=Peer(target))
+        driver = Driver(scheduler, {"local": local, "peer-1": peer}, clock)
+        scheduler.enqueue(req("m", 0.0, 1.0))
+        driver.fill(lambda decision, now: False)
+        assert expected.started[-1][0].action.target == target
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 8)], max_concurrent=1, policy=Peer("peer-9"))
+    driver = Driver(scheduler, {"local": local}, clock)
+    lost = req("m", 0.0, 1.0)
+    scheduler.enqueue(lost)
+    driver.fill(lambda decision, now: False)
+    assert lost.reply.value.code == "internal" and "peer-9" in lost.reply.value.message
+    assert scheduler.in_flight == 0

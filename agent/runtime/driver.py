@@ -14,7 +14,8 @@ Everything between a decision and its replies is written here once:
   on an idle board (:meth:`Driver.complete_alone`) answers first: nothing waits for its slot, and its
   client waits for the reply.
 
-The live agent (``agent.runtime.live``) gives it the monotonic clock, a lock and the local executor;
+The live agent (``agent.runtime.live``) gives it the monotonic clock, a lock and its executors (the
+local backends under the ``local`` target);
 the simulator (``agent.sim.engine``) a virtual clock, no lock and the simulated executor, and asks
 for terse errors (``explain=False``: it records only the code).
 """
@@ -23,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from concurrent.futures import InvalidStateError
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Mapping
 
 from agent.errors import DEADLINE_MISSED, INTERNAL, InferenceError
 from agent.runtime.executor import BatchOutcome, Executor
 from agent.scheduler.dispatcher import Decision, Dispatch, Scheduler
+from agent.scheduler.policy import LOCAL
 from agent.scheduler.request import Request, Result
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ _NO_SERVED_BY: dict = {}
 
 
 class Driver:
-    """Drives ``scheduler`` with ``executor`` on ``clock``.
+    """Drives ``scheduler`` on ``clock``, starting each batch on the executor of its action's target
+    (``executors``: target -> executor; one executor alone serves ``LOCAL``).
 
     ``lock`` guards the scheduler where several threads drive it (held around every scheduler call,
     never around a batch's run or a reply); ``on_release``, called with the lock held after a batch's
@@ -50,12 +53,12 @@ class Driver:
     where a batch ran, for its replies.
     """
 
-    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Callable[[], float], *,
+    def __init__(self, scheduler: Scheduler, executors: Executor | Mapping[str, Executor], clock: Callable[[], float], *,
                  lock: ContextManager | None = None, on_release: Callable[[], None] | None = None,
                  on_reply: OnReply | None = None, served_by: Callable[[Dispatch], dict] | None = None,
                  explain: bool = True) -> None:
         self.scheduler = scheduler
-        self.executor = executor
+        self.executors: dict[str, Executor] = dict(executors) if isinstance(executors, Mapping) else {LOCAL: executors}
         self.clock = clock
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self._on_release = on_release
@@ -94,7 +97,17 @@ class Driver:
         for request in decision.expired:
             self.fail(request, self._expired_error(request, now))
         if decision.dispatch is not None:
-            self.executor.start(decision.dispatch, self._complete)
+            self.start(decision.dispatch, self._complete)
+
+    def start(self, dispatch: Dispatch, on_done: Callable[[Dispatch, BatchOutcome], None]) -> None:
+        """Start ``dispatch`` on the executor of its action's target. A target without one is a
+        policy's mistake: the batch is answered ``internal`` (naming the target), the agent goes on."""
+        executor = self.executors.get(dispatch.action.target)
+        if executor is None:
+            on_done(dispatch, BatchOutcome(None, 0.0, LookupError(
+                f"no executor for target {dispatch.action.target!r}; this agent has {sorted(self.executors)}")))
+            return
+        executor.start(dispatch, on_done)
 
     def _expired_error(self, request: Request, now: float) -> InferenceError:
         if not self._explain:

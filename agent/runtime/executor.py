@@ -7,6 +7,11 @@ so the worker thread *is* the execution slot) and calls back before returning; t
 back when the batch's virtual completion comes; an offload executor will call back when the peer's
 reply arrives, holding no thread across the network round trip. The driver
 (``agent.runtime.driver``) answers the batch's requests in ``on_done``, whoever calls it.
+
+Each executor serves one action target (``agent.scheduler.policy.Action.target``): the driver starts
+a batch on the executor of its target. The agent has the local backends under ``local``; a new
+executor is a module of its own, built by the agent under the target it serves (an offload peer's
+from the offload config, when that exists).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import threading
-from typing import Callable
+from typing import Callable, Mapping
 
 from agent.errors import SHUTTING_DOWN, InferenceError
 from agent.runtime.driver import Driver, OnReply
@@ -34,16 +34,15 @@ MAX_IDLE_WAIT_S = 1.0
 
 
 class LiveLoop:
-    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Callable[[], float], workers: int,
+    def __init__(self, scheduler: Scheduler, executors: Executor | Mapping[str, Executor], clock: Callable[[], float], workers: int,
                  served_by: Callable[[Dispatch], dict], on_reply: OnReply | None = None,
                  worker_nice: int = 0) -> None:
         self.scheduler = scheduler
-        self.executor = executor
         self.clock = clock
         # ``with self.lock`` (C-level) where nothing waits; ``self.cond`` (the same lock) to wait/notify.
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.driver = Driver(scheduler, executor, clock, lock=self.lock, on_release=self._released,
+        self.driver = Driver(scheduler, executors, clock, lock=self.lock, on_release=self._released,
                              on_reply=on_reply, served_by=served_by)
         self._stopping = False
         self._worker_nice = worker_nice
@@ -106,7 +105,7 @@ class LiveLoop:
     def run_alone(self, dispatch: Dispatch) -> None:
         """Run a batch that :meth:`submit` started alone, on the calling thread; its reply goes
         before the scheduler's bookkeeping (``Driver.complete_alone``)."""
-        self.executor.start(dispatch, self.driver.complete_alone)
+        self.driver.start(dispatch, self.driver.complete_alone)
 
     # --- worker --------------------------------------------------------------------------------
 

@@ -299,7 +299,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                 record.finish_s = now
                 continue
             if started is not None:
-                executor.start(started, driver.complete_alone)
+                driver.start(started, driver.complete_alone)
                 continue        # the board was idle: nothing else waits for a slot
         else:
             break
