@@ -7,9 +7,12 @@ import dataclasses
 import logging
 import signal
 import sys
-import threading
+import time
 
 #: What ``edge-agent demo`` and ``edge-agent bench`` say where the lab is not installed (a board).
+#: How often `edge-agent run`'s main thread looks whether a stop signal came.
+STOP_POLL_S = 0.2
+
 LAB_MISSING = (
     "the demo and the benchmarks (bench core | run | triton) live in the edge-agent-lab package, which is "
     "not installed here: the agent's own wheel, the one a board installs, holds the runtime only. From the "
@@ -45,8 +48,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not (config.mqtt.enabled or config.http.enabled):
             print("edge-agent: no intake: enable [mqtt] or [http] in the config, or give --http-port", file=sys.stderr)
             return 2
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signals: list[int] = []
+        # A signal handler only appends to a list: no lock, no I/O. One that set a threading.Event
+        # could be re-entered by a second signal inside the first's Event.set and deadlock on the
+        # event's own lock in the same thread, leaving the agent deaf to SIGTERM. Ctrl-C (SIGINT)
+        # is handled the same way, so a second Ctrl-C cannot interrupt the shutdown half-way.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: signals.append(signum))
         service = Service(config)
     except (ConfigError, ProfileError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
@@ -59,13 +67,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"edge-agent: device {config.device!r} serving {sorted(service.agent.models)} on {' and '.join(endpoints)}",
           flush=True)
     try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
+        while not signals:
+            time.sleep(STOP_POLL_S)
     finally:
         print("edge-agent: stopping (answering what is queued) ...", flush=True)
         service.close()
+        # Stopped: more signals change nothing. Ignored, they stay ignored while the interpreter
+        # exits (it puts a Python handler back to the default, which would end it by the signal).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 

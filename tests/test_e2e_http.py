@@ -436,3 +436,28 @@ def test_the_start_up_heap_is_frozen_out_of_the_collectors_reach(service):
     assert gc.get_freeze_count() > 10_000
     assert gc.is_tracked(loaded)
     assert all(obj is not loaded for obj in gc.get_objects(generation=2))   # frozen, not in the oldest generation
+
+
+def test_cli_stops_once_under_a_burst_of_signals(tmp_path):
+    """A signal handler only records the signal: a burst of SIGTERM and SIGINT, some landing while
+    the agent shuts down, still ends it promptly, cleanly and once (a handler that set an Event
+    could deadlock on the Event's lock when a second signal re-entered it)."""
+    config_file = tmp_path / "agent.toml"
+    config_file.write_text('config_version = 1\n[agent]\ndevice = "cli-board"\nworkers = 1\n'
+                           '[[models]]\nname = "mobilenet_digits"\ncard = "demo:mobilenet_digits"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config_file), "--no-mqtt",
+                             "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "serving ['mobilenet_digits']" in line, line
+        for k in range(200):
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGTERM if k % 2 else signal.SIGINT)
+            time.sleep(0.001)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert out.count("stopping") == 1 and "Traceback" not in out, out

@@ -223,3 +223,26 @@ def test_cli_agent_with_mosquitto_pub_and_sub(broker, tmp_path, digits):
         out, _ = agent_proc.communicate(timeout=20)
     assert agent_proc.returncode == 0, out
     assert "stopping" in out
+
+
+@pytest.mark.parametrize("bad_topic", ["apps/x/#", "apps/+/replies", ""])
+def test_a_response_topic_that_cannot_be_published_to_does_not_stop_the_intake(raw, service, digits, bad_topic):
+    """A reply to a wildcard (or empty) response topic cannot be published: the request is counted
+    as unanswerable, nothing raises on paho's network thread or a worker, and the next requests
+    (valid and invalid) are answered as ever."""
+    frames, _ = digits
+    before = service.mqtt.unanswerable
+    for n, payload in enumerate((good_payload(frames[0]), b"\xc1 not msgpack")):
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = bad_topic
+        props.CorrelationData = f"wild-{n}".encode()
+        if bad_topic:
+            raw.client.publish(f"edge/v1/{DEVICE}/infer/mobilenet_digits", payload, properties=props)
+        else:      # paho will not send an empty response topic: leave the property out
+            raw.request("mobilenet_digits", payload, f"wild-{n}".encode(), response_topic=False)
+    deadline = time.monotonic() + 5
+    while service.mqtt.unanswerable < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert service.mqtt.unanswerable == before + 2
+    assert raw.request("mobilenet_digits", good_payload(frames[1]), b"after-wild").result(10)["status"] == "ok"
+    assert raw.request("mobilenet_digits", b"\xc1", b"after-wild-bad").result(10)["error"]["code"] == "bad_request"

@@ -227,3 +227,13 @@ def test_topic_names():
     assert topics.unshared("edge/v1/b1/infer/+") == "edge/v1/b1/infer/+"
     with pytest.raises(ValueError, match="group"):
         topics.shared("a/b", "x")
+
+
+def test_a_topic_one_cannot_publish_to_is_named_before_the_publish():
+    from agent.transport.topics import MAX_TOPIC_BYTES, publish_topic_problem
+    assert publish_topic_problem("apps/me/replies") is None
+    assert publish_topic_problem("a" * MAX_TOPIC_BYTES) is None
+    for topic, words in (("apps/#", "wildcard"), ("apps/+/r", "wildcard"), ("", "non-empty"), (None, "non-empty"),
+                         ("a\x00b", "null"), ("\ud800", "UTF-8"), ("é" * MAX_TOPIC_BYTES, "more than")):
+        problem = publish_topic_problem(topic)
+        assert problem is not None and words in problem, (topic, problem)

@@ -4,13 +4,14 @@ One subscriber of the agent's transport (:class:`agent.transport.connection.Mqtt
 owns the connection, the status and the last will. Thin by design (handlers run on paho's network
 thread, which must never block): decode, validate, ``Agent.submit``, return. The reply is published
 from the worker that finished the batch. Every request that carries a response topic gets exactly
-one reply, an error reply included; one without a response topic cannot be answered, so it is
-counted and logged, not run.
+one reply, an error reply included; one without a response topic that can be published to (none,
+or a wildcard) cannot be answered, so it is counted and logged (rate-limited), not run.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 
 from paho.mqtt.client import MQTTMessage
@@ -21,9 +22,12 @@ from agent.api import Agent
 from agent.errors import InferenceError
 from agent.intake.msgpack_codec import decode_request, encode_reply, error_reply, result_reply
 from agent.transport.connection import MqttTransport
-from agent.transport.topics import infer_topic
+from agent.transport.topics import infer_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
+
+#: An unanswerable request is logged at most once per this many seconds (with the count since).
+UNANSWERABLE_LOG_INTERVAL_S = 10.0
 
 
 class MqttIntake:
@@ -35,8 +39,10 @@ class MqttIntake:
         self.device = agent.config.device
         self.topic_filter = infer_topic(self.device)      # edge/v1/<device>/infer/+
         self.max_payload = agent.config.max_payload_bytes
-        self.unanswerable = 0            # requests without a response topic
+        self.unanswerable = 0            # requests without a response topic one can publish to
         self._lock = threading.Lock()
+        self._logged_at = -UNANSWERABLE_LOG_INTERVAL_S
+        self._unlogged = 0
 
     def start(self, timeout: float = 10.0) -> "MqttIntake":
         """Subscribe to the agent's inference topics. Before the transport connects this registers
@@ -52,10 +58,9 @@ class MqttIntake:
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        if not response_topic:
-            with self._lock:
-                self.unanswerable += 1
-            log.warning("request on %s has no response topic: not run (%d so far)", message.topic, self.unanswerable)
+        problem = publish_topic_problem(response_topic) if response_topic else "no response topic"
+        if problem is not None:
+            self._unanswerable(message.topic, problem)
             return
         model = message.topic.rsplit("/", 1)[-1]
         request_id = None
@@ -89,10 +94,28 @@ class MqttIntake:
         self._publish(response_topic, correlation, reply)
 
     def _publish(self, response_topic: str, correlation: bytes | None, reply: dict) -> None:
+        """Publish a reply; a failure is counted and logged, never raised into the calling thread
+        (paho's network thread, or the worker that finished the batch)."""
         props = Properties(PacketTypes.PUBLISH)
-        if correlation is not None:
-            props.CorrelationData = correlation
-        self.transport.publish(response_topic, encode_reply(reply), qos=0, properties=props)
+        try:
+            if correlation is not None:
+                props.CorrelationData = correlation
+            self.transport.publish(response_topic, encode_reply(reply), qos=0, properties=props)
+        except Exception as exc:
+            self._unanswerable(response_topic, f"reply not published: {type(exc).__name__}: {exc}")
+
+    def _unanswerable(self, where: str, why: str) -> None:
+        """Count a request that gets no reply; log it, at most once per UNANSWERABLE_LOG_INTERVAL_S."""
+        now = time.monotonic()
+        with self._lock:
+            self.unanswerable += 1
+            total = self.unanswerable
+            if now - self._logged_at < UNANSWERABLE_LOG_INTERVAL_S:
+                self._unlogged += 1
+                return
+            self._logged_at, unlogged, self._unlogged = now, self._unlogged, 0
+        log.warning("request on %s not answered: %s (%d unanswerable so far, %d not logged since the last)",
+                    where, why, total, unlogged)
 
     def stop_taking(self) -> None:
         """Unsubscribe, so no new request arrives while the agent drains (replies still go out)."""

@@ -73,3 +73,27 @@ def unshared(topic_filter: str) -> str:
         _, _, rest = topic_filter[len(SHARED_PREFIX):].partition("/")
         return rest
     return topic_filter
+
+
+#: MQTT's limit on a topic name, in UTF-8 bytes.
+MAX_TOPIC_BYTES = 65535
+
+
+def publish_topic_problem(topic: object) -> str | None:
+    """Why ``topic`` cannot be published to (MQTT v5, 4.7: a non-empty UTF-8 string of at most
+    65,535 bytes, without the wildcards ``+`` and ``#`` or the null character), or ``None`` if it can.
+    Checked before a publish, so a response topic an application got wrong is an unanswerable
+    request, not an exception on the thread that publishes."""
+    if not isinstance(topic, str) or not topic:
+        return f"response topic {topic!r}: expected a non-empty topic name"
+    if "+" in topic or "#" in topic:
+        return f"response topic {topic!r}: a wildcard ('+' or '#') cannot be published to"
+    if "\x00" in topic:
+        return f"response topic {topic!r}: contains the null character"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"response topic {topic!r}: not valid UTF-8"
+    if size > MAX_TOPIC_BYTES:
+        return f"response topic of {size} bytes: more than MQTT's {MAX_TOPIC_BYTES}"
+    return None
