@@ -41,7 +41,7 @@ class Service:
                 self.http = HttpIntake(self.agent, config.http.host, config.http.port).start()
             if config.mqtt.enabled:
                 self.transport = MqttTransport(config.device, config.mqtt.host, config.mqtt.port,
-                                               status=self.agent.status)
+                                               status=self.agent.status, keepalive_s=config.mqtt.keepalive_s)
                 for name in config.mqtt.subscribers:
                     self.subscribers[name] = build_subscriber(name, self.agent, self.transport).start()
                 self.transport.connect()

@@ -237,3 +237,22 @@ def test_a_topic_one_cannot_publish_to_is_named_before_the_publish():
                          ("a\x00b", "null"), ("\ud800", "UTF-8"), ("é" * MAX_TOPIC_BYTES, "more than")):
         problem = publish_topic_problem(topic)
         assert problem is not None and words in problem, (topic, problem)
+
+
+def test_a_silent_board_shows_offline_after_its_keepalive(broker):
+    """[mqtt] keepalive_s reaches the broker: a transport whose network loop stops (the board hangs,
+    its socket still open) is declared gone after about 1.5 keep-alives, and its will says offline
+    (paho's default of 60 s would keep it "online" for 90 s)."""
+    device = _device("keepalive")
+    reader, statuses = _subscribed_reader(broker, topics.status_topic(device))
+    try:
+        silent = MqttTransport(device, broker.host, broker.port, status=lambda: {"state": "online"},
+                               keepalive_s=2).connect()
+        assert json.loads(statuses.get(timeout=5).payload) == {"state": "online"}
+        silent.client.loop_stop()                      # no more PINGREQ; the socket stays open
+        started = time.monotonic()
+        assert json.loads(statuses.get(timeout=8).payload)["state"] == "offline"
+        assert time.monotonic() - started < 6
+        silent.client.socket().close()
+    finally:
+        _close(reader)

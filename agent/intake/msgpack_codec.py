@@ -60,7 +60,7 @@ def decode_tensor(tensor: Any, field: str) -> np.ndarray:
         raise InferenceError(INVALID_INPUT, f"{field}.codec = {codec!r}: this agent accepts raw tensors only", f"{field}.codec")
     try:
         dtype = np.dtype(tensor["dtype"]) if isinstance(tensor["dtype"], str) else None
-    except TypeError:
+    except Exception:   # numpy's parser raises TypeError, ValueError, SyntaxError... on what it cannot read
         dtype = None
     if dtype is None or dtype.kind not in "biuf":
         raise InferenceError(INVALID_INPUT, f"{field}.dtype = {tensor['dtype']!r} is not a numeric numpy dtype name", f"{field}.dtype")

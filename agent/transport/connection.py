@@ -47,9 +47,10 @@ class MqttTransport:
     """
 
     def __init__(self, device: str, host: str, port: int, *, status: Callable[[], dict] | None = None,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, keepalive_s: int = 30) -> None:
         self.device = device
         self.host, self.port = host, port
+        self.keepalive_s = keepalive_s      # [mqtt] keepalive_s: how soon a dead board shows offline
         self.client_id = client_id or f"edge-agent-{device}"
         self.status_topic = status_topic(device)
         self._status = status
@@ -124,7 +125,7 @@ class MqttTransport:
         with self._cond:
             self._started = True
         self._connect_handled.clear()
-        connect(self.client, self.host, self.port)
+        connect(self.client, self.host, self.port, keepalive=self.keepalive_s)
         # connect() returns on CONNACK, which may be before _on_connect has run on the network thread.
         if not self._connect_handled.wait(timeout):
             raise TimeoutError(f"broker {self.host}:{self.port}: no connect callback within {timeout} s")

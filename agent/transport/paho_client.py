@@ -64,8 +64,11 @@ def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = 
     return client
 
 
-def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0) -> None:
+def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, keepalive: int = 60) -> None:
     """Connect, start the network loop and wait for the broker's CONNACK.
+
+    ``keepalive`` (seconds) is the MQTT keep-alive: the broker takes the client for gone, and
+    publishes its last will, after about 1.5 times this without a packet from it.
 
     Raises ``ConnectionError`` naming ``host:port`` when the broker cannot be reached, refuses the
     connection, or does not answer within ``timeout`` seconds; the network loop is stopped then.
@@ -86,7 +89,7 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0) -> 
     client.connect_timeout = timeout
     try:
         try:
-            client.connect(host, port)
+            client.connect(host, port, keepalive=keepalive)
         except (OSError, ValueError) as exc:
             raise ConnectionError(f"{where} is not reachable: {exc}") from exc
         client.loop_start()
