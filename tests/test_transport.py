@@ -251,8 +251,8 @@ def test_a_silent_board_shows_offline_after_its_keepalive(broker):
         assert json.loads(statuses.get(timeout=5).payload) == {"state": "online"}
         silent.client.loop_stop()                      # no more PINGREQ; the socket stays open
         started = time.monotonic()
-        assert json.loads(statuses.get(timeout=8).payload)["state"] == "offline"
-        assert time.monotonic() - started < 6
+        assert json.loads(statuses.get(timeout=30).payload)["state"] == "offline"
+        assert time.monotonic() - started < 30          # about 3 s here; far from paho's default 90
         silent.client.socket().close()
     finally:
         _close(reader)
