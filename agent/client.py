@@ -34,7 +34,7 @@ class InferenceClient:
         connect(self.client, host, port)
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.subscribe(self.reply_topic, qos=0)
+        self.client.subscribe(self.reply_topic, qos=1)
         if not subscribed.wait(5.0):
             raise TimeoutError(f"broker {host}:{port} did not acknowledge the subscription to {self.reply_topic}")
 
@@ -49,7 +49,7 @@ class InferenceClient:
         props.CorrelationData = correlation
         with self._lock:
             self._waiting[correlation] = (time.perf_counter(), on_reply)
-        self.client.publish(infer_topic(self.device, model), payload, qos=0, properties=props)
+        self.client.publish(infer_topic(self.device, model), payload, qos=1, properties=props)
         return correlation
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,

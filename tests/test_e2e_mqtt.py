@@ -246,3 +246,22 @@ def test_a_response_topic_that_cannot_be_published_to_does_not_stop_the_intake(r
     assert service.mqtt.unanswerable == before + 2
     assert raw.request("mobilenet_digits", good_payload(frames[1]), b"after-wild").result(10)["status"] == "ok"
     assert raw.request("mobilenet_digits", b"\xc1", b"after-wild-bad").result(10)["error"]["code"] == "bad_request"
+
+
+def test_requests_and_replies_travel_at_qos_1(broker, service, digits):
+    """The agent subscribes and replies at QoS 1, and so does the application client
+    (agent.client): the reply reaches a QoS 1 subscriber as a QoS 1 message, which a broker does
+    not drop silently as it does QoS 0 ones past a lagging client's queue."""
+    from agent.client import InferenceClient
+    frames, labels = digits
+    app = InferenceClient(broker.host, broker.port, DEVICE, f"qos-{time.monotonic_ns()}")
+    seen: list[int] = []
+    on_message = app.client.on_message
+    app.client.on_message = lambda client, userdata, message: (seen.append(message.qos),
+                                                               on_message(client, userdata, message))
+    try:
+        reply = app.infer("mobilenet_digits", {"frames": frames[0]}, slo_ms=2000)
+    finally:
+        app.client.disconnect()
+        app.client.loop_stop()
+    assert reply["status"] == "ok" and seen == [1]

@@ -48,7 +48,7 @@ class MqttIntake:
         """Subscribe to the agent's inference topics. Before the transport connects this registers
         (the transport's connect waits for the broker's acknowledgement); after, it returns once the
         broker has acknowledged: from then on no request published to them is missed."""
-        self.transport.subscribe(self.topic_filter, self._on_message, qos=0, timeout=timeout)
+        self.transport.subscribe(self.topic_filter, self._on_message, qos=1, timeout=timeout)
         log.info("taking requests for %s on %s", sorted(self.agent.models), self.topic_filter)
         return self
 
@@ -100,7 +100,7 @@ class MqttIntake:
         try:
             if correlation is not None:
                 props.CorrelationData = correlation
-            self.transport.publish(response_topic, encode_reply(reply), qos=0, properties=props)
+            self.transport.publish(response_topic, encode_reply(reply), qos=1, properties=props)
         except Exception as exc:
             self._unanswerable(response_topic, f"reply not published: {type(exc).__name__}: {exc}")
 

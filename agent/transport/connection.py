@@ -70,7 +70,7 @@ class MqttTransport:
 
     # --- the router ------------------------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 0, timeout: float = 10.0) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1, timeout: float = 10.0) -> None:
         """Route the messages that match ``topic_filter`` to ``handler`` and subscribe to it.
 
         Before :meth:`connect` this only registers (``connect`` subscribes and waits); on a started
@@ -107,9 +107,10 @@ class MqttTransport:
         except Exception:  # disconnected already: nothing is arriving anyway
             pass
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False,
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 properties: Properties | None = None) -> MQTTMessageInfo:
-        """Publish on the agent's connection; safe from any thread (paho queues it)."""
+        """Publish on the agent's connection; safe from any thread (paho queues it). QoS 1 by
+        default: a broker drops QoS 0 messages silently when their client lags or reconnects."""
         return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
 
     def publish_status(self, status: dict) -> MQTTMessageInfo:
