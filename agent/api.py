@@ -145,16 +145,16 @@ class Agent:
         ``slo_ms`` is relative to now; ``deadline`` is unix seconds (wall clock, as on the wire).
         With neither, the model's ``default_slo_ms`` applies. Raises ``InferenceError`` if refused.
         """
-        future, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=True)
-        return future
+        request, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=True)
+        return request.reply
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
               deadline: float | None = None, priority: int = 0, client_id: str | None = None) -> Result:
         """Blocking: like ``submit(...).result()``, but the calling thread runs batches itself while
         it waits (when an execution slot is free), saving two thread hand-offs per request."""
-        future, request = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=False)
+        request, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=False)
         self.loop.run_while_pending(request)
-        return future.result()
+        return request.reply.result()
 
     def submit_inline(self, model: str, inputs: Mapping[str, np.ndarray], on_done: Callable[[Future], None], *,
                       slo_ms: float | None = None, deadline: float | None = None, priority: int = 0,
@@ -163,17 +163,17 @@ class Agent:
         before the request can run, and, on an idle board, the request run on the calling thread
         before this returns (``LiveLoop.submit``'s ``alone``): its reply leaves from inside
         ``set_result``, ahead of the scheduler's bookkeeping for the batch, and crosses no thread."""
-        future, started = self._accept(model, inputs, slo_ms, deadline, priority, client_id, on_done,
+        request, started = self._accept(model, inputs, slo_ms, deadline, priority, client_id, on_done,
                                        wake_worker=True, alone=True)
         if started is not None:
             self.loop.run_alone(started)
-        return future
+        return request.reply
 
     def _accept(self, model: str, inputs: Mapping[str, np.ndarray], slo_ms: float | None, deadline: float | None,
                 priority: int, client_id: str | None, on_done: Callable[[Future], None] | None, *,
-                wake_worker: bool, alone: bool = False):
-        """Check and queue a request (or start it alone): (its future, and the ``Request`` or, from
-        ``alone``, the ``Dispatch`` started for the caller to run, else ``None``)."""
+                wake_worker: bool, alone: bool = False) -> tuple[Request, Dispatch | None]:
+        """Check and queue a request, or with ``alone`` start it on an idle board: the ``Request``
+        (its ``reply`` is the future) and the ``Dispatch`` started for the caller to run, else ``None``."""
         now = self.clock()
         loaded = self.models.get(model)
         if loaded is None:
@@ -198,7 +198,7 @@ class Agent:
             self.telemetry.refused(model, exc.code)
             raise
         self.telemetry.accepted(model)
-        return future, (started if alone else request)
+        return request, started
 
     def _dispatch_served_by(self, dispatch: Dispatch) -> dict:
         return self._served_by[dispatch.model][dispatch.instance]

@@ -406,13 +406,18 @@ def test_a_request_queued_at_shutdown_still_gets_its_one_reply(digits):
     assert json.loads(reply)["error"] == "shutting_down: the agent shut down before this request ran"
 
 
-def test_cli_serves_http_only(tmp_path, digits):
-    frames, labels = digits
+def _start_cli(tmp_path) -> subprocess.Popen:
+    """`edge-agent run` serving mobilenet over HTTP only, on a free port, in a process of its own."""
     config_file = tmp_path / "agent.toml"
     config_file.write_text('config_version = 1\n[agent]\ndevice = "cli-board"\nworkers = 1\n'
                            '[[models]]\nname = "mobilenet_digits"\ncard = "demo:mobilenet_digits"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config_file), "--no-mqtt",
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config_file), "--no-mqtt",
                              "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_cli_serves_http_only(tmp_path, digits):
+    frames, labels = digits
+    proc = _start_cli(tmp_path)
     try:
         line = proc.stdout.readline()
         assert "serving ['mobilenet_digits'] on http://127.0.0.1:" in line, line
@@ -442,11 +447,7 @@ def test_cli_stops_once_under_a_burst_of_signals(tmp_path):
     """A signal handler only records the signal: a burst of SIGTERM and SIGINT, some landing while
     the agent shuts down, still ends it promptly, cleanly and once (a handler that set an Event
     could deadlock on the Event's lock when a second signal re-entered it)."""
-    config_file = tmp_path / "agent.toml"
-    config_file.write_text('config_version = 1\n[agent]\ndevice = "cli-board"\nworkers = 1\n'
-                           '[[models]]\nname = "mobilenet_digits"\ncard = "demo:mobilenet_digits"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config_file), "--no-mqtt",
-                             "--http-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _start_cli(tmp_path)
     try:
         line = proc.stdout.readline()
         assert "serving ['mobilenet_digits']" in line, line

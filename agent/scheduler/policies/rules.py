@@ -37,9 +37,9 @@ class RulePolicy:
 
     def __init__(self, scheduler: "Scheduler") -> None:
         self._lanes = list(scheduler.lanes.values())
+        self._by_name = scheduler.lanes
         # One action per lane for the idle board's batch of one (an Action is immutable).
         self._alone = {lane.name: Action(lane.name, 1) for lane in self._lanes}
-        self._rules = {lane.name: lane.rule for lane in self._lanes}
 
     def decide(self, scheduler: "Scheduler", now: float) -> tuple[Action | None, float]:
         wake_at = math.inf
@@ -76,7 +76,7 @@ class RulePolicy:
         return None
 
     def dispatched(self, action: Action, n: int, now: float) -> None:
-        self._rules[action.model].dispatched(n, now)
+        self._by_name[action.model].rule.dispatched(n, now)
 
     def observe(self, dispatch: "Dispatch", now: float) -> None:
         requests = dispatch.requests
@@ -86,7 +86,7 @@ class RulePolicy:
             met = now <= min(request.deadline for request in requests)
         else:
             return
-        self._rules[dispatch.model].observe(len(requests), now - dispatch.started, met)
+        self._by_name[dispatch.model].rule.observe(len(requests), now - dispatch.started, met)
 
 
 def build(scheduler: "Scheduler") -> RulePolicy:
