@@ -132,6 +132,9 @@ class LocalBroker:
             "allow_anonymous true",
             "set_tcp_nodelay true",
             "persistence false",
+            # QoS 1 both ways: Mosquitto's default window of 20 unacknowledged messages per client
+            # made a camera's requests queue up behind its acknowledgements once the cores were busy.
+            "max_inflight_messages 1000",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
