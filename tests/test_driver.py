@@ -42,7 +42,7 @@ def test_a_batch_is_released_then_answered_then_learned_from():
     scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 8)], max_concurrent=1)
     events = []
     release, observe = scheduler.release, scheduler.observe
-    scheduler.release = lambda d: (events.append("release"), release(d))
+    scheduler.release = lambda d, now=None: (events.append("release"), release(d, now))
     scheduler.observe = lambda d, now: (events.append("observe"), observe(d, now))
     executor = Recording()
     driver = Driver(scheduler, executor, clock, on_reply=lambda r, result, error: events.append("reply"))

@@ -306,6 +306,45 @@ def test_admission_learns_a_slack_from_misses_and_lets_it_go_when_requests_make_
     s.enqueue(req("a", 0.0, 0.003))
 
 
+def test_admission_forgets_a_slow_spell_while_the_board_is_idle():
+    """After a spell of starvation the slack and the slowdown refused every request, and with
+    nothing admitted nothing could bring them down: the board idle, they decay with its idle time."""
+    from agent.scheduler.admission import AdmissionControl
+    t = table(0.001, 0.001)              # a batch of one: 2 ms
+    s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, admission=AdmissionControl(t, 1))], max_concurrent=1)
+    admission = s.lanes["a"].admission
+    slo = 0.010
+    s.enqueue(req("a", 0.0, slo))
+    dispatch = s.poll(0.0).dispatch
+    s.release(dispatch, 0.5)             # starved: the batch of one took 500 ms
+    s.observe(dispatch, 0.5)
+    for _ in range(10_000):              # ... and many admitted requests missed
+        admission.calibrate(True, slo)
+    assert admission.slack_s(slo) == pytest.approx(slo)   # the slack stops at the SLO: it refuses all already
+    assert admission.slowdown > 100
+    with pytest.raises(InferenceError, match="learned slack"):
+        s.enqueue(req("a", 0.6, slo))    # an idle board, nothing queued, yet refused
+    assert not s.queued() and s.in_flight == 0
+    # Idle for a while (refused requests keep it idle): what was learned under load fades.
+    now = 0.6
+    while True:
+        now += 0.1
+        try:
+            s.enqueue(req("a", now, slo))
+            break
+        except InferenceError:
+            assert now < 10.0, "admission did not recover on an idle board"
+    assert admission.slack_s(slo) < 0.001 and admission.slowdown * 0.002 + admission.slack_s(slo) <= slo
+    # A board that keeps busy forgets nothing: a batch in flight, the next arrival changes no state.
+    slack, slowdown = admission.slack_s(slo), admission.slowdown
+    s.poll(now)
+    try:
+        s.enqueue(req("a", now + 5.0, slo))
+    except InferenceError:
+        pass
+    assert (admission.slack_s(slo), admission.slowdown) == (slack, slowdown)
+
+
 def test_requests_expiring_in_the_queue_count_as_misses():
     from agent.scheduler.admission import AdmissionControl
     s = Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 64, min_latency_s=0.002,

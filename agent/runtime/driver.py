@@ -141,7 +141,7 @@ class Driver:
 
     def _release(self, dispatch: Dispatch, started_alone: Request | None = None) -> None:
         with self.lock:
-            self.scheduler.release(dispatch)
+            self.scheduler.release(dispatch, self.clock())
             if started_alone is not None:
                 self.scheduler.learn_admitted(started_alone)
             if self._on_release is not None:

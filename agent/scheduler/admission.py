@@ -53,6 +53,16 @@ of its admitted requests than its tight class (BENCHMARKS.md, "Side by side with
 fifth session). Steps in proportion to the SLO, so that a 150 ms class moves as fast, in its own
 terms, as a 10 ms one (0.1 ms a miss there).
 An admitted request that still cannot make it is shed before it runs (``shed_hopeless``).
+
+What is learned only from admitted requests cannot correct itself once nothing is admitted: after
+a spell of CPU starvation the slack (and the slowdown) can grow until every request is refused,
+even on an idle board, and then nothing finishes that would bring them down (seen here: an empty
+queue, a 38 ms prediction, 2.3 s of slack, refusing for good). So both are forgotten while the
+board is idle (ours, :meth:`AdmissionControl.relax`): what the slack stands for, waits the model
+leaves out, needs a queue, and the slowdown's evidence is as old as the idle spell. A class's slack
+decays with time constant ``RELAX_SLOS`` of its SLO, the slowdown's excess over the profile with
+``SLOWDOWN_RELAX_S``; and a slack never grows past the SLO itself (beyond it, it refuses every
+request of the class anyway, and would only take longer to forget).
 """
 from __future__ import annotations
 
@@ -66,6 +76,8 @@ class AdmissionControl:
     EWMA_WEIGHT = 0.2     # weight of the newest batch in the slowdown's two means
     MISS_QUANTILE = 0.98  # the slack aims at 98% of admitted requests in time (2% miss)
     STEP_FRACTION = 0.01  # of the class's SLO: at 10 ms a miss adds 0.098 ms, a request in time takes off 0.002
+    RELAX_SLOS = 10.0     # while the board idles, a class's slack decays with this many of its SLO as time constant
+    SLOWDOWN_RELAX_S = 1.0   # ... and the slowdown's excess over the profile with this one (s)
 
     def __init__(self, table: LatencyTable, max_batch: int, margin_s: float = 0.0) -> None:
         self.table = table
@@ -77,6 +89,7 @@ class AdmissionControl:
         self.margin_s = margin_s
         self._slack: dict[int, float] = {}   # learned per SLO class: the quantile slack (module docstring)
         self.overruns = 0         # batches that took longer than predicted
+        self._relaxed_to = -math.inf   # idle time before this is forgotten already (relax)
 
     def limit_batch(self, max_batch: int) -> None:
         """Predict with batches of at most ``max_batch`` from now on (the scheduler's hold cap)."""
@@ -103,7 +116,7 @@ class AdmissionControl:
         step = self.STEP_FRACTION * slo_s
         slack = self._slack.get(key, 0.0)
         if missed:
-            slack += self.MISS_QUANTILE * step
+            slack = min(slack + self.MISS_QUANTILE * step, slo_s)
         elif slack > 0.0:
             slack = max(0.0, slack - (1.0 - self.MISS_QUANTILE) * step)
         else:
@@ -113,6 +126,21 @@ class AdmissionControl:
             if len(self._slack) >= MAX_CLASSES:
                 self._slack.clear()               # SLOs that vary request by request: start over
         self._slack[key] = slack
+
+    def relax(self, idle_since: float, now: float) -> None:
+        """The board has been idle since ``idle_since``: forget what was learned under load in
+        proportion to the idle time not yet counted (module docstring)."""
+        idle_s = now - max(idle_since, self._relaxed_to)
+        self._relaxed_to = now
+        if idle_s <= 0.0:
+            return
+        if self._slack:
+            self._slack = {key: slack * math.exp(-idle_s / (self.RELAX_SLOS * 2.0 ** (key / 16)))
+                           for key, slack in self._slack.items()}
+        if self._observed_mean_s > self._profiled_mean_s > 0.0:
+            excess = self._observed_mean_s - self._profiled_mean_s
+            self._observed_mean_s = self._profiled_mean_s + excess * math.exp(-idle_s / self.SLOWDOWN_RELAX_S)
+            self.slowdown = self._observed_mean_s / self._profiled_mean_s
 
     def slack_s(self, slo_s: float) -> float:
         """The learned slack of ``slo_s``'s class (0 while no class has learned any)."""

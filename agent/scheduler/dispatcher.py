@@ -194,6 +194,7 @@ class Scheduler:
         self.edf_horizon_s = edf_horizon_s
         self.policy: Policy = build_policy(policy, self) if isinstance(policy, str) else policy
         self.last_arrival = -math.inf     # of the last request admitted (the idle path's gap)
+        self.idle_since = -math.inf       # when the board last became idle (AdmissionControl.relax)
 
     @staticmethod
     def lane(name: str, rule: object, instances: int, queue_capacity: int, min_latency_s: float = 0.0,
@@ -246,7 +247,9 @@ class Scheduler:
         if self.in_flight == 0 and not self.queued():
             # An idle board: the request starts now, so no other model's work and no overtaker
             # can delay it (the bounds below would come to the same, at a cost on every request).
+            # What admission learned under load is forgotten in proportion to the idle time.
             shared_start, overtakers = None, ()
+            lane.admission.relax(self.idle_since, request.arrival)
         else:
             shared_start = self._shared_start(lane, request, key)
             overtakers = (self._overtakers(request.deadline - request.arrival, request.arrival)
@@ -426,12 +429,15 @@ class Scheduler:
             if admission is not None:
                 admission.calibrate(True, request.deadline - request.arrival)
 
-    def release(self, dispatch: Dispatch) -> None:
-        """The batch is done (whatever its outcome): its instance and slot are free again."""
+    def release(self, dispatch: Dispatch, now: float | None = None) -> None:
+        """The batch is done (whatever its outcome): its instance and slot are free again. ``now``:
+        when; the board's idle time counts from the release that leaves it idle (None: not counted)."""
         lane = self.lanes[dispatch.model]
         lane.free_instances.append(dispatch.instance)
         lane.busy_until.pop(dispatch.instance, None)
         self.in_flight -= 1
+        if now is not None and self.in_flight == 0 and not self.queued():
+            self.idle_since = now
 
     def observe(self, dispatch: Dispatch, now: float) -> None:
         """The batch's requests are answered: its whole cost (dispatch to the last reply) teaches
