@@ -13,17 +13,21 @@ import signal
 import sys
 
 
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_lab.demo import run_demo
     # SIGTERM (`kill`, `timeout`, a terminal closing) stops the demo as Ctrl-C does: cameras first,
-    # the agent answers what it holds, and the demo's own Mosquitto is stopped. Without it the
-    # interpreter died at once and left that broker running.
-    signal.signal(signal.SIGTERM, _interrupt)
-    run_demo(duration_s=args.duration, load=args.load, shed=not args.no_shed)
+    # the agent answers what it holds, and the demo's own Mosquitto is stopped. Without a handler
+    # the interpreter died at once and left that broker running. The handlers only record the
+    # signal (as `edge-agent run`'s do): one that raised could land inside a lock of the shutdown,
+    # and a second signal then stop it half-way. Once stopped, further signals are ignored.
+    signals: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: signals.append(signum))
+    try:
+        run_demo(duration_s=args.duration, load=args.load, shed=not args.no_shed, stop=lambda: bool(signals))
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +38,9 @@ class Camera:
 
 # Each row is a group of cameras multiplexed on one MQTT client (door: 10 cameras x 30 fps). On a
 # 2-core x86 box these rates keep both cores about 70% busy, so batches form and SLOs still hold.
+#: How often the display loop looks at ``stop`` between camera snapshots (seconds).
+STOP_POLL_S = 0.2
+
 DEFAULT_CAMERAS = (
     Camera("door", "mobilenet_digits", fps=300, slo_ms=25),
     Camera("lobby", "mobilenet_digits", fps=150, slo_ms=10),
@@ -173,11 +177,14 @@ def format_models(snapshot: dict) -> str:
 
 
 def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: float = 1.0, out=sys.stdout,
-             shed: bool = True) -> dict:
-    """Run the demo until Ctrl-C (or ``duration_s``); returns the final figures per camera group.
+             shed: bool = True, stop: Callable[[], bool] | None = None) -> dict:
+    """Run the demo until Ctrl-C, ``stop()`` says so, or ``duration_s``; returns the final figures
+    per camera group.
 
-    ``shed=False`` computes requests that can no longer make their deadline instead of answering them
-    at once (the comparison in BENCHMARKS.md)."""
+    ``stop`` is polled a few times a second: the command line's signal handlers only record the
+    signal, and this loop acts on it (a handler that raised could land inside a lock of the
+    shutdown itself). ``shed=False`` computes requests that can no longer make their deadline
+    instead of answering them at once (the comparison in BENCHMARKS.md)."""
     try:
         broker = LocalBroker()
     except MosquittoNotFound as exc:
@@ -207,8 +214,9 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
             started = time.perf_counter()
             previous: dict[str, dict] = {}
             try:
-                while duration_s is None or time.perf_counter() - started < duration_s:
-                    if not parent_end.poll(interval_s * 3):
+                while ((duration_s is None or time.perf_counter() - started < duration_s)
+                       and not (stop is not None and stop())):
+                    if not parent_end.poll(STOP_POLL_S):
                         if not process.is_alive():
                             raise RuntimeError(f"the demo's camera process exited (code {process.exitcode})")
                         continue
@@ -217,8 +225,10 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
                             + format_models(service.agent.telemetry.snapshot()))
                     previous = {s["name"]: s for s in snapshots}
                     print(("\033[H\033[J" if tty else "") + text + ("" if tty else "\n"), file=out, flush=True)
+                if stop is not None and stop():
+                    print("\nstopping: cameras first, then the agent answers what it holds ...", file=out, flush=True)
             except KeyboardInterrupt:
-                print("\nstopping: cameras first, then the agent answers what it holds ...", file=out)
+                print("\nstopping: cameras first, then the agent answers what it holds ...", file=out, flush=True)
             parent_end.send("stop")
             while process.is_alive() and parent_end.poll(15.0):   # skip periodic snapshots, up to the final one
                 kind, final = parent_end.recv()
