@@ -72,10 +72,12 @@ log = logging.getLogger(__name__)
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
 MAX_HEAD_BYTES = 64 * 1024            # request line + headers, unless [http] max_header_bytes says
 LINGER_S = 2.0                        # after an error that closes: drain what the client still sends
+REFUSAL_LINGER_S = 0.25               # the same after a 503 beyond max_connections: a flood must not pile them up
 ACCEPT_BATCH = 64                     # connections accepted per readiness of the listening socket
 ACCEPT_BACKOFF_S = 0.25               # out of descriptors or memory: stop accepting this long
 LOG_INTERVAL_S = 10.0                 # at most one line per interval for each kind of refusal
 RESERVED_FDS = 64                     # descriptors kept for the rest of the agent (models, MQTT, logs)
+                                      # and, a sixteenth of the limit more, for refusals lingering
 _RESOURCE_ERRNOS = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE", errno.ENOBUFS: "ENOBUFS",
                     errno.ENOMEM: "ENOMEM"}
 # What a connection waits for, under its deadline (none while a request runs on the agent).
@@ -243,8 +245,10 @@ class _Connection(asyncio.Protocol):
             # Over the bound: refused with a reply, and this connection never counts.
             intake._refusals.hit("HTTP: %d connections open (the [http] max_connections bound): new ones are "
                                  "answered 503", len(intake._connections))
-            self.respond(503, [_json({"error": f"{REJECTED}: too many connections "
-                                               f"({intake.max_connections} open); try again later"})], close=True)
+            self.transport.write(self._response(503, [_json({"error": f"{REJECTED}: too many connections "
+                                                              f"({intake.max_connections} open); try again later"})],
+                                                _JSON, None, close=True))
+            self._close(linger=REFUSAL_LINGER_S)
             return
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -411,7 +415,7 @@ class _Connection(asyncio.Protocol):
             return False                  # the client left: nobody to answer
         transport.write(data)
         if close:
-            self._close(linger=status >= 400)
+            self._close(linger=LINGER_S if status >= 400 else 0.0)
         return True
 
     def _error(self, status: int, message: str, close: bool = False, allow: str | None = None) -> None:
@@ -484,7 +488,7 @@ class _Connection(asyncio.Protocol):
         if self._write(data, close, status) and not close:
             self._next()
 
-    def _close(self, linger: bool = False) -> None:
+    def _close(self, linger: float = 0.0) -> None:
         """Close after the replies written so far are sent. ``linger``: half-close and read (and drop)
         what the client still sends for a while, so an unread body does not reset the connection
         before the client has read our error reply."""
@@ -495,7 +499,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if linger and transport.can_write_eof():
             transport.write_eof()
-            self.intake._loop.call_later(LINGER_S, transport.close)
+            self.intake._loop.call_later(linger, transport.close)
         else:
             transport.close()
 
@@ -592,8 +596,8 @@ class HttpIntake:
     def start(self) -> "HttpIntake":
         """Bind and listen; returns once connections are accepted (a bind error raises here)."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and self.max_connections > soft - RESERVED_FDS:
-            bound = max(1, soft - RESERVED_FDS)
+        if soft != resource.RLIM_INFINITY and self.max_connections > soft - RESERVED_FDS - soft // 16:
+            bound = max(1, soft - RESERVED_FDS - soft // 16)
             log.warning("[http] max_connections %d is more than the open-file limit %d leaves; serving at most %d",
                         self.max_connections, soft, bound)
             self.max_connections = bound
