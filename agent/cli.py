@@ -37,8 +37,12 @@ def _port(text: str) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
+    from agent.intake.http import raise_open_file_limit
     from agent.profiler import ProfileError
     from agent.service import Service
+    # The process's own: each HTTP connection is a descriptor, and the common soft limit of 1,024
+    # would stop new clients at about a thousand idle ones (issue 21).
+    raise_open_file_limit()
     try:
         config = load_config(args.config)
         if args.http_port is not None:

@@ -77,6 +77,15 @@ class HttpConfig:
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = 8000                           # 0 = any free port (the bound one is logged)
+    # No client holds a connection for free (agent.intake.http): a request's head must arrive within
+    # header_timeout_s (a new connection's first one too), its body within body_timeout_s of the
+    # head, and a keep-alive connection may sit idle_timeout_s between requests.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: float = 30.0
+    # Open connections beyond this are answered 503 and closed (clipped to the open-file limit).
+    max_connections: int = 4096
+    max_header_bytes: int = 64 * 1024          # request line and headers; more is 431
 
 
 @dataclass(frozen=True)
@@ -230,6 +239,11 @@ def _parse_model(t: Any, where: str, base_dir: Path | None) -> ModelConfig:
     )
 
 
+def _seconds(table: dict, key: str, default: float) -> float:
+    return float(_take(table, key, "http", (int, float), default, lambda v: 0.01 <= v <= 86_400,
+                       "seconds in 0.01..86400"))
+
+
 def _profile_path(value: str | None, base_dir: Path | None) -> str | None:
     if value is None or base_dir is None or Path(value).is_absolute():
         return value
@@ -293,6 +307,13 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
             host=_take(http, "host", "http", str, "127.0.0.1", lambda v: bool(v), "a host name or address to listen on"),
             port=_take(http, "port", "http", int, 8000, lambda v: 0 <= v <= 65535,
                        "a port in 0..65535 (0 = any free port)"),
+            header_timeout_s=_seconds(http, "header_timeout_s", 10.0),
+            body_timeout_s=_seconds(http, "body_timeout_s", 30.0),
+            idle_timeout_s=_seconds(http, "idle_timeout_s", 30.0),
+            max_connections=_take(http, "max_connections", "http", int, 4096, lambda v: 1 <= v <= 1_000_000,
+                                  "an integer in 1..1000000"),
+            max_header_bytes=_take(http, "max_header_bytes", "http", int, 64 * 1024,
+                                   lambda v: 1024 <= v <= 1024 * 1024, "bytes in 1024..1048576"),
         ),
         models=models,
     )

@@ -296,8 +296,9 @@ def test_replies_to_a_client_that_does_not_read_stay_whole_and_in_order(service,
         sock.connect(("127.0.0.1", service.http.port))
         time.sleep(0.05)
         for connection in list(service.http._connections):           # the server's side, just as small
-            if connection._direct is not None and connection._direct.getpeername() == sock.getsockname():
-                connection._direct.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            server_side = connection.transport.get_extra_info("socket")
+            if server_side.getpeername() == sock.getsockname():
+                server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         data = b"".join(requests) + b"GET /v2 HTTP/1.1\r\nConnection: close\r\n\r\n"
         with ThreadPoolExecutor(1) as pool:      # a full server stops reading: send beside the reads
             sending = pool.submit(sock.sendall, data)

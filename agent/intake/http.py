@@ -20,16 +20,40 @@ client that disconnects first simply gets none, and nothing else notices.
 
 Limits, checked before the body is read: ``Content-Length`` over ``max_payload_bytes`` is answered
 413 at once and the connection closed (the body is never read); a POST without ``Content-Length``
-(chunked bodies included) 411; a malformed request line or header 400. Those close the connection,
-since the next request's start can no longer be found.
+(chunked bodies included) 411; a malformed request line or header 400; a request line and headers
+over ``[http] max_header_bytes`` 431, however the bytes arrive (one read or many: the terminator is
+searched for within the limit only). Those close the connection, since the next request's start can
+no longer be found.
+
+No client can hold the server: every connection waits under a deadline (``[http]`` keys). A new
+connection's first request head, and any head once its first byte came, must be complete within
+``header_timeout_s`` (else 408 and close; a connection that sent nothing is just closed); a body
+within ``body_timeout_s`` of its head (else 408 and close: a truncated body held open is answered);
+between requests a keep-alive connection may sit ``idle_timeout_s``, and a client that reads none of
+its replies for as long is dropped. While a request runs on the agent there is no deadline: its
+reply is owed. The deadlines are checked by one sweep over the connections a few times per shortest
+timeout, so a request costs two attribute writes, not a timer.
+
+Descriptors: one per connection (a worker writes a reply on the connection's own socket, under a
+lock that ``connection_lost`` takes before the transport closes it). At most ``max_connections`` are
+open (clipped to what the process's descriptor limit leaves); one beyond is answered 503 and closed,
+so a flood of idle connections costs new clients a refusal, never a hang. The server accepts on its
+own listening socket: out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), it stops
+accepting for ``ACCEPT_BACKOFF_S`` and logs one line per ``LOG_INTERVAL_S`` with a count, where
+asyncio's accept loop logs a traceback per pending connection on every pass (issue 21: 34.6 MB of
+them in 26 s).
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import os
+import resource
 import socket
 import threading
+import time
 import zlib
 from concurrent.futures import Future
 from http import HTTPStatus
@@ -39,15 +63,25 @@ import numpy as np
 
 from agent import __version__
 from agent.api import Agent
-from agent.errors import BAD_REQUEST, INTERNAL, SHUTTING_DOWN, TOO_LARGE, UNKNOWN_MODEL, InferenceError
+from agent.errors import BAD_REQUEST, INTERNAL, REJECTED, SHUTTING_DOWN, TOO_LARGE, UNKNOWN_MODEL, InferenceError
 from agent.intake import oip
 
 log = logging.getLogger(__name__)
 
 #: What ``GET /v2`` lists: the protocol extensions this server implements.
 EXTENSIONS = ("binary_tensor_data", "model_configuration")
-MAX_HEAD_BYTES = 64 * 1024            # request line + headers
+MAX_HEAD_BYTES = 64 * 1024            # request line + headers, unless [http] max_header_bytes says
 LINGER_S = 2.0                        # after an error that closes: drain what the client still sends
+REFUSAL_LINGER_S = 0.25               # the same after a 503 beyond max_connections: a flood must not pile them up
+ACCEPT_BATCH = 64                     # connections accepted per readiness of the listening socket
+ACCEPT_BACKOFF_S = 0.25               # out of descriptors or memory: stop accepting this long
+LOG_INTERVAL_S = 10.0                 # at most one line per interval for each kind of refusal
+RESERVED_FDS = 64                     # descriptors kept for the rest of the agent (models, MQTT, logs)
+                                      # and, a sixteenth of the limit more, for refusals lingering
+_RESOURCE_ERRNOS = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE", errno.ENOBUFS: "ENOBUFS",
+                    errno.ENOMEM: "ENOMEM"}
+# What a connection waits for, under its deadline (none while a request runs on the agent).
+_HEAD, _BODY, _IDLE, _WRITE = 1, 2, 3, 4
 _JSON = b"application/json"
 _BINARY = b"application/octet-stream"
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -130,6 +164,36 @@ class _Head:
             self.content_length = 0
 
 
+class _Every:
+    """Logs one line per interval for a recurring condition, with how often it occurred since the last line."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self.last = -float("inf")
+        self.count = 0
+
+    def hit(self, message: str, *args) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            log.warning(message + " (%d time(s) in the last %.0f s)", *args, self.count, self.interval_s)
+            self.last, self.count = now, 0
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (a process may, unprivileged), so idle or
+    slow connections do not run the agent out of descriptors at the common soft limit of 1,024.
+    Returns the (soft, hard) limits in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:      # e.g. an unlimited hard limit the kernel caps lower
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
+
+
 class _HeadCache(dict):
     """Parsed request heads, keyed by their raw bytes. A client repeats the same head for every
     request to a model (the same path, headers and, for fixed-size tensors, Content-Length), so a
@@ -153,6 +217,7 @@ class _Connection(asyncio.Protocol):
         self.intake = intake
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
+        self.scanned = 0                  # bytes of the buffer searched for the end of the head
         self.head: _Head | None = None
         self.busy = False                 # a request is being answered: later ones wait in the buffer
         self.keep_alive = True            # of the request being answered
@@ -160,36 +225,47 @@ class _Connection(asyncio.Protocol):
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
-        # A duplicate of the connection's socket for the answering thread to write replies on (``finish``);
-        # its own descriptor, so the transport closing its socket can never leave a worker writing to
-        # a reused number. The lock orders a worker's write against closing it.
-        self._direct: socket.socket | None = None
+        # What the connection waits for (_HEAD, _BODY, _IDLE, _WRITE; 0 while a request runs) and
+        # until when (time.monotonic(), the loop's clock): HttpIntake._sweep closes it past that.
+        self.waiting = 0
+        self.deadline = 0.0
+        # The connection's socket descriptor, for the answering thread to write replies on (``finish``):
+        # no second descriptor per connection. ``connection_lost`` runs before the transport closes
+        # the socket and sets it to -1 under the lock, so a worker never writes to a closed (or
+        # reused) number.
+        self._fd = -1
         self._direct_lock = threading.Lock()
 
     # --- asyncio callbacks ---------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        intake = self.intake
+        if len(intake._connections) >= intake.max_connections:
+            # Over the bound: refused with a reply, and this connection never counts.
+            intake._refusals.hit("HTTP: %d connections open (the [http] max_connections bound): new ones are "
+                                 "answered 503", len(intake._connections))
+            self.transport.write(self._response(503, [_json({"error": f"{REJECTED}: too many connections "
+                                                              f"({intake.max_connections} open); try again later"})],
+                                                _JSON, None, close=True))
+            self._close(linger=REFUSAL_LINGER_S)
+            return
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:   # not TCP (a Unix socket in someone's test): nothing to tune
                 pass
-            try:
-                self._direct = sock.dup()
-                self._direct.setblocking(False)
-            except OSError:   # out of descriptors: replies go through the loop, as they always can
-                self._direct = None
-        self.intake._connections.add(self)
+            self._fd = sock.fileno()
+        self.waiting, self.deadline = _HEAD, time.monotonic() + intake.header_timeout_s
+        intake._connections.add(self)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
         self.closing = True
+        self.waiting = 0
         with self._direct_lock:
-            if self._direct is not None:
-                self._direct.close()
-                self._direct = None
+            self._fd = -1
         self.buffer = bytearray()
         self.intake._connections.discard(self)
 
@@ -198,17 +274,37 @@ class _Connection(asyncio.Protocol):
             return                        # lingering after an error reply: drain and drop
         self.buffer += data
         if self.busy or self.writing_paused:
-            if len(self.buffer) > self.intake.max_payload + MAX_HEAD_BYTES and not self.reading_paused:
+            if len(self.buffer) > self.intake.max_payload + self.intake.max_head and not self.reading_paused:
                 self.transport.pause_reading()
                 self.reading_paused = True
             return
         self._process()
 
+    def expire(self, now: float) -> None:
+        """On the loop, from the sweep: the connection waited past its deadline."""
+        waiting = self.waiting
+        if self.closing or self.transport is None or self.busy or not waiting:
+            return
+        if waiting == _WRITE:
+            self.transport.abort()        # a client that reads none of its replies: nothing left to say
+        elif waiting == _BODY or (waiting == _HEAD and self.buffer):
+            what = "body" if waiting == _BODY else "request line and headers"
+            limit = self.intake.body_timeout_s if waiting == _BODY else self.intake.header_timeout_s
+            self.keep_alive = False
+            self.head_only = False
+            self._error(408, f"{BAD_REQUEST}: the {what} did not arrive within {limit:g} s", close=True)
+        else:                             # idle, or a new connection that sent nothing: close, as servers do
+            self._close()
+
     def pause_writing(self) -> None:
         self.writing_paused = True        # a client not reading its replies: read no more requests
+        if not self.busy:
+            self.waiting, self.deadline = _WRITE, time.monotonic() + self.intake.idle_timeout_s
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if not self.busy:
+            self.waiting, self.deadline = _IDLE, time.monotonic() + self.intake.idle_timeout_s
         self._next()
 
     # --- requests ------------------------------------------------------------------------------
@@ -216,36 +312,47 @@ class _Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Take every complete request from the buffer while none is in flight."""
         buffer = self.buffer
+        intake = self.intake
         while not self.busy and not self.closing and not self.writing_paused:
             head = self.head
             if head is None:
                 self.head_only = False
-                end = buffer.find(b"\r\n\r\n")
+                limit = intake.max_head
+                # Searched within the limit only, from where the last read's search stopped: a head
+                # over the limit is refused however it arrives, and a head sent a byte at a time
+                # costs a search of each byte once.
+                end = buffer.find(b"\r\n\r\n", self.scanned, limit + 4)
                 if end < 0:
-                    if len(buffer) > MAX_HEAD_BYTES:
-                        self._error(431, f"{BAD_REQUEST}: request line and headers exceed {MAX_HEAD_BYTES} bytes",
-                                    close=True)
+                    if len(buffer) >= limit + 4:
+                        self._error(431, f"{BAD_REQUEST}: request line and headers exceed {limit} bytes", close=True)
+                    elif buffer:
+                        self.scanned = max(0, len(buffer) - 3)
+                        if self.waiting != _HEAD:     # the head's clock starts at its first byte
+                            self.waiting, self.deadline = _HEAD, time.monotonic() + intake.header_timeout_s
                     return
+                self.scanned = 0
                 raw = bytes(buffer[:end])
-                head = self.intake._heads.get(raw)
+                head = intake._heads.get(raw)
                 if head is None:
                     try:
                         head = _Head(raw)
                     except _HttpError as exc:
                         self._error(exc.status, exc.message, close=True)
                         return
-                    self.intake._heads.remember(raw, head)
+                    intake._heads.remember(raw, head)
                 del buffer[:end + 4]
-                if head.content_length > self.intake.max_payload:
+                if head.content_length > intake.max_payload:
                     # Answered from the header alone: the body is never read, so the connection cannot go on.
                     self._error(413, f"{TOO_LARGE}: Content-Length of {head.content_length} bytes exceeds the "
-                                     f"limit of {self.intake.max_payload} bytes", close=True)
+                                     f"limit of {intake.max_payload} bytes", close=True)
                     return
                 if head.expect == b"100-continue" and len(buffer) < head.content_length:
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 self.head = head
             length = head.content_length
             if len(buffer) < length:
+                if self.waiting != _BODY:
+                    self.waiting, self.deadline = _BODY, time.monotonic() + intake.body_timeout_s
                 return
             if len(buffer) == length:
                 body = bytes(buffer)
@@ -255,10 +362,11 @@ class _Connection(asyncio.Protocol):
                 del buffer[:length]
             self.head = None
             self.busy = True
+            self.waiting = 0
             self.keep_alive = head.keep_alive
             self.head_only = head.method == "HEAD"
             try:
-                self.intake._handle(self, head, body)
+                intake._handle(self, head, body)
             except Exception as exc:      # a bug must not cost the client its reply, nor the loop its life
                 log.exception("HTTP intake failed on %s %s", head.method, head.path)
                 if self.busy:
@@ -300,13 +408,14 @@ class _Connection(asyncio.Protocol):
 
     def _write(self, data: bytes, close: bool, status: int) -> bool:
         """On the loop: write response bytes, then close if asked; False if the client has left."""
+        self.waiting, self.deadline = _IDLE, time.monotonic() + self.intake.idle_timeout_s
         self.busy = False
         transport = self.transport
         if transport is None or self.closing:
             return False                  # the client left: nobody to answer
         transport.write(data)
         if close:
-            self._close(linger=status >= 400)
+            self._close(linger=LINGER_S if status >= 400 else 0.0)
         return True
 
     def _error(self, status: int, message: str, close: bool = False, allow: str | None = None) -> None:
@@ -355,17 +464,17 @@ class _Connection(asyncio.Protocol):
         data = self._response(status, chunks, content_type, header_length, close)
         sent = 0
         with self._direct_lock:
-            direct, transport = self._direct, self.transport
-            if direct is not None and transport is not None and not self.closing \
-                    and not transport.get_write_buffer_size():
+            fd, transport = self._fd, self.transport
+            if fd >= 0 and transport is not None and not self.closing and not transport.get_write_buffer_size():
                 try:
-                    sent = direct.send(data)
+                    sent = os.write(fd, data)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError:             # the client is gone: nobody to answer
                     return
         try:
             if sent == len(data) and not close:
+                self.waiting, self.deadline = _IDLE, time.monotonic() + self.intake.idle_timeout_s
                 self.busy = False           # first: what the loop reads from now on, it serves itself
                 if self.buffer or self.reading_paused:
                     loop.call_soon_threadsafe(self._next)
@@ -379,19 +488,48 @@ class _Connection(asyncio.Protocol):
         if self._write(data, close, status) and not close:
             self._next()
 
-    def _close(self, linger: bool = False) -> None:
+    def _close(self, linger: float = 0.0) -> None:
         """Close after the replies written so far are sent. ``linger``: half-close and read (and drop)
         what the client still sends for a while, so an unread body does not reset the connection
         before the client has read our error reply."""
         if self.closing or self.transport is None:
             return
         self.closing = True
+        self.waiting = 0
         transport = self.transport
         if linger and transport.can_write_eof():
             transport.write_eof()
-            self.intake._loop.call_later(LINGER_S, transport.close)
+            self.intake._loop.call_later(linger, transport.close)
         else:
             transport.close()
+
+
+def _listen(host: str, port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Non-blocking listening sockets on every address ``host`` resolves to (as asyncio's
+    ``create_server`` binds them), all on one port: the first bound one's when ``port`` is 0."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 class _Gather:
@@ -426,39 +564,101 @@ class _ModelView:
 
 class HttpIntake:
     """Serves the agent's models over the Open Inference Protocol on ``host:port`` (0 = a free port;
-    :attr:`port` is the bound one after :meth:`start`)."""
+    :attr:`port` is the bound one after :meth:`start`). Timeouts and bounds come from ``[http]``
+    (:class:`agent.config.HttpConfig`) unless given here."""
 
-    def __init__(self, agent: Agent, host: str, port: int) -> None:
+    def __init__(self, agent: Agent, host: str, port: int, *, header_timeout_s: float | None = None,
+                 body_timeout_s: float | None = None, idle_timeout_s: float | None = None,
+                 max_connections: int | None = None, max_header_bytes: int | None = None) -> None:
+        http = agent.config.http
         self.agent = agent
         self.host, self.port = host, port
         self.max_payload = agent.config.max_payload_bytes
+        self.header_timeout_s = http.header_timeout_s if header_timeout_s is None else header_timeout_s
+        self.body_timeout_s = http.body_timeout_s if body_timeout_s is None else body_timeout_s
+        self.idle_timeout_s = http.idle_timeout_s if idle_timeout_s is None else idle_timeout_s
+        self.max_connections = http.max_connections if max_connections is None else max_connections
+        self.max_head = http.max_header_bytes if max_header_bytes is None else max_header_bytes
         self.taking = False
         self._models = {name: _ModelView(name, loaded) for name, loaded in agent.models.items()}
         self._server_metadata = _json(oip.server_metadata(__version__, EXTENSIONS))
         self._connections: set[_Connection] = set()
         self._heads = _HeadCache()            # only the loop's thread parses: no lock
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._listeners: list[socket.socket] = []
+        self._accepting = False
+        self._refusals = _Every()             # 503s past max_connections
+        self._accept_failures = _Every()      # EMFILE and kin in accept
         self._thread: threading.Thread | None = None
 
     # --- life cycle ----------------------------------------------------------------------------
 
     def start(self) -> "HttpIntake":
         """Bind and listen; returns once connections are accepted (a bind error raises here)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and self.max_connections > soft - RESERVED_FDS - soft // 16:
+            bound = max(1, soft - RESERVED_FDS - soft // 16)
+            log.warning("[http] max_connections %d is more than the open-file limit %d leaves; serving at most %d",
+                        self.max_connections, soft, bound)
+            self.max_connections = bound
+        self._listeners = _listen(self.host, self.port)
         loop = asyncio.new_event_loop()
-        try:
-            self._server = loop.run_until_complete(loop.create_server(
-                lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024))
-        except BaseException:
-            loop.close()
-            raise
         self._loop = loop
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = self._listeners[0].getsockname()[1]
+        self._accepting = True
+        for sock in self._listeners:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+        loop.call_soon(self._sweep)
         self.taking = True
         self._thread = threading.Thread(target=loop.run_forever, name="edge-agent-http", daemon=True)
         self._thread.start()
-        log.info("serving %s on http://%s:%d (Open Inference Protocol)", sorted(self._models), self.host, self.port)
+        log.info("serving %s on http://%s:%d (Open Inference Protocol; at most %d connections)",
+                 sorted(self._models), self.host, self.port, self.max_connections)
         return self
+
+    def _accept(self, sock: socket.socket) -> None:
+        """On the loop: take the connections waiting on a listening socket, a batch at a time."""
+        loop = self._loop
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _address = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                name = _RESOURCE_ERRNOS.get(exc.errno)
+                if name is None:
+                    self._accept_failures.hit("HTTP accept failed: %s", exc)
+                    return
+                # The listening socket stays readable while the resource is short: stop watching it
+                # for a while, rather than spin (or log) on every pass of the loop.
+                loop.remove_reader(sock.fileno())
+                loop.call_later(ACCEPT_BACKOFF_S, self._resume_accepting, sock)
+                self._accept_failures.hit("HTTP accept: %s (%s) with %d connections open; not accepting for "
+                                          "%.2f s at a time", name, os.strerror(exc.errno), len(self._connections),
+                                          ACCEPT_BACKOFF_S)
+                return
+            conn.setblocking(False)
+            loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(lambda: _Connection(self), conn)
+        except OSError as exc:               # e.g. the client reset before the transport was made
+            conn.close()
+            self._accept_failures.hit("HTTP: could not set up a connection: %s", exc)
+
+    def _resume_accepting(self, sock: socket.socket) -> None:
+        if self._accepting:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _sweep(self) -> None:
+        """On the loop, a few times per shortest timeout: close the connections past their deadline."""
+        now = time.monotonic()
+        for connection in [c for c in self._connections if c.waiting and c.deadline <= now]:
+            connection.expire(now)
+        if self._accepting:
+            period = min(self.header_timeout_s, self.body_timeout_s, self.idle_timeout_s) / 4
+            self._loop.call_later(min(1.0, max(0.02, period)), self._sweep)
 
     def stop_taking(self) -> None:
         """From now on, new inference requests are answered 503 (``shutting_down``) and readiness is
@@ -484,7 +684,10 @@ class HttpIntake:
         self._loop = None
 
     async def _shutdown(self, timeout: float) -> None:
-        self._server.close()
+        self._accepting = False
+        for sock in self._listeners:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
         for connection in list(self._connections):
             connection.closing = True
             if connection.transport is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -203,6 +204,11 @@ def parse_infer_request(model: str, body: bytes, header_length: int | None,
         message = json.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InferenceError(BAD_REQUEST, f"the request's JSON does not parse ({exc})") from None
+    except RecursionError:
+        # Python's parser recurses once per nested array or object: a body of 5,000 "[" would
+        # otherwise be an internal error (500), though the client sent it and can fix it.
+        raise InferenceError(BAD_REQUEST, f"the request's JSON nests arrays or objects deeper than this server "
+                                          f"parses (about {sys.getrecursionlimit()} levels)") from None
     if not isinstance(message, dict):
         raise InferenceError(BAD_REQUEST, f"the request must be a JSON object, got {type(message).__name__}")
 

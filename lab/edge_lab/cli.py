@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | run | triton``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | run | triton | http-limits``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -123,6 +123,21 @@ def _cmd_bench_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_http_limits(args: argparse.Namespace) -> int:
+    from edge_lab.bench.http_limits import format_http_limits, run_http_limits
+    if args.connections < 1 or args.duration <= 0 or args.rate <= 0 or args.nofile < 64:
+        print("edge-agent: --connections >= 1, --duration > 0, --rate > 0 and --nofile >= 64 expected", file=sys.stderr)
+        return 2
+    results = run_http_limits(connections=args.connections, duration_s=args.duration, rate=args.rate,
+                              nofile=args.nofile, nofile_hard=args.nofile_hard, max_connections=args.max_connections)
+    print(format_http_limits(results))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _numbers(text: str, flag: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -202,3 +217,22 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                              "many rounds each target held in (default 1; the full grid takes about 15 minutes "
                              "a round here; BENCHMARKS.md's verdict is --repeat 3)")
     triton.set_defaults(func=_cmd_bench_triton)
+
+    limits = bench_sub.add_parser(
+        "http-limits", help="new HTTP clients' latency while thousands of idle or slow connections are held",
+        description="Start `edge-agent run` (HTTP, the demo model) with its soft open-file limit at --nofile; a "
+                    "second process holds --connections connections (half idle, half sending a head a byte a "
+                    "second, each reopened when the agent closes it); meanwhile new clients connect and make one "
+                    "request each. Prints their p50/p99/max latency and how many were served, what the held "
+                    "connections were told, and how many lines the agent logged.")
+    limits.add_argument("--connections", type=int, default=2000, help="idle/slow connections to hold (default 2000)")
+    limits.add_argument("--duration", type=float, default=20.0, metavar="S",
+                        help="how long new clients are timed while the connections are held (default 20)")
+    limits.add_argument("--rate", type=float, default=50.0, help="new clients per second (default 50)")
+    limits.add_argument("--nofile", type=int, default=1024, help="the agent's soft RLIMIT_NOFILE at start (default 1024)")
+    limits.add_argument("--nofile-hard", type=int, metavar="N",
+                        help="also lower the agent's hard limit to N, so it cannot raise its soft one "
+                             "(default: the hard limit is left as it is)")
+    limits.add_argument("--max-connections", type=int, metavar="N", help="the agent's [http] max_connections")
+    limits.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    limits.set_defaults(func=_cmd_bench_http_limits)
