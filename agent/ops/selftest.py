@@ -155,8 +155,8 @@ class Report:
         lines = [f"{'CHECK':<{name_w}}  {'STATUS':<{status_w}}  {'DETAIL':<{detail_w}}  WHAT TO DO",
                  f"{'-' * name_w}  {'-' * status_w}  {'-' * detail_w}  {'-' * fix_w}"]
         for c in self.checks:
-            detail = textwrap.wrap(c.detail, detail_w, break_on_hyphens=False) or [""]
-            fix = textwrap.wrap(c.fix, fix_w, break_on_hyphens=False) or [""]
+            detail = textwrap.wrap(c.detail, detail_w, break_on_hyphens=False, break_long_words=False) or [""]
+            fix = textwrap.wrap(c.fix, fix_w, break_on_hyphens=False, break_long_words=False) or [""]
             status = c.status.upper() if c.status == "fail" else c.status
             for i in range(max(len(detail), len(fix))):
                 cells = (c.name if i == 0 else "", status if i == 0 else "",
@@ -344,8 +344,8 @@ def check_core() -> Check:
         return Check("core", "warn", f"compiled core agrees with the pure twin on {count} values, but the agent "
                      "runs the pure twin (EDGE_AGENT_CORE=python)", "unset EDGE_AGENT_CORE to run the compiled core",
                      figures)
-    return Check("core", "ok", f"compiled core loads and agrees with the pure twin on {count} values "
-                 "(queue order, batch plans, latency predictions, batch assembly)", figures=figures)
+    return Check("core", "ok", f"compiled core agrees with the pure twin on {count} values "
+                 "(queue order, batch plans, latency table, batch assembly)", figures=figures)
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -369,7 +369,7 @@ def check_policy(config: Config) -> Check:
     if not callable(getattr(module, "build", None)):
         return Check("policy", "fail", f"policy module {module.__name__} has no build(scheduler) function",
                      "reinstall edge-agent: the policy module is damaged")
-    return Check("policy", "ok", f"{config.policy!r} ({module.__name__}; it has no policy file)")
+    return Check("policy", "ok", f"{config.policy!r} (built in, no policy file)")
 
 
 def check_profile(config: Config) -> Check:
@@ -600,7 +600,8 @@ def _edgetpu_library() -> tuple[bool, str]:
     try:
         ctypes.CDLL(EDGETPU_LIBRARY)
     except OSError as exc:
-        return False, f"{EDGETPU_LIBRARY} not loadable ({exc})"
+        installed = "cannot open shared object file" not in str(exc)
+        return False, f"{EDGETPU_LIBRARY} {'does not load: ' + str(exc) if installed else 'not installed'}"
     return True, f"{EDGETPU_LIBRARY} loads"
 
 
@@ -654,7 +655,7 @@ def check_edgetpu(config: Config) -> Check:
                      f"{fix}; or point those models at a CPU file (file = \"tflite_int8\")", figures)
     if where:
         return Check("edge tpu", "warn", f"{where} found but not usable: {library}; {uses}", fix, figures)
-    return Check("edge tpu", "skip", f"none found (no /dev/apex_*, no USB 1a6e:089a or 18d1:9302); {library}; {uses}",
+    return Check("edge tpu", "skip", f"none found (no /dev/apex_*, no USB 1a6e:089a or 18d1:9302), {library}; {uses}",
                  f"only to use one: {EDGETPU_USB_INSTALL}", figures)
 
 
