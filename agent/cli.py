@@ -83,6 +83,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    """``edge-agent selftest``: the table (or JSON) of :func:`agent.ops.selftest.run_selftest`;
+    exit 0 when nothing failed, 1 when a check failed, 2 when the config itself is invalid."""
+    from agent.config import Config, ConfigError, load_config
+    from agent.ops.selftest import GROUPS, run_selftest
+    from agent.profiler.run import Progress
+    try:
+        config = load_config(args.config) if args.config else Config.demo()
+    except ConfigError as exc:
+        print(f"edge-agent selftest: {exc}", file=sys.stderr)
+        return 2
+    if args.no_mqtt:
+        config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
+    groups = [g for g in GROUPS if g not in (args.skip or ())]
+    steps = ("core" in groups) + len(config.models) * ("models" in groups) + ("accelerators" in groups) + ("broker" in groups)
+    progress = Progress(steps, stream=None if args.quiet else sys.stderr)
+    try:
+        report = run_selftest(config, config_file=args.config, groups=groups, state_dir=args.state_dir,
+                              progress=progress.step)
+    finally:
+        progress.close()
+    print(report.to_json() if args.json else report.format_table(), flush=True)
+    return report.exit_code
+
+
 def _lab_missing(args: argparse.Namespace) -> int:
     print(f"edge-agent {args.command}: {LAB_MISSING}", file=sys.stderr)
     return 2
@@ -122,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-mqtt", action="store_true",
                      help="do not connect to the MQTT broker (serve only HTTP: give --http-port or enable [http])")
     run.set_defaults(func=_cmd_run)
+
+    selftest = sub.add_parser(
+        "selftest", help="check this board can serve a config: core, models, accelerators, broker, headroom",
+        description="Check that this board can serve a config: the compiled core agrees with its pure twin; each "
+                    "model's file matches its card's sha256 and reproduces the card's golden outputs on the "
+                    "configured backend, and its latency against the profile (drift); Edge TPU and Jetson GPU "
+                    "found or not, with what to install; the MQTT broker's round trip; disk, memory and "
+                    "temperature headroom. Prints a table (or --json); exit 1 if any check fails, each failure "
+                    "saying what to do; 2 for an invalid config.")
+    selftest.add_argument("--config", metavar="FILE", help="TOML config, as for `edge-agent run` "
+                          "(default: the embedded demo config: both demo models, broker 127.0.0.1:1883)")
+    selftest.add_argument("--json", action="store_true", help="print the report as JSON (for machines)")
+    selftest.add_argument("--no-mqtt", action="store_true", help="skip the broker check ([mqtt] enabled = false)")
+    selftest.add_argument("--skip", nargs="+", metavar="GROUP",
+                          choices=("core", "files", "models", "accelerators", "broker", "headroom"),
+                          help="groups of checks not to run: core files models accelerators broker headroom")
+    selftest.add_argument("--state-dir", metavar="DIR", help="the agent's state directory, checked for free disk "
+                          "(default: $STATE_DIRECTORY, else the profile file's folder)")
+    selftest.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    selftest.set_defaults(func=_cmd_selftest)
 
     _add_lab_parsers(sub)
 

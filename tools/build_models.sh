@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the demo models (agent/models/demo/): make the tools venv if missing, install the
 # pinned toolchain (again only when tools/requirements-models.txt changed), then train,
-# export and verify with tools/build_models.py. Extra arguments go to build_models.py
+# export and verify with tools/build_models.py, then write the cards' golden outputs
+# (tools/golden_outputs.py). Extra arguments go to build_models.py
 # (e.g. --models resnet_digits, --epochs 5, --no-bench). Rerunnable; CPU only.
 set -euo pipefail
 
@@ -28,4 +29,7 @@ fi
 
 cd "$ROOT"
 echo "== tools/build_models.py $*"
-exec "$VENV/bin/python" -u tools/build_models.py "$@"
+"$VENV/bin/python" -u tools/build_models.py "$@"
+# The build rewrites the cards: put the self-test's golden outputs back, from the new files.
+echo "== tools/golden_outputs.py"
+exec "$VENV/bin/python" -u tools/golden_outputs.py
