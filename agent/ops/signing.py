@@ -5,7 +5,7 @@ from anyone who can publish to the broker, so the broker's access control is not
 whether a board obeys: an Ed25519 signature by an operator key the board trusts is
 (:mod:`agent.ops.keys`). Boards hold public keys only.
 
-Envelope (msgpack map, exactly these three keys)::
+Envelope (msgpack map, exactly these three keys, canonical like the command inside)::
 
     {"v": 1, "signed": <bin: the canonical command>, "sig": <bin: 64 bytes, Ed25519>}
 
@@ -250,7 +250,10 @@ def sign(command: str, args: dict | None, device: str, key: SigningKey, *, ttl_s
     }
     signed = canonical_bytes(fields, "command")
     _check_command_map(_unpack(signed, "the command"))        # the signer refuses what a board would
-    signature = key.private_key.sign(SIGNING_CONTEXT + signed)
+    return _pack_envelope(signed, key.private_key.sign(SIGNING_CONTEXT + signed))
+
+
+def _pack_envelope(signed: bytes, signature: bytes) -> bytes:
     return msgpack.packb({"sig": signature, "signed": signed, "v": ENVELOPE_VERSION}, use_bin_type=True)
 
 
@@ -261,7 +264,8 @@ def decode_envelope(envelope: bytes) -> tuple[Command, bytes, bytes]:
         raise CommandError(f"envelope must be bytes, got {type(envelope).__name__}")
     if len(envelope) > MAX_ENVELOPE_BYTES:
         raise CommandError(f"envelope of {len(envelope)} bytes exceeds the limit of {MAX_ENVELOPE_BYTES}")
-    outer = _unpack(bytes(envelope), "the envelope")
+    envelope = bytes(envelope)
+    outer = _unpack(envelope, "the envelope")
     if not isinstance(outer, dict) or sorted(outer) != list(ENVELOPE_FIELDS):
         keys = sorted(map(str, outer)) if isinstance(outer, dict) else type(outer).__name__
         raise CommandError(f"envelope must be a map of exactly {list(ENVELOPE_FIELDS)}, got {keys}")
@@ -273,6 +277,9 @@ def decode_envelope(envelope: bytes) -> tuple[Command, bytes, bytes]:
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
         raise CommandError(f"sig must be {SIGNATURE_BYTES} bytes (bin), got "
                            f"{len(signature) if isinstance(signature, bytes) else type(signature).__name__}")
+    if _pack_envelope(signed, signature) != envelope:
+        raise CommandError("the envelope is not canonically encoded (keys sig, signed, v in this order, "
+                           "shortest forms): build it with agent.ops.signing.sign")
     fields = _unpack(signed, "the signed command")
     command = _check_command_map(fields)
     try:
