@@ -355,3 +355,13 @@ def test_a_changed_field_under_the_original_signature_is_refused(operator, field
     body = canonical_bytes(dict(fields, **{field: value}))
     verdict = verifier(operator).verify(msgpack.packb({"sig": outer["sig"], "signed": body, "v": 1}, use_bin_type=True))
     assert verdict.code in ("malformed", "unknown_key", "bad_signature"), verdict
+
+
+def test_bench_sign_fuzz_refuses_everything_with_a_reason_and_keeps_no_state():
+    out = subprocess.run([sys.executable, "-m", "agent.cli", "bench", "sign", "--n", "20", "--fuzz", "300"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "accepted 0, refused without a reason 0, replay store entries 1" in out.stdout
+    for code in ("malformed", "bad_signature", "unknown_key", "revoked_key", "wrong_device", "expired", "replayed"):
+        assert code in out.stdout
+    assert "verify forged" in out.stdout and "RSS before" in out.stdout
