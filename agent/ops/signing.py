@@ -41,7 +41,8 @@ Checks, in this order, the first failure is the verdict (its ``code`` goes into 
    Cheapest first; nothing after this reads an unchecked field.
 2. ``unknown_key`` / ``revoked_key``: the key id is not in the keyring, or it is revoked.
 3. ``bad_signature``: forged, or altered after signing.
-4. ``wrong_device``: signed for another board (``fleet`` is every board's).
+4. ``wrong_device``: signed for another board (``fleet`` is every board's); ``topic_mismatch``: the
+   topic it came on names another command than the one signed (when the caller gives the topic's).
 5. ``ttl_too_long`` / ``not_yet_valid`` / ``expired``: the validity window is over the board's cap,
    or ``now`` lies outside ``[issued_at - skew, expires_at + skew]`` (clock skew allowance).
 6. ``replayed``: the nonce was seen (under another command id) and has not expired;
@@ -64,8 +65,8 @@ Acknowledgement (msgpack map, one per command message, on its MQTT v5 response t
 
     {"command_id": str | nil, "ok": bool, "code": str, "reason": str, "result": any}
 
-``code`` is ``ok``, a refusal code above, or what the command channel adds (``topic_mismatch``,
-``unknown_command``, ``failed``).
+``code`` is ``ok``, a refusal code above, or what the command channel adds (``busy``,
+``unknown_command``, ``bad_args``, ``failed``).
 """
 from __future__ import annotations
 
@@ -111,8 +112,8 @@ DEFAULT_CAPACITY = 4096
 
 MALFORMED, UNKNOWN_KEY, REVOKED_KEY, BAD_SIGNATURE = "malformed", "unknown_key", "revoked_key", "bad_signature"
 WRONG_DEVICE, TTL_TOO_LONG, NOT_YET_VALID, EXPIRED = "wrong_device", "ttl_too_long", "not_yet_valid", "expired"
-REPLAYED, STORE_FULL, IN_PROGRESS = "replayed", "store_full", "in_progress"
-REFUSAL_CODES = (MALFORMED, UNKNOWN_KEY, REVOKED_KEY, BAD_SIGNATURE, WRONG_DEVICE, TTL_TOO_LONG,
+REPLAYED, STORE_FULL, IN_PROGRESS, TOPIC_MISMATCH = "replayed", "store_full", "in_progress", "topic_mismatch"
+REFUSAL_CODES = (MALFORMED, UNKNOWN_KEY, REVOKED_KEY, BAD_SIGNATURE, WRONG_DEVICE, TOPIC_MISMATCH, TTL_TOO_LONG,
                  NOT_YET_VALID, EXPIRED, REPLAYED, STORE_FULL, IN_PROGRESS)
 ACCEPTED, REPEAT = "accepted", "repeat"
 
@@ -303,7 +304,7 @@ def encode_ack(ack: dict) -> bytes:
 
 
 def decode_ack(payload: bytes) -> dict:
-    ack = msgpack.unpackb(payload, raw=False)
+    ack = msgpack.unpackb(payload, raw=False, strict_map_key=False)   # a status result has int keys
     if not isinstance(ack, dict) or not {"command_id", "ok", "code", "reason"} <= set(ack):
         raise CommandError(f"not an acknowledgement: {ack!r:.200}")
     return ack
@@ -434,8 +435,10 @@ class Verifier:
         self._lock = threading.Lock()
         self._log = _RefusalLog()
 
-    def verify(self, envelope: bytes) -> Verdict:
-        verdict = self._judge(envelope)
+    def verify(self, envelope: bytes, expect_command: str | None = None) -> Verdict:
+        """The verdict on ``envelope``; ``expect_command``: the command its topic names (a signed
+        ``status`` published on ``.../cmd/drain`` is refused before it can use up its command id)."""
+        verdict = self._judge(envelope, expect_command)
         if not (verdict.accepted or verdict.repeat):
             with self._lock:
                 self.refusals[verdict.code] += 1
@@ -447,7 +450,7 @@ class Verifier:
         with self._lock:
             self.store.record(command_id, ack)
 
-    def _judge(self, envelope: bytes) -> Verdict:
+    def _judge(self, envelope: bytes, expect_command: str | None) -> Verdict:
         try:
             command, signed, signature = decode_envelope(envelope)
         except CommandError as exc:
@@ -463,6 +466,9 @@ class Verifier:
                                           f"forged, or altered after signing", command)
         if command.device not in (self.device, FLEET):
             return Verdict(WRONG_DEVICE, f"signed for device {command.device!r}; this is {self.device!r}", command)
+        if expect_command is not None and command.command != expect_command:
+            return Verdict(TOPIC_MISMATCH, f"signed as {command.command!r}, published on the topic of "
+                                           f"{expect_command!r}", command)
         ttl_ms = command.expires_at - command.issued_at
         if ttl_ms > self.max_ttl_ms:
             return Verdict(TTL_TOO_LONG, f"valid for {ttl_ms / 1000:g} s; this board accepts at most "
