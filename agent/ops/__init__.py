@@ -1,1 +1,1 @@
-"""Operations: what keeps a board running unattended and lets an operator command it (signed commands, key files)."""
+"""Operations: what running the agent as a board's system service needs (self-test, systemd, signed commands)."""
