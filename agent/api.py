@@ -21,7 +21,7 @@ from agent.backends import load_backend
 from agent.backends.base import Backend
 from agent.config import Config, ModelConfig
 from agent.core import LatencyTable
-from agent.errors import BAD_REQUEST, UNKNOWN_MODEL, InferenceError
+from agent.errors import BAD_REQUEST, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
 from agent.models.tensors import check_inputs
 from agent.profiler import Profile, load_profile, measure_latency_table
@@ -135,6 +135,10 @@ class Agent:
                              worker_nice=config.worker_nice)
         self.loop.start()
         self._closed = False
+        # An operator's drain (agent.ops.commands): new requests are refused ``shutting_down``, what
+        # was accepted is served; resume takes requests again. A flag read without a lock: a request
+        # racing the command lands on one side of it, and is answered either way.
+        self.draining = False
 
     # --- serving -------------------------------------------------------------------------------
 
@@ -179,6 +183,9 @@ class Agent:
         if loaded is None:
             raise InferenceError(UNKNOWN_MODEL, f"no model {model!r} is loaded; loaded: {sorted(self.models)}", "model")
         try:
+            if self.draining:
+                raise InferenceError(SHUTTING_DOWN, f"device {self.config.device!r} is draining (an operator's "
+                                                    f"command): not taking new requests until it resumes")
             arrays = check_inputs(model, loaded.card.inputs, inputs)
             if deadline is not None:
                 if slo_ms is not None:
@@ -215,7 +222,7 @@ class Agent:
         """Capabilities and load, as published on ``edge/v1/<device>/status``."""
         return {
             "device": self.config.device,
-            "state": "online",
+            "state": "draining" if self.draining else "online",
             "models": {
                 name: {"inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.item_shape())}
                                   for s in m.card.inputs],
@@ -239,6 +246,11 @@ class Agent:
         return {"excess_ms": round(1000 * (admission.batch_s(1) - admission.table.predict(1)), 3),
                 "slowdown": round(admission.slowdown, 3),
                 "overruns": admission.overruns}
+
+    def pending(self) -> tuple[int, int]:
+        """``(queued requests, batches running)``: what a drain waits for."""
+        with self.loop.lock:
+            return self.scheduler.queued(), self.scheduler.in_flight
 
     def close(self) -> None:
         """Serve what is queued for up to ``grace_s``, answer the rest ``shutting_down``, release backends."""

@@ -170,10 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_lab_parsers(sub)
 
+    from agent.ops.cli import add_ctl_parser, add_keys_parser
     from agent.profiler.cli import add_profile_parser
     from agent.workload.cli import add_trace_parser
     add_profile_parser(sub)
     add_trace_parser(sub)
+    add_keys_parser(sub)
+    add_ctl_parser(sub)
     return parser
 
 

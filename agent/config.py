@@ -89,6 +89,16 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """Signed control commands (``[mqtt] subscribers`` with ``"cmd"``, agent.ops.commands): the board's
+    trusted operator keys and how long a command may live."""
+
+    keyring: str | None = None                 # directory of <key_id>.pub files and an optional `revoked` list
+    max_ttl_s: float = 300.0                   # longest validity a command may carry (bounds the replay store)
+    clock_skew_s: float = 30.0                 # how far the operator's clock and the board's may disagree
+
+
+@dataclass(frozen=True)
 class Config:
     device: str = "edge-board"
     workers: int = 0                           # execution slots; 0 = one per CPU core
@@ -111,6 +121,7 @@ class Config:
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     models: tuple[ModelConfig, ...] = ()
 
     @property
@@ -254,7 +265,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     """Validate a config mapping (as read from TOML) into a :class:`Config`."""
     if not isinstance(data, dict):
         raise ConfigError("(top level)", data, "a table")
-    _no_unknown(data, {"config_version", "agent", "mqtt", "http", "models"}, "")
+    _no_unknown(data, {"config_version", "agent", "mqtt", "http", "control", "models"}, "")
     version = data.get("config_version")
     if version != CONFIG_VERSION:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
@@ -265,6 +276,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
     _no_unknown(http, set(HttpConfig.__dataclass_fields__), "http")
+    control = _table(data, "control", "")
+    _no_unknown(control, set(ControlConfig.__dataclass_fields__), "control")
     models_raw = data.get("models", [])
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models", models_raw, "at least one [[models]] table")
@@ -274,6 +287,14 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         if m.name in seen:
             raise ConfigError(f"models[{i}].name", m.name, "a name not used by another model")
         seen.add(m.name)
+    subscribers = tuple(_take(mqtt, "subscribers", "mqtt", list, list(DEFAULT_SUBSCRIBERS),
+                              lambda v: all(name in SUBSCRIBERS for name in v) and len(set(v)) == len(v),
+                              f"a list of distinct names from {sorted(SUBSCRIBERS)}"))
+    keyring = _profile_path(_take(control, "keyring", "control", str, None, lambda v: bool(v),
+                                  "a directory of trusted public keys (<key_id>.pub)"), base_dir)
+    if "cmd" in subscribers and keyring is None:
+        raise ConfigError("control.keyring", None, "a directory of the operators' public keys (edge-agent keys "
+                                                   "generate) when [mqtt] subscribers has \"cmd\"")
     device = _take(agent, "device", "agent", str, "edge-board",
                    lambda v: v and all(c not in v for c in "/+#"), "a non-empty id without '/', '+' or '#'")
     return Config(
@@ -298,9 +319,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
             host=_take(mqtt, "host", "mqtt", str, "127.0.0.1", lambda v: bool(v), "a host name or address"),
             port=_take(mqtt, "port", "mqtt", int, 1883, lambda v: 1 <= v <= 65535, "a port in 1..65535"),
             keepalive_s=_take(mqtt, "keepalive_s", "mqtt", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"),
-            subscribers=tuple(_take(mqtt, "subscribers", "mqtt", list, list(DEFAULT_SUBSCRIBERS),
-                                    lambda v: all(name in SUBSCRIBERS for name in v) and len(set(v)) == len(v),
-                                    f"a list of distinct names from {sorted(SUBSCRIBERS)}")),
+            subscribers=subscribers,
         ),
         http=HttpConfig(
             enabled=_take(http, "enabled", "http", bool, False),
@@ -314,6 +333,13 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                                   "an integer in 1..1000000"),
             max_header_bytes=_take(http, "max_header_bytes", "http", int, 64 * 1024,
                                    lambda v: 1024 <= v <= 1024 * 1024, "bytes in 1024..1048576"),
+        ),
+        control=ControlConfig(
+            keyring=keyring,
+            max_ttl_s=float(_take(control, "max_ttl_s", "control", (int, float), 300.0, lambda v: 0 < v <= 3600,
+                                  "seconds in (0, 3600]")),
+            clock_skew_s=float(_take(control, "clock_skew_s", "control", (int, float), 30.0, lambda v: 0 <= v <= 600,
+                                     "seconds in 0..600")),
         ),
         models=models,
     )

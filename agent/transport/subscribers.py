@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 #: name in the config -> ``module:Class``, imported only when a config names it.
 SUBSCRIBERS: dict[str, str] = {
     "infer": "agent.intake.mqtt:MqttIntake",     # edge/v1/<device>/infer/+
+    "cmd": "agent.ops.commands:CommandChannel",  # edge/v1/<device>/cmd/+ and edge/v1/fleet/cmd/+ (signed)
 }
 #: What an agent subscribes to when its config says nothing.
 DEFAULT_SUBSCRIBERS: tuple[str, ...] = ("infer",)

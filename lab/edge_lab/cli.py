@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | run | triton | http-limits``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -138,6 +138,22 @@ def _cmd_bench_http_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_sign(args: argparse.Namespace) -> int:
+    from edge_lab.bench.signing import bench_sign, format_sign_report, fuzz_verifier
+    if args.n < 10 or args.fuzz < 1:
+        print(f"edge-agent: --n {args.n} / --fuzz {args.fuzz}: expected at least 10 / 1", file=sys.stderr)
+        return 2
+    print("edge-agent bench sign: Ed25519 signed commands, each call timed alone (gc off), median and p99", flush=True)
+    costs = bench_sign(args.n)
+    fuzz = fuzz_verifier(args.fuzz, seed=args.seed)
+    print(format_sign_report(costs, fuzz), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"costs": costs, "fuzz": fuzz}, fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0 if fuzz["accepted"] == 0 and fuzz["without_reason"] == 0 else 1
+
+
 def _numbers(text: str, flag: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -170,6 +186,19 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     core.add_argument("--no-mqtt", action="store_true", help="skip the MQTT loopback figure")
     core.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     core.set_defaults(func=_cmd_bench_core)
+
+    bench_sign = bench_sub.add_parser(
+        "sign", help="cost of signing and verifying a control command, and a fuzz of the verifier",
+        description="Time the operator's sign and the board's verify per command (accepted, forged, malformed), "
+                    "then feed the board's Verifier a seeded mix of malformed and forged envelopes (random bytes, "
+                    "mutations, changed fields, wrong device, expired, unknown or revoked key, reused nonce) and "
+                    "report the refusals by reason, any accepted (must be 0) and resident memory before and after. "
+                    "Exits 1 if any fuzzed envelope was accepted or refused without a reason.")
+    bench_sign.add_argument("--n", type=int, default=2000, help="calls timed per figure (default 2000)")
+    bench_sign.add_argument("--fuzz", type=int, default=10_000, help="fuzzed envelopes (default 10000)")
+    bench_sign.add_argument("--seed", type=int, default=0, help="the fuzz's seed (default 0)")
+    bench_sign.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench_sign.set_defaults(func=_cmd_bench_sign)
 
     bench_run = bench_sub.add_parser(
         "run", help="replay one trace through every contender (scheduling system), live and simulated",

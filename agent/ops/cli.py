@@ -1,0 +1,134 @@
+"""``edge-agent keys generate`` (the operator's key pair) and ``edge-agent ctl`` (send a signed command).
+
+:func:`agent.cli.build_parser` mounts them with ``add_keys_parser(sub)`` and ``add_ctl_parser(sub)``.
+Handlers import the cryptography package and paho themselves, so ``edge-agent --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+__all__ = ["add_keys_parser", "add_ctl_parser", "parse_command_args"]
+
+#: Where ``edge-agent ctl`` finds the operator's private key when ``--key`` is not given.
+KEY_ENV = "EDGE_AGENT_KEY"
+
+
+def _cmd_keys_generate(args: argparse.Namespace) -> int:
+    from agent.ops.keys import KeyFileError, generate_key_pair
+    try:
+        pair = generate_key_pair(args.out, args.key_id)
+    except (KeyFileError, FileExistsError) as exc:
+        print(f"edge-agent keys generate: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"edge-agent keys generate: {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"private key {pair.private_path} (0600: keep it with the operator, never on a board)")
+    print(f"public key  {pair.public_path} (copy it into each board's keyring directory)")
+    print(f"key id {pair.key_id}, fingerprint {pair.fingerprint}")
+    return 0
+
+
+def add_keys_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``keys`` (``keys generate``) to an ``add_subparsers()`` object; returns its parser."""
+    keys = subparsers.add_parser("keys", help="make the operator's Ed25519 key pair for signed commands",
+                                 description="Key handling for signed control commands (edge-agent ctl).")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    generate = keys_sub.add_parser(
+        "generate", help="make a new key pair: DIR/KEY_ID.key (0600) and DIR/KEY_ID.pub",
+        description="Make a new Ed25519 key pair: the private key DIR/KEY_ID.key (PKCS#8 PEM, mode 0600), "
+                    "for the operator who signs commands, and the public key DIR/KEY_ID.pub, for the boards' "
+                    "keyrings. Never overwrites an existing key.")
+    generate.add_argument("--out", required=True, metavar="DIR", help="directory for the pair (created 0700 if missing)")
+    generate.add_argument("--key-id", metavar="NAME",
+                          help="the key's id, also the files' names (default: op- and 12 hex digits of its fingerprint)")
+    generate.set_defaults(func=_cmd_keys_generate)
+    return keys
+
+
+def parse_command_args(words: list[str]) -> dict:
+    """``--card m.json --timeout-s 5 --force`` -> ``{"card": "m.json", "timeout_s": 5, "force": True}``:
+    a value is read as JSON where it parses as JSON (numbers, true, null, lists), else as a string."""
+    args: dict = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--") or len(word) == 2:
+            raise ValueError(f"{word!r}: expected --NAME [VALUE] after the command")
+        name = word[2:].replace("-", "_")
+        if i + 1 < len(words) and not words[i + 1].startswith("--"):
+            try:
+                value = json.loads(words[i + 1])
+            except ValueError:
+                value = words[i + 1]
+            i += 2
+        else:
+            value, i = True, i + 1
+        args[name] = value
+    return args
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from agent.ops.ctl import send_command
+    from agent.ops.keys import KeyFileError, load_signing_key
+    from agent.ops.signing import CommandError, sign
+    key_path = args.key or os.environ.get(KEY_ENV)
+    if not key_path:
+        print(f"edge-agent ctl: no signing key: give --key PRIVATE_KEY or set ${KEY_ENV}", file=sys.stderr)
+        return 2
+    try:
+        command_args = parse_command_args(args.args)
+        key = load_signing_key(key_path, args.key_id)
+        command_id = args.command_id or None
+        envelope = sign(args.command, command_args, args.device, key, ttl_s=args.ttl, command_id=command_id)
+    except (ValueError, KeyFileError, CommandError) as exc:
+        print(f"edge-agent ctl: {exc}", file=sys.stderr)
+        return 2
+    from agent.ops.signing import decode_envelope
+    command, _, _ = decode_envelope(envelope)
+    try:
+        acks = send_command(args.host, args.port, args.device, args.command, envelope, command.command_id,
+                            timeout_s=args.timeout)
+    except (OSError, TimeoutError) as exc:
+        print(f"edge-agent ctl: {exc}", file=sys.stderr)
+        return 1
+    for ack in acks:
+        print(json.dumps(ack, default=str, indent=None if args.compact else 2), flush=True)
+    if not acks:
+        print(f"edge-agent ctl: no acknowledgement from {args.device!r} within {args.timeout:g} s "
+              f"(command id {command.command_id}: send it again with --command-id to retry safely)", file=sys.stderr)
+        return 3
+    return 0 if all(ack.get("ok") for ack in acks) else 1
+
+
+def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``ctl`` to an ``add_subparsers()`` object; returns its parser."""
+    ctl = subparsers.add_parser(
+        "ctl", help="send a signed control command to a board (or the fleet) and print its acknowledgement",
+        description="Sign COMMAND with the operator's Ed25519 key and publish it on edge/v1/DEVICE/cmd/COMMAND "
+                    "(or edge/v1/fleet/cmd/COMMAND with --device fleet); print each board's acknowledgement as "
+                    "JSON. Arguments after COMMAND become its args: --card m.json --timeout-s 5 gives "
+                    "{card: 'm.json', timeout_s: 5} (values are JSON where they parse). Exit 0 when every ack "
+                    "is ok, 1 when refused, 3 when none came.",
+        epilog="examples: edge-agent ctl --device board-1 --key ops.key status;  "
+               "edge-agent ctl --device board-1 drain --timeout-s 30;  edge-agent ctl --device fleet resume")
+    ctl.add_argument("--device", required=True, metavar="D", help="the board's device id, or 'fleet' for every board")
+    ctl.add_argument("--key", metavar="PRIVATE_KEY", help=f"the operator's private key (edge-agent keys generate; "
+                                                          f"default ${KEY_ENV})")
+    ctl.add_argument("--key-id", metavar="ID", help="the key's id on the boards (default: the key file's name)")
+    ctl.add_argument("--host", default="127.0.0.1", help="MQTT broker (default 127.0.0.1)")
+    ctl.add_argument("--port", type=int, default=1883, help="MQTT broker port (default 1883)")
+    ctl.add_argument("--ttl", type=float, default=60.0, metavar="S",
+                     help="seconds the command stays valid (default 60; boards accept at most their max_ttl_s)")
+    ctl.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                     help="seconds to wait for acknowledgements (default 10; a fleet command always waits this long)")
+    ctl.add_argument("--command-id", metavar="ID", help="the command's id (default: a new one); the same id "
+                                                        "again returns the first acknowledgement, never a second run")
+    ctl.add_argument("--compact", action="store_true", help="one line of JSON per acknowledgement")
+    ctl.add_argument("command", metavar="COMMAND", help="status, drain, resume, ...")
+    ctl.add_argument("args", nargs=argparse.REMAINDER, metavar="--NAME VALUE", help="the command's args")
+    ctl.set_defaults(func=_cmd_ctl)
+    return ctl

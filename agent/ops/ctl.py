@@ -1,0 +1,81 @@
+"""The operator's side of the command channel: publish one signed command, collect its acks.
+
+``edge-agent ctl`` uses it. The command is signed here (:func:`agent.ops.signing.sign`) and
+published at QoS 1 with a response topic of this client's own and the command id as correlation
+data; each board answers once there. A command to one board waits for its ack; a fleet command
+collects the acks that arrive within the timeout (how many boards there are is not known here).
+If no ack came within half the timeout, the same envelope is published once more: a board that
+did run it answers the repeat with its first ack (same command id), so a retry never runs a
+command twice. Each ack names the board that sent it (``device``).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.ops.signing import FLEET, decode_ack
+from agent.transport.paho_client import connect, make_client
+from agent.transport.topics import cmd_topic, fleet_cmd_topic
+
+__all__ = ["send_command"]
+
+
+def send_command(host: str, port: int, device: str, command: str, envelope: bytes, command_id: str, *,
+                 timeout_s: float = 10.0) -> list[dict]:
+    """Publish ``envelope`` (already signed for ``device``) and return the acks received: one from a
+    board, or for :data:`FLEET` every one that arrived within ``timeout_s``. An empty list: none came."""
+    client_id = f"edge-agent-ctl-{uuid.uuid4().hex[:12]}"
+    reply_topic = f"edge/v1/ctl/{client_id}/ack"
+    correlation = command_id.encode()
+    acks: list[dict] = []
+    arrived = threading.Condition()
+    subscribed = threading.Event()
+
+    def on_message(client, userdata, message) -> None:
+        props = message.properties
+        if getattr(props, "CorrelationData", None) != correlation:
+            return
+        try:
+            ack = decode_ack(message.payload)
+        except Exception as exc:
+            ack = {"command_id": command_id, "ok": False, "code": "bad_ack", "reason": str(exc), "result": None}
+        with arrived:
+            acks.append(ack)
+            arrived.notify_all()
+
+    client = make_client(client_id)
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    connect(client, host, port)
+    try:
+        client.subscribe(reply_topic, qos=1)
+        if not subscribed.wait(5.0):
+            raise TimeoutError(f"broker {host}:{port} did not acknowledge the subscription to {reply_topic}")
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        props.CorrelationData = correlation
+        topic = fleet_cmd_topic(command) if device == FLEET else cmd_topic(device, command)
+        start = time.monotonic()
+        client.publish(topic, envelope, qos=1, properties=props).wait_for_publish(timeout_s)
+        deadline = start + timeout_s
+        # Resent once to a single board (its repeat is answered with the first ack); a fleet's
+        # boards that answered already would only answer again.
+        resend_at = start + timeout_s / 2 if device != FLEET else math.inf
+        with arrived:
+            while True:
+                now = time.monotonic()
+                if now >= deadline or (acks and device != FLEET):
+                    break
+                if now >= resend_at:
+                    client.publish(topic, envelope, qos=1, properties=props)
+                    resend_at = math.inf
+                arrived.wait(min(deadline, resend_at) - now)
+        return list(acks)
+    finally:
+        client.disconnect()
+        client.loop_stop()
