@@ -178,7 +178,9 @@ def _user_steps(user: str, staging: bool, dry_run: bool) -> list[Step]:
     if exists:
         steps.append(Step(f"user {user}", "unchanged (exists)"))
     else:
-        command = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/edge-agent",
+        # A group of the user's name left by an earlier install is taken as the user's group.
+        group = ["--gid", user] if _group_exists(user) else ["--user-group"]
+        command = ["useradd", "--system", *group, "--no-create-home", "--home-dir", "/var/lib/edge-agent",
                    "--shell", "/usr/sbin/nologin", "--comment", "edge-agent inference service", user]
         steps.append(Step(f"user {user}", _run(command, dry)))
     to_join = [g for g in groups if g not in member_of]
