@@ -56,7 +56,8 @@ class Service:
                 try:
                     self.transport.connect()
                 except (ConnectionError, TimeoutError) as exc:
-                    if not (mqtt_retry and self.http is not None):
+                    # Only a broker not reached: one that refused the subscriptions is an error.
+                    if not (mqtt_retry and self.http is not None) or self.transport.client.is_connected():
                         raise
                     log.warning("serving HTTP only until the broker answers: %s", exc)
                     self._connect_in_background()
