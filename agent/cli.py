@@ -38,11 +38,19 @@ def _port(text: str) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
     from agent.intake.http import raise_open_file_limit
+    from agent.ops.supervisor import Supervisor
     from agent.profiler import ProfileError
     from agent.service import Service
     # The process's own: each HTTP connection is a descriptor, and the common soft limit of 1,024
     # would stop new clients at about a thousand idle ones (issue 21).
     raise_open_file_limit()
+    # systemd (Type=notify): READY=1, STATUS=, WATCHDOG=1 from the scheduler's progress, STOPPING=1;
+    # all no-ops without $NOTIFY_SOCKET (agent.ops.supervisor).
+    try:
+        supervisor = Supervisor()
+    except ValueError as exc:   # a malformed $NOTIFY_SOCKET
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
         if args.http_port is not None:
@@ -59,7 +67,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # is handled the same way, so a second Ctrl-C cannot interrupt the shutdown half-way.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: signals.append(signum))
-        service = Service(config)
+        with supervisor.starting(f"loading and profiling {', '.join(m.name for m in config.models)}"):
+            service = Service(config, mqtt_retry=True)
     except (ConfigError, ProfileError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
@@ -68,14 +77,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     endpoints = ([f"mqtt://{config.mqtt.host}:{config.mqtt.port}"] if service.mqtt is not None else []) + (
         [f"http://{config.http.host}:{service.http.port} (Open Inference Protocol)"] if service.http is not None else [])
-    print(f"edge-agent: device {config.device!r} serving {sorted(service.agent.models)} on {' and '.join(endpoints)}",
-          flush=True)
+    models = sorted(service.agent.models)
+    print(f"edge-agent: device {config.device!r} serving {models} on {' and '.join(endpoints)}", flush=True)
+    for missing in service.missing():
+        print(f"edge-agent: degraded: {missing}", file=sys.stderr, flush=True)
+    urls = [endpoint.split(" ")[0] for endpoint in endpoints]
+    supervisor.ready(service, f"serving {', '.join(models)} on {', '.join(urls)}")
     try:
         while not signals:
+            supervisor.tick()
             time.sleep(STOP_POLL_S)
     finally:
+        supervisor.stopping(config.drain_timeout_s)
         print("edge-agent: stopping (answering what is queued) ...", flush=True)
         service.close()
+        supervisor.close()
         # Stopped: more signals change nothing. Ignored, they stay ignored while the interpreter
         # exits (it puts a Python handler back to the default, which would end it by the signal).
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -106,6 +122,53 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         progress.close()
     print(report.to_json() if args.json else report.format_table(), flush=True)
     return report.exit_code
+
+
+def _cmd_service_install(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from agent.config import ConfigError
+    from agent.ops.systemd import install
+    try:
+        steps = install(Path(args.root), user=args.user, config_source=args.config, exec_start=args.exec_start,
+                        dry_run=args.dry_run)
+    except (ValueError, ConfigError) as exc:
+        print(f"edge-agent service install: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:
+        print(f"edge-agent service install: {' '.join(exc.cmd)} failed ({exc.returncode}): {exc.stderr.strip()}",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:      # not root, a read-only file system...
+        print(f"edge-agent service install: {exc}", file=sys.stderr)
+        return 1
+    for step in steps:
+        print(step)
+    if Path(args.root).resolve() == Path("/") and not args.dry_run:
+        print("next: systemctl enable --now edge-agent; systemctl status edge-agent (its STATUS line: load, goodput)")
+    return 0
+
+
+def _add_service_parser(sub: argparse._SubParsersAction) -> None:
+    from agent.ops.systemd import DEFAULT_USER
+    service = sub.add_parser("service", help="run the agent as the board's systemd service (service install)",
+                             description="Operate the agent as a systemd service.")
+    actions = service.add_subparsers(dest="action", required=True, metavar="ACTION")
+    install = actions.add_parser(
+        "install", help="write the unit, the config and the service user (idempotent)",
+        description="Write /etc/systemd/system/edge-agent.service (Type=notify, watchdog, hardening), "
+                    "/etc/edge-agent/agent.toml (from --config, or the firmware_configs/ file for this board; an "
+                    "existing one is kept) and the system user; print each action. Running it again changes "
+                    "nothing that is already right.")
+    install.add_argument("--root", default="/", metavar="DIR",
+                         help="install under DIR (a staging tree): users are then not created, their commands printed")
+    install.add_argument("--user", default=DEFAULT_USER, metavar="NAME", help=f"the service user (default {DEFAULT_USER})")
+    install.add_argument("--config", metavar="FILE", help="the config to install (default: firmware_configs/ file for this board)")
+    install.add_argument("--exec", dest="exec_start", metavar="PATH",
+                         help="the edge-agent executable for ExecStart (default: the one running this command)")
+    install.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
+    install.set_defaults(func=_cmd_service_install)
 
 
 def _lab_missing(args: argparse.Namespace) -> int:
@@ -168,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     selftest.set_defaults(func=_cmd_selftest)
 
+    _add_service_parser(sub)
     _add_lab_parsers(sub)
 
     from agent.ops.cli import add_ctl_parser, add_keys_parser

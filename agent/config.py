@@ -116,6 +116,9 @@ class Config:
     # Added to the worker threads' nice value: the intake and the board's applications preempt model
     # compute (agent.runtime.live.lower_thread_priority); 0 = the same priority. Linux only.
     worker_nice: int = 5
+    # On SIGTERM: how long the agent serves what it queued before answering the rest shutting_down
+    # (agent.runtime.live.LiveLoop.stop); the systemd unit's TimeoutStopSec must leave room for it.
+    drain_timeout_s: float = 1.0
     # What decides each dispatch: a module of agent.scheduler.policies (agent.scheduler.policy).
     policy: str = DEFAULT_POLICY
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
@@ -271,7 +274,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
-                        "edf_horizon_ms", "worker_nice", "policy", "profile"}, "agent")
+                        "edf_horizon_ms", "worker_nice", "drain_timeout_s", "policy", "profile"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
@@ -310,6 +313,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                                    "milliseconds in 0..3600000 (0 = plain EDF, no horizon)")),
         worker_nice=_take(agent, "worker_nice", "agent", int, 5, lambda v: 0 <= v <= 19,
                           "an integer in 0..19 (0 = workers at the intake's priority)"),
+        drain_timeout_s=float(_take(agent, "drain_timeout_s", "agent", (int, float), 1.0, lambda v: 0 <= v <= 600,
+                                    "seconds in 0..600 (0 = answer everything queued shutting_down at once)")),
         policy=_take(agent, "policy", "agent", str, DEFAULT_POLICY, lambda v: v in policy_names(),
                      f"one of {policy_names()}"),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),

@@ -12,6 +12,12 @@ thousands of objects that live as long as the process) is moved out of the cycli
 collector's reach (``gc.freeze``). A full collection otherwise walks all of them and stops every
 Python thread, the intakes' event loop and the workers' hand-offs included, for many times longer
 than with the heap frozen (BENCHMARKS.md, "Side by side with a real Triton", sixth session).
+
+A degraded start (``mqtt_retry=True``, what ``edge-agent run`` asks): when the broker cannot be
+reached but HTTP serves, the agent serves HTTP and the MQTT connection keeps trying in the
+background (paho's reconnect loop; on connecting it subscribes and publishes the status as on any
+reconnect). :meth:`Service.missing` says what is not serving, for the operator (systemd's
+``STATUS=``). With MQTT the only intake there is nothing to serve, and the start fails as before.
 """
 from __future__ import annotations
 
@@ -28,9 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: Config, *, grace_s: float = 1.0) -> None:
+    def __init__(self, config: Config, *, grace_s: float | None = None, mqtt_retry: bool = False) -> None:
+        """``grace_s``: how long stopping serves what is queued (default: the config's
+        ``[agent] drain_timeout_s``). ``mqtt_retry``: a broker that cannot be reached while HTTP
+        serves makes a degraded start (module docstring) instead of an error."""
         self.config = config
-        self.agent = Agent(config, grace_s=grace_s)
+        self.agent = Agent(config, grace_s=config.drain_timeout_s if grace_s is None else grace_s)
         gc.collect()
         gc.freeze()
         self.transport: MqttTransport | None = None
@@ -44,10 +53,33 @@ class Service:
                                                status=self.agent.status, keepalive_s=config.mqtt.keepalive_s)
                 for name in config.mqtt.subscribers:
                     self.subscribers[name] = build_subscriber(name, self.agent, self.transport).start()
-                self.transport.connect()
+                try:
+                    self.transport.connect()
+                except (ConnectionError, TimeoutError) as exc:
+                    # Only a broker not reached: one that refused the subscriptions is an error.
+                    if not (mqtt_retry and self.http is not None) or self.transport.client.is_connected():
+                        raise
+                    log.warning("serving HTTP only until the broker answers: %s", exc)
+                    self._connect_in_background()
         except Exception:
             self.close()
             raise
+
+    def _connect_in_background(self) -> None:
+        """Let paho's network loop keep trying the broker (backing off up to 30 s between tries).
+        A method of ``MqttTransport`` would be its proper home; it is here to leave the transport
+        untouched (its ``_on_connect`` already subscribes and publishes on every connect)."""
+        client = self.transport.client
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.connect_async(self.transport.host, self.transport.port, keepalive=self.transport.keepalive_s)
+        client.loop_start()
+
+    def missing(self) -> list[str]:
+        """What is configured but not serving now (empty when all is well): the MQTT broker not
+        connected (at a degraded start, or lost since; paho keeps reconnecting)."""
+        if self.transport is not None and not self.transport.client.is_connected():
+            return [f"mqtt broker {self.transport.host}:{self.transport.port} unreachable, retrying"]
+        return []
 
     @property
     def mqtt(self):

@@ -1,1 +1,1 @@
-"""Operations: what running the agent as a board's system service needs (self-test, systemd, signed commands)."""
+"""Operating the agent on a board: self-test, systemd notification and watchdog, service install, signed control commands."""

@@ -45,6 +45,11 @@ class LiveLoop:
         self.driver = Driver(scheduler, executors, clock, lock=self.lock, on_release=self._released,
                              on_reply=on_reply, served_by=served_by)
         self._stopping = False
+        # Advanced (under the lock) each time a worker comes round the dispatch loop: an idle wait
+        # ended (at most MAX_IDLE_WAIT_S apart while idle) or a batch's slot was freed. The systemd
+        # watchdog is fed only while it moves (agent.ops.supervisor): a worker stuck in a backend,
+        # or the lock never released, stops it, whatever other threads still run.
+        self.heartbeat = 0
         self._worker_nice = worker_nice
         self._threads = [
             threading.Thread(target=self._worker, name=f"edge-agent-worker-{i}", daemon=True) for i in range(workers)
@@ -122,6 +127,7 @@ class LiveLoop:
             return False
         timeout = decision.wake_at - now
         self.cond.wait(MAX_IDLE_WAIT_S if math.isinf(timeout) else min(max(timeout, 0.0), MAX_IDLE_WAIT_S))
+        self.heartbeat += 1
         return True
 
     def _hand_off(self, decision: Decision, now: float) -> bool:
@@ -131,6 +137,7 @@ class LiveLoop:
 
     def _released(self) -> None:
         """A batch's slot is free (the lock held): a waiting request gets a worker."""
+        self.heartbeat += 1
         if self.scheduler.queued():   # a freed instance matters only to waiting requests
             self.cond.notify()
 
