@@ -33,6 +33,7 @@ import threading
 import zlib
 from concurrent.futures import Future
 from http import HTTPStatus
+from typing import Callable
 from urllib.parse import unquote
 
 import numpy as np
@@ -433,6 +434,8 @@ class HttpIntake:
         self.host, self.port = host, port
         self.max_payload = agent.config.max_payload_bytes
         self.taking = False
+        # What else the agent's readiness needs (the service sets it: MQTT connected), or None.
+        self.also_ready: Callable[[], bool] | None = None
         self._models = {name: _ModelView(name, loaded) for name, loaded in agent.models.items()}
         self._server_metadata = _json(oip.server_metadata(__version__, EXTENSIONS))
         self._connections: set[_Connection] = set()
@@ -577,8 +580,8 @@ class HttpIntake:
         raise _no_endpoint(head)
 
     def ready(self) -> bool:
-        """Models loaded (the intake starts after them) and requests taken."""
-        return self.taking
+        """Models loaded (the intake starts after them), requests taken, and ``also_ready``."""
+        return self.taking and (self.also_ready is None or self.also_ready())
 
     # --- inference -----------------------------------------------------------------------------
 
