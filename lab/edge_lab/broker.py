@@ -71,7 +71,7 @@ class LocalBroker:
     STOP_TIMEOUT_S = 5.0
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_packet_bytes: int | None = None,
-                 persistence: bool = False, autosave_interval_s: int = 1) -> None:
+                 persistence: bool = False, autosave_interval_s: int = 1, extra_config: tuple[str, ...] = ()) -> None:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port = {port!r}, expected an int in 0..65535 (0 picks a free port)")
         if max_packet_bytes is not None and (not isinstance(max_packet_bytes, int) or max_packet_bytes < 20):
@@ -82,6 +82,7 @@ class LocalBroker:
         if not isinstance(autosave_interval_s, int) or autosave_interval_s < 1:
             raise ValueError(f"autosave_interval_s = {autosave_interval_s!r}, expected an int >= 1")
         self.persistence = bool(persistence)
+        self.extra_config = tuple(extra_config)   # mosquitto.conf lines after ours (a later one wins)
         self.autosave_interval_s = autosave_interval_s
         self._binary = find_mosquitto()
         self._process: subprocess.Popen[bytes] | None = None
@@ -160,6 +161,7 @@ class LocalBroker:
             lines.append("user root")
         if self.max_packet_bytes is not None:
             lines.append(f"max_packet_size {self.max_packet_bytes}")
+        lines.extend(self.extra_config)
         conf.write_text("\n".join(lines) + "\n")
         with open(self._dir / "stderr.log", "wb") as stderr:
             self._process = subprocess.Popen(
