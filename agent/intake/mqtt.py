@@ -53,6 +53,8 @@ class SeenRequests:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
+        # Added to on the network thread, read by operators and tests from theirs.
+        self._lock = threading.Lock()
         self._expiry: dict[object, float] = {}
         self._heap: list[tuple[float, int, object]] = []    # (expiry, tie-break, key); stale entries skipped
         self._n = 0
@@ -65,11 +67,16 @@ class SeenRequests:
 
     def seen(self, key: object, now: float) -> bool:
         """Whether ``key`` was added and has not expired at ``now``."""
-        expiry = self._expiry.get(key)
+        with self._lock:
+            expiry = self._expiry.get(key)
         return expiry is not None and expiry > now
 
     def add(self, key: object, expiry: float, now: float) -> int:
         """Remember ``key`` until ``expiry``; returns how many live entries had to be evicted."""
+        with self._lock:
+            return self._add(key, expiry, now)
+
+    def _add(self, key: object, expiry: float, now: float) -> int:
         evicted = 0
         heap = self._heap
         while heap and (heap[0][0] <= now or len(self._expiry) >= self.capacity):
@@ -86,7 +93,8 @@ class SeenRequests:
         return evicted
 
     def keys(self) -> list:
-        return list(self._expiry)
+        with self._lock:
+            return list(self._expiry)
 
 
 class MqttIntake:

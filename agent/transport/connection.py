@@ -114,6 +114,7 @@ class MqttTransport:
         self.takeover_suspected = False
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self._episode = threading.Lock()     # the takeover state: the network thread and the watchdog
         # Guards the three tables below; held by the network thread in its callbacks and by callers
         # of subscribe/unsubscribe, never while waiting on the broker.
         self._cond = threading.Condition()
@@ -185,6 +186,8 @@ class MqttTransport:
             self._overflow_log(logging.ERROR, "outgoing MQTT queue full (%d messages waiting for the broker "
                                "%s:%d): a message to %s was dropped, %d so far", self.client.max_queued_messages,
                                self.host, self.port, topic, total)
+        elif info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN) and qos == 0:
+            self.counters.add("publish_failed")     # QoS 0 is not kept for the next connection
         return info
 
     def publish_status(self, status: dict) -> MQTTMessageInfo:
@@ -281,9 +284,11 @@ class MqttTransport:
     def _settle(self) -> None:
         """A connection that has lasted SHORT_CONNECTION_S ends a takeover episode: the next
         disconnect reconnects at once again."""
-        connected_at = self._connected_at
-        if connected_at is not None and time.monotonic() - connected_at >= SHORT_CONNECTION_S and (
-                self._flaps or self.takeover_suspected or self._backoff_s != 1):
+        with self._episode:
+            connected_at = self._connected_at
+            if connected_at is None or time.monotonic() - connected_at < SHORT_CONNECTION_S or not (
+                    self._flaps or self.takeover_suspected or self._backoff_s != 1):
+                return
             self._flaps, self._backoff_s = 0, 1
             if self.takeover_suspected:
                 log.info("MQTT connection of %s stable again", self.client_id)
@@ -296,7 +301,8 @@ class MqttTransport:
         if reason_code.is_failure:
             log.error("broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             return
-        self._connected_at = time.monotonic()
+        with self._episode:
+            self._connected_at = time.monotonic()
         self._session_present = bool(flags.session_present)
         self.counters.add("connects")
         if self._session_present:
@@ -320,31 +326,35 @@ class MqttTransport:
         self._connect_handled.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._connected_at is None:     # a failed connect attempt: paho's backoff covers it
-            return
-        lasted = time.monotonic() - self._connected_at
-        self._connected_at = None
-        self.counters.add("disconnects")
-        if self._stopping.is_set():
-            return
-        taken_over = getattr(reason_code, "value", None) == SESSION_TAKEN_OVER
-        self._flaps = self._flaps + 1 if lasted < SHORT_CONNECTION_S else 0
-        if taken_over or self._flaps >= FLAPS_FOR_TAKEOVER:
-            self.takeover_suspected = True
+        with self._episode:
+            if self._connected_at is None:     # a failed connect attempt: paho's backoff covers it
+                return
+            lasted = time.monotonic() - self._connected_at
+            self._connected_at = None
+            self.counters.add("disconnects")
+            if self._stopping.is_set():
+                return
+            taken_over = getattr(reason_code, "value", None) == SESSION_TAKEN_OVER
+            self._flaps = self._flaps + 1 if lasted < SHORT_CONNECTION_S else 0
+            suspected = taken_over or self._flaps >= FLAPS_FOR_TAKEOVER
+            if suspected:
+                self.takeover_suspected = True
+                self._backoff_s = min(self._backoff_s * 2, self.reconnect_max_delay_s)
+            elif lasted >= SHORT_CONNECTION_S:
+                self.takeover_suspected = False
+                self._backoff_s = 1
+            backoff = self._backoff_s
+            # paho starts its reconnect delay over from the minimum after every CONNACK, so a takeover
+            # loop (connect, kicked off, reconnect) would hammer at the minimum: raise the minimum.
+            self.client.reconnect_delay_set(backoff, max(backoff, self.reconnect_max_delay_s))
+        if suspected:
             total = self.counters.add("takeovers")
-            self._backoff_s = min(self._backoff_s * 2, self.reconnect_max_delay_s)
             self._takeover_log(logging.ERROR, "MQTT connection of %s to %s:%d closed after %.1f s (%s): another "
                                "client is probably using the client id %s (a second agent with device %r, or an "
                                "application reusing it); %d takeovers so far, reconnecting in %d s",
                                self.client_id, self.host, self.port, lasted, reason_code, self.client_id,
-                               self.device, total, self._backoff_s)
-        elif lasted >= SHORT_CONNECTION_S:
-            self.takeover_suspected = False
-            self._backoff_s = 1
-        # paho starts its reconnect delay over from the minimum after every CONNACK, so a takeover
-        # loop (connect, kicked off, reconnect) would hammer at the minimum: raise the minimum.
-        self.client.reconnect_delay_set(self._backoff_s, max(self._backoff_s, self.reconnect_max_delay_s))
-        if not taken_over:
+                               self.device, total, backoff)
+        else:
             log.warning("MQTT connection of %s to %s:%d lost after %.1f s: %s", self.client_id, self.host,
                         self.port, lasted, reason_code)
 
