@@ -2,10 +2,18 @@
 
 Used by the demo's cameras and the loopback benchmark; any MQTT v5 client works the same way
 (response topic + correlation data, msgpack payload; see the README).
+
+With ``session_expiry_s`` > 0 the client keeps a persistent session (clean start off, its stable
+client id): replies published while it reconnects, or while the broker restarts, wait for it in
+the broker, and paho re-sends its requests the broker has not acknowledged. A reply that arrives
+twice (QoS 1 is at-least-once) is passed on once and counted in ``duplicate_replies``. Correlation
+data starts with random bytes per client object, so a restarted application never reuses one the
+agent still remembers (the agent drops a request whose correlation it has seen within its window).
 """
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -23,18 +31,23 @@ ReplyCallback = Callable[[dict, float], None]   # (decoded reply, round trip sec
 
 
 class InferenceClient:
-    def __init__(self, host: str, port: int, device: str, client_id: str) -> None:
+    def __init__(self, host: str, port: int, device: str, client_id: str, *, session_expiry_s: int = 0) -> None:
         self.device = device
         self.reply_topic = f"apps/{client_id}/replies"
         self._seq = itertools.count(1)
+        self._prefix = os.urandom(8)
         self._lock = threading.Lock()
         self._waiting: dict[bytes, tuple[float, ReplyCallback]] = {}
+        self.duplicate_replies = 0      # replies for a request answered already (a QoS 1 re-send)
         self.client = make_client(client_id)
         self.client.on_message = self._on_message
-        connect(self.client, host, port)
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.subscribe(self.reply_topic, qos=1)
+        # Subscribe on every connect: a broker that lost the session (or a clean one) lost the
+        # subscription with it; with the session kept, subscribing again is harmless.
+        self.client.on_connect = lambda client, userdata, flags, reason_code, properties: (
+            reason_code.is_failure or client.subscribe(self.reply_topic, qos=1))
+        connect(self.client, host, port, session_expiry_s=session_expiry_s)
         if not subscribed.wait(5.0):
             raise TimeoutError(f"broker {host}:{port} did not acknowledge the subscription to {self.reply_topic}")
 
@@ -42,7 +55,7 @@ class InferenceClient:
              slo_ms: float | None = None, priority: int | None = None, request_id: str | None = None) -> bytes:
         """Publish one request; ``on_reply`` runs on the network thread when its reply arrives."""
         seq = next(self._seq)
-        correlation = seq.to_bytes(8, "big")
+        correlation = self._prefix + seq.to_bytes(8, "big")
         payload = encode_request(request_id or f"{self.reply_topic}#{seq}", inputs, slo_ms=slo_ms, priority=priority)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
@@ -68,7 +81,8 @@ class InferenceClient:
         with self._lock:
             entry = self._waiting.pop(correlation, None)
         if entry is None:
-            return  # not ours, or a duplicate
+            self.duplicate_replies += 1    # answered already, or not ours
+            return
         sent, callback = entry
         callback(decode_reply(message.payload), time.perf_counter() - sent)
 

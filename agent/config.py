@@ -68,6 +68,19 @@ class MqttConfig:
     keepalive_s: int = 30
     # The topic handlers that run on the agent's connection (agent.transport.subscribers).
     subscribers: tuple[str, ...] = DEFAULT_SUBSCRIBERS
+    # Delivery (README, "Delivery guarantees"): how long the broker keeps the agent's session
+    # (subscriptions and the requests queued for them) while it is away; 0 = a clean session.
+    session_expiry_s: int = 3600
+    # Outgoing QoS 1 messages (replies) in flight at once, and held in all until the broker
+    # acknowledges them (what overflows is dropped and counted).
+    max_inflight_messages: int = 1000
+    max_queued_messages: int = 10000
+    # A request seen again with the same (response topic, correlation data) is dropped until its
+    # deadline plus this many seconds; at most dedup_max requests are remembered.
+    dedup_grace_s: float = 30.0
+    dedup_max: int = 65536
+    # The longest wait between reconnects (takeover back-off).
+    reconnect_max_delay_s: int = 60
 
 
 @dataclass(frozen=True)
@@ -325,6 +338,18 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
             port=_take(mqtt, "port", "mqtt", int, 1883, lambda v: 1 <= v <= 65535, "a port in 1..65535"),
             keepalive_s=_take(mqtt, "keepalive_s", "mqtt", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"),
             subscribers=subscribers,
+            session_expiry_s=_take(mqtt, "session_expiry_s", "mqtt", int, 3600, lambda v: 0 <= v <= 0xFFFFFFFF,
+                                   "seconds in 0..4294967295 (0: a clean session)"),
+            max_inflight_messages=_take(mqtt, "max_inflight_messages", "mqtt", int, 1000, lambda v: 1 <= v <= 65535,
+                                        "an integer in 1..65535"),
+            max_queued_messages=_take(mqtt, "max_queued_messages", "mqtt", int, 10000, lambda v: v >= 1,
+                                      "an integer >= 1"),
+            dedup_grace_s=float(_take(mqtt, "dedup_grace_s", "mqtt", (int, float), 30.0, lambda v: 0 <= v <= 86400,
+                                      "seconds in 0..86400")),
+            dedup_max=_take(mqtt, "dedup_max", "mqtt", int, 65536, lambda v: 1 <= v <= 10_000_000,
+                            "an integer in 1..10000000"),
+            reconnect_max_delay_s=_take(mqtt, "reconnect_max_delay_s", "mqtt", int, 60, lambda v: 1 <= v <= 3600,
+                                        "seconds in 1..3600"),
         ),
         http=HttpConfig(
             enabled=_take(http, "enabled", "http", bool, False),

@@ -5,7 +5,12 @@ registers its topics on the agent's one MQTT connection (:mod:`agent.transport`)
 connects, so the retained ``online`` status never precedes the subscription. Stop: intakes stop
 taking requests (MQTT unsubscribes; HTTP answers new requests 503), the agent serves or answers
 everything it accepted, then the connections close (MQTT with the ``offline`` status, HTTP after
-writing the last replies) so the last replies still reach their clients.
+writing the last replies) so the last replies still reach their clients. With a persistent MQTT
+session the intake holds its topic instead of unsubscribing, so requests that arrive while the
+agent is away wait in the broker for its next run.
+
+Readiness (:meth:`Service.ready`, and HTTP's ``/v2/health/ready``) includes the MQTT connection:
+down, or its network thread dead, or its client id taken over, and the agent is not ready.
 
 Between the two, the heap built at start-up (models, runtimes, numpy, the intakes' tables: tens of
 thousands of objects that live as long as the process) is moved out of the cyclic garbage
@@ -49,8 +54,12 @@ class Service:
             if config.http.enabled:
                 self.http = HttpIntake(self.agent, config.http.host, config.http.port).start()
             if config.mqtt.enabled:
-                self.transport = MqttTransport(config.device, config.mqtt.host, config.mqtt.port,
-                                               status=self.agent.status, keepalive_s=config.mqtt.keepalive_s)
+                mqtt = config.mqtt
+                self.transport = MqttTransport(config.device, mqtt.host, mqtt.port, status=self.agent.status,
+                                               keepalive_s=mqtt.keepalive_s, session_expiry_s=mqtt.session_expiry_s,
+                                               max_inflight_messages=mqtt.max_inflight_messages,
+                                               max_queued_messages=mqtt.max_queued_messages,
+                                               reconnect_max_delay_s=mqtt.reconnect_max_delay_s)
                 for name in config.mqtt.subscribers:
                     self.subscribers[name] = build_subscriber(name, self.agent, self.transport).start()
                 try:
@@ -60,24 +69,17 @@ class Service:
                     if not (mqtt_retry and self.http is not None) or self.transport.client.is_connected():
                         raise
                     log.warning("serving HTTP only until the broker answers: %s", exc)
-                    self._connect_in_background()
+                    self.transport.connect_in_background()
+            if self.http is not None and self.transport is not None:
+                self.http.also_ready = self.transport.healthy     # /v2/health/ready: MQTT up too
         except Exception:
             self.close()
             raise
 
-    def _connect_in_background(self) -> None:
-        """Let paho's network loop keep trying the broker (backing off up to 30 s between tries).
-        A method of ``MqttTransport`` would be its proper home; it is here to leave the transport
-        untouched (its ``_on_connect`` already subscribes and publishes on every connect)."""
-        client = self.transport.client
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.connect_async(self.transport.host, self.transport.port, keepalive=self.transport.keepalive_s)
-        client.loop_start()
-
     def missing(self) -> list[str]:
         """What is configured but not serving now (empty when all is well): the MQTT broker not
         connected (at a degraded start, or lost since; paho keeps reconnecting)."""
-        if self.transport is not None and not self.transport.client.is_connected():
+        if self.transport is not None and not self.transport.connected:
             return [f"mqtt broker {self.transport.host}:{self.transport.port} unreachable, retrying"]
         return []
 
@@ -85,6 +87,13 @@ class Service:
     def mqtt(self):
         """The MQTT inference intake (``agent.intake.mqtt.MqttIntake``), if it runs."""
         return self.subscribers.get("infer")
+
+    def ready(self) -> bool:
+        """The agent takes requests on every intake it runs: HTTP listening and taking, MQTT
+        connected with its network thread alive and no takeover of its client id going on."""
+        if self.http is not None and not self.http.taking:
+            return False
+        return self.transport is None or self.transport.healthy()
 
     def close(self) -> None:
         for intake in (*self.subscribers.values(), self.http):

@@ -6,6 +6,7 @@ requests = ok + every error code raised after acceptance.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -65,3 +66,55 @@ class Telemetry:
     def snapshot(self) -> dict:
         with self._lock:
             return {name: stats.summary() for name, stats in self.models.items()}
+
+
+class Counters:
+    """Named event counts for one part of the agent (the MQTT transport, the MQTT intake), added
+    to from any thread and read as one consistent snapshot (the retained status, the tests).
+
+    Kept apart from the per-model stats: these count what happened on the wire (redeliveries,
+    duplicates dropped, replies that overflowed the outgoing queue, reconnects), not answers.
+    """
+
+    def __init__(self, *names: str) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = dict.fromkeys(names, 0)
+
+    def add(self, name: str, n: int = 1) -> int:
+        """Add ``n`` to ``name``; returns the new count."""
+        with self._lock:
+            value = self._counts[name] = self._counts.get(name, 0) + n
+            return value
+
+    def __getitem__(self, name: str) -> int:
+        with self._lock:
+            return self._counts.get(name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class RateLimitedLog:
+    """Log one line at most every ``interval_s`` seconds, saying how many were held back since:
+    a condition that repeats per message (a full queue, a takeover loop) must not flood the log."""
+
+    def __init__(self, logger, interval_s: float = 10.0) -> None:
+        self._clock = time.monotonic
+        self._log = logger
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._at: float | None = None
+        self._held = 0
+
+    def __call__(self, level: int, message: str, *args) -> bool:
+        """Log ``message % args`` at ``level`` unless one was logged within the interval; returns
+        whether it was logged."""
+        now = self._clock()
+        with self._lock:
+            if self._at is not None and now - self._at < self.interval_s:
+                self._held += 1
+                return False
+            self._at, held, self._held = now, self._held, 0
+        self._log.log(level, message + (" (%d more not logged since the last)" % held if held else ""), *args)
+        return True

@@ -57,6 +57,7 @@ import time
 import zlib
 from concurrent.futures import Future
 from http import HTTPStatus
+from typing import Callable
 from urllib.parse import unquote
 
 import numpy as np
@@ -580,6 +581,8 @@ class HttpIntake:
         self.max_connections = http.max_connections if max_connections is None else max_connections
         self.max_head = http.max_header_bytes if max_header_bytes is None else max_header_bytes
         self.taking = False
+        # What else the agent's readiness needs (the service sets it: MQTT connected), or None.
+        self.also_ready: Callable[[], bool] | None = None
         self._models = {name: _ModelView(name, loaded) for name, loaded in agent.models.items()}
         self._server_metadata = _json(oip.server_metadata(__version__, EXTENSIONS))
         self._connections: set[_Connection] = set()
@@ -780,8 +783,8 @@ class HttpIntake:
         raise _no_endpoint(head)
 
     def ready(self) -> bool:
-        """Models loaded (the intake starts after them) and requests taken."""
-        return self.taking
+        """Models loaded (the intake starts after them), requests taken, and ``also_ready``."""
+        return self.taking and (self.also_ready is None or self.also_ready())
 
     # --- inference -----------------------------------------------------------------------------
 

@@ -6,21 +6,35 @@ thread, which must never block): decode, validate, ``Agent.submit``, return. The
 from the worker that finished the batch. Every request that carries a response topic gets exactly
 one reply, an error reply included; one without a response topic that can be published to (none,
 or a wildcard) cannot be answered, so it is counted and logged (rate-limited), not run.
+
+Exactly once to the application: the wire is at-least-once (QoS 1; a broker re-sends what it has
+no acknowledgement for after a reconnect, and an application re-sends its unacknowledged requests
+too), so the intake remembers each request by (response topic, correlation data) until its
+deadline plus ``[mqtt] dedup_grace_s`` and drops a second copy (counted in ``duplicates``): a
+request is answered once however often it arrives. The memory is bounded (``[mqtt] dedup_max``;
+the entry nearest its expiry goes first, counted in ``dedup_evicted``). An application must not
+reuse correlation data on one response topic within that time for a different request.
+
+While the agent drains (``stop_taking``) a persistent session holds the topic instead of
+unsubscribing: requests that arrive then stay with the broker, unacknowledged, for the next run.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
 from concurrent.futures import Future
 
 from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 from agent.api import Agent
 from agent.errors import InferenceError
 from agent.intake.msgpack_codec import decode_request, encode_reply, error_reply, result_reply
+from agent.telemetry import Counters
 from agent.transport.connection import MqttTransport
 from agent.transport.topics import infer_topic, publish_topic_problem
 
@@ -28,6 +42,59 @@ log = logging.getLogger(__name__)
 
 #: An unanswerable request is logged at most once per this many seconds (with the count since).
 UNANSWERABLE_LOG_INTERVAL_S = 10.0
+#: What the intake counts (``MqttIntake.counters``): distinct requests taken, second copies
+#: dropped, replies handed to the transport, requests that got none, remembered requests evicted.
+COUNTERS = ("taken", "duplicates", "replied", "unanswerable", "dedup_evicted")
+
+
+class SeenRequests:
+    """The requests seen lately, by key, each until its own expiry: a bounded map whose entries
+    leave at their expiry, or the one nearest its expiry first when the map is full."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        # Added to on the network thread, read by operators and tests from theirs.
+        self._lock = threading.Lock()
+        self._expiry: dict[object, float] = {}
+        self._heap: list[tuple[float, int, object]] = []    # (expiry, tie-break, key); stale entries skipped
+        self._n = 0
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._expiry
+
+    def seen(self, key: object, now: float) -> bool:
+        """Whether ``key`` was added and has not expired at ``now``."""
+        with self._lock:
+            expiry = self._expiry.get(key)
+        return expiry is not None and expiry > now
+
+    def add(self, key: object, expiry: float, now: float) -> int:
+        """Remember ``key`` until ``expiry``; returns how many live entries had to be evicted."""
+        with self._lock:
+            return self._add(key, expiry, now)
+
+    def _add(self, key: object, expiry: float, now: float) -> int:
+        evicted = 0
+        heap = self._heap
+        while heap and (heap[0][0] <= now or len(self._expiry) >= self.capacity):
+            when, _, old = heapq.heappop(heap)
+            if self._expiry.get(old) == when:
+                del self._expiry[old]
+                evicted += when > now
+        self._n += 1
+        self._expiry[key] = expiry
+        heapq.heappush(heap, (expiry, self._n, key))
+        if len(heap) > 4 * self.capacity:       # re-added keys left stale entries behind: rebuild
+            self._heap = [(when, i, k) for i, (k, when) in enumerate(self._expiry.items())]
+            heapq.heapify(self._heap)
+        return evicted
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._expiry)
 
 
 class MqttIntake:
@@ -39,10 +106,23 @@ class MqttIntake:
         self.device = agent.config.device
         self.topic_filter = infer_topic(self.device)      # edge/v1/<device>/infer/+
         self.max_payload = agent.config.max_payload_bytes
-        self.unanswerable = 0            # requests without a response topic one can publish to
+        mqtt = agent.config.mqtt
+        self.dedup_grace_s = mqtt.dedup_grace_s
+        self._seen = SeenRequests(mqtt.dedup_max)     # touched on the network thread only
+        self.counters = Counters(*COUNTERS)
         self._lock = threading.Lock()
         self._logged_at = -UNANSWERABLE_LOG_INTERVAL_S
         self._unlogged = 0
+
+    @property
+    def unanswerable(self) -> int:
+        """Requests without a response topic one can publish to, or whose reply was not published."""
+        return self.counters["unanswerable"]
+
+    def seen(self) -> list[tuple[str, bytes]]:
+        """The (response topic, correlation data) of the requests remembered now (they are answered
+        once: a second copy within the window is dropped)."""
+        return self._seen.keys()
 
     def start(self, timeout: float = 10.0) -> "MqttIntake":
         """Subscribe to the agent's inference topics. Before the transport connects this registers
@@ -63,10 +143,24 @@ class MqttIntake:
             self._unanswerable(message.topic, problem)
             return
         model = message.topic.rsplit("/", 1)[-1]
+        now = time.monotonic()
+        key = (response_topic, correlation) if correlation is not None else None
+        if key is not None and self._seen.seen(key, now):
+            self.counters.add("duplicates")     # answered (or being answered) already
+            return
+        self.counters.add("taken")
         request_id = None
+        expiry = now + self.dedup_grace_s       # a request that does not decode: answered once too
         try:
-            request = decode_request(message.payload, self.max_payload)
+            try:
+                request = decode_request(message.payload, self.max_payload)
+            except Exception:
+                if key is not None:
+                    self._remember(key, expiry, now)
+                raise
             request_id = request.id
+            if key is not None:                 # until its deadline (plus the grace)
+                self._remember(key, expiry + self._budget_s(model, request), now)
             future = self.agent.submit(model, request.inputs, slo_ms=request.slo_ms, deadline=request.deadline,
                                        priority=request.priority, client_id=request.id)
         except InferenceError as exc:
@@ -80,6 +174,20 @@ class MqttIntake:
                           error_reply(request_id, InferenceError("internal", f"{type(exc).__name__}: {exc}")))
             return
         future.add_done_callback(lambda f: self._reply(f, response_topic, correlation, request_id))
+
+    def _budget_s(self, model: str, request) -> float:
+        """Seconds from now to the request's deadline (as the agent will read it)."""
+        if request.deadline is not None:
+            return max(0.0, request.deadline - time.time())
+        if request.slo_ms is not None:
+            return max(0.0, float(request.slo_ms) / 1000.0)
+        loaded = self.agent.models.get(model)
+        return loaded.config.default_slo_ms / 1000.0 if loaded is not None else 0.0
+
+    def _remember(self, key: tuple, expiry: float, now: float) -> None:
+        evicted = self._seen.add(key, expiry, now)
+        if evicted:
+            self.counters.add("dedup_evicted", evicted)
 
     # --- worker threads: the reply -------------------------------------------------------------
 
@@ -100,16 +208,20 @@ class MqttIntake:
         try:
             if correlation is not None:
                 props.CorrelationData = correlation
-            self.transport.publish(response_topic, encode_reply(reply), qos=1, properties=props)
+            info = self.transport.publish(response_topic, encode_reply(reply), qos=1, properties=props)
         except Exception as exc:
             self._unanswerable(response_topic, f"reply not published: {type(exc).__name__}: {exc}")
+            return
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            self._unanswerable(response_topic, "reply dropped: the outgoing queue is full (broker away too long)")
+        else:
+            self.counters.add("replied")
 
     def _unanswerable(self, where: str, why: str) -> None:
         """Count a request that gets no reply; log it, at most once per UNANSWERABLE_LOG_INTERVAL_S."""
         now = time.monotonic()
+        total = self.counters.add("unanswerable")
         with self._lock:
-            self.unanswerable += 1
-            total = self.unanswerable
             if now - self._logged_at < UNANSWERABLE_LOG_INTERVAL_S:
                 self._unlogged += 1
                 return
@@ -118,5 +230,10 @@ class MqttIntake:
                     where, why, total, unlogged)
 
     def stop_taking(self) -> None:
-        """Unsubscribe, so no new request arrives while the agent drains (replies still go out)."""
-        self.transport.unsubscribe(self.topic_filter)
+        """Take no new request while the agent drains (replies still go out). With a persistent
+        session the topic is held: what arrives now stays with the broker, unacknowledged, and is
+        delivered to the agent's next run; with a clean session it is unsubscribed."""
+        if self.transport.session_expiry_s > 0:
+            self.transport.hold(self.topic_filter)
+        else:
+            self.transport.unsubscribe(self.topic_filter)

@@ -23,8 +23,10 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-__all__ = ["make_client", "connect", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay"]
+__all__ = ["make_client", "connect", "session_args", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay"]
 
 
 def set_tcp_nodelay(sock: Any) -> None:
@@ -64,11 +66,31 @@ def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = 
     return client
 
 
-def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, keepalive: int = 60) -> None:
-    """Connect, start the network loop and wait for the broker's CONNACK.
+def session_args(session_expiry_s: int) -> dict[str, Any]:
+    """paho ``connect``/``connect_async`` keyword arguments for a session that lasts
+    ``session_expiry_s`` after the connection drops (0: a clean session; see :func:`connect`)."""
+    if not isinstance(session_expiry_s, int) or session_expiry_s < 0:
+        raise ValueError(f"session_expiry_s = {session_expiry_s!r}, expected an int >= 0")
+    if not session_expiry_s:
+        return {}
+    properties = Properties(PacketTypes.CONNECT)
+    properties.SessionExpiryInterval = session_expiry_s
+    return {"clean_start": False, "properties": properties}
+
+
+def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, keepalive: int = 60, *,
+            session_expiry_s: int = 0) -> bool:
+    """Connect, start the network loop and wait for the broker's CONNACK; returns the CONNACK's
+    ``session_present`` flag.
 
     ``keepalive`` (seconds) is the MQTT keep-alive: the broker takes the client for gone, and
     publishes its last will, after about 1.5 times this without a packet from it.
+
+    ``session_expiry_s`` > 0 asks for a persistent session: clean start off on every connect (the
+    first one included, so a restarted process picks up the session its predecessor left) and the
+    broker keeps the subscriptions and the QoS 1 messages for them that long after the connection
+    drops; they are delivered on the next connect with the same client id. 0: a clean session that
+    ends with the connection (paho's default).
 
     Raises ``ConnectionError`` naming ``host:port`` when the broker cannot be reached, refuses the
     connection, or does not answer within ``timeout`` seconds; the network loop is stopped then.
@@ -80,16 +102,17 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
     user_on_connect = client.on_connect
 
     def on_connect(client_: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        outcome["reason_code"] = reason_code
+        outcome["reason_code"], outcome["flags"] = reason_code, flags
         connack.set()
         if user_on_connect is not None:
             user_on_connect(client_, userdata, flags, reason_code, properties)
 
     client.on_connect = on_connect
     client.connect_timeout = timeout
+    session = session_args(session_expiry_s)
     try:
         try:
-            client.connect(host, port, keepalive=keepalive)
+            client.connect(host, port, keepalive=keepalive, **session)
         except (OSError, ValueError) as exc:
             raise ConnectionError(f"{where} is not reachable: {exc}") from exc
         client.loop_start()
@@ -101,5 +124,6 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
         if reason_code.is_failure:
             client.loop_stop()
             raise ConnectionError(f"{where} refused the connection: {reason_code}")
+        return bool(outcome["flags"].session_present)
     finally:
         client.on_connect = user_on_connect

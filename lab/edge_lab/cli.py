@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -84,6 +84,27 @@ def _cmd_bench_run(args: argparse.Namespace) -> int:
     results = run_bench(config, trace, contenders, modes, Path(args.out), seed=args.seed)
     print(format_results(results))
     print(f"wrote {args.out}/bench.json" + (f" and {len(results.get('plots', []))} plots" if results.get("plots") else ""))
+    return 0
+
+
+def _cmd_bench_broker_restart(args: argparse.Namespace) -> int:
+    import logging
+    from edge_lab.bench.broker_restart import format_restart, run_broker_restart
+    logging.getLogger("agent").setLevel(logging.ERROR)    # the expected reconnect warnings
+    print(f"edge-agent bench broker-restart: {args.requests} requests at {args.rate:g}/s to the demo's small model, "
+          f"the broker (persistent Mosquitto) restarted after 40% of them; +backlog: the agent away meanwhile "
+          f"(stopped, a quarter of the requests queued for its session); clean: [mqtt] session_expiry_s = 0", flush=True)
+    rows = []
+    for backlog in (False, True):
+        for graceful in (True, False):
+            rows.append(run_broker_restart(graceful, backlog=backlog, requests=args.requests, rate_hz=args.rate))
+            print(format_restart(rows[-1:]).splitlines()[1], flush=True)
+    if args.clean:
+        for backlog in (False, True):
+            rows.append(run_broker_restart(True, backlog=backlog, requests=args.requests, rate_hz=args.rate,
+                                           session_expiry_s=0))
+    print()
+    print(format_restart(rows))
     return 0
 
 
@@ -265,3 +286,16 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     limits.add_argument("--max-connections", type=int, metavar="N", help="the agent's [http] max_connections")
     limits.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     limits.set_defaults(func=_cmd_bench_http_limits)
+
+    restart = bench_sub.add_parser(
+        "broker-restart", help="requests sent, acknowledged, answered, duplicated and lost across a broker restart",
+        description="Restart a persistent Mosquitto under load, gracefully (SIGTERM) and killed (SIGKILL), with the "
+                    "agent connected and with the agent away (a backlog queued for its session): what the "
+                    "application sent, what the broker acknowledged, what the agent saw and answered, duplicates, "
+                    "and what the broker lost (never seen by the agent, or its reply lost). About 40 s by default.")
+    restart.add_argument("--requests", type=int, default=600, metavar="N", help="requests per run (default 600)")
+    restart.add_argument("--rate", type=float, default=200.0, metavar="HZ", help="requests per second (default 200)")
+    restart.add_argument("--clean", action="store_true",
+                         help="also run the graceful cases with a clean session ([mqtt] session_expiry_s = 0), "
+                              "what agents did before")
+    restart.set_defaults(func=_cmd_bench_broker_restart)
