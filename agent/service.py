@@ -66,7 +66,7 @@ class Service:
                     self.transport.connect()
                 except (ConnectionError, TimeoutError) as exc:
                     # Only a broker not reached: one that refused the subscriptions is an error.
-                    if not (mqtt_retry and self.http is not None) or self.transport.client.is_connected():
+                    if not (mqtt_retry and self.http is not None) or self.transport.connected:
                         raise
                     log.warning("serving HTTP only until the broker answers: %s", exc)
                     self.transport.connect_in_background()
