@@ -8,6 +8,7 @@ or seconds of a run of known length (:meth:`Progress.advance_to`).
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import IO
 
@@ -36,8 +37,10 @@ class Progress:
         self.done = 0
         self.enabled = stream is not None and _is_terminal(stream)
         self._pending = False
+        # A terminal that reports no width (a pty nobody sized) would get an empty bar: 80 columns then.
+        width = shutil.get_terminal_size((80, 24)).columns or 80
         self._bar = tqdm(total=self.total, file=stream, desc=desc, unit=unit, disable=not self.enabled,
-                         dynamic_ncols=True, mininterval=0.2, leave=True)
+                         ncols=width, mininterval=0.2, leave=True)
 
     def step(self, label: str) -> None:
         """Announce the step about to run (the one before it counts as done now)."""
