@@ -57,7 +57,8 @@ class BoardChoice:
 
 def _read(path: Path) -> str:
     try:
-        return path.read_bytes().decode("utf-8", "replace").replace("\x00", "").strip()
+        # Device-tree strings end in NUL, and a list (``compatible``) is NUL-separated.
+        return path.read_bytes().decode("utf-8", "replace").replace("\x00", " ").strip()
     except OSError:
         return ""
 
@@ -117,8 +118,7 @@ def detect_board(root: Path | str = Path("/"), machine: str | None = None) -> Bo
     root = Path(root)
     machine = (machine if machine is not None else platform.machine()).lower()
     model = _read(root / "proc/device-tree/model")
-    compatible = (root / "proc/device-tree/compatible")
-    compatible_text = _read(compatible).lower() if compatible.exists() else ""
+    compatible_text = _read(root / "proc/device-tree/compatible").lower()
     release = _read(root / "etc/nv_tegra_release")
     apex = sorted(p.name for p in (root / "dev").glob("apex_*"))
     usb = coral_usb_devices(root)
