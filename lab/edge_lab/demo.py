@@ -54,8 +54,9 @@ DEFAULT_CAMERAS = (
 #: The share of the measured capacity that ``--load 1`` offers. The rest is for what shares the cores
 #: with the models and the capacity leaves out: the broker, the cameras' own process, the intake.
 LOAD_SHARE = 0.5
-#: A camera group's SLO is raised to at least this many times its model's batch-1 time, so that a
-#: slow board's tightest class is one it can meet at all (said at start when it happens).
+#: A camera group's SLO is raised to at least this many times its model's batch-1 time, plus the
+#: slowest model's batch-1 time (a running batch is not preempted: a frame may arrive just after one
+#: started), so that a slow board's tightest class is one it can meet at all (said at start).
 MIN_SLO_OVER_B1 = 5.0
 
 
@@ -80,6 +81,12 @@ class DemoSizing:
                 f"of load): {offered:.0f} frames/s: {rates}")
 
 
+def slo_floor_ms(own_b1_s: float, blocking_s: float) -> float:
+    """The least SLO a camera group gets: ``MIN_SLO_OVER_B1`` times its own batch-1 time plus the
+    slowest batch-1 time it may find running, in whole milliseconds."""
+    return float(math.ceil(1000 * (MIN_SLO_OVER_B1 * own_b1_s + blocking_s)))
+
+
 def size_cameras(per_frame_s: dict[str, float], slots: int, load: float = 1.0,
                  cameras: tuple[Camera, ...] = DEFAULT_CAMERAS, share: float = LOAD_SHARE) -> DemoSizing:
     """Scale the cameras' rates so ``load`` 1 asks ``share`` of what ``slots`` execution slots can
@@ -94,8 +101,9 @@ def size_cameras(per_frame_s: dict[str, float], slots: int, load: float = 1.0,
     mix_cost_s = sum(c.fps / weight * per_frame_s[c.model] for c in cameras)
     capacity = slots / mix_cost_s
     scale = share * load * capacity / weight
+    blocking_s = max(per_frame_s[c.model] for c in cameras)
     sized = tuple(Camera(c.name, c.model, c.fps * scale,
-                         max(c.slo_ms, float(math.ceil(MIN_SLO_OVER_B1 * 1000 * per_frame_s[c.model]))))
+                         max(c.slo_ms, slo_floor_ms(per_frame_s[c.model], blocking_s)))
                   for c in cameras)
     return DemoSizing(sized, capacity, slots, {m: 1000 * t for m, t in per_frame_s.items()}, load, share)
 
@@ -263,7 +271,8 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
             for before, after in zip(DEFAULT_CAMERAS, cameras):
                 if after.slo_ms > before.slo_ms:
                     print(f"  {after.name}: SLO raised from {before.slo_ms:g} to {after.slo_ms:g} ms "
-                          f"({MIN_SLO_OVER_B1:g}x {after.model}'s batch-1 time on this board)", file=out, flush=True)
+                          f"({MIN_SLO_OVER_B1:g}x {after.model}'s batch-1 time on this board, plus the slowest "
+                          "model's, which may be running when a frame arrives)", file=out, flush=True)
             parent_end, child_end = multiprocessing.get_context("spawn").Pipe()
             process = multiprocessing.get_context("spawn").Process(
                 target=_camera_process, args=(cameras, broker.host, broker.port, config.device, child_end, interval_s),
