@@ -26,8 +26,8 @@ from agent.models.tensors import TensorSpec, shape_text
 
 #: The config's own default largest batch, taken when the file's batch dimension is dynamic.
 DYNAMIC_MAX_BATCH = 8
-#: Runs timed per batch size for the default SLO (after one warm-up run); the median counts.
-TIMED_RUNS = 5
+#: Runs timed per batch size for the default SLO (after two warm-up runs); the median counts.
+TIMED_RUNS = 10
 
 SUFFIX_BACKEND = {".onnx": ("onnxruntime", "onnx"), ".tflite": ("litert", "tflite")}
 
@@ -100,7 +100,7 @@ def _raw_batch_dims(path: Path, backend: str) -> list[int | None]:
 
 def _median_ms(backend: Any, specs: tuple[TensorSpec, ...], batch: int) -> float:
     from agent.profiler.measure import time_runs, zeros_batch
-    return 1000.0 * statistics.median(time_runs(backend, zeros_batch(specs, batch), repeats=TIMED_RUNS, warmup=1))
+    return 1000.0 * statistics.median(time_runs(backend, zeros_batch(specs, batch), repeats=TIMED_RUNS, warmup=2))
 
 
 def default_slo_ms(full_batch_ms: float) -> float:
