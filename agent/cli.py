@@ -35,6 +35,18 @@ def _port(text: str) -> int:
     return port
 
 
+def _config_path(args: argparse.Namespace, command: str) -> str | None:
+    """``--config``'s file: ``auto`` detects the board (agent.ops.boards) and says on stderr which
+    config it took and why; a shipped board's name (``jetson-orin-nano``) is its config; else a path."""
+    if not args.config:
+        return None
+    from agent.ops.boards import resolve_config_arg
+    path, choice = resolve_config_arg(args.config)
+    if choice is not None:
+        print(f"edge-agent {command}: --config auto: {choice.describe()}", file=sys.stderr, flush=True)
+    return path
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
     from agent.intake.http import raise_open_file_limit
@@ -52,7 +64,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
     try:
-        config = load_config(args.config)
+        config = load_config(_config_path(args, "run"))
         if args.http_port is not None:
             config = dataclasses.replace(config, http=dataclasses.replace(config.http, enabled=True, port=args.http_port))
         if args.no_mqtt:
@@ -104,9 +116,10 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     exit 0 when nothing failed, 1 when a check failed, 2 when the config itself is invalid."""
     from agent.config import Config, ConfigError, load_config
     from agent.ops.selftest import GROUPS, run_selftest
-    from agent.profiler.run import Progress
+    from agent.progress import Progress
+    config_file = _config_path(args, "selftest")
     try:
-        config = load_config(args.config) if args.config else Config.demo()
+        config = load_config(config_file) if config_file else Config.demo()
     except ConfigError as exc:
         print(f"edge-agent selftest: {exc}", file=sys.stderr)
         return 2
@@ -114,9 +127,9 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
     groups = [g for g in GROUPS if g not in (args.skip or ())]
     steps = ("core" in groups) + len(config.models) * ("models" in groups) + ("accelerators" in groups) + ("broker" in groups)
-    progress = Progress(steps, stream=None if args.quiet else sys.stderr)
+    progress = Progress(steps, stream=None if args.quiet else sys.stderr, desc="selftest")
     try:
-        report = run_selftest(config, config_file=args.config, groups=groups, state_dir=args.state_dir,
+        report = run_selftest(config, config_file=config_file, groups=groups, state_dir=args.state_dir,
                               progress=progress.step)
     finally:
         progress.close()
@@ -164,7 +177,7 @@ def _add_service_parser(sub: argparse._SubParsersAction) -> None:
     install.add_argument("--root", default="/", metavar="DIR",
                          help="install under DIR (a staging tree): users are then not created, their commands printed")
     install.add_argument("--user", default=DEFAULT_USER, metavar="NAME", help=f"the service user (default {DEFAULT_USER})")
-    install.add_argument("--config", metavar="FILE", help="the config to install (default: firmware_configs/ file for this board)")
+    install.add_argument("--config", metavar="FILE", help="the config to install (default: the shipped config for this board, as --config auto picks it)")
     install.add_argument("--exec", dest="exec_start", metavar="PATH",
                          help="the edge-agent executable for ExecStart (default: the one running this command)")
     install.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
@@ -192,6 +205,7 @@ def _add_lab_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from agent.ops.boards import BOARD_CONFIGS   # no heavy imports: the names --config also takes
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="On-device DNN inference agent: SLO-aware adaptive batching over MQTT and in process.")
@@ -203,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "inference requests over MQTT and/or HTTP (the Open Inference Protocol, "
                                      "Triton's HTTP API) until SIGTERM or Ctrl-C; queued requests are answered "
                                      "before exit.")
-    run.add_argument("--config", required=True, metavar="FILE", help="TOML config (e.g. firmware_configs/generic-linux.toml)")
+    run.add_argument("--config", required=True, metavar="FILE|auto|BOARD",
+                     help="TOML config (e.g. firmware_configs/generic-linux.toml); `auto`: the shipped config of "
+                          "this board, detected (it says which and why); or a shipped board's name: "
+                          + ", ".join(BOARD_CONFIGS))
     run.add_argument("--http-port", type=_port, metavar="N",
                      help="also serve the Open Inference Protocol (KServe v2 / Triton HTTP, e.g. tritonclient.http) "
                           "on port N (0 = any free port) of the config's [http] host (default 127.0.0.1)")
@@ -219,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "found or not, with what to install; the MQTT broker's round trip; disk, memory and "
                     "temperature headroom. Prints a table (or --json); exit 1 if any check fails, each failure "
                     "saying what to do; 2 for an invalid config.")
-    selftest.add_argument("--config", metavar="FILE", help="TOML config, as for `edge-agent run` "
+    selftest.add_argument("--config", metavar="FILE|auto|BOARD", help="TOML config, as for `edge-agent run` (`auto`: "
+                          "this board's shipped config, detected) "
                           "(default: the embedded demo config: both demo models, broker 127.0.0.1:1883)")
     selftest.add_argument("--json", action="store_true", help="print the report as JSON (for machines)")
     selftest.add_argument("--no-mqtt", action="store_true", help="skip the broker check ([mqtt] enabled = false)")
@@ -228,16 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="groups of checks not to run: core files models accelerators broker headroom")
     selftest.add_argument("--state-dir", metavar="DIR", help="the agent's state directory, checked for free disk "
                           "(default: $STATE_DIRECTORY, else the profile file's folder)")
-    selftest.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    selftest.add_argument("-q", "--quiet", action="store_true",
+                          help="no progress bar on stderr (there is none where stderr is not a terminal)")
     selftest.set_defaults(func=_cmd_selftest)
 
     _add_service_parser(sub)
     _add_lab_parsers(sub)
 
+    from agent.models.cli import add_model_parser
     from agent.ops.cli import add_ctl_parser, add_keys_parser
     from agent.profiler.cli import add_profile_parser
     from agent.workload.cli import add_trace_parser
     add_profile_parser(sub)
+    add_model_parser(sub)
     add_trace_parser(sub)
     add_keys_parser(sub)
     add_ctl_parser(sub)

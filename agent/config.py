@@ -21,6 +21,16 @@ BATCHING_RULES = ("fixed", "dynamic", "deadline_aware", "fifo", "aimd", "disbatc
 BACKEND_KINDS = ("onnxruntime", "litert")
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a cgroup cpuset, a container's
+    cores), which ``os.cpu_count()`` ignores: a slot per machine core on a process pinned to fewer
+    would only time-slice them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:     # not Linux
+        return os.cpu_count() or 1
+
+
 class ConfigError(ValueError):
     """``field = value: expected ...``: one bad setting, named so it can be fixed without guessing."""
 
@@ -114,7 +124,7 @@ class ControlConfig:
 @dataclass(frozen=True)
 class Config:
     device: str = "edge-board"
-    workers: int = 0                           # execution slots; 0 = one per CPU core
+    workers: int = 0                           # execution slots; 0 = one per core available (available_cores)
     max_payload_bytes: int = 4 * 1024 * 1024
     # While an urgent request waits, a batch holds its slot for at most this share of the tightest
     # recent SLO, unless batching pays (agent.scheduler.dispatcher); 0 = no cap. Admission lanes only.
@@ -142,7 +152,8 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or (os.cpu_count() or 1)
+        """Execution slots: ``workers``, or with 0 one per core this process may run on."""
+        return self.workers or available_cores()
 
     @property
     def edf_horizon_s(self) -> float:

@@ -161,3 +161,17 @@ def test_each_known_subscriber_is_a_class_that_takes_the_agent_and_its_transport
         assert callable(subscriber.start) and callable(subscriber.stop_taking), name
     with pytest.raises(ValueError, match="subscriber 'nope'"):
         build_subscriber("nope", None, None)
+
+
+def test_workers_0_means_the_cores_this_process_may_run_on():
+    """`workers = 0` follows the CPU affinity (taskset, a container's cpuset), not the machine's count."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and two cores to pin a process to one")
+    code = "from agent.config import Config; print(Config.demo().worker_count)"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert pinned.stdout.strip() == "1", pinned.stderr
+    assert Config.demo().worker_count == len(os.sched_getaffinity(0))

@@ -205,7 +205,7 @@ def test_load_profile_missing_or_not_json(tmp_path):
 # --- end to end on a real model -------------------------------------------------------------
 
 def test_quick_real_profile_of_mobilenet(tmp_path):
-    stream = io.StringIO()
+    stream = Terminal()
     data = profile_config(Config.demo(), models=["mobilenet_digits"], max_batch=4, repeats=3,
                           max_concurrency=2, min_window_s=0.02, rounds=2, progress_stream=stream)
     profile = load_profile(save_profile(data, tmp_path / "profile.json"))
@@ -225,15 +225,29 @@ def test_quick_real_profile_of_mobilenet(tmp_path):
     assert fit["median_rel_error"] is not None and len(fit["heldout"]) >= 2
     assert profile.predict_ms("mobilenet_digits", 4) == pytest.approx(p50[2], rel=0.5)
     assert data["host"]["cores"] >= 1 and "onnxruntime" in data["host"]["runtimes"]
-    progress = stream.getvalue().splitlines()
-    assert progress[-1].startswith("[####################] ") and "mobilenet_digits b=4 k=2 r=2/2" in progress[-1]
+    last = stream.getvalue().split("\r")[-1]               # the bar as last drawn
+    assert "100%" in last and "mobilenet_digits b=4 k=2 r=2/2" in last, last
 
 
-def test_progress_bar_text():
-    stream = io.StringIO()
-    bar = Progress(4, stream, width=8)
-    bar.step("a b=1 k=1")
-    assert stream.getvalue() == "[##......] 1/4 a b=1 k=1\n"
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, as stderr does in an interactive shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_the_step_and_the_time_left_on_a_terminal_only():
+    terminal = Terminal()
+    with Progress(4, terminal) as bar:
+        bar.step("a b=1 k=1")
+        bar.step("a b=2 k=1")
+        drawn = terminal.getvalue().split("\r")[-1]
+        assert "1/4" in drawn and "a b=2 k=1" in drawn and "<" in drawn, drawn   # [elapsed<remaining]
+    assert "4/4" not in terminal.getvalue() and "2/4" in terminal.getvalue().split("\r")[-1]
+    piped = io.StringIO()                                   # a log, a pipe, CI: nothing at all
+    with Progress(4, piped) as bar:
+        bar.step("a b=1 k=1")
+    assert piped.getvalue() == ""
 
 
 def test_cli_profile_handler(tmp_path, capsys):
@@ -248,7 +262,7 @@ def test_cli_profile_handler(tmp_path, capsys):
     assert args.func(args) == 0
     printed = capsys.readouterr()
     assert "mobilenet_digits" in printed.out and "held out" in printed.out and str(out) in printed.out
-    assert "2/" in printed.err                             # the progress bar went to stderr
+    assert "2/" not in printed.err and "%|" not in printed.err   # stderr is not a terminal here: no bar
     profile = load_profile(out)
     assert profile.model("mobilenet_digits")["batch"]["sizes"] == [1, 2]
     assert profile.data["settings"]["quick"] is True and profile.data["settings"]["repeats"] == 3

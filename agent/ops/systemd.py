@@ -8,7 +8,7 @@ Three things, each printed as it is done, each left alone when already right (a 
   its default rendering, kept equal by a test. ``ExecStart`` names the ``edge-agent`` that runs
   the install, ``User=`` the service user;
 * the config, ``/etc/edge-agent/agent.toml``, copied from ``--config`` (validated first) or from the
-  board's file in ``firmware_configs/``; an existing config that differs is kept, never
+  board's shipped config (``--config auto``'s choice, agent.ops.boards); an existing config that differs is kept, never
   overwritten (the operator may have edited it);
 * the system user (``useradd --system``, skipped if it exists), added to the accelerator groups the
   board has (``apex`` for the Coral PCIe/M.2 Edge TPU, ``plugdev`` for the USB stick, ``video`` and
@@ -105,21 +105,6 @@ def render_unit(exec_start: str = DEFAULT_EXEC, user: str = DEFAULT_USER,
     return _UNIT.format(exec_start=exec_start, config=config, user=user, jetson=jetson)
 
 
-def source_configs() -> Path | None:
-    """``firmware_configs/`` of the source tree this agent runs from, if it has one (a wheel does not)."""
-    path = Path(__file__).resolve().parents[2] / "firmware_configs"
-    return path if path.is_dir() else None
-
-
-def board_config_name() -> tuple[str, str]:
-    """Which shipped config fits this board, and why."""
-    if Path("/dev/apex_0").exists():
-        return "coral-devboard.toml", "/dev/apex_0 is present (Coral Edge TPU)"
-    if Path("/etc/nv_tegra_release").exists():
-        return "jetson-orin.toml", "/etc/nv_tegra_release is present (NVIDIA Jetson)"
-    return "generic-linux.toml", "no Coral or Jetson found"
-
-
 def default_exec() -> str:
     """The ``edge-agent`` that runs now: beside this interpreter (a virtualenv), else on PATH."""
     beside = Path(sys.executable).parent / "edge-agent"
@@ -212,13 +197,10 @@ def install(root: Path = Path("/"), *, user: str = DEFAULT_USER, config_source: 
     staging = root.resolve() != Path("/")
     steps: list[Step] = []
     if config_source is None:
-        configs = source_configs()
-        if configs is None:
-            raise ValueError("--config: none given, and this install has no firmware_configs/ to pick from "
-                             "(a wheel does not carry them): give --config FILE")
-        name, why = board_config_name()
-        config_source = configs / name
-        steps.append(Step(f"config source {config_source}", f"chosen: {why}"))
+        from agent.ops.boards import detect_board
+        choice = detect_board()
+        config_source = choice.config
+        steps.append(Step(f"config source {config_source}", "chosen: " + "; ".join(choice.reasons)))
     load_config(config_source)      # a config that would not start the agent is not installed
     exec_path = exec_start or default_exec()
     unit_text = render_unit(exec_path, user, "/" + str(CONFIG_PATH))

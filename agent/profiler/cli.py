@@ -32,7 +32,9 @@ def add_profile_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
                     "instances busy at once and next to each other model, and a fitted interference "
                     "model t(b,k) with its error on held-out points. Writes a versioned JSON profile "
                     "and prints a summary; progress goes to stderr.")
-    parser.add_argument("--config", required=True, metavar="FILE", help="TOML config (e.g. firmware_configs/generic-linux.toml)")
+    parser.add_argument("--config", required=True, metavar="FILE|auto|BOARD",
+                        help="TOML config (e.g. firmware_configs/generic-linux.toml); `auto`: this board's shipped "
+                             "config, detected; or a shipped board's name")
     parser.add_argument("--out", default="profile.json", metavar="FILE", help="profile to write (default profile.json)")
     parser.add_argument("--max-batch", type=_positive_int, default=None, metavar="N",
                         help="largest batch in the sweep (default 64; the config's max_batch is always included "
@@ -61,8 +63,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from agent.profiler.profile_file import save_profile
     from agent.profiler.run import format_summary, profile_config
 
+    from agent.ops.boards import resolve_config_arg
+    path, choice = resolve_config_arg(args.config)
+    if choice is not None:
+        print(f"edge-agent profile: --config auto: {choice.describe()}", file=sys.stderr, flush=True)
     try:
-        config = load_config(args.config)
+        config = load_config(path)
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2

@@ -13,7 +13,6 @@ import datetime as _dt
 import itertools
 import os
 import platform
-import sys
 from typing import IO, Sequence
 
 import numpy as np
@@ -30,12 +29,11 @@ from agent.profiler.measure import (
     zeros_batch,
 )
 from agent.profiler.profile_file import PROFILE_VERSION, validate_profile
+from agent.progress import STDERR, Progress
 
 __all__ = ["Progress", "host_info", "default_max_concurrency", "profile_config", "format_summary"]
 
 DEFAULT_CONCURRENCY_BATCH_SIZES = (1, 8)
-#: Stands for "sys.stderr as it is when called" (tests and callers may swap sys.stderr).
-STDERR = object()
 
 
 def default_max_concurrency(cores: int | None = None) -> int:
@@ -70,40 +68,6 @@ def host_info() -> dict:
         "python": platform.python_version(),
         "runtimes": available_backends(),
     }
-
-
-class Progress:
-    """A plain-text progress bar on a stream (stderr): ``[#####.....] 12/40 label``.
-
-    On a terminal it redraws one line; elsewhere (a log, CI) it prints one line per step so the
-    log stays readable. No dependency, and None as stream turns it off.
-    """
-
-    def __init__(self, total: int, stream: IO[str] | None | object = STDERR, width: int = 20) -> None:
-        stream = sys.stderr if stream is STDERR else stream
-        self.total = max(1, total)
-        self.done = 0
-        self.stream = stream
-        self.width = width
-        self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
-
-    def step(self, label: str) -> None:
-        """Announce the step about to run (it counts as done when the next one starts)."""
-        self.done = min(self.done + 1, self.total)
-        if self.stream is None:
-            return
-        filled = round(self.width * self.done / self.total)
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label}"
-        if self._tty:
-            self.stream.write("\r" + line.ljust(79))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.stream is not None and self._tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 def _batch_sizes(model: ModelConfig, max_batch: int) -> list[int]:
@@ -159,7 +123,7 @@ def profile_config(config: Config, *, max_batch: int = 64, repeats: int = 30, wa
     cores with whatever else runs on it (on the development VM a burst of other work took cores
     away for seconds and made co-running instances look much slower: BENCHMARKS.md, "Figures that
     were in docstrings"); a burst now spoils one round of a point, not the point.
-    ``progress_stream``: where the progress bar goes (default stderr; None: nowhere).
+    ``progress_stream``: where the progress bar goes (default stderr; None, or not a terminal: nowhere).
     The result is validated (:func:`agent.profiler.profile_file.validate_profile`).
     """
     if max_batch < 1 or repeats < 1 or rounds < 1:
@@ -180,7 +144,7 @@ def profile_config(config: Config, *, max_batch: int = 64, repeats: int = 30, wa
     pairs = list(itertools.combinations([m.name for m in chosen], 2))
     per_round = sum(len(plan[n]) + len(levels) * len(conc_sizes[n]) for n in plan)
     per_round += sum(len(set(conc_sizes[a]) & set(conc_sizes[b])) for a, b in pairs)
-    progress = Progress(per_round * rounds, progress_stream)
+    progress = Progress(per_round * rounds, progress_stream, desc="profile")
 
     loaded: dict[str, tuple] = {}
     sweep_samples: dict[str, list[list[float]]] = {}

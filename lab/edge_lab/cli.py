@@ -13,6 +13,16 @@ import signal
 import sys
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_lab.demo import run_demo
     # SIGTERM (`kill`, `timeout`, a terminal closing) stops the demo as Ctrl-C does: cameras first,
@@ -34,15 +44,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench_core(args: argparse.Namespace) -> int:
     from edge_lab.bench.core import bench_assembly, bench_queue, format_core_report
     from edge_lab.bench.overhead import bench_overhead_inprocess, bench_overhead_mqtt, format_overhead
+    from agent.progress import Progress
     print("edge-agent bench core: medians of repeated runs, every ratio measured side by side in this run", flush=True)
-    results = {"queue": bench_queue(), "assembly": bench_assembly()}
+    skipped = None
+    with Progress(3 + (not args.no_mqtt), desc="bench core") as progress:    # on a terminal: the time left
+        progress.step("EDF queue")
+        results = {"queue": bench_queue()}
+        progress.step("batch assembly")
+        results["assembly"] = bench_assembly()
+        progress.step("overhead in process")
+        rows = bench_overhead_inprocess(n=args.requests)
+        if not args.no_mqtt:
+            progress.step("overhead over MQTT")
+            try:
+                rows["MQTT loopback"] = bench_overhead_mqtt(n=max(200, args.requests // 2))
+            except Exception as exc:  # no broker on this machine: say so, keep the other figures
+                skipped = f"(MQTT loopback skipped: {exc})"
     print(format_core_report(results), flush=True)
-    rows = bench_overhead_inprocess(n=args.requests)
-    if not args.no_mqtt:
-        try:
-            rows["MQTT loopback"] = bench_overhead_mqtt(n=max(200, args.requests // 2))
-        except Exception as exc:  # no broker on this machine: say so, keep the other figures
-            print(f"(MQTT loopback skipped: {exc})")
+    if skipped:
+        print(skipped)
     results["overhead"] = rows
     print(format_overhead(rows), flush=True)
     if args.json:
@@ -149,8 +169,11 @@ def _cmd_bench_http_limits(args: argparse.Namespace) -> int:
     if args.connections < 1 or args.duration <= 0 or args.rate <= 0 or args.nofile < 64:
         print("edge-agent: --connections >= 1, --duration > 0, --rate > 0 and --nofile >= 64 expected", file=sys.stderr)
         return 2
-    results = run_http_limits(connections=args.connections, duration_s=args.duration, rate=args.rate,
-                              nofile=args.nofile, nofile_hard=args.nofile_hard, max_connections=args.max_connections)
+    from agent.progress import ticking
+    with ticking(args.duration, "bench http-limits"):    # on a terminal: a bar over the run's seconds
+        results = run_http_limits(connections=args.connections, duration_s=args.duration, rate=args.rate,
+                                  nofile=args.nofile, nofile_hard=args.nofile_hard,
+                                  max_connections=args.max_connections)
     print(format_http_limits(results))
     if args.json:
         with open(args.json, "w") as fh:
@@ -164,9 +187,13 @@ def _cmd_bench_sign(args: argparse.Namespace) -> int:
     if args.n < 10 or args.fuzz < 1:
         print(f"edge-agent: --n {args.n} / --fuzz {args.fuzz}: expected at least 10 / 1", file=sys.stderr)
         return 2
+    from agent.progress import Progress
     print("edge-agent bench sign: Ed25519 signed commands, each call timed alone (gc off), median and p99", flush=True)
-    costs = bench_sign(args.n)
-    fuzz = fuzz_verifier(args.fuzz, seed=args.seed)
+    with Progress(2, desc="bench sign") as progress:
+        progress.step("sign and verify")
+        costs = bench_sign(args.n)
+        progress.step(f"fuzz the verifier ({args.fuzz} envelopes)")
+        fuzz = fuzz_verifier(args.fuzz, seed=args.seed)
     print(format_sign_report(costs, fuzz), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
@@ -192,7 +219,10 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                                       "drive them with simulated cameras (mixed SLOs). Ctrl-C (or SIGTERM) stops "
                                       "cleanly.")
     demo.add_argument("--duration", type=float, default=None, metavar="S", help="stop after S seconds (default: run until Ctrl-C)")
-    demo.add_argument("--load", type=float, default=1.0, metavar="X", help="scale every camera's frame rate (default 1.0)")
+    demo.add_argument("--load", type=_positive_float, default=1.0, metavar="X",
+                      help="the cameras' frame rates as a share of this board's capacity, measured at start: 1 "
+                           "offers half of it (the rest is for the broker, the cameras and the intake), 2 all of "
+                           "it (default 1.0; the rates and the capacity are printed at start)")
     demo.add_argument("--no-shed", action="store_true",
                       help="compute requests that can no longer meet their deadline instead of answering them at once "
                            "(to compare; see BENCHMARKS.md)")

@@ -10,6 +10,7 @@ formed and the share of frames classified correctly; below it, the agent's own f
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import random
 import signal
@@ -36,17 +37,75 @@ class Camera:
     slo_ms: float
 
 
-# Each row is a group of cameras multiplexed on one MQTT client (door: 10 cameras x 30 fps). On a
-# 2-core x86 box these rates keep both cores about 70% busy, so batches form and SLOs still hold.
 #: How often the display loop looks at ``stop`` between camera snapshots (seconds).
 STOP_POLL_S = 0.2
 
+# Each row is a group of cameras multiplexed on one MQTT client. The rates are the groups' shares of
+# the demo's traffic, not fixed frame rates: at start the demo scales them to what this board
+# measured (size_cameras), so a board slower than the development machine is not overloaded at
+# --load 1 and a faster one is not left idle.
 DEFAULT_CAMERAS = (
     Camera("door", "mobilenet_digits", fps=300, slo_ms=25),
     Camera("lobby", "mobilenet_digits", fps=150, slo_ms=10),
     Camera("yard", "resnet_digits", fps=200, slo_ms=100),
     Camera("gate", "resnet_digits", fps=100, slo_ms=30),
 )
+
+#: The share of the measured capacity that ``--load 1`` offers. The rest is for what shares the cores
+#: with the models and the capacity leaves out: the broker, the cameras' own process, the intake.
+LOAD_SHARE = 0.5
+#: A camera group's SLO is raised to at least this many times its model's batch-1 time, plus the
+#: slowest model's batch-1 time (a running batch is not preempted: a frame may arrive just after one
+#: started), so that a slow board's tightest class is one it can meet at all (said at start).
+MIN_SLO_OVER_B1 = 5.0
+
+
+@dataclass(frozen=True)
+class DemoSizing:
+    """The cameras sized to this board, and the figures they were sized from."""
+
+    cameras: tuple[Camera, ...]
+    capacity_fps: float              # frames/s of the demo's mix the execution slots compute at batch 1
+    slots: int
+    per_frame_ms: dict[str, float]   # batch-1 time per model, as measured at start
+    load: float
+    share: float
+
+    def describe(self) -> str:
+        offered = sum(c.fps for c in self.cameras)
+        costs = ", ".join(f"{name} {ms:.2f} ms" for name, ms in self.per_frame_ms.items())
+        rates = ", ".join(f"{c.name} {c.fps:.0f}/s (SLO {c.slo_ms:g} ms)" for c in self.cameras)
+        return (f"capacity: {self.capacity_fps:.0f} frames/s of the demo's mix on {self.slots} execution slot(s) "
+                f"(batch-1 time per frame: {costs})\n"
+                f"--load {self.load:g} offers {100 * self.share * self.load:.0f}% of it ({self.share:.0%} per unit "
+                f"of load): {offered:.0f} frames/s: {rates}")
+
+
+def slo_floor_ms(own_b1_s: float, blocking_s: float) -> float:
+    """The least SLO a camera group gets: ``MIN_SLO_OVER_B1`` times its own batch-1 time plus the
+    slowest batch-1 time it may find running, in whole milliseconds."""
+    return float(math.ceil(1000 * (MIN_SLO_OVER_B1 * own_b1_s + blocking_s)))
+
+
+def size_cameras(per_frame_s: dict[str, float], slots: int, load: float = 1.0,
+                 cameras: tuple[Camera, ...] = DEFAULT_CAMERAS, share: float = LOAD_SHARE) -> DemoSizing:
+    """Scale the cameras' rates so ``load`` 1 asks ``share`` of what ``slots`` execution slots can
+    compute of the cameras' mix, each frame costing its model's batch-1 time (``per_frame_s``).
+
+    Batch 1 is the conservative figure: on a CPU a batch costs about its items' single runs, and
+    where batching pays (a GPU) it only adds headroom. Each group keeps its share of the traffic."""
+    if slots < 1 or load <= 0:
+        raise ValueError(f"slots = {slots}, load = {load}: expected slots >= 1 and load > 0")
+    weight = sum(c.fps for c in cameras)
+    # Seconds of compute one frame of the mix costs, on average.
+    mix_cost_s = sum(c.fps / weight * per_frame_s[c.model] for c in cameras)
+    capacity = slots / mix_cost_s
+    scale = share * load * capacity / weight
+    blocking_s = max(per_frame_s[c.model] for c in cameras)
+    sized = tuple(Camera(c.name, c.model, c.fps * scale,
+                         max(c.slo_ms, slo_floor_ms(per_frame_s[c.model], blocking_s)))
+                  for c in cameras)
+    return DemoSizing(sized, capacity, slots, {m: 1000 * t for m, t in per_frame_s.items()}, load, share)
 
 
 @dataclass
@@ -190,7 +249,6 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
     except MosquittoNotFound as exc:
         print(f"edge-agent demo needs the Mosquitto broker: {exc}", file=sys.stderr)
         raise SystemExit(2)
-    cameras = [Camera(c.name, c.model, c.fps * load, c.slo_ms) for c in DEFAULT_CAMERAS]
     tty = out.isatty() if hasattr(out, "isatty") else False
     with broker:
         config = Config.demo(mqtt_port=broker.port)
@@ -206,6 +264,15 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
                 table = ", ".join(f"b{b}={1000 * t:.2f}ms" for b, t in zip(m.latency.batch_sizes, m.latency.latencies_s))
                 print(f"  {name}: {m.config.backend} x{m.config.instances}, {m.rule.describe()['name']}; "
                       f"measured {table}", file=out, flush=True)
+            sizing = size_cameras({name: float(m.latency.predict(1)) for name, m in service.agent.models.items()},
+                                  slots=min(config.worker_count, sum(m.instances for m in config.models)), load=load)
+            cameras = list(sizing.cameras)
+            print(sizing.describe(), file=out, flush=True)
+            for before, after in zip(DEFAULT_CAMERAS, cameras):
+                if after.slo_ms > before.slo_ms:
+                    print(f"  {after.name}: SLO raised from {before.slo_ms:g} to {after.slo_ms:g} ms "
+                          f"({MIN_SLO_OVER_B1:g}x {after.model}'s batch-1 time on this board, plus the slowest "
+                          "model's, which may be running when a frame arrives)", file=out, flush=True)
             parent_end, child_end = multiprocessing.get_context("spawn").Pipe()
             process = multiprocessing.get_context("spawn").Process(
                 target=_camera_process, args=(cameras, broker.host, broker.port, config.device, child_end, interval_s),

@@ -21,6 +21,7 @@ import numpy as np
 
 from agent.config import Config
 from agent.core import LatencyTable
+from agent.progress import Progress
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
 from edge_lab.metrics import format_table, summarize
@@ -174,10 +175,12 @@ def run_bench(config: Config, trace: Sequence[TraceRow], contenders: Sequence[st
         print(f"triton tuned in the simulator over {len(triton_tuning['grid'])} settings: preferred sizes "
               f"{best['preferred_sizes']}, max queue delay {best['max_queue_delay_ms']} ms", file=log, flush=True)
     runs: dict[str, dict[str, dict]] = {}
-    for k, contender in enumerate(contenders, start=1):
-        print(f"[{k}/{len(contenders)}] {contender}: {', '.join(modes)} ({len(trace)} requests, "
-              f"{trace[-1].t_s if trace else 0:.1f} s)", file=log, flush=True)
-        runs[contender] = run_contender(configs[contender], trace, modes, overhead, seed)
+    with Progress(len(contenders), log, desc="bench run") as progress:    # a bar with the time left on a terminal
+        for k, contender in enumerate(contenders, start=1):
+            progress.write(f"[{k}/{len(contenders)}] {contender}: {', '.join(modes)} ({len(trace)} requests, "
+                           f"{trace[-1].t_s if trace else 0:.1f} s)", log)
+            progress.step(contender)
+            runs[contender] = run_contender(configs[contender], trace, modes, overhead, seed)
     rows = {f"{contender} ({mode})": entry["summary"]["overall"]
             for contender, by_mode in runs.items() for mode, entry in by_mode.items()}
     agreement = {}

@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from agent.config import Config
+from agent.progress import Progress
 from agent.workload.trace import TraceRow
 from edge_lab.bench.loadgen import Frames, HttpTarget, MqttTarget, Replay, replay
 from edge_lab.bench.proctree import TreeMeter
@@ -364,6 +365,7 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     curves: dict[str, dict[tuple[str, int | None], list]] = {label: {} for label, _ in plan}
     runs_total = repeat * len(plan) * sum(len(settings) if s == "triton" else 1 for s in systems)
     done = 0
+    bar = Progress(runs_total, desc="bench triton")     # a bar with the time left, on a terminal only
     for k in range(repeat):
         order = list(systems) if k % 2 == 0 else list(reversed(systems))
         for label, factor in plan:
@@ -374,9 +376,10 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
                 for index, setting in (enumerate(settings) if system == "triton" else [(None, None)]):
                     done += 1
                     what = system + (f" [{setting.describe()}]" if setting is not None else "")
-                    _say(f"[{done}/{runs_total}] " + (f"round {k + 1}/{repeat}, " if repeat > 1 else "")
-                         + f"{label}: {what}: {len(load_trace)} requests over "
-                         f"{max(r.t_s for r in load_trace):.1f} s ...")
+                    bar.write(f"[{done}/{runs_total}] " + (f"round {k + 1}/{repeat}, " if repeat > 1 else "")
+                              + f"{label}: {what}: {len(load_trace)} requests over "
+                              f"{max(r.t_s for r in load_trace):.1f} s ...")
+                    bar.step(f"{label} {system}")
                     server = start_system(system, triton_setting=setting, workdir=out_dir)
                     try:
                         row = run_system(server, load_trace, frames, own_ms)
@@ -384,9 +387,9 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
                         server.stop()
                     curves[label].setdefault((system, index), []).append(
                         (_goodput_key(row), plot_curves(row.pop("records"))))
-                    _say(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
-                         f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
-                         f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
+                    bar.write(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
+                              f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
+                              f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
                     if system == "triton":
                         grid_rows.append(row)
                     else:
@@ -398,6 +401,7 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
         results["loads"] = {label: combine_rounds(rounds[label], factor) for label, factor in plan}
         results["targets"] = judge_rounds(results)
         (out_dir / "versus.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    bar.close()
     drawn = {}
     for label, by_run in curves.items():
         tuned = results["loads"][label].get("triton_tuned")
