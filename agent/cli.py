@@ -39,12 +39,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
     from agent.intake.http import raise_open_file_limit
     from agent.profiler import ProfileError
+    from agent.ops.json_log import configure_logging
     from agent.service import Service
     # The process's own: each HTTP connection is a descriptor, and the common soft limit of 1,024
     # would stop new clients at about a thousand idle ones (issue 21).
     raise_open_file_limit()
+    args.json_logs = args.log_format == "json"
     try:
         config = load_config(args.config)
+        if args.log_format is None and config.log_format == "json":
+            configure_logging(logging.getLogger().level, "json")
+            args.json_logs = True
         if args.http_port is not None:
             config = dataclasses.replace(config, http=dataclasses.replace(config.http, enabled=True, port=args.http_port))
         if args.no_mqtt:
@@ -61,26 +66,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
             signal.signal(signum, lambda signum, frame: signals.append(signum))
         service = Service(config)
     except (ConfigError, ProfileError) as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
+        _say(args, f"edge-agent: {exc}", error=True)
         return 2
     except OSError as exc:   # the HTTP port is taken, the broker unreachable...
-        print(f"edge-agent: {exc}", file=sys.stderr)
+        _say(args, f"edge-agent: {exc}", error=True)
         return 1
     endpoints = ([f"mqtt://{config.mqtt.host}:{config.mqtt.port}"] if service.mqtt is not None else []) + (
         [f"http://{config.http.host}:{service.http.port} (Open Inference Protocol)"] if service.http is not None else [])
-    print(f"edge-agent: device {config.device!r} serving {sorted(service.agent.models)} on {' and '.join(endpoints)}",
-          flush=True)
+    metrics = (f"; metrics on http://{config.telemetry.prometheus_host}:{service.prometheus.port}/metrics"
+               if service.prometheus is not None else "")
+    _say(args, f"edge-agent: device {config.device!r} serving {sorted(service.agent.models)} on "
+               f"{' and '.join(endpoints)}{metrics}")
     try:
         while not signals:
             time.sleep(STOP_POLL_S)
     finally:
-        print("edge-agent: stopping (answering what is queued) ...", flush=True)
+        _say(args, "edge-agent: stopping (answering what is queued) ...")
         service.close()
         # Stopped: more signals change nothing. Ignored, they stay ignored while the interpreter
         # exits (it puts a Python handler back to the default, which would end it by the signal).
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
     return 0
+
+
+def _say(args: argparse.Namespace, text: str, *, error: bool = False) -> None:
+    """What `edge-agent run` tells its operator (serving, stopping, why it could not start): a plain
+    line (errors on stderr), or with JSON logs a JSON log line on stdout like every other."""
+    if getattr(args, "json_logs", False):
+        from agent.ops.json_log import json_line
+        print(json_line("ERROR" if error else "INFO", "agent.cli", text), flush=True)
+    else:
+        print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
@@ -146,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "on port N (0 = any free port) of the config's [http] host (default 127.0.0.1)")
     run.add_argument("--no-mqtt", action="store_true",
                      help="do not connect to the MQTT broker (serve only HTTP: give --http-port or enable [http])")
+    run.add_argument("--log-format", choices=("text", "json"),
+                     help="json: one JSON object a line on stdout (ts, level, logger, msg, ...), for journald; "
+                          "default: the config's [agent] log_format, else text on stderr")
     run.set_defaults(func=_cmd_run)
 
     selftest = sub.add_parser(
@@ -185,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.func is not _lab_missing:   # a lab command's arguments, where the lab is absent
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.ops.json_log import configure_logging
+    configure_logging(logging.INFO if args.verbose else logging.WARNING, getattr(args, "log_format", None) or "text")
     return args.func(args)
 
 
