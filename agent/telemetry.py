@@ -8,17 +8,18 @@ wrapper :meth:`Telemetry.counting`), so the counts add up: accepted requests = o
 raised after acceptance; refused requests = the refusals by reason.
 
 The counters are cumulative since start, as Triton's are (a scraper takes rates): the durations are
-sums in microseconds over successful requests, so ``request_us / ok`` is the mean latency, the
-meaning of Triton's ``nv_inference_request_duration_us``. Per request the cost is one uncontended
-lock and a few integer and float additions; everything derived (percentiles, attainment, the
-histogram's cumulative buckets) is computed when a reader asks, not per request.
+sums over successful requests, so ``request_us / ok`` is the mean latency, the meaning of Triton's
+``nv_inference_request_duration_us``. Per request the cost is one uncontended lock, a few integer
+and float additions and two dict look-ups (the SLO class); per batch, one lock and one addition.
+Everything derived (execution and inference counts from the batch sizes, microseconds, percentiles,
+attainment, the histogram's cumulative buckets) is computed when a reader asks, not per request.
 """
 from __future__ import annotations
 
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,7 @@ RECENT = 4096
 #: are counted under :data:`OTHER_CLASS`, so a client cannot grow the agent's memory or the scrape.
 MAX_SLO_CLASSES = 32
 OTHER_CLASS = "other"
+MAX_SLO_CACHE = 1024
 
 
 @dataclass
@@ -61,18 +63,44 @@ class ModelStats:
     batch_sizes: Counter = field(default_factory=Counter)     # batch size -> ok requests served in one
     total_ms: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     compute_ms: deque = field(default_factory=lambda: deque(maxlen=RECENT))
-    # Triton's cumulative durations, microseconds summed over ok requests (module docstring).
-    request_us: float = 0.0       # arrival to reply
-    queue_us: float = 0.0         # arrival to the batch's start
-    compute_us: float = 0.0       # the batch's run on the backend, counted for each of its requests
-    # Batches started (Triton's execution count) and the items in them (its inference count).
-    exec_count: int = 0
-    inference_count: int = 0
+    # Triton's cumulative durations, summed over ok requests in ms (read in us: the properties below).
+    request_ms_sum: float = 0.0   # arrival to reply
+    queue_ms_sum: float = 0.0     # arrival to the batch's start
+    compute_ms_sum: float = 0.0   # the batch's run on the backend, counted for each of its requests
     batches: Counter = field(default_factory=Counter)         # batch size -> batches started
     classes: dict = field(default_factory=dict)               # admission.slo_class | OTHER_CLASS -> SloClassStats
+    # The class of each SLO seen, by the SLO in 10 us steps: the log2 of admission's class key is
+    # computed once per SLO, not once per request (bounded: cleared past MAX_SLO_CACHE).
+    by_slo: dict = field(default_factory=dict)
+
+    @property
+    def request_us(self) -> float:
+        return 1000.0 * self.request_ms_sum
+
+    @property
+    def queue_us(self) -> float:
+        return 1000.0 * self.queue_ms_sum
+
+    @property
+    def compute_us(self) -> float:
+        return 1000.0 * self.compute_ms_sum
+
+    @property
+    def exec_count(self) -> int:
+        """Batches started: Triton's execution count."""
+        return sum(self.batches.values())
+
+    @property
+    def inference_count(self) -> int:
+        """Requests in the batches started: Triton's inference count."""
+        return sum(size * n for size, n in self.batches.items())
 
     def class_of(self, slo_s: float) -> SloClassStats:
         """The class of ``slo_s``, created on first sight (bounded: :data:`MAX_SLO_CLASSES`)."""
+        step = round(slo_s * 1e5)
+        stats = self.by_slo.get(step)
+        if stats is not None:
+            return stats
         key = slo_class(slo_s)
         stats = self.classes.get(key)
         if stats is None:
@@ -81,6 +109,9 @@ class ModelStats:
                 stats = self.classes.get(key)
             if stats is None:
                 stats = self.classes[key] = SloClassStats(OTHER_CLASS if key == OTHER_CLASS else f"{1000 * slo_s:.4g}")
+        if len(self.by_slo) >= MAX_SLO_CACHE:
+            self.by_slo.clear()
+        self.by_slo[step] = stats
         return stats
 
     def summary(self) -> dict:
@@ -105,8 +136,8 @@ class ModelStats:
         return ModelStats(
             accepted=self.accepted, ok=self.ok, errors=Counter(self.errors), refusals=Counter(self.refusals),
             batch_sizes=Counter(self.batch_sizes), total_ms=deque(), compute_ms=deque(),
-            request_us=self.request_us, queue_us=self.queue_us, compute_us=self.compute_us,
-            exec_count=self.exec_count, inference_count=self.inference_count, batches=Counter(self.batches),
+            request_ms_sum=self.request_ms_sum, queue_ms_sum=self.queue_ms_sum, compute_ms_sum=self.compute_ms_sum,
+            batches=Counter(self.batches),
             classes={key: SloClassStats(c.label, c.met, c.missed) for key, c in self.classes.items()})
 
 
@@ -140,10 +171,10 @@ class Telemetry:
                 stats.total_ms.append(total_ms)
                 stats.compute_ms.append(compute_ms)
                 stats.batch_sizes[batch_size] += 1
-                stats.request_us += 1000.0 * total_ms
-                stats.queue_us += 1000.0 * queue_ms
-                stats.compute_us += 1000.0 * compute_ms
-                stats.class_of(slo_s).met += 1
+                stats.request_ms_sum += total_ms
+                stats.queue_ms_sum += queue_ms
+                stats.compute_ms_sum += compute_ms
+                (stats.by_slo.get(round(slo_s * 1e5)) or stats.class_of(slo_s)).met += 1
             else:
                 stats.errors[error_code] += 1
                 stats.class_of(slo_s).missed += 1
@@ -151,14 +182,11 @@ class Telemetry:
     def batch_started(self, model: str, size: int) -> None:
         """A batch of ``size`` requests starts on the model's backend (Triton's execution)."""
         with self._lock:
-            stats = self.models[model]
-            stats.exec_count += 1
-            stats.inference_count += size
-            stats.batches[size] += 1
+            self.models[model].batches[size] += 1
 
     def counting(self, executor: "Executor") -> "CountingExecutor":
-        """``executor``, with every batch it starts counted here (:meth:`batch_started`)."""
-        return CountingExecutor(executor, self.batch_started)
+        """``executor``, with every batch it starts counted here (as :meth:`batch_started` does)."""
+        return CountingExecutor(executor, self)
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -180,12 +208,14 @@ class CountingExecutor:
     executor it wraps. Per batch, not per request: the one place every batch passes, whichever
     thread runs it (a worker, a blocking caller, the HTTP intake's loop on an idle board)."""
 
-    def __init__(self, executor: "Executor", on_batch: Callable[[str, int], None]) -> None:
+    def __init__(self, executor: "Executor", telemetry: Telemetry) -> None:
         self.executor = executor
-        self._on_batch = on_batch
+        self._lock = telemetry._lock
+        self._models = telemetry.models
 
     def start(self, dispatch: "Dispatch", on_done: "OnDone") -> None:
-        self._on_batch(dispatch.model, len(dispatch.requests))
+        with self._lock:    # Telemetry.batch_started, inlined: one call less per batch
+            self._models[dispatch.model].batches[len(dispatch.requests)] += 1
         self.executor.start(dispatch, on_done)
 
     def close(self) -> None:
