@@ -171,3 +171,10 @@ def test_the_endpoint_is_off_by_default_and_its_config_is_checked():
         with pytest.raises(ConfigError) as info:
             parse_config({**base, "telemetry": {key: bad}})
         assert info.value.field == f"telemetry.{key}"
+
+
+def test_a_taken_port_is_named_at_start(served):
+    from agent.ops.prometheus import PrometheusEndpoint
+    with pytest.raises(OSError) as info:
+        PrometheusEndpoint(None, "127.0.0.1", served["port"])
+    assert f"prometheus endpoint 127.0.0.1:{served['port']}" in str(info.value)

@@ -55,5 +55,5 @@ def configure_logging(level: int, log_format: str = "text") -> None:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(JsonFormatter())
         logging.basicConfig(level=level, handlers=[handler], force=True)
-    else:
-        logging.basicConfig(level=level, format=TEXT_FORMAT, force=True)
+    else:   # as before JSON logs existed: a no-op where the root logger has handlers already (pytest's)
+        logging.basicConfig(level=level, format=TEXT_FORMAT)

@@ -247,7 +247,10 @@ class PrometheusEndpoint:
             def log_message(self, format: str, *args) -> None:  # scrapes every few seconds: not worth a line
                 log.debug("scrape from %s: " + format, self.address_string(), *args)
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:   # say which endpoint: the HTTP intake may be listening too
+            raise OSError(exc.errno, f"[telemetry] prometheus endpoint {host}:{port}: {exc.strerror}") from exc
         self._server.daemon_threads = True
         self.host = host
         self.port: int = self._server.server_address[1]
