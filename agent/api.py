@@ -130,8 +130,9 @@ class Agent:
             for name, m in self.models.items()
         }
         self._ids = itertools.count(1)
-        self.loop = LiveLoop(self.scheduler, {LOCAL: self.telemetry.counting(self.executor)}, self.clock, config.worker_count,
-                             served_by=self._dispatch_served_by, on_reply=self._record,
+        # Every batch passes the telemetry's counting wrapper (Triton's execution count, the batch sizes).
+        self.loop = LiveLoop(self.scheduler, {LOCAL: self.telemetry.counting(self.executor)}, self.clock,
+                             config.worker_count, served_by=self._dispatch_served_by, on_reply=self._record,
                              worker_nice=config.worker_nice)
         self.loop.start()
         self._closed = False

@@ -53,7 +53,7 @@ __all__ = ["PrometheusEndpoint", "metrics_text", "TRITON_FAILURE_REASONS", "CONT
 
 log = logging.getLogger(__name__)
 
-#: Triton's metrics port (``tritonserver --metrics-port``); ours is off unless configured.
+#: Triton's metrics port (its ``--metrics-port`` default); ours is off unless configured.
 TRITON_PORT = 8002
 #: The classic text format, the one Triton serves and every Prometheus reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
