@@ -130,8 +130,9 @@ class Agent:
             for name, m in self.models.items()
         }
         self._ids = itertools.count(1)
-        self.loop = LiveLoop(self.scheduler, {LOCAL: self.executor}, self.clock, config.worker_count,
-                             served_by=self._dispatch_served_by, on_reply=self._record,
+        # Every batch passes the telemetry's counting wrapper (Triton's execution count, the batch sizes).
+        self.loop = LiveLoop(self.scheduler, {LOCAL: self.telemetry.counting(self.executor)}, self.clock,
+                             config.worker_count, served_by=self._dispatch_served_by, on_reply=self._record,
                              worker_nice=config.worker_nice)
         self.loop.start()
         self._closed = False
@@ -182,6 +183,7 @@ class Agent:
         loaded = self.models.get(model)
         if loaded is None:
             raise InferenceError(UNKNOWN_MODEL, f"no model {model!r} is loaded; loaded: {sorted(self.models)}", "model")
+        deadline_at = None
         try:
             if self.draining:
                 raise InferenceError(SHUTTING_DOWN, f"device {self.config.device!r} is draining (an operator's "
@@ -202,7 +204,8 @@ class Agent:
             request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id)
             started = self.loop.submit(request, wake_worker=wake_worker, alone=alone)
         except InferenceError as exc:
-            self.telemetry.refused(model, exc.code)
+            # Admission's refusals (and a full queue) count against the request's SLO class.
+            self.telemetry.refused(model, exc.code, None if deadline_at is None else deadline_at - now)
             raise
         self.telemetry.accepted(model)
         return request, started
@@ -211,10 +214,12 @@ class Agent:
         return self._served_by[dispatch.model][dispatch.instance]
 
     def _record(self, request: Request, result: Result | None, error: InferenceError | None) -> None:
+        slo_s = request.deadline - request.arrival
         if result is not None:
-            self.telemetry.record(request.model, result.total_ms, result.compute_ms, result.batch_size, None)
+            self.telemetry.record(request.model, slo_s, result.total_ms, result.queue_ms, result.compute_ms,
+                                  result.batch_size, None)
         else:
-            self.telemetry.record(request.model, None, None, None, error.code)
+            self.telemetry.record(request.model, slo_s, None, None, None, None, error.code)
 
     # --- life cycle ----------------------------------------------------------------------------
 

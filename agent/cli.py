@@ -52,6 +52,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from agent.intake.http import raise_open_file_limit
     from agent.ops.supervisor import Supervisor
     from agent.profiler import ProfileError
+    from agent.ops.json_log import configure_logging
     from agent.service import Service
     # The process's own: each HTTP connection is a descriptor, and the common soft limit of 1,024
     # would stop new clients at about a thousand idle ones (issue 21).
@@ -63,8 +64,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ValueError as exc:   # a malformed $NOTIFY_SOCKET
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
+    args.json_logs = args.log_format == "json"
     try:
         config = load_config(_config_path(args, "run"))
+        if args.log_format is None and config.log_format == "json":
+            configure_logging(logging.getLogger().level, "json")
+            args.json_logs = True
         if args.http_port is not None:
             config = dataclasses.replace(config, http=dataclasses.replace(config.http, enabled=True, port=args.http_port))
         if args.no_mqtt:
@@ -82,17 +87,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         with supervisor.starting(f"loading and profiling {', '.join(m.name for m in config.models)}"):
             service = Service(config, mqtt_retry=True)
     except (ConfigError, ProfileError) as exc:
-        print(f"edge-agent: {exc}", file=sys.stderr)
+        _say(args, f"edge-agent: {exc}", error=True)
         return 2
     except OSError as exc:   # the HTTP port is taken, the broker unreachable...
-        print(f"edge-agent: {exc}", file=sys.stderr)
+        _say(args, f"edge-agent: {exc}", error=True)
         return 1
     endpoints = ([f"mqtt://{config.mqtt.host}:{config.mqtt.port}"] if service.mqtt is not None else []) + (
         [f"http://{config.http.host}:{service.http.port} (Open Inference Protocol)"] if service.http is not None else [])
+    metrics = (f"; metrics on http://{config.telemetry.prometheus_host}:{service.prometheus.port}/metrics"
+               if service.prometheus is not None else "")
     models = sorted(service.agent.models)
-    print(f"edge-agent: device {config.device!r} serving {models} on {' and '.join(endpoints)}", flush=True)
+    _say(args, f"edge-agent: device {config.device!r} serving {models} on {' and '.join(endpoints)}{metrics}")
     for missing in service.missing():
-        print(f"edge-agent: degraded: {missing}", file=sys.stderr, flush=True)
+        _say(args, f"edge-agent: degraded: {missing}", error=True)
     urls = [endpoint.split(" ")[0] for endpoint in endpoints]
     supervisor.ready(service, f"serving {', '.join(models)} on {', '.join(urls)}")
     try:
@@ -101,7 +108,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             time.sleep(STOP_POLL_S)
     finally:
         supervisor.stopping(config.drain_timeout_s)
-        print("edge-agent: stopping (answering what is queued) ...", flush=True)
+        _say(args, "edge-agent: stopping (answering what is queued) ...")
         service.close()
         supervisor.close()
         # Stopped: more signals change nothing. Ignored, they stay ignored while the interpreter
@@ -109,6 +116,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
     return 0
+
+
+def _say(args: argparse.Namespace, text: str, *, error: bool = False) -> None:
+    """What `edge-agent run` tells its operator (serving, stopping, why it could not start): a plain
+    line (errors on stderr), or with JSON logs a JSON log line on stdout like every other."""
+    if getattr(args, "json_logs", False):
+        from agent.ops.json_log import json_line
+        print(json_line("ERROR" if error else "INFO", "agent.cli", text), flush=True)
+    else:
+        print(text, file=sys.stderr if error else sys.stdout, flush=True)
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
@@ -226,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "on port N (0 = any free port) of the config's [http] host (default 127.0.0.1)")
     run.add_argument("--no-mqtt", action="store_true",
                      help="do not connect to the MQTT broker (serve only HTTP: give --http-port or enable [http])")
+    run.add_argument("--log-format", choices=("text", "json"),
+                     help="json: one JSON object a line on stdout (ts, level, logger, msg, ...), for journald; "
+                          "default: the config's [agent] log_format, else text on stderr")
     run.set_defaults(func=_cmd_run)
 
     selftest = sub.add_parser(
@@ -270,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.func is not _lab_missing:   # a lab command's arguments, where the lab is absent
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.ops.json_log import configure_logging
+    configure_logging(logging.INFO if args.verbose else logging.WARNING, getattr(args, "log_format", None) or "text")
     return args.func(args)
 
 

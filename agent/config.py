@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.ops.json_log import LOG_FORMATS
 from agent.scheduler.policy import DEFAULT_POLICY, policy_names
 from agent.transport.subscribers import DEFAULT_SUBSCRIBERS, SUBSCRIBERS
 
@@ -122,6 +123,15 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """What the board reports, and where (agent.ops.prometheus, agent.ops.telemetry_publisher)."""
+
+    prometheus_port: int = 0                   # GET /metrics, Triton's names; 0 = off (Triton's is 8002)
+    prometheus_host: str = "127.0.0.1"         # 0.0.0.0 for a Prometheus on another machine
+    interval_s: float = 10.0                   # a sample on edge/v1/<device>/telemetry every interval; 0 = off
+
+
+@dataclass(frozen=True)
 class Config:
     device: str = "edge-board"
     workers: int = 0                           # execution slots; 0 = one per core available (available_cores)
@@ -145,9 +155,11 @@ class Config:
     # What decides each dispatch: a module of agent.scheduler.policies (agent.scheduler.policy).
     policy: str = DEFAULT_POLICY
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
+    log_format: str = "text"                   # "json": one JSON object a line on stdout (agent.ops.json_log)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     models: tuple[ModelConfig, ...] = ()
 
     @property
@@ -292,19 +304,21 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     """Validate a config mapping (as read from TOML) into a :class:`Config`."""
     if not isinstance(data, dict):
         raise ConfigError("(top level)", data, "a table")
-    _no_unknown(data, {"config_version", "agent", "mqtt", "http", "control", "models"}, "")
+    _no_unknown(data, {"config_version", "agent", "mqtt", "http", "control", "telemetry", "models"}, "")
     version = data.get("config_version")
     if version != CONFIG_VERSION:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
-                        "edf_horizon_ms", "worker_nice", "drain_timeout_s", "policy", "profile"}, "agent")
+                        "edf_horizon_ms", "worker_nice", "drain_timeout_s", "policy", "profile", "log_format"}, "agent")
     mqtt = _table(data, "mqtt", "")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
     _no_unknown(http, set(HttpConfig.__dataclass_fields__), "http")
     control = _table(data, "control", "")
     _no_unknown(control, set(ControlConfig.__dataclass_fields__), "control")
+    telemetry = _table(data, "telemetry", "")
+    _no_unknown(telemetry, set(TelemetryConfig.__dataclass_fields__), "telemetry")
     models_raw = data.get("models", [])
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError("models", models_raw, "at least one [[models]] table")
@@ -343,6 +357,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                      f"one of {policy_names()}"),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),
                               base_dir),
+        log_format=_take(agent, "log_format", "agent", str, "text", lambda v: v in LOG_FORMATS, f"one of {LOG_FORMATS}"),
         mqtt=MqttConfig(
             enabled=_take(mqtt, "enabled", "mqtt", bool, True),
             host=_take(mqtt, "host", "mqtt", str, "127.0.0.1", lambda v: bool(v), "a host name or address"),
@@ -381,6 +396,15 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                                   "seconds in (0, 3600]")),
             clock_skew_s=float(_take(control, "clock_skew_s", "control", (int, float), 30.0, lambda v: 0 <= v <= 600,
                                      "seconds in 0..600")),
+        ),
+        telemetry=TelemetryConfig(
+            prometheus_port=_take(telemetry, "prometheus_port", "telemetry", int, 0, lambda v: 0 <= v <= 65535,
+                                  "a port in 0..65535 (0 = no Prometheus endpoint; Triton's is 8002)"),
+            prometheus_host=_take(telemetry, "prometheus_host", "telemetry", str, "127.0.0.1", lambda v: bool(v),
+                                  "a host name or address to listen on"),
+            interval_s=float(_take(telemetry, "interval_s", "telemetry", (int, float), 10.0,
+                                   lambda v: v == 0 or 0.1 <= v <= 86_400,
+                                   "seconds in 0.1..86400 (0 = no telemetry on MQTT)")),
         ),
         models=models,
     )

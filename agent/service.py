@@ -1,6 +1,7 @@
 """An agent with its transport and intakes, started and stopped in the order that loses no reply.
 
-Start: models load (and are profiled) before any intake subscribes or listens; the MQTT intake
+Start: models load (and are profiled) before any intake subscribes or listens (the Prometheus
+endpoint, which only reads counters, listens first); the MQTT intake
 registers its topics on the agent's one MQTT connection (:mod:`agent.transport`) before that
 connects, so the retained ``online`` status never precedes the subscription. Stop: intakes stop
 taking requests (MQTT unsubscribes; HTTP answers new requests 503), the agent serves or answers
@@ -32,6 +33,8 @@ import logging
 from agent.api import Agent
 from agent.config import Config
 from agent.intake.http import HttpIntake
+from agent.ops.prometheus import PrometheusEndpoint
+from agent.ops.telemetry_publisher import TelemetryPublisher
 from agent.transport.connection import MqttTransport
 from agent.transport.subscribers import Subscriber, build_subscriber
 
@@ -50,7 +53,12 @@ class Service:
         self.transport: MqttTransport | None = None
         self.subscribers: dict[str, Subscriber] = {}     # [mqtt] subscribers, by name
         self.http: HttpIntake | None = None
+        self.prometheus: PrometheusEndpoint | None = None
+        self.telemetry_publisher: TelemetryPublisher | None = None
         try:
+            if config.telemetry.prometheus_port:
+                self.prometheus = PrometheusEndpoint(self.agent, config.telemetry.prometheus_host,
+                                                     config.telemetry.prometheus_port).start()
             if config.http.enabled:
                 self.http = HttpIntake(self.agent, config.http.host, config.http.port).start()
             if config.mqtt.enabled:
@@ -70,6 +78,9 @@ class Service:
                         raise
                     log.warning("serving HTTP only until the broker answers: %s", exc)
                     self.transport.connect_in_background()
+                if config.telemetry.interval_s > 0:
+                    self.telemetry_publisher = TelemetryPublisher(self.agent, self.transport,
+                                                                  config.telemetry.interval_s).start()
             if self.http is not None and self.transport is not None:
                 self.http.also_ready = self.transport.healthy     # /v2/health/ready: MQTT up too
         except Exception:
@@ -96,6 +107,8 @@ class Service:
         return self.transport is None or self.transport.healthy()
 
     def close(self) -> None:
+        if self.telemetry_publisher is not None:
+            self.telemetry_publisher.stop()
         for intake in (*self.subscribers.values(), self.http):
             if intake is not None:
                 intake.stop_taking()
@@ -104,6 +117,8 @@ class Service:
             self.transport.stop()
         if self.http is not None:
             self.http.stop()
+        if self.prometheus is not None:     # last: a scrape during the drain still reads the counters
+            self.prometheus.stop()
 
     def __enter__(self) -> "Service":
         return self

@@ -146,6 +146,11 @@ class AdmissionControl:
         """The learned slack of ``slo_s``'s class (0 while no class has learned any)."""
         return self._slack.get(slo_class(slo_s), 0.0) if self._slack else 0.0
 
+    def slack_by_class(self) -> dict[int, float]:
+        """The learned slack of every SLO class (:func:`slo_class` key -> seconds): a copy, so a
+        reader on another thread (telemetry) never iterates the dict a worker is updating."""
+        return dict(self._slack)
+
     def _profiled_s(self, batch_size: int) -> float:
         if batch_size < len(self._profiled):
             return self._profiled[batch_size]
