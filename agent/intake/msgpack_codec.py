@@ -78,7 +78,12 @@ def decode_tensor(tensor: Any, field: str) -> np.ndarray:
             f"{field}.data has {len(data)} bytes; shape {list(shape)} of {dtype.name} needs {expected}",
             f"{field}.data",
         )
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
+    try:
+        return array.reshape(shape)
+    except ValueError:   # an empty tensor whose other dimensions numpy cannot hold, e.g. [2**63, 0]
+        raise InferenceError(INVALID_INPUT, f"{field}.shape = {list(shape)}: a dimension exceeds what an array "
+                                            f"can hold", f"{field}.shape") from None
 
 
 # --- requests -----------------------------------------------------------------------------------
