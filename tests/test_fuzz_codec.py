@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from agent.errors import InferenceError
 from agent.intake.msgpack_codec import decode_request
-from edge_lab.fuzz import mqtt_case
+from edge_lab.fuzz import MAX_PAYLOAD, mqtt_case
 
-LIMIT = 64 * 1024
+LIMIT = MAX_PAYLOAD
 
 
 def _decode_as_expected(seed: int) -> None:

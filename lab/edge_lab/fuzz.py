@@ -32,6 +32,9 @@ MODELS = ("mobilenet_digits", "resnet_digits")      # the demo config's models
 INPUT = "frames"
 ITEM_SHAPE = (64, 64, 3)
 ITEM_BYTES = 64 * 64 * 3
+#: The fuzzed agent's payload limit: a frame as JSON (up to ~60 kB nested) and a few binary rows fit,
+#: and oversize cases stay cheap to send.
+MAX_PAYLOAD = 256 * 1024
 #: What a valid request may be answered with: served, refused at the door, or expired under load.
 VALID = frozenset({"ok", "rejected", "deadline_missed"})
 #: Every code a request may get that is not an answer for bad input (used where a mutation's exact
@@ -444,10 +447,12 @@ def _bad_infer_body(rng: random.Random) -> tuple[str, bytes, int | None, frozens
     if kind == "deep_json":
         depth = rng.choice([100, 1000, 5000, 20000])
         nest = rng.choice(["[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth])
-        where = rng.choice(["top", "parameters", "data", "id"])
+        where = rng.choice(["top", "parameters", "outputs", "id"])
+        if where == "parameters":   # nested maps there are unknown parameters, which are ignored: lists only
+            nest = "[" * depth + "]" * depth
         if where == "top":
             return kind, nest.encode(), None, bad
-        body = json.dumps(dict(message, **{where if where != "data" else "outputs": "@@"})).replace('"@@"', nest)
+        body = json.dumps(dict(message, **{where: "@@"})).replace('"@@"', nest)
         return kind, body.encode(), None, bad
     if kind == "datatype":
         tensor["datatype"] = rng.choice(["FP32", "BYTES", "BF16", "uint8", "UINT9", "", None, 8, ["UINT8"]])
@@ -472,9 +477,8 @@ def _bad_infer_body(rng: random.Random) -> tuple[str, bytes, int | None, frozens
         name = rng.choice(["id", "parameters", "inputs", "outputs", "slo_ms", "priority", "timeout", "name",
                            "tensor_parameters", "sequence_id", "shared_memory", "classification"])
         if name in ("id", "parameters", "inputs", "outputs"):
-            message[name] = rng.choice([7, [], {}, "x", True, [1]] if name != "id" else [7, [], {}, True])
-            if name == "outputs" and message[name] in ([], {}):
-                message[name] = "x"
+            message[name] = rng.choice({"id": [7, [], {}, True], "parameters": [7, "x", True, [1]],
+                                        "inputs": [7, [], {}, "x", True, [1]], "outputs": [7, {}, "x", True, [1]]}[name])
         elif name in ("slo_ms", "priority", "timeout"):
             message["parameters"] = {name: rng.choice([-1, "5", True, [], -1e9, 1.5 if name == "priority" else -1])}
         elif name == "name":
@@ -879,7 +883,7 @@ def check_http(case: HttpCase, n: int, responses: list[HttpResponse], closed: bo
         tally.problem(f"http #{n} {case.kind}: the connection stayed open after a response that must close it")
 
 
-def fuzz_config(mqtt_host: str | None, mqtt_port: int, max_payload: int = 64 * 1024, http_port: int = 0,
+def fuzz_config(mqtt_host: str | None, mqtt_port: int, max_payload: int = MAX_PAYLOAD, http_port: int = 0,
                 device: str = "fuzz-board"):
     """The demo config (both demo models, deadline-aware batching) with the HTTP intake on, MQTT on
     ``mqtt_host:mqtt_port`` (``None``: off), and a payload limit small enough that oversize cases
