@@ -347,7 +347,6 @@ def _mqtt_properties(rng: random.Random, case: MqttCase) -> None:
 
 #: What a valid inference request over HTTP may be answered with: 200, or a refusal / expiry under load.
 HTTP_VALID = frozenset({200, 429, 504})
-HTTP_BAD = frozenset({400, 404})
 
 
 @dataclass

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 RSS_TARGET_MB = 10.0
@@ -210,7 +211,8 @@ def run_fuzz(count: int, seed: int, intakes: tuple[str, ...]) -> dict:
                 else:
                     tally, seconds = fuzz_http(agent.http_port, count, rng)
                 unanswerable = agent.stats()["unanswerable"] - before
-                results["intakes"][intake] = {"tally": tally, "seconds": seconds, "unanswerable": unanswerable}
+                results["intakes"][intake] = {"tally": tally, "seconds": seconds, "unanswerable": unanswerable,
+                                              "rss_mb": agent.rss_mb()}
             time.sleep(SETTLE_S)
             results["rss_after_mb"] = agent.rss_mb()
             stats = agent.stats()
@@ -253,9 +255,15 @@ def format_fuzz(results: dict) -> str:
         codes = sorted(tally.codes.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0])))
         lines.append("  answers: " + ", ".join(f"{code}: {n}" for code, n in codes))
         lines.append("  cases by kind: " + ", ".join(f"{kind}: {n}" for kind, n in sorted(tally.kinds.items())))
+        lines.append(f"  agent RSS right after: {run['rss_mb']:.1f} MB")
         if tally.problems:
-            lines.append(f"  problems ({len(tally.problems)}{'+' if len(tally.problems) >= 1000 else ''}), first 10:")
-            lines += [f"    {p[:300]}" for p in tally.problems[:10]]
+            # "http #15 malformed_head request 0: ..." -> malformed_head
+            by_kind = Counter(problem.split()[2].rstrip(":") for problem in tally.problems)
+            lines.append(f"  problems: {len(tally.problems)}{'+' if len(tally.problems) >= 1000 else ''} ("
+                         + ", ".join(f"{kind}: {n}" for kind, n in by_kind.most_common()) + "); the first of each:")
+            for kind in by_kind:
+                first = next(problem for problem in tally.problems if problem.split()[2].rstrip(":") == kind)
+                lines.append(f"    {first[:300]}")
     lines.append(f"\nagent RSS: before {results['rss_before_mb']:.1f} MB, after {results['rss_after_mb']:.1f} MB "
                  f"(after a {SETTLE_S:g} s settle; {results['rss_after_mb'] - results['rss_before_mb']:+.1f} MB)")
     lines.append(f"agent threads: {results['threads'] - len(results['dead_threads'])} of {results['threads']} alive"
