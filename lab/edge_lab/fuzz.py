@@ -479,11 +479,13 @@ def _bad_infer_body(rng: random.Random) -> tuple[str, bytes, int | None, frozens
             message[name] = rng.choice({"id": [7, [], {}, True], "parameters": [7, "x", True, [1]],
                                         "inputs": [7, [], {}, "x", True, [1]], "outputs": [7, {}, "x", True, [1]]}[name])
         elif name in ("slo_ms", "priority", "timeout"):
-            message["parameters"] = {name: rng.choice([-1, "5", True, [], -1e9, 1.5 if name == "priority" else -1])}
+            message["parameters"] = {name: rng.choice({"slo_ms": [0, -1, "5", True, [], -1e9],
+                                                       "timeout": [-1, "5", True, [], -1e9],
+                                                       "priority": [1.5, "5", True, [], 1001, -1001, 2 ** 70]}[name])}
         elif name == "name":
             tensor["name"] = rng.choice([None, 1, "image", ""])
         elif name == "tensor_parameters":
-            tensor["parameters"] = rng.choice([[], "x", 1])
+            tensor["parameters"] = rng.choice([[1], "x", 1])   # [] and {} read as none
         elif name == "sequence_id":
             message["parameters"] = {"sequence_id": rng.randint(1, 100)}
         elif name == "shared_memory":
@@ -762,6 +764,10 @@ class HttpResponse:
     body: bytes
 
 
+#: How long a client waits for the server to close after a response that must close the connection.
+CLOSE_WAIT_S = 3.0
+
+
 def http_exchange(host: str, port: int, case: HttpCase, timeout: float = 10.0) -> tuple[list[HttpResponse], bool]:
     """Send one case on a fresh connection; read the responses it expects (1xx interim ones
     skipped). Returns (responses, whether the server closed the connection). Raises nothing for
@@ -793,6 +799,8 @@ def http_exchange(host: str, port: int, case: HttpCase, timeout: float = 10.0) -
             if len(responses) >= want and not last_closes:
                 sock.settimeout(0.0)            # anything more already sent is a duplicate answer
             else:
+                if len(responses) >= want:      # all answered: the close should follow at once
+                    end = min(end, time.monotonic() + CLOSE_WAIT_S)
                 left = end - time.monotonic()
                 if left <= 0:
                     break

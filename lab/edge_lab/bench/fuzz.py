@@ -105,11 +105,11 @@ class AgentProcess:
 
 # --- the runs ---------------------------------------------------------------------------------------
 
-def _progress(label: str, done: int, total: int, started: float) -> None:
-    print(f"  {label}: {done}/{total} ({time.monotonic() - started:.0f} s)", flush=True)
+def _progress(label: str, done: int, total: int, started: float, rss_mb) -> None:
+    print(f"  {label}: {done}/{total} ({time.monotonic() - started:.0f} s, agent RSS {rss_mb():.1f} MB)", flush=True)
 
 
-def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random):
+def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random, rss_mb):
     from edge_lab.fuzz import MAX_PAYLOAD, MqttFuzzer, Tally, mqtt_case
     fuzzer = MqttFuzzer(host, port, device, f"fuzz-bench-{os.getpid()}")
     tally, sent = Tally(), []
@@ -126,7 +126,7 @@ def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random)
                 fuzzer.wait_for(outstanding[0], 30)
                 outstanding = [t for t in outstanding if t not in fuzzer.replies]
             if (n + 1) % 1000 == 0:
-                _progress("mqtt", n + 1, count, started)
+                _progress("mqtt", n + 1, count, started, rss_mb)
         for topic in outstanding:
             fuzzer.wait_for(topic, 30)
         time.sleep(SETTLE_S)            # duplicates, were there any, arrive meanwhile
@@ -139,7 +139,7 @@ def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random)
     return tally, time.monotonic() - started
 
 
-def fuzz_http(port: int, count: int, rng: random.Random):
+def fuzz_http(port: int, count: int, rng: random.Random, rss_mb):
     from edge_lab.fuzz import MAX_PAYLOAD, Tally, check_http, http_case, http_exchange
     cases = [http_case(rng, MAX_PAYLOAD) for _ in range(count)]
     tally = Tally()
@@ -159,21 +159,22 @@ def fuzz_http(port: int, count: int, rng: random.Random):
                 responses = []
             check_http(case, n, responses, closed, tally)
             if (n + 1) % 1000 == 0:
-                _progress("http", n + 1, count, started)
+                _progress("http", n + 1, count, started, rss_mb)
     return tally, time.monotonic() - started
 
 
 def _warm_up(agent: AgentProcess, broker, device: str) -> None:
-    """A few valid requests on each intake before RSS is first read: the first batches allocate the
-    runtimes' arenas, which is start-up, not a leak."""
+    """Valid requests on each intake before RSS is first read, many at once so that batches of every
+    size form: the runtimes allocate their arenas per batch shape, which is start-up, not a leak."""
     from edge_lab.fuzz import HttpCase, HttpExpect, http_exchange
     body = (b'{"inputs":[{"name":"frames","datatype":"UINT8","shape":[1,64,64,3],'
             b'"parameters":{"binary_data_size":12288}}]}')
     for model in ("mobilenet_digits", "resnet_digits"):
         data = (b"POST /v2/models/%s/infer HTTP/1.1\r\nContent-Length: %d\r\nInference-Header-Content-Length: %d"
                 b"\r\n\r\n" % (model.encode(), len(body) + 12288, len(body)) + body + bytes(12288))
-        for _ in range(20):
-            http_exchange("127.0.0.1", agent.http_port, HttpCase("warm", data, [HttpExpect("POST", frozenset({200}))]))
+        case = HttpCase("warm", data, [HttpExpect("POST", frozenset({200}))])
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda _: http_exchange("127.0.0.1", agent.http_port, case), range(400)))
     if broker is not None:
         import numpy as np
 
@@ -207,9 +208,9 @@ def run_fuzz(count: int, seed: int, intakes: tuple[str, ...]) -> dict:
                 print(f"fuzzing {intake}: {count} requests (seed {seed})", flush=True)
                 before = agent.stats()["unanswerable"]
                 if intake == "mqtt":
-                    tally, seconds = fuzz_mqtt(broker.host, broker.port, device, count, rng)
+                    tally, seconds = fuzz_mqtt(broker.host, broker.port, device, count, rng, agent.rss_mb)
                 else:
-                    tally, seconds = fuzz_http(agent.http_port, count, rng)
+                    tally, seconds = fuzz_http(agent.http_port, count, rng, agent.rss_mb)
                 unanswerable = agent.stats()["unanswerable"] - before
                 results["intakes"][intake] = {"tally": tally, "seconds": seconds, "unanswerable": unanswerable,
                                               "rss_mb": agent.rss_mb()}
