@@ -11,6 +11,7 @@ names the first thing wrong. Decoded tensors are zero-copy views of the payload
 from __future__ import annotations
 
 import math
+import reprlib
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,16 @@ class WireRequest:
     min_accuracy: float | None
 
 
+#: How an error message shows a value the client sent: bounded in depth and length, so a deeply nested
+#: or huge value neither overflows ``repr``'s recursion (``RecursionError``) nor makes a huge reply.
+_shown = reprlib.Repr()
+_shown.maxlevel, _shown.maxdict, _shown.maxlist, _shown.maxstring, _shown.maxother, _shown.maxlong = 3, 6, 8, 80, 80, 40
+
+
+def _show(value: Any) -> str:
+    return _shown.repr(value)
+
+
 # --- tensors ------------------------------------------------------------------------------------
 
 def encode_tensor(array: np.ndarray) -> dict:
@@ -57,17 +68,17 @@ def decode_tensor(tensor: Any, field: str) -> np.ndarray:
             raise InferenceError(INVALID_INPUT, f"{field} has no {key!r}", f"{field}.{key}")
     codec = tensor.get("codec")
     if codec not in (None, "", "raw"):
-        raise InferenceError(INVALID_INPUT, f"{field}.codec = {codec!r}: this agent accepts raw tensors only", f"{field}.codec")
+        raise InferenceError(INVALID_INPUT, f"{field}.codec = {_show(codec)}: this agent accepts raw tensors only", f"{field}.codec")
     try:
         dtype = np.dtype(tensor["dtype"]) if isinstance(tensor["dtype"], str) else None
     except Exception:   # numpy's parser raises TypeError, ValueError, SyntaxError... on what it cannot read
         dtype = None
     if dtype is None or dtype.kind not in "biuf":
-        raise InferenceError(INVALID_INPUT, f"{field}.dtype = {tensor['dtype']!r} is not a numeric numpy dtype name", f"{field}.dtype")
+        raise InferenceError(INVALID_INPUT, f"{field}.dtype = {_show(tensor['dtype'])} is not a numeric numpy dtype name", f"{field}.dtype")
     shape = tensor["shape"]
     if (not isinstance(shape, (list, tuple)) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise InferenceError(INVALID_INPUT, f"{field}.shape = {shape!r}: expected a list of non-negative ints", f"{field}.shape")
+        raise InferenceError(INVALID_INPUT, f"{field}.shape = {_show(shape)}: expected a list of non-negative ints", f"{field}.shape")
     data = tensor["data"]
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InferenceError(INVALID_INPUT, f"{field}.data must be bytes (msgpack bin), got {type(data).__name__}", f"{field}.data")
@@ -78,7 +89,12 @@ def decode_tensor(tensor: Any, field: str) -> np.ndarray:
             f"{field}.data has {len(data)} bytes; shape {list(shape)} of {dtype.name} needs {expected}",
             f"{field}.data",
         )
-    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype.newbyteorder("<"))
+    try:
+        return array.reshape(shape)
+    except ValueError:   # an empty tensor whose other dimensions numpy cannot hold, e.g. [2**63, 0]
+        raise InferenceError(INVALID_INPUT, f"{field}.shape = {list(shape)}: a dimension exceeds what an array "
+                                            f"can hold", f"{field}.shape") from None
 
 
 # --- requests -----------------------------------------------------------------------------------
@@ -112,27 +128,27 @@ def decode_request(payload: bytes, max_payload_bytes: int) -> WireRequest:
 def _fields(message: dict) -> WireRequest:
     request_id = message.get("id")
     if not isinstance(request_id, str) or not request_id:
-        raise InferenceError(BAD_REQUEST, f"id must be a non-empty string, got {request_id!r}", "id")
+        raise InferenceError(BAD_REQUEST, f"id must be a non-empty string, got {_show(request_id)}", "id")
     slo_ms, deadline = message.get("slo_ms"), message.get("deadline")
     if slo_ms is not None and deadline is not None:
         raise InferenceError(BAD_REQUEST, "give slo_ms or deadline, not both", "deadline")
     if slo_ms is not None and not (_number(slo_ms) and slo_ms > 0):
-        raise InferenceError(BAD_REQUEST, f"slo_ms = {slo_ms!r}: expected a number > 0 (milliseconds)", "slo_ms")
+        raise InferenceError(BAD_REQUEST, f"slo_ms = {_show(slo_ms)}: expected a number > 0 (milliseconds)", "slo_ms")
     if deadline is not None and not (_number(deadline) and deadline > 0):
-        raise InferenceError(BAD_REQUEST, f"deadline = {deadline!r}: expected unix seconds (a number > 0)", "deadline")
+        raise InferenceError(BAD_REQUEST, f"deadline = {_show(deadline)}: expected unix seconds (a number > 0)", "deadline")
     priority = message.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool) or not -1000 <= priority <= 1000:
-        raise InferenceError(BAD_REQUEST, f"priority = {priority!r}: expected an integer in -1000..1000", "priority")
+        raise InferenceError(BAD_REQUEST, f"priority = {_show(priority)}: expected an integer in -1000..1000", "priority")
     min_accuracy = message.get("min_accuracy")
     if min_accuracy is not None and not (_number(min_accuracy) and 0 <= min_accuracy <= 1):
-        raise InferenceError(BAD_REQUEST, f"min_accuracy = {min_accuracy!r}: expected a number in 0..1", "min_accuracy")
+        raise InferenceError(BAD_REQUEST, f"min_accuracy = {_show(min_accuracy)}: expected a number in 0..1", "min_accuracy")
     inputs = message.get("inputs")
     if not isinstance(inputs, dict) or not inputs:
         raise InferenceError(BAD_REQUEST, "inputs must be a non-empty map of name -> tensor", "inputs")
     tensors = {}
     for name, tensor in inputs.items():
         if not isinstance(name, str):
-            raise InferenceError(BAD_REQUEST, f"input names must be strings, got {name!r}", "inputs")
+            raise InferenceError(BAD_REQUEST, f"input names must be strings, got {_show(name)}", "inputs")
         tensors[name] = decode_tensor(tensor, f"inputs.{name}")
     return WireRequest(
         id=request_id, inputs=tensors,

@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -202,6 +202,17 @@ def _cmd_bench_sign(args: argparse.Namespace) -> int:
     return 0 if fuzz["accepted"] == 0 and fuzz["without_reason"] == 0 else 1
 
 
+def _cmd_bench_fuzz(args: argparse.Namespace) -> int:
+    from edge_lab.bench.fuzz import format_fuzz, run_fuzz, targets
+    if args.count < 1:
+        print(f"edge-agent: --count {args.count}: expected 1 or more requests", file=sys.stderr)
+        return 2
+    intakes = ("mqtt", "http") if args.intake == "both" else (args.intake,)
+    results = run_fuzz(args.count, args.seed, intakes)
+    print(format_fuzz(results))
+    return 0 if all(targets(results).values()) else 1
+
+
 def _numbers(text: str, flag: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -329,3 +340,16 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                          help="also run the graceful cases with a clean session ([mqtt] session_expiry_s = 0), "
                               "what agents did before")
     restart.set_defaults(func=_cmd_bench_broker_restart)
+
+    fuzz = bench_sub.add_parser(
+        "fuzz", help="fuzzed requests, valid and hostile, on each intake of an agent process",
+        description="Start Mosquitto and an agent (the demo config, its own process), send N fuzzed requests per "
+                    "intake (MQTT msgpack payloads with odd MQTT v5 properties; Open Inference Protocol requests "
+                    "with bad JSON, bad framing, pipelining, compression, odd headers), and print: cases tried, "
+                    "answers per request (0 / 1 / >1), error codes, unanswerable requests counted by the agent "
+                    "against those expected, the agent's RSS before and after, and its threads alive. Exits 1 "
+                    "if a target of issue 21 is broken.")
+    fuzz.add_argument("--count", type=int, default=1000, metavar="N", help="requests per intake (default 1000)")
+    fuzz.add_argument("--seed", type=int, default=0, help="seed of the cases (default 0): a run replays exactly")
+    fuzz.add_argument("--intake", choices=("mqtt", "http", "both"), default="both", help="which intake (default both)")
+    fuzz.set_defaults(func=_cmd_bench_fuzz)
