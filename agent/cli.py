@@ -43,12 +43,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # The process's own: each HTTP connection is a descriptor, and the common soft limit of 1,024
     # would stop new clients at about a thousand idle ones (issue 21).
     raise_open_file_limit()
-    try:
+
+    def read_config():
+        """The config file with this command line's overrides: at start, and for ``reload-config``."""
         config = load_config(args.config)
         if args.http_port is not None:
             config = dataclasses.replace(config, http=dataclasses.replace(config.http, enabled=True, port=args.http_port))
         if args.no_mqtt:
             config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
+        return config
+
+    try:
+        config = read_config()
         if not (config.mqtt.enabled or config.http.enabled):
             print("edge-agent: no intake: enable [mqtt] or [http] in the config, or give --http-port", file=sys.stderr)
             return 2
@@ -59,7 +65,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # is handled the same way, so a second Ctrl-C cannot interrupt the shutdown half-way.
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: signals.append(signum))
-        service = Service(config)
+        service = Service(config, config_source=read_config)
     except (ConfigError, ProfileError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2

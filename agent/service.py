@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Callable
 
 from agent.api import Agent
 from agent.config import Config
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: Config, *, grace_s: float = 1.0) -> None:
+    def __init__(self, config: Config, *, grace_s: float = 1.0,
+                 config_source: Callable[[], Config] | None = None) -> None:
         self.config = config
-        self.agent = Agent(config, grace_s=grace_s)
+        self.agent = Agent(config, grace_s=grace_s, config_source=config_source)
         gc.collect()
         gc.freeze()
         self.transport: MqttTransport | None = None
