@@ -114,6 +114,9 @@ class Agent:
         self.models: dict[str, LoadedModel] = {}
         self.profile = profile = load_profile(config.profile) if config.profile else None
         self._changes = threading.Lock()    # one model change at a time (add, remove, rule, SLO)
+        # Called (on the changing thread, no lock held) after a model was added or removed or its
+        # batching changed: an intake that keeps views of the models refreshes them (Service).
+        self.models_changed: list[Callable[[], None]] = []
         try:
             for model_config in config.models:
                 log.info("loading %s (%s, %s x%d)", model_config.name, model_config.backend, model_config.file,
@@ -258,6 +261,7 @@ class Agent:
                 self.models = {**self.models, name: loaded}
                 self.config = dataclasses.replace(
                     self.config, models=(*(m for m in self.config.models if m.name != name), config))
+            self._notify_models_changed()
             return loaded
 
     def remove_model(self, name: str, timeout_s: float = 10.0) -> dict:
@@ -277,6 +281,7 @@ class Agent:
                 self.models = {n: m for n, m in self.models.items() if n != name}
                 self.config = dataclasses.replace(
                     self.config, models=tuple(m for m in self.config.models if m.name != name))
+            self._notify_models_changed()
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 with lock:
@@ -324,6 +329,7 @@ class Agent:
                 self.models = {**self.models, name: dataclasses.replace(loaded, config=config, rule=rule)}
                 self._replace_model_config(config)
                 self.loop.cond.notify_all()    # a batch the old rule held for may leave now
+            self._notify_models_changed()
             return {"model": name, "batching": {"rule": batching.rule, **rule.describe()},
                     "was": {"rule": loaded.config.batching.rule, **loaded.rule.describe()}}
 
@@ -338,6 +344,13 @@ class Agent:
             self.models = {**self.models, name: dataclasses.replace(loaded, config=config)}
             self._replace_model_config(config)
             return loaded.config.default_slo_ms
+
+    def _notify_models_changed(self) -> None:
+        for callback in self.models_changed:
+            try:
+                callback()
+            except Exception:
+                log.exception("a models_changed callback failed")
 
     def _replace_model_config(self, config: ModelConfig) -> None:
         self.config = dataclasses.replace(

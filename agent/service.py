@@ -41,6 +41,7 @@ class Service:
         try:
             if config.http.enabled:
                 self.http = HttpIntake(self.agent, config.http.host, config.http.port).start()
+                self.agent.models_changed.append(self._refresh_http_models)
             if config.mqtt.enabled:
                 self.transport = MqttTransport(config.device, config.mqtt.host, config.mqtt.port,
                                                status=self.agent.status, keepalive_s=config.mqtt.keepalive_s)
@@ -50,6 +51,15 @@ class Service:
         except Exception:
             self.close()
             raise
+
+    def _refresh_http_models(self) -> None:
+        """A model loaded, unloaded or re-batched while serving (agent.ops.commands): the HTTP
+        intake's per-model views (metadata, config, readiness) follow. The intake builds them once at
+        start; its dict is replaced whole, so its event loop reads the old one or the new one."""
+        from agent.intake.http import _ModelView
+        http = self.http
+        if http is not None:
+            http._models = {name: _ModelView(name, loaded) for name, loaded in self.agent.models.items()}
 
     @property
     def mqtt(self):

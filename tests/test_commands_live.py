@@ -2,6 +2,7 @@
 selftest, reload-config, rotate-key. A real Mosquitto, a real `edge-agent run` process started with
 one model, signed commands from a plain MQTT v5 client (and `edge-agent ctl` for the CLI's path),
 inference requests from a real client; every command and every request is answered exactly once."""
+import http.client
 import json
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ def keys(tmp_path_factory):
 def board(broker, keys, tmp_path_factory):
     config = tmp_path_factory.mktemp("agent") / "agent.toml"
     config.write_text(config_text(broker, keys["ring"]))
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--http-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
@@ -57,9 +58,10 @@ def board(broker, keys, tmp_path_factory):
         if "serving" in line:
             break
     assert seen and "serving" in seen[-1], "".join(seen)
+    http_port = int(seen[-1].split("http://127.0.0.1:")[1].split()[0])
     drain = threading.Thread(target=lambda: [seen.append(line) for line in proc.stdout], daemon=True)
     drain.start()
-    yield {"proc": proc, "config": config}
+    yield {"proc": proc, "config": config, "http_port": http_port}
     proc.terminate()
     proc.wait(timeout=30)
     drain.join(5)
@@ -157,6 +159,18 @@ class Replies:
         self.client.close()
 
 
+def http_ready(board, model: str) -> int:
+    """The HTTP intake's GET /v2/models/MODEL/ready status (200 ready, 400 not)."""
+    connection = http.client.HTTPConnection("127.0.0.1", board["http_port"], timeout=10)
+    try:
+        connection.request("GET", f"/v2/models/{model}/ready")
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
 def code(reply: dict) -> str:
     return "ok" if reply["status"] == "ok" else reply["error"]["code"]
 
@@ -175,6 +189,7 @@ def test_load_model_by_ctl_then_it_serves_and_the_status_lists_it(broker, keys, 
     finally:
         client.close()
     assert reply["status"] == "ok", reply
+    assert http_ready(board, SECOND) == 200                      # the HTTP intake serves it too
     status = operator.run("status")["result"]
     assert set(status["models"]) >= {MODEL, SECOND}
     again = operator.run("load-model", {"name": SECOND, "card": f"demo:{SECOND}"})
@@ -231,7 +246,7 @@ def test_set_slo_default_for_one_model_and_for_all(operator):
     assert operator.run("set-slo-default", {"model": MODEL, "slo_ms": -1})["code"] == "bad_args"
 
 
-def test_unload_model_answers_every_accepted_request_once_and_refuses_the_rest(broker, operator, frames):
+def test_unload_model_answers_every_accepted_request_once_and_refuses_the_rest(broker, board, operator, frames):
     victim = "victim"
     assert operator.run("load-model", {"name": victim, "card": f"demo:{SECOND}", "batching": {"max_batch": 2}})["ok"]
     replies = Replies(broker)
@@ -259,6 +274,7 @@ def test_unload_model_answers_every_accepted_request_once_and_refuses_the_rest(b
     assert any(code(got[r]) == "ok" for r in before)
     assert all(code(got[r]) == "unknown_model" for r in after), [got[r] for r in after]
     assert victim not in operator.run("status")["result"]["models"]
+    assert http_ready(board, victim) != 200
     # The name is free again.
     assert operator.run("load-model", {"name": victim, "card": f"demo:{MODEL}"})["ok"]
     assert operator.run("unload-model", {"model": victim})["result"]["queued_at_unload"] == 0
