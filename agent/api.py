@@ -371,17 +371,22 @@ class Agent:
                        "default_slo_ms": m.config.default_slo_ms,
                        "latency_ms": dict(zip(m.latency.batch_sizes.tolist(),
                                               (1000 * m.latency.latencies_s).round(3).tolist())),
-                       "queued": len(self.scheduler.lanes[name].queue),
+                       "queued": self._queued(name),
                        "admission": self._admission_status(name)}
                 for name, m in self.models.items()
             },
         }
 
+    def _queued(self, model: str) -> int:
+        lane = self.scheduler.lanes.get(model)     # None: unloaded while this status was read
+        return len(lane.queue) if lane is not None else 0
+
     def _admission_status(self, model: str) -> dict | None:
         """What admission control has learned: the slowdown of a batch here over the profile
         (observed / profiled), what it adds to a batch of one (``excess_ms``), and how many batches
         overran the prediction (``None`` when the model runs without admission)."""
-        admission = self.scheduler.lanes[model].admission
+        lane = self.scheduler.lanes.get(model)     # None: unloaded while this status was read
+        admission = lane.admission if lane is not None else None
         if admission is None:
             return None
         return {"excess_ms": round(1000 * (admission.batch_s(1) - admission.table.predict(1)), 3),
