@@ -480,6 +480,7 @@ class Scheduler:
         """Serve a new model's lane from the next poll on."""
         if lane.name in self.lanes:
             raise ValueError(f"model {lane.name!r} has a lane already")
+        self._check_policy_follows()
         self.lanes = {**self.lanes, lane.name: lane}
         self._lanes_changed()
 
@@ -506,6 +507,7 @@ class Scheduler:
         lane = self.lanes[name]
         if not lane.closed or not self.lane_idle(name):
             raise ValueError(f"model {name!r}: only a closed lane with nothing queued or running can be removed")
+        self._check_policy_follows()
         self.lanes = {n: other for n, other in self.lanes.items() if n != name}
         self._lanes_changed()
 
@@ -519,6 +521,7 @@ class Scheduler:
         if lane.fifo != template.fifo:
             raise ValueError(f"model {name!r}: switching to or from rule 'fifo' changes how its queue is keyed; "
                              f"unload and load the model instead")
+        self._check_policy_follows()
         admission = template.admission
         if admission is not None and lane.admission is not None:
             lane.admission.limit_batch(template.rule.max_batch)
@@ -548,13 +551,16 @@ class Scheduler:
             for lane in self._capped:
                 lane.batch_cap = hold_cap(lane.admission.table, lane.rule.max_batch, bound)
 
+    def _check_policy_follows(self) -> None:
+        """Refuse a change of lanes, before anything changes, that the policy could not follow."""
+        if self._policy_name is None and not hasattr(self.policy, "lanes_changed"):
+            raise ValueError(f"policy {getattr(self.policy, 'name', self.policy)!r} cannot follow lanes changed "
+                             f"while serving (it has no lanes_changed)")
+
     def _lanes_changed(self) -> None:
         self._lane_list = list(self.lanes.values())
         self._index_admission()
         if self._policy_name is not None:
             self.policy = build_policy(self._policy_name, self)
-        elif hasattr(self.policy, "lanes_changed"):
-            self.policy.lanes_changed(self)
         else:
-            raise ValueError(f"policy {getattr(self.policy, 'name', self.policy)!r} cannot follow lanes added or "
-                             f"removed while serving (it has no lanes_changed)")
+            self.policy.lanes_changed(self)
