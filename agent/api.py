@@ -8,8 +8,10 @@ accepted. An accepted request's future resolves exactly once: a :class:`Result`,
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import numpy as np
 
 from agent.backends import load_backend
 from agent.backends.base import Backend
-from agent.config import Config, ModelConfig
+from agent.config import BatchingConfig, Config, ModelConfig
 from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
@@ -99,12 +101,22 @@ class Agent:
     ...     result = agent.infer("mobilenet_digits", {"frames": frame}, slo_ms=50)
     """
 
-    def __init__(self, config: Config, *, grace_s: float = 1.0) -> None:
+    def __init__(self, config: Config, *, grace_s: float = 1.0,
+                 config_source: Callable[[], Config] | None = None) -> None:
         self.config = config
+        # Reads the config again as the agent was started with it (its file, the command line's
+        # overrides): what the ``reload-config`` command compares the running config with.
+        self.config_source = config_source
         self.grace_s = grace_s
         self.clock = time.monotonic     # scheduler time: never wall time (agent.runtime.live)
+        # Replaced, never changed in place, when a model is added or removed while serving: the
+        # intakes read it without a lock.
         self.models: dict[str, LoadedModel] = {}
-        profile = load_profile(config.profile) if config.profile else None
+        self.profile = profile = load_profile(config.profile) if config.profile else None
+        self._changes = threading.Lock()    # one model change at a time (add, remove, rule, SLO)
+        # Called (on the changing thread, no lock held) after a model was added or removed or its
+        # batching changed: an intake that keeps views of the models refreshes them (Service).
+        self.models_changed: list[Callable[[], None]] = []
         try:
             for model_config in config.models:
                 log.info("loading %s (%s, %s x%d)", model_config.name, model_config.backend, model_config.file,
@@ -221,6 +233,134 @@ class Agent:
         else:
             self.telemetry.record(request.model, slo_s, None, None, None, None, error.code)
 
+    # --- models added, changed and removed while serving (agent.ops.commands) -------------------
+    # Each change is made under the live loop's lock, between two scheduler decisions, so a batch
+    # is formed under one rule or the other and every accepted request is answered exactly once.
+
+    def add_model(self, config: ModelConfig) -> LoadedModel:
+        """Load ``config``'s model, profile it as start-up does (the profile file's table, else
+        measured here), and serve it. Slow: call it off the intakes' threads. Raises ``ValueError``
+        for a name in use, and whatever loading raises (nothing is served then)."""
+        with self._changes:
+            name = config.name
+            if name in self.models:
+                raise ValueError(f"model {name!r} is loaded already (unload-model it first, or set-batching)")
+            if name in self.scheduler.lanes:
+                raise ValueError(f"model {name!r} is still being unloaded")
+            log.info("loading %s while serving (%s, %s x%d)", name, config.backend, config.file, config.instances)
+            loaded = load_model(config, self.profile)
+            try:
+                lane = build_lane(name, loaded.rule, config, loaded.latency)
+                instances = InstanceSet(loaded.backends, loaded.card.inputs, loaded.rule.max_batch)
+            except Exception:
+                for backend in loaded.backends:
+                    backend.close()
+                raise
+            served_by = [{"device": self.config.device, "backend": b.kind, "accelerator": b.device, "instance": i}
+                         for i, b in enumerate(loaded.backends)]
+            self.telemetry.add_model(name)
+            with self.loop.lock:
+                self.executor.models = {**self.executor.models, name: instances}
+                self._served_by = {**self._served_by, name: served_by}
+                self.scheduler.add_lane(lane)
+                self.models = {**self.models, name: loaded}
+                self.config = dataclasses.replace(
+                    self.config, models=(*(m for m in self.config.models if m.name != name), config))
+            self._notify_models_changed()
+            return loaded
+
+    def remove_model(self, name: str, timeout_s: float = 10.0) -> dict:
+        """Stop serving ``name``: from now on its new requests are refused ``unknown_model``; what
+        was queued is served for up to ``timeout_s``, then what is still queued is answered
+        ``shutting_down``; once no batch runs on its instances they are released. Returns the counts.
+        Raises ``KeyError`` for a model not loaded."""
+        with self._changes:
+            if name not in self.models:
+                raise KeyError(name)
+            lock = self.loop.lock
+            with lock:
+                self.scheduler.close_lane(name)
+                lane = self.scheduler.lanes[name]
+                queued, running = len(lane.queue), lane.instances - len(lane.free_instances)
+                loaded = self.models[name]
+                self.models = {n: m for n, m in self.models.items() if n != name}
+                self.config = dataclasses.replace(
+                    self.config, models=tuple(m for m in self.config.models if m.name != name))
+            self._notify_models_changed()
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with lock:
+                    if not len(lane.queue):
+                        break
+                time.sleep(0.005)
+            with lock:
+                leftover = self.scheduler.cancel_lane(name)
+            for request in leftover:
+                self.loop.driver.fail(request, InferenceError(
+                    SHUTTING_DOWN, f"model {name!r} was unloaded before this request ran ({timeout_s:g} s to serve "
+                                   f"its queue ran out)"))
+            while True:            # the batches running finish (a batch cannot be stopped)
+                with lock:
+                    if self.scheduler.lane_idle(name):
+                        self.scheduler.remove_lane(name)
+                        self.executor.models = {n: s for n, s in self.executor.models.items() if n != name}
+                        break
+                time.sleep(0.005)
+            # A worker may still be sending the last batch's replies: _served_by keeps the entry
+            # (a few dicts; replaced if the model is loaded again).
+            for backend in loaded.backends:
+                backend.close()
+            log.info("unloaded %s: %d queued and %d batches running at the command, %d answered shutting_down",
+                     name, queued, running, len(leftover))
+            return {"queued_at_unload": queued, "running_at_unload": running, "served": queued - len(leftover),
+                    "answered_shutting_down": len(leftover)}
+
+    def set_batching(self, name: str, batching: BatchingConfig) -> dict:
+        """Form ``name``'s batches by ``batching`` from the next scheduler decision on. Raises
+        ``KeyError`` for a model not loaded, ``ValueError`` for a change that cannot be made live
+        (to or from ``fifo``)."""
+        with self._changes:
+            loaded = self.models[name]
+            config = dataclasses.replace(loaded.config, batching=batching)
+            rule = build_rule(batching, loaded.latency)
+            template = build_lane(name, rule, config, loaded.latency)
+            instances = self.executor.models[name]
+            buffer = next(iter(instances.buffers[0].values()), None) if instances.buffers else None
+            if buffer is not None and len(buffer) < rule.max_batch:   # batches may grow: bigger buffers
+                instances = InstanceSet(loaded.backends, loaded.card.inputs, rule.max_batch)
+            with self.loop.cond:
+                self.scheduler.swap_rule(name, template)
+                self.executor.models = {**self.executor.models, name: instances}
+                self.models = {**self.models, name: dataclasses.replace(loaded, config=config, rule=rule)}
+                self._replace_model_config(config)
+                self.loop.cond.notify_all()    # a batch the old rule held for may leave now
+            self._notify_models_changed()
+            return {"model": name, "batching": {"rule": batching.rule, **rule.describe()},
+                    "was": {"rule": loaded.config.batching.rule, **loaded.rule.describe()}}
+
+    def set_default_slo(self, name: str, slo_ms: float) -> float:
+        """Requests for ``name`` that give no SLO get ``slo_ms`` from now on; returns the old one."""
+        if not (isinstance(slo_ms, (int, float)) and not isinstance(slo_ms, bool) and slo_ms > 0
+                and slo_ms < float("inf")):
+            raise ValueError(f"slo_ms = {slo_ms!r}: expected a number > 0")
+        with self._changes:
+            loaded = self.models[name]
+            config = dataclasses.replace(loaded.config, default_slo_ms=float(slo_ms))
+            self.models = {**self.models, name: dataclasses.replace(loaded, config=config)}
+            self._replace_model_config(config)
+            return loaded.config.default_slo_ms
+
+    def _notify_models_changed(self) -> None:
+        for callback in self.models_changed:
+            try:
+                callback()
+            except Exception:
+                log.exception("a models_changed callback failed")
+
+    def _replace_model_config(self, config: ModelConfig) -> None:
+        self.config = dataclasses.replace(
+            self.config, models=tuple(config if m.name == config.name else m for m in self.config.models))
+
     # --- life cycle ----------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -232,20 +372,26 @@ class Agent:
                 name: {"inputs": [{"name": s.name, "dtype": s.dtype.name, "shape": list(s.item_shape())}
                                   for s in m.card.inputs],
                        "backend": m.config.backend, "instances": m.config.instances,
-                       "batching": m.rule.describe(),
+                       "batching": {"rule": m.config.batching.rule, **m.rule.describe()},
+                       "default_slo_ms": m.config.default_slo_ms,
                        "latency_ms": dict(zip(m.latency.batch_sizes.tolist(),
                                               (1000 * m.latency.latencies_s).round(3).tolist())),
-                       "queued": len(self.scheduler.lanes[name].queue),
+                       "queued": self._queued(name),
                        "admission": self._admission_status(name)}
                 for name, m in self.models.items()
             },
         }
 
+    def _queued(self, model: str) -> int:
+        lane = self.scheduler.lanes.get(model)     # None: unloaded while this status was read
+        return len(lane.queue) if lane is not None else 0
+
     def _admission_status(self, model: str) -> dict | None:
         """What admission control has learned: the slowdown of a batch here over the profile
         (observed / profiled), what it adds to a batch of one (``excess_ms``), and how many batches
         overran the prediction (``None`` when the model runs without admission)."""
-        admission = self.scheduler.lanes[model].admission
+        lane = self.scheduler.lanes.get(model)     # None: unloaded while this status was read
+        admission = lane.admission if lane is not None else None
         if admission is None:
             return None
         return {"excess_ms": round(1000 * (admission.batch_s(1) - admission.table.predict(1)), 3),

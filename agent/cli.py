@@ -65,15 +65,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
     args.json_logs = args.log_format == "json"
-    try:
+
+    def read_config():
+        """The config file with this command line's overrides: at start, and for ``reload-config``."""
         config = load_config(_config_path(args, "run"))
-        if args.log_format is None and config.log_format == "json":
-            configure_logging(logging.getLogger().level, "json")
-            args.json_logs = True
         if args.http_port is not None:
             config = dataclasses.replace(config, http=dataclasses.replace(config.http, enabled=True, port=args.http_port))
         if args.no_mqtt:
             config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
+        return config
+
+    try:
+        config = read_config()
+        if args.log_format is None and config.log_format == "json":
+            configure_logging(logging.getLogger().level, "json")
+            args.json_logs = True
         if not (config.mqtt.enabled or config.http.enabled):
             print("edge-agent: no intake: enable [mqtt] or [http] in the config, or give --http-port", file=sys.stderr)
             return 2
@@ -85,7 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: signals.append(signum))
         with supervisor.starting(f"loading and profiling {', '.join(m.name for m in config.models)}"):
-            service = Service(config, mqtt_retry=True)
+            service = Service(config, mqtt_retry=True, config_source=read_config)
     except (ConfigError, ProfileError) as exc:
         _say(args, f"edge-agent: {exc}", error=True)
         return 2

@@ -289,6 +289,19 @@ def _parse_model(t: Any, where: str, base_dir: Path | None) -> ModelConfig:
     )
 
 
+def parse_model_entry(table: Any, where: str = "models[0]", base_dir: Path | None = None) -> ModelConfig:
+    """One ``[[models]]`` table, validated exactly as in a config file (a ``load-model`` command's
+    args are one); ``where`` names it in errors, ``base_dir`` resolves a relative card path."""
+    return _parse_model(table, where, base_dir)
+
+
+def parse_batching(table: Any, where: str = "batching") -> BatchingConfig:
+    """One ``[models.batching]`` table, validated exactly as in a config file (``set-batching``)."""
+    if not isinstance(table, dict):
+        raise ConfigError(where, table, "a table")
+    return _parse_batching(table, where)
+
+
 def _seconds(table: dict, key: str, default: float) -> float:
     return float(_take(table, key, "http", (int, float), default, lambda v: 0.01 <= v <= 86_400,
                        "seconds in 0.01..86400"))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Callable
 
 from agent.api import Agent
 from agent.config import Config
@@ -42,12 +43,15 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: Config, *, grace_s: float | None = None, mqtt_retry: bool = False) -> None:
+    def __init__(self, config: Config, *, grace_s: float | None = None, mqtt_retry: bool = False,
+                 config_source: Callable[[], Config] | None = None) -> None:
         """``grace_s``: how long stopping serves what is queued (default: the config's
         ``[agent] drain_timeout_s``). ``mqtt_retry``: a broker that cannot be reached while HTTP
-        serves makes a degraded start (module docstring) instead of an error."""
+        serves makes a degraded start (module docstring) instead of an error. ``config_source``
+        re-reads the config (``reload-config``)."""
         self.config = config
-        self.agent = Agent(config, grace_s=config.drain_timeout_s if grace_s is None else grace_s)
+        self.agent = Agent(config, grace_s=config.drain_timeout_s if grace_s is None else grace_s,
+                           config_source=config_source)
         gc.collect()
         gc.freeze()
         self.transport: MqttTransport | None = None
@@ -61,6 +65,7 @@ class Service:
                                                      config.telemetry.prometheus_port).start()
             if config.http.enabled:
                 self.http = HttpIntake(self.agent, config.http.host, config.http.port).start()
+                self.agent.models_changed.append(self._refresh_http_models)
             if config.mqtt.enabled:
                 mqtt = config.mqtt
                 self.transport = MqttTransport(config.device, mqtt.host, mqtt.port, status=self.agent.status,
@@ -93,6 +98,12 @@ class Service:
         if self.transport is not None and not self.transport.connected:
             return [f"mqtt broker {self.transport.host}:{self.transport.port} unreachable, retrying"]
         return []
+
+    def _refresh_http_models(self) -> None:
+        """A model loaded, unloaded or re-batched while serving (agent.ops.commands): the HTTP
+        intake's per-model views follow."""
+        if self.http is not None:
+            self.http.refresh_models()
 
     @property
     def mqtt(self):

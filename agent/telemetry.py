@@ -147,6 +147,11 @@ class Telemetry:
         self._lock = threading.Lock()
         self.models = {name: ModelStats() for name in models}
 
+    def add_model(self, model: str) -> None:
+        """Count a model loaded while serving (its counters go on if it was loaded before)."""
+        with self._lock:
+            self.models.setdefault(model, ModelStats())
+
     def accepted(self, model: str) -> None:
         with self._lock:
             self.models[model].accepted += 1

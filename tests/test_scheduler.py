@@ -676,3 +676,71 @@ def test_the_policy_is_chosen_by_name():
     assert s.policy.name == "rules" and build_policy("rules", s).name == "rules"
     with pytest.raises(ValueError, match="policy = 'nope'"):
         Scheduler([Scheduler.lane("a", FixedBatch(1), 1, 8)], max_concurrent=1, policy="nope")
+
+
+# --- lanes added, closed, removed and re-ruled while serving (load-model, unload-model, set-batching) ---
+
+def test_an_added_lane_is_served_at_the_next_poll():
+    s = scheduler({"a": FixedBatch(1)})
+    s.add_lane(Scheduler.lane("b", FixedBatch(1), 1, 64))
+    s.enqueue(req("b", 0.0, 1.0))
+    assert s.poll(0.0).dispatch.model == "b"
+    with pytest.raises(ValueError, match="has a lane already"):
+        s.add_lane(Scheduler.lane("b", FixedBatch(1), 1, 64))
+
+
+def test_a_closed_lane_refuses_new_requests_serves_its_queue_and_is_removed_only_when_idle():
+    from agent.errors import UNKNOWN_MODEL
+    s = scheduler({"a": FixedBatch(1), "b": FixedBatch(1)})
+    s.enqueue(req("b", 0.0, 1.0))
+    s.enqueue(req("b", 0.0, 1.0))
+    s.close_lane("b")
+    with pytest.raises(InferenceError) as refused:
+        s.enqueue(req("b", 0.0, 1.0))
+    assert refused.value.code == UNKNOWN_MODEL and "unloaded" in str(refused.value)
+    assert s.start_alone(req("b", 5.0, 6.0)) is None
+    running = s.poll(0.0).dispatch                      # the queue is still served
+    assert running.model == "b"
+    with pytest.raises(ValueError, match="nothing queued or running"):
+        s.remove_lane("b")
+    cancelled = s.cancel_lane("b")                      # what the unload's timeout answers
+    assert len(cancelled) == 1 and not s.queued()
+    with pytest.raises(ValueError):
+        s.remove_lane("b")                              # a batch still holds an instance
+    s.release(running)
+    s.observe(running, 0.01)
+    s.remove_lane("b")
+    assert list(s.lanes) == ["a"]
+    s.observe(running, 0.02)                            # a late reply's bookkeeping finds no lane: no error
+    s.enqueue(req("a", 0.0, 1.0))
+    assert s.poll(0.0).dispatch.model == "a"
+
+
+def test_swap_rule_takes_effect_at_the_next_poll_and_keeps_what_admission_learned():
+    from agent.config import BatchingConfig, ModelConfig
+    from agent.scheduler.rules import build_lane, build_rule
+    t = table()
+    config = ModelConfig("m", "demo:m", batching=BatchingConfig(rule="fixed", max_batch=8, size=4))
+    s = Scheduler([build_lane("m", build_rule(config.batching, t), config, t)], max_concurrent=1)
+    for _ in range(2):
+        s.enqueue(req("m", 0.0, 10.0))
+    assert s.poll(0.0).dispatch is None                 # fixed 4 waits for four
+    dynamic = BatchingConfig(rule="dynamic", max_batch=16, shed_hopeless=False, admission=False)
+    s.swap_rule("m", build_lane("m", build_rule(dynamic, t), ModelConfig("m", "demo:m", batching=dynamic), t))
+    for _ in range(14):
+        s.enqueue(req("m", 0.0, 10.0))
+    batch = s.poll(0.0).dispatch
+    assert len(batch.requests) == 16                    # the new rule's max_batch, buffers sized for it
+    fifo = BatchingConfig(rule="fifo", max_batch=1, shed_hopeless=False, admission=False)
+    with pytest.raises(ValueError, match="fifo"):
+        s.swap_rule("m", build_lane("m", build_rule(fifo, t), ModelConfig("m", "demo:m", batching=fifo), t))
+
+    admitted = BatchingConfig(rule="deadline_aware", max_batch=8)
+    a = Scheduler([build_lane("m", build_rule(admitted, t), ModelConfig("m", "demo:m", batching=admitted), t)],
+                  max_concurrent=1)
+    learned = a.lanes["m"].admission
+    learned.slowdown = 3.0
+    smaller = BatchingConfig(rule="deadline_aware", max_batch=2, margin_ms=2.0)
+    a.swap_rule("m", build_lane("m", build_rule(smaller, t), ModelConfig("m", "demo:m", batching=smaller), t))
+    assert a.lanes["m"].admission is learned and learned.slowdown == 3.0
+    assert learned.max_batch == 2 and learned.margin_s == pytest.approx(0.002)

@@ -596,6 +596,12 @@ class HttpIntake:
 
     # --- life cycle ----------------------------------------------------------------------------
 
+    def refresh_models(self) -> None:
+        """The agent loaded, unloaded or re-batched a model while serving: rebuild the per-model
+        views (metadata, config, readiness). The dict is replaced whole, so the event loop reads
+        the old one or the new one, never a half-built one."""
+        self._models = {name: _ModelView(name, loaded) for name, loaded in self.agent.models.items()}
+
     def start(self) -> "HttpIntake":
         """Bind and listen; returns once connections are accepted (a bind error raises here)."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

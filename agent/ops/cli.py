@@ -51,7 +51,9 @@ def add_keys_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def parse_command_args(words: list[str]) -> dict:
     """``--card m.json --timeout-s 5 --force`` -> ``{"card": "m.json", "timeout_s": 5, "force": True}``:
-    a value is read as JSON where it parses as JSON (numbers, true, null, lists), else as a string."""
+    a value is read as JSON where it parses as JSON (numbers, true, null, lists, tables such as
+    ``--batching '{"max_batch": 4}'``), else as a string; ``@FILE`` is the file's text (a public key
+    for ``rotate-key --public-key @bob.pub``), read here, on the operator's machine."""
     args: dict = {}
     i = 0
     while i < len(words):
@@ -60,10 +62,18 @@ def parse_command_args(words: list[str]) -> dict:
             raise ValueError(f"{word!r}: expected --NAME [VALUE] after the command")
         name = word[2:].replace("-", "_")
         if i + 1 < len(words) and not words[i + 1].startswith("--"):
-            try:
-                value = json.loads(words[i + 1])
-            except ValueError:
-                value = words[i + 1]
+            text = words[i + 1]
+            if text.startswith("@") and len(text) > 1:
+                try:
+                    with open(text[1:], encoding="utf-8") as fh:
+                        value = fh.read()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ValueError(f"--{word[2:]} {text}: cannot read {text[1:]}: {exc}") from None
+            else:
+                try:
+                    value = json.loads(text)
+                except ValueError:
+                    value = text
             i += 2
         else:
             value, i = True, i + 1
@@ -114,7 +124,12 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                     "{card: 'm.json', timeout_s: 5} (values are JSON where they parse). Exit 0 when every ack "
                     "is ok, 1 when refused, 3 when none came.",
         epilog="examples: edge-agent ctl --device board-1 --key ops.key status;  "
-               "edge-agent ctl --device board-1 drain --timeout-s 30;  edge-agent ctl --device fleet resume")
+               "edge-agent ctl --device board-1 drain --timeout-s 30;  edge-agent ctl --device fleet resume;  "
+               "... load-model --name resnet_digits --card demo:resnet_digits --instances 2 "
+               "--batching '{\"max_batch\": 4}';  ... unload-model --model resnet_digits --timeout-s 10;  "
+               "... set-batching --model resnet_digits --max-batch 4 --max-wait-ms 2;  "
+               "... set-slo-default --all --slo-ms 80;  ... selftest --groups '[\"core\", \"broker\"]';  "
+               "... reload-config;  ... rotate-key --key-id bob --public-key @bob.pub --revoke alice")
     ctl.add_argument("--device", required=True, metavar="D", help="the board's device id, or 'fleet' for every board")
     ctl.add_argument("--key", metavar="PRIVATE_KEY", help=f"the operator's private key (edge-agent keys generate; "
                                                           f"default ${KEY_ENV})")
@@ -128,7 +143,8 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     ctl.add_argument("--command-id", metavar="ID", help="the command's id (default: a new one); the same id "
                                                         "again returns the first acknowledgement, never a second run")
     ctl.add_argument("--compact", action="store_true", help="one line of JSON per acknowledgement")
-    ctl.add_argument("command", metavar="COMMAND", help="status, drain, resume, ...")
+    ctl.add_argument("command", metavar="COMMAND", help="status, drain, resume, load-model, unload-model, "
+                     "set-batching, set-slo-default, selftest, reload-config, rotate-key")
     ctl.add_argument("args", nargs=argparse.REMAINDER, metavar="--NAME VALUE", help="the command's args")
     ctl.set_defaults(func=_cmd_ctl)
     return ctl

@@ -17,17 +17,28 @@ interleave their changes to the agent and a repeat always finds its first's ack 
 
 Commands here: ``status`` (the board's status and counters), ``drain`` (new requests are refused
 ``shutting_down``; what was accepted is served; the ack comes when nothing is queued or running,
-or after ``timeout_s``), ``resume`` (take requests again). Each changes the agent while it serves:
-no accepted request is lost or answered twice (the drain flag only decides, at acceptance, whether
-a new request is taken). After drain and resume the retained status is published again.
+or after ``timeout_s``), ``resume`` (take requests again), and the model and key changes:
+``load-model`` (args: one ``[[models]]`` table, validated as a config file's), ``unload-model``,
+``set-batching``, ``set-slo-default``, ``reload-config`` (the config file again: its models' changes
+applied through the same operations, all or nothing; what only a restart changes refused
+``needs_restart``), ``selftest`` (:func:`agent.ops.selftest.run_selftest`, its report in the ack)
+and ``rotate-key`` (trust a new operator key, revoke old ones, on disk). Each changes the agent
+while it serves: no accepted request is lost or answered twice (each change is made under the
+live loop's lock, between two scheduler decisions: ``agent.api.Agent.add_model`` and its
+neighbours). After each change the retained status is published again.
+
+A slow command (a model loaded and profiled, a queue served before its model is unloaded, a
+self-test) holds the one worker: later commands wait behind it, in order, and are answered after.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from paho.mqtt.client import MQTTMessage
@@ -35,12 +46,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.api import Agent
-from agent.ops.keys import Keyring
+from agent.config import Config, ConfigError, parse_batching, parse_model_entry
+from agent.ops.keys import Keyring, KeyFileError, fingerprint, install_key, parse_public_key
 from agent.ops.signing import Verifier, encode_ack, make_ack
 from agent.transport.connection import MqttTransport
 from agent.transport.topics import cmd_topic, fleet_cmd_topic, publish_topic_problem
 
-__all__ = ["CommandChannel", "CommandArgsError"]
+__all__ = ["CommandChannel", "CommandArgsError", "CommandFailed", "SELFTEST_DEFAULT_GROUPS"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +63,22 @@ UNANSWERABLE_LOG_INTERVAL_S = 10.0
 #: ``drain``'s wait for the board to empty, when its args give no ``timeout_s``, and the most they may.
 DRAIN_TIMEOUT_S = 10.0
 MAX_DRAIN_TIMEOUT_S = 120.0
+#: The self-test's groups a ``selftest`` command runs unless its args name others: all but
+#: ``models``, which loads every model a second time and runs it dozens of times on the cores that
+#: serve (requests slow down meanwhile, and its drift figures would measure that contention).
+SELFTEST_DEFAULT_GROUPS = ("core", "files", "accelerators", "broker", "headroom")
+#: What ``reload-config`` may change while serving, per model: the rest of a model's table (its
+#: card, file, backend, instances, threads, queue) means unload-model and load-model, or a restart.
+LIVE_MODEL_FIELDS = ("batching", "default_slo_ms")
+
+
+class CommandFailed(Exception):
+    """A command that could not be carried out: answered with ``code`` and ``reason`` (and
+    ``result``, what the operator needs to act on it)."""
+
+    def __init__(self, code: str, reason: str, result: Any = None) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.result = code, reason, result
 
 
 class CommandArgsError(ValueError):
@@ -74,9 +102,13 @@ class CommandChannel:
         self.topic_filters = (cmd_topic(self.device), fleet_cmd_topic())
         self.handlers: dict[str, Callable[[dict], Any]] = {
             "status": self._status, "drain": self._drain, "resume": self._resume,
+            "load-model": self._load_model, "unload-model": self._unload_model,
+            "set-batching": self._set_batching, "set-slo-default": self._set_slo_default,
+            "selftest": self._selftest, "reload-config": self._reload_config, "rotate-key": self._rotate_key,
         }
         self.answered = 0
         self.unanswerable = 0
+        self._current = None      # the command the worker runs (for log lines and notes)
         self._lock = threading.Lock()
         self._logged_at = -math.inf
         self._queue: queue.Queue = queue.Queue(QUEUE_CAPACITY)
@@ -143,11 +175,14 @@ class CommandChannel:
                            f"this board runs {sorted(self.handlers)}; not {command.command!r}")
         else:
             started = time.perf_counter()
+            self._current = command
             try:
                 result = handler(command.args)
                 ack = make_ack(command.command_id, True, "ok", f"{command.command} done", result)
             except CommandArgsError as exc:
                 ack = make_ack(command.command_id, False, "bad_args", str(exc))
+            except CommandFailed as exc:
+                ack = make_ack(command.command_id, False, exc.code, exc.reason, exc.result)
             except Exception as exc:
                 log.exception("command %s (%s) failed", command.command, command.command_id)
                 ack = make_ack(command.command_id, False, "failed", f"{type(exc).__name__}: {exc}")
@@ -219,6 +254,208 @@ class CommandChannel:
             self.transport.publish_status(self.agent.status())
         except Exception:
             log.exception("could not publish the status after a command")
+
+
+    # --- models: load, unload, batching, SLO ------------------------------------------------------
+
+    def _load_model(self, args: dict) -> dict:
+        try:
+            config = parse_model_entry(args, "args")
+        except ConfigError as exc:
+            raise CommandArgsError(_args_error(exc)) from None
+        if not (config.card.startswith("demo:") or Path(config.card).is_absolute()):
+            raise CommandArgsError(f"card = {config.card!r}: expected an absolute path on the board, or demo:NAME")
+        if config.name in self.agent.models:
+            raise CommandFailed("model_loaded", f"model {config.name!r} is loaded already: unload-model it first, "
+                                                f"or change its batching with set-batching")
+        started = time.perf_counter()
+        try:
+            loaded = self.agent.add_model(config)
+        except ValueError as exc:
+            raise CommandFailed("load_failed", f"model {config.name!r}: {exc}") from None
+        except Exception as exc:
+            raise CommandFailed("load_failed", f"model {config.name!r}: {type(exc).__name__}: {exc}") from None
+        self._publish_status()
+        return {"model": config.name, "backend": config.backend, "file": config.file, "instances": config.instances,
+                "batching": {"rule": config.batching.rule, **loaded.rule.describe()}, "default_slo_ms": config.default_slo_ms,
+                "latency_ms": dict(zip(loaded.latency.batch_sizes.tolist(),
+                                       (1000 * loaded.latency.latencies_s).round(3).tolist())),
+                "load_s": round(time.perf_counter() - started, 3)}
+
+    def _unload_model(self, args: dict) -> dict:
+        _no_args(args, {"model", "timeout_s"})
+        name = self._model_arg(args)
+        timeout_s = _seconds_arg(args, "timeout_s", DRAIN_TIMEOUT_S)
+        result = self.agent.remove_model(name, timeout_s)
+        self._publish_status()
+        return {"model": name, **result}
+
+    def _set_batching(self, args: dict) -> dict:
+        name = self._model_arg(args)
+        table = {k: v for k, v in args.items() if k != "model"}
+        if not table:
+            raise CommandArgsError("no batching settings: give rule, max_batch, max_wait_ms, ... (as in a "
+                                   "config's [models.batching] table)")
+        current = self.agent.models[name].config.batching
+        if "rule" not in table:     # change these keys of the current table
+            merged = dataclasses.asdict(current)
+            merged["preferred_sizes"] = list(merged["preferred_sizes"])
+            if "size" not in table and isinstance(table.get("max_batch"), int):
+                merged["size"] = max(1, min(merged["size"], table["max_batch"]))
+            table = {**merged, **table}
+        try:
+            batching = parse_batching(table, "args")
+        except ConfigError as exc:
+            raise CommandArgsError(_args_error(exc)) from None
+        try:
+            result = self.agent.set_batching(name, batching)
+        except ValueError as exc:
+            raise CommandFailed("cannot_apply_live", str(exc)) from None
+        self._publish_status()
+        return result
+
+    def _set_slo_default(self, args: dict) -> dict:
+        _no_args(args, {"model", "all", "slo_ms"})
+        if ("model" in args) == bool(args.get("all")):
+            raise CommandArgsError("give model (a loaded model's name) or all (every loaded model), not both")
+        slo_ms = args.get("slo_ms")
+        if (not isinstance(slo_ms, (int, float)) or isinstance(slo_ms, bool) or not 0 < slo_ms <= 3_600_000):
+            raise CommandArgsError(f"slo_ms = {slo_ms!r}: expected milliseconds in (0, 3600000]")
+        names = [self._model_arg(args)] if "model" in args else sorted(self.agent.models)
+        was = {name: self.agent.set_default_slo(name, slo_ms) for name in names}
+        self._publish_status()
+        return {"default_slo_ms": float(slo_ms), "was": was}
+
+    def _model_arg(self, args: dict) -> str:
+        name = args.get("model")
+        if not isinstance(name, str):
+            raise CommandArgsError(f"model = {name!r}: expected the name of a loaded model "
+                                   f"({sorted(self.agent.models)})")
+        if name not in self.agent.models:
+            raise CommandFailed("unknown_model", f"no model {name!r} is loaded; loaded: {sorted(self.agent.models)}")
+        return name
+
+    # --- the config file again ----------------------------------------------------------------------
+
+    def _reload_config(self, args: dict) -> dict:
+        """The difference between the config file and the running config, applied all or nothing:
+        models added (loaded and profiled first: one that fails to load undoes the others), batching
+        and default SLOs changed, models removed (their queues served first). Anything else that
+        differs is refused ``needs_restart`` and nothing is applied."""
+        _no_args(args, set())
+        if self.agent.config_source is None:
+            raise CommandFailed("unavailable", "this agent was not started from a config file "
+                                               "(edge-agent run --config FILE): nothing to reload")
+        try:
+            new = self.agent.config_source()
+        except ConfigError as exc:
+            raise CommandFailed("bad_config", f"{exc}: nothing was applied") from None
+        running = self.agent.config
+        restart = [line for f in dataclasses.fields(Config) if f.name != "models"
+                   for line in _differences(f.name, getattr(running, f.name), getattr(new, f.name))]
+        old_models = {m.name: m for m in running.models}
+        new_models = {m.name: m for m in new.models}
+        changed: dict[str, dict] = {}
+        for name in sorted(old_models.keys() & new_models.keys()):
+            old, fresh = old_models[name], new_models[name]
+            for f in dataclasses.fields(old):
+                if f.name in LIVE_MODEL_FIELDS:
+                    if getattr(old, f.name) != getattr(fresh, f.name):
+                        changed.setdefault(name, {})[f.name] = getattr(fresh, f.name)
+                elif getattr(old, f.name) != getattr(fresh, f.name):
+                    restart.append(f"models.{name}.{f.name}: {getattr(old, f.name)!r} -> {getattr(fresh, f.name)!r} "
+                                   f"(unload-model and load-model it, or restart)")
+            batching = changed.get(name, {}).get("batching")
+            if batching is not None and (batching.rule == "fifo") != (old.batching.rule == "fifo"):
+                restart.append(f"models.{name}.batching.rule: {old.batching.rule!r} -> {batching.rule!r} "
+                               f"(to or from fifo: unload-model and load-model it, or restart)")
+        if restart:
+            raise CommandFailed("needs_restart", "these settings change only when the agent restarts, so nothing "
+                                "was applied: " + "; ".join(restart), {"needs_restart": restart})
+        added = [new_models[n] for n in new_models if n not in old_models]
+        removed = [n for n in old_models if n not in new_models]
+        loaded: list[str] = []
+        for config in added:
+            try:
+                self.agent.add_model(config)
+            except Exception as exc:
+                for name in reversed(loaded):
+                    self.agent.remove_model(name, DRAIN_TIMEOUT_S)
+                self._publish_status()
+                raise CommandFailed("load_failed", f"model {config.name!r}: {type(exc).__name__}: {exc}; the models "
+                                                   f"loaded before it were unloaded again: nothing was applied") from None
+            loaded.append(config.name)
+        for name, fields in changed.items():
+            if "batching" in fields:
+                self.agent.set_batching(name, fields["batching"])
+            if "default_slo_ms" in fields:
+                self.agent.set_default_slo(name, fields["default_slo_ms"])
+        unloaded = {name: self.agent.remove_model(name, DRAIN_TIMEOUT_S) for name in removed}
+        self._publish_status()
+        return {"added": loaded, "removed": unloaded, "changed": {n: sorted(f) for n, f in changed.items()},
+                "models": sorted(self.agent.models)}
+
+    # --- the self-test ------------------------------------------------------------------------------
+
+    def _selftest(self, args: dict) -> dict:
+        from agent.ops.selftest import GROUPS, run_selftest
+        _no_args(args, {"groups"})
+        groups = args.get("groups", list(SELFTEST_DEFAULT_GROUPS))
+        if (not isinstance(groups, list) or not groups or not all(isinstance(g, str) for g in groups)
+                or set(groups) - set(GROUPS)):
+            raise CommandArgsError(f"groups = {groups!r}: expected a list of some of {list(GROUPS)} "
+                                   f"(default {list(SELFTEST_DEFAULT_GROUPS)})")
+        report = run_selftest(self.agent.config, groups=[g for g in GROUPS if g in groups],
+                              config_source="the running config")
+        return {**report.to_dict(), "groups": [g for g in GROUPS if g in groups],
+                "skipped_groups": [g for g in GROUPS if g not in groups]}
+
+    # --- operator keys --------------------------------------------------------------------------------
+
+    def _rotate_key(self, args: dict) -> dict:
+        _no_args(args, {"key_id", "public_key", "revoke"})
+        if "key_id" not in args or "public_key" not in args:
+            raise CommandArgsError("give key_id (the new key's id) and public_key (PEM text or 32 raw bytes); "
+                                   "revoke (a key id or a list of them) is optional")
+        revoke = args.get("revoke", [])
+        revoke = [revoke] if isinstance(revoke, str) else revoke
+        if not isinstance(revoke, list) or not all(isinstance(r, str) for r in revoke):
+            raise CommandArgsError(f"revoke = {args.get('revoke')!r}: expected a key id or a list of key ids")
+        directory = self.agent.config.control.keyring
+        if directory is None:
+            raise CommandFailed("unavailable", "this board's keyring is not a directory it can write "
+                                               "([control] keyring)")
+        command = self._current
+        try:
+            public_key = parse_public_key(args["public_key"])
+            keyring = install_key(directory, args["key_id"], public_key, tuple(revoke),
+                                  note=f"rotate-key {command.command_id} by {command.key_id}" if command else "")
+        except KeyFileError as exc:
+            raise CommandArgsError(str(exc)) from None
+        self.verifier.keyring = keyring            # the next command is checked against it
+        log.warning("keyring %s: trusting key %r (%s)%s", directory, args["key_id"], fingerprint(public_key),
+                    f", revoked {revoke}" if revoke else "")
+        return {"installed": args["key_id"], "fingerprint": fingerprint(public_key), "revoked": revoke,
+                "trusted": sorted(k for k in keyring.keys if keyring.lookup(k)[0] is not None)}
+
+
+def _differences(where: str, old: Any, new: Any) -> list[str]:
+    """``where.field: old -> new`` for each field that differs (into nested config sections)."""
+    if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new):
+        return [line for f in dataclasses.fields(old)
+                for line in _differences(f"{where}.{f.name}", getattr(old, f.name), getattr(new, f.name))]
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _args_error(exc: ConfigError) -> str:
+    return str(exc).removeprefix("config: ")
+
+
+def _seconds_arg(args: dict, key: str, default: float) -> float:
+    value = args.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_DRAIN_TIMEOUT_S:
+        raise CommandArgsError(f"{key} = {value!r}: expected seconds in 0..{MAX_DRAIN_TIMEOUT_S:g}")
+    return float(value)
 
 
 def _no_args(args: dict, allowed: set[str]) -> None:

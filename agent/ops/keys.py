@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 __all__ = [
     "KEY_ID_PATTERN", "KeyFileError", "SigningKey", "Keyring", "KeyPair",
     "generate_key_pair", "load_signing_key", "load_public_key", "fingerprint", "check_key_id",
+    "parse_public_key", "install_key",
 ]
 
 #: A key id: what a file stem and a command's ``key_id`` may be.
@@ -226,3 +227,90 @@ class Keyring:
         if key_id in self._revoked_by_fingerprint:
             return None, "revoked_key"
         return key, None
+
+
+def parse_public_key(data: bytes | str) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM text or bytes (SubjectPublicKeyInfo), or its raw 32 bytes
+    (what a ``rotate-key`` command carries). Raises ``KeyFileError`` saying what it got."""
+    if isinstance(data, str):
+        data = data.encode()
+    if not isinstance(data, bytes):
+        raise KeyFileError(f"public_key: a {type(data).__name__}, expected PEM text or 32 raw bytes")
+    if len(data) == 32:
+        return Ed25519PublicKey.from_public_bytes(data)
+    try:
+        public_key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError(f"public_key: neither PEM nor 32 raw bytes ({exc})") from None
+    if not isinstance(public_key, Ed25519PublicKey):
+        raise KeyFileError(f"public_key: a {type(public_key).__name__}, expected an Ed25519 key")
+    return public_key
+
+
+def _replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, flushed to disk, renamed over
+    it, the directory flushed too. A board that loses power mid-write keeps the old file or the new
+    one, never half a key or half a revocation list."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def install_key(directory: str | os.PathLike, key_id: str, public_key: Ed25519PublicKey,
+                revoke: tuple[str, ...] = (), note: str = "") -> Keyring:
+    """Trust ``public_key`` as ``key_id`` in the keyring ``directory`` and revoke the ids of
+    ``revoke``, on disk (each file replaced atomically: the key first, so a crash between the two
+    never leaves a board trusting no key), then return the keyring read back from the directory:
+    what the board trusts now is what it will trust after a restart.
+
+    Raises ``KeyFileError`` for a bad id, an id already trusted with another key, a revoked id, or
+    a revocation of an id the keyring does not hold (a typo must not pass silently). Installing the
+    same key under the same id again changes nothing (a resent command)."""
+    directory = Path(directory)
+    current = Keyring.from_dir(directory)
+    problem = check_key_id(key_id)
+    if problem:
+        raise KeyFileError(problem)
+    if key_id in current.revoked_ids or fingerprint(public_key) in current.revoked_fingerprints:
+        raise KeyFileError(f"key {key_id!r} is revoked on this board: a revoked key is never trusted again "
+                           f"(install the new key under a new id)")
+    if key_id in revoke:
+        raise KeyFileError(f"revoke = {list(revoke)}: names the key being installed ({key_id!r})")
+    for old in revoke:
+        if old not in current.keys:
+            raise KeyFileError(f"revoke: no key {old!r} in this board's keyring (it has {sorted(current.keys)})")
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    existing = current.keys.get(key_id)
+    if existing is not None:
+        if existing.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw) != raw:
+            raise KeyFileError(f"key id {key_id!r} is trusted already with another key: choose a new id")
+    else:
+        _replace_file(directory / f"{key_id}.pub", public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    new_revocations = [old for old in revoke if old not in current.revoked_ids]
+    if new_revocations:
+        revoked_path = directory / REVOKED_FILE
+        text = revoked_path.read_text() if revoked_path.exists() else ""
+        if text and not text.endswith("\n"):
+            text += "\n"
+        suffix = f"  # {note}" if note else ""
+        text += "".join(f"{old}{suffix}\n" for old in new_revocations)
+        _replace_file(revoked_path, text.encode())
+    return Keyring.from_dir(directory)

@@ -56,7 +56,7 @@ from typing import Iterable
 import numpy as np
 
 from agent.core import DeadlineQueue, PushResult
-from agent.errors import REJECTED, InferenceError
+from agent.errors import REJECTED, UNKNOWN_MODEL, InferenceError
 from agent.scheduler.admission import MAX_CLASSES, AdmissionControl, CostShare, slo_class
 from agent.scheduler.policy import DEFAULT_POLICY, Action, Policy, build_policy
 from agent.scheduler.request import Request
@@ -138,6 +138,9 @@ class ModelLane:
     # queue delay, fifo): on an idle board such a request may start without the queue
     # (Scheduler.start_alone).
     starts_alone: bool = False
+    # Set when the model is being unloaded (Scheduler.close_lane): new requests are refused; what
+    # is queued is still served.
+    closed: bool = False
     # Predicted end of the batch running on each busy instance (for admission).
     busy_until: dict[int, float] = field(default_factory=dict)
     pending: dict[int, Request] = field(default_factory=dict)
@@ -175,13 +178,11 @@ class Scheduler:
             raise ValueError(f"max_concurrent = {max_concurrent}: expected >= 1")
         self.max_concurrent = max_concurrent
         self.in_flight = 0
-        # With several models under admission control, overload refuses the expensive ones first.
-        admitted = {lane.name: lane.admission for lane in self._lane_list if lane.admission is not None}
-        self.share = CostShare(admitted, max_concurrent) if len(admitted) > 1 else None
         if not 0.0 <= hold_fraction <= 1.0:
             raise ValueError(f"hold_fraction = {hold_fraction!r}: expected a fraction in 0..1 (0 = no cap)")
         self.hold_fraction = hold_fraction
-        self._capped = [lane for lane in self._lane_list if lane.admission is not None] if hold_fraction > 0 else []
+        self.share: CostShare | None = None
+        self._index_admission()
         self.tight_slo_s = math.inf        # the tightest SLO seen within TIGHT_WINDOW_S ...
         self._tight_at = -math.inf         # ... last seen then
         # Lookahead (ours): admitted work per second by SLO class (admission.slo_class), [rate, as of,
@@ -192,6 +193,7 @@ class Scheduler:
         if not edf_horizon_s > 0:
             raise ValueError(f"edf_horizon_s = {edf_horizon_s!r}: expected seconds > 0 (inf = plain EDF)")
         self.edf_horizon_s = edf_horizon_s
+        self._policy_name = policy if isinstance(policy, str) else None
         self.policy: Policy = build_policy(policy, self) if isinstance(policy, str) else policy
         self.last_arrival = -math.inf     # of the last request admitted (the idle path's gap)
         self.idle_since = -math.inf       # when the board last became idle (AdmissionControl.relax)
@@ -215,8 +217,12 @@ class Scheduler:
         return min(request.deadline, request.arrival + self.edf_horizon_s)
 
     def enqueue(self, request: Request) -> None:
-        """Queue an admitted request; a full queue refuses it at once (``rejected``), never silently."""
-        lane = self.lanes[request.model]
+        """Queue an admitted request; a full queue refuses it at once (``rejected``), never silently,
+        and a model being unloaded (:meth:`close_lane`) refuses it ``unknown_model``."""
+        lane = self.lanes.get(request.model)
+        if lane is None or lane.closed:
+            raise InferenceError(UNKNOWN_MODEL, f"model {request.model!r} is being unloaded (an operator's "
+                                                f"command): not taking new requests for it", "model")
         key = self.queue_key(request)
         self._admit(lane, request, key)
         if lane.fifo:   # keyed by arrival; the Request keeps its real deadline for the reply
@@ -274,7 +280,9 @@ class Scheduler:
         ``None``: not this path; :meth:`enqueue` the request."""
         if self.in_flight or request.arrival - self.last_arrival < IDLE_GAP_S or self.queued():
             return None
-        lane = self.lanes[request.model]
+        lane = self.lanes.get(request.model)
+        if lane is None or lane.closed:
+            return None                                   # enqueue refuses it
         action = self.policy.alone(self, lane, request)
         if action is None:
             return None
@@ -444,7 +452,9 @@ class Scheduler:
         the lane's admission control what a batch really takes here (see admission.py), and the
         policy learns what it wants from it (the default: a rule such as Clipper's AIMD, whether the
         batch met every deadline in it)."""
-        lane = self.lanes[dispatch.model]
+        lane = self.lanes.get(dispatch.model)
+        if lane is None:      # its model was unloaded while the batch's replies went out
+            return
         admission = lane.admission
         if admission is not None:
             admission.observe(len(dispatch.requests), now - dispatch.started)
@@ -460,3 +470,97 @@ class Scheduler:
                 lane.queue.cancel(rid)
                 out.append(lane.pending.pop(rid))
         return out
+
+    # --- lanes added, changed and removed while serving (agent.api: load-model, unload-model,
+    # set-batching). The caller holds the lock the drivers hold around every scheduler call. The
+    # lane dict and list are replaced, never changed in place, so a reader without the lock (the
+    # status) iterates a consistent copy.
+
+    def add_lane(self, lane: ModelLane) -> None:
+        """Serve a new model's lane from the next poll on."""
+        if lane.name in self.lanes:
+            raise ValueError(f"model {lane.name!r} has a lane already")
+        self._check_policy_follows()
+        self.lanes = {**self.lanes, lane.name: lane}
+        self._lanes_changed()
+
+    def close_lane(self, name: str) -> None:
+        """Refuse new requests for ``name`` (``unknown_model``); what is queued is still served."""
+        self.lanes[name].closed = True
+
+    def cancel_lane(self, name: str) -> list[Request]:
+        """Take every queued request of ``name`` out: the caller answers each (``shutting_down``)."""
+        lane = self.lanes[name]
+        out = []
+        for rid in list(lane.pending):
+            lane.queue.cancel(rid)
+            out.append(lane.pending.pop(rid))
+        return out
+
+    def lane_idle(self, name: str) -> bool:
+        """Nothing of ``name`` is queued and no batch of it holds an instance."""
+        lane = self.lanes[name]
+        return not len(lane.queue) and len(lane.free_instances) == lane.instances
+
+    def remove_lane(self, name: str) -> None:
+        """Forget a closed, idle lane (:meth:`close_lane`, :meth:`lane_idle`)."""
+        lane = self.lanes[name]
+        if not lane.closed or not self.lane_idle(name):
+            raise ValueError(f"model {name!r}: only a closed lane with nothing queued or running can be removed")
+        self._check_policy_follows()
+        self.lanes = {n: other for n, other in self.lanes.items() if n != name}
+        self._lanes_changed()
+
+    def swap_rule(self, name: str, template: ModelLane) -> None:
+        """Batch ``name`` by ``template``'s rule from the next poll on (``template``: a lane built
+        from the new batching config, ``agent.scheduler.rules.build_lane``; its queue is not used).
+        What admission learned of the model is kept (its margin and batch bound follow the new
+        rule); a rule's own state (AIMD's size, DisBatcher's window) starts over. Between fifo and
+        the other rules the queue's keys differ (arrival, deadline): that cannot change live."""
+        lane = self.lanes[name]
+        if lane.fifo != template.fifo:
+            raise ValueError(f"model {name!r}: switching to or from rule 'fifo' changes how its queue is keyed; "
+                             f"unload and load the model instead")
+        self._check_policy_follows()
+        admission = template.admission
+        if admission is not None and lane.admission is not None:
+            lane.admission.limit_batch(template.rule.max_batch)
+            lane.admission.margin_s = admission.margin_s
+            admission = lane.admission
+        lane.rule = template.rule
+        lane.admission = admission
+        lane.min_latency_s = template.min_latency_s
+        lane.starts_alone = template.starts_alone
+        lane.batch_cap = template.rule.max_batch
+        if len(lane.ready_ids) < template.rule.max_batch:
+            lane.ready_ids = template.ready_ids
+            lane.expired_ids = template.expired_ids
+        self._lanes_changed()
+
+    def _index_admission(self) -> None:
+        """The cost share and the capped lanes, from the lanes' admission controls."""
+        admitted = {lane.name: lane.admission for lane in self._lane_list if lane.admission is not None}
+        # With several models under admission control, overload refuses the expensive ones first.
+        if len(admitted) <= 1:
+            self.share = None
+        elif self.share is None or self.share.lanes != admitted:
+            self.share = CostShare(admitted, self.max_concurrent)
+        self._capped = [lane for lane in self._lane_list if lane.admission is not None] if self.hold_fraction > 0 else []
+        if self._capped and math.isfinite(getattr(self, "tight_slo_s", math.inf)):
+            bound = self.hold_fraction * self.tight_slo_s
+            for lane in self._capped:
+                lane.batch_cap = hold_cap(lane.admission.table, lane.rule.max_batch, bound)
+
+    def _check_policy_follows(self) -> None:
+        """Refuse a change of lanes, before anything changes, that the policy could not follow."""
+        if self._policy_name is None and not hasattr(self.policy, "lanes_changed"):
+            raise ValueError(f"policy {getattr(self.policy, 'name', self.policy)!r} cannot follow lanes changed "
+                             f"while serving (it has no lanes_changed)")
+
+    def _lanes_changed(self) -> None:
+        self._lane_list = list(self.lanes.values())
+        self._index_admission()
+        if self._policy_name is not None:
+            self.policy = build_policy(self._policy_name, self)
+        else:
+            self.policy.lanes_changed(self)

@@ -51,7 +51,12 @@ class Action(NamedTuple):
 
 class Policy(Protocol):
     """Decides each dispatch; learns from what happened. See the module docstring for when each
-    method is called. Implementations keep no reference to requests after a call returns."""
+    method is called. Implementations keep no reference to requests after a call returns.
+
+    When models are loaded or unloaded, or a lane's rule changes, while serving (``load-model``,
+    ``unload-model``, ``set-batching``), a policy named in the config is built again for the new
+    lanes; a policy object given to the scheduler directly follows them only if it has
+    ``lanes_changed(scheduler)`` (else the change is refused)."""
 
     name: str
 

@@ -225,3 +225,145 @@ def format_sign_report(costs: dict, fuzz: dict) -> str:
     lines.append(f"RSS before {fuzz['rss_before_kib'] / 1024:.1f} MiB, at each quarter {checkpoints}, "
                  f"after {fuzz['rss_after_kib'] / 1024:.1f} MiB")
     return "\n".join(lines)
+
+
+# --- the same fuzz through a real broker to a real agent process ---------------------------------
+
+def _proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _topic_command(envelope: bytes) -> str:
+    """The command an envelope claims to be (its topic's last level), ``status`` when it names none
+    that a topic may carry: a forger picks the topic, and the board must refuse either way."""
+    from agent.ops.signing import COMMAND_PATTERN
+    try:
+        command = msgpack.unpackb(msgpack.unpackb(envelope)["signed"], raw=False)["command"]
+    except Exception:
+        return "status"
+    return command if isinstance(command, str) and COMMAND_PATTERN.fullmatch(command) else "status"
+
+
+def fuzz_agent(n: int = 10_000, seed: int = 0, window: int = 128, timeout_s: float = 300.0) -> dict:
+    """The fuzz's ``n`` envelopes published to a real ``edge-agent run`` process (one demo model,
+    ``[mqtt] subscribers = ["infer", "cmd"]``) through a local Mosquitto, each with its own
+    correlation data, at most ``window`` unanswered at once (the agent's command queue holds 256;
+    beyond, it answers ``busy`` at once, also a refusal with a reason). Counts the acks per
+    correlation (each must come exactly once, none ``ok``), the codes, and the agent's resident
+    memory before, at each quarter and after."""
+    import subprocess
+    import sys
+    import threading
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from agent.ops.signing import decode_ack
+    from agent.transport.paho_client import connect, make_client
+    from edge_lab.broker import LocalBroker
+
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
+        tmp = Path(tmp)
+        keys = _keys(tmp)
+        config = tmp / "agent.toml"
+        config.write_text(f'config_version = 1\n[agent]\ndevice = "{DEVICE}"\nworkers = 1\n'
+                          f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nsubscribers = ["infer", "cmd"]\n'
+                          f'[control]\nkeyring = "{tmp / "board"}"\n'
+                          f'[[models]]\nname = "mobilenet_digits"\ncard = "demo:mobilenet_digits"\n')
+        log_path = tmp / "agent.log"
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                                    stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while "serving" not in log_path.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"edge-agent run did not start serving: {log_path.read_text()}")
+                time.sleep(0.1)
+            cases, reused_nonce = _fuzz_cases(keys, rng)
+            first = sign("status", {}, DEVICE, keys["operator"], nonce=reused_nonce)
+            envelopes = [first] + [rng.choice(cases)() for _ in range(n)]
+            acks: dict[int, list[dict]] = {}
+            cond = threading.Condition()
+            client = make_client(f"bench-sign-fuzz-{seed}")
+            reply_topic = f"bench/sign-fuzz/{seed}/acks"
+
+            def on_message(client, userdata, message) -> None:
+                index = int(message.properties.CorrelationData)
+                ack = decode_ack(message.payload)
+                with cond:
+                    acks.setdefault(index, []).append(ack)
+                    cond.notify_all()
+
+            client.on_message = on_message
+            subscribed = threading.Event()
+            client.on_subscribe = lambda *a: subscribed.set()
+            connect(client, broker.host, broker.port)
+            client.subscribe(reply_topic, qos=1)
+            if not subscribed.wait(10):
+                raise RuntimeError("the broker did not acknowledge the subscription")
+
+            def publish(index: int) -> None:
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = reply_topic
+                props.CorrelationData = str(index).encode()
+                envelope = envelopes[index]
+                client.publish(f"edge/v1/{DEVICE}/cmd/{_topic_command(envelope)}", envelope, qos=1, properties=props)
+
+            publish(0)                                      # the accepted command whose nonce is replayed
+            with cond:
+                if not cond.wait_for(lambda: 0 in acks, 30):
+                    raise RuntimeError("no ack for the first (valid) command")
+            gc.collect()
+            rss_before = _proc_rss_kib(proc.pid)
+            checkpoints = []
+            start = time.perf_counter()
+            stop_at = time.monotonic() + timeout_s
+            for index in range(1, n + 1):
+                with cond:
+                    cond.wait_for(lambda: index - len(acks) < window or time.monotonic() > stop_at, 10)
+                publish(index)
+                if index % (n // 4 or 1) == 0:
+                    checkpoints.append(_proc_rss_kib(proc.pid))
+            with cond:
+                cond.wait_for(lambda: len(acks) >= n + 1, max(1.0, stop_at - time.monotonic()))
+            elapsed = time.perf_counter() - start
+            time.sleep(0.5)                                 # a second ack would show up now
+            rss_after = _proc_rss_kib(proc.pid)
+            client.disconnect()
+            client.loop_stop()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        with cond:
+            fuzzed = {i: acks.get(i, []) for i in range(1, n + 1)}
+        codes = Counter(a[0]["code"] for a in fuzzed.values() if a)
+        return {"n": n, "seed": seed, "window": window, "codes": dict(codes.most_common()),
+                "first_ack": acks[0][0]["code"],
+                "accepted": sum(1 for a in fuzzed.values() if a and a[0]["ok"]),
+                "without_reason": sum(1 for a in fuzzed.values() if a and not a[0]["reason"]),
+                "unanswered": sum(1 for a in fuzzed.values() if not a),
+                "answered_twice": sum(1 for a in fuzzed.values() if len(a) > 1),
+                "rss_before_kib": rss_before, "rss_after_kib": rss_after, "rss_checkpoints_kib": checkpoints,
+                "seconds": elapsed, "agent_exit": proc.returncode}
+
+
+def format_agent_fuzz(fuzz: dict) -> str:
+    lines = [f"fuzz through the broker: {fuzz['n']} envelopes (seed {fuzz['seed']}) to an edge-agent run process, "
+             f"at most {fuzz['window']} unanswered, in {fuzz['seconds']:.1f} s: accepted {fuzz['accepted']}, "
+             f"refused without a reason {fuzz['without_reason']}, unanswered {fuzz['unanswered']}, "
+             f"answered twice {fuzz['answered_twice']} (the valid first command: {fuzz['first_ack']})"]
+    for code, count in fuzz["codes"].items():
+        lines.append(f"  {code:<16}{count:>7}")
+    checkpoints = ", ".join(f"{kib / 1024:.1f}" for kib in fuzz["rss_checkpoints_kib"])
+    lines.append(f"agent RSS before {fuzz['rss_before_kib'] / 1024:.1f} MiB, at each quarter {checkpoints}, "
+                 f"after {fuzz['rss_after_kib'] / 1024:.1f} MiB; agent exit {fuzz['agent_exit']}")
+    return "\n".join(lines)
