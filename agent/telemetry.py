@@ -36,6 +36,9 @@ RECENT = 4096
 MAX_SLO_CLASSES = 32
 OTHER_CLASS = "other"
 MAX_SLO_CACHE = 1024
+#: SLOs past this (about 31 years: a request that names a vast slo_ms, as the wire allows) count in
+#: its class: the class keys are integers of the SLO and could not hold an infinite one.
+MAX_SLO_S = 1e9
 
 
 @dataclass
@@ -98,6 +101,7 @@ class ModelStats:
 
     def class_of(self, slo_s: float) -> SloClassStats:
         """The class of ``slo_s``, created on first sight (bounded: :data:`MAX_SLO_CLASSES`)."""
+        slo_s = min(slo_s, MAX_SLO_S)
         step = round(slo_s * 1e5)
         stats = self.by_slo.get(step)
         if stats is not None:
@@ -180,7 +184,7 @@ class Telemetry:
                 stats.request_ms_sum += total_ms
                 stats.queue_ms_sum += queue_ms
                 stats.compute_ms_sum += compute_ms
-                (stats.by_slo.get(round(slo_s * 1e5)) or stats.class_of(slo_s)).met += 1
+                (stats.by_slo.get(round(min(slo_s, MAX_SLO_S) * 1e5)) or stats.class_of(slo_s)).met += 1
             else:
                 stats.errors[error_code] += 1
                 stats.class_of(slo_s).missed += 1
@@ -267,14 +271,15 @@ class RateLimitedLog:
         self._at: float | None = None
         self._held = 0
 
-    def __call__(self, level: int, message: str, *args) -> bool:
+    def __call__(self, level: int, message: str, *args, exc_info: bool = False) -> bool:
         """Log ``message % args`` at ``level`` unless one was logged within the interval; returns
-        whether it was logged."""
+        whether it was logged. ``exc_info``: with the exception being handled."""
         now = self._clock()
         with self._lock:
             if self._at is not None and now - self._at < self.interval_s:
                 self._held += 1
                 return False
             self._at, held, self._held = now, self._held, 0
-        self._log.log(level, message + (" (%d more not logged since the last)" % held if held else ""), *args)
+        self._log.log(level, message + (" (%d more not logged since the last)" % held if held else ""), *args,
+                      exc_info=exc_info)
         return True

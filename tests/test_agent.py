@@ -338,3 +338,14 @@ def test_workers_run_at_a_lower_priority_than_the_thread_that_submits(agent, dig
     assert len(workers) == 2
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in workers] == [min(19, own + 5)] * 2
+
+
+def test_a_vast_slo_is_served_and_counted(agent, digits):
+    """The wire allows any finite slo_ms; one near the float maximum made telemetry's SLO class key
+    overflow on the worker, and that request's reply was lost (found by `edge-agent bench fuzz`)."""
+    frames, _ = digits
+    before = agent.telemetry.snapshot()["mobilenet_digits"]["ok"]
+    for slo_ms in (1.7e308, 1e15):
+        assert agent.submit("mobilenet_digits", {"frames": frames[0]}, slo_ms=slo_ms).result(timeout=30).batch_size >= 1
+        assert agent.infer("mobilenet_digits", {"frames": frames[1]}, slo_ms=slo_ms).outputs["logits"].shape == (1, 10)
+    assert agent.telemetry.snapshot()["mobilenet_digits"]["ok"] == before + 4

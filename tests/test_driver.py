@@ -172,3 +172,24 @@ def test_each_batch_starts_on_the_executor_of_its_target_and_a_target_without_on
     driver.fill(lambda decision, now: False)
     assert lost.reply.value.code == "internal" and "peer-9" in lost.reply.value.message
     assert scheduler.in_flight == 0
+
+
+def test_a_failing_reply_recorder_costs_no_reply(caplog):
+    """What records replies (telemetry) may fail; the request is answered all the same, and the
+    failure is logged, not raised into the worker."""
+    clock = Clock()
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 8)], max_concurrent=1)
+    executor = Recording()
+
+    def broken(request, result, error):
+        raise OverflowError("cannot convert float infinity to integer")
+    driver = Driver(scheduler, executor, clock, on_reply=broken)
+    served, failed = req("m", 0.0, 0.010), req("m", 0.0, 0.010)
+    scheduler.enqueue(served)
+    driver.fill(lambda decision, now: False, slots=1)
+    (dispatch, on_done), = executor.started
+    on_done(dispatch, BatchOutcome([{"y": np.zeros(1)}], 0.001))
+    driver.fail(failed, InferenceError(DEADLINE_MISSED, "late"))
+    assert served.reply.value.outputs["y"].shape == (1,)
+    assert isinstance(failed.reply.value, InferenceError) and failed.reply.value.code == DEADLINE_MISSED
+    assert "recording the reply" in caplog.text and "OverflowError" in caplog.text

@@ -62,7 +62,7 @@ class Driver:
         self.clock = clock
         self.lock = lock if lock is not None else contextlib.nullcontext()
         self._on_release = on_release
-        self._on_reply = on_reply
+        self._on_reply = None if on_reply is None else _guarded(on_reply)
         self._served_by = served_by
         self._explain = explain
         self._complete = self.complete      # one bound method, not one per batch
@@ -189,6 +189,21 @@ class Driver:
         if self._on_reply is not None:
             self._on_reply(request, None, error)
         _deliver(request.reply.set_exception, error)
+
+
+def _guarded(on_reply: OnReply) -> OnReply:
+    """``on_reply``, never raising: what it records (telemetry) must not cost a request its reply,
+    nor a worker its thread. A failure is logged with its traceback once a minute at most."""
+    from agent.telemetry import RateLimitedLog
+    say = RateLimitedLog(log, 60.0)
+
+    def report(request: Request, result: Result | None, error: InferenceError | None) -> None:
+        try:
+            on_reply(request, result, error)
+        except Exception:
+            say(logging.ERROR, "recording the reply to request %s of %s failed (the reply is still sent)",
+                request.rid, request.model, exc_info=True)
+    return report
 
 
 def _deliver(setter, value) -> None:
