@@ -50,6 +50,9 @@ from edge_lab.bench.proctree import TreeMeter
 from edge_lab.metrics import summarize
 
 SYSTEMS = ("edge-agent/mqtt", "edge-agent/oip", "triton", "plain loop")
+MQTT = "edge-agent/mqtt"
+#: The MQTT row's goodput may trail the HTTP row's by at most this share (issue 21's target).
+MQTT_GAP = 0.10
 LOADS = (0.5, 1.0, 1.5)
 
 
@@ -69,9 +72,11 @@ class RunningServer:
     device: str = ""
     setting: dict | None = None     # Triton's dynamic-batcher setting
 
-    def target(self, frames: Frames):
+    def target(self, frames: Frames, *, mqtt_procs: int | None = None):
+        """Where the load generator sends; over MQTT, from ``mqtt_procs`` processes (None: the
+        default of :func:`edge_lab.bench.mqttload.default_procs`)."""
         if self.transport == "mqtt":
-            return MqttTarget(self.host, self.port, self.device, frames)
+            return MqttTarget(self.host, self.port, self.device, frames, procs=mqtt_procs)
         return HttpTarget(self.host, self.port, frames, self.flavor)
 
 
@@ -245,7 +250,7 @@ def trace_rate(trace: Sequence[TraceRow]) -> float:
 # --- one replay, one system ------------------------------------------------------------------------
 
 def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], per_model: int = 300,
-             gap_s: float = 0.005) -> dict[str, float]:
+             gap_s: float = 0.005, *, mqtt_procs: int | None = None) -> dict[str, float]:
     """Unmetered requests, one at a time (``gap_s`` apart, longer than a reply takes), so first-call
     costs stay out of the figures; returns each model's idle overhead: median latency minus its
     own batch-1 time, over the second half (the server warm, nothing queued). 150 samples a model
@@ -256,7 +261,7 @@ def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], pe
     models = sorted(own_ms)
     rows = [TraceRow(round(gap_s * k, 6), "warmup", models[k % len(models)], 1000.0, 0)
             for k in range(per_model * len(models))]
-    run = replay(server.target(frames), rows, frames, drain_s=5.0)
+    run = replay(server.target(frames, mqtt_procs=mqtt_procs), rows, frames, drain_s=5.0)
     overhead = {}
     for m in models:
         mine = [r.latency_ms for r in run.records if r.model == m and r.status == "ok"]
@@ -265,11 +270,39 @@ def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], pe
     return overhead
 
 
-def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames, own_ms: dict[str, float]) -> dict:
+#: A row is flagged as the generator's limit when one of its processes sent its rows this late (the
+#: p99 of the send lag, ms: half the tightest SLO class of the demo) ...
+GENERATOR_LAG_FLAG_MS = 5.0
+#: ... or was busy this many cores over its busiest window (mqttload.CPU_WINDOW_S): a Python
+#: process at one full core stamps replies late and sends late.
+GENERATOR_CPU_FLAG = 0.9
+
+
+def generator_verdict(generators: Sequence[dict]) -> dict:
+    """How hard the load generator worked over one replay, from each process's
+    :class:`~edge_lab.bench.mqttload.GeneratorLoad`: the worst process's send lag p99 and CPU
+    (mean over the sending window and busiest window, in cores), and whether the row is the
+    generator's limit rather than the server's (``limited``, with ``why``)."""
+    if not generators:
+        return {"procs": 0, "lag_p99_ms": None, "cpu_share": None, "cpu_peak": None, "limited": False, "why": ""}
+    lag = max(g["send_lag_ms"]["p99"] for g in generators)
+    share = max(g["cpu_share"] for g in generators)
+    peak = max(g["cpu_peak"] for g in generators)
+    why = []
+    if lag > GENERATOR_LAG_FLAG_MS:
+        why.append(f"a process sent its p99 {lag:.1f} ms late (> {GENERATOR_LAG_FLAG_MS:g})")
+    if peak >= GENERATOR_CPU_FLAG:
+        why.append(f"a process used {peak:.2f} cores at its busiest (>= {GENERATOR_CPU_FLAG:g})")
+    return {"procs": len(generators), "lag_p99_ms": lag, "cpu_share": share, "cpu_peak": peak,
+            "limited": bool(why), "why": "; ".join(why)}
+
+
+def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames, own_ms: dict[str, float],
+               *, mqtt_procs: int | None = None) -> dict:
     """Replay ``trace`` against a started server; every figure of one row of the table."""
-    idle = _warm_up(server, frames, own_ms)
+    idle = _warm_up(server, frames, own_ms, mqtt_procs=mqtt_procs)
     meter = TreeMeter(server.roots).start()
-    run: Replay = replay(server.target(frames), trace, frames)
+    run: Replay = replay(server.target(frames, mqtt_procs=mqtt_procs), trace, frames)
     usage = meter.stop()
     summary = summarize(run.records, run.duration_s)
     # The same replies timed when the generator's loop read them instead of when they arrived
@@ -285,6 +318,8 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
         "cpu_s_per_1000": 1000.0 * usage.cpu_s / sent if sent else None,
         "send_lag_ms": run.send_lag_ms,
         "read_lag_ms": run.read_lag_ms,
+        "generators": run.generators,
+        "generator": generator_verdict(run.generators),
         "as_read": summarize(as_read, run.duration_s)["overall"],
         "wrong": run.wrong, "checked": run.checked,
         "idle_overhead_ms": idle,
@@ -324,7 +359,7 @@ def default_trace(duration_s: float, seed: int) -> list[TraceRow]:
 def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | None = None,
                scales: Sequence[float] | None = None, systems: Sequence[str] = SYSTEMS,
                triton_settings: Sequence | None = None, out_dir: Path,
-               duration_s: float = 15.0, seed: int = 0, repeat: int = 1) -> dict:
+               duration_s: float = 15.0, seed: int = 0, repeat: int = 1, mqtt_procs: int | None = None) -> dict:
     """Replay ``trace`` at each load (a multiple of the plain loop's capacity) or each raw time
     ``scale`` against every system; write ``versus.json`` and plots to ``out_dir``. Without a
     trace, :func:`default_trace` makes one that lasts ``duration_s`` at 1x (less at higher loads).
@@ -335,9 +370,12 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     target says in how many rounds it held on its own. On this VM one round's margins can sit
     inside the run-to-run spread (BENCHMARKS.md); a median of three cannot be set by one slow
     spell. ``versus.json`` is rewritten after every round, so a long run stopped early keeps what
-    it finished."""
+    it finished. ``mqtt_procs``: how many processes play the MQTT row's load (None:
+    :func:`edge_lab.bench.mqttload.default_procs`)."""
     if repeat < 1:
         raise ValueError(f"repeat = {repeat!r}: expected 1 or more rounds")
+    if mqtt_procs is not None and mqtt_procs < 1:
+        raise ValueError(f"mqtt_procs = {mqtt_procs!r}: expected 1 or more generator processes")
     out_dir.mkdir(parents=True, exist_ok=True)
     models = sorted({row.model for row in trace}) if trace else ["mobilenet_digits", "resnet_digits"]
     frames = Frames.digits(models)
@@ -356,7 +394,9 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     _say(f"own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
          + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s"
          + (f"; {repeat} rounds" if repeat > 1 else ""))
+    from edge_lab.bench.mqttload import default_procs
     results: dict = {"own_ms": own_ms, "plain_capacity_per_s": capacity, "trace_rows": len(trace),
+                     "mqtt_procs": default_procs() if mqtt_procs is None else mqtt_procs,
                      "trace_rate_per_s": rate, "systems": list(systems), "rounds": repeat, "rounds_done": 0,
                      "loads": {}}
     rounds: dict[str, list[dict]] = {label: [] for label, _ in plan}     # label -> one entry per round
@@ -379,14 +419,18 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
                          f"{max(r.t_s for r in load_trace):.1f} s ...")
                     server = start_system(system, triton_setting=setting, workdir=out_dir)
                     try:
-                        row = run_system(server, load_trace, frames, own_ms)
+                        row = run_system(server, load_trace, frames, own_ms, mqtt_procs=mqtt_procs)
                     finally:
                         server.stop()
                     curves[label].setdefault((system, index), []).append(
                         (_goodput_key(row), plot_curves(row.pop("records"))))
+                    gen = row["generator"]
                     _say(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
-                         f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
-                         f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
+                         f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, unanswered "
+                         f"{row['summary']['overall']['unanswered']}, CPU {row['cpu_s_per_1000']:.2f} s/1000; "
+                         f"generator: {gen['procs']} process(es), lag p99 {gen['lag_p99_ms']:.2f} ms, CPU "
+                         f"{gen['cpu_share']:.2f} cores (busiest {gen['cpu_peak']:.2f})"
+                         + (f"; GENERATOR-LIMITED: {gen['why']}" if gen["limited"] else ""))
                     if system == "triton":
                         grid_rows.append(row)
                     else:
@@ -515,6 +559,13 @@ def check_targets(results: dict, ours: str = "edge-agent/oip") -> list[dict]:
 
     for label, load in results["loads"].items():
         rows = load["rows"]
+        if ours in rows and MQTT in rows:        # issue 21: the MQTT intake serves as HTTP does
+            m, h = rows[MQTT]["summary"]["overall"], rows[ours]["summary"]["overall"]
+            ratio = m["goodput_per_s"] / h["goodput_per_s"] if h["goodput_per_s"] else float("inf")
+            gen = rows[MQTT].get("generator") or {}
+            add(label, "MQTT goodput within 10% of HTTP's", ratio >= 1.0 - MQTT_GAP,
+                f"{m['goodput_per_s']:.1f}/s vs {h['goodput_per_s']:.1f}/s = {ratio:.2f}x, "
+                f"{m['unanswered']} lost" + (" (generator-limited)" if gen.get("limited") is True else ""))
         if ours not in rows or "triton" not in rows:
             continue
         a, t = rows[ours]["summary"]["overall"], rows["triton"]["summary"]["overall"]
@@ -560,7 +611,8 @@ def format_versus(results: dict) -> str:
         short = [c.replace("_digits", "") for c in classes]
         head = (f"{'system':<16}{'goodput/s':>10}{'attain%':>8}" + "".join(f"{s[:15]:>16}" for s in short)
                 + f"{'p50 ms':>8}{'p99 ms':>8}{'ovh idle':>9}{'ovh load':>9}{'rejected':>9}{'missed':>7}{'errored':>8}"
-                  f"{'unansw':>7}{'CPU s/1k':>9}{'RSS MB':>7}{'PSS MB':>7}{'lag p99':>8}{'read p99':>9}")
+                  f"{'unansw':>7}{'CPU s/1k':>9}{'RSS MB':>7}{'PSS MB':>7}{'lag p99':>8}{'read p99':>9}"
+                  f"{'gen':>4}{'gen CPU':>8}{'busiest':>8}")
         lines += ["", f"load {label} (time scale {load['factor']:.3f}):", head]
         for system, row in rows.items():
             o = row["summary"]["overall"]
@@ -572,7 +624,16 @@ def format_versus(results: dict) -> str:
                       f"{o['unanswered']:>7d}", f"{_num(row['cpu_s_per_1000']):>9}",
                       f"{row['usage']['peak_rss_mb']:>7.0f}", f"{row['usage']['peak_pss_mb']:>7.0f}",
                       f"{row['send_lag_ms']['p99']:>8.2f}", f"{row.get('read_lag_ms', {}).get('p99', 0.0):>9.2f}"]
+            gen = row.get("generator") or {}
+            cells += [f"{_whole(gen.get('procs')):>4}", f"{_num(_known(gen.get('cpu_share'))):>8}",
+                      f"{_num(_known(gen.get('cpu_peak'))):>8}", " *" if gen.get("limited") is True else ""]
             lines.append("".join(cells))
+        limited = {s: r["generator"]["why"] for s, r in rows.items() if (r.get("generator") or {}).get("limited")}
+        lines.append("  gen: load-generator processes; gen CPU / busiest: the busiest process's CPU in cores, "
+                     "mean over its sends / busiest half second")
+        for system, why in limited.items():
+            lines.append(f"  * {system}: the generator may have set this row (not the server): "
+                         + (why if isinstance(why, str) else "; ".join(w for w in why if w)))
         if load["triton_grid"]:
             lines.append("  triton settings tried (best goodput is the row above"
                          + (f"; medians of {count} rounds):" if count > 1 else "):"))
@@ -585,7 +646,8 @@ def format_versus(results: dict) -> str:
             lines.append("  wrong predictions (of checked ok replies): "
                          + ", ".join(f"{s} {w}/{c}" for s, (w, c) in wrong.items()))
     if results.get("targets"):
-        lines += ["", "targets (edge-agent over the Inference Protocol vs Triton's best setting"
+        lines += ["", "targets (edge-agent over the Inference Protocol vs Triton's best setting, and vs "
+                  "edge-agent over MQTT"
                   + (f", judged on the medians of {count} rounds):" if count > 1 else "):")]
         for t in results["targets"]:
             mark = "met" if t["met"] else "NOT met"
@@ -607,6 +669,15 @@ def _pct(value) -> str:
 
 def _num(value) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _whole(value) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.0f}"
+
+
+def _known(value):
+    """A number, or None for anything else (a median row holds a list where rounds disagreed)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def plot_curves(records: Sequence) -> dict:
@@ -681,6 +752,6 @@ def write_plots(curves: dict[str, dict[str, dict]], out_dir: Path) -> list[str]:
     return written
 
 
-__all__ = ["LOADS", "SYSTEMS", "RunningServer", "check_targets", "combine_rounds", "default_trace", "format_versus",
+__all__ = ["LOADS", "MQTT", "MQTT_GAP", "SYSTEMS", "generator_verdict", "RunningServer", "check_targets", "combine_rounds", "default_trace", "format_versus",
            "judge_rounds", "median_row", "own_times_ms", "plain_capacity_per_s", "plot_curves", "run_versus", "scaled",
            "start_system", "triton_grid"]
