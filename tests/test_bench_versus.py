@@ -231,6 +231,9 @@ def test_replay_against_a_real_agent_server_answers_everything_right(system, fra
     assert len(run.generators) == expected
     assert sum(g["rows"] for g in run.generators) == len(trace)
     assert all(g["cpu_s"] > 0 and g["wall_s"] > 0 and g["cpu_peak"] > 0 for g in run.generators)
+    # and the agent's own time for each request, read from its reply (what the latency splits on)
+    assert all(own is not None and 0 < own <= r.latency_ms for r, own in zip(run.records, run.server_ms)), \
+        [(own, r.latency_ms) for r, own in zip(run.records, run.server_ms)]
 
 
 def test_mqtt_load_from_several_processes_shares_the_rows_and_answers_each_once(frames, tmp_path):

@@ -84,6 +84,10 @@ class Replay:
     # per generator process, how hard it worked (edge_lab.bench.mqttload.GeneratorLoad.as_dict):
     # its rows, send lag, CPU seconds and share over the sending window, busiest window's CPU
     generators: list[dict] = field(default_factory=list)
+    # per record, the server's own time for the request as its reply states it (edge-agent's
+    # ``total_ms``: from taking the request to its result; None: no such figure): the rest of the
+    # latency was spent outside the server's accounting (sockets, broker, generator)
+    server_ms: list[float | None] = field(default_factory=list)
 
 
 # --- Open Inference Protocol over HTTP -----------------------------------------------------------
@@ -117,8 +121,9 @@ def error_code_of(message: str) -> str:
     return head if head in errors.ERROR_CODES else _triton_code(message)
 
 
-# done(status, the binary output or None, when the reply reached this process, when the loop read it)
-Done = Callable[[str, "bytes | None", float, float], None]
+# done(status, the binary output or None, when the reply reached this process, when the loop read it,
+# the server's own time as the reply states it or None)
+Done = Callable[[str, "bytes | None", float, float, "float | None"], None]
 
 
 class _Target:
@@ -286,14 +291,14 @@ class _HttpConnection:
                 seconds, nanoseconds = struct.unpack("qq", stamp[:16])
                 # The kernel stamps in wall-clock time; perf_counter is monotonic: convert at once.
                 received = min(read, seconds + 1e-9 * nanoseconds - (time.time() - time.perf_counter()))
-        status, output, close = reply
+        status, output, close, server_ms = reply
         done, self.done = self.done, None
         if close:
             self.close()
         else:
             self.target._reusable(self)
         if done is not None:
-            done(status, output, received, read)
+            done(status, output, received, read, server_ms)
 
     def _fail(self) -> None:
         done, self.done = self.done, None
@@ -311,8 +316,9 @@ class _HttpConnection:
         self.target._gone(self)
 
 
-def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool] | None":
-    """(status, binary output or None, server closes) once ``buffer`` holds a whole OIP reply."""
+def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool, float | None] | None":
+    """(status, binary output or None, server closes, the server's own ms or None) once ``buffer``
+    holds a whole OIP reply."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -326,12 +332,31 @@ def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool] | None
     close = headers.get("connection", "").lower() == "close"
     if code == 200:
         json_length = int(headers.get("inference-header-content-length", len(payload)))
-        return "ok", payload[json_length:], close
+        return "ok", payload[json_length:], close, _total_ms(payload, json_length)
     try:
         message = json.loads(payload).get("error", "")
     except ValueError:
         message = payload.decode("utf-8", "replace")
-    return error_code_of(str(message)), None, close
+    return error_code_of(str(message)), None, close, None
+
+
+_TOTAL_MS = b'"total_ms":'
+
+
+def _total_ms(payload: bytes, end: int) -> float | None:
+    """edge-agent's ``parameters.total_ms`` from a reply's JSON header, found without parsing the
+    whole header (the generator shares the cores with the server); None when it is not there."""
+    at = payload.find(_TOTAL_MS, 0, end)
+    if at < 0:
+        return None
+    at += len(_TOTAL_MS)
+    stop = at
+    while stop < end and payload[stop] not in b",}":
+        stop += 1
+    try:
+        return float(payload[at:stop])
+    except ValueError:
+        return None
 
 
 # --- edge-agent's MQTT wire format ------------------------------------------------------------------
@@ -373,6 +398,7 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
     read_s: list[float | None] = [None] * len(trace)
+    server_ms: list[float | None] = [None] * len(trace)
     lags: list[float] = []
     read_lags: list[float] = []
     frame_count = {m: len(v[2]) for m, v in frames.inputs.items()}
@@ -384,13 +410,15 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
     cpu0 = time.process_time()
     start = time.perf_counter()
 
-    def answered(i: int, k: int, status: str, output: bytes | None, received: float, read: float) -> None:
+    def answered(i: int, k: int, status: str, output: bytes | None, received: float, read: float,
+                 own_ms: float | None = None) -> None:
         record = records[i]
         if record.status != "unanswered" or all_answered.done():
             return                        # a late second call, or after the drain: not counted
         record.finish_s = received - start
         record.status = status
         read_s[i] = read - start
+        server_ms[i] = own_ms
         read_lags.append(read - received)
         if status == "ok" and output:
             logits = np.frombuffer(output[-40:], dtype=np.float32)
@@ -431,7 +459,7 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
     load = GeneratorLoad(len(trace), spread_ms(lag_ms), cpu_s, wall_s,
                          max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
     return Replay(records, span, spread_ms(lag_ms), counts["wrong"], counts["checked"],
-                  spread_ms([1000.0 * lag for lag in read_lags]), read_s, [load.as_dict()])
+                  spread_ms([1000.0 * lag for lag in read_lags]), read_s, [load.as_dict()], server_ms)
 
 
 __all__ = ["Frames", "HttpTarget", "MqttTarget", "Replay", "error_code_of", "oip_body", "replay"]

@@ -148,6 +148,7 @@ def _generate(share: _Share, pipe) -> dict:
     slot = {index: k for k, (index, _, _, _) in enumerate(share.rows)}
     status: list[str] = ["unanswered"] * count
     finish: list[float | None] = [None] * count
+    own_ms: list[float | None] = [None] * count
     sent_at = [0.0] * count
     tally = {"waiting": count, "wrong": 0, "checked": 0}
     lock = threading.Lock()
@@ -166,13 +167,15 @@ def _generate(share: _Share, pipe) -> dict:
             reply = wire.decode_reply(message.payload)
             code = "ok" if reply.get("status") == "ok" else (reply.get("error") or {}).get("code", errors.INTERNAL)
             outputs = reply.get("outputs") or {}
+            total = (reply.get("timing") or {}).get("total_ms")
         except Exception:                        # an undecodable reply is the server's error
-            code, outputs = errors.INTERNAL, {}
+            code, outputs, total = errors.INTERNAL, {}, None
         with lock:
             if state["over"] or status[k] != "unanswered":
                 return                           # after the replay, or a second reply: not counted
             status[k] = code
             finish[k] = received - state["start"]
+            own_ms[k] = float(total) if isinstance(total, (int, float)) else None
             if code == "ok" and outputs:
                 _, model, key = share.rows[k][1:]
                 logits = np.asarray(next(iter(outputs.values()))).reshape(-1)
@@ -226,7 +229,7 @@ def _generate(share: _Share, pipe) -> dict:
         client.loop_stop()
     lags = [1000.0 * (sent_at[k] - share.rows[k][1]) for k in range(count)]
     load = GeneratorLoad(count, spread_ms(lags), cpu_s, wall_s, max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
-    return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish,
+    return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish, "own_ms": own_ms,
             "wrong": tally["wrong"], "checked": tally["checked"], "lags_ms": lags, "load": load.as_dict()}
 
 
@@ -296,18 +299,21 @@ def replay_mqtt(target, trace: Sequence[TraceRow], frames, *, drain_s: float = 3
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
     lags: list[float] = []
+    server_ms: list[float | None] = [None] * len(trace)
     wrong = checked = 0
     for result in results:
-        for index, sent, status, finish in zip(result["index"], result["sent"], result["status"], result["finish"]):
+        for index, sent, status, finish, own in zip(result["index"], result["sent"], result["status"],
+                                                    result["finish"], result["own_ms"]):
             records[index].arrival_s = sent
             records[index].status = status
             records[index].finish_s = finish
+            server_ms[index] = own
         lags += result["lags_ms"]
         wrong += result["wrong"]
         checked += result["checked"]
     span = max((row.t_s for row in trace), default=0.0) or 1e-9
     return Replay(records, span, spread_ms(lags), wrong, checked, spread_ms([]),
-                  [r.finish_s for r in records], [r["load"] for r in results])
+                  [r.finish_s for r in records], [r["load"] for r in results], server_ms)
 
 
 def _expect(pipe, process, what: str, timeout_s: float, p: int):

@@ -46,6 +46,7 @@ import numpy as np
 from agent.config import Config
 from agent.workload.trace import TraceRow
 from edge_lab.bench.loadgen import Frames, HttpTarget, MqttTarget, Replay, replay
+from edge_lab.bench.mqttload import spread_ms
 from edge_lab.bench.proctree import TreeMeter
 from edge_lab.metrics import summarize
 
@@ -71,6 +72,7 @@ class RunningServer:
     stop: Callable[[], None]
     device: str = ""
     setting: dict | None = None     # Triton's dynamic-batcher setting
+    parts: tuple[str, ...] = ()     # what each of ``roots`` is ("agent", "broker"...)
 
     def target(self, frames: Frames, *, mqtt_procs: int | None = None):
         """Where the load generator sends; over MQTT, from ``mqtt_procs`` processes (None: the
@@ -138,9 +140,11 @@ def start_agent(name: str, config: Config, *, broker=None, timeout_s: float = 12
             broker.close()
 
     roots = [process.pid] + ([broker.pid] if broker is not None else [])
+    parts = ("agent", "broker")[:len(roots)]
     if config.http.enabled:
-        return RunningServer(name, "http", "edge-agent", "127.0.0.1", value, roots, halt, config.device)
-    return RunningServer(name, "mqtt", "edge-agent", config.mqtt.host, config.mqtt.port, roots, halt, config.device)
+        return RunningServer(name, "http", "edge-agent", "127.0.0.1", value, roots, halt, config.device, parts=parts)
+    return RunningServer(name, "mqtt", "edge-agent", config.mqtt.host, config.mqtt.port, roots, halt, config.device,
+                         parts=parts)
 
 
 def start_system(name: str, *, triton_setting=None, workdir: Path | None = None) -> RunningServer:
@@ -175,7 +179,7 @@ def start_system(name: str, *, triton_setting=None, workdir: Path | None = None)
 
         host, port = server.url.rsplit(":", 1)
         return RunningServer(name, "http", "triton", host, int(port), [server.pid], stop,
-                             setting=triton_setting.as_dict())
+                             setting=triton_setting.as_dict(), parts=("tritonserver",))
     raise ValueError(f"system {name!r}: expected one of {SYSTEMS}")
 
 
@@ -310,6 +314,11 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
     as_read = [dataclasses.replace(r, finish_s=t) if t is not None and r.status == "ok" else r
                for r, t in zip(run.records, run.read_s)]
     sent = len(run.records)
+    server_ok = [(r.latency_ms, own) for r, own in zip(run.records, run.server_ms)
+                 if r.status == "ok" and own is not None and r.latency_ms is not None]
+    wall = usage.wall_s or 1e-9
+    parts = {name: cpu / wall for name, cpu in zip(server.parts or [str(p) for p in server.roots],
+                                                   (usage.root_cpu_s or {}).values())}
     loaded = {m: (fig["p50_ms"] - own_ms[m]) if fig["p50_ms"] is not None else None
               for m, fig in summary["models"].items()}
     return {
@@ -320,6 +329,11 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
         "read_lag_ms": run.read_lag_ms,
         "generators": run.generators,
         "generator": generator_verdict(run.generators),
+        # where an ok reply's time went: inside the server by its own account, and outside it
+        # (sockets, broker, the generator's reading); each part's CPU in cores over the replay
+        "time_split_ms": {"server": spread_ms([own for _, own in server_ok]) if server_ok else None,
+                          "outside": spread_ms([lat - own for lat, own in server_ok]) if server_ok else None},
+        "part_cores": parts,
         "as_read": summarize(as_read, run.duration_s)["overall"],
         "wrong": run.wrong, "checked": run.checked,
         "idle_overhead_ms": idle,
@@ -634,6 +648,19 @@ def format_versus(results: dict) -> str:
         for system, why in limited.items():
             lines.append(f"  * {system}: the generator may have set this row (not the server): "
                          + (why if isinstance(why, str) else "; ".join(w for w in why if w)))
+        for system, row in rows.items():
+            split = row.get("time_split_ms") or {}
+            inside, outside = split.get("server"), split.get("outside")
+            if not isinstance(inside, dict) or not isinstance(outside, dict):
+                continue
+            cores = ", ".join(f"{part} {_num(_known(c))}" for part, c in (row.get("part_cores") or {}).items())
+            threads = (row.get("usage") or {}).get("busiest_threads") or []
+            top = ", ".join(f"{t['process']}/{t['tid']} {t['cores']:.2f} (peak {t['peak_cores']:.2f})"
+                            for t in threads[:3] if isinstance(t, dict))
+            lines.append(f"  {system}: ok replies' time in the server p50/p99 {_num(_known(inside.get('p50')))}/"
+                         f"{_num(_known(inside.get('p99')))} ms, outside it {_num(_known(outside.get('p50')))}/"
+                         f"{_num(_known(outside.get('p99')))} ms; cores: {cores}"
+                         + (f"; busiest threads: {top}" if top else ""))
         if load["triton_grid"]:
             lines.append("  triton settings tried (best goodput is the row above"
                          + (f"; medians of {count} rounds):" if count > 1 else "):"))
