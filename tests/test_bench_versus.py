@@ -46,7 +46,34 @@ def test_tree_meter_counts_children_and_reaped_grandchildren():
     assert usage.peak_rss_bytes >= 80 * 2**20, usage
     assert 0 < usage.peak_pss_bytes <= usage.peak_rss_bytes
     assert usage.processes >= 2
+    assert list(usage.root_cpu_s) == [parent.pid]                # each root's own tree: here the one
+    assert usage.root_cpu_s[parent.pid] == pytest.approx(usage.cpu_s, abs=0.05)
     assert tree_cpu_s([parent.pid]) == 0.0                      # gone: nothing left to count
+
+
+def test_tree_meter_names_the_busiest_thread():
+    # This process, one thread burning CPU while the meter runs and the main thread sleeps: the
+    # meter's busiest thread is that one (a serial limit in a server shows this way).
+    import os
+    import threading
+    done = threading.Event()
+    native = []
+
+    def burn():
+        native.append(threading.get_native_id())
+        while not done.is_set():
+            pass
+
+    meter = TreeMeter([os.getpid()], interval_s=0.05).start()
+    burner = threading.Thread(target=burn)
+    burner.start()
+    time.sleep(0.8)
+    usage = meter.stop()
+    done.set()
+    burner.join()
+    top = usage.as_dict()["busiest_threads"][0]
+    assert (top["pid"], top["tid"]) == (os.getpid(), native[0]), usage.busiest_threads
+    assert top["cores"] > 0 and top["peak_cores"] > 0
 
 
 def test_error_codes_from_both_servers_messages():

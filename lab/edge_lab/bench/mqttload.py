@@ -229,8 +229,8 @@ def _generate(share: _Share, pipe) -> dict:
         client.loop_stop()
     lags = [1000.0 * (sent_at[k] - share.rows[k][1]) for k in range(count)]
     load = GeneratorLoad(count, spread_ms(lags), cpu_s, wall_s, max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
-    return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish, "own_ms": own_ms,
-            "wrong": tally["wrong"], "checked": tally["checked"], "lags_ms": lags, "load": load.as_dict()}
+    return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish,
+            "own_ms": own_ms, "wrong": tally["wrong"], "checked": tally["checked"], "lags_ms": lags, "load": load.as_dict()}
 
 
 # --- the replay across processes --------------------------------------------------------------------

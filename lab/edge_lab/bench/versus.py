@@ -22,6 +22,12 @@ and peak memory are read from ``/proc`` over the replay window only (:mod:`edge_
 Latency runs from a request's send to its reply reaching the generator's process (the kernel's
 receive stamp over HTTP; :mod:`edge_lab.bench.loadgen`); the summary timed when the generator's loop
 read each reply is kept beside it (``as_read``), with how long replies waited for it (read lag).
+The MQTT row's load comes from several generator processes (:mod:`edge_lab.bench.mqttload`; one
+Python client could not keep up with the agent's intake). Every row says how hard its generator
+worked (the busiest process's send lag and CPU) and is marked when the generator may have set it
+(:func:`generator_verdict`); each ok reply's latency is split into the server's own time, as its
+reply states it, and the rest (sockets, broker, the generator's reading), beside each part's CPU
+(agent, broker) and the server's busiest threads: where a gap between two rows comes from.
 Per-request overhead is a model's median latency minus its own batch-1 time, taken twice: idle
 (requests one at a time before the metered run: the cost of the server's path, what the targets
 judge) and under load (the run's median: queueing and batching included).
@@ -779,6 +785,6 @@ def write_plots(curves: dict[str, dict[str, dict]], out_dir: Path) -> list[str]:
     return written
 
 
-__all__ = ["LOADS", "MQTT", "MQTT_GAP", "SYSTEMS", "generator_verdict", "RunningServer", "check_targets", "combine_rounds", "default_trace", "format_versus",
-           "judge_rounds", "median_row", "own_times_ms", "plain_capacity_per_s", "plot_curves", "run_versus", "scaled",
+__all__ = ["GENERATOR_CPU_FLAG", "GENERATOR_LAG_FLAG_MS", "LOADS", "MQTT", "MQTT_GAP", "SYSTEMS", "RunningServer",
+           "check_targets", "combine_rounds", "default_trace", "format_versus", "generator_verdict", "judge_rounds", "median_row", "own_times_ms", "plain_capacity_per_s", "plot_curves", "run_versus", "scaled",
            "start_system", "triton_grid"]
