@@ -3,6 +3,7 @@ open-loop load generator against real edge-agent servers (MQTT and the Inference
 load plan and the target checks. The real-Triton runs are in tests/test_triton_harness.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -117,14 +118,14 @@ def test_check_targets_judges_each_load():
 def test_mqtt_row_is_judged_against_the_http_row_at_every_load():
     def row(goodput, lost=0, limited=False):
         r = _row({"goodput_per_s": goodput, "unanswered": lost, "cpu": 1.0, "rss": 100.0})
-        r["generator"] = {"limited": limited}
+        r["generator"] = {"limited": limited, "saturated": limited}
         return r
     results = {"loads": {"1x": {"rows": {"edge-agent/mqtt": row(95.0), "edge-agent/oip": row(100.0)}},
                          "1.5x": {"rows": {"edge-agent/mqtt": row(85.0, 40, True), "edge-agent/oip": row(100.0)}}}}
     checks = {c["load"]: c for c in versus.check_targets(results)}        # no Triton: only this target
     assert checks["1x"]["met"] is True and checks["1x"]["target"] == "MQTT goodput within 10% of HTTP's"
     assert checks["1.5x"]["met"] is False
-    assert "40 lost" in checks["1.5x"]["detail"] and "generator-limited" in checks["1.5x"]["detail"]
+    assert "40 lost" in checks["1.5x"]["detail"] and "generator saturated" in checks["1.5x"]["detail"]
 
 
 def test_median_row_takes_each_figure_over_the_rounds():
@@ -268,7 +269,8 @@ def test_mqtt_load_from_several_processes_shares_the_rows_and_answers_each_once(
     # the one schedule) and answered once, correctly, and each process's load reported.
     server = versus.start_system("edge-agent/mqtt", workdir=tmp_path)
     try:
-        trace = _light_trace(45)
+        # a loose SLO: a stalled VM must not make the agent shed a row (what is tested is the sharing)
+        trace = [dataclasses.replace(row, slo_ms=5000.0) for row in _light_trace(45)]
         run = replay(server.target(frames, mqtt_procs=3), trace, frames)
     finally:
         server.stop()
@@ -319,9 +321,9 @@ def test_generator_verdict_flags_a_generator_that_lagged_or_ran_flat_out():
     assert calm["limited"] is False and calm["procs"] == 2
     assert calm["lag_p99_ms"] == 1.2 and calm["cpu_peak"] == 0.6          # the worst process
     late = versus.generator_verdict([load(0.8, 0.3, 0.5), load(12.0, 0.4, 0.6)])
-    assert late["limited"] is True and "late" in late["why"]
+    assert late["limited"] is True and late["late"] is True and late["saturated"] is False and "late" in late["why"]
     busy = versus.generator_verdict([load(0.8, 0.7, 0.97)])
-    assert busy["limited"] is True and "cores" in busy["why"]
+    assert busy["limited"] is True and busy["saturated"] is True and "cores" in busy["why"]
 
 
 def test_a_reply_is_timed_when_it_arrives_not_when_the_busy_generator_reads_it(frames, tmp_path):

@@ -291,10 +291,13 @@ GENERATOR_CPU_FLAG = 0.9
 def generator_verdict(generators: Sequence[dict]) -> dict:
     """How hard the load generator worked over one replay, from each process's
     :class:`~edge_lab.bench.mqttload.GeneratorLoad`: the worst process's send lag p99 and CPU
-    (mean over the sending window and busiest window, in cores), and whether the row is the
-    generator's limit rather than the server's (``limited``, with ``why``)."""
+    (mean over the sending window and busiest window, in cores), and whether the row may be the
+    generator's limit rather than the server's (``limited``, with ``why``): its sends went out late
+    (``late``: the generator, or a VM that gave it no core) or a process ran flat out
+    (``saturated``: the generator's own limit)."""
     if not generators:
-        return {"procs": 0, "lag_p99_ms": None, "cpu_share": None, "cpu_peak": None, "limited": False, "why": ""}
+        return {"procs": 0, "lag_p99_ms": None, "cpu_share": None, "cpu_peak": None, "late": False,
+                "saturated": False, "limited": False, "why": ""}
     lag = max(g["send_lag_ms"]["p99"] for g in generators)
     share = max(g["cpu_share"] for g in generators)
     peak = max(g["cpu_peak"] for g in generators)
@@ -304,6 +307,7 @@ def generator_verdict(generators: Sequence[dict]) -> dict:
     if peak >= GENERATOR_CPU_FLAG:
         why.append(f"a process used {peak:.2f} cores at its busiest (>= {GENERATOR_CPU_FLAG:g})")
     return {"procs": len(generators), "lag_p99_ms": lag, "cpu_share": share, "cpu_peak": peak,
+            "late": lag > GENERATOR_LAG_FLAG_MS, "saturated": peak >= GENERATOR_CPU_FLAG,
             "limited": bool(why), "why": "; ".join(why)}
 
 
@@ -585,7 +589,8 @@ def check_targets(results: dict, ours: str = "edge-agent/oip") -> list[dict]:
             gen = rows[MQTT].get("generator") or {}
             add(label, "MQTT goodput within 10% of HTTP's", ratio >= 1.0 - MQTT_GAP,
                 f"{m['goodput_per_s']:.1f}/s vs {h['goodput_per_s']:.1f}/s = {ratio:.2f}x, "
-                f"{m['unanswered']} lost" + (" (generator-limited)" if gen.get("limited") is True else ""))
+                f"{m['unanswered']} lost" + (" (generator saturated)" if gen.get("saturated") is True else
+                                             " (generator's sends late)" if gen.get("late") is True else ""))
         if ours not in rows or "triton" not in rows:
             continue
         a, t = rows[ours]["summary"]["overall"], rows["triton"]["summary"]["overall"]
