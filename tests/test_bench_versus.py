@@ -236,7 +236,8 @@ def frames():
 
 def _light_trace(n: int = 60) -> list[TraceRow]:
     models = ["mobilenet_digits", "resnet_digits"]
-    return [TraceRow(round(0.01 * k, 6), "app", models[k % 2], 200.0, 0) for k in range(n)]
+    # a loose SLO (1 s): on a loaded VM the agent shed rows of a 200 ms one; the replay is what is tested
+    return [TraceRow(round(0.01 * k, 6), "app", models[k % 2], 1000.0, 0) for k in range(n)]
 
 
 @pytest.mark.parametrize("system", ["edge-agent/mqtt", "edge-agent/oip", "plain loop"])
