@@ -140,6 +140,8 @@ def _cmd_bench_triton(args: argparse.Namespace) -> int:
         systems = [s.strip() for s in args.systems.split(",") if s.strip()]
         if args.repeat < 1:
             raise ValueError(f"--repeat {args.repeat}: expected 1 or more rounds")
+        if args.mqtt_procs is not None and args.mqtt_procs < 1:
+            raise ValueError(f"--mqtt-procs {args.mqtt_procs}: expected 1 or more generator processes")
         unknown = [s for s in systems if s not in SYSTEMS]
         if unknown or not systems:
             raise ValueError(f"--systems {args.systems!r}: unknown {unknown}; choose from {', '.join(SYSTEMS)}")
@@ -157,8 +159,12 @@ def _cmd_bench_triton(args: argparse.Namespace) -> int:
             print(f"edge-agent: --trace {args.trace}: models {missing} are not served here; "
                   f"bench triton serves the demo models mobilenet_digits and resnet_digits", file=sys.stderr)
             return 2
+    # SIGTERM (`kill`, `timeout`) stops the run as Ctrl-C does: the server under test and its broker
+    # are stopped on the way out instead of being left running.
+    signal.signal(signal.SIGTERM, _interrupt)
     results = run_versus(trace, loads=loads, scales=scales, systems=systems, triton_settings=settings,
-                         out_dir=Path(args.out), duration_s=args.duration, seed=args.seed, repeat=args.repeat)
+                         out_dir=Path(args.out), duration_s=args.duration, seed=args.seed, repeat=args.repeat,
+                         mqtt_procs=args.mqtt_procs)
     print(format_versus(results))
     print(f"wrote {args.out}/versus.json" + (f" and {len(results['plots'])} plots" if results.get("plots") else ""))
     return 0
@@ -312,6 +318,10 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                         help="comma-separated systems to run (default: all four)")
     triton.add_argument("--triton-grid", choices=("full", "quick"), default="full",
                         help="Triton settings to try at each load: full (6) or quick (2) (default full)")
+    triton.add_argument("--mqtt-procs", type=int, default=None, metavar="K",
+                        help="load-generator processes for the edge-agent/mqtt row, each its own MQTT client taking "
+                             "every K-th request (default: one per core, 2 to 4); each process's send lag and CPU "
+                             "are reported, and a row the generator may have limited is marked")
     triton.add_argument("--out", default="bench_out/triton", metavar="DIR", help="where JSON and plots go")
     triton.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")
     triton.add_argument("--repeat", type=int, default=1, metavar="K",

@@ -6,12 +6,15 @@ connection is opened when none is idle), and how late each send went out (send l
 a run whose generator fell behind shows.
 
 A request's latency runs from its send to its reply reaching this process: over HTTP, the kernel's
-receive stamp on the reply's last segment (``SO_TIMESTAMPNS``). The generator plays every
+receive stamp on the reply's last segment (``SO_TIMESTAMPNS``). The HTTP generator plays every
 application of the board from one Python process on the same cores as the server, and its loop can
 be busy for milliseconds when a burst of replies comes in; an application of its own would not queue
 behind the others' replies. How long replies waited for the loop is reported too (read lag), and
 ``Replay.read_s`` keeps when each was read. Over MQTT, paho gives no kernel stamp: a reply is stamped
-when paho's network thread reads it.
+when paho's network thread reads it, and the MQTT side is played from several processes
+(:mod:`edge_lab.bench.mqttload`), since one paho client could not keep up. Every replay reports how
+hard each generator process worked (``Replay.generators``: send lag and CPU use), so a row the
+generator limited shows.
 
 The generator has to be cheap, because on a 2-core board it shares the CPU with the server under
 test: request bodies are built once per (model, SLO, frame) before the run and sent as bytes; HTTP
@@ -25,7 +28,7 @@ Two transports, one record per trace row (:class:`~agent.workload.records.Reques
 - :class:`HttpTarget`: the Open Inference Protocol (KServe v2) over HTTP/1.1 keep-alive, spoken by
   Triton and by edge-agent's HTTP intake. The SLO travels as ``parameters.slo_ms`` to edge-agent
   and as Triton's per-request queue ``timeout`` (microseconds) to Triton.
-- :class:`MqttTarget`: edge-agent's MQTT v5 wire format (DESIGN.md), through a real broker.
+- :class:`MqttTarget`: edge-agent's MQTT v5 wire format (DESIGN.md), through a real broker, at QoS 1.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -47,6 +50,7 @@ import numpy as np
 from agent import errors
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
+from edge_lab.bench.mqttload import CpuSampler, GeneratorLoad, spread_ms
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,13 @@ class Replay:
     read_lag_ms: dict[str, float]
     # per record, when the generator's loop read the reply (seconds from the start; None: no reply)
     read_s: list[float | None]
+    # per generator process, how hard it worked (edge_lab.bench.mqttload.GeneratorLoad.as_dict):
+    # its rows, send lag, CPU seconds and share over the sending window, busiest window's CPU
+    generators: list[dict] = field(default_factory=list)
+    # per record, the server's own time for the request as its reply states it (edge-agent's
+    # ``total_ms``: from taking the request to its result; None: no such figure): the rest of the
+    # latency was spent outside the server's accounting (sockets, broker, generator)
+    server_ms: list[float | None] = field(default_factory=list)
 
 
 # --- Open Inference Protocol over HTTP -----------------------------------------------------------
@@ -110,8 +121,9 @@ def error_code_of(message: str) -> str:
     return head if head in errors.ERROR_CODES else _triton_code(message)
 
 
-# done(status, the binary output or None, when the reply reached this process, when the loop read it)
-Done = Callable[[str, "bytes | None", float, float], None]
+# done(status, the binary output or None, when the reply reached this process, when the loop read it,
+# the server's own time as the reply states it or None)
+Done = Callable[[str, "bytes | None", float, float, "float | None"], None]
 
 
 class _Target:
@@ -279,14 +291,14 @@ class _HttpConnection:
                 seconds, nanoseconds = struct.unpack("qq", stamp[:16])
                 # The kernel stamps in wall-clock time; perf_counter is monotonic: convert at once.
                 received = min(read, seconds + 1e-9 * nanoseconds - (time.time() - time.perf_counter()))
-        status, output, close = reply
+        status, output, close, server_ms = reply
         done, self.done = self.done, None
         if close:
             self.close()
         else:
             self.target._reusable(self)
         if done is not None:
-            done(status, output, received, read)
+            done(status, output, received, read, server_ms)
 
     def _fail(self) -> None:
         done, self.done = self.done, None
@@ -304,8 +316,9 @@ class _HttpConnection:
         self.target._gone(self)
 
 
-def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool] | None":
-    """(status, binary output or None, server closes) once ``buffer`` holds a whole OIP reply."""
+def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool, float | None] | None":
+    """(status, binary output or None, server closes, the server's own ms or None) once ``buffer``
+    holds a whole OIP reply."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -319,88 +332,53 @@ def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool] | None
     close = headers.get("connection", "").lower() == "close"
     if code == 200:
         json_length = int(headers.get("inference-header-content-length", len(payload)))
-        return "ok", payload[json_length:], close
+        return "ok", payload[json_length:], close, _total_ms(payload, json_length)
     try:
         message = json.loads(payload).get("error", "")
     except ValueError:
         message = payload.decode("utf-8", "replace")
-    return error_code_of(str(message)), None, close
+    return error_code_of(str(message)), None, close, None
+
+
+_TOTAL_MS = b'"total_ms":'
+
+
+def _total_ms(payload: bytes, end: int) -> float | None:
+    """edge-agent's ``parameters.total_ms`` from a reply's JSON header, found without parsing the
+    whole header (the generator shares the cores with the server); None when it is not there."""
+    at = payload.find(_TOTAL_MS, 0, end)
+    if at < 0:
+        return None
+    at += len(_TOTAL_MS)
+    stop = at
+    while stop < end and payload[stop] not in b",}":
+        stop += 1
+    try:
+        return float(payload[at:stop])
+    except ValueError:
+        return None
 
 
 # --- edge-agent's MQTT wire format ------------------------------------------------------------------
 
 class MqttTarget(_Target):
-    """Publishes to ``edge/v1/<device>/infer/<model>`` with a response topic and the row index as
-    correlation data; replies arrive on paho's network thread, which hands them to the loop."""
+    """Where and how to play edge-agent's MQTT wire format: requests to
+    ``edge/v1/<device>/infer/<model>`` with a response topic and the row index as correlation
+    data, QoS ``qos`` both ways, from ``procs`` generator processes (None: as many as
+    :func:`edge_lab.bench.mqttload.default_procs` says). The replay itself is
+    :func:`edge_lab.bench.mqttload.replay_mqtt`."""
 
-    def __init__(self, host: str, port: int, device: str, frames: Frames) -> None:
+    def __init__(self, host: str, port: int, device: str, frames: Frames, *, procs: int | None = None,
+                 qos: int = 1) -> None:
         self.host, self.port, self.device, self.frames = host, port, device, frames
+        self.procs, self.qos = procs, qos
         self._bodies = {}
-        self._waiting: dict[int, tuple[asyncio.AbstractEventLoop, Done]] = {}
-        self._ids = itertools.count()
-        self._lock = threading.Lock()
-        self._client = None
-        self._reply_topic = ""
 
     def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:
         from agent.intake import msgpack_codec as wire
         input_name, _, frames, _ = self.frames.inputs[model]
         return wire.encode_request(f"{frame_index}", {input_name: frames[frame_index]}, slo_ms=slo_ms,
                                    priority=priority or None)
-
-    def connect(self) -> None:
-        from agent.transport.paho_client import connect, make_client
-        self._client = make_client(f"bench-loadgen-{id(self)}")
-        self._reply_topic = f"bench/replies/{id(self)}"
-        subscribed = threading.Event()
-        self._client.on_subscribe = lambda *args: subscribed.set()
-        self._client.on_message = self._on_reply
-        connect(self._client, self.host, self.port)
-        self._client.subscribe(self._reply_topic, qos=0)
-        if not subscribed.wait(10):
-            raise TimeoutError(f"broker {self.host}:{self.port} did not acknowledge the reply subscription")
-
-    def _on_reply(self, client, userdata, message) -> None:
-        """On paho's network thread: the reply is stamped here (no kernel time through paho) and
-        handed to the loop."""
-        from agent.intake import msgpack_codec as wire
-        received = time.perf_counter()
-        index = struct.unpack("!Q", message.properties.CorrelationData)[0]
-        with self._lock:
-            waiting = self._waiting.pop(index, None)
-        if waiting is None:
-            return
-        reply = wire.decode_reply(message.payload)
-        if reply.get("status") == "ok":
-            outputs = reply.get("outputs") or {}
-            status, output = "ok", next(iter(outputs.values())).tobytes() if outputs else None
-        else:
-            status, output = (reply.get("error") or {}).get("code", errors.INTERNAL), None
-        loop, done = waiting
-        try:
-            loop.call_soon_threadsafe(done, status, output, received, received)
-        except RuntimeError:               # the replay is over and its loop closed: too late to count
-            pass
-
-    def send(self, row: TraceRow, frame_index: int, done: Done) -> None:
-        """Publish one request now; ``done`` is called on the loop when its reply arrives."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-        index = next(self._ids)
-        with self._lock:
-            self._waiting[index] = (asyncio.get_running_loop(), done)
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self._reply_topic
-        props.CorrelationData = struct.pack("!Q", index)
-        self._client.publish(f"edge/v1/{self.device}/infer/{row.model}",
-                             self.body(row, frame_index), qos=0, properties=props)
-
-    async def close(self) -> None:
-        with self._lock:
-            self._waiting.clear()
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
 
 
 # --- the replay -------------------------------------------------------------------------------------
@@ -409,9 +387,10 @@ def replay(target: "HttpTarget | MqttTarget", trace: Sequence[TraceRow], frames:
            drain_s: float = 3.0) -> Replay:
     """Send every row at its time through ``target``, wait for replies until ``drain_s`` after the
     last deadline, and return one record per row (``unanswered`` where no reply came)."""
-    target.prepare(trace)
     if isinstance(target, MqttTarget):
-        target.connect()
+        from edge_lab.bench.mqttload import replay_mqtt
+        return replay_mqtt(target, trace, frames, drain_s=drain_s)
+    target.prepare(trace)
     return asyncio.run(_replay(target, trace, frames, drain_s))
 
 
@@ -419,6 +398,7 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
     read_s: list[float | None] = [None] * len(trace)
+    server_ms: list[float | None] = [None] * len(trace)
     lags: list[float] = []
     read_lags: list[float] = []
     frame_count = {m: len(v[2]) for m, v in frames.inputs.items()}
@@ -426,15 +406,19 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
     loop = asyncio.get_running_loop()
     all_answered = loop.create_future()
     counts = {"waiting": len(trace), "wrong": 0, "checked": 0}
+    sampler = CpuSampler().start()
+    cpu0 = time.process_time()
     start = time.perf_counter()
 
-    def answered(i: int, k: int, status: str, output: bytes | None, received: float, read: float) -> None:
+    def answered(i: int, k: int, status: str, output: bytes | None, received: float, read: float,
+                 own_ms: float | None = None) -> None:
         record = records[i]
         if record.status != "unanswered" or all_answered.done():
             return                        # a late second call, or after the drain: not counted
         record.finish_s = received - start
         record.status = status
         read_s[i] = read - start
+        server_ms[i] = own_ms
         read_lags.append(read - received)
         if status == "ok" and output:
             logits = np.frombuffer(output[-40:], dtype=np.float32)
@@ -457,6 +441,7 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
         except (OSError, ValueError):
             now = time.perf_counter()
             answered(i, k, errors.INTERNAL, None, now, now)
+    cpu_s, wall_s = time.process_time() - cpu0, time.perf_counter() - start
     last_deadline = max((row.t_s + row.slo_ms / 1000.0 for row in trace), default=0.0)
     remaining = start + last_deadline + drain_s - time.perf_counter()
     if trace and not all_answered.done():
@@ -468,15 +453,13 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
         if record.status == "unanswered":
             record.finish_s = None
     await target.close()
-    lag_ms = 1000.0 * np.asarray(lags or [0.0])
-    read_ms = 1000.0 * np.asarray(read_lags or [0.0])
+    peak = sampler.stop()
+    lag_ms = [1000.0 * lag for lag in lags]
     span = max((row.t_s for row in trace), default=0.0) or 1e-9
-    return Replay(records, span, _spread(lag_ms), counts["wrong"], counts["checked"], _spread(read_ms), read_s)
-
-
-def _spread(values_ms: np.ndarray) -> dict[str, float]:
-    return {"p50": float(np.percentile(values_ms, 50)), "p99": float(np.percentile(values_ms, 99)),
-            "max": float(values_ms.max())}
+    load = GeneratorLoad(len(trace), spread_ms(lag_ms), cpu_s, wall_s,
+                         max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
+    return Replay(records, span, spread_ms(lag_ms), counts["wrong"], counts["checked"],
+                  spread_ms([1000.0 * lag for lag in read_lags]), read_s, [load.as_dict()], server_ms)
 
 
 __all__ = ["Frames", "HttpTarget", "MqttTarget", "Replay", "error_code_of", "oip_body", "replay"]

@@ -22,6 +22,12 @@ and peak memory are read from ``/proc`` over the replay window only (:mod:`edge_
 Latency runs from a request's send to its reply reaching the generator's process (the kernel's
 receive stamp over HTTP; :mod:`edge_lab.bench.loadgen`); the summary timed when the generator's loop
 read each reply is kept beside it (``as_read``), with how long replies waited for it (read lag).
+The MQTT row's load comes from several generator processes (:mod:`edge_lab.bench.mqttload`; one
+Python client could not keep up with the agent's intake). Every row says how hard its generator
+worked (the busiest process's send lag and CPU) and is marked when the generator may have set it
+(:func:`generator_verdict`); each ok reply's latency is split into the server's own time, as its
+reply states it, and the rest (sockets, broker, the generator's reading), beside each part's CPU
+(agent, broker) and the server's busiest threads: where a gap between two rows comes from.
 Per-request overhead is a model's median latency minus its own batch-1 time, taken twice: idle
 (requests one at a time before the metered run: the cost of the server's path, what the targets
 judge) and under load (the run's median: queueing and batching included).
@@ -47,10 +53,14 @@ from agent.config import Config
 from agent.progress import Progress
 from agent.workload.trace import TraceRow
 from edge_lab.bench.loadgen import Frames, HttpTarget, MqttTarget, Replay, replay
+from edge_lab.bench.mqttload import spread_ms
 from edge_lab.bench.proctree import TreeMeter
 from edge_lab.metrics import summarize
 
 SYSTEMS = ("edge-agent/mqtt", "edge-agent/oip", "triton", "plain loop")
+MQTT = "edge-agent/mqtt"
+#: The MQTT row's goodput may trail the HTTP row's by at most this share (issue 21's target).
+MQTT_GAP = 0.10
 LOADS = (0.5, 1.0, 1.5)
 
 
@@ -69,10 +79,13 @@ class RunningServer:
     stop: Callable[[], None]
     device: str = ""
     setting: dict | None = None     # Triton's dynamic-batcher setting
+    parts: tuple[str, ...] = ()     # what each of ``roots`` is ("agent", "broker"...)
 
-    def target(self, frames: Frames):
+    def target(self, frames: Frames, *, mqtt_procs: int | None = None):
+        """Where the load generator sends; over MQTT, from ``mqtt_procs`` processes (None: the
+        default of :func:`edge_lab.bench.mqttload.default_procs`)."""
         if self.transport == "mqtt":
-            return MqttTarget(self.host, self.port, self.device, frames)
+            return MqttTarget(self.host, self.port, self.device, frames, procs=mqtt_procs)
         return HttpTarget(self.host, self.port, frames, self.flavor)
 
 
@@ -134,9 +147,11 @@ def start_agent(name: str, config: Config, *, broker=None, timeout_s: float = 12
             broker.close()
 
     roots = [process.pid] + ([broker.pid] if broker is not None else [])
+    parts = ("agent", "broker")[:len(roots)]
     if config.http.enabled:
-        return RunningServer(name, "http", "edge-agent", "127.0.0.1", value, roots, halt, config.device)
-    return RunningServer(name, "mqtt", "edge-agent", config.mqtt.host, config.mqtt.port, roots, halt, config.device)
+        return RunningServer(name, "http", "edge-agent", "127.0.0.1", value, roots, halt, config.device, parts=parts)
+    return RunningServer(name, "mqtt", "edge-agent", config.mqtt.host, config.mqtt.port, roots, halt, config.device,
+                         parts=parts)
 
 
 def start_system(name: str, *, triton_setting=None, workdir: Path | None = None) -> RunningServer:
@@ -171,7 +186,7 @@ def start_system(name: str, *, triton_setting=None, workdir: Path | None = None)
 
         host, port = server.url.rsplit(":", 1)
         return RunningServer(name, "http", "triton", host, int(port), [server.pid], stop,
-                             setting=triton_setting.as_dict())
+                             setting=triton_setting.as_dict(), parts=("tritonserver",))
     raise ValueError(f"system {name!r}: expected one of {SYSTEMS}")
 
 
@@ -246,7 +261,7 @@ def trace_rate(trace: Sequence[TraceRow]) -> float:
 # --- one replay, one system ------------------------------------------------------------------------
 
 def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], per_model: int = 300,
-             gap_s: float = 0.005) -> dict[str, float]:
+             gap_s: float = 0.005, *, mqtt_procs: int | None = None) -> dict[str, float]:
     """Unmetered requests, one at a time (``gap_s`` apart, longer than a reply takes), so first-call
     costs stay out of the figures; returns each model's idle overhead: median latency minus its
     own batch-1 time, over the second half (the server warm, nothing queued). 150 samples a model
@@ -257,7 +272,7 @@ def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], pe
     models = sorted(own_ms)
     rows = [TraceRow(round(gap_s * k, 6), "warmup", models[k % len(models)], 1000.0, 0)
             for k in range(per_model * len(models))]
-    run = replay(server.target(frames), rows, frames, drain_s=5.0)
+    run = replay(server.target(frames, mqtt_procs=mqtt_procs), rows, frames, drain_s=5.0)
     overhead = {}
     for m in models:
         mine = [r.latency_ms for r in run.records if r.model == m and r.status == "ok"]
@@ -266,11 +281,43 @@ def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], pe
     return overhead
 
 
-def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames, own_ms: dict[str, float]) -> dict:
+#: A row is flagged as the generator's limit when one of its processes sent its rows this late (the
+#: p99 of the send lag, ms: half the tightest SLO class of the demo) ...
+GENERATOR_LAG_FLAG_MS = 5.0
+#: ... or was busy this many cores over its busiest window (mqttload.CPU_WINDOW_S): a Python
+#: process at one full core stamps replies late and sends late.
+GENERATOR_CPU_FLAG = 0.9
+
+
+def generator_verdict(generators: Sequence[dict]) -> dict:
+    """How hard the load generator worked over one replay, from each process's
+    :class:`~edge_lab.bench.mqttload.GeneratorLoad`: the worst process's send lag p99 and CPU
+    (mean over the sending window and busiest window, in cores), and whether the row may be the
+    generator's limit rather than the server's (``limited``, with ``why``): its sends went out late
+    (``late``: the generator, or a VM that gave it no core) or a process ran flat out
+    (``saturated``: the generator's own limit)."""
+    if not generators:
+        return {"procs": 0, "lag_p99_ms": None, "cpu_share": None, "cpu_peak": None, "late": False,
+                "saturated": False, "limited": False, "why": ""}
+    lag = max(g["send_lag_ms"]["p99"] for g in generators)
+    share = max(g["cpu_share"] for g in generators)
+    peak = max(g["cpu_peak"] for g in generators)
+    why = []
+    if lag > GENERATOR_LAG_FLAG_MS:
+        why.append(f"a process sent its p99 {lag:.1f} ms late (> {GENERATOR_LAG_FLAG_MS:g})")
+    if peak >= GENERATOR_CPU_FLAG:
+        why.append(f"a process used {peak:.2f} cores at its busiest (>= {GENERATOR_CPU_FLAG:g})")
+    return {"procs": len(generators), "lag_p99_ms": lag, "cpu_share": share, "cpu_peak": peak,
+            "late": lag > GENERATOR_LAG_FLAG_MS, "saturated": peak >= GENERATOR_CPU_FLAG,
+            "limited": bool(why), "why": "; ".join(why)}
+
+
+def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames, own_ms: dict[str, float],
+               *, mqtt_procs: int | None = None) -> dict:
     """Replay ``trace`` against a started server; every figure of one row of the table."""
-    idle = _warm_up(server, frames, own_ms)
+    idle = _warm_up(server, frames, own_ms, mqtt_procs=mqtt_procs)
     meter = TreeMeter(server.roots).start()
-    run: Replay = replay(server.target(frames), trace, frames)
+    run: Replay = replay(server.target(frames, mqtt_procs=mqtt_procs), trace, frames)
     usage = meter.stop()
     summary = summarize(run.records, run.duration_s)
     # The same replies timed when the generator's loop read them instead of when they arrived
@@ -278,6 +325,11 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
     as_read = [dataclasses.replace(r, finish_s=t) if t is not None and r.status == "ok" else r
                for r, t in zip(run.records, run.read_s)]
     sent = len(run.records)
+    server_ok = [(r.latency_ms, own) for r, own in zip(run.records, run.server_ms)
+                 if r.status == "ok" and own is not None and r.latency_ms is not None]
+    wall = usage.wall_s or 1e-9
+    parts = {name: cpu / wall for name, cpu in zip(server.parts or [str(p) for p in server.roots],
+                                                   (usage.root_cpu_s or {}).values())}
     loaded = {m: (fig["p50_ms"] - own_ms[m]) if fig["p50_ms"] is not None else None
               for m, fig in summary["models"].items()}
     return {
@@ -286,6 +338,13 @@ def run_system(server: RunningServer, trace: Sequence[TraceRow], frames: Frames,
         "cpu_s_per_1000": 1000.0 * usage.cpu_s / sent if sent else None,
         "send_lag_ms": run.send_lag_ms,
         "read_lag_ms": run.read_lag_ms,
+        "generators": run.generators,
+        "generator": generator_verdict(run.generators),
+        # where an ok reply's time went: inside the server by its own account, and outside it
+        # (sockets, broker, the generator's reading); each part's CPU in cores over the replay
+        "time_split_ms": {"server": spread_ms([own for _, own in server_ok]) if server_ok else None,
+                          "outside": spread_ms([lat - own for lat, own in server_ok]) if server_ok else None},
+        "part_cores": parts,
         "as_read": summarize(as_read, run.duration_s)["overall"],
         "wrong": run.wrong, "checked": run.checked,
         "idle_overhead_ms": idle,
@@ -325,7 +384,7 @@ def default_trace(duration_s: float, seed: int) -> list[TraceRow]:
 def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | None = None,
                scales: Sequence[float] | None = None, systems: Sequence[str] = SYSTEMS,
                triton_settings: Sequence | None = None, out_dir: Path,
-               duration_s: float = 15.0, seed: int = 0, repeat: int = 1) -> dict:
+               duration_s: float = 15.0, seed: int = 0, repeat: int = 1, mqtt_procs: int | None = None) -> dict:
     """Replay ``trace`` at each load (a multiple of the plain loop's capacity) or each raw time
     ``scale`` against every system; write ``versus.json`` and plots to ``out_dir``. Without a
     trace, :func:`default_trace` makes one that lasts ``duration_s`` at 1x (less at higher loads).
@@ -336,9 +395,12 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     target says in how many rounds it held on its own. On this VM one round's margins can sit
     inside the run-to-run spread (BENCHMARKS.md); a median of three cannot be set by one slow
     spell. ``versus.json`` is rewritten after every round, so a long run stopped early keeps what
-    it finished."""
+    it finished. ``mqtt_procs``: how many processes play the MQTT row's load (None:
+    :func:`edge_lab.bench.mqttload.default_procs`)."""
     if repeat < 1:
         raise ValueError(f"repeat = {repeat!r}: expected 1 or more rounds")
+    if mqtt_procs is not None and mqtt_procs < 1:
+        raise ValueError(f"mqtt_procs = {mqtt_procs!r}: expected 1 or more generator processes")
     out_dir.mkdir(parents=True, exist_ok=True)
     models = sorted({row.model for row in trace}) if trace else ["mobilenet_digits", "resnet_digits"]
     frames = Frames.digits(models)
@@ -357,7 +419,9 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     _say(f"own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
          + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s"
          + (f"; {repeat} rounds" if repeat > 1 else ""))
+    from edge_lab.bench.mqttload import default_procs
     results: dict = {"own_ms": own_ms, "plain_capacity_per_s": capacity, "trace_rows": len(trace),
+                     "mqtt_procs": default_procs() if mqtt_procs is None else mqtt_procs,
                      "trace_rate_per_s": rate, "systems": list(systems), "rounds": repeat, "rounds_done": 0,
                      "loads": {}}
     rounds: dict[str, list[dict]] = {label: [] for label, _ in plan}     # label -> one entry per round
@@ -382,14 +446,18 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
                     bar.step(f"{label} {system}")
                     server = start_system(system, triton_setting=setting, workdir=out_dir)
                     try:
-                        row = run_system(server, load_trace, frames, own_ms)
+                        row = run_system(server, load_trace, frames, own_ms, mqtt_procs=mqtt_procs)
                     finally:
                         server.stop()
                     curves[label].setdefault((system, index), []).append(
                         (_goodput_key(row), plot_curves(row.pop("records"))))
+                    gen = row["generator"]
                     bar.write(f"    goodput {row['summary']['overall']['goodput_per_s']:.1f}/s, attainment "
-                              f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, CPU "
-                              f"{row['cpu_s_per_1000']:.2f} s/1000, lag p99 {row['send_lag_ms']['p99']:.2f} ms")
+                              f"{100 * (row['summary']['overall']['slo_attainment'] or 0):.1f}%, unanswered "
+                              f"{row['summary']['overall']['unanswered']}, CPU {row['cpu_s_per_1000']:.2f} s/1000; "
+                              f"generator: {gen['procs']} process(es), lag p99 {gen['lag_p99_ms']:.2f} ms, CPU "
+                              f"{gen['cpu_share']:.2f} cores (busiest {gen['cpu_peak']:.2f})"
+                              + (f"; GENERATOR-LIMITED: {gen['why']}" if gen["limited"] else ""))
                     if system == "triton":
                         grid_rows.append(row)
                     else:
@@ -519,6 +587,14 @@ def check_targets(results: dict, ours: str = "edge-agent/oip") -> list[dict]:
 
     for label, load in results["loads"].items():
         rows = load["rows"]
+        if ours in rows and MQTT in rows:        # issue 21: the MQTT intake serves as HTTP does
+            m, h = rows[MQTT]["summary"]["overall"], rows[ours]["summary"]["overall"]
+            ratio = m["goodput_per_s"] / h["goodput_per_s"] if h["goodput_per_s"] else float("inf")
+            gen = rows[MQTT].get("generator") or {}
+            add(label, "MQTT goodput within 10% of HTTP's", ratio >= 1.0 - MQTT_GAP,
+                f"{m['goodput_per_s']:.1f}/s vs {h['goodput_per_s']:.1f}/s = {ratio:.2f}x, "
+                f"{m['unanswered']} lost" + (" (generator saturated)" if gen.get("saturated") is True else
+                                             " (generator's sends late)" if gen.get("late") is True else ""))
         if ours not in rows or "triton" not in rows:
             continue
         a, t = rows[ours]["summary"]["overall"], rows["triton"]["summary"]["overall"]
@@ -564,7 +640,8 @@ def format_versus(results: dict) -> str:
         short = [c.replace("_digits", "") for c in classes]
         head = (f"{'system':<16}{'goodput/s':>10}{'attain%':>8}" + "".join(f"{s[:15]:>16}" for s in short)
                 + f"{'p50 ms':>8}{'p99 ms':>8}{'ovh idle':>9}{'ovh load':>9}{'rejected':>9}{'missed':>7}{'errored':>8}"
-                  f"{'unansw':>7}{'CPU s/1k':>9}{'RSS MB':>7}{'PSS MB':>7}{'lag p99':>8}{'read p99':>9}")
+                  f"{'unansw':>7}{'CPU s/1k':>9}{'RSS MB':>7}{'PSS MB':>7}{'lag p99':>8}{'read p99':>9}"
+                  f"{'gen':>4}{'gen CPU':>8}{'busiest':>8}")
         lines += ["", f"load {label} (time scale {load['factor']:.3f}):", head]
         for system, row in rows.items():
             o = row["summary"]["overall"]
@@ -576,7 +653,29 @@ def format_versus(results: dict) -> str:
                       f"{o['unanswered']:>7d}", f"{_num(row['cpu_s_per_1000']):>9}",
                       f"{row['usage']['peak_rss_mb']:>7.0f}", f"{row['usage']['peak_pss_mb']:>7.0f}",
                       f"{row['send_lag_ms']['p99']:>8.2f}", f"{row.get('read_lag_ms', {}).get('p99', 0.0):>9.2f}"]
+            gen = row.get("generator") or {}
+            cells += [f"{_whole(gen.get('procs')):>4}", f"{_num(_known(gen.get('cpu_share'))):>8}",
+                      f"{_num(_known(gen.get('cpu_peak'))):>8}", " *" if gen.get("limited") is True else ""]
             lines.append("".join(cells))
+        limited = {s: r["generator"]["why"] for s, r in rows.items() if (r.get("generator") or {}).get("limited")}
+        lines.append("  gen: load-generator processes; gen CPU / busiest: the busiest process's CPU in cores, "
+                     "mean over its sends / busiest half second")
+        for system, why in limited.items():
+            lines.append(f"  * {system}: the generator may have set this row (not the server): "
+                         + (why if isinstance(why, str) else "; ".join(w for w in why if w)))
+        for system, row in rows.items():
+            split = row.get("time_split_ms") or {}
+            inside, outside = split.get("server"), split.get("outside")
+            if not isinstance(inside, dict) or not isinstance(outside, dict):
+                continue
+            cores = ", ".join(f"{part} {_num(_known(c))}" for part, c in (row.get("part_cores") or {}).items())
+            threads = (row.get("usage") or {}).get("busiest_threads") or []
+            top = ", ".join(f"{t['process']}/{t['tid']} {t['cores']:.2f} (peak {t['peak_cores']:.2f})"
+                            for t in threads[:3] if isinstance(t, dict))
+            lines.append(f"  {system}: ok replies' time in the server p50/p99 {_num(_known(inside.get('p50')))}/"
+                         f"{_num(_known(inside.get('p99')))} ms, outside it {_num(_known(outside.get('p50')))}/"
+                         f"{_num(_known(outside.get('p99')))} ms; cores: {cores}"
+                         + (f"; busiest threads: {top}" if top else ""))
         if load["triton_grid"]:
             lines.append("  triton settings tried (best goodput is the row above"
                          + (f"; medians of {count} rounds):" if count > 1 else "):"))
@@ -589,7 +688,8 @@ def format_versus(results: dict) -> str:
             lines.append("  wrong predictions (of checked ok replies): "
                          + ", ".join(f"{s} {w}/{c}" for s, (w, c) in wrong.items()))
     if results.get("targets"):
-        lines += ["", "targets (edge-agent over the Inference Protocol vs Triton's best setting"
+        lines += ["", "targets (edge-agent over the Inference Protocol vs Triton's best setting, and vs "
+                  "edge-agent over MQTT"
                   + (f", judged on the medians of {count} rounds):" if count > 1 else "):")]
         for t in results["targets"]:
             mark = "met" if t["met"] else "NOT met"
@@ -611,6 +711,15 @@ def _pct(value) -> str:
 
 def _num(value) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _whole(value) -> str:
+    return "-" if not isinstance(value, (int, float)) else f"{value:.0f}"
+
+
+def _known(value):
+    """A number, or None for anything else (a median row holds a list where rounds disagreed)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def plot_curves(records: Sequence) -> dict:
@@ -685,6 +794,6 @@ def write_plots(curves: dict[str, dict[str, dict]], out_dir: Path) -> list[str]:
     return written
 
 
-__all__ = ["LOADS", "SYSTEMS", "RunningServer", "check_targets", "combine_rounds", "default_trace", "format_versus",
-           "judge_rounds", "median_row", "own_times_ms", "plain_capacity_per_s", "plot_curves", "run_versus", "scaled",
+__all__ = ["GENERATOR_CPU_FLAG", "GENERATOR_LAG_FLAG_MS", "LOADS", "MQTT", "MQTT_GAP", "SYSTEMS", "RunningServer",
+           "check_targets", "combine_rounds", "default_trace", "format_versus", "generator_verdict", "judge_rounds", "median_row", "own_times_ms", "plain_capacity_per_s", "plot_curves", "run_versus", "scaled",
            "start_system", "triton_grid"]
