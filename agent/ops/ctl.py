@@ -8,6 +8,12 @@ If no ack came within half the timeout, the same envelope is published once more
 did run it answers the repeat with its first ack (same command id), so a retry never runs a
 command twice. Each ack names the board that sent it (``device``).
 
+A broker restart while the command is in flight: the client keeps a session for as long as it waits
+(and ends it on leaving), subscribed again on every connect, so an ack published while it
+reconnects waits for it in the broker; an ack that arrives twice (QoS 1 is at-least-once: a board
+re-sends one the broker took but did not acknowledge before it went down) is counted once, one
+per board.
+
 Behind a secured broker ``security`` carries TLS and credentials (``edge-agent ctl --tls-ca ...``);
 the sample ACL lets an operator's identity publish on ``edge/v1/+/cmd/#`` and read
 ``edge/v1/ctl/+/ack``, where this client's acks arrive.
@@ -30,6 +36,8 @@ __all__ = ["send_command"]
 
 #: MQTT v5 reason code of a PUBACK the broker's ACL refused.
 NOT_AUTHORIZED = 0x87
+#: The session ctl asks the broker to keep outlives its wait by this much (seconds).
+SESSION_SLACK_S = 30
 
 
 def send_command(host: str, port: int, device: str, command: str, envelope: bytes, command_id: str, *,
@@ -53,7 +61,8 @@ def send_command(host: str, port: int, device: str, command: str, envelope: byte
         except Exception as exc:
             ack = {"command_id": command_id, "ok": False, "code": "bad_ack", "reason": str(exc), "result": None}
         with arrived:
-            acks.append(ack)
+            if all(seen.get("device") != ack.get("device") for seen in acks):
+                acks.append(ack)            # the first from each board: a repeat is the same ack again
             arrived.notify_all()
 
     puback: dict[int, object] = {}
@@ -61,9 +70,11 @@ def send_command(host: str, port: int, device: str, command: str, envelope: byte
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
     client.on_publish = lambda client_, userdata, mid, reason_code, properties: puback.__setitem__(mid, reason_code)
-    connect(client, host, port)
+    # Subscribed on every connect (a broker that lost the session lost the subscription with it).
+    client.on_connect = lambda client_, userdata, flags, reason_code, properties: (
+        reason_code.is_failure or client_.subscribe(reply_topic, qos=1))
+    connect(client, host, port, session_expiry_s=int(math.ceil(timeout_s)) + SESSION_SLACK_S)
     try:
-        client.subscribe(reply_topic, qos=1)
         if not subscribed.wait(5.0):
             raise TimeoutError(f"broker {host}:{port} did not acknowledge the subscription to {reply_topic}")
         props = Properties(PacketTypes.PUBLISH)
@@ -92,5 +103,7 @@ def send_command(host: str, port: int, device: str, command: str, envelope: byte
                 arrived.wait(min(deadline, resend_at) - now)
         return list(acks)
     finally:
-        client.disconnect()
+        end_session = Properties(PacketTypes.DISCONNECT)
+        end_session.SessionExpiryInterval = 0       # nothing more to wait for: the broker may forget us
+        client.disconnect(properties=end_session)
         client.loop_stop()
