@@ -1,0 +1,164 @@
+"""Where a batch runs: on this board, or split after point k with the rest on peer p.
+
+Neurosurgeon (PAPERS.md) picks, per request, the split point that minimises end-to-end latency,
+from per-layer times on both sides and the link's bandwidth: ``argmin_k head(k) + bytes(k) / bw +
+tail(k)``. On a board that batches and is short of compute that is the wrong question: the batch
+that runs locally also keeps every queued batch behind it waiting, and a peer or a link that every
+batch is sent to builds a queue of its own. So the planner here (ours; BPS's scheduler is an RL
+policy whose cost model its abstract does not give) prices each option for the batch at hand,
+given what is already committed on each resource:
+
+* **local**: the batch holds a slot for ``full(b)``; it ends at ``now + full(b)``.
+* **split k on peer p** (k = ``None``: the whole input goes): the head holds the slot for
+  ``head_k(b) + encode``; the tensor leaves when the head is done and the uplink to p is free (this
+  board's reservations of that link, :class:`PeerState.link_free_at`) and takes
+  ``b x bytes_k / bandwidth``; it reaches p half a round trip later, waits behind p's advertised
+  queue and the work this board already sent it and has no answer for (``outstanding_s``), runs
+  ``tail_k(b)`` on p, and the reply takes the other half of the round trip.
+
+Each option ends at ``finish`` and frees this board's slot after ``local_s``. The planner picks the
+option with the least ``max(finish, now + local_s + backlog_s)`` among those that meet the batch's
+earliest deadline (``backlog_s``: the local work queued behind this batch, per slot). With nothing
+queued the second term is at most the first, and this is Neurosurgeon's argmin, latency first; with
+a backlog it weighs what a choice costs the queue: an offload that frees the slot sooner wins even
+if its own batch ends a little later, until the link or the peer it loads ends later than the
+backlog would. When no option meets the deadline, the earliest finish is taken (the scheduler sheds
+what is hopeless before a batch is formed; what is left has the best chance this way).
+
+Reservations (:meth:`Planner.commit`) are this board's own bookkeeping, corrected by what it
+measures: the peer table's round trip and bandwidth are EWMAs of this board's own offload traffic
+(``agent.offload.peers``), the peer's queue is what its status advertises, and ``outstanding_s``
+falls when a reply comes (:meth:`Planner.answered`).
+
+Pure: no clock, no threads, no I/O; the split policy (``agent.scheduler.policies.split``) and the
+simulator drive it, with the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+class Table(Protocol):
+    def predict(self, batch_size: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class SplitCost:
+    """What one split point of a model costs (``split=None``: full offload, no head).
+
+    ``head``: the head's time on this board by batch size (``None`` for full offload); ``tail``: the
+    tail's time on the peer by batch size (the peer's own figures where it advertises them, else
+    this board's scaled by the peer's speed); ``bytes_per_item``: on the wire after the codec;
+    ``codec_s_per_item``: encoding here plus decoding there."""
+
+    split: str | None
+    head: Table | None
+    tail: Table
+    bytes_per_item: float
+    codec_s_per_item: float = 0.0
+
+
+@dataclass
+class PeerState:
+    """What this board knows of one peer and of what it has committed to it."""
+
+    device: str
+    rtt_s: float
+    bandwidth_Bps: float
+    #: The peer's advertised queue delay (seconds), per model: how long a tail waits there now.
+    queue_s: dict[str, float] = field(default_factory=dict)
+    #: The split points of each model the peer serves (``None`` in the set: the full model).
+    offers: dict[str, Sequence[SplitCost]] = field(default_factory=dict)
+    #: When this board's uplink to the peer is free of the tensors already sent (scheduler clock).
+    link_free_at: float = -math.inf
+    #: Tail work this board sent the peer that is not answered yet (seconds of the peer's compute).
+    outstanding_s: float = 0.0
+    #: How many batches the peer runs at once (its execution slots): the work above is shared by them.
+    slots: int = 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The planner's choice for a batch: ``target`` (``"local"`` or a peer's device), ``split``,
+    when the batch is predicted to end (``finish``), how long it holds this board's slot
+    (``local_s``), when its tensor is off the uplink (``sent_at``) and the tail work it gives the
+    peer (``peer_s``)."""
+
+    target: str
+    split: str | None
+    finish: float
+    local_s: float
+    sent_at: float = -math.inf
+    peer_s: float = 0.0
+
+    @property
+    def local(self) -> bool:
+        return self.target == LOCAL
+
+
+LOCAL = "local"
+
+
+class Planner:
+    """Prices the options for a batch and keeps the reservations of the choices made."""
+
+    def __init__(self, peers: dict[str, PeerState] | None = None) -> None:
+        self.peers: dict[str, PeerState] = peers if peers is not None else {}
+
+    def options(self, model: str, batch_size: int, now: float, local: Table | None) -> list[Placement]:
+        """Every way to run a batch of ``batch_size`` of ``model`` now: locally (when ``local``,
+        the model's full time here, is given) and on each peer at each split point it offers."""
+        out: list[Placement] = []
+        if local is not None:
+            full = local.predict(batch_size)
+            out.append(Placement(LOCAL, None, now + full, full))
+        for peer in self.peers.values():
+            for cost in peer.offers.get(model, ()):
+                out.append(self._price(peer, model, cost, batch_size, now))
+        return out
+
+    def _price(self, peer: PeerState, model: str, cost: SplitCost, b: int, now: float) -> Placement:
+        head = cost.head.predict(b) if cost.head is not None else 0.0
+        local_s = head + b * cost.codec_s_per_item
+        leaves = max(now + local_s, peer.link_free_at)
+        sent_at = leaves + b * cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0)
+        arrives = sent_at + 0.5 * peer.rtt_s
+        tail = cost.tail.predict(b)
+        starts = max(arrives, now + peer.queue_s.get(model, 0.0) + peer.outstanding_s / max(peer.slots, 1))
+        finish = starts + tail + 0.5 * peer.rtt_s
+        return Placement(peer.device, cost.split, finish, local_s, sent_at, tail)
+
+    def choose(self, model: str, batch_size: int, now: float, deadline: float, local: Table | None,
+               backlog_s: float = 0.0) -> Placement | None:
+        """The option for the batch (module docstring): the least ``max(finish, now + local_s +
+        backlog_s)`` among those that end by ``deadline``, else the earliest finish; ``None`` when
+        there is no option at all (no local model and no peer offering it)."""
+        options = self.options(model, batch_size, now, local)
+        if not options:
+            return None
+        feasible = [o for o in options if o.finish <= deadline]
+        if not feasible:
+            return min(options, key=lambda o: (o.finish, not o.local))
+        # Ties (e.g. an idle board, where both terms are the batch's own time) go to local: it
+        # depends on nothing that can fail.
+        return min(feasible, key=lambda o: (max(o.finish, now + o.local_s + backlog_s), not o.local))
+
+    def commit(self, placement: Placement) -> None:
+        """Reserve what ``placement`` takes: the uplink until its tensor is sent, the peer's time."""
+        if placement.local:
+            return
+        peer = self.peers.get(placement.target)
+        if peer is not None:
+            peer.link_free_at = max(peer.link_free_at, placement.sent_at)
+            peer.outstanding_s += placement.peer_s
+
+    def answered(self, placement: Placement) -> None:
+        """The peer answered (or was given up on) a batch committed with ``placement``."""
+        peer = self.peers.get(placement.target)
+        if peer is not None:
+            peer.outstanding_s = max(0.0, peer.outstanding_s - placement.peer_s)
+
+
+__all__ = ["LOCAL", "Placement", "PeerState", "Planner", "SplitCost", "Table"]
