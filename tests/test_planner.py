@@ -65,16 +65,18 @@ def test_an_idle_board_takes_the_option_that_ends_first():
 
 
 def test_the_split_point_moves_with_the_link():
-    """A fast link sends the whole input; a slower one splits later (smaller tensors); a slow,
-    long link keeps the batch here, until a backlog makes the late split worth it."""
-    fast = planner(1000, 1).choose("m", 4, 0.0, math.inf, FULL)
-    assert (fast.target, fast.split) == ("peer", None)
-    medium = planner(100, 10).choose("m", 4, 0.0, math.inf, FULL)
-    assert (medium.target, medium.split) == ("peer", "middle")
-    slow = planner(10, 50)
-    assert slow.choose("m", 4, 0.0, math.inf, FULL).target == LOCAL
-    loaded = slow.choose("m", 4, 0.0, 0.2, FULL, backlog_s=0.5)     # the frame would take 250 ms to send
-    assert (loaded.target, loaded.split) == ("peer", "late")
+    """As the bandwidth falls, the choice moves from sending the whole frame to later and later
+    split points (smaller tensors, more of the work here) and at last to running here: idle, and
+    under a backlog (where it offloads down to slower links)."""
+    order = [None, "early", "middle", "late", LOCAL]
+    for backlog_s in (0.0, 0.5):
+        chosen = []
+        for mbit in (1000, 300, 100, 30, 10, 3, 1):
+            c = planner(mbit, 10).choose("m", 4, 0.0, 0.1, FULL, backlog_s=backlog_s)
+            chosen.append(LOCAL if c.target == LOCAL else c.split)
+        ranks = [order.index(c) for c in chosen]
+        assert ranks == sorted(ranks), chosen
+        assert chosen[0] is None and chosen[-1] == LOCAL and len(set(chosen)) >= 3, chosen
 
 
 def test_a_backlog_sends_work_away_that_an_idle_board_keeps():
