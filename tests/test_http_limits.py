@@ -305,3 +305,15 @@ def test_edge_agent_run_raises_its_open_file_limit_to_the_hard_limit(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_head_deadlines_of_connections_opened_together_are_spread(service):
+    """Connections opened in one burst do not all time out in one sweep (their clients would all
+    reconnect at once, and a new client wait behind the wave): each head's deadline falls between
+    1 - HEAD_JITTER and all of the header timeout, spread over that range."""
+    from agent.intake.http import HEAD_JITTER
+    intake = service.http
+    deadlines = [intake.head_deadline(100.0) - 100.0 for _ in range(2000)]
+    timeout = intake.header_timeout_s
+    assert all((1 - HEAD_JITTER) * timeout <= d <= timeout for d in deadlines)
+    assert max(deadlines) - min(deadlines) > 0.9 * HEAD_JITTER * timeout

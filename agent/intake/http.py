@@ -32,7 +32,11 @@ within ``body_timeout_s`` of its head (else 408 and close: a truncated body held
 between requests a keep-alive connection may sit ``idle_timeout_s``, and a client that reads none of
 its replies for as long is dropped. While a request runs on the agent there is no deadline: its
 reply is owed. The deadlines are checked by one sweep over the connections a few times per shortest
-timeout, so a request costs two attribute writes, not a timer.
+timeout, so a request costs two attribute writes, not a timer. A head's deadline is drawn between
+``1 - HEAD_JITTER`` and all of ``header_timeout_s`` (ours): many connections opened together (a
+client pool, a flood of idle ones) would otherwise all reach their deadline in one sweep, and when
+their clients reconnect together, a new client's connection waits behind the whole wave in the
+accept queue (``edge-agent bench http-limits``: BENCHMARKS.md). Spread, the wave is a trickle.
 
 Descriptors: one per connection (a worker writes a reply on the connection's own socket, under a
 lock that ``connection_lost`` takes before the transport closes it). At most ``max_connections`` are
@@ -50,6 +54,7 @@ import errno
 import json
 import logging
 import os
+import random
 import resource
 import socket
 import threading
@@ -77,6 +82,7 @@ REFUSAL_LINGER_S = 0.25               # the same after a 503 beyond max_connecti
 ACCEPT_BATCH = 64                     # connections accepted per readiness of the listening socket
 ACCEPT_BACKOFF_S = 0.25               # out of descriptors or memory: stop accepting this long
 LOG_INTERVAL_S = 10.0                 # at most one line per interval for each kind of refusal
+HEAD_JITTER = 0.25                    # a head's deadline: 75-100% of header_timeout_s (module docstring)
 RESERVED_FDS = 64                     # descriptors kept for the rest of the agent (models, MQTT, logs)
                                       # and, a sixteenth of the limit more, for refusals lingering
 _RESOURCE_ERRNOS = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE", errno.ENOBUFS: "ENOBUFS",
@@ -258,7 +264,7 @@ class _Connection(asyncio.Protocol):
             except OSError:   # not TCP (a Unix socket in someone's test): nothing to tune
                 pass
             self._fd = sock.fileno()
-        self.waiting, self.deadline = _HEAD, time.monotonic() + intake.header_timeout_s
+        self.waiting, self.deadline = _HEAD, intake.head_deadline(time.monotonic())
         intake._connections.add(self)
 
     def connection_lost(self, exc) -> None:
@@ -329,7 +335,7 @@ class _Connection(asyncio.Protocol):
                     elif buffer:
                         self.scanned = max(0, len(buffer) - 3)
                         if self.waiting != _HEAD:     # the head's clock starts at its first byte
-                            self.waiting, self.deadline = _HEAD, time.monotonic() + intake.header_timeout_s
+                            self.waiting, self.deadline = _HEAD, intake.head_deadline(time.monotonic())
                     return
                 self.scanned = 0
                 raw = bytes(buffer[:end])
@@ -668,6 +674,10 @@ class HttpIntake:
         if self._accepting:
             period = min(self.header_timeout_s, self.body_timeout_s, self.idle_timeout_s) / 4
             self._loop.call_later(min(1.0, max(0.02, period)), self._sweep)
+
+    def head_deadline(self, now: float) -> float:
+        """When a request head that starts waiting at ``now`` times out (module docstring: spread)."""
+        return now + self.header_timeout_s * (1.0 - HEAD_JITTER * random.random())
 
     def stop_taking(self) -> None:
         """From now on, new inference requests are answered 503 (``shutting_down``) and readiness is
