@@ -32,11 +32,12 @@ within ``body_timeout_s`` of its head (else 408 and close: a truncated body held
 between requests a keep-alive connection may sit ``idle_timeout_s``, and a client that reads none of
 its replies for as long is dropped. While a request runs on the agent there is no deadline: its
 reply is owed. The deadlines are checked by one sweep over the connections a few times per shortest
-timeout, so a request costs two attribute writes, not a timer. A head's deadline is drawn between
-``1 - HEAD_JITTER`` and all of ``header_timeout_s`` (ours): many connections opened together (a
-client pool, a flood of idle ones) would otherwise all reach their deadline in one sweep, and when
-their clients reconnect together, a new client's connection waits behind the whole wave in the
-accept queue (``edge-agent bench http-limits``: BENCHMARKS.md). Spread, the wave is a trickle.
+timeout and at least every ``SWEEP_MAX_S``, so a request costs two attribute writes, not a timer.
+A head's deadline is drawn between ``1 - HEAD_JITTER`` and all of ``header_timeout_s`` (ours):
+connections opened together (a client pool, a flood of idle ones) would otherwise reach their
+deadlines in one sweep, their clients reconnect as one wave, and a new client's connection wait
+behind the whole wave in the accept queue (``edge-agent bench http-limits``: BENCHMARKS.md).
+Spread, and swept often, the wave is a trickle.
 
 Descriptors: one per connection (a worker writes a reply on the connection's own socket, under a
 lock that ``connection_lost`` takes before the transport closes it). At most ``max_connections`` are
@@ -82,6 +83,7 @@ REFUSAL_LINGER_S = 0.25               # the same after a 503 beyond max_connecti
 ACCEPT_BATCH = 64                     # connections accepted per readiness of the listening socket
 ACCEPT_BACKOFF_S = 0.25               # out of descriptors or memory: stop accepting this long
 LOG_INTERVAL_S = 10.0                 # at most one line per interval for each kind of refusal
+SWEEP_MAX_S = 0.1                     # the deadline sweep's period at most: spread deadlines close a few at a time
 HEAD_JITTER = 0.25                    # a head's deadline: 75-100% of header_timeout_s (module docstring)
 RESERVED_FDS = 64                     # descriptors kept for the rest of the agent (models, MQTT, logs)
                                       # and, a sixteenth of the limit more, for refusals lingering
@@ -673,7 +675,7 @@ class HttpIntake:
             connection.expire(now)
         if self._accepting:
             period = min(self.header_timeout_s, self.body_timeout_s, self.idle_timeout_s) / 4
-            self._loop.call_later(min(1.0, max(0.02, period)), self._sweep)
+            self._loop.call_later(min(SWEEP_MAX_S, max(0.02, period)), self._sweep)
 
     def head_deadline(self, now: float) -> float:
         """When a request head that starts waiting at ``now`` times out (module docstring: spread)."""
