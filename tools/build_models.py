@@ -740,7 +740,9 @@ def build_one(name, spec, data, args, mean, std, out_dir: Path) -> dict:
         "flops_method": "torch.utils.flop_counter.FlopCounterMode on the BN-folded model at "
                         "batch 1: convolutions and linear layers, 2 FLOPs per multiply-add "
                         "(element-wise ops, pooling and the input cast not counted)",
-        "split_points": [
+        # candidates only: tools/split_models.py cuts, checks and times them and moves the ones
+        # it ships into split_points (with their head/tail files), which the agent reads
+        "split_candidates": [
             {"name": mod, "onnx_tensor": sp["onnx_tensor"], "shape": sp["shape"]}
             for mod, sp in splits.items()
         ],

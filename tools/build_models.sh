@@ -2,7 +2,7 @@
 # Build the demo models (agent/models/demo/): make the tools venv if missing, install the
 # pinned toolchain (again only when tools/requirements-models.txt changed), then train,
 # export and verify with tools/build_models.py, then write the cards' golden outputs
-# (tools/golden_outputs.py). Extra arguments go to build_models.py
+# (tools/golden_outputs.py), then cut their split points (tools/split_models.py). Extra arguments go to build_models.py
 # (e.g. --models resnet_digits, --epochs 5, --no-bench). Rerunnable; CPU only.
 set -euo pipefail
 
@@ -32,4 +32,7 @@ echo "== tools/build_models.py $*"
 "$VENV/bin/python" -u tools/build_models.py "$@"
 # The build rewrites the cards: put the self-test's golden outputs back, from the new files.
 echo "== tools/golden_outputs.py"
-exec "$VENV/bin/python" -u tools/golden_outputs.py
+"$VENV/bin/python" -u tools/golden_outputs.py
+# ... and drops their split points: cut them again (the card keeps none, so the tool's defaults).
+echo "== tools/split_models.py"
+exec "$VENV/bin/python" -u tools/split_models.py

@@ -5,6 +5,12 @@ it (``agent.models.tensors.check_inputs``) before it is queued, and every loaded
 checked against it at start, so a file that does not match its card fails at load time, not on the
 first request.
 
+A card may list split points (``split_points``, :class:`SplitPoint`): tensors where the graph is cut
+into a head (the model's inputs -> that tensor) and a tail (that tensor -> the model's outputs), each
+a file beside the card with its sha256, and the head/tail run times per batch size measured when
+they were cut (``tools/split_models.py``). Collaborative offload runs the head here and the tail on
+a peer; the card is what both sides agree on.
+
 A card may also carry golden outputs (``golden``, :class:`Golden`): a few fixed inputs, the
 outputs the reference file gave on them when the model was built (``tools/golden_outputs.py``),
 and how close each file variant must come. The self-test (``edge-agent selftest``) runs them on
@@ -47,7 +53,7 @@ class ModelCard:
     outputs: tuple[TensorSpec, ...]
     files: dict[str, ModelFile]
     labels: tuple[str, ...]
-    split_points: tuple[dict, ...]
+    split_points: "list[SplitPoint]"
     source: Path
     raw: dict[str, Any]
     golden: "Golden | None" = None
@@ -73,6 +79,117 @@ class ModelCard:
                     f"model {self.name!r}: {entry.path} has sha256 {digest[:12]}..., card says {entry.sha256[:12]}..."
                 )
         return entry.path
+
+    def split_point(self, name: str) -> "SplitPoint":
+        """The split point called ``name``; the KeyError lists the ones the card has."""
+        for point in self.split_points:
+            if point.name == name:
+                return point
+        raise KeyError(f"model {self.name!r} has no split point {name!r}; its card {self.source} lists "
+                       f"{[p.name for p in self.split_points]}")
+
+
+def _verify_digest(path: Path, sha256: str, what: str) -> Path:
+    if not path.is_file():
+        raise CardError(f"{what}: file {path} does not exist")
+    if sha256:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise CardError(f"{what}: {path} has sha256 {digest[:12]}..., card says {sha256[:12]}...")
+    return path
+
+
+@dataclass(frozen=True)
+class SplitPoint:
+    """One place a model is cut: the head runs the model's inputs to ``tensor``, the tail runs
+    ``tensor`` (float32 ``[N, ...]``, ``spec``) to the model's outputs, so head then tail computes the
+    whole model. ``bytes_per_item`` is what one item's tensor weighs uncompressed (what a codec
+    shrinks); ``profile`` holds the head, tail and full run times per batch size measured when the
+    files were cut (``{"host", "batch_sizes", "head_ms", "tail_ms", "full_ms"}``), or None."""
+
+    name: str
+    tensor: str
+    spec: TensorSpec
+    bytes_per_item: int
+    head_path: Path
+    tail_path: Path
+    head_sha256: str
+    tail_sha256: str
+    profile: dict | None
+    model: str = ""
+
+    def verify_head(self) -> Path:
+        """Check the head file exists and matches the card's sha256; returns its path."""
+        return _verify_digest(self.head_path, self.head_sha256, f"model {self.model!r} split {self.name!r} head")
+
+    def verify_tail(self) -> Path:
+        """Check the tail file exists and matches the card's sha256; returns its path."""
+        return _verify_digest(self.tail_path, self.tail_sha256, f"model {self.model!r} split {self.name!r} tail")
+
+
+PROFILE_SERIES = ("head_ms", "tail_ms", "full_ms")
+
+
+def _parse_split_point(entry: Any, where: str, base: Path, model: str) -> SplitPoint:
+    if not isinstance(entry, dict):
+        raise CardError(f"{where} = {entry!r}: expected a map with name, onnx_tensor, shape, dtype, "
+                        "bytes_per_item, head, tail")
+    for key in ("name", "onnx_tensor", "shape", "dtype", "bytes_per_item", "head", "tail"):
+        if key not in entry:
+            raise CardError(f"{where}: missing field {key!r} (tools/split_models.py writes it)")
+    name, tensor = entry["name"], entry["onnx_tensor"]
+    for key, value in (("name", name), ("onnx_tensor", tensor)):
+        if not isinstance(value, str) or not value:
+            raise CardError(f"{where}.{key} = {value!r}: expected a non-empty string")
+    spec = _spec({"name": tensor, "dtype": entry["dtype"], "shape": entry["shape"]}, f"{where}")
+    if spec.dtype != np.float32:
+        raise CardError(f"{where}.dtype = {entry['dtype']!r}: expected 'float32' (a tail takes a float32 tensor)")
+    size = int(np.prod(spec.item_shape())) * spec.dtype.itemsize
+    per_item = entry["bytes_per_item"]
+    if not isinstance(per_item, int) or isinstance(per_item, bool) or per_item != size:
+        raise CardError(f"{where}.bytes_per_item = {per_item!r}: expected {size} "
+                        f"({spec.dtype.name} {list(spec.item_shape())})")
+    paths, digests = {}, {}
+    for part in ("head", "tail"):
+        sub = entry[part]
+        if not (isinstance(sub, dict) and isinstance(sub.get("path"), str) and sub["path"]):
+            raise CardError(f"{where}.{part} = {sub!r}: expected a map with path, sha256, bytes")
+        digest = sub.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise CardError(f"{where}.{part}.sha256 = {digest!r}: expected 64 lowercase hex digits")
+        paths[part] = (base / sub["path"]).resolve()
+        digests[part] = digest
+    profile = entry.get("profile")
+    if profile is not None:
+        if not isinstance(profile, dict):
+            raise CardError(f"{where}.profile = {profile!r}: expected a map with host, batch_sizes, "
+                            f"{', '.join(PROFILE_SERIES)}")
+        sizes = profile.get("batch_sizes")
+        if not (isinstance(sizes, list) and sizes and all(isinstance(b, int) and b >= 1 for b in sizes)):
+            raise CardError(f"{where}.profile.batch_sizes = {sizes!r}: expected a non-empty list of integers >= 1")
+        for key in PROFILE_SERIES:
+            series = profile.get(key)
+            if not (isinstance(series, list) and len(series) == len(sizes)
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in series)):
+                raise CardError(f"{where}.profile.{key} = {series!r}: expected {len(sizes)} times in ms >= 0, "
+                                f"one per batch size {sizes}")
+    return SplitPoint(name=name, tensor=tensor, spec=spec, bytes_per_item=size, head_path=paths["head"],
+                      tail_path=paths["tail"], head_sha256=digests["head"], tail_sha256=digests["tail"],
+                      profile=profile, model=model)
+
+
+def _parse_split_points(raw: Any, path: Path, model: str) -> list[SplitPoint]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise CardError(f"{path}: split_points = {raw!r}: expected a list of split points")
+    points = [_parse_split_point(e, f"{path}: split_points[{i}]", path.parent, model) for i, e in enumerate(raw)]
+    seen: set[str] = set()
+    for i, point in enumerate(points):
+        if point.name in seen:
+            raise CardError(f"{path}: split_points[{i}].name = {point.name!r}: the name is used twice")
+        seen.add(point.name)
+    return points
 
 
 @dataclass(frozen=True)
@@ -271,7 +388,7 @@ def load_card(ref: str | Path) -> ModelCard:
         outputs=outputs,
         files=files,
         labels=tuple(raw.get("labels", ())),
-        split_points=tuple(raw.get("split_points", ())),
+        split_points=_parse_split_points(raw.get("split_points"), path, str(raw["name"])),
         source=path,
         raw=raw,
         golden=_parse_golden(raw["golden"], path, outputs) if "golden" in raw else None,

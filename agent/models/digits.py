@@ -8,6 +8,8 @@ what they were trained on.
   ``[N, 64, 64, 3]`` (NHWC), the demo models' ``frames`` input.
 * ``load_test_set()``: the held-out test split shipped as ``demo/digits_test.npz``
   (stratified 80/20 split of the 1797 images, seed 0; the training split is not shipped).
+* ``card_test_set(dataset, base_dir)``: a model card's whole test set as model inputs, made the
+  way its ``dataset`` entry says (the split tool and the tests check every split point on it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "TEST_SET_PATH",
     "frames_from_digits",
     "load_test_set",
+    "card_test_set",
 ]
 
 #: Side of a frame in pixels.
@@ -109,3 +112,19 @@ def load_test_set(path: str | Path | None = None) -> tuple[np.ndarray, np.ndarra
             f"{p}: labels: expected shape [{images.shape[0]}], got {list(labels.shape)}"
         )
     return images, labels
+
+
+#: The card's ``dataset.preprocess`` values :func:`card_test_set` knows.
+PREPROCESS = {"agent.models.digits.frames_from_digits": "frames_from_digits"}
+
+
+def card_test_set(dataset: dict, base_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A card's test set as ``(frames, labels)``: its ``dataset.test_file`` (8x8 digits beside the
+    card) turned into model inputs by the card's ``dataset.preprocess``."""
+    if not isinstance(dataset, dict) or "test_file" not in dataset:
+        raise ValueError(f"dataset = {dataset!r}: expected a map with test_file and preprocess")
+    preprocess = dataset.get("preprocess")
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"dataset.preprocess = {preprocess!r}: expected one of {sorted(PREPROCESS)}")
+    images, labels = load_test_set(Path(base_dir) / str(dataset["test_file"]))
+    return frames_from_digits(images), labels

@@ -16,7 +16,7 @@ What is checked, in order, and why:
 * **config files**: the dispatch policy exists and the profile file, if the config names one,
   is valid (a bad one would stop ``edge-agent run`` at start).
 * **models**, per configured model: the card loads; the file's sha256 is the card's (a truncated
-  copy, a swapped file); the file, loaded by the configured backend, reproduces the card's golden
+  copy, a swapped file), and so are its split points' head and tail files; the file, loaded by the configured backend, reproduces the card's golden
   outputs within the tolerance the card states for that file variant (a runtime or delegate that
   loads the model but computes something else); its batch-1 and largest-batch latency against
   the stored profile, else the card's build-host figures (drift: a warning, never a failure,
@@ -445,6 +445,8 @@ def check_model(model: ModelConfig, profile: Any) -> list[Check]:
     else:
         rows.append(Check(f"{prefix}: sha256", "ok", f"{path.name} matches its card ({digest[:12]}...)",
                           figures={"file": str(path), "sha256": digest}))
+    if card.split_points:
+        rows.append(_check_split_files(prefix, card))
     from agent.backends import BackendError, load_backend
     try:
         backend = load_backend(model.backend, path, threads=model.threads)
@@ -458,6 +460,26 @@ def check_model(model: ModelConfig, profile: Any) -> list[Check]:
     finally:
         backend.close()
     return rows
+
+
+def _check_split_files(prefix: str, card: Any) -> Check:
+    """The head and tail files of the card's split points (what a peer or this board runs when the
+    model is split): present and the card's sha256."""
+    from agent.models.card import CardError
+    problems: list[tuple[Path, str]] = []
+    checked: list[str] = []
+    for point in card.split_points:
+        for verify, file in ((point.verify_head, point.head_path), (point.verify_tail, point.tail_path)):
+            try:
+                checked.append(verify().name)
+            except CardError as exc:
+                problems.append((file, str(exc)))
+    name = f"{prefix}: split files"
+    if problems:
+        return Check(name, "fail", "; ".join(text for _, text in problems), _file_fix(card.source, problems[0][0]),
+                     {"files": [str(file) for file, _ in problems]})
+    return Check(name, "ok", f"{len(checked)} head/tail files of split points "
+                 f"{[p.name for p in card.split_points]} match their card", figures={"files": checked})
 
 
 def _backend_fix(kind: str) -> str:
