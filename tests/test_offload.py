@@ -324,3 +324,35 @@ def test_a_split_batch_runs_its_head_here_and_its_tail_on_the_peer(broker, digit
     np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
     np.testing.assert_allclose(got, expected, atol=1e-3)
     assert {(r["served_by"]["device"], r["served_by"]["split"]) for r in replies} == {("board-s", split)}
+
+
+def test_the_peer_answers_a_redelivered_message_once_and_refuses_what_it_cannot_finish_in_time(pair, broker):
+    client, replies = _raw_client(broker, "peer-answers")
+    try:
+        x = np.zeros((2, 64, 64, 3), np.uint8)
+
+        def publish(batch, deadlines, correlation):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "tests/peer-answers"
+            props.CorrelationData = correlation
+            payload = wire.encode_request(wire.OffloadRequest("tests", batch, None, {"frames": x}, deadlines))
+            client.publish(offload_topic("board-b", MODEL), payload, qos=1, properties=props)
+
+        soon = time.time() + 5.0
+        publish("twice", [soon, soon], b"c-twice")
+        publish("twice", [soon, soon], b"c-twice")          # a QoS 1 re-send: the same correlation
+        publish("hopeless", [time.time() + 0.0002] * 2, b"c-hopeless")
+        _wait(lambda: len(replies) >= 2, 15.0, "the replies")
+        time.sleep(0.5)                                     # a second reply to "twice" would be here by now
+        by_batch: dict = {}
+        for message in replies:
+            reply = wire.decode_reply(message.payload, 2)
+            by_batch.setdefault(reply.batch, []).append(reply)
+        assert len(by_batch["twice"]) == 1 and by_batch["twice"][0].errors == [None, None]
+        assert by_batch["twice"][0].outputs["logits"].shape == (2, 10)
+        hopeless, = by_batch["hopeless"]
+        assert [e.code for e in hopeless.errors] in (["rejected"] * 2, ["deadline_missed"] * 2,
+                                                     ["rejected", "deadline_missed"], ["deadline_missed", "rejected"])
+    finally:
+        client.disconnect()
+        client.loop_stop()
