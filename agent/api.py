@@ -127,25 +127,52 @@ class Agent:
                 for backend in loaded.backends:
                     backend.close()
             raise
-        self.telemetry = Telemetry(list(self.models))
+        # The peer role ([offload] serve): each split point's tail is a lane of its own,
+        # ``<model>@<split>`` (agent.offload.tails), queued and admitted beside the models. Requests
+        # reach them only through :meth:`submit_offload` (the offload subscriber), not the intakes.
+        self.tails: dict[str, LoadedModel] = {}
+        self.offload = None     # the board's side (agent.runtime.offload_executor.OffloadClient)
+        try:
+            if config.offload.serve:
+                from agent.offload.tails import load_tails
+                self.tails = load_tails(self.models, config.offload.splits)
+            if config.offload.targets:
+                from agent.runtime.offload_executor import OffloadClient
+                self.offload = OffloadClient(config, self.models, self.clock)
+        except Exception:
+            for loaded in (*self.models.values(), *self.tails.values()):
+                for backend in loaded.backends:
+                    backend.close()
+            raise
+        lanes = {**self.models, **self.tails}
+        self.telemetry = Telemetry(list(lanes))
         self.scheduler = Scheduler(
-            [build_lane(name, m.rule, m.config, m.latency) for name, m in self.models.items()],
+            [build_lane(name, m.rule, m.config, m.latency) for name, m in lanes.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
             lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
+            policy_options={"offload": config.offload},
         )
         self.executor = LocalExecutor({
-            name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in self.models.items()
+            name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in lanes.items()
         })
         self._served_by = {
-            name: [{"device": config.device, "backend": b.kind, "accelerator": b.device, "instance": i}
+            name: [{"device": config.device, "backend": b.kind, "accelerator": b.device, "instance": i,
+                    **({"split": name.partition("@")[2]} if name in self.tails else {})}
                    for i, b in enumerate(m.backends)]
-            for name, m in self.models.items()
+            for name, m in lanes.items()
         }
         self._ids = itertools.count(1)
         # Every batch passes the telemetry's counting wrapper (Triton's execution count, the batch sizes).
-        self.loop = LiveLoop(self.scheduler, {LOCAL: self.telemetry.counting(self.executor)}, self.clock,
+        executors = {LOCAL: self.telemetry.counting(self.executor)}
+        if self.offload is not None:
+            self.offload.local = self.executor
+            executors.update({peer: self.telemetry.counting(self.offload.executor(peer))
+                              for peer in config.offload.targets})
+        self.loop = LiveLoop(self.scheduler, executors, self.clock,
                              config.worker_count, served_by=self._dispatch_served_by, on_reply=self._record,
                              worker_nice=config.worker_nice)
+        if self.offload is not None:
+            self.offload.driver = self.loop.driver
         self.loop.start()
         self._closed = False
         # An operator's drain (agent.ops.commands): new requests are refused ``shutting_down``, what
@@ -186,13 +213,26 @@ class Agent:
             self.loop.run_alone(started)
         return request.reply
 
+    def submit_offload(self, lane: str, inputs: Mapping[str, np.ndarray], *, deadline: float, priority: int = 0,
+                       client_id: str | None = None) -> "Future[Result]":
+        """A peer's item (the offload subscriber, ``agent.offload.peer``): like :meth:`submit` with a
+        ``deadline`` (unix seconds), into a tail lane ``<model>@<split>`` or a model's own lane (full
+        offload). Raises ``InferenceError`` if refused (``unknown_model`` for a lane this agent does
+        not serve, ``rejected`` by admission)."""
+        request, _ = self._accept(lane, inputs, None, deadline, priority, client_id, None, wake_worker=True,
+                                  tails=True)
+        return request.reply
+
     def _accept(self, model: str, inputs: Mapping[str, np.ndarray], slo_ms: float | None, deadline: float | None,
                 priority: int, client_id: str | None, on_done: Callable[[Future], None] | None, *,
-                wake_worker: bool, alone: bool = False) -> tuple[Request, Dispatch | None]:
+                wake_worker: bool, alone: bool = False, tails: bool = False) -> tuple[Request, Dispatch | None]:
         """Check and queue a request, or with ``alone`` start it on an idle board: the ``Request``
-        (its ``reply`` is the future) and the ``Dispatch`` started for the caller to run, else ``None``."""
+        (its ``reply`` is the future) and the ``Dispatch`` started for the caller to run, else ``None``.
+        ``tails``: the offload tail lanes may be named too."""
         now = self.clock()
         loaded = self.models.get(model)
+        if loaded is None and tails:
+            loaded = self.tails.get(model)
         if loaded is None:
             raise InferenceError(UNKNOWN_MODEL, f"no model {model!r} is loaded; loaded: {sorted(self.models)}", "model")
         deadline_at = None
@@ -380,7 +420,32 @@ class Agent:
                        "admission": self._admission_status(name)}
                 for name, m in self.models.items()
             },
+            **({"offload": offload} if (offload := self.offload_status()) is not None else {}),
         }
+
+    def offload_status(self) -> dict | None:
+        """What this agent offers peers (``[offload] serve``), for its retained status: the models
+        and split points, each lane's queue delay (queued work over its instances, from the batch
+        latency table), the free execution slots and the codecs; and the board side's counters."""
+        out: dict = {}
+        if self.config.offload.serve:
+            offers = {}
+            for name, m in self.models.items():
+                offers[name] = {"full": True, "splits": sorted(t.partition("@")[2] for t in self.tails
+                                                              if t.partition("@")[0] == name)}
+            queue_ms = {}
+            for name, m in {**self.models, **self.tails}.items():
+                queued = self._queued(name)
+                per_item = m.latency.predict(m.rule.max_batch) / m.rule.max_batch
+                queue_ms[name] = round(1000 * queued * per_item / max(1, min(m.config.instances,
+                                                                             self.config.worker_count)), 3)
+            from agent.offload.wire import CODECS
+            out["serve"] = {"models": offers, "queue_ms": queue_ms, "codecs": list(CODECS),
+                            "free_slots": max(0, self.scheduler.max_concurrent - self.scheduler.in_flight),
+                            "status_interval_s": self.config.offload.status_interval_s, "at": time.time()}
+        if self.offload is not None:
+            out["client"] = self.offload.status()
+        return out or None
 
     def _queued(self, model: str) -> int:
         lane = self.scheduler.lanes.get(model)     # None: unloaded while this status was read
@@ -409,6 +474,8 @@ class Agent:
             return
         self._closed = True
         self.loop.stop(self.grace_s)
+        if self.offload is not None:
+            self.offload.close(self.grace_s)
         self.executor.close()
 
     def __enter__(self) -> "Agent":

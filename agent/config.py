@@ -148,6 +148,29 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """Collaborative offload (README, "Offload"): the peer role, the peers this board sends to, and
+    the fixed policy's plan (``[agent] policy = "offload_fixed"``)."""
+
+    serve: bool = False                        # the peer role: take partial work on edge/v1/<device>/offload/+
+    splits: tuple[str, ...] | None = None      # split points loaded (heads, tails); None = all each card has
+    peers: tuple[str, ...] = ()                # devices this board may send batches to (executor targets)
+    peer: str | None = None                    # offload_fixed: the peer it sends to
+    split: str | None = None                   # offload_fixed: the split point ("none" in the TOML: full offload)
+    share: float = 0.5                         # offload_fixed: fraction of batches sent to the peer
+    models: tuple[str, ...] | None = None      # offload_fixed: models it offloads; None = every model
+    status_interval_s: float = 2.0             # the retained status is refreshed this often (queue delays)
+    peer_stale_s: float = 10.0                 # a peer whose status is older than this is forgotten
+    margin_ms: float = 5.0                     # the board stops waiting this long before the last moment it
+                                               # could still finish the tail itself
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every peer the board may send to: ``peers`` and the fixed policy's ``peer``."""
+        return tuple(dict.fromkeys((*self.peers, *((self.peer,) if self.peer else ()))))
+
+
+@dataclass(frozen=True)
 class Config:
     device: str = "edge-board"
     workers: int = 0                           # execution slots; 0 = one per core available (available_cores)
@@ -176,6 +199,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     models: tuple[ModelConfig, ...] = ()
 
     @property
@@ -352,11 +376,44 @@ def _parse_security(mqtt: dict, base_dir: Path | None) -> MqttSecurity:
     return security
 
 
+def _device_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and all(c not in value for c in "/+#")
+
+
+def _parse_offload(t: dict, models: tuple[ModelConfig, ...]) -> OffloadConfig:
+    """``[offload]``: every key checked, a split or model named that no model has is an error here."""
+    _no_unknown(t, set(OffloadConfig.__dataclass_fields__) - {"targets"}, "offload")
+    names = {m.name for m in models}
+    splits = _take(t, "splits", "offload", list, None,
+                   lambda v: all(isinstance(x, str) and x and "@" not in x for x in v),
+                   "a list of split point names (as the model cards name them)")
+    peers = _take(t, "peers", "offload", list, [], lambda v: all(_device_id(x) for x in v),
+                  "a list of device ids (no '/', '+' or '#')")
+    peer = _take(t, "peer", "offload", str, None, _device_id, "a device id (no '/', '+' or '#')")
+    split = _take(t, "split", "offload", str, "none", lambda v: bool(v) and "@" not in v,
+                  "a split point's name, or \"none\" to send whole inputs (full offload)")
+    chosen = _take(t, "models", "offload", list, None, lambda v: all(x in names for x in v),
+                   f"a list of configured model names ({sorted(names)})")
+    return OffloadConfig(
+        serve=_take(t, "serve", "offload", bool, False),
+        splits=None if splits is None else tuple(splits),
+        peers=tuple(peers), peer=peer, split=None if split == "none" else split,
+        share=float(_take(t, "share", "offload", (int, float), 0.5, lambda v: 0 <= v <= 1, "a fraction in 0..1")),
+        models=None if chosen is None else tuple(chosen),
+        status_interval_s=float(_take(t, "status_interval_s", "offload", (int, float), 2.0,
+                                      lambda v: 0.1 <= v <= 3600, "seconds in 0.1..3600")),
+        peer_stale_s=float(_take(t, "peer_stale_s", "offload", (int, float), 10.0,
+                                 lambda v: 0.5 <= v <= 86400, "seconds in 0.5..86400")),
+        margin_ms=float(_take(t, "margin_ms", "offload", (int, float), 5.0, lambda v: 0 <= v <= 60_000,
+                              "milliseconds in 0..60000")),
+    )
+
+
 def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     """Validate a config mapping (as read from TOML) into a :class:`Config`."""
     if not isinstance(data, dict):
         raise ConfigError("(top level)", data, "a table")
-    _no_unknown(data, {"config_version", "agent", "mqtt", "http", "control", "telemetry", "models"}, "")
+    _no_unknown(data, {"config_version", "agent", "mqtt", "http", "control", "telemetry", "offload", "models"}, "")
     version = data.get("config_version")
     if version != CONFIG_VERSION:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
@@ -392,6 +449,9 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError("control.keyring", None, "a directory of the operators' public keys (edge-agent keys "
                                                    "generate) when [mqtt] subscribers has \"cmd\"")
     security = _parse_security(mqtt, base_dir)
+    offload = _parse_offload(_table(data, "offload", ""), models)
+    if offload.serve and "offload" not in subscribers:
+        subscribers = (*subscribers, "offload")
     device = _take(agent, "device", "agent", str, "edge-board",
                    lambda v: v and all(c not in v for c in "/+#"), "a non-empty id without '/', '+' or '#'")
     return Config(
@@ -465,5 +525,6 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                                    lambda v: v == 0 or 0.1 <= v <= 86_400,
                                    "seconds in 0.1..86400 (0 = no telemetry on MQTT)")),
         ),
+        offload=offload,
         models=models,
     )

@@ -79,6 +79,8 @@ class Service:
                                 "its host name %s (the chain still is): for a lab only", mqtt.host)
                 for name in config.mqtt.subscribers:
                     self.subscribers[name] = build_subscriber(name, self.agent, self.transport).start()
+                if self.agent.offload is not None:      # the board's side of offload: replies, peers
+                    self.agent.offload.attach(self.transport)
                 try:
                     self.transport.connect()
                 except (ConnectionError, TimeoutError) as exc:

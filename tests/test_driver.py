@@ -8,6 +8,7 @@ import time
 from concurrent.futures import Future
 
 import numpy as np
+import pytest
 
 from agent.core import FixedBatch
 from agent.errors import DEADLINE_MISSED, InferenceError
@@ -193,3 +194,57 @@ def test_a_failing_reply_recorder_costs_no_reply(caplog):
     assert served.reply.value.outputs["y"].shape == (1,)
     assert isinstance(failed.reply.value, InferenceError) and failed.reply.value.code == DEADLINE_MISSED
     assert "recording the reply" in caplog.text and "OverflowError" in caplog.text
+
+
+def test_release_early_frees_the_slot_for_the_next_batch_and_completion_does_not_release_again():
+    """The offload executor's contract (pipelining): the local part done, the slot is free while
+    the rest is out; the batch is answered and learned from later, released once."""
+    from agent.core import LatencyTable
+    from agent.scheduler.admission import AdmissionControl
+    from agent.scheduler.policy import Action
+    clock = Clock()
+    table = LatencyTable(np.array([1]), np.array([0.010]))
+    lane = Scheduler.lane("m", FixedBatch(1), 1, 8, admission=AdmissionControl(table, 1, 0.0))
+    scheduler = Scheduler([lane], max_concurrent=1)
+    releases = []
+    release = scheduler.release
+    scheduler.release = lambda d, now=None: (releases.append(d), release(d, now))
+    peer = Recording()
+    driver = Driver(scheduler, {"local": Recording(), "board-b": peer}, clock)
+    first, second = req("m", 0.0, 1.0), req("m", 0.0, 1.0)
+    scheduler.enqueue(first)
+    scheduler.enqueue(second)
+    decision = scheduler.poll(0.0)
+    decision.dispatch.action = Action("m", 1, target="board-b")
+    driver.carry_out(decision, 0.0)
+    (out, on_done), = peer.started
+    assert scheduler.in_flight == 1 and not scheduler.poll(0.0).dispatch     # the slot is held ...
+    driver.release_early(out)
+    assert out.released and scheduler.in_flight == 0 and releases == [out]   # ... until the head is done
+    nxt = scheduler.poll(0.001).dispatch
+    assert nxt is not None and nxt.requests == [second]                      # the next batch starts at once
+    with pytest.raises(RuntimeError, match="released twice"):
+        driver.release_early(out)
+    slowdown = lane.admission.slowdown
+    clock.now = 0.5                                                           # the peer's reply, much later
+    on_done(out, BatchOutcome([{"y": np.ones(1)}], 0.004, served_by={"device": "board-b", "split": "s"}))
+    assert releases == [out] and scheduler.in_flight == 1                     # not released twice
+    assert first.reply.value.served_by == {"device": "board-b", "split": "s"}
+    assert lane.admission.slowdown == slowdown    # a round trip elsewhere teaches nothing of local batches
+
+
+def test_item_errors_answer_their_requests_and_the_rest_get_outputs():
+    clock = Clock()
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(3), 1, 8)], max_concurrent=1)
+    executor = Recording()
+    driver = Driver(scheduler, executor, clock)
+    requests = [req("m", 0.0, 1.0) for _ in range(3)]
+    for request in requests:
+        scheduler.enqueue(request)
+    driver.fill(lambda decision, now: False)
+    (dispatch, on_done), = executor.started
+    refused = InferenceError("rejected", "peer: queue too long")
+    on_done(dispatch, BatchOutcome([{"y": np.zeros(1)}, None, {"y": np.ones(1)}], 0.001,
+                                   item_errors=[None, refused, None]))
+    assert requests[0].reply.value.outputs["y"][0] == 0 and requests[2].reply.value.outputs["y"][0] == 1
+    assert requests[1].reply.value is refused and scheduler.in_flight == 0

@@ -4,8 +4,8 @@
   release, reply and learning, written once for the live agent and the simulator;
 * ``executor``: the interface every executor implements (``start(dispatch, on_done)``);
 * ``local_executor``: this board's backends;
+* ``offload_executor``: a peer's: the head here, the rest on the peer, a local fallback;
 * ``live``: the worker threads that drive the scheduler on the monotonic clock.
 
-The simulator's executor (``agent.sim.executor``) draws batch times from the profile; an offload
-executor will send a batch's tail to a peer. The scheduler (``agent.scheduler``) sees none of them.
+The simulator's executor (``agent.sim.executor``) draws batch times from the profile. The scheduler (``agent.scheduler``) sees none of them.
 """

@@ -8,7 +8,8 @@ Everything between a decision and its replies is written here once:
 * **carry out** a decision: answer what expired or was shed (``deadline_missed``), start the batch on
   the executor with :meth:`Driver.complete` as its ``on_done``;
 * **complete** a batch, in this order: release its slot and instance (so a waiting request can take
-  them at once), answer each request (``ok``; ``deadline_missed`` for one the batch finished after;
+  them at once; unless the executor released them early, :meth:`Driver.release_early`, when its
+  local part was done and the rest went to a peer), answer each request (``ok``; ``deadline_missed`` for one the batch finished after;
   ``internal`` for every request of a failed batch), then let the scheduler learn from the batch's
   whole cost (``Scheduler.observe``: admission and the policy). A batch the scheduler started alone
   on an idle board (:meth:`Driver.complete_alone`) answers first: nothing waits for its slot, and its
@@ -120,9 +121,20 @@ class Driver:
 
     # --- completing ----------------------------------------------------------------------------
 
-    def complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
-        """A batch is done (an executor's ``on_done``): release, answer, learn."""
+    def release_early(self, dispatch: Dispatch) -> None:
+        """The executor's local part of ``dispatch`` is done (the offload executor: head run and
+        tensor sent): free its slot and instance now, so the next batch starts while this one's
+        rest runs elsewhere. Its ``on_done`` comes later and answers and learns without releasing
+        again. At most once per batch; before ``on_done``."""
+        if dispatch.released:
+            raise RuntimeError(f"batch of {dispatch.model} instance {dispatch.instance} released twice")
         self._release(dispatch)
+        dispatch.released = True
+
+    def complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
+        """A batch is done (an executor's ``on_done``): release (unless released early), answer, learn."""
+        if not dispatch.released:
+            self._release(dispatch)
         self._answer(dispatch, outcome)
         # Outside the lock: one float updated per batch; a lost update between two workers only
         # delays the estimate by a batch.
@@ -133,7 +145,11 @@ class Driver:
         callback sends it from inside ``set_result``), then the slot is freed, the reply counted and
         the request's admission learned (``Scheduler.learn_admitted``), then the batch's cost."""
         answered = self._answer(dispatch, outcome, record=False)
-        self._release(dispatch, started_alone=dispatch.requests[0])
+        if dispatch.released:
+            with self.lock:
+                self.scheduler.learn_admitted(dispatch.requests[0])
+        else:
+            self._release(dispatch, started_alone=dispatch.requests[0])
         if self._on_reply is not None:
             for request, result in answered:
                 self._on_reply(request, result, None)
@@ -160,10 +176,15 @@ class Driver:
             return []
         batch_size = len(dispatch.requests)
         compute_ms = 1000.0 * outcome.compute_s
-        served_by = self._served_by(dispatch) if self._served_by is not None else _NO_SERVED_BY
+        served_by = (outcome.served_by if outcome.served_by is not None
+                     else self._served_by(dispatch) if self._served_by is not None else _NO_SERVED_BY)
         on_reply = self._on_reply if record else None
         answered = []
-        for request, outputs in zip(dispatch.requests, outcome.outputs):
+        item_errors = outcome.item_errors
+        for i, (request, outputs) in enumerate(zip(dispatch.requests, outcome.outputs)):
+            if item_errors is not None and item_errors[i] is not None:
+                self.fail(request, item_errors[i])
+                continue
             if now > request.deadline:
                 self.fail(request, InferenceError(DEADLINE_MISSED, (
                     f"finished {1000 * (now - request.deadline):.1f} ms after its deadline "

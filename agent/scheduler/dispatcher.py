@@ -101,6 +101,9 @@ class Dispatch:
     requests: list[Request]
     started: float
     action: Action
+    # Set by the driver when the executor freed the batch's slot and instance before its end
+    # (``Driver.release_early``: its local part is done, the rest runs on a peer): not released again.
+    released: bool = False
 
 
 @dataclass(slots=True)
@@ -163,7 +166,8 @@ class Scheduler:
 
     ``max_concurrent`` bounds the batches in flight across all models (the execution slots: worker
     threads live, virtual slots in simulation); each model is further bounded by its instance count.
-    ``policy`` decides each dispatch: a name of ``agent.scheduler.policies`` or a :class:`Policy`.
+    ``policy`` decides each dispatch: a name of ``agent.scheduler.policies`` or a :class:`Policy`;
+    ``policy_options``, what the config gives it beyond the lanes (kept as ``policy_options``).
     """
 
     TIGHT_WINDOW_S = 1.0   # the hold bound follows the tightest SLO among this window's arrivals
@@ -171,7 +175,7 @@ class Scheduler:
 
     def __init__(self, lanes: Iterable[ModelLane], max_concurrent: int, hold_fraction: float = 0.0,
                  lookahead: bool = False, edf_horizon_s: float = math.inf,
-                 policy: str | Policy = DEFAULT_POLICY) -> None:
+                 policy: str | Policy = DEFAULT_POLICY, policy_options: dict | None = None) -> None:
         self.lanes: dict[str, ModelLane] = {lane.name: lane for lane in lanes}
         self._lane_list = list(self.lanes.values())
         if max_concurrent < 1:
@@ -193,6 +197,9 @@ class Scheduler:
         if not edf_horizon_s > 0:
             raise ValueError(f"edf_horizon_s = {edf_horizon_s!r}: expected seconds > 0 (inf = plain EDF)")
         self.edf_horizon_s = edf_horizon_s
+        # What the config gives a policy beyond the lanes (``{"offload": OffloadConfig}``: the fixed
+        # offload policy's plan); read by a policy's ``build(scheduler)``.
+        self.policy_options: dict = dict(policy_options or {})
         self._policy_name = policy if isinstance(policy, str) else None
         self.policy: Policy = build_policy(policy, self) if isinstance(policy, str) else policy
         self.last_arrival = -math.inf     # of the last request admitted (the idle path's gap)
@@ -456,7 +463,9 @@ class Scheduler:
         if lane is None:      # its model was unloaded while the batch's replies went out
             return
         admission = lane.admission
-        if admission is not None:
+        # A batch released early (its rest ran on a peer: Driver.release_early) says nothing of what
+        # a batch costs here: admission learns from local batches only.
+        if admission is not None and not dispatch.released:
             admission.observe(len(dispatch.requests), now - dispatch.started)
             for request in dispatch.requests:
                 admission.calibrate(now > request.deadline, request.deadline - request.arrival)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 SUBSCRIBERS: dict[str, str] = {
     "infer": "agent.intake.mqtt:MqttIntake",     # edge/v1/<device>/infer/+
     "cmd": "agent.ops.commands:CommandChannel",  # edge/v1/<device>/cmd/+ and edge/v1/fleet/cmd/+ (signed)
+    "offload": "agent.offload.peer:PeerHandler",  # edge/v1/<device>/offload/+ (the peer role; [offload] serve)
 }
 #: What an agent subscribes to when its config says nothing.
 DEFAULT_SUBSCRIBERS: tuple[str, ...] = ("infer",)

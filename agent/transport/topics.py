@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "ROOT", "SHARED_PREFIX",
-    "infer_topic", "offload_topic", "cmd_topic", "fleet_cmd_topic", "status_topic", "telemetry_topic",
+    "infer_topic", "offload_topic", "offload_reply_topic", "cmd_topic", "fleet_cmd_topic", "status_topic", "telemetry_topic",
     "pool_infer_topic", "shared", "unshared",
 ]
 
@@ -31,6 +31,12 @@ def infer_topic(device: str, model: str = "+") -> str:
 def offload_topic(device: str, model: str = "+") -> str:
     """Partial computations from a peer board: ``edge/v1/<device>/offload/<model>``."""
     return f"{ROOT}/{device}/offload/{model}"
+
+
+def offload_reply_topic(device: str, model: str = "+") -> str:
+    """Where a board takes its peers' offload replies (the response topic it gives them):
+    ``edge/v1/<device>/offload-reply/<model>``."""
+    return f"{ROOT}/{device}/offload-reply/{model}"
 
 
 def cmd_topic(device: str, command: str = "+") -> str:

@@ -6,4 +6,6 @@ Each module has ``build(scheduler) -> Policy`` (``agent.scheduler.policy``):
   the compiled core, or a baseline: fixed, Triton's dynamic batcher, FIFO, Clipper's AIMD, DeepRT's
   DisBatcher), earliest deadline first across models, the hold cap while an urgent request waits,
   and the idle board's path.
+* ``offload_fixed``: the rules' decision, a fixed share of the batches sent to one peer at one split
+  point (``[offload] peer``, ``split``, ``share``): for tests and as a baseline.
 """

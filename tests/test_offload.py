@@ -1,0 +1,358 @@
+"""Collaborative offload with real parts: a real Mosquitto, the peer as a real second process
+(``edge-agent run`` with ``[offload] serve = true``), the board in this process with the fixed
+offload policy sending every batch to the peer.
+
+What they prove: offloaded requests get the outputs a local run gives, served by the peer; a peer
+killed (SIGKILL) or stalled (SIGSTOP) under load costs no request its reply and gives none two
+(the board falls back to its own sessions or answers deadline_missed), a stalled peer's late
+replies are dropped and counted, and a malformed offload message gets an error reply naming the
+field.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.backends import load_backend
+from agent.client import InferenceClient
+from agent.config import CONFIG_VERSION, parse_config
+from agent.models.card import DEMO_DIR, load_card
+from agent.offload import wire
+from agent.service import Service
+from agent.transport.paho_client import connect, make_client
+from agent.transport.topics import offload_topic
+
+MODEL = "resnet_digits"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wait(condition, timeout=30.0, what="the condition"):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class PeerProcess:
+    """``edge-agent run`` serving offload, as its own process."""
+
+    def __init__(self, tmp_path: Path, broker, device: str, card: str = f"demo:{MODEL}") -> None:
+        self.device = device
+        config = tmp_path / f"{device}.toml"
+        config.write_text(f"""
+config_version = {CONFIG_VERSION}
+[agent]
+device = "{device}"
+workers = 1
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+session_expiry_s = 0
+[telemetry]
+interval_s = 0
+[offload]
+serve = true
+status_interval_s = 0.5
+[[models]]
+name = "{MODEL}"
+card = "{card}"
+default_slo_ms = 1000
+[models.batching]
+max_batch = 4
+""")
+        self.log = open(tmp_path / f"{device}.log", "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                                        stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.log.close()
+
+
+def _board(broker, peer: str, split: str | None = None, card: str = f"demo:{MODEL}") -> Service:
+    return Service(parse_config({
+        "config_version": CONFIG_VERSION,
+        "agent": {"device": f"board-for-{peer}", "workers": 1, "policy": "offload_fixed"},
+        "mqtt": {"host": broker.host, "port": broker.port, "session_expiry_s": 0},
+        "telemetry": {"interval_s": 0},
+        "offload": {"peer": peer, "split": split or "none", "share": 1.0,
+                    **({"splits": [split]} if split else {})},
+        "models": [{"name": MODEL, "card": card, "default_slo_ms": 1000, "batching": {"max_batch": 4}}],
+    }))
+
+
+class Replies:
+    """Every reply the application gets, by correlation: exactly one each is the promise."""
+
+    def __init__(self, broker, device: str, name: str) -> None:
+        self.client = InferenceClient(broker.host, broker.port, device, name)
+        self.lock = threading.Lock()
+        self.replies: dict[bytes, dict] = {}
+        self.sent: list[bytes] = []
+
+    def send(self, frame, slo_ms: float) -> None:
+        box: list = []
+        correlation = self.client.send(MODEL, {"frames": frame}, lambda reply, rtt: self._got(box, reply),
+                                       slo_ms=slo_ms)
+        with self.lock:
+            box.append(correlation)
+            self.sent.append(correlation)
+
+    def _got(self, box, reply) -> None:
+        _wait(lambda: box, 5.0, "the correlation")
+        with self.lock:
+            assert box[0] not in self.replies, "a second reply"
+            self.replies[box[0]] = reply
+
+    def all_answered(self) -> bool:
+        with self.lock:
+            return len(self.replies) == len(self.sent)
+
+    def check_exactly_once(self) -> list[dict]:
+        _wait(self.all_answered, 30.0, "every reply")
+        time.sleep(0.3)    # a second copy would arrive about now
+        assert self.client.outstanding() == 0 and self.client.duplicate_replies == 0
+        return [self.replies[c] for c in self.sent]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def pair(broker, tmp_path_factory):
+    """The peer process ``board-b`` and a board in this process that sends it every batch."""
+    peer = PeerProcess(tmp_path_factory.mktemp("peer"), broker, "board-b")
+    board = None
+    try:
+        board = _board(broker, "board-b")
+        _wait(lambda: board.agent.offload.peers.live("board-b") is not None, 60.0, "the peer's status")
+        yield peer, board
+    finally:
+        if board is not None:
+            board.close()
+        peer.close()
+
+
+def _local_logits(card_ref: str, frames: np.ndarray) -> np.ndarray:
+    card = load_card(card_ref)
+    with load_backend("onnxruntime", card.verify_file("onnx")) as backend:
+        return backend.run({"frames": frames})["logits"]
+
+
+def test_offloaded_requests_get_the_outputs_of_a_local_run_served_by_the_peer(pair, broker, digits):
+    peer, board = pair
+    frames, _ = digits
+    app = Replies(broker, board.config.device, "app-same")
+    try:
+        for frame in frames[:12]:
+            app.send(frame, slo_ms=3000)
+        replies = app.check_exactly_once()
+    finally:
+        app.close()
+    assert all(r["status"] == "ok" for r in replies), [r for r in replies if r["status"] != "ok"]
+    got = np.concatenate([r["outputs"]["logits"] for r in replies])
+    expected = _local_logits(f"demo:{MODEL}", frames[:12])
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert {r["served_by"]["device"] for r in replies} == {"board-b"}
+    assert board.agent.offload.counters["answered_by_peer"] >= 1
+    assert board.agent.offload.peers.live("board-b").samples >= 1     # the link was measured
+
+
+def _raw_client(broker, name):
+    replies: list = []
+    client = make_client(name)
+    client.on_message = lambda c, u, message: replies.append(message)
+    connect(client, broker.host, broker.port)
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *args: subscribed.set()
+    client.subscribe(f"tests/{name}", qos=1)
+    assert subscribed.wait(5)
+    return client, replies
+
+
+def test_a_malformed_offload_message_gets_an_error_reply_naming_the_field(pair, broker):
+    client, replies = _raw_client(broker, "malformed")
+    try:
+        x = np.zeros((1, 64, 64, 3), np.uint8)
+        cases = [
+            ({"v": 1, "origin": "t", "batch": "m-1", "split": None, "deadlines": "soon",
+              "inputs": {"frames": wire.encode_batch_tensor(x)}}, "bad_request", "deadlines"),
+            ({"v": 1, "origin": "t", "batch": "m-2", "split": "no-such-split", "deadlines": [time.time() + 5],
+              "inputs": {"frames": wire.encode_batch_tensor(x)}}, "unknown_model", "split"),
+        ]
+        for i, (message, _, _) in enumerate(cases):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "tests/malformed"
+            props.CorrelationData = f"m-{i}".encode()
+            client.publish(offload_topic("board-b", MODEL), msgpack.packb(message, use_bin_type=True), qos=1,
+                           properties=props)
+        _wait(lambda: len(replies) == len(cases), 15.0, "the error replies")
+        by_batch = {wire.decode_reply(m.payload).batch: wire.decode_reply(m.payload) for m in replies}
+        for message, code, field in cases:
+            reply = by_batch[message["batch"]]
+            assert reply.error is not None and (reply.error.code, reply.error.field) == (code, field)
+        # The peer still serves after them.
+        assert pair[0].process.poll() is None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _load(app: Replies, frames, n: int, gap_s: float, slo_ms: float, at: int | None = None, then=None) -> None:
+    for i in range(n):
+        if i == at:
+            then()
+        app.send(frames[i % len(frames)], slo_ms=slo_ms)
+        time.sleep(gap_s)
+
+
+def test_a_stalled_peer_costs_no_reply_and_its_late_replies_are_dropped_and_counted(pair, broker, digits):
+    peer, board = pair
+    frames, _ = digits
+    client = board.agent.offload
+    late_before = client.counters["late_replies"]
+    app = Replies(broker, board.config.device, "app-stall")
+    try:
+        _load(app, frames, 24, 0.02, 600, at=6, then=lambda: peer.signal(signal.SIGSTOP))
+        replies = app.check_exactly_once()
+        assert client.counters["fallback_local"] + client.counters["fallback_missed"] >= 1
+        assert all(r["status"] == "ok" or r["error"]["code"] == "deadline_missed" for r in replies)
+        assert sum(r["status"] == "ok" for r in replies) >= len(replies) // 2     # most were rescued here
+        assert any(r.get("served_by", {}).get("offload") == "fallback" for r in replies)
+    finally:
+        peer.signal(signal.SIGCONT)
+        app.close()
+    # Awake, the peer answers what it had: too late, dropped and counted, no application sees them.
+    _wait(lambda: client.counters["late_replies"] > late_before, 30.0, "the stalled peer's late replies")
+    assert app.client.duplicate_replies == 0
+
+
+def test_a_killed_peer_costs_no_reply_and_is_forgotten(broker, digits, tmp_path):
+    frames, _ = digits
+    peer = PeerProcess(tmp_path, broker, "board-k")
+    board = app = None
+    try:
+        board = _board(broker, "board-k")
+        client = board.agent.offload
+        _wait(lambda: client.peers.live("board-k") is not None, 60.0, "the peer's status")
+        app = Replies(broker, board.config.device, "app-kill")
+        _load(app, frames, 30, 0.02, 600, at=8, then=lambda: peer.signal(signal.SIGKILL))
+        replies = app.check_exactly_once()
+        assert all(r["status"] == "ok" or r["error"]["code"] == "deadline_missed" for r in replies)
+        assert sum(r["status"] == "ok" for r in replies) >= len(replies) // 2
+        # Its last will fired (its socket closed): forgotten, so later batches ran here at once.
+        _wait(lambda: client.peers.live("board-k") is None, 15.0, "the peer forgotten")
+        assert client.counters["peer_gone"] >= 1
+    finally:
+        if app is not None:
+            app.close()
+        if board is not None:
+            board.close()
+        peer.close()
+
+
+def _split_card(tmp_path: Path, split: str) -> str:
+    """A card whose split point has head and tail files: the shipped ones where the card has them,
+    else cut here from the shipped model (needs onnx)."""
+    card = load_card(f"demo:{MODEL}")
+    from agent.offload.splits import split_point
+    sp = split_point(card, split)
+    if sp.head_path.is_file() and sp.tail_path.is_file():
+        return f"demo:{MODEL}"
+    onnx = pytest.importorskip("onnx", reason="no head/tail files shipped yet and no onnx to cut them")
+    from onnx.utils import extract_model
+    out = tmp_path / "card"
+    out.mkdir()
+    raw = json.loads((DEMO_DIR / f"{MODEL}.json").read_text())
+    for entry in raw["files"].values():
+        shutil.copy(DEMO_DIR / entry["path"], out / entry["path"])
+    (out / f"{MODEL}.json").write_text(json.dumps(raw))
+    model = str(DEMO_DIR / raw["files"]["onnx"]["path"])
+    extract_model(model, str(out / f"{MODEL}.head.{split}.onnx"), ["frames"], [sp.tensor])
+    extract_model(model, str(out / f"{MODEL}.tail.{split}.onnx"), [sp.tensor], ["logits"])
+    del onnx
+    return str(out / f"{MODEL}.json")
+
+
+def test_a_split_batch_runs_its_head_here_and_its_tail_on_the_peer(broker, digits, tmp_path):
+    split = "stage2"
+    card = _split_card(tmp_path, split)
+    frames, _ = digits
+    peer = PeerProcess(tmp_path, broker, "board-s", card=card)
+    board = app = None
+    try:
+        board = _board(broker, "board-s", split=split, card=card)
+        _wait(lambda: (board.agent.offload.peers.live("board-s") or None) is not None
+              and board.agent.offload.peers.live("board-s").offers_split(MODEL, split), 60.0, "the peer's split")
+        app = Replies(broker, board.config.device, "app-split")
+        for frame in frames[:8]:
+            app.send(frame, slo_ms=3000)
+        replies = app.check_exactly_once()
+    finally:
+        if app is not None:
+            app.close()
+        if board is not None:
+            board.close()
+        peer.close()
+    assert all(r["status"] == "ok" for r in replies)
+    got = np.concatenate([r["outputs"]["logits"] for r in replies])
+    expected = _local_logits(card, frames[:8])
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert {(r["served_by"]["device"], r["served_by"]["split"]) for r in replies} == {("board-s", split)}
+
+
+def test_the_peer_answers_a_redelivered_message_once_and_refuses_what_it_cannot_finish_in_time(pair, broker):
+    client, replies = _raw_client(broker, "peer-answers")
+    try:
+        x = np.zeros((2, 64, 64, 3), np.uint8)
+
+        def publish(batch, deadlines, correlation):
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "tests/peer-answers"
+            props.CorrelationData = correlation
+            payload = wire.encode_request(wire.OffloadRequest("tests", batch, None, {"frames": x}, deadlines))
+            client.publish(offload_topic("board-b", MODEL), payload, qos=1, properties=props)
+
+        soon = time.time() + 5.0
+        publish("twice", [soon, soon], b"c-twice")
+        publish("twice", [soon, soon], b"c-twice")          # a QoS 1 re-send: the same correlation
+        publish("hopeless", [time.time() + 0.0002] * 2, b"c-hopeless")
+        _wait(lambda: len(replies) >= 2, 15.0, "the replies")
+        time.sleep(0.5)                                     # a second reply to "twice" would be here by now
+        by_batch: dict = {}
+        for message in replies:
+            reply = wire.decode_reply(message.payload, 2)
+            by_batch.setdefault(reply.batch, []).append(reply)
+        assert len(by_batch["twice"]) == 1 and by_batch["twice"][0].errors == [None, None]
+        assert by_batch["twice"][0].outputs["logits"].shape == (2, 10)
+        hopeless, = by_batch["hopeless"]
+        assert [e.code for e in hopeless.errors] in (["rejected"] * 2, ["deadline_missed"] * 2,
+                                                     ["rejected", "deadline_missed"], ["deadline_missed", "rejected"])
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -1,0 +1,102 @@
+"""Offload's parts without processes: the [offload] config (errors name the field), the example
+configs of the README, the peer table (a will or a stale status forgets a peer), and the fixed
+policy's share."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.config import CONFIG_VERSION, ConfigError, load_config, parse_config
+from agent.core import FixedBatch
+from agent.offload.peers import PeerTable
+from agent.scheduler.dispatcher import Scheduler
+from tests.scheduling import req
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _config(**offload):
+    return parse_config({"config_version": CONFIG_VERSION, "offload": offload,
+                         "models": [{"name": "resnet_digits", "card": "demo:resnet_digits"}]})
+
+
+def test_offload_defaults_and_serve_adds_the_subscriber():
+    config = _config()
+    assert (config.offload.serve, config.offload.peer, config.offload.split, config.offload.share) == (False, None, None, 0.5)
+    assert config.offload.splits is None and config.offload.targets == () and "offload" not in config.mqtt.subscribers
+    served = _config(serve=True, peers=["b", "c"], peer="d", split="stage2", splits=["stage2"])
+    assert "offload" in served.mqtt.subscribers and served.offload.targets == ("b", "c", "d")
+    assert served.offload.split == "stage2" and served.offload.splits == ("stage2",)
+
+
+@pytest.mark.parametrize("offload, field", [
+    ({"serve": "yes"}, "offload.serve"),
+    ({"share": 1.5}, "offload.share"),
+    ({"peer": "a/b"}, "offload.peer"),
+    ({"peers": ["ok", "+"]}, "offload.peers"),
+    ({"models": ["nope"]}, "offload.models"),
+    ({"splits": "stage2"}, "offload.splits"),
+    ({"status_interval_s": 0}, "offload.status_interval_s"),
+    ({"colour": "red"}, "offload.colour"),
+])
+def test_a_bad_offload_setting_is_named(offload, field):
+    with pytest.raises(ConfigError) as info:
+        _config(**offload)
+    assert info.value.field == field
+
+
+def test_the_readme_example_configs_load():
+    peer = load_config(ROOT / "examples" / "offload" / "peer.toml")
+    board = load_config(ROOT / "examples" / "offload" / "board.toml")
+    assert peer.offload.serve and "offload" in peer.mqtt.subscribers
+    assert board.policy == "offload_fixed" and board.offload.targets == ("board-b",)
+
+
+def _status(device, state="online", **serve):
+    body = {"device": device, "state": state}
+    if serve is not None:
+        body["offload"] = {"serve": {"models": {"m": {"full": True, "splits": ["s1"]}}, "queue_ms": {"m": 1.5},
+                                     "free_slots": 2, "codecs": ["raw"], **serve}}
+    return f"edge/v1/{device}/status", json.dumps(body).encode()
+
+
+def test_the_peer_table_keeps_serving_peers_and_forgets_them_on_their_will_or_silence():
+    now = [100.0]
+    table = PeerTable("me", stale_s=5.0, clock=lambda: now[0])
+    table.on_status(*_status("b"))
+    table.on_status(*_status("me"))                          # itself: never a peer
+    table.on_status("edge/v1/c/status", json.dumps({"device": "c", "state": "online"}).encode())   # does not serve
+    info = table.live("b")
+    assert info is not None and info.offers_split("m", "s1") and info.offers_split("m", None)
+    assert not info.offers_split("m", "s9") and table.live("me") is None and table.live("c") is None
+    table.observe("b", 0.004, 4000)
+    table.observe("b", 0.002, 4000)
+    assert 0.002 < table.rtt_s("b") < 0.004 and table.live("b").samples == 2
+    table.on_status("edge/v1/b/status", json.dumps({"device": "b", "state": "offline"}).encode())   # its will
+    assert table.live("b") is None
+    table.on_status(*_status("b"))
+    assert table.live("b").rtt_s is not None                 # the link's measure outlives an absence
+    now[0] += 6.0                                            # no refresh for longer than stale_s
+    assert table.live("b") is None and table.snapshot() == {}
+    table.on_status(*_status("b"), retained=False)
+    table.on_status("edge/v1/b/status", b"not json")        # what it cannot read forgets it too
+    assert table.live("b") is None
+
+
+def test_the_fixed_policy_sends_its_share_of_batches_to_the_peer():
+    from agent.config import OffloadConfig
+    plan = OffloadConfig(peer="board-b", split="stage2", share=0.5)
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 64)], max_concurrent=1, policy="offload_fixed",
+                          policy_options={"offload": plan})
+    targets = []
+    for _ in range(8):
+        scheduler.enqueue(req("m", 0.0, 10.0))
+        dispatch = scheduler.poll(0.0).dispatch
+        targets.append((dispatch.action.target, dispatch.action.split))
+        scheduler.release(dispatch)
+    assert targets.count(("board-b", "stage2")) == 4 and targets.count(("local", None)) == 4
+    none = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 64)], max_concurrent=1, policy="offload_fixed")
+    none.enqueue(req("m", 0.0, 10.0))
+    assert none.poll(0.0).dispatch.action.target == "local"   # no peer configured: all here
