@@ -117,7 +117,7 @@ def test_reservations_spread_a_backlog_over_the_board_and_its_peer():
     peer = p.peers["peer"]
     assert peer.outstanding_s > 0 and peer.link_free_at > 0
     for c in placements:
-        p.answered(c)
+        p.answered(c.target, c.peer_s)
     assert math.isclose(peer.outstanding_s, 0.0, abs_tol=1e-9)
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 
 class Table(Protocol):
@@ -80,6 +80,33 @@ class PeerState:
 
 
 @dataclass(frozen=True)
+class PeerSnapshot:
+    """What a peer offers and how far it is, as its status and this board's measures say now (what
+    :class:`OffloadView` gives the planner each decision); :class:`PeerState` adds this board's own
+    reservations, kept across decisions."""
+
+    device: str
+    rtt_s: float
+    bandwidth_Bps: float
+    queue_s: Mapping[str, float]
+    offers: Mapping[str, Sequence[SplitCost]]
+    slots: int = 1
+
+
+class OffloadView(Protocol):
+    """Where the split policy (``agent.scheduler.policies.split``) reads the world: the live agent's
+    is built from its peer table and loaded split points (``agent.runtime.offload_executor``), the
+    simulator's from its simulated peers and links. Given to the scheduler as
+    ``policy_options["offload_view"]``."""
+
+    def local_table(self, model: str) -> Table | None:
+        """The whole model's batch time on this board (``None``: it cannot run here)."""
+
+    def peer_snapshots(self, now: float) -> Iterable[PeerSnapshot]:
+        """The live peers that take offload now."""
+
+
+@dataclass(frozen=True)
 class Placement:
     """The planner's choice for a batch: ``target`` (``"local"`` or a peer's device), ``split``,
     when the batch is predicted to end (``finish``), how long it holds this board's slot
@@ -106,6 +133,19 @@ class Planner:
 
     def __init__(self, peers: dict[str, PeerState] | None = None) -> None:
         self.peers: dict[str, PeerState] = peers if peers is not None else {}
+
+    def refresh(self, snapshots: Iterable[PeerSnapshot]) -> None:
+        """Take the peers' current figures; keep this board's reservations of those still there,
+        forget those gone."""
+        fresh: dict[str, PeerState] = {}
+        for snap in snapshots:
+            state = self.peers.get(snap.device)
+            if state is None:
+                state = PeerState(snap.device, snap.rtt_s, snap.bandwidth_Bps)
+            state.rtt_s, state.bandwidth_Bps = snap.rtt_s, snap.bandwidth_Bps
+            state.queue_s, state.offers, state.slots = dict(snap.queue_s), dict(snap.offers), snap.slots
+            fresh[snap.device] = state
+        self.peers = fresh
 
     def options(self, model: str, batch_size: int, now: float, local: Table | None) -> list[Placement]:
         """Every way to run a batch of ``batch_size`` of ``model`` now: locally (when ``local``,
@@ -154,11 +194,12 @@ class Planner:
             peer.link_free_at = max(peer.link_free_at, placement.sent_at)
             peer.outstanding_s += placement.peer_s
 
-    def answered(self, placement: Placement) -> None:
-        """The peer answered (or was given up on) a batch committed with ``placement``."""
-        peer = self.peers.get(placement.target)
+    def answered(self, target: str, peer_s: float) -> None:
+        """The peer ``target`` answered (or was given up on) a batch that gave it ``peer_s`` of work
+        (its placement's ``peer_s``)."""
+        peer = self.peers.get(target)
         if peer is not None:
-            peer.outstanding_s = max(0.0, peer.outstanding_s - placement.peer_s)
+            peer.outstanding_s = max(0.0, peer.outstanding_s - peer_s)
 
 
-__all__ = ["LOCAL", "Placement", "PeerState", "Planner", "SplitCost", "Table"]
+__all__ = ["LOCAL", "OffloadView", "Placement", "PeerSnapshot", "PeerState", "Planner", "SplitCost", "Table"]
