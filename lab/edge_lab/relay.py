@@ -129,8 +129,8 @@ class _Direction:
 
     def _write(self, dest: "_Side", parts: list[bytes]) -> None:
         data = b"".join(parts) if len(parts) > 1 else parts[0]
-        self.relay.bytes[self.name] += len(data)
         if dest.transport is not None and not dest.transport.is_closing():
+            self.relay.bytes[self.name] += len(data)
             dest.transport.write(data)
 
     def drop(self) -> None:
@@ -167,11 +167,19 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if exc is not None or not self.conn.closing:
-            # A reset, or a close we did not ask for before EOF: reset the other side after the delay.
-            if not self.inbound.done and not self.conn.closing:
-                self.inbound.push(_RESET)
+        if not self.conn.closing and (exc is not None or not self.inbound.done):
+            # A reset (even after this side's FIN: its peer reset us when we wrote to it), or a close
+            # we did not ask for before EOF: reset the other side, after the delay, like a real RST.
+            self._forget_outbound()
+            self.inbound.push(_RESET)
         self.conn.maybe_close()
+
+    def _forget_outbound(self) -> None:
+        """This side is gone: what was queued for it goes nowhere, and its source need not wait."""
+        self.outbound.drop()
+        if self.outbound.source is not None:
+            self.outbound.source.resume("dest")
+            self.outbound.source.resume("queue")
 
     def pause_writing(self) -> None:
         other = self.outbound.source
