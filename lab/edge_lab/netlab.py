@@ -69,7 +69,7 @@ from typing import Iterable, Mapping, Sequence
 
 from .broker import LocalBroker
 
-__all__ = ["Lab", "Link", "BoardSpec", "LabError", "cleanup", "check_support", "cgroup_root", "PREFIX"]
+__all__ = ["Lab", "Link", "BoardSpec", "LabError", "cleanup", "leftovers", "check_support", "cgroup_root", "PREFIX"]
 
 #: Names of everything a lab makes start with this (namespaces, cgroups) or ``LINK_PREFIX`` + hex.
 PREFIX = "ealab-"
@@ -673,46 +673,71 @@ def _netns_pids(netns: str) -> list[int]:
     return [int(word) for word in done.stdout.split() if word.isdigit()]
 
 
-def leftovers() -> list[str]:
-    """What a lab left here: namespaces, links, cgroups and relay processes with the lab's names."""
-    found: list[str] = []
-    done = _sh(["ip", "netns", "list"], check=False)
-    found += [f"netns {line.split()[0]}" for line in done.stdout.splitlines()
-              if line.split() and line.split()[0].startswith(PREFIX)]
-    done = _sh(["ip", "-o", "link", "show"], check=False)
-    for line in done.stdout.splitlines():
+def _prefixes(lab_id: str | None) -> tuple[str, re.Pattern[str]]:
+    """The name prefix and link pattern of one lab (``ealab-3f9a2c``), or of every lab (None)."""
+    if lab_id is None:
+        return PREFIX, _LINK_RE
+    match = re.fullmatch(re.escape(PREFIX) + r"([0-9a-f]{6})", lab_id)
+    if match is None:
+        raise ValueError(f"lab_id = {lab_id!r}: expected {PREFIX} and six hex digits")
+    return lab_id + "-", re.compile(rf"^{LINK_PREFIX}{match.group(1)}(br|\d+[hn])$")
+
+
+def _netns_names(prefix: str) -> list[str]:
+    return [line.split()[0] for line in _sh(["ip", "netns", "list"], check=False).stdout.splitlines()
+            if line.split() and line.split()[0].startswith(prefix)]
+
+
+def _link_names(pattern: re.Pattern[str]) -> list[str]:
+    names = []
+    for line in _sh(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
         parts = line.split(":")
         if len(parts) > 1:
             name = parts[1].strip().split("@")[0]
-            if _LINK_RE.match(name):
-                found.append(f"link {name}")
+            if pattern.match(name):
+                names.append(name)
+    return names
+
+
+def leftovers(lab_id: str | None = None) -> list[str]:
+    """What labs left here (one lab's, given its id): namespaces, links, cgroups, relay processes,
+    and processes still in those cgroups and namespaces."""
+    prefix, pattern = _prefixes(lab_id)
+    found = [f"netns {name}" for name in _netns_names(prefix)]
+    found += [f"process {pid} (in {name})" for name in _netns_names(prefix) for pid in _netns_pids(name)]
+    found += [f"link {name}" for name in _link_names(pattern)]
     groups = cgroup_root()
     if groups is not None:
-        found += [f"cgroup {name}" for name in groups.names()]
-    found += [f"process {pid}" for pid in _relay_pids()]
+        for name in groups.names():
+            if name.startswith(prefix):
+                found.append(f"cgroup {name}")
+                found += [f"process {pid} (in cgroup {name})" for pid in groups.procs(name)]
+    found += [f"process {pid} (relay)" for pid in _relay_pids(prefix)]
     return found
 
 
-def _relay_pids() -> list[int]:
+def _relay_pids(prefix: str = PREFIX) -> list[int]:
     pids = []
+    tag = prefix.rstrip("-")
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             argv = _cmdline(int(entry.name))
-            if "edge_lab.relay" in argv and any(a.startswith(PREFIX) for a in argv) and _alive(int(entry.name)):
+            if "edge_lab.relay" in argv and any(a.startswith(tag) for a in argv) and _alive(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
 
 
-def cleanup(*, timeout: float = 5.0) -> list[str]:
-    """Remove everything any lab left behind (after a SIGKILL, say): processes in the labs'
-    namespaces and cgroups, relays, links, namespaces, cgroups. Returns what it removed; raises
-    :class:`LabError` naming what it could not. Idempotent: a second call returns []."""
+def cleanup(lab_id: str | None = None, *, timeout: float = 5.0) -> list[str]:
+    """Remove everything labs left behind (after a SIGKILL, say), or one lab's (its ``Lab.id``):
+    processes in the labs' namespaces and cgroups, relays, links, namespaces, cgroups. Returns
+    what it removed; raises :class:`LabError` naming what it could not. Idempotent: a second
+    call returns []. Without ``lab_id`` it also removes the labs of runs still going."""
+    prefix, pattern = _prefixes(lab_id)
     removed: list[str] = []
-    for pid in _relay_pids():
+    for pid in _relay_pids(prefix):
         _kill(pid, signal.SIGKILL)
         removed.append(f"process {pid} (relay)")
-    netns_names = [line.split()[0] for line in _sh(["ip", "netns", "list"], check=False).stdout.splitlines()
-                   if line.split() and line.split()[0].startswith(PREFIX)]
+    netns_names = _netns_names(prefix)
     for netns in netns_names:
         for pid in _netns_pids(netns):
             _kill(pid, signal.SIGKILL)
@@ -721,22 +746,20 @@ def cleanup(*, timeout: float = 5.0) -> list[str]:
     problems: list[str] = []
     if groups is not None:
         for name in groups.names():
+            if not name.startswith(prefix):
+                continue
             pids = groups.procs(name)
             if groups.remove(name, timeout):
                 removed += [f"process {pid} (in cgroup {name})" for pid in pids]
                 removed.append(f"cgroup {name}")
             else:
                 problems.append(f"cgroup {name}")
-    for line in _sh(["ip", "-o", "link", "show"], check=False).stdout.splitlines():
-        parts = line.split(":")
-        if len(parts) > 1:
-            name = parts[1].strip().split("@")[0]
-            if _LINK_RE.match(name):
-                done = _sh(["ip", "link", "del", name], check=False)
-                if done.returncode == 0:
-                    removed.append(f"link {name}")
-                elif "Cannot find" not in done.stderr:   # its veth peer went first
-                    problems.append(f"link {name}: {done.stderr.strip()}")
+    for name in _link_names(pattern):
+        done = _sh(["ip", "link", "del", name], check=False)
+        if done.returncode == 0:
+            removed.append(f"link {name}")
+        elif "Cannot find" not in done.stderr:   # its veth peer went first
+            problems.append(f"link {name}: {done.stderr.strip()}")
     for netns in netns_names:
         done = _sh(["ip", "netns", "del", netns], check=False)
         if done.returncode == 0:
