@@ -271,16 +271,19 @@ def test_teardown_leaves_nothing_and_stops_what_ran():
 _OWNER = textwrap.dedent("""
     import sys, time
     from edge_lab.netlab import Lab, Link
-    with Lab(board_cpu=0.5, peer_cpu=1.0, link=Link(mbit=50, delay_ms=5)) as lab:
-        child = lab.spawn("board", ["sleep", "60"])
+    with Lab(board_cpu=0.5, peer_cpu=1.0, link=Link(mbit=50, delay_ms=5), stop_timeout_s=2.0) as lab:
+        # "stubborn": the board's process ignores SIGTERM, so the teardown waits 2 s before SIGKILL
+        command = "trap '' TERM; sleep 60" if sys.argv[1:] == ["stubborn"] else "sleep 60"
+        child = lab.spawn("board", ["sh", "-c", command])
         print(lab.id, child.pid, lab.broker.pid, *lab.relay_pids(), flush=True)
         while True:
             time.sleep(0.1)
 """)
 
 
-def _owner() -> tuple[subprocess.Popen, str, list[int]]:
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True)
+def _owner(*args: str) -> tuple[subprocess.Popen, str, list[int]]:
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     words = owner.stdout.readline().split()
     assert words, "the owning process did not build its lab"
     return owner, words[0], [int(w) for w in words[1:]]
@@ -293,6 +296,20 @@ def test_a_signal_to_the_owner_tears_the_lab_down(signum):
     assert leftovers(lab_id)
     owner.send_signal(signum)
     owner.wait(timeout=20)
+    assert leftovers(lab_id) == []
+    assert wait_gone(pids, 5)
+
+
+@needs_lab
+def test_a_second_signal_during_the_teardown_does_not_cut_it_short():
+    owner, lab_id, pids = _owner("stubborn")
+    time.sleep(0.5)                                     # the board's shell has set its trap by now
+    owner.send_signal(signal.SIGTERM)
+    time.sleep(0.5)                                     # the teardown now waits for the stubborn process
+    assert owner.poll() is None
+    owner.send_signal(signal.SIGINT)                    # a second Ctrl-C, impatient
+    owner.wait(timeout=20)
+    assert "KeyboardInterrupt" in owner.stderr.read()   # held until the teardown ended, then raised
     assert leftovers(lab_id) == []
     assert wait_gone(pids, 5)
 

@@ -36,9 +36,10 @@ server, an HTTP intake), and ``lab.run(board, argv)`` is ``spawn`` then wait. Ev
 runs in the board's namespace and cgroup, children included (the launcher joins the cgroup, then
 enters the namespace, then execs).
 
-Teardown always happens: on leaving the ``with``, at exit (atexit), and on SIGTERM (the lab's
-handler only raises :class:`KeyboardInterrupt` in the main thread, so the ``with`` unwinds; no
-work is done inside the handler). It kills what was spawned, the relays and the broker, then
+Teardown always happens: on leaving the ``with``, at exit (atexit), and on SIGTERM or Ctrl-C (the
+lab's handler only raises :class:`KeyboardInterrupt` in the main thread, so the ``with`` unwinds;
+no work is done inside the handler, and a signal during the teardown is held until its end). It
+kills what was spawned, the relays and the broker, then
 removes the cgroups, veths, bridge and namespaces; it is idempotent. After a SIGKILL of the
 owning process, :func:`cleanup` (``edge-agent bench netlab --cleanup``) removes whatever carries
 the ``ealab-`` / ``eal<hex>`` names: processes in those namespaces and cgroups, relays, links,
@@ -77,6 +78,10 @@ LINK_PREFIX = "eal"
 _LINK_RE = re.compile(r"^eal[0-9a-f]{6}(br|\d+[hn])$")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,15}$")
 _SUBNET_BASE = "10.231"
+#: tbf's smallest bucket: ten full frames. tbf cuts a GSO packet larger than its bucket into
+#: segments, so the bucket need not hold one; a larger floor (two 64 KiB GSO packets) let a 10 Mbit/s
+#: link carry 10.3-10.7 Mbit/s over a second, this one 9.75.
+_BURST_FLOOR = 10 * 1514
 
 
 class LabError(RuntimeError):
@@ -273,9 +278,9 @@ def _tbf(dev: str, mbit: float | None, netns: str | None = None) -> None:
         _sh(tc + ["qdisc", "del", "dev", dev, "root"], check=False)
         return
     rate_bps = mbit * 1e6
-    # Burst: what the bucket lets through at once; at least 5 ms at the rate (a timer tick's worth
-    # and then some: below that tbf cannot reach its rate) and at least two 64 KiB GSO segments.
-    burst = max(2 * 65536 + 3000, int(rate_bps / 8 * 0.005))
+    # Burst: what the bucket lets through at once; 5 ms at the rate (a timer tick's worth and then
+    # some: below that tbf cannot reach its rate), at least _BURST_FLOOR.
+    burst = max(_BURST_FLOOR, int(rate_bps / 8 * 0.005))
     # Queue: 50 ms at the rate, at least the burst: enough that TCP reaches the rate, bounded so a
     # bulk transfer adds at most about 50 ms of queueing to a small message behind it.
     limit = max(burst + 3000, int(rate_bps / 8 * 0.05))
@@ -364,7 +369,7 @@ class Lab:
 
     def __init__(self, boards: Sequence[BoardSpec] | None = None, *, board_cpu: float | None = 0.5,
                  peer_cpu: float | None = 1.0, link: Link | None = Link(mbit=100, delay_ms=10),
-                 peer_link: Link | None = None, broker: bool = True) -> None:
+                 peer_link: Link | None = None, broker: bool = True, stop_timeout_s: float = 3.0) -> None:
         if boards is None:
             boards = [BoardSpec("board", board_cpu, link), BoardSpec("peer", peer_cpu, peer_link)]
         boards = list(boards)
@@ -374,6 +379,7 @@ class Lab:
             raise ValueError(f"{len(boards)} boards: at most 200")
         self.specs = boards
         self.want_broker = broker
+        self.stop_timeout_s = stop_timeout_s   # SIGTERM to what was spawned, then SIGKILL after this
         self.id = PREFIX + secrets.token_hex(3)
         self._hex = self.id[len(PREFIX):]
         self.boards: dict[str, _Board] = {}
@@ -389,7 +395,8 @@ class Lab:
         self._closed = False
         self._closing = False
         self._started = False
-        self._old_sigterm: object = None
+        self._old_handlers: dict[int, object] = {}
+        self._deferred_signal: int | None = None
 
     # ---- building ------------------------------------------------------------------------
 
@@ -409,7 +416,7 @@ class Lab:
             raise LabError(f"cannot build the network lab: {reason}")
         self._started = True
         atexit.register(self.close)
-        self._install_sigterm()
+        self._install_signals()
         try:
             self._build()
         except BaseException:
@@ -479,18 +486,23 @@ class Lab:
         delay = board.link.delay_ms if board.link is not None else 0.0
         return _RelayProc(self, self.bridge_address, upstream, delay, self.infra_cgroup)
 
-    def _install_sigterm(self) -> None:
+    def _install_signals(self) -> None:
+        """SIGTERM (where nobody handles it) and SIGINT (where Python's default does) raise
+        KeyboardInterrupt in the main thread, so the ``with`` unwinds; during the teardown they
+        are only noted (a second Ctrl-C must not stop it half-way) and raised once it is done."""
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-            return                      # somebody else handles it (and should unwind to our __exit__)
 
-        def on_sigterm(signum: int, frame: object) -> None:
-            # Only raise: the `with` unwinds in the main thread and __exit__ tears down. No work here.
-            if not self._closing:
-                raise KeyboardInterrupt(f"signal {signum}")
+        def on_signal(signum: int, frame: object) -> None:
+            # No work here: raise (the `with` unwinds and __exit__ tears down), or note during teardown.
+            if self._closing:
+                self._deferred_signal = signum
+                return
+            raise KeyboardInterrupt(f"signal {signum}")
 
-        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+            if signal.getsignal(signum) is default:
+                self._old_handlers[signum] = signal.signal(signum, on_signal)
 
     # ---- using ---------------------------------------------------------------------------
 
@@ -624,7 +636,7 @@ class Lab:
                         os.killpg(process.pid, signal.SIGTERM)
                     except (ProcessLookupError, PermissionError):
                         process.terminate()
-            deadline = time.monotonic() + 3.0
+            deadline = time.monotonic() + self.stop_timeout_s
             for process in self._spawned:
                 try:
                     process.wait(timeout=max(0.05, deadline - time.monotonic()))
@@ -657,9 +669,12 @@ class Lab:
         finally:
             self._closed = True
             atexit.unregister(self.close)
-            if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, self._old_sigterm)  # type: ignore[arg-type]
-                self._old_sigterm = None
+            if threading.current_thread() is threading.main_thread():
+                for signum, handler in self._old_handlers.items():
+                    signal.signal(signum, handler)  # type: ignore[arg-type]
+                self._old_handlers.clear()
+        if self._deferred_signal is not None:
+            raise KeyboardInterrupt(f"signal {self._deferred_signal} (during the lab's teardown)")
         if errors:
             raise LabError("teardown left: " + "; ".join(errors) + " (run `edge-agent bench netlab --cleanup`)")
 
