@@ -40,6 +40,9 @@ ensure_system() {
   "$PY" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null || missing+=(python3-dev)
   { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=(mosquitto)
   command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+  # The two-board lab (edge_lab.netlab, tests/test_netlab.py): namespaces, veths and tc; nsenter.
+  { command -v ip >/dev/null && command -v tc >/dev/null; } || missing+=(iproute2)
+  command -v nsenter >/dev/null || missing+=(util-linux)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -236,6 +236,44 @@ def _cmd_bench_fuzz(args: argparse.Namespace) -> int:
     return 0 if all(targets(results).values()) else 1
 
 
+def _cmd_bench_netlab(args: argparse.Namespace) -> int:
+    from edge_lab.netlab import LabError, Link, cleanup
+    if args.cleanup:
+        try:
+            removed = cleanup()
+        except LabError as exc:
+            print(f"edge-agent bench netlab --cleanup: {exc}", file=sys.stderr)
+            return 1
+        print("\n".join(f"removed {item}" for item in removed) or "nothing left over")
+        return 0
+    from agent.progress import Progress
+    from edge_lab.bench.netlab import bench_netlab, format_netlab
+    link = Link(mbit=args.bandwidth_mbit, delay_ms=args.delay_ms)
+    print(f"edge-agent bench netlab: two boards in namespaces and cgroups, the board's link {link}", flush=True)
+    try:
+        with Progress(7, desc="bench netlab") as progress:
+            results = bench_netlab(link, args.board_cpu, args.peer_cpu, seconds=args.seconds, pings=args.pings,
+                                   step=progress.step)
+    except LabError as exc:
+        print(f"edge-agent bench netlab: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edge-agent bench netlab: interrupted; the lab was torn down", file=sys.stderr)
+        return 130
+    print(format_netlab(results), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cores(text: str) -> float | None:
+    if text.lower() in ("none", "0"):
+        return None
+    return _positive_float(text)
+
+
 def _numbers(text: str, flag: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -392,3 +430,28 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     fuzz.add_argument("--seed", type=int, default=0, help="seed of the cases (default 0): a run replays exactly")
     fuzz.add_argument("--intake", choices=("mqtt", "http", "both"), default="both", help="which intake (default both)")
     fuzz.set_defaults(func=_cmd_bench_fuzz)
+
+    netlab = bench_sub.add_parser(
+        "netlab", help="the two-board lab (namespaces, CPU quotas, a shaped link): build, measure, tear down",
+        description="Build the lab collaborative offload runs in (edge_lab.netlab): a board and a peer, each a "
+                    "network namespace in a cgroup with a CPU quota, the board's link to the broker rate-limited "
+                    "by tbf both ways and delayed by a relay process. Measures TCP round trips through the relay "
+                    "(p50/p99 against 2x the delay), the rate each way against the configured one, a busy loop's "
+                    "share of a core in each cgroup against its quota, and the relay alone on loopback (rate, CPU "
+                    "per MB); then tears it all down, Ctrl-C or SIGTERM included. Needs root. About 20 s. "
+                    "--cleanup removes what a killed run left (namespaces, veths, cgroups, relays).")
+    netlab.add_argument("--bandwidth-mbit", type=_positive_float, default=100.0, metavar="MBIT",
+                        help="the board's link rate each way, Mbit/s (default 100)")
+    netlab.add_argument("--delay-ms", type=float, default=10.0, metavar="MS",
+                        help="one-way delay added each way by the relay (default 10)")
+    netlab.add_argument("--board-cpu", type=_cores, default=0.5, metavar="CORES",
+                        help="the board's CPU quota in cores (default 0.5; none: no quota)")
+    netlab.add_argument("--peer-cpu", type=_cores, default=1.0, metavar="CORES",
+                        help="the peer's CPU quota in cores (default 1.0; none: no quota)")
+    netlab.add_argument("--seconds", type=_positive_float, default=2.0, metavar="S",
+                        help="seconds per throughput figure (default 2)")
+    netlab.add_argument("--pings", type=int, default=100, metavar="N", help="round trips timed (default 100)")
+    netlab.add_argument("--cleanup", action="store_true",
+                        help="only remove what any lab left behind (after a SIGKILL), and say what")
+    netlab.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    netlab.set_defaults(func=_cmd_bench_netlab)
