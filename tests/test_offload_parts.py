@@ -52,6 +52,8 @@ def test_the_readme_example_configs_load():
     board = load_config(ROOT / "examples" / "offload" / "board.toml")
     assert peer.offload.serve and "offload" in peer.mqtt.subscribers
     assert board.policy == "offload_fixed" and board.offload.targets == ("board-b",)
+    split = load_config(ROOT / "examples" / "offload" / "board-split.toml")
+    assert split.policy == "split" and split.offload.targets == ("board-b",) and split.offload.planner == "queue"
 
 
 def _status(device, state="online", **serve):
