@@ -89,7 +89,7 @@ class MqttTransport:
         self.status_topic = status_topic(device)
         self._status = status
         self._offline = json.dumps({"device": device, "state": "offline"}).encode()
-        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True))
+        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True), direct=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe

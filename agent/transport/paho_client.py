@@ -13,20 +13,25 @@ Two things every client here needs and paho does not do by itself:
   for response topics and correlation data.
 
 Callbacks run on paho's network thread: they must never block there (hand work to a queue).
+
+:class:`DirectClient` (the agent's own connection, ``make_client(..., direct=True)``) changes how
+bytes reach the socket, not what is sent: see its docstring.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, _ConnectionState
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-__all__ = ["make_client", "connect", "session_args", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay"]
+__all__ = ["make_client", "connect", "session_args", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay", "DirectClient"]
 
 
 def set_tcp_nodelay(sock: Any) -> None:
@@ -43,15 +48,18 @@ def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
 NODELAY_SOCKET_OPEN = _on_socket_open
 
 
-def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = None) -> paho.Client:
+def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = None,
+                direct: bool = False) -> paho.Client:
     """A paho MQTT v5 client with the v2 callback API and TCP_NODELAY on every socket it opens.
 
     ``will`` is ``(topic, payload, retain)``, published by the broker at QoS 1 if the client
-    disappears without a DISCONNECT (the agent's retained "offline" status).
+    disappears without a DISCONNECT (the agent's retained "offline" status). ``direct``: a
+    :class:`DirectClient` (where this paho has the internals it relies on; a plain client otherwise).
     """
     if not isinstance(client_id, str) or not client_id:
         raise ValueError(f"client_id = {client_id!r}, expected a non-empty str")
-    client = paho.Client(
+    client_class = DirectClient if direct and DirectClient.supported() else paho.Client
+    client = client_class(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=paho.MQTTv5,
@@ -127,3 +135,217 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
         return bool(outcome["flags"].session_present)
     finally:
         client.on_connect = user_on_connect
+
+
+# --- the agent's own connection: direct, joined writes and chunked reads ------------------------------
+
+#: Bytes asked of the socket per read: every request and acknowledgement waiting, in one system call.
+READ_CHUNK = 256 * 1024
+#: At most this many bytes of queued packets are joined into one send.
+WRITE_CHUNK = 256 * 1024
+
+_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+_AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
+_CONN_LOST = MQTTErrorCode.MQTT_ERR_CONN_LOST
+_CONNECTED = _ConnectionState.MQTT_CS_CONNECTED
+_PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
+#: paho internals DirectClient overrides or reads; a paho without one of them gets a plain client.
+_PAHO_INTERNALS = ("_sock_recv", "_sock_send", "_sock_close", "_packet_queue", "_packet_write", "loop_read",
+                   "loop_write", "reconnect", "_update_inflight", "_handle_pubackcomp", "_do_on_publish",
+                   "_call_socket_register_write")
+
+
+def _plain(command: int, qos: int) -> bool:
+    """A packet that needs nothing once written: a PUBLISH at QoS 1 or 2 (paho settles it on its
+    acknowledgement) or a PUBACK. Every other packet (CONNECT, SUBSCRIBE, PINGREQ, DISCONNECT, a
+    QoS 0 PUBLISH with its callback) is left to paho's own writer on the network thread."""
+    kind = command & 0xF0
+    return (kind == _PUBLISH and qos > 0) or kind == _PUBACK
+
+
+class DirectClient(paho.Client):
+    """A paho client that writes a reply from the thread that publishes it, and reads in chunks.
+
+    Why (issue 21, BENCHMARKS.md "MQTT intake vs HTTP"): in threaded paho every outgoing packet is
+    queued for the network thread, which a byte on a socket pair wakes; that one thread also reads
+    every packet in three ``recv`` calls (type, length, rest), and reads everything that is waiting
+    before it writes anything. Under load the agent's replies and its PUBACKs then waited behind
+    long read runs, and every wake-up and every system call was a hand-over of the GIL to a busy
+    worker and back. The HTTP intake writes a reply from the worker that computed it. Here:
+
+    * a QoS 1 PUBLISH or a PUBACK is written by the calling thread when the connection is up and no
+      other thread is writing (a non-blocking try of the write lock); otherwise it is queued and the
+      network thread woken, as paho does;
+    * what the network thread queues while it reads (the PUBACKs of the requests its handlers took,
+      the replies it publishes) is written once the read is done, joined into one ``send``;
+    * reads ask the socket for :data:`READ_CHUNK` bytes and parse the packets out of that buffer;
+    * a PUBACK of a reply with no reason code and no properties (what Mosquitto sends) is settled
+      without building paho's ReasonCode and Properties, and paho's scan of every unacknowledged
+      message for one waiting for a window slot is skipped when none waits.
+
+    What is sent is unchanged: the same packets in the same order (the queue is only ever taken
+    from its head, under the write lock), QoS 1 messages kept until acknowledged and re-sent after
+    a reconnect by paho itself. The write lock is also held while paho closes or replaces the socket,
+    so no thread writes on a socket being swapped.
+    """
+
+    @staticmethod
+    def supported() -> bool:
+        """Whether this paho has the internals the class relies on (paho-mqtt 2.x)."""
+        return all(callable(getattr(paho.Client, name, None)) for name in _PAHO_INTERNALS)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._write_lock = threading.RLock()
+        self._reader: int | None = None      # the network thread's id while it reads
+        self._rsock: Any = None              # the socket _rbuf was read from
+        self._rbuf = b""
+        self._rpos = 0
+        super().__init__(*args, **kwargs)
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: paho.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        if self._thread is None or not _plain(command, qos):
+            return super()._packet_queue(command, packet, mid, qos, info)
+        entry = {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
+                 "packet": packet, "info": info}
+        if threading.get_ident() == self._reader:
+            self._out_packet.append(entry)       # written, with the others, once the read is done
+            return _SUCCESS
+        if self._state == _CONNECTED and self._write_lock.acquire(blocking=False):
+            try:
+                self._out_packet.append(entry)
+                self._flush()
+                if not self._out_packet:
+                    return _SUCCESS
+            finally:
+                self._write_lock.release()
+        else:
+            self._out_packet.append(entry)
+        self._wake()        # the socket is full, or another thread writes: the network thread finishes
+        return _SUCCESS
+
+    def _wake(self) -> None:
+        if self._sockpairW is not None:
+            try:
+                self._sockpairW.send(paho.sockpair_data)
+            except BlockingIOError:
+                pass
+        self._call_socket_register_write()
+
+    def _flush(self) -> MQTTErrorCode:
+        """Write the plain packets at the head of the queue, several joined per ``send``; called with
+        the write lock held. Stops at a packet paho writes itself, or when the socket is full."""
+        out = self._out_packet
+        while out:
+            taken: list[dict] = []
+            size = 0
+            while out and size < WRITE_CHUNK:
+                head = out[0]
+                if not _plain(head["command"], head["qos"]):
+                    break
+                taken.append(out.popleft())
+                size += head["to_process"]
+            if not taken:
+                return _SUCCESS
+            if len(taken) == 1:
+                data: Any = memoryview(taken[0]["packet"])[taken[0]["pos"]:]
+            else:
+                data = b"".join(memoryview(p["packet"])[p["pos"]:] for p in taken)
+            try:
+                sent = self._sock_send(data)
+            except BlockingIOError:
+                out.extendleft(reversed(taken))
+                return _AGAIN
+            except (AttributeError, ValueError, OSError):
+                out.extendleft(reversed(taken))
+                return _CONN_LOST
+            for k, packet in enumerate(taken):
+                left = packet["to_process"]
+                if sent >= left:
+                    sent -= left
+                    packet["pos"] += left
+                    packet["to_process"] = 0
+                else:
+                    packet["pos"] += sent
+                    packet["to_process"] = left - sent
+                    out.extendleft(reversed(taken[k:]))
+                    with self._msgtime_mutex:
+                        self._last_msg_out = paho.time_func()
+                    return _AGAIN
+            with self._msgtime_mutex:
+                self._last_msg_out = paho.time_func()
+        return _SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        # The network thread's writer (loop_write): the plain packets joined, then paho's own for the rest.
+        with self._write_lock:
+            rc = self._flush()
+            if rc == _CONN_LOST:
+                return rc
+            if rc == _AGAIN:
+                return _AGAIN
+            if not self._out_packet:
+                return _SUCCESS
+            return super()._packet_write()
+
+    def _sock_close(self) -> None:
+        with self._write_lock:
+            super()._sock_close()
+
+    def reconnect(self) -> MQTTErrorCode:
+        with self._write_lock:
+            return super().reconnect()
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rsock is not self._sock:        # a new socket: what was read from the old one is gone
+            self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            buf = super()._sock_recv(max(bufsize, READ_CHUNK))
+            if len(buf) <= bufsize:               # all of it asked for (or b"": the peer closed)
+                self._rbuf, self._rpos = b"", 0
+                return buf
+            pos = 0
+            self._rbuf = buf
+        self._rpos = pos + bufsize
+        return buf[pos:pos + bufsize]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        self._reader = threading.get_ident()
+        try:
+            rc = super().loop_read(max_packets)
+            # Packets already in the buffer: select() would not say so, so parse them now.
+            while rc == _SUCCESS and self._sock is not None and self._rsock is self._sock \
+                    and self._rpos < len(self._rbuf):
+                rc = super().loop_read(max_packets)
+        finally:
+            self._reader = None
+        if rc == _SUCCESS and self._sock is not None and self._out_packet:
+            rc = self.loop_write()
+        return rc
+
+    # --- acknowledgements of what this client published ---------------------------------------------
+
+    _PUBACK_OK = ReasonCode(PacketTypes.PUBACK)
+    _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+    def _handle_pubackcomp(self, cmd: str) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd == "PUBACK" and len(packet) == 2 and self.on_publish is None:
+            mid = struct.unpack("!H", packet)[0]       # success, no properties: nothing else to decode
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, self._PUBACK_OK, self._NO_PROPERTIES)
+            return _SUCCESS
+        return super()._handle_pubackcomp(cmd)
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        # paho walks every unacknowledged message for ones waiting for a window slot, on every
+        # acknowledgement; when every stored message is in flight there is none.
+        if len(self._out_messages) <= self._inflight_messages:
+            return _SUCCESS
+        return super()._update_inflight()
