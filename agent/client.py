@@ -9,6 +9,11 @@ the broker, and paho re-sends its requests the broker has not acknowledged. A re
 twice (QoS 1 is at-least-once) is passed on once and counted in ``duplicate_replies``. Correlation
 data starts with random bytes per client object, so a restarted application never reuses one the
 agent still remembers (the agent drops a request whose correlation it has seen within its window).
+
+Behind a secured broker (README, "Securing the broker") ``security`` carries TLS and credentials
+(:class:`agent.transport.paho_client.MqttSecurity`), and the reply topic must be one the broker's ACL
+lets this client read: the sample ACL allows ``apps/<identity>/#``, so use the identity (the
+certificate's CN, or the username) as ``client_id``, or pass ``reply_topic="apps/<identity>/..."``.
 """
 from __future__ import annotations
 
@@ -24,25 +29,28 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.intake.msgpack_codec import decode_reply, encode_request
-from agent.transport.paho_client import connect, make_client
+from agent.transport.paho_client import MqttSecurity, connect, make_client
 from agent.transport.topics import infer_topic
 
 ReplyCallback = Callable[[dict, float], None]   # (decoded reply, round trip seconds)
 
 
 class InferenceClient:
-    def __init__(self, host: str, port: int, device: str, client_id: str, *, session_expiry_s: int = 0) -> None:
+    def __init__(self, host: str, port: int, device: str, client_id: str, *, session_expiry_s: int = 0,
+                 security: MqttSecurity | None = None, reply_topic: str | None = None) -> None:
         self.device = device
-        self.reply_topic = f"apps/{client_id}/replies"
+        self.reply_topic = reply_topic or f"apps/{client_id}/replies"
         self._seq = itertools.count(1)
         self._prefix = os.urandom(8)
         self._lock = threading.Lock()
         self._waiting: dict[bytes, tuple[float, ReplyCallback]] = {}
         self.duplicate_replies = 0      # replies for a request answered already (a QoS 1 re-send)
-        self.client = make_client(client_id)
+        self.client = make_client(client_id, security=security)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: subscribed.set()
+        suback: list = []
+        self.client.on_subscribe = lambda client, userdata, mid, reason_codes, properties: (
+            suback.extend(reason_codes), subscribed.set())
         # Subscribe on every connect: a broker that lost the session (or a clean one) lost the
         # subscription with it; with the session kept, subscribing again is harmless.
         self.client.on_connect = lambda client, userdata, flags, reason_code, properties: (
@@ -50,6 +58,10 @@ class InferenceClient:
         connect(self.client, host, port, session_expiry_s=session_expiry_s)
         if not subscribed.wait(5.0):
             raise TimeoutError(f"broker {host}:{port} did not acknowledge the subscription to {self.reply_topic}")
+        if suback and suback[0].is_failure:
+            self.close()
+            raise ConnectionError(f"broker {host}:{port} refused the subscription to the reply topic "
+                                  f"{self.reply_topic}: {suback[0]} (its ACL: see reply_topic)")
 
     def send(self, model: str, inputs: Mapping[str, np.ndarray], on_reply: ReplyCallback, *,
              slo_ms: float | None = None, priority: int | None = None, request_id: str | None = None) -> bytes:

@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.ops.json_log import LOG_FORMATS
 from agent.scheduler.policy import DEFAULT_POLICY, policy_names
+from agent.transport.paho_client import MqttSecurity, SecurityError
 from agent.transport.subscribers import DEFAULT_SUBSCRIBERS, SUBSCRIBERS
 
 CONFIG_VERSION = 1
@@ -92,6 +93,21 @@ class MqttConfig:
     dedup_max: int = 65536
     # The longest wait between reconnects (takeover back-off).
     reconnect_max_delay_s: int = 60
+    # Transport security (README, "Securing the broker"): TLS on when `tls` or `tls_ca`/`tls_cert`
+    # is set; paths are resolved against the config file's directory. The password is never in the
+    # TOML: `password_file` names a file only its owner may read.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+    username: str | None = None
+    password_file: str | None = None
+
+    def security(self) -> MqttSecurity:
+        """The settings every client of this config connects with (agent, self-test)."""
+        return MqttSecurity(tls=self.tls, ca_file=self.tls_ca, cert_file=self.tls_cert, key_file=self.tls_key,
+                            insecure=self.tls_insecure, username=self.username, password_file=self.password_file)
 
 
 @dataclass(frozen=True)
@@ -313,6 +329,29 @@ def _profile_path(value: str | None, base_dir: Path | None) -> str | None:
     return str((base_dir / value).resolve())
 
 
+def _parse_security(mqtt: dict, base_dir: Path | None) -> MqttSecurity:
+    """``[mqtt]`` TLS and credentials, the files they name loaded once here (a missing CA, a key
+    that does not match its certificate, a password file others may read: a ConfigError at load)."""
+    def path(key: str, expected: str) -> str | None:
+        return _profile_path(_take(mqtt, key, "mqtt", str, None, lambda v: bool(v), expected), base_dir)
+
+    ca = path("tls_ca", "a path to the PEM file of the CA that signed the broker's certificate")
+    cert = path("tls_cert", "a path to this client's PEM certificate")
+    key = path("tls_key", "a path to this client's PEM private key (unencrypted)")
+    password_file = path("password_file", "a path to a file holding the password (chmod 600)")
+    username = _take(mqtt, "username", "mqtt", str, None, lambda v: bool(v) and "\x00" not in v,
+                     "a non-empty user name")
+    tls = _take(mqtt, "tls", "mqtt", bool, bool(ca or cert))
+    insecure = _take(mqtt, "tls_insecure", "mqtt", bool, False)
+    try:
+        security = MqttSecurity(tls=tls, ca_file=ca, cert_file=cert, key_file=key, insecure=insecure,
+                                username=username, password_file=password_file)
+        security.check()
+    except SecurityError as exc:
+        raise ConfigError(f"mqtt.{exc.setting}", exc.value, exc.expected) from None
+    return security
+
+
 def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     """Validate a config mapping (as read from TOML) into a :class:`Config`."""
     if not isinstance(data, dict):
@@ -325,6 +364,9 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
                         "edf_horizon_ms", "worker_nice", "drain_timeout_s", "policy", "profile", "log_format"}, "agent")
     mqtt = _table(data, "mqtt", "")
+    if "password" in mqtt:
+        raise ConfigError("mqtt.password", "(hidden)", "no password in the config: put it in a file only its owner "
+                                                       "may read and name it in [mqtt] password_file")
     _no_unknown(mqtt, set(MqttConfig.__dataclass_fields__), "mqtt")
     http = _table(data, "http", "")
     _no_unknown(http, set(HttpConfig.__dataclass_fields__), "http")
@@ -349,6 +391,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     if "cmd" in subscribers and keyring is None:
         raise ConfigError("control.keyring", None, "a directory of the operators' public keys (edge-agent keys "
                                                    "generate) when [mqtt] subscribers has \"cmd\"")
+    security = _parse_security(mqtt, base_dir)
     device = _take(agent, "device", "agent", str, "edge-board",
                    lambda v: v and all(c not in v for c in "/+#"), "a non-empty id without '/', '+' or '#'")
     return Config(
@@ -374,7 +417,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         mqtt=MqttConfig(
             enabled=_take(mqtt, "enabled", "mqtt", bool, True),
             host=_take(mqtt, "host", "mqtt", str, "127.0.0.1", lambda v: bool(v), "a host name or address"),
-            port=_take(mqtt, "port", "mqtt", int, 1883, lambda v: 1 <= v <= 65535, "a port in 1..65535"),
+            port=_take(mqtt, "port", "mqtt", int, 8883 if security.tls else 1883, lambda v: 1 <= v <= 65535,
+                       "a port in 1..65535"),
             keepalive_s=_take(mqtt, "keepalive_s", "mqtt", int, 30, lambda v: 5 <= v <= 3600, "seconds in 5..3600"),
             subscribers=subscribers,
             session_expiry_s=_take(mqtt, "session_expiry_s", "mqtt", int, 3600, lambda v: 0 <= v <= 0xFFFFFFFF,
@@ -389,6 +433,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                             "an integer in 1..10000000"),
             reconnect_max_delay_s=_take(mqtt, "reconnect_max_delay_s", "mqtt", int, 60, lambda v: 1 <= v <= 3600,
                                         "seconds in 1..3600"),
+            tls=security.tls, tls_ca=security.ca_file, tls_cert=security.cert_file, tls_key=security.key_file,
+            tls_insecure=security.insecure, username=security.username, password_file=security.password_file,
         ),
         http=HttpConfig(
             enabled=_take(http, "enabled", "http", bool, False),

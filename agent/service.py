@@ -72,7 +72,11 @@ class Service:
                                                keepalive_s=mqtt.keepalive_s, session_expiry_s=mqtt.session_expiry_s,
                                                max_inflight_messages=mqtt.max_inflight_messages,
                                                max_queued_messages=mqtt.max_queued_messages,
-                                               reconnect_max_delay_s=mqtt.reconnect_max_delay_s)
+                                               reconnect_max_delay_s=mqtt.reconnect_max_delay_s,
+                                               security=mqtt.security())
+                if mqtt.tls_insecure:
+                    log.warning("[mqtt] tls_insecure = true: the broker's certificate is not checked against "
+                                "its host name %s (the chain still is): for a lab only", mqtt.host)
                 for name in config.mqtt.subscribers:
                     self.subscribers[name] = build_subscriber(name, self.agent, self.transport).start()
                 try:

@@ -239,3 +239,48 @@ def test_a_client_id_taken_over_is_logged_once_counted_and_the_reconnects_back_o
             reader.disconnect()
             reader.loop_stop()
         _wait(lambda: service.transport.connected, timeout=20, what="the agent back once the intruder left")
+
+
+# --- a command in flight across a broker restart -------------------------------------------------
+
+def test_a_command_in_flight_when_the_broker_restarts_is_acknowledged_exactly_once(tmp_path, caplog):
+    """A slow command (load-model: load and profile a second model) runs on the board while the
+    broker restarts (SIGTERM, persistence on): the operator's `send_command` gets exactly one ack, ok,
+    and the command ran once (a second run would answer `model_loaded`). Without the operator's
+    session and its subscription renewed on reconnect, the ack published across the restart is lost
+    (no ack within the timeout, or only the resend's)."""
+    import shutil as _shutil
+    from agent.ops.ctl import send_command
+    from agent.ops.keys import generate_key_pair, load_signing_key
+    from agent.ops.signing import decode_envelope, sign
+    _skip_without_mosquitto()
+    generate_key_pair(tmp_path / "ops", "alice")
+    (tmp_path / "ring").mkdir()
+    _shutil.copy(tmp_path / "ops" / "alice.pub", tmp_path / "ring" / "alice.pub")
+    key = load_signing_key(tmp_path / "ops" / "alice.key")
+    device = f"restart-cmd-{time.monotonic_ns()}"
+    with LocalBroker(persistence=True) as broker:
+        config = parse_config({
+            "config_version": CONFIG_VERSION, "agent": {"device": device, "workers": 1},
+            "mqtt": {"host": broker.host, "port": broker.port, "subscribers": ["infer", "cmd"]},
+            "control": {"keyring": str(tmp_path / "ring")}, "telemetry": {"interval_s": 0},
+            "models": [{"name": "mobilenet_digits", "card": "demo:mobilenet_digits"}]})
+        with Service(config) as service, caplog.at_level(logging.INFO, logger="agent.ops.commands"):
+            channel = service.subscribers["cmd"]
+            envelope = sign("load-model", {"name": "resnet_digits", "card": "demo:resnet_digits"}, device, key)
+            command_id = decode_envelope(envelope)[0].command_id
+            result: Future = Future()
+            sender = threading.Thread(target=lambda: result.set_result(send_command(
+                broker.host, broker.port, device, "load-model", envelope, command_id, timeout_s=30)), daemon=True)
+            sender.start()
+            _wait(lambda: channel._current is not None and channel._current.command_id == command_id,
+                  what="the board running the command")
+            assert not result.done()                  # its ack not out yet: the restart catches it in flight
+            broker.restart(graceful=True)
+            acks = result.result(timeout=60)
+            time.sleep(0.5)
+    assert service.transport.counters.snapshot()["disconnects"] >= 1
+    assert len(acks) == 1, acks
+    assert acks[0]["ok"] and acks[0]["command_id"] == command_id and acks[0]["device"] == device, acks
+    runs = [r for r in caplog.records if "command load-model" in r.getMessage()]
+    assert len(runs) == 1, [r.getMessage() for r in runs]

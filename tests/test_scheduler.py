@@ -316,24 +316,24 @@ def test_admission_forgets_a_slow_spell_while_the_board_is_idle():
     slo = 0.010
     s.enqueue(req("a", 0.0, slo))
     dispatch = s.poll(0.0).dispatch
-    s.release(dispatch, 0.5)             # starved: the batch of one took 500 ms
-    s.observe(dispatch, 0.5)
+    s.release(dispatch, 0.05)            # starved: the batch of one took 50 ms
+    s.observe(dispatch, 0.05)
     for _ in range(10_000):              # ... and many admitted requests missed
         admission.calibrate(True, slo)
     assert admission.slack_s(slo) == pytest.approx(slo)   # the slack stops at the SLO: it refuses all already
-    assert admission.slowdown > 100
+    assert admission.slowdown > 20
     with pytest.raises(InferenceError, match="learned slack"):
-        s.enqueue(req("a", 0.6, slo))    # an idle board, nothing queued, yet refused
+        s.enqueue(req("a", 0.06, slo))   # an idle board, nothing queued, yet refused
     assert not s.queued() and s.in_flight == 0
     # Idle for a while (refused requests keep it idle): what was learned under load fades.
-    now = 0.6
+    now = 0.06
     while True:
         now += 0.1
         try:
             s.enqueue(req("a", now, slo))
             break
         except InferenceError:
-            assert now < 10.0, "admission did not recover on an idle board"
+            assert now < 60.0, "admission did not recover on an idle board"
     assert admission.slack_s(slo) < 0.001 and admission.slowdown * 0.002 + admission.slack_s(slo) <= slo
     # A board that keeps busy forgets nothing: a batch in flight, the next arrival changes no state.
     slack, slowdown = admission.slack_s(slo), admission.slowdown

@@ -20,6 +20,7 @@ unsubscribing: requests that arrive then stay with the broker, unacknowledged, f
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import threading
@@ -44,6 +45,16 @@ UNANSWERABLE_LOG_INTERVAL_S = 10.0
 #: What the intake counts (``MqttIntake.counters``): distinct requests taken, second copies
 #: dropped, replies handed to the transport, requests that got none, remembered requests evicted.
 COUNTERS = ("taken", "duplicates", "replied", "unanswerable", "dedup_evicted")
+
+
+def request_key(response_topic: str, correlation: bytes) -> bytes:
+    """What a request is remembered by: a 16-byte digest of its response topic and correlation
+    data, not the two themselves (a client may send 64 KiB of each: kept as they are, a full map
+    would hold gigabytes; the digest bounds an entry to a couple of hundred bytes)."""
+    digest = hashlib.blake2b(response_topic.encode(), digest_size=16)
+    digest.update(b"\0")
+    digest.update(correlation)
+    return digest.digest()
 
 
 class SeenRequests:
@@ -118,10 +129,15 @@ class MqttIntake:
         """Requests without a response topic one can publish to, or whose reply was not published."""
         return self.counters["unanswerable"]
 
-    def seen(self) -> list[tuple[str, bytes]]:
-        """The (response topic, correlation data) of the requests remembered now (they are answered
-        once: a second copy within the window is dropped)."""
-        return self._seen.keys()
+    @property
+    def remembered(self) -> int:
+        """Requests remembered now (a second copy of one within its window is dropped)."""
+        return len(self._seen)
+
+    def seen_keys(self) -> set[bytes]:
+        """The :func:`request_key` of each request remembered now (the broker-restart bench tells
+        with it which requests reached the agent)."""
+        return set(self._seen.keys())
 
     def start(self, timeout: float = 10.0) -> "MqttIntake":
         """Subscribe to the agent's inference topics. Before the transport connects this registers
@@ -143,7 +159,7 @@ class MqttIntake:
             return
         model = message.topic.rsplit("/", 1)[-1]
         now = time.monotonic()
-        key = (response_topic, correlation) if correlation is not None else None
+        key = request_key(response_topic, correlation) if correlation is not None else None
         if key is not None and self._seen.seen(key, now):
             self.counters.add("duplicates")     # answered (or being answered) already
             return

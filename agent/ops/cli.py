@@ -98,10 +98,17 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
         print(f"edge-agent ctl: {exc}", file=sys.stderr)
         return 2
     from agent.ops.signing import decode_envelope
+    from agent.transport.paho_client import SecurityError
     command, _, _ = decode_envelope(envelope)
     try:
-        acks = send_command(args.host, args.port, args.device, args.command, envelope, command.command_id,
-                            timeout_s=args.timeout)
+        security = broker_security(args)
+    except SecurityError as exc:
+        print(f"edge-agent ctl: --{exc.setting.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
+    port = args.port if args.port is not None else (8883 if security.tls else 1883)
+    try:
+        acks = send_command(args.host, port, args.device, args.command, envelope, command.command_id,
+                            timeout_s=args.timeout, security=security)
     except (OSError, TimeoutError) as exc:
         print(f"edge-agent ctl: {exc}", file=sys.stderr)
         return 1
@@ -112,6 +119,34 @@ def _cmd_ctl(args: argparse.Namespace) -> int:
               f"(command id {command.command_id}: send it again with --command-id to retry safely)", file=sys.stderr)
         return 3
     return 0 if all(ack.get("ok") for ack in acks) else 1
+
+
+def add_broker_security_args(parser: argparse.ArgumentParser) -> None:
+    """The broker's TLS and credential options, as ``[mqtt]`` spells them in a config (README,
+    "Securing the broker"); :func:`broker_security` turns them into an ``MqttSecurity``."""
+    group = parser.add_argument_group("broker security (README, \"Securing the broker\")")
+    group.add_argument("--tls", action="store_true", help="TLS to the broker, checked against the system's CAs "
+                       "(implied by --tls-ca and --tls-cert); the port then defaults to 8883")
+    group.add_argument("--tls-ca", metavar="PEM", help="the CA that signed the broker's certificate")
+    group.add_argument("--tls-cert", metavar="PEM", help="this client's certificate (its CN is the identity the "
+                       "broker's ACL knows); with --tls-key")
+    group.add_argument("--tls-key", metavar="PEM", help="the key of --tls-cert (unencrypted PEM)")
+    group.add_argument("--tls-insecure", action="store_true", help="do not check the broker's certificate against "
+                       "the host name (the chain still is): a lab only")
+    group.add_argument("--username", metavar="NAME", help="the broker's username")
+    group.add_argument("--password-file", metavar="FILE", help="a file holding the password (first line), only its "
+                       "owner may read it (chmod 600)")
+
+
+def broker_security(args: argparse.Namespace):
+    """An ``MqttSecurity`` from :func:`add_broker_security_args`' options, its files checked;
+    raises ``SecurityError`` naming the setting."""
+    from agent.transport.paho_client import MqttSecurity
+    security = MqttSecurity(tls=bool(args.tls or args.tls_ca or args.tls_cert or args.tls_insecure),
+                            ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                            insecure=args.tls_insecure, username=args.username, password_file=args.password_file)
+    security.check()
+    return security
 
 
 def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -135,7 +170,7 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                                                           f"default ${KEY_ENV})")
     ctl.add_argument("--key-id", metavar="ID", help="the key's id on the boards (default: the key file's name)")
     ctl.add_argument("--host", default="127.0.0.1", help="MQTT broker (default 127.0.0.1)")
-    ctl.add_argument("--port", type=int, default=1883, help="MQTT broker port (default 1883)")
+    ctl.add_argument("--port", type=int, default=None, help="MQTT broker port (default 1883, 8883 with TLS)")
     ctl.add_argument("--ttl", type=float, default=60.0, metavar="S",
                      help="seconds the command stays valid (default 60; boards accept at most their max_ttl_s)")
     ctl.add_argument("--timeout", type=float, default=10.0, metavar="S",
@@ -146,5 +181,6 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     ctl.add_argument("command", metavar="COMMAND", help="status, drain, resume, load-model, unload-model, "
                      "set-batching, set-slo-default, selftest, reload-config, rotate-key")
     ctl.add_argument("args", nargs=argparse.REMAINDER, metavar="--NAME VALUE", help="the command's args")
+    add_broker_security_args(ctl)
     ctl.set_defaults(func=_cmd_ctl)
     return ctl

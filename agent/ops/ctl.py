@@ -7,6 +7,16 @@ collects the acks that arrive within the timeout (how many boards there are is n
 If no ack came within half the timeout, the same envelope is published once more: a board that
 did run it answers the repeat with its first ack (same command id), so a retry never runs a
 command twice. Each ack names the board that sent it (``device``).
+
+A broker restart while the command is in flight: the client keeps a session for as long as it waits
+(and ends it on leaving), subscribed again on every connect, so an ack published while it
+reconnects waits for it in the broker; an ack that arrives twice (QoS 1 is at-least-once: a board
+re-sends one the broker took but did not acknowledge before it went down) is counted once, one
+per board.
+
+Behind a secured broker ``security`` carries TLS and credentials (``edge-agent ctl --tls-ca ...``);
+the sample ACL lets an operator's identity publish on ``edge/v1/+/cmd/#`` and read
+``edge/v1/ctl/+/ack``, where this client's acks arrive.
 """
 from __future__ import annotations
 
@@ -19,16 +29,22 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.ops.signing import FLEET, decode_ack
-from agent.transport.paho_client import connect, make_client
+from agent.transport.paho_client import MqttSecurity, connect, make_client
 from agent.transport.topics import cmd_topic, fleet_cmd_topic
 
 __all__ = ["send_command"]
 
+#: MQTT v5 reason code of a PUBACK the broker's ACL refused.
+NOT_AUTHORIZED = 0x87
+#: The session ctl asks the broker to keep outlives its wait by this much (seconds).
+SESSION_SLACK_S = 30
+
 
 def send_command(host: str, port: int, device: str, command: str, envelope: bytes, command_id: str, *,
-                 timeout_s: float = 10.0) -> list[dict]:
+                 timeout_s: float = 10.0, security: MqttSecurity | None = None) -> list[dict]:
     """Publish ``envelope`` (already signed for ``device``) and return the acks received: one from a
-    board, or for :data:`FLEET` every one that arrived within ``timeout_s``. An empty list: none came."""
+    board, or for :data:`FLEET` every one that arrived within ``timeout_s``. An empty list: none came.
+    Raises ``PermissionError`` when the broker refuses the publish (its ACL: PUBACK "Not authorized")."""
     client_id = f"edge-agent-ctl-{uuid.uuid4().hex[:12]}"
     reply_topic = f"edge/v1/ctl/{client_id}/ack"
     correlation = command_id.encode()
@@ -45,15 +61,20 @@ def send_command(host: str, port: int, device: str, command: str, envelope: byte
         except Exception as exc:
             ack = {"command_id": command_id, "ok": False, "code": "bad_ack", "reason": str(exc), "result": None}
         with arrived:
-            acks.append(ack)
+            if all(seen.get("device") != ack.get("device") for seen in acks):
+                acks.append(ack)            # the first from each board: a repeat is the same ack again
             arrived.notify_all()
 
-    client = make_client(client_id)
+    puback: dict[int, object] = {}
+    client = make_client(client_id, security=security)
     client.on_message = on_message
     client.on_subscribe = lambda *a: subscribed.set()
-    connect(client, host, port)
+    client.on_publish = lambda client_, userdata, mid, reason_code, properties: puback.__setitem__(mid, reason_code)
+    # Subscribed on every connect (a broker that lost the session lost the subscription with it).
+    client.on_connect = lambda client_, userdata, flags, reason_code, properties: (
+        reason_code.is_failure or client_.subscribe(reply_topic, qos=1))
+    connect(client, host, port, session_expiry_s=int(math.ceil(timeout_s)) + SESSION_SLACK_S)
     try:
-        client.subscribe(reply_topic, qos=1)
         if not subscribed.wait(5.0):
             raise TimeoutError(f"broker {host}:{port} did not acknowledge the subscription to {reply_topic}")
         props = Properties(PacketTypes.PUBLISH)
@@ -61,7 +82,12 @@ def send_command(host: str, port: int, device: str, command: str, envelope: byte
         props.CorrelationData = correlation
         topic = fleet_cmd_topic(command) if device == FLEET else cmd_topic(device, command)
         start = time.monotonic()
-        client.publish(topic, envelope, qos=1, properties=props).wait_for_publish(timeout_s)
+        info = client.publish(topic, envelope, qos=1, properties=props)
+        info.wait_for_publish(timeout_s)
+        refused = puback.get(info.mid)
+        if refused is not None and getattr(refused, "value", 0) == NOT_AUTHORIZED:
+            raise PermissionError(f"broker {host}:{port} refused this client's command on {topic}: {refused} "
+                                  "(its ACL does not let this identity publish commands)")
         deadline = start + timeout_s
         # Resent once to a single board (its repeat is answered with the first ack); a fleet's
         # boards that answered already would only answer again.
@@ -77,5 +103,7 @@ def send_command(host: str, port: int, device: str, command: str, envelope: byte
                 arrived.wait(min(deadline, resend_at) - now)
         return list(acks)
     finally:
-        client.disconnect()
+        end_session = Properties(PacketTypes.DISCONNECT)
+        end_session.SessionExpiryInterval = 0       # nothing more to wait for: the broker may forget us
+        client.disconnect(properties=end_session)
         client.loop_stop()

@@ -702,13 +702,22 @@ def check_broker(config: Config, timeout_s: float = BROKER_TIMEOUT_S) -> Check:
     from agent.transport.topics import ROOT
     token = uuid.uuid4().hex[:12]
     topic = f"{ROOT}/{config.device}/selftest/{token}"
-    client = make_client(f"{config.device}-selftest-{token}")
+    try:
+        client = make_client(f"{config.device}-selftest-{token}", security=mqtt.security())
+    except ValueError as exc:     # a certificate or password file gone since the config was loaded
+        return Check("broker", "fail", str(exc), "fix the [mqtt] TLS and credential settings (README, "
+                     "\"Securing the broker\")", {"host": mqtt.host, "port": mqtt.port})
     arrived = threading.Event()
     suback = threading.Event()
     client.on_message = lambda c, u, message: arrived.set()
     client.on_subscribe = lambda c, u, mid, codes, props: suback.set()
     fix = (f"check that the broker runs on {where} (`systemctl status mosquitto`; install: sudo apt-get install "
            "mosquitto), that [mqtt] host and port in the config name it, and that no firewall blocks the port")
+    if mqtt.tls:
+        fix += ("; that [mqtt] tls_ca signed the broker's certificate, issued for the host name in [mqtt] host, "
+                "and that the broker's CA signed tls_cert")
+    if mqtt.username:
+        fix += "; that the broker knows [mqtt] username with the password in password_file"
     try:
         started = time.perf_counter()
         connect(client, mqtt.host, mqtt.port, timeout=timeout_s, keepalive=max(5, mqtt.keepalive_s))
@@ -720,6 +729,7 @@ def check_broker(config: Config, timeout_s: float = BROKER_TIMEOUT_S) -> Check:
         if not suback.wait(timeout_s):
             return Check("broker", "fail", f"MQTT broker {where} accepted the connection but did not acknowledge a "
                          f"subscription to {topic} within {timeout_s:g} s", fix)
+        figures_security = mqtt.security().describe()
         round_trips = []
         for i in range(BROKER_ROUND_TRIPS):
             arrived.clear()
@@ -734,9 +744,9 @@ def check_broker(config: Config, timeout_s: float = BROKER_TIMEOUT_S) -> Check:
         client.disconnect()
         client.loop_stop()
     median = statistics.median(round_trips)
-    figures = {"host": mqtt.host, "port": mqtt.port, "connect_ms": round(connect_ms, 3),
+    figures = {"host": mqtt.host, "port": mqtt.port, "security": figures_security, "connect_ms": round(connect_ms, 3),
                "round_trip_ms": [round(ms, 3) for ms in round_trips], "round_trip_p50_ms": round(median, 3)}
-    return Check("broker", "ok", f"{where}: connected in {connect_ms:.1f} ms; publish-to-receive round trip "
+    return Check("broker", "ok", f"{where} ({figures_security}): connected in {connect_ms:.1f} ms; publish-to-receive round trip "
                  f"p50 {median:.2f} ms, max {max(round_trips):.2f} ms ({BROKER_ROUND_TRIPS} at QoS 1)", figures=figures)
 
 

@@ -5,8 +5,8 @@ are compared with, and the learned policy to come are swapped by config (``[agen
 driven by the same scheduler, live and in the simulator:
 
 * :class:`Action` is the decision: which model's queue (lane), how big a batch, on which instance,
-  and where it runs and how far: ``target`` and ``exit``, for offload to a peer and early exit. Until
-  those exist every action is local and runs the whole network.
+  and where it runs and how far: ``target`` (this board, or a peer's device id), ``split`` (the split
+  point after which a peer runs the rest) and ``exit``, for offload and early exit.
 * :class:`Policy` decides. The scheduler (``agent.scheduler.dispatcher``) keeps the mechanism:
   queues, the shedding of requests that can no longer finish, admission, slot accounting. When a
   slot may be filled it calls :meth:`Policy.decide` with itself as the state; when an idle board
@@ -38,8 +38,11 @@ class Action(NamedTuple):
 
     ``model``: the lane whose queue the batch is popped from; ``batch_size``: how many requests it
     takes at most (fewer when some expire as it is popped); ``instance``: which of the model's
-    instances runs it, ``None`` for any free one; ``target``: where it runs (``LOCAL``; later a peer
-    and a split point); ``exit``: the early exit it leaves the network by (``None``: the last layer).
+    instances runs it, ``None`` for any free one; ``target``: where it runs, ``LOCAL`` or a peer's
+    device id (the peer runs the rest of the network under its own scheduler); ``exit``: the early
+    exit it leaves the network by (``None``: the last layer); ``split``: with a peer target, the
+    model card's split point after which the peer takes over (this board runs the head up to it),
+    ``None`` to send the whole input (full offload).
     """
 
     model: str
@@ -47,6 +50,7 @@ class Action(NamedTuple):
     instance: int | None = None
     target: str = LOCAL
     exit: int | None = None
+    split: str | None = None
 
 
 class Policy(Protocol):

@@ -45,7 +45,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 
 from agent.telemetry import Counters, RateLimitedLog
-from agent.transport.paho_client import connect, make_client, session_args
+from agent.transport.paho_client import MqttSecurity, connect, make_client, session_args
 from agent.transport.topics import status_topic, unshared
 
 __all__ = ["MqttTransport", "Handler"]
@@ -79,7 +79,7 @@ class MqttTransport:
     def __init__(self, device: str, host: str, port: int, *, status: Callable[[], dict] | None = None,
                  client_id: str | None = None, keepalive_s: int = 30, session_expiry_s: int = 3600,
                  max_inflight_messages: int = 1000, max_queued_messages: int = 10000, reconnect_max_delay_s: int = 60,
-                 takeover_log_interval_s: float = 30.0) -> None:
+                 takeover_log_interval_s: float = 30.0, security: MqttSecurity | None = None) -> None:
         self.device = device
         self.host, self.port = host, port
         self.keepalive_s = keepalive_s      # [mqtt] keepalive_s: how soon a dead board shows offline
@@ -89,7 +89,10 @@ class MqttTransport:
         self.status_topic = status_topic(device)
         self._status = status
         self._offline = json.dumps({"device": device, "state": "offline"}).encode()
-        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True), direct=True)
+        # [mqtt] TLS and credentials (README, "Securing the broker"); none: plain TCP, anonymous.
+        self.security = security or MqttSecurity()
+        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True), security=security,
+                                  direct=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -335,8 +338,9 @@ class MqttTransport:
                 self.publish_status(self._status())
             except Exception:
                 log.exception("could not publish the status on %s", self.status_topic)
-        log.info("connected to mqtt://%s:%d as %s (session %s), subscribed to %s", self.host, self.port,
-                 self.client_id, "resumed" if self._session_present else "new", filters)
+        log.info("connected to %s://%s:%d as %s (session %s), subscribed to %s",
+                 "mqtts" if self.security.tls else "mqtt", self.host, self.port, self.client_id,
+                 "resumed" if self._session_present else "new", filters)
         self._connect_handled.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

@@ -12,6 +12,12 @@ Two things every client here needs and paho does not do by itself:
 * the v2 callback API (``CallbackAPIVersion.VERSION2``) and MQTT v5, which the wire protocol needs
   for response topics and correlation data.
 
+Transport security (:class:`MqttSecurity`, README "Securing the broker"): TLS with a CA file (or the
+system's CAs), an optional client certificate (the broker then knows the client by the
+certificate's CN), and an optional username with a password read from a file only its owner may
+read. Every client here (agent, application, ``edge-agent ctl``, the self-test) takes the same object,
+so one set of settings reaches the broker one way.
+
 Callbacks run on paho's network thread: they must never block there (hand work to a queue).
 
 :class:`DirectClient` (the agent's own connection, ``make_client(..., direct=True)``) changes how
@@ -20,9 +26,14 @@ bytes reach the socket, not what is sent: see its docstring.
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
+import stat
 import struct
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -31,8 +42,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, readBytes, readUTF, writeBytes, writeUTF
 
-__all__ = ["make_client", "connect", "session_args", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay", "DirectClient",
-           "PublishProperties"]
+__all__ = ["make_client", "connect", "session_args", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay", "MqttSecurity",
+           "read_password_file", "SecurityError", "DirectClient", "PublishProperties"]
 
 
 def set_tcp_nodelay(sock: Any) -> None:
@@ -49,17 +60,142 @@ def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
 NODELAY_SOCKET_OPEN = _on_socket_open
 
 
+class SecurityError(ValueError):
+    """A TLS or credential setting that cannot be used: names the setting, the value and why."""
+
+    def __init__(self, setting: str, value: Any, expected: str) -> None:
+        super().__init__(f"{setting} = {value!r}: {expected}")
+        self.setting = setting
+        self.value = value
+        self.expected = expected
+
+
+def read_password_file(path: str, setting: str = "password_file") -> str:
+    """The password in ``path`` (its first line, without the line end), refused unless the file
+    is a regular file that neither its group nor others may read or write (``chmod 600``, or
+    systemd's ``LoadCredential=``, which gives 0400): a password other users can read is no secret.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise SecurityError(setting, path, f"a readable file holding the password ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SecurityError(setting, path, "a regular file holding the password")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise SecurityError(setting, path, f"a file only its owner may read (it is mode {mode:04o}: chmod 600 it)")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecurityError(setting, path, f"a readable UTF-8 file holding the password ({exc})") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise SecurityError(setting, path, "a file whose first line is the password (it is empty)")
+    return password
+
+
+@dataclass(frozen=True)
+class MqttSecurity:
+    """How a client proves itself to the broker and checks the broker: TLS and credentials.
+
+    ``tls``: wrap the connection in TLS, the broker's certificate checked against ``ca_file`` (PEM;
+    ``None``: the system's CAs) and its host name or address. ``cert_file`` + ``key_file``: the
+    client's certificate and key (PEM); with ``use_identity_as_username true`` the broker takes its CN
+    as the client's username for its ACL. ``insecure``: accept a broker certificate whose name does
+    not match the host (the chain is still checked): for a lab, never a default. ``username`` with
+    ``password_file`` (see :func:`read_password_file`): the broker's password check. All off by
+    default: plain TCP, anonymous.
+    """
+
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+    username: str | None = None
+    password_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise SecurityError("tls_cert" if self.cert_file is None else "tls_key",
+                                self.cert_file if self.cert_file is not None else self.key_file,
+                                "tls_cert and tls_key together (a client certificate needs its key)")
+        if not self.tls and (self.ca_file or self.cert_file or self.insecure):
+            raise SecurityError("tls", False, "true when tls_ca, tls_cert or tls_insecure is set")
+        if self.password_file is not None and not self.username:
+            raise SecurityError("password_file", self.password_file, "a username to go with it")
+
+    @property
+    def enabled(self) -> bool:
+        """Anything other than plain, anonymous TCP."""
+        return self.tls or self.username is not None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client's TLS context: the CA, the client certificate, hostname checks unless
+        ``insecure``. Raises :class:`SecurityError` naming the file that could not be used."""
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise SecurityError("tls_ca", self.ca_file, f"a readable PEM file of CA certificates ({exc})") from None
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise SecurityError("tls_cert", f"{self.cert_file} + {self.key_file}",
+                                    f"a readable PEM certificate and its matching, unencrypted key ({exc})") from None
+        if self.insecure:
+            context.check_hostname = False   # the chain is still verified (CERT_REQUIRED)
+        return context
+
+    def check(self) -> None:
+        """Load what the settings name (certificates, key, password), so a bad file is an error
+        at start, naming it, rather than a refused connection later."""
+        if self.tls:
+            self.ssl_context()
+        if self.password_file is not None:
+            read_password_file(self.password_file)
+
+    def apply(self, client: paho.Client) -> None:
+        """Set TLS and credentials on a paho client, before its first connect."""
+        if self.tls:
+            client.tls_set_context(self.ssl_context())
+            if self.insecure:
+                client.tls_insecure_set(True)
+        if self.username is not None:
+            password = read_password_file(self.password_file) if self.password_file is not None else None
+            client.username_pw_set(self.username, password)
+
+    def describe(self) -> str:
+        """A one-line summary for logs (never the password)."""
+        parts = ["tls" if self.tls else "plain tcp"]
+        if self.cert_file:
+            parts.append(f"client cert {self.cert_file}")
+        if self.insecure:
+            parts.append("hostname NOT checked")
+        if self.username:
+            parts.append(f"user {self.username}")
+        return ", ".join(parts)
+
+
+#: Plain TCP, anonymous: what a client gets without settings.
+PLAIN = MqttSecurity()
+
+
 def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = None,
-                direct: bool = False) -> paho.Client:
+                security: MqttSecurity | None = None, direct: bool = False) -> paho.Client:
     """A paho MQTT v5 client with the v2 callback API and TCP_NODELAY on every socket it opens.
 
     ``will`` is ``(topic, payload, retain)``, published by the broker at QoS 1 if the client
-    disappears without a DISCONNECT (the agent's retained "offline" status). ``direct``: a
-    :class:`DirectClient` (where this paho has the internals it relies on; a plain client otherwise).
+    disappears without a DISCONNECT (the agent's retained "offline" status). ``security``: TLS and
+    credentials (:class:`MqttSecurity`); none: plain TCP, anonymous. ``direct``: a
+    :class:`DirectClient` (see :meth:`DirectClient.supported`).
     """
     if not isinstance(client_id, str) or not client_id:
         raise ValueError(f"client_id = {client_id!r}, expected a non-empty str")
-    client_class = DirectClient if direct and DirectClient.supported() else paho.Client
+    # TLS: one SSL object must not be read by one thread while another writes to it (OpenSSL), so
+    # a TLS connection keeps paho's own single network thread for both.
+    tls = security is not None and security.tls
+    client_class = DirectClient if direct and not tls and DirectClient.supported() else paho.Client
     client = client_class(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -72,6 +208,8 @@ def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = 
         except (TypeError, ValueError):
             raise ValueError(f"will = {will!r}, expected (topic, payload, retain)") from None
         client.will_set(topic, payload, qos=1, retain=bool(retain))
+    if security is not None:
+        security.apply(client)
     return client
 
 
@@ -108,7 +246,7 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
     where = f"MQTT broker {host}:{port}"
     connack = threading.Event()
     outcome: dict[str, Any] = {}
-    user_on_connect = client.on_connect
+    user_on_connect, user_on_disconnect = client.on_connect, client.on_disconnect
 
     def on_connect(client_: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         outcome["reason_code"], outcome["flags"] = reason_code, flags
@@ -116,19 +254,40 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
         if user_on_connect is not None:
             user_on_connect(client_, userdata, flags, reason_code, properties)
 
+    def on_disconnect(client_: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        # Closed before any CONNACK: with TLS 1.3 the broker checks a client certificate after the
+        # client's side of the handshake is done, so a refused certificate shows up here, not in connect().
+        if not connack.is_set():
+            outcome["closed"] = reason_code
+            connack.set()
+        if user_on_disconnect is not None:
+            user_on_disconnect(client_, userdata, flags, reason_code, properties)
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     client.connect_timeout = timeout
     session = session_args(session_expiry_s)
+    tls = getattr(client, "_ssl", False)
     try:
         try:
             client.connect(host, port, keepalive=keepalive, **session)
         except (OSError, ValueError) as exc:
-            raise ConnectionError(f"{where} is not reachable: {exc}") from exc
+            hint = " (TLS: is the broker's certificate signed by tls_ca, for this host name?)" if isinstance(
+                exc, ssl.SSLError) else ""
+            raise ConnectionError(f"{where} is not reachable: {exc}{hint}") from exc
         client.loop_start()
         if not connack.wait(timeout):
             client.loop_stop()
             client.disconnect()
             raise ConnectionError(f"{where} did not answer CONNECT within {timeout:g} s")
+        if "closed" in outcome and "reason_code" not in outcome:
+            client.disconnect()
+            client.loop_stop()
+            hint = (": it refused this client's certificate (none given, expired, or not signed by the CA it "
+                    "trusts), or it does not speak TLS on this port") if tls else (
+                    ": does it expect TLS on this port?")
+            raise ConnectionError(f"{where} closed the connection before acknowledging CONNECT "
+                                  f"({outcome['closed']}){hint}")
         reason_code = outcome["reason_code"]
         if reason_code.is_failure:
             client.loop_stop()
@@ -136,6 +295,7 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
         return bool(outcome["flags"].session_present)
     finally:
         client.on_connect = user_on_connect
+        client.on_disconnect = user_on_disconnect
 
 
 # --- the agent's own connection: direct, joined writes and chunked reads ------------------------------

@@ -133,6 +133,15 @@ def _cmd_bench_broker_restart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tls(args: argparse.Namespace) -> int:
+    from edge_lab.bench.tls import bench_tls, format_tls
+    print(f"edge-agent bench tls: {args.connects} connects and {args.requests} requests (one at a time, batch 1, the "
+          "demo's small model) each way, plain and TLS with client certificates alternating, loopback Mosquitto",
+          flush=True)
+    print(format_tls(bench_tls(requests=args.requests, connects=args.connects)))
+    return 0
+
+
 def _cmd_bench_triton(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -366,6 +375,15 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                          help="also run the graceful cases with a clean session ([mqtt] session_expiry_s = 0), "
                               "what agents did before")
     restart.set_defaults(func=_cmd_bench_broker_restart)
+
+    tls = bench_sub.add_parser(
+        "tls", help="TLS to the broker against plain TCP: connect time and a request's round trip",
+        description="Two loopback Mosquitto brokers (plain; TLS with client certificates and the shipped ACL), an "
+                    "agent on each serving the demo's small model at batch 1: connect times and request round "
+                    "trips, alternating plain and TLS. A few seconds.")
+    tls.add_argument("--requests", type=int, default=500, metavar="N", help="requests each way (default 500)")
+    tls.add_argument("--connects", type=int, default=50, metavar="N", help="connects each way (default 50)")
+    tls.set_defaults(func=_cmd_bench_tls)
 
     fuzz = bench_sub.add_parser(
         "fuzz", help="fuzzed requests, valid and hostile, on each intake of an agent process",

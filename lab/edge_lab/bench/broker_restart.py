@@ -13,7 +13,7 @@ What is counted, per correlation data:
   re-sends it after the reconnect);
 * ``acked``: the broker acknowledged it (PUBACK) to the application;
 * ``seen``: the agent took it (its intake remembers every request it took, by response topic and
-  correlation, for its de-duplication);
+  correlation (a digest of the two), for its de-duplication);
 * ``answered``: a reply reached the application;
 * ``duplicates``: a correlation answered with two different replies (two computations: what the
   de-duplication prevents), apart from ``redelivered``, the same reply received twice (QoS 1 on
@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.intake.mqtt import request_key
 from agent.intake.msgpack_codec import encode_request
 from agent.transport.paho_client import connect, make_client
 from agent.transport.topics import infer_topic
@@ -162,7 +163,7 @@ def run_broker_restart(graceful: bool, *, backlog: bool = False, requests: int =
 
     def retire(service: Service) -> None:
         service.close()
-        seen.update(service.mqtt.seen())
+        seen.update(service.mqtt.seen_keys())
         for part, snapshot in (("intake", service.mqtt.counters.snapshot()),
                                ("transport", service.transport.counters.snapshot())):
             for name, n in snapshot.items():
@@ -206,7 +207,7 @@ def run_broker_restart(graceful: bool, *, backlog: bool = False, requests: int =
             # queues empty (every request and reply acknowledged by the broker).
             deadline, last, quiet_since = time.monotonic() + settle_s, None, time.monotonic()
             while time.monotonic() < deadline and not sent <= load.answered():
-                state = (len(load.answered()), len(service.mqtt.seen()))
+                state = (len(load.answered()), service.mqtt.remembered)
                 if state != last:
                     last, quiet_since = state, time.monotonic()
                 elif (time.monotonic() - quiet_since > QUIET_S and not load.client._out_messages
@@ -215,7 +216,7 @@ def run_broker_restart(graceful: bool, *, backlog: bool = False, requests: int =
                 time.sleep(0.1)
             time.sleep(0.3)      # a late re-sent copy would show up as a duplicate now
             retire(services.pop())
-            seen = {c for topic, c in seen if topic == load.reply_topic}
+            seen = {c for c in sent if request_key(load.reply_topic, c) in seen}
             answered = load.answered()
             acked = load.acknowledged()
             with load._lock:
