@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, _ConnectionState
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
@@ -188,14 +189,18 @@ def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = 
     ``will`` is ``(topic, payload, retain)``, published by the broker at QoS 1 if the client
     disappears without a DISCONNECT (the agent's retained "offline" status). ``security``: TLS and
     credentials (:class:`MqttSecurity`); none: plain TCP, anonymous. ``direct``: a
-    :class:`DirectClient` (see :meth:`DirectClient.supported`).
+    :class:`DirectClient` (on plain TCP; raises ``RuntimeError`` on a paho whose internals it does
+    not know, see :func:`paho_internals_problem`).
     """
     if not isinstance(client_id, str) or not client_id:
         raise ValueError(f"client_id = {client_id!r}, expected a non-empty str")
     # TLS: one SSL object must not be read by one thread while another writes to it (OpenSSL), so
     # a TLS connection keeps paho's own single network thread for both.
     tls = security is not None and security.tls
-    client_class = DirectClient if direct and not tls and DirectClient.supported() else paho.Client
+    direct = direct and not tls
+    if direct:
+        DirectClient.check()        # a paho whose internals it does not know: a clear error at start
+    client_class = DirectClient if direct else paho.Client
     client = client_class(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -310,10 +315,40 @@ _AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
 _CONN_LOST = MQTTErrorCode.MQTT_ERR_CONN_LOST
 _CONNECTED = _ConnectionState.MQTT_CS_CONNECTED
 _PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
-#: paho internals DirectClient overrides or reads; a paho without one of them gets a plain client.
-_PAHO_INTERNALS = ("_handle_publish", "_handle_on_message", "_send_puback", "_sock_recv", "_sock_send", "_sock_close", "_packet_queue", "_packet_write", "loop_read",
-                   "loop_write", "reconnect", "_update_inflight", "_handle_pubackcomp", "_do_on_publish",
-                   "_call_socket_register_write")
+#: The paho-mqtt releases whose internals DirectClient was read against (pyproject pins it).
+PAHO_VERSIONS = ("2.2.0",)
+#: paho internals DirectClient overrides or calls (methods of ``paho.Client``) ...
+_PAHO_METHODS = ("_handle_publish", "_handle_on_message", "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
+                 "_packet_queue", "_packet_write", "loop_read", "loop_write", "reconnect", "_update_inflight",
+                 "_handle_pubackcomp", "_do_on_publish", "_call_socket_register_write", "_send_publish")
+#: ... and the attributes it reads or changes on a client.
+_PAHO_ATTRIBUTES = ("_out_packet", "_in_packet", "_out_messages", "_inflight_messages", "_out_message_mutex",
+                    "_msgtime_mutex", "_last_msg_out", "_sockpairW", "_sock", "_state", "_thread", "_manual_ack",
+                    "_protocol")
+
+
+def paho_internals_problem(client_class: type = paho.Client, version: str | None = None) -> str | None:
+    """Why :class:`DirectClient` cannot run on ``client_class`` of paho ``version`` (default: the
+    installed paho), or ``None``: a release it was not read against, or an internal it needs that
+    is missing. The agent's transport checks this at start and refuses to run on a paho it does not
+    know, rather than misbehave on the wire."""
+    version = paho_version if version is None else version
+    if version not in PAHO_VERSIONS:
+        return (f"paho-mqtt {version} is installed; the agent's MQTT client (DirectClient) relies on the internals "
+                f"of paho-mqtt {' or '.join(PAHO_VERSIONS)}: install paho-mqtt=={PAHO_VERSIONS[-1]} (pyproject pins it)")
+    missing = [name for name in _PAHO_METHODS if not callable(getattr(client_class, name, None))]
+    try:
+        probe = client_class(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    except Exception as exc:      # noqa: BLE001 (named in the message)
+        return f"paho-mqtt {version}: a client could not be made to check its internals ({type(exc).__name__}: {exc})"
+    missing += [name for name in _PAHO_ATTRIBUTES if not hasattr(probe, name)]
+    if not missing:
+        if not hasattr(probe._out_packet, "extendleft") or not isinstance(probe._in_packet, dict):
+            missing.append("_out_packet as a deque, _in_packet as a dict")
+    if missing:
+        return (f"paho-mqtt {version} lacks internals the agent's MQTT client (DirectClient) relies on: "
+                f"{', '.join(missing)}; install paho-mqtt=={PAHO_VERSIONS[-1]}")
+    return None
 
 
 def _plain(command: int, qos: int) -> bool:
@@ -427,10 +462,16 @@ class DirectClient(paho.Client):
     so no thread writes on a socket being swapped.
     """
 
-    @staticmethod
-    def supported() -> bool:
-        """Whether this paho has the internals the class relies on (paho-mqtt 2.x)."""
-        return all(callable(getattr(paho.Client, name, None)) for name in _PAHO_INTERNALS)
+    _checked: str | None = None
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise ``RuntimeError`` saying what is wrong when the installed paho lacks the internals
+        this class relies on (see :func:`paho_internals_problem`); checked once per process."""
+        if cls._checked is None:
+            cls._checked = paho_internals_problem() or ""
+        if cls._checked:
+            raise RuntimeError(cls._checked)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._write_lock = threading.RLock()
@@ -438,6 +479,8 @@ class DirectClient(paho.Client):
         self._rsock: Any = None              # the socket _rbuf was read from
         self._rbuf = b""
         self._rpos = 0
+        #: Packets a publishing thread wrote itself, the queue emptied (the others: the network thread's).
+        self.written_direct = 0
         super().__init__(*args, **kwargs)
 
     # --- writes -----------------------------------------------------------------------------------
@@ -456,6 +499,7 @@ class DirectClient(paho.Client):
                 self._out_packet.append(entry)
                 self._flush()
                 if not self._out_packet:
+                    self.written_direct += 1
                     return _SUCCESS
             finally:
                 self._write_lock.release()
