@@ -183,13 +183,13 @@ PLAIN = MqttSecurity()
 
 
 def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = None,
-                security: MqttSecurity | None = None, direct: bool = False) -> paho.Client:
+                security: MqttSecurity | None = None, direct: bool | type["DirectClient"] = False) -> paho.Client:
     """A paho MQTT v5 client with the v2 callback API and TCP_NODELAY on every socket it opens.
 
     ``will`` is ``(topic, payload, retain)``, published by the broker at QoS 1 if the client
     disappears without a DISCONNECT (the agent's retained "offline" status). ``security``: TLS and
     credentials (:class:`MqttSecurity`); none: plain TCP, anonymous. ``direct``: a
-    :class:`DirectClient` (on plain TCP; raises ``RuntimeError`` on a paho whose internals it does
+    :class:`DirectClient`, or the subclass given (on plain TCP; raises ``RuntimeError`` on a paho whose internals it does
     not know, see :func:`paho_internals_problem`).
     """
     if not isinstance(client_id, str) or not client_id:
@@ -197,10 +197,10 @@ def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = 
     # TLS: one SSL object must not be read by one thread while another writes to it (OpenSSL), so
     # a TLS connection keeps paho's own single network thread for both.
     tls = security is not None and security.tls
-    direct = direct and not tls
-    if direct:
+    client_class: type[paho.Client] = paho.Client
+    if direct and not tls:
         DirectClient.check()        # a paho whose internals it does not know: a clear error at start
-    client_class = DirectClient if direct else paho.Client
+        client_class = direct if isinstance(direct, type) else DirectClient
     client = client_class(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -582,12 +582,17 @@ class DirectClient(paho.Client):
 
     # --- reads ------------------------------------------------------------------------------------
 
+    def _recv_chunk(self, size: int) -> bytes:
+        """One read of the socket (paho's: its errors as paho raises them); a subclass may read
+        with ``recvmsg`` instead, for the kernel's receive stamp (the lab's load generator)."""
+        return super()._sock_recv(size)
+
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rsock is not self._sock:        # a new socket: what was read from the old one is gone
             self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
         buf, pos = self._rbuf, self._rpos
         if pos >= len(buf):
-            buf = super()._sock_recv(max(bufsize, READ_CHUNK))
+            buf = self._recv_chunk(max(bufsize, READ_CHUNK))
             if len(buf) <= bufsize:               # all of it asked for (or b"": the peer closed)
                 self._rbuf, self._rpos = b"", 0
                 return buf
