@@ -282,7 +282,9 @@ def test_mqtt_load_from_several_processes_shares_the_rows_and_answers_each_once(
     assert all(-0.001 < r.arrival_s - row.t_s < 0.2 for r, row in zip(run.records, trace)), \
         [round(r.arrival_s - row.t_s, 4) for r, row in zip(run.records, trace)]
     assert all(r.finish_s > r.arrival_s for r in run.records)
-    assert run.read_s == [r.finish_s for r in run.records]
+    # replies timed by the kernel's receive stamp (as over HTTP), read by the generator no earlier
+    assert all(r.finish_s <= read for r, read in zip(run.records, run.read_s))
+    assert run.read_lag_ms["max"] >= 0.0
 
 
 def test_mqtt_replies_that_never_come_are_counted_lost(frames):

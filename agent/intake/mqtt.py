@@ -29,14 +29,13 @@ from concurrent.futures import Future
 
 from paho.mqtt.client import MQTTMessage
 from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.properties import Properties
-from paho.mqtt.packettypes import PacketTypes
 
 from agent.api import Agent
 from agent.errors import InferenceError
 from agent.intake.msgpack_codec import decode_request, encode_reply, error_reply, result_reply
 from agent.telemetry import Counters
 from agent.transport.connection import MqttTransport
+from agent.transport.paho_client import PublishProperties
 from agent.transport.topics import infer_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
@@ -220,7 +219,7 @@ class MqttIntake:
     def _publish(self, response_topic: str, correlation: bytes | None, reply: dict) -> None:
         """Publish a reply; a failure is counted and logged, never raised into the calling thread
         (paho's network thread, or the worker that finished the batch)."""
-        props = Properties(PacketTypes.PUBLISH)
+        props = PublishProperties()     # paho's Properties, a tenth of their cost on the worker
         try:
             if correlation is not None:
                 props.CorrelationData = correlation

@@ -91,7 +91,8 @@ class MqttTransport:
         self._offline = json.dumps({"device": device, "state": "offline"}).encode()
         # [mqtt] TLS and credentials (README, "Securing the broker"); none: plain TCP, anonymous.
         self.security = security or MqttSecurity()
-        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True), security=security)
+        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True), security=security,
+                                  direct=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe

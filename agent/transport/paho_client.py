@@ -19,6 +19,9 @@ read. Every client here (agent, application, ``edge-agent ctl``, the self-test) 
 so one set of settings reaches the broker one way.
 
 Callbacks run on paho's network thread: they must never block there (hand work to a queue).
+
+:class:`DirectClient` (the agent's own connection, ``make_client(..., direct=True)``) changes how
+bytes reach the socket, not what is sent: see its docstring.
 """
 
 from __future__ import annotations
@@ -27,18 +30,21 @@ import os
 import socket
 import ssl
 import stat
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt import __version__ as paho_version
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, _ConnectionState
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, readBytes, readUTF, writeBytes, writeUTF
 
 __all__ = ["make_client", "connect", "session_args", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay", "MqttSecurity",
-           "read_password_file", "SecurityError"]
+           "read_password_file", "SecurityError", "DirectClient", "PublishProperties"]
 
 
 def set_tcp_nodelay(sock: Any) -> None:
@@ -177,16 +183,25 @@ PLAIN = MqttSecurity()
 
 
 def make_client(client_id: str, *, will: tuple[str, bytes | str, bool] | None = None,
-                security: MqttSecurity | None = None) -> paho.Client:
+                security: MqttSecurity | None = None, direct: bool | type["DirectClient"] = False) -> paho.Client:
     """A paho MQTT v5 client with the v2 callback API and TCP_NODELAY on every socket it opens.
 
     ``will`` is ``(topic, payload, retain)``, published by the broker at QoS 1 if the client
     disappears without a DISCONNECT (the agent's retained "offline" status). ``security``: TLS and
-    credentials (:class:`MqttSecurity`); none: plain TCP, anonymous.
+    credentials (:class:`MqttSecurity`); none: plain TCP, anonymous. ``direct``: a
+    :class:`DirectClient`, or the subclass given (on plain TCP; raises ``RuntimeError`` on a paho whose internals it does
+    not know, see :func:`paho_internals_problem`).
     """
     if not isinstance(client_id, str) or not client_id:
         raise ValueError(f"client_id = {client_id!r}, expected a non-empty str")
-    client = paho.Client(
+    # TLS: one SSL object must not be read by one thread while another writes to it (OpenSSL), so
+    # a TLS connection keeps paho's own single network thread for both.
+    tls = security is not None and security.tls
+    client_class: type[paho.Client] = paho.Client
+    if direct and not tls:
+        DirectClient.check()        # a paho whose internals it does not know: a clear error at start
+        client_class = direct if isinstance(direct, type) else DirectClient
+    client = client_class(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=paho.MQTTv5,
@@ -286,3 +301,386 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
     finally:
         client.on_connect = user_on_connect
         client.on_disconnect = user_on_disconnect
+
+
+# --- the agent's own connection: direct, joined writes and chunked reads ------------------------------
+
+#: Bytes asked of the socket per read: every request and acknowledgement waiting, in one system call.
+READ_CHUNK = 256 * 1024
+#: At most this many bytes of queued packets are joined into one send.
+WRITE_CHUNK = 256 * 1024
+
+_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+_AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
+_CONN_LOST = MQTTErrorCode.MQTT_ERR_CONN_LOST
+_CONNECTED = _ConnectionState.MQTT_CS_CONNECTED
+_PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
+#: The paho-mqtt releases whose internals DirectClient was read against (pyproject pins it).
+PAHO_VERSIONS = ("2.2.0",)
+#: paho internals DirectClient overrides or calls (methods of ``paho.Client``) ...
+_PAHO_METHODS = ("_handle_publish", "_handle_on_message", "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
+                 "_packet_queue", "_packet_write", "loop_read", "loop_write", "reconnect", "_update_inflight",
+                 "_handle_pubackcomp", "_do_on_publish", "_call_socket_register_write", "_send_publish")
+#: ... and the attributes it reads or changes on a client.
+_PAHO_ATTRIBUTES = ("_out_packet", "_in_packet", "_out_messages", "_inflight_messages", "_out_message_mutex",
+                    "_msgtime_mutex", "_last_msg_out", "_sockpairW", "_sock", "_state", "_thread", "_manual_ack",
+                    "_protocol")
+
+
+def paho_internals_problem(client_class: type = paho.Client, version: str | None = None) -> str | None:
+    """Why :class:`DirectClient` cannot run on ``client_class`` of paho ``version`` (default: the
+    installed paho), or ``None``: a release it was not read against, or an internal it needs that
+    is missing. The agent's transport checks this at start and refuses to run on a paho it does not
+    know, rather than misbehave on the wire."""
+    version = paho_version if version is None else version
+    if version not in PAHO_VERSIONS:
+        return (f"paho-mqtt {version} is installed; the agent's MQTT client (DirectClient) relies on the internals "
+                f"of paho-mqtt {' or '.join(PAHO_VERSIONS)}: install paho-mqtt=={PAHO_VERSIONS[-1]} (pyproject pins it)")
+    missing = [name for name in _PAHO_METHODS if not callable(getattr(client_class, name, None))]
+    try:
+        probe = client_class(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    except Exception as exc:      # noqa: BLE001 (named in the message)
+        return f"paho-mqtt {version}: a client could not be made to check its internals ({type(exc).__name__}: {exc})"
+    missing += [name for name in _PAHO_ATTRIBUTES if not hasattr(probe, name)]
+    if not missing:
+        if not hasattr(probe._out_packet, "extendleft") or not isinstance(probe._in_packet, dict):
+            missing.append("_out_packet as a deque, _in_packet as a dict")
+    if missing:
+        return (f"paho-mqtt {version} lacks internals the agent's MQTT client (DirectClient) relies on: "
+                f"{', '.join(missing)}; install paho-mqtt=={PAHO_VERSIONS[-1]}")
+    return None
+
+
+def _plain(command: int, qos: int) -> bool:
+    """A packet that needs nothing once written: a PUBLISH at QoS 1 or 2 (paho settles it on its
+    acknowledgement) or a PUBACK. Every other packet (CONNECT, SUBSCRIBE, PINGREQ, DISCONNECT, a
+    QoS 0 PUBLISH with its callback) is left to paho's own writer on the network thread."""
+    kind = command & 0xF0
+    return (kind == _PUBLISH and qos > 0) or kind == _PUBACK
+
+
+#: The properties :class:`PublishProperties` reads and writes itself: (identifier, attribute, reader).
+_FAST_PROPERTIES = {8: ("ResponseTopic", readUTF), 9: ("CorrelationData", readBytes)}
+_FAST_NAMES = frozenset(("packetType", "types", "names", "properties", "ResponseTopic", "CorrelationData"))
+
+
+class PublishProperties(Properties):
+    """paho's ``Properties`` of a PUBLISH, cheap to make, set and pack when they are a response
+    topic and correlation data (every request and reply of the wire).
+
+    paho builds its tables of property names and types anew for every ``Properties`` (some 15 µs),
+    validates a name by rewriting each of its ~40 names, and packs by trying each one: about 45 µs a
+    reply, on the thread that publishes it. Here the tables are paho's, built once and shared (paho
+    only reads them), and a response topic or correlation data is set and packed directly, to the
+    same bytes; anything else goes through paho's own code."""
+
+    _shared: Properties | None = None
+
+    def __init__(self, packetType: int = PacketTypes.PUBLISH) -> None:
+        tables = PublishProperties._shared
+        if tables is None:
+            tables = PublishProperties._shared = Properties(PacketTypes.PUBLISH)
+        set_ = object.__setattr__
+        set_(self, "packetType", packetType)
+        set_(self, "types", tables.types)
+        set_(self, "names", tables.names)
+        set_(self, "properties", tables.properties)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("ResponseTopic", "CorrelationData") and self.packetType == PacketTypes.PUBLISH:
+            object.__setattr__(self, name, value)      # single, PUBLISH's own, no range to check
+        else:
+            super().__setattr__(name, value)
+
+    def pack(self) -> bytes:
+        fields = self.__dict__
+        if not fields.keys() <= _FAST_NAMES:
+            return super().pack()
+        buffer = b""                                    # paho's order: 8 before 9
+        if "ResponseTopic" in fields:
+            buffer += b"\x08" + writeUTF(fields["ResponseTopic"])
+        if "CorrelationData" in fields:
+            buffer += b"\x09" + writeBytes(fields["CorrelationData"])
+        return _vbi(len(buffer)) + buffer
+
+
+def _vbi(value: int) -> bytes:
+    """MQTT's variable byte integer."""
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_publish_properties(block: bytes) -> Properties:
+    """The properties of a PUBLISH from ``block`` (their bytes, after the length): a response topic
+    and correlation data read here, any other property by paho's own ``unpack``."""
+    properties = PublishProperties()
+    pos, end = 0, len(block)
+    while pos < end:
+        ident = block[pos]
+        known = _FAST_PROPERTIES.get(ident)
+        if known is None or known[0] in properties.__dict__:
+            properties = Properties(PacketTypes.PUBLISH)     # paho checks and names everything else
+            properties.unpack(_vbi(end) + block)
+            return properties
+        name, read = known
+        value, used = read(block[pos + 1:], end - pos - 1)
+        object.__setattr__(properties, name, value)
+        pos += 1 + used
+    return properties
+
+
+class DirectClient(paho.Client):
+    """A paho client that writes a reply from the thread that publishes it, and reads in chunks.
+
+    Why (issue 21, BENCHMARKS.md "MQTT intake vs HTTP"): in threaded paho every outgoing packet is
+    queued for the network thread, which a byte on a socket pair wakes; that one thread also reads
+    every packet in three ``recv`` calls (type, length, rest), and reads everything that is waiting
+    before it writes anything. Under load the agent's replies and its PUBACKs then waited behind
+    long read runs, and every wake-up and every system call was a hand-over of the GIL to a busy
+    worker and back. The HTTP intake writes a reply from the worker that computed it. Here:
+
+    * a QoS 1 PUBLISH or a PUBACK is written by the calling thread when the connection is up and no
+      other thread is writing (a non-blocking try of the write lock); otherwise it is queued and the
+      network thread woken, as paho does;
+    * what the network thread queues while it reads (the PUBACKs of the requests its handlers took,
+      the replies it publishes) is written once the read is done, joined into one ``send``;
+    * reads ask the socket for :data:`READ_CHUNK` bytes and parse the packets out of that buffer;
+    * an incoming QoS 0 or 1 PUBLISH is decoded with one copy of its payload (paho copies the whole
+      packet four times or more and reads its properties with a per-message table), its properties
+      as :class:`PublishProperties`;
+    * a PUBACK of a reply with no reason code and no properties (what Mosquitto sends) is settled
+      without building paho's ReasonCode and Properties, and paho's scan of every unacknowledged
+      message for one waiting for a window slot is skipped when none waits.
+
+    What is sent is unchanged: the same packets in the same order (the queue is only ever taken
+    from its head, under the write lock), QoS 1 messages kept until acknowledged and re-sent after
+    a reconnect by paho itself. The write lock is also held while paho closes or replaces the socket,
+    so no thread writes on a socket being swapped.
+    """
+
+    _checked: str | None = None
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise ``RuntimeError`` saying what is wrong when the installed paho lacks the internals
+        this class relies on (see :func:`paho_internals_problem`); checked once per process."""
+        if cls._checked is None:
+            cls._checked = paho_internals_problem() or ""
+        if cls._checked:
+            raise RuntimeError(cls._checked)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._write_lock = threading.RLock()
+        self._reader: int | None = None      # the network thread's id while it reads
+        self._rsock: Any = None              # the socket _rbuf was read from
+        self._rbuf = b""
+        self._rpos = 0
+        #: Packets a publishing thread wrote itself, the queue emptied (the others: the network thread's).
+        self.written_direct = 0
+        super().__init__(*args, **kwargs)
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                      info: paho.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        if self._thread is None or not _plain(command, qos):
+            return super()._packet_queue(command, packet, mid, qos, info)
+        entry = {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
+                 "packet": packet, "info": info}
+        if threading.get_ident() == self._reader:
+            self._out_packet.append(entry)       # written, with the others, once the read is done
+            return _SUCCESS
+        if self._state == _CONNECTED and self._write_lock.acquire(blocking=False):
+            try:
+                self._out_packet.append(entry)
+                self._flush()
+                if not self._out_packet:
+                    self.written_direct += 1
+                    return _SUCCESS
+            finally:
+                self._write_lock.release()
+        else:
+            self._out_packet.append(entry)
+        self._wake()        # the socket is full, or another thread writes: the network thread finishes
+        return _SUCCESS
+
+    def _wake(self) -> None:
+        if self._sockpairW is not None:
+            try:
+                self._sockpairW.send(paho.sockpair_data)
+            except BlockingIOError:
+                pass
+        self._call_socket_register_write()
+
+    def _flush(self) -> MQTTErrorCode:
+        """Write the plain packets at the head of the queue, several joined per ``send``; called with
+        the write lock held. Stops at a packet paho writes itself, or when the socket is full."""
+        out = self._out_packet
+        while out:
+            taken: list[dict] = []
+            size = 0
+            while out and size < WRITE_CHUNK:
+                head = out[0]
+                if not _plain(head["command"], head["qos"]):
+                    break
+                taken.append(out.popleft())
+                size += head["to_process"]
+            if not taken:
+                return _SUCCESS
+            if len(taken) == 1:
+                data: Any = memoryview(taken[0]["packet"])[taken[0]["pos"]:]
+            else:
+                data = b"".join(memoryview(p["packet"])[p["pos"]:] for p in taken)
+            try:
+                sent = self._sock_send(data)
+            except BlockingIOError:
+                out.extendleft(reversed(taken))
+                return _AGAIN
+            except (AttributeError, ValueError, OSError):
+                out.extendleft(reversed(taken))
+                return _CONN_LOST
+            for k, packet in enumerate(taken):
+                left = packet["to_process"]
+                if sent >= left:
+                    sent -= left
+                    packet["pos"] += left
+                    packet["to_process"] = 0
+                else:
+                    packet["pos"] += sent
+                    packet["to_process"] = left - sent
+                    out.extendleft(reversed(taken[k:]))
+                    with self._msgtime_mutex:
+                        self._last_msg_out = paho.time_func()
+                    return _AGAIN
+            with self._msgtime_mutex:
+                self._last_msg_out = paho.time_func()
+        return _SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        # The network thread's writer (loop_write): the plain packets joined, then paho's own for the rest.
+        with self._write_lock:
+            rc = self._flush()
+            if rc == _CONN_LOST:
+                return rc
+            if rc == _AGAIN:
+                return _AGAIN
+            if not self._out_packet:
+                return _SUCCESS
+            return super()._packet_write()
+
+    def _sock_close(self) -> None:
+        with self._write_lock:
+            super()._sock_close()
+
+    def reconnect(self) -> MQTTErrorCode:
+        with self._write_lock:
+            return super().reconnect()
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def _recv_chunk(self, size: int) -> bytes:
+        """One read of the socket (paho's: its errors as paho raises them); a subclass may read
+        with ``recvmsg`` instead, for the kernel's receive stamp (the lab's load generator)."""
+        return super()._sock_recv(size)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rsock is not self._sock:        # a new socket: what was read from the old one is gone
+            self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            buf = self._recv_chunk(max(bufsize, READ_CHUNK))
+            if len(buf) <= bufsize:               # all of it asked for (or b"": the peer closed)
+                self._rbuf, self._rpos = b"", 0
+                return buf
+            pos = 0
+            self._rbuf = buf
+        self._rpos = pos + bufsize
+        return buf[pos:pos + bufsize]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        self._reader = threading.get_ident()
+        try:
+            rc = super().loop_read(max_packets)
+            # Packets already in the buffer: select() would not say so, so parse them now.
+            while rc == _SUCCESS and self._sock is not None and self._rsock is self._sock \
+                    and self._rpos < len(self._rbuf):
+                rc = super().loop_read(max_packets)
+        finally:
+            self._reader = None
+        if rc == _SUCCESS and self._sock is not None and self._out_packet:
+            rc = self.loop_write()
+        return rc
+
+    # --- acknowledgements of what this client published ---------------------------------------------
+
+    _PUBACK_OK = ReasonCode(PacketTypes.PUBACK)
+    _NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+    def _handle_pubackcomp(self, cmd: str) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd == "PUBACK" and len(packet) == 2 and self.on_publish is None:
+            mid = struct.unpack("!H", packet)[0]       # success, no properties: nothing else to decode
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, self._PUBACK_OK, self._NO_PROPERTIES)
+            return _SUCCESS
+        return super()._handle_pubackcomp(cmd)
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        # paho walks every unacknowledged message for ones waiting for a window slot, on every
+        # acknowledgement; when every stored message is in flight there is none.
+        if len(self._out_messages) <= self._inflight_messages:
+            return _SUCCESS
+        return super()._update_inflight()
+
+    # --- incoming messages -----------------------------------------------------------------------------
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if self._protocol != paho.MQTTv5 or qos == 2:
+            return super()._handle_publish()
+        try:
+            message = self._decode_publish(header, self._in_packet["packet"], qos)
+        except Exception:         # malformed: paho's decoder says what, and how it is handled
+            return super()._handle_publish()
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if qos == 0 or self._manual_ack:
+            return _SUCCESS
+        return self._send_puback(message.mid)
+
+    @staticmethod
+    def _decode_publish(header: int, packet: bytearray, qos: int) -> paho.MQTTMessage:
+        with memoryview(packet) as view:
+            pos = 2 + ((packet[0] << 8) | packet[1])
+            topic = bytes(view[2:pos])
+            mid = 0
+            if qos:
+                mid = (packet[pos] << 8) | packet[pos + 1]
+                pos += 2
+            length, shift = 0, 0
+            while True:                                  # the properties' length (variable byte integer)
+                byte = packet[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+                if shift > 21:
+                    raise ValueError("properties length over 4 bytes")
+            end = pos + length
+            if end > len(packet) or mid == 0 and qos:
+                raise ValueError("properties past the packet, or no packet id")
+            properties = _read_publish_properties(bytes(view[pos:end]))
+            message = paho.MQTTMessage(mid=mid, topic=topic)
+            message.payload = bytes(view[end:])
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = properties
+        return message

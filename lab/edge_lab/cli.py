@@ -23,6 +23,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _interrupt(signum: int, frame) -> None:
+    """SIGTERM as Ctrl-C: bench triton's run stops its server and broker on the way out."""
+    raise KeyboardInterrupt
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from edge_lab.demo import run_demo
     # SIGTERM (`kill`, `timeout`, a terminal closing) stops the demo as Ctrl-C does: cameras first,

@@ -19,15 +19,22 @@ count as the agent's latency.
 How busy each generator process was is measured and returned with the replay
 (:class:`GeneratorLoad`): its send lag (how late rows went out against the schedule) and its CPU
 use (process CPU seconds over the sending window, and the busiest half-second), so a row the
-generator limited is told from one the agent limited. Replies are stamped when paho's network
-thread reads them (paho gives no kernel stamp); a generator process near one full core is the
-sign that stamps were late. A reply that has not come when the replay ends (``drain_s`` after the
+generator limited is told from one the agent limited.
+
+Measured as the HTTP generator measures (:class:`edge_lab.bench.loadgen.HttpTarget`): each process's
+client is a :class:`StampedClient`, the agent's own :class:`~agent.transport.paho_client.DirectClient`
+reading with ``recvmsg``: a request is written by the sending thread at its send time (not queued
+for paho's network thread, which may be busy with replies), and a reply is stamped with the kernel's
+receive time of the read that completed it (``SO_TIMESTAMPNS``), not when the process's network
+thread got round to it on cores shared with the server; how far the reads lagged those stamps is
+reported as the read lag. A reply that has not come when the replay ends (``drain_s`` after the
 last deadline) stays ``unanswered``: lost, and counted.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import struct
 import threading
 import time
@@ -38,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from agent import errors
+from agent.transport.paho_client import NODELAY_SOCKET_OPEN, DirectClient
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
 
@@ -108,6 +116,46 @@ def default_procs() -> int:
     return max(2, min(4, cores))
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python does not name it
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+class StampedClient(DirectClient):
+    """The generator's MQTT client: the agent's direct-writing client, its socket read with
+    ``recvmsg`` so that each read carries the kernel's receive stamp. ``stamp`` is the monotonic
+    time the last read's data reached the socket (its last segment; the read time where the
+    kernel gives none), ``read_at`` when it was read: a message handled in ``on_message`` came
+    with the read that completed it, so these are its times."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stamp = self.read_at = 0.0
+
+    @staticmethod
+    def socket_open(client, userdata, sock) -> None:
+        """Its ``on_socket_open``: TCP_NODELAY (as every client here) and the kernel's receive stamps."""
+        NODELAY_SOCKET_OPEN(client, userdata, sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:                      # not Linux: replies are stamped when read
+            pass
+
+    def _recv_chunk(self, size: int) -> bytes:
+        sock = self._sock
+        if sock is None:
+            raise ConnectionError("no socket")
+        data, ancillary, _, _ = sock.recvmsg(size, _STAMP_SPACE)   # BlockingIOError: nothing yet
+        read = time.monotonic()
+        stamp = read
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                # The kernel stamps in wall-clock time; monotonic is not: convert at once.
+                stamp = min(read, seconds + 1e-9 * nanoseconds - (time.time() - time.monotonic()))
+        self.stamp, self.read_at = stamp, read
+        return data
+
+
 # --- one generator process --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -148,6 +196,7 @@ def _generate(share: _Share, pipe) -> dict:
     slot = {index: k for k, (index, _, _, _) in enumerate(share.rows)}
     status: list[str] = ["unanswered"] * count
     finish: list[float | None] = [None] * count
+    read: list[float | None] = [None] * count
     own_ms: list[float | None] = [None] * count
     sent_at = [0.0] * count
     tally = {"waiting": count, "wrong": 0, "checked": 0}
@@ -156,7 +205,7 @@ def _generate(share: _Share, pipe) -> dict:
     state = {"start": None, "over": False}
 
     def on_reply(client, userdata, message) -> None:
-        received = time.monotonic()
+        received, read_at = client.stamp, client.read_at
         try:
             k = slot.get(struct.unpack("!Q", message.properties.CorrelationData)[0])
         except (AttributeError, TypeError, struct.error):
@@ -175,6 +224,7 @@ def _generate(share: _Share, pipe) -> dict:
                 return                           # after the replay, or a second reply: not counted
             status[k] = code
             finish[k] = received - state["start"]
+            read[k] = read_at - state["start"]
             own_ms[k] = float(total) if isinstance(total, (int, float)) else None
             if code == "ok" and outputs:
                 _, model, key = share.rows[k][1:]
@@ -185,7 +235,9 @@ def _generate(share: _Share, pipe) -> dict:
             if not tally["waiting"]:
                 all_answered.set()
 
-    client = make_client(share.name)
+    client = make_client(share.name, direct=StampedClient)
+    assert isinstance(client, StampedClient)
+    client.on_socket_open = StampedClient.socket_open
     client.max_inflight_messages_set(0)          # no window of paho's own (module docstring)
     client.max_queued_messages_set(0)
     subscribed = threading.Event()
@@ -229,7 +281,7 @@ def _generate(share: _Share, pipe) -> dict:
         client.loop_stop()
     lags = [1000.0 * (sent_at[k] - share.rows[k][1]) for k in range(count)]
     load = GeneratorLoad(count, spread_ms(lags), cpu_s, wall_s, max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
-    return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish,
+    return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish, "read": read,
             "own_ms": own_ms, "wrong": tally["wrong"], "checked": tally["checked"], "lags_ms": lags, "load": load.as_dict()}
 
 
@@ -240,8 +292,9 @@ def replay_mqtt(target, trace: Sequence[TraceRow], frames, *, drain_s: float = 3
     """Play ``trace`` through ``target`` (a :class:`~edge_lab.bench.loadgen.MqttTarget`: the
     broker, the device, QoS, how many generator processes) and wait for replies until ``drain_s``
     after the last deadline. Returns a :class:`~edge_lab.bench.loadgen.Replay` whose
-    ``generators`` holds each process's :class:`GeneratorLoad` (as a dict). Replies are timed when
-    paho read them, so ``read_s`` is each reply's finish time and the read lag 0."""
+    ``generators`` holds each process's :class:`GeneratorLoad` (as a dict). Replies are timed by
+    the kernel's receive stamp; ``read_s`` is when the generator read each one, and the read lag
+    how much later that was."""
     from edge_lab.bench.loadgen import Replay
     host, port, device, qos = target.host, target.port, target.device, target.qos
     procs = default_procs() if target.procs is None else int(target.procs)
@@ -300,20 +353,25 @@ def replay_mqtt(target, trace: Sequence[TraceRow], frames, *, drain_s: float = 3
                for i, row in enumerate(trace)]
     lags: list[float] = []
     server_ms: list[float | None] = [None] * len(trace)
+    read_s: list[float | None] = [None] * len(trace)
+    read_lags: list[float] = []
     wrong = checked = 0
     for result in results:
-        for index, sent, status, finish, own in zip(result["index"], result["sent"], result["status"],
-                                                    result["finish"], result["own_ms"]):
+        for index, sent, status, finish, read, own in zip(result["index"], result["sent"], result["status"],
+                                                          result["finish"], result["read"], result["own_ms"]):
             records[index].arrival_s = sent
             records[index].status = status
             records[index].finish_s = finish
+            read_s[index] = read
             server_ms[index] = own
+            if finish is not None and read is not None:
+                read_lags.append(1000.0 * (read - finish))
         lags += result["lags_ms"]
         wrong += result["wrong"]
         checked += result["checked"]
     span = max((row.t_s for row in trace), default=0.0) or 1e-9
-    return Replay(records, span, spread_ms(lags), wrong, checked, spread_ms([]),
-                  [r.finish_s for r in records], [r["load"] for r in results], server_ms)
+    return Replay(records, span, spread_ms(lags), wrong, checked, spread_ms(read_lags),
+                  read_s, [r["load"] for r in results], server_ms)
 
 
 def _expect(pipe, process, what: str, timeout_s: float, p: int):
