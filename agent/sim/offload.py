@@ -36,7 +36,8 @@ The policy reads the world through :class:`SimOffloadView` (``agent.offload.plan
 ``local_table`` is the board's table; ``peer_snapshots`` the peers with their configured round
 trip and bandwidth, their split points priced from the card's profile (:class:`SplitCost`: head on
 this board, tail on the peer) and the queue delay the peer would advertise, sampled every
-``[offload] status_interval_s`` as the live peer's retained status is refreshed.
+``[offload] status_interval_s`` as the live peer's retained status is refreshed (one queue here,
+so every lane of the peer, ``model`` and ``model@split``, advertises the same delay).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from agent.config import OffloadConfig
 from agent.core import LatencyTable
 from agent.errors import DEADLINE_MISSED, InferenceError
 from agent.offload.planner import PeerSnapshot, SplitCost
+from agent.offload.splits import lane_name
 from agent.runtime.executor import BatchOutcome, OnDone
 from agent.scheduler.dispatcher import Dispatch
 from agent.sim.executor import SimExecutor
@@ -380,8 +382,8 @@ class SimOffloadView:
             spec = executor.peer.spec
             offers = self._offers[device]
             queue = self._queue_s.get(device, 0.0)
-            snaps.append(PeerSnapshot(device, spec.rtt_s, spec.bandwidth_Bps, {m: queue for m in offers}, offers,
-                                      spec.slots))
+            lanes = {lane_name(model, cost.split): queue for model, costs in offers.items() for cost in costs}
+            snaps.append(PeerSnapshot(device, spec.rtt_s, spec.bandwidth_Bps, lanes, offers, spec.slots))
         return snaps
 
 
