@@ -203,7 +203,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
        recorded with its code at once, ``rejected`` for a full queue; a model not configured is
        recorded ``unknown_model``); a completion goes to the driver (``Driver.complete``: the slot
        is released, the batch's requests answered ``ok``, or ``deadline_missed`` for each whose
-       deadline the batch finished after, then the scheduler learns);
+       deadline the batch finished after, then the scheduler learns); an offload event goes to its
+       owner (``agent.sim.offload``: a peer queues or ends a tail, a reply answers its batch);
     2. fills the idle execution slots (``Driver.fill``): expired or shed requests are answered
        ``deadline_missed`` at ``now``; a dispatched batch starts on the executor, which schedules
        its completion; as live, nothing polls while every slot is busy;
