@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from agent.config import Config
 from agent.core import LatencyTable
@@ -22,17 +22,28 @@ from agent.errors import UNKNOWN_MODEL, InferenceError
 from agent.runtime.driver import Driver
 from agent.scheduler.admission import AdmissionControl
 from agent.scheduler.dispatcher import ModelLane, Scheduler
-from agent.scheduler.policy import DEFAULT_POLICY
+from agent.scheduler.policy import DEFAULT_POLICY, LOCAL
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
 from agent.sim.executor import SimBatch, SimExecutor
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
 
+if TYPE_CHECKING:
+    from agent.config import OffloadConfig
+    from agent.sim.offload import SimOffloadModel, SimPeerSpec
+
 # Event kinds, in the order they are applied when they fall on the same instant (the heap key is
 # (time, kind, seq)): a batch that ends at t frees its slot before a request arriving at t is
 # queued, and both happen before a timed wake-up at t re-plans. ``seq`` (insertion order) breaks
 # the remaining ties; arrivals at one instant are applied in trace order.
+#
+# A COMPLETE entry is ``(time, COMPLETE, seq, item, generation, owner)``: when it comes due the
+# engine calls ``owner.complete(item, now)``. The board's batches (owner: the SimExecutor) carry a
+# ``generation`` and are skipped as stale when their finish moved since; the offload model's
+# events (``agent.sim.offload``: a tensor reaching a peer, a tail ending there, a reply reaching
+# the board) carry ``None`` and always apply. All completions come before arrivals at the same
+# instant, among themselves in the order they were scheduled.
 COMPLETE = 0
 ARRIVAL = 1
 WAKE = 2
@@ -115,6 +126,10 @@ class SimResult:
     batches: int
     batch_histogram: dict[str, dict[int, int]] = field(default_factory=dict)  # model -> size -> count
     wall_s: float = 0.0                # real seconds the simulation took
+    #: Where the batches ran (runs with peers): "local", or "<peer>:<split>" ("<peer>:full" for a
+    #: full offload) -> batches.
+    placements: dict[str, int] = field(default_factory=dict)
+    offload: dict = field(default_factory=dict)   # the offload model's counters (runs with peers)
 
     def status_counts(self) -> dict[str, int]:
         return dict(Counter(r.status for r in self.records))
@@ -163,7 +178,9 @@ class _Clock:
 
 def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int, *, seed: int = 0,
              cores: int | None = None, hold_fraction: float = 0.0, lookahead: bool = False,
-             edf_horizon_s: float = math.inf, policy: str = DEFAULT_POLICY, idle_path: bool = True) -> SimResult:
+             edf_horizon_s: float = math.inf, policy: str = DEFAULT_POLICY, idle_path: bool = True,
+             peers: Sequence["SimPeerSpec"] = (), offload: "OffloadConfig | None" = None,
+             offload_models: "Sequence[SimOffloadModel]" = ()) -> SimResult:
     """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
 
     ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
@@ -186,7 +203,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
        recorded with its code at once, ``rejected`` for a full queue; a model not configured is
        recorded ``unknown_model``); a completion goes to the driver (``Driver.complete``: the slot
        is released, the batch's requests answered ``ok``, or ``deadline_missed`` for each whose
-       deadline the batch finished after, then the scheduler learns);
+       deadline the batch finished after, then the scheduler learns); an offload event goes to its
+       owner (``agent.sim.offload``: a peer queues or ends a tail, a reply answers its batch);
     2. fills the idle execution slots (``Driver.fill``): expired or shed requests are answered
        ``deadline_missed`` at ``now``; a dispatched batch starts on the executor, which schedules
        its completion; as live, nothing polls while every slot is busy;
@@ -205,6 +223,14 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     histogram and latency percentiles, per model. Expect the simulation to be optimistic by the
     agent's per-request overhead (intake, thread hand-offs: ``edge-agent bench``) and, on a
     shared board, by the interference the processor-sharing model leaves out.
+
+    Offload (``agent.sim.offload``). With ``peers`` (one :class:`~agent.sim.offload.SimPeerSpec`
+    each: its speed, slots, link), each peer's device id becomes an action target served by a
+    simulated offload executor, the policy gets ``policy_options = {"offload": offload,
+    "offload_view": <simulated OffloadView>}`` (``offload`` default: ``OffloadConfig(peers=<their
+    ids>)``), and ``offload_models`` (:class:`~agent.sim.offload.SimOffloadModel`, e.g. from a
+    card) give each model's split points and input size. The run then ends when nothing is left on
+    a link or a peer either. Without peers none of this exists and the run is as before.
     """
     started_wall = time.perf_counter()
     if workers < 1:
@@ -214,8 +240,6 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must be unique, got {names}")
-    scheduler = Scheduler([m.lane() for m in models], max_concurrent=workers, hold_fraction=hold_fraction,
-                          lookahead=lookahead, edf_horizon_s=edf_horizon_s, policy=policy)
     clock = _Clock()
     heap: list = []
     seq = 0
@@ -223,11 +247,30 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     def schedule(batch: SimBatch) -> None:
         nonlocal seq
         seq += 1
-        heapq.heappush(heap, (batch.finish, COMPLETE, seq, batch, batch.generation))
+        heapq.heappush(heap, (batch.finish, COMPLETE, seq, batch, batch.generation, executor))
+
+    def post(at: float, owner, item) -> None:
+        """An offload event: ``owner.complete(item, now)`` at ``at`` (never stale)."""
+        nonlocal seq
+        seq += 1
+        heapq.heappush(heap, (at, COMPLETE, seq, item, None, owner))
 
     executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
                            jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule)
-    driver = Driver(scheduler, executor, lambda: clock.now, explain=False)
+    offloading = None
+    policy_options = None
+    if peers:
+        from agent.sim.offload import SimOffload
+        offloading = SimOffload(peers, {m.name: m.latency for m in models}, offload_models, executor, clock, post)
+        policy_options = offloading.policy_options(offload)
+    scheduler = Scheduler([m.lane() for m in models], max_concurrent=workers, hold_fraction=hold_fraction,
+                          lookahead=lookahead, edf_horizon_s=edf_horizon_s, policy=policy,
+                          policy_options=policy_options)
+    if offloading is None:
+        driver = Driver(scheduler, executor, lambda: clock.now, explain=False)
+    else:
+        driver = Driver(scheduler, {LOCAL: executor, **offloading.executors}, lambda: clock.now, explain=False)
+        offloading.driver = driver
     n_rows = len(trace)
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
@@ -254,20 +297,20 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         if wake_at < pending_wake:
             pending_wake = wake_at
             seq += 1
-            heappush(heap, (wake_at, WAKE, seq, None, 0))
+            heappush(heap, (wake_at, WAKE, seq, None, 0, None))
         return False
 
     while True:
         # --- 1. the next event, and apply it ---------------------------------------------------
         if heap and (next_t > heap[0][0] or (next_t == heap[0][0] and heap[0][1] == COMPLETE)):
-            at, kind, _, batch, generation = heappop(heap)
+            at, kind, _, item, generation, owner = heappop(heap)
             if kind == COMPLETE:
-                if generation != batch.generation:
+                if generation is not None and generation != item.generation:
                     stale += 1
                     continue
                 now = clock.now = at
                 events += 1
-                executor.complete(batch, now)
+                owner.complete(item, now)
             else:  # WAKE
                 if at != pending_wake:
                     stale += 1
@@ -303,7 +346,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                 continue        # the board was idle: nothing else waits for a slot
         else:
             break
-        if next_t == inf and not scheduler.in_flight and not scheduler.queued():
+        if (next_t == inf and not scheduler.in_flight and not scheduler.queued()
+                and (offloading is None or not offloading.outstanding)):
             break       # all answered; a pending wake could only poll an empty scheduler
 
         # --- 2. fill idle slots, 3. schedule the next wake ------------------------------------
@@ -318,9 +362,11 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         duration_s=max([now, *(r.finish_s for r in records if r.finish_s is not None)]),
         events=events,
         stale_events=stale,
-        batches=executor.batches,
+        batches=executor.batches + (offloading.batches if offloading is not None else 0),
         batch_histogram={name: dict(sorted(h.items())) for name, h in executor.histogram.items()},
         wall_s=time.perf_counter() - started_wall,
+        placements=offloading.placements(executor.batches) if offloading is not None else {},
+        offload=offloading.stats() if offloading is not None else {},
     )
 
 

@@ -44,7 +44,8 @@ class SimBatch:
     ``finish`` is when it completes at the current rate; ``generation`` counts finish changes.
     """
 
-    __slots__ = ("payload", "model", "size", "work_s", "remaining_s", "since", "finish", "generation", "on_done")
+    __slots__ = ("payload", "model", "size", "work_s", "remaining_s", "since", "started", "finish", "generation",
+                 "on_done")
 
     def __init__(self, payload: Any, model: str, size: int, work_s: float, now: float) -> None:
         self.payload = payload
@@ -53,6 +54,7 @@ class SimBatch:
         self.work_s = work_s
         self.remaining_s = work_s
         self.since = now
+        self.started = now
         self.finish = math.inf
         self.generation = 0
         self.on_done: OnDone | None = None
@@ -111,16 +113,27 @@ class SimExecutor:
         """``batch``'s scheduled completion came due: re-time the others, then answer it."""
         for other in self.stop(batch, now):
             self._schedule(other)
-        dispatch = batch.payload
-        batch.on_done(dispatch, BatchOutcome([_NO_OUTPUTS] * batch.size, now - dispatch.started))
+        batch.on_done(batch.payload, BatchOutcome([_NO_OUTPUTS] * batch.size, now - batch.started))
 
     def work_s(self, model: str, batch_size: int) -> float:
         """Seconds a batch of ``batch_size`` needs at full speed: the profile times the noise."""
-        predicted = self.tables[model].predict(batch_size)
+        return self.noisy(model, self.tables[model].predict(batch_size))
+
+    def noisy(self, model: str, predicted_s: float) -> float:
+        """``predicted_s`` times a draw of ``model``'s run-time noise (its own stream)."""
         sigma = self._jitter[model]
         if sigma == 0.0:
-            return predicted
-        return predicted * math.exp(self._rngs[model].gauss(0.0, sigma))
+            return predicted_s
+        return predicted_s * math.exp(self._rngs[model].gauss(0.0, sigma))
+
+    def start_part(self, payload: Any, model: str, size: int, predicted_s: float, on_done: OnDone) -> None:
+        """Start a part of a batch on this board now (an offloaded batch's head: ``agent.sim.offload``),
+        sharing the cores with the batches running here: ``predicted_s`` of work times ``model``'s
+        noise; ``on_done(payload, outcome)`` when it ends. Not counted in ``batches``."""
+        changed = self.begin(payload, model, size, self._clock.now, work_s=self.noisy(model, predicted_s))
+        changed[0].on_done = on_done
+        for batch in changed:
+            self._schedule(batch)
 
     def rate(self, running: int | None = None) -> float:
         """Seconds of work each running batch gets per second when ``running`` batches share the board."""
@@ -130,10 +143,11 @@ class SimExecutor:
             return 1.0
         return cores / n
 
-    def begin(self, payload: Any, model: str, batch_size: int, now: float) -> Sequence[SimBatch]:
-        """Start a batch at ``now`` (the timing model alone); returns the batches whose finish time
-        is new or changed (the new one first)."""
-        batch = SimBatch(payload, model, batch_size, self.work_s(model, batch_size), now)
+    def begin(self, payload: Any, model: str, batch_size: int, now: float,
+              work_s: float | None = None) -> Sequence[SimBatch]:
+        """Start a batch at ``now`` (the timing model alone; ``work_s``: its work, default drawn from
+        the model's table); returns the batches whose finish time is new or changed (the new one first)."""
+        batch = SimBatch(payload, model, batch_size, self.work_s(model, batch_size) if work_s is None else work_s, now)
         running = self.running
         running.append(batch)
         n, cores = len(running), self.cores
