@@ -744,3 +744,33 @@ def test_swap_rule_takes_effect_at_the_next_poll_and_keeps_what_admission_learne
     a.swap_rule("m", build_lane("m", build_rule(smaller, t), ModelConfig("m", "demo:m", batching=smaller), t))
     assert a.lanes["m"].admission is learned and learned.slowdown == 3.0
     assert learned.max_batch == 2 and learned.margin_s == pytest.approx(0.002)
+
+
+def test_an_action_that_takes_the_latest_pops_the_requests_with_the_most_time_left():
+    """``Action.take = "latest"`` (a batch for a peer): the requests that pop last leave, earliest
+    first within the batch; the urgent ones stay queued in deadline order."""
+    from agent.scheduler.policy import Action
+
+    class Latest:
+        name = "latest"
+
+        def decide(self, scheduler, now):
+            return Action("m", 2, take="latest"), math.inf
+
+        def alone(self, scheduler, lane, request):
+            return None
+
+        def dispatched(self, action, n, now):
+            pass
+
+        def observe(self, dispatch, now):
+            pass
+
+    s = Scheduler([Scheduler.lane("m", FixedBatch(2), 1, 16)], max_concurrent=1, policy=Latest())
+    requests = [req("m", 0.0, slo) for slo in (0.5, 0.1, 0.4, 0.2, 0.3)]
+    for r in requests:
+        s.enqueue(r)
+    batch = s.poll(0.0).dispatch
+    assert [r.deadline for r in batch.requests] == [0.4, 0.5]
+    assert len(s.lanes["m"].queue) == 3 and s.lanes["m"].queue.earliest_deadline() == 0.1
+    assert sorted(r.deadline for r in s.lanes["m"].pending.values()) == [0.1, 0.2, 0.3]

@@ -49,6 +49,7 @@ hold caps admission predicts with, and which slots and instances are busy.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -412,6 +413,8 @@ class Scheduler:
                 return
 
     def _pop(self, lane: ModelLane, action: Action, now: float, expired: list[Request]) -> Dispatch | None:
+        if action.take == "latest" and not lane.fifo:
+            return self._pop_latest(lane, action, now)
         expire_before = -math.inf if lane.fifo else now + lane.min_latency_s
         n_ready, n_expired = lane.queue.pop_batch(action.batch_size, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
@@ -420,6 +423,20 @@ class Scheduler:
         if not n_ready:
             return None
         return self._start(lane, action, [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()], now)
+
+    def _pop_latest(self, lane: ModelLane, action: Action, now: float) -> Dispatch | None:
+        """The batch of the lane's requests with the latest queue keys (``Action.take = "latest"``),
+        taken out of the queue; the rest stay in deadline order. A selection over the lane's pending
+        requests (a partial sort), made only for a batch sent away under load."""
+        pending = lane.pending
+        chosen = heapq.nlargest(action.batch_size, pending.values(), key=self.queue_key)
+        if not chosen:
+            return None
+        for request in chosen:
+            lane.queue.cancel(request.rid)
+            del pending[request.rid]
+        chosen.reverse()                     # earliest first, as a popped batch is
+        return self._start(lane, action, chosen, now)
 
     def _start(self, lane: ModelLane, action: Action, requests: list[Request], now: float) -> Dispatch:
         """The batch takes a slot and an instance (the action's, or any free one)."""

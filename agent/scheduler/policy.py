@@ -42,7 +42,10 @@ class Action(NamedTuple):
     device id (the peer runs the rest of the network under its own scheduler); ``exit``: the early
     exit it leaves the network by (``None``: the last layer); ``split``: with a peer target, the
     model card's split point after which the peer takes over (this board runs the head up to it),
-    ``None`` to send the whole input (full offload).
+    ``None`` to send the whole input (full offload); ``take``: which of the lane's requests the batch
+    takes, ``"earliest"`` (deadline order, as the queue pops) or ``"latest"`` (those with the most
+    time left: a batch for a peer, whose round trip the most urgent requests cannot afford, while
+    the urgent ones stay for this board's next free slot).
     """
 
     model: str
@@ -51,6 +54,7 @@ class Action(NamedTuple):
     target: str = LOCAL
     exit: int | None = None
     split: str | None = None
+    take: str = "earliest"
 
 
 class Policy(Protocol):

@@ -10,6 +10,13 @@ peer table, in the simulator from the simulated peers and links):
   execution slot, among those that meet the batch's earliest deadline;
 * ``planner = "latency"``: Neurosurgeon, each batch's own earliest finish (the backlog ignored).
 
+Under a backlog (more queued than the batch) the batch is cut to the size that costs least per
+request here: what the rules size for a deadline can cost more per request on a board where
+batching does not pay, and with work to spare that is throughput lost. And when the batch's most
+urgent requests cannot afford a peer's round trip, the requests with the most time left (``Action.
+take = "latest"``) are weighed for a peer instead, while the urgent ones take this board's next
+slot: the board serves what must be served soon, the peer what can wait for the round trip.
+
 A batch sent to a peer reserves the uplink and the peer's time in the planner; its reservation is
 returned when it is answered (:meth:`SplitPolicy.observe`). Where the view offers no peer (none
 configured, none alive) every batch runs here, as under ``rules``.
@@ -21,7 +28,7 @@ peers' side adds to a request's latency.
 """
 from __future__ import annotations
 
-import math
+import heapq
 from typing import TYPE_CHECKING
 
 from agent.offload.planner import LOCAL, Planner
@@ -69,33 +76,63 @@ class SplitPolicy(RulePolicy):
     def _place(self, action: Action, lane: "ModelLane", now: float) -> Action:
         if self.view is None or lane.name not in self.models:
             return action
-        n = min(action.batch_size, len(lane.queue))
+        queued = len(lane.queue)
+        n = min(action.batch_size, queued)
         if n < 1:
             return action
-        return self._routed(action, self._choose(lane.name, n, now, lane.queue.earliest_deadline(),
-                                                 self._backlog_s(lane, n)))
+        if self.mode == "queue" and queued > n:
+            # A backlog: throughput is what counts, so the batch is the size that costs least per
+            # request (the rules may size it for a deadline, on a board where batching costs more
+            # per request than it saves); requests beyond it wait for the next slot or peer.
+            efficient = self._efficient_size(lane.name, n)
+            if efficient < n:
+                n = efficient
+                action = action._replace(batch_size=n)
+        backlog_s = self._backlog_s(lane, n)
+        placement = self._choose(lane.name, n, now, lane.queue.earliest_deadline(), backlog_s)
+        if (placement is not None and placement.local and self.mode == "queue" and queued >= 2 * n):
+            # The most urgent requests cannot afford the round trip, but the queue holds more than
+            # this batch: the requests with the most time left may go while the urgent ones take
+            # this board's next free slot (module docstring).
+            away = self._choose(lane.name, n, now, self._latest_deadline_batch(lane, n), backlog_s)
+            if away is not None and not away.local:
+                return self._routed(action, away)._replace(take="latest")
+        return self._routed(action, placement)
 
-    @staticmethod
-    def _routed(action: Action, placement) -> Action:
-        if placement is None or placement.local:
+    def _routed(self, action: Action, placement) -> Action:
+        """``action`` placed as ``placement`` says (``None``: no peer weighed, as it is); counted,
+        and a peer's share of the work reserved in the planner."""
+        if placement is None:
             return action
+        key = (placement.target, placement.split)
+        self.placed[key] = self.placed.get(key, 0) + 1
+        if placement.local:
+            return action
+        self.planner.commit(placement)
         return action._replace(target=placement.target, split=placement.split)
 
+    def _efficient_size(self, model: str, n: int) -> int:
+        """The batch size up to ``n`` with the least predicted time per request here (the largest
+        of equals)."""
+        table = self.view.local_table(model)
+        if table is None:
+            return n
+        return min(range(1, n + 1), key=lambda b: (table.predict(b) / b, -b))
+
+    def _latest_deadline_batch(self, lane: "ModelLane", n: int) -> float:
+        """The earliest deadline among the ``n`` queued requests of ``lane`` that pop last."""
+        key = self._scheduler.queue_key
+        return min(r.deadline for r in heapq.nlargest(n, lane.pending.values(), key=key))
+
     def _choose(self, model: str, n: int, now: float, deadline: float, backlog_s: float):
-        """The planner's placement for a batch of ``n`` (committed when it goes to a peer), or
-        ``None`` with no peer to weigh."""
+        """The planner's placement for a batch of ``n`` (not yet committed), or ``None`` with no
+        peer to weigh."""
         view, planner = self.view, self.planner
         planner.refresh(view.peer_snapshots(now))
         if not planner.peers:
             return None
-        placement = planner.choose(model, n, now, deadline, view.local_table(model),
-                                   backlog_s if self.mode == "queue" else 0.0)
-        if placement is None:
-            return None
-        key = (placement.target, placement.split)
-        self.placed[key] = self.placed.get(key, 0) + 1
-        planner.commit(placement)
-        return placement
+        return planner.choose(model, n, now, deadline, view.local_table(model),
+                              backlog_s if self.mode == "queue" else 0.0)
 
     def _backlog_s(self, lane: "ModelLane", n: int) -> float:
         """The work queued here behind a batch of ``n`` from ``lane``, per execution slot, as
