@@ -33,8 +33,7 @@ def channel_scale(x: np.ndarray) -> np.ndarray:
     lo = np.minimum(x3.min(axis=(0, 2)).astype(np.float64), 0)
     hi = np.maximum(x3.max(axis=(0, 2)).astype(np.float64), 0)
     span = hi - lo
-    scale = (span / 255).astype(np.float32).astype(np.float64)
-    return np.where(span > 0, np.maximum(scale, TINY), 0.0)
+    return np.maximum((span / 255).astype(np.float32).astype(np.float64), TINY)
 
 
 def per_element(x: np.ndarray, per_channel: np.ndarray) -> np.ndarray:

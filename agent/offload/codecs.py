@@ -26,8 +26,8 @@ Base codecs and the bound ``decode(encode(x))`` keeps (tests check each with hyp
     so has half the resolution; affine uses all 256 levels for ``[min(lo, 0), max(hi, 0)]``. The
     range always holds 0 and the zero point is an integer, so 0 decodes to exactly 0.0 (the ReLU's
     zeros stay zeros, and ``sparse8`` can drop them). With ``scale_c = (max(hi_c, 0) - min(lo_c, 0))
-    / 255`` (raised to float32's smallest normal when positive and smaller, 0 for an all-zero
-    channel): ``|d - x| <= 1.001 * scale_c``; half a step where the channel's minimum is 0 (the
+    / 255`` (raised to float32's smallest normal where smaller: an all-zero channel has that step
+    and decodes to exact zeros): ``|d - x| <= 1.001 * scale_c``; half a step where the channel's minimum is 0 (the
     post-ReLU case), one step at worst where rounding the zero point moves the range. NaN or inf
     cannot be quantised: :func:`encode` raises ``CodecError`` naming the channel (send ``raw`` or
     ``fp16`` then).
@@ -252,42 +252,59 @@ def _channels(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return 1, 1, math.prod(shape)
 
 
-def _quant_params(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel float32 scales and uint8 zero points of ``x3`` [N, C, R] (see ``int8`` above)."""
+def _quant_params(x3: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, zero_point, inv_scale, bias)`` of ``x3`` [N, C, R] (``int8`` above).
+
+    ``scale`` (float32) and ``zero_point`` (uint8) go on the wire; the code of ``x`` is
+    ``trunc(x * inv_scale + bias)``, ``bias`` being ``zero_point + 0.5`` (round half up), lowered
+    for a channel whose maximum would otherwise reach 256 after float rounding. At batch 1 the
+    per-call overhead of numpy dominates, so this makes few calls.
+    """
     channels = x3.shape[1]
     if x3.size == 0:
-        return np.zeros(channels, _F32), np.zeros(channels, _U8)
-    lo = x3.min(axis=2).min(axis=0)     # NaN propagates through min/max: the check below sees it
-    hi = x3.max(axis=2).max(axis=0)
-    bad = ~(np.isfinite(lo) & np.isfinite(hi))
-    if bad.any():
-        c = int(np.flatnonzero(bad)[0])
+        zeros = np.zeros(channels, _F32)
+        return zeros, np.zeros(channels, _U8), zeros, zeros
+    lo = x3.min(axis=2)                 # NaN propagates through min/max: the check below sees it
+    hi = x3.max(axis=2)
+    if x3.shape[0] > 1:
+        lo, hi = lo.min(axis=0), hi.max(axis=0)
+    else:
+        lo, hi = lo[0], hi[0]
+    # float64 sums cannot overflow on finite float32 values; NaN and inf make them non-finite
+    if not math.isfinite(lo.sum(dtype=np.float64) + hi.sum(dtype=np.float64)):
+        c = int(np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi)))[0])
         raise CodecError("data", f"channel {c} holds NaN or inf, which an 8-bit code cannot carry; "
                                  "send it as raw or fp16")
-    lo64 = np.minimum(lo.astype(np.float64), 0.0)
-    hi64 = np.maximum(hi.astype(np.float64), 0.0)
-    span = hi64 - lo64                  # float64: hi - lo of two float32 extremes cannot overflow
-    scale = (span / 255.0).astype(_F32)
-    positive = span > 0
-    scale[positive] = np.maximum(scale[positive], _TINY)   # 1/scale stays finite
-    zero_point = np.zeros(channels, np.float64)
-    np.divide(-lo64, scale, out=zero_point, where=positive)
-    return scale, np.clip(np.rint(zero_point), 0, 255).astype(_U8)
+    lo64 = np.minimum(lo, 0.0, dtype=np.float64)
+    span = np.maximum(hi, 0.0, dtype=np.float64) - lo64    # float64: cannot overflow
+    # At least float32's smallest normal: 1/scale stays finite, and an all-zero channel gets
+    # scale tiny, zero point 0, so its zeros still decode to exactly 0.0.
+    scale = np.maximum(span * (1.0 / 255.0), _TINY).astype(_F32)
+    zero_point = np.rint(np.clip(-lo64 / scale, 0.0, 255.0)).astype(_U8)
+    inv = np.divide(np.float32(1.0), scale, dtype=_F32)
+    bias = zero_point + np.float32(0.5)
+    # The same float32 operations as on the elements, so monotone: no element of the channel
+    # can exceed top, and the cast to uint8 of a value >= 256 would be undefined.
+    top = hi * inv + bias
+    over = top >= np.float32(255.75)
+    if over.any():
+        bias[over] -= top[over] - np.float32(255.5)
+    return scale, zero_point, inv, bias
 
 
-def _quantise(x3: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, out: np.ndarray) -> None:
-    """Codes of ``x3`` into ``out`` (uint8, same shape): floor(x / scale + zp + 0.5), clipped."""
-    inv = np.zeros_like(scale)
-    np.divide(np.float32(1.0), scale, out=inv, where=scale > 0)
-    t = np.multiply(x3, inv[None, :, None], dtype=_F32)
-    t += (zero_point.astype(_F32) + np.float32(0.5))[None, :, None]
-    np.clip(t, 0, 255, out=t)
-    np.copyto(out, t, casting="unsafe")     # float -> uint8 truncates: floor for t >= 0
+def _quantise(x3: np.ndarray, inv: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Codes of ``x3`` (uint8, same shape): trunc(x * inv + bias), in [0, 255]."""
+    t = np.multiply(x3, inv[:, None], dtype=_F32)
+    t += bias[:, None]
+    return t.astype(_U8)    # truncates toward 0 (t > -1 and < 256); faster than copyto into a view
 
 
 def _dequantise(q3: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
     """float32 of codes ``q3`` [N, C, R]: (q - zp) * scale, so q == zp gives exactly 0.0."""
-    out = np.subtract(q3, zero_point.astype(_F32)[None, :, None], dtype=_F32)
+    if zero_point.any():
+        out = np.subtract(q3, zero_point.astype(_F32)[None, :, None], dtype=_F32)
+    else:                   # post-ReLU: every zero point 0, one pass fewer
+        out = q3.astype(_F32)
     if scale.size and scale.max() > _NEAR_MAX_SCALE:
         # A channel spanning nearly all of float32: its top code may round past the largest
         # float32. Keep it finite (a rare path: activations are nowhere near 1e36).
@@ -313,21 +330,20 @@ def _encode_fp16(x: np.ndarray) -> bytes:
 def _encode_int8(x: np.ndarray) -> bytearray:
     n, c, r = _channels(x.shape)
     x3 = x.reshape(n, c, r)
-    scale, zero_point = _quant_params(x3)
+    scale, zero_point, inv, bias = _quant_params(x3)
     buf = bytearray(5 * c + x.size)
     view = np.frombuffer(buf, _U8)
-    view[: 4 * c] = scale.astype(_F32, copy=False).view(_U8)
+    view[: 4 * c] = scale.view(_U8)
     view[4 * c: 5 * c] = zero_point
-    _quantise(x3, scale, zero_point, view[5 * c:].reshape(n, c, r))
+    view[5 * c:] = _quantise(x3, inv, bias).reshape(-1)
     return buf
 
 
 def _encode_sparse8(x: np.ndarray) -> bytearray:
     n, c, r = _channels(x.shape)
     x3 = x.reshape(n, c, r)
-    scale, zero_point = _quant_params(x3)
-    q3 = np.empty((n, c, r), _U8)
-    _quantise(x3, scale, zero_point, q3)
+    scale, zero_point, inv, bias = _quant_params(x3)
+    q3 = _quantise(x3, inv, bias)
     keep = q3 != zero_point[None, :, None]
     bitmap = np.packbits(keep, axis=None)
     kept = int(np.count_nonzero(keep))
@@ -469,7 +485,7 @@ def decode(encoded: EncodedTensor, max_bytes: int = MAX_DECODED_BYTES) -> np.nda
     n, c, r = _channels(shape)
     raw = np.frombuffer(data, _U8)
     scale = raw[: 4 * c].view(_F32).astype(np.float32, copy=False)
-    if not (np.isfinite(scale).all() and (scale >= 0).all()):
+    if scale.size and not (scale.min() >= 0 and math.isfinite(scale.max())):   # NaN fails ">="
         raise CodecError("data", "a channel scale is negative, NaN or inf")
     zero_point = raw[4 * c: 5 * c]
     if spec.base == "int8":
