@@ -286,3 +286,44 @@ def test_max_bytes_is_the_callers_to_lower():
         decode(enc, max_bytes=32)
     assert decode(enc, max_bytes=64).shape == (4, 4)
     assert math.isinf(EncodedTensor("raw", (0,), b"").ratio())
+
+
+# --- on a real model: the bench's head/tail cut and the accuracy the tail keeps -------------------
+
+def test_resnet_digits_tail_on_decoded_activations_keeps_its_answers(tmp_path):
+    pytest.importorskip("onnx")
+    from agent.models.card import load_card
+    from edge_lab.bench.codecs import _session, _test_set, head_and_tail, split_points_of
+    card = load_card("demo:resnet_digits")
+    name, tensor, point = [p for p in split_points_of(card) if p[0] == "stage2"][0]
+    head_path, tail_path = head_and_tail(card, point, tensor, tmp_path)
+    head, tail, full = (_session(p, 1) for p in (head_path, tail_path, card.file("onnx").path))
+    frames, labels = _test_set(card)
+    frames, labels = frames[:48], labels[:48]
+    acts = head.run(None, {"frames": frames})[0]
+    assert acts.shape == (48, 64, 16, 16) and (acts >= 0).all()       # post-ReLU, as designed for
+    exact = tail.run(None, {tensor: acts})[0]
+    np.testing.assert_allclose(exact, full.run(None, {"frames": frames})[0], atol=1e-4)   # the cut is right
+    for codec in ("int8", "sparse8+lz4", "fp16"):
+        enc = encode(acts, codec)
+        assert enc.ratio() > 1.9 if codec == "fp16" else enc.ratio() > 3.9
+        logits = tail.run(None, {tensor: decode(through_wire(enc))})[0]
+        assert (logits.argmax(1) == exact.argmax(1)).mean() >= 47 / 48, codec
+        assert np.abs(logits - exact).max() < 0.25, codec
+
+
+def test_bench_codecs_command_prints_the_table(capsys):
+    pytest.importorskip("onnx")
+    from agent.cli import main
+    rc = main(["bench", "codecs", "--models", "resnet_digits", "--splits", "stage3", "--codecs", "int8,int8+lz4",
+               "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "resnet_digits @ stage3 (stage3_out, per item [96, 8, 8] float32, 24576 B)" in out
+    rows = {line.split()[-9]: line.split() for line in out.splitlines() if "int8" in line and "%" in line}
+    assert set(rows) == {"int8", "int8+lz4"}
+    item = 96 * 8 * 8      # 360 test items in batches of 8, each batch with 96 scales and zero points
+    assert float(rows["int8"][-8]) == pytest.approx(4 * 8 * item / (8 * item + 5 * 96), abs=0.01)
+    assert rows["int8"][-1] == rows["int8+lz4"][-1]     # a lossless stage changes no answer
+    assert main(["bench", "codecs", "--models", "resnet_digits", "--splits", "nowhere"]) == 2
+    assert main(["bench", "codecs", "--codecs", "int3", "--splits", "stage3"]) == 2

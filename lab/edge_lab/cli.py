@@ -242,8 +242,10 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
     from edge_lab.bench.codecs import as_json, bench_codecs, format_codecs, split_points_of
     models = args.models.split(",") if args.models else demo_model_names()
     codecs = args.codecs.split(",") if args.codecs else None
+    splits = args.splits.split(",") if args.splits else None
     try:
-        steps = sum(len(split_points_of(load_card(f"demo:{m}"))) for m in models)
+        steps = sum(1 for m in models for name, _, _ in split_points_of(load_card(f"demo:{m}"))
+                    if splits is None or name in splits)
     except Exception as exc:
         print(f"edge-agent: --models {args.models!r}: {exc}", file=sys.stderr)
         return 2
@@ -251,9 +253,13 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
           flush=True)
     try:
         with Progress(max(1, steps), desc="bench codecs") as progress:
-            runs = bench_codecs(models, codecs, threads=args.threads, repeats=args.repeats, progress=progress)
+            runs = bench_codecs(models, codecs, threads=args.threads, repeats=args.repeats, splits=splits,
+                                progress=progress)
     except (ValueError, RuntimeError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("edge-agent: no split point matched --models / --splits", file=sys.stderr)
         return 2
     print(format_codecs(runs), flush=True)
     if args.json:
@@ -428,6 +434,7 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                     "change on the model's test set when the tail runs on decoded activations. Head and tail "
                     "graphs are the card's, or cut from the full ONNX model at the split tensor (needs onnx).")
     codecs.add_argument("--models", default=None, metavar="A,B", help="demo models (default: all with split points)")
+    codecs.add_argument("--splits", default=None, metavar="A,B", help="split point names (default: all)")
     codecs.add_argument("--codecs", default=None, metavar="A,B", help="codec names (default: all this agent has)")
     codecs.add_argument("--threads", type=int, default=1, help="onnxruntime threads of head and tail (default 1)")
     codecs.add_argument("--repeats", type=int, default=5, help="timing repeats; medians are printed (default 5)")

@@ -151,14 +151,16 @@ def _median_per_item_us(call: Callable[[Any], Any], items: list[Any], batch: int
 
 def bench_codecs(models: Iterable[str] | None = None, codecs: Iterable[str] | None = None,
                  threads: int = 1, repeats: int = 5, items: int = 32,
-                 progress: Any = None) -> list[SplitRun]:
-    """Run the benchmark; ``progress`` is an :class:`agent.progress.Progress` (or None)."""
+                 splits: Iterable[str] | None = None, progress: Any = None) -> list[SplitRun]:
+    """Run the benchmark; ``splits`` keeps those split points only (by name), ``progress`` is an
+    :class:`agent.progress.Progress` (or None)."""
     from agent.models.card import demo_model_names, load_card
     names = list(models) if models else demo_model_names()
     chosen = list(codecs) if codecs else list(CODECS)
     unknown = [c for c in chosen if c not in CODECS]
     if unknown:
         raise ValueError(f"--codecs: {unknown} unknown; expected some of {list(CODECS)}")
+    wanted_splits = set(splits) if splits else None
     base_first = sorted(chosen, key=lambda c: CODECS[c].stage is not None)
     cards = [load_card(f"demo:{n}") if "/" not in n and not n.endswith(".json") else load_card(n) for n in names]
     cards = [c for c in cards if c.split_points]
@@ -168,6 +170,8 @@ def bench_codecs(models: Iterable[str] | None = None, codecs: Iterable[str] | No
             frames, labels = _test_set(card)
             input_name = card.inputs[0].name
             for split, tensor, point in split_points_of(card):
+                if wanted_splits is not None and split not in wanted_splits:
+                    continue
                 if progress is not None:
                     progress.step(f"{card.name} {split}")
                 head_path, tail_path = head_and_tail(card, point, tensor, Path(tmp))
