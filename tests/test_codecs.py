@@ -327,3 +327,10 @@ def test_bench_codecs_command_prints_the_table(capsys):
     assert rows["int8"][-1] == rows["int8+lz4"][-1]     # a lossless stage changes no answer
     assert main(["bench", "codecs", "--models", "resnet_digits", "--splits", "nowhere"]) == 2
     assert main(["bench", "codecs", "--codecs", "int3", "--splits", "stage3"]) == 2
+
+
+def test_fp16_decode_table_matches_numpys_cast_on_every_pattern():
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    wire_form = {"dtype": "float32", "shape": [1 << 16], "data": patterns.tobytes(), "codec": "fp16"}
+    out = decode(EncodedTensor.from_wire(wire_form))
+    assert np.array_equal(out.view(np.uint32), patterns.view(np.float16).astype(np.float32).view(np.uint32))

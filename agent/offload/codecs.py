@@ -407,6 +407,18 @@ def encode(array: np.ndarray, codec: str) -> EncodedTensor:
 
 # --- decoders --------------------------------------------------------------------------------
 
+_HALF_TABLE: np.ndarray | None = None
+
+
+def _half_table() -> np.ndarray:
+    """float32 of every float16 bit pattern (256 KiB, made on first use): a gather through it
+    decodes fp16 several times faster than numpy's float16 -> float32 cast, bit for bit the same."""
+    global _HALF_TABLE
+    if _HALF_TABLE is None:
+        _HALF_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    return _HALF_TABLE
+
+
 def _payload_bounds(base: str, shape: tuple[int, ...]) -> tuple[int, int]:
     """The least and the most bytes a base payload of this shape can have."""
     size = math.prod(shape)
@@ -481,7 +493,7 @@ def decode(encoded: EncodedTensor, max_bytes: int = MAX_DECODED_BYTES) -> np.nda
     if spec.base == "raw":
         return np.frombuffer(data, _F32).astype(np.float32, copy=False).reshape(shape)
     if spec.base == "fp16":
-        return np.frombuffer(data, _F16).astype(np.float32).reshape(shape)
+        return _half_table().take(np.frombuffer(data, "<u2")).reshape(shape)
     n, c, r = _channels(shape)
     raw = np.frombuffer(data, _U8)
     scale = raw[: 4 * c].view(_F32).astype(np.float32, copy=False)
