@@ -15,8 +15,9 @@ from hypothesis.extra import numpy as hnp
 from agent.offload import codecs
 from agent.offload.codecs import CODECS, CodecError, EncodedTensor, decode, encode
 
-BASES = ("raw", "fp16", "int8", "sparse8")
-QUANTISED = [n for n in CODECS if CODECS[n].base in ("int8", "sparse8")]
+BASES = ("raw", "fp16", "int8", "int4", "sparse8")
+QUANTISED = [n for n in CODECS if CODECS[n].base in ("int8", "int4", "sparse8")]
+LEVELS = {"int8": 255, "sparse8": 255, "int4": 15}
 TINY = float(np.finfo(np.float32).tiny)
 
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
@@ -24,7 +25,7 @@ finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 wide = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def channel_scale(x: np.ndarray) -> np.ndarray:
+def channel_scale(x: np.ndarray, levels: int = 255) -> np.ndarray:
     """The documented per-channel step, computed here independently of the codec's code."""
     n, c = (x.shape[0], x.shape[1]) if x.ndim >= 2 else (1, 1)
     x3 = x.reshape(n, c, math.prod(x.shape[2:]) if x.ndim >= 2 else x.size)
@@ -33,7 +34,7 @@ def channel_scale(x: np.ndarray) -> np.ndarray:
     lo = np.minimum(x3.min(axis=(0, 2)).astype(np.float64), 0)
     hi = np.maximum(x3.max(axis=(0, 2)).astype(np.float64), 0)
     span = hi - lo
-    return np.maximum((span / 255).astype(np.float32).astype(np.float64), TINY)
+    return np.maximum((span / levels).astype(np.float32).astype(np.float64), TINY)
 
 
 def per_element(x: np.ndarray, per_channel: np.ndarray) -> np.ndarray:
@@ -87,17 +88,19 @@ def test_fp16_overflow_nan_and_inf():
 def test_int8_and_sparse8_bound(x, relu):
     if relu:
         x = np.maximum(x, 0)
-    step = per_element(x, channel_scale(x))
-    reference = decode(encode(x, "int8"))
+    reference = {base: decode(encode(x, base)) for base in ("int8", "int4")}
+    reference["sparse8"] = reference["int8"]     # sparse8 decodes bit for bit as int8 does
     for name in QUANTISED:
+        base = CODECS[name].base
+        step = per_element(x, channel_scale(x, LEVELS[base]))
         out = decode(through_wire(encode(x, name)))
         assert out.shape == x.shape and out.dtype == np.float32
-        assert np.all(np.abs(out.astype(np.float64) - x) <= 1.001 * step)
-        # sparse8 and every lossless stage decode bit for bit as int8 does
-        assert np.array_equal(out.view(np.uint32), reference.view(np.uint32))
-    assert np.all(reference[x == 0] == 0)     # zeros decode to exactly 0.0
-    if relu:                                  # a channel starting at 0: half a step
-        assert np.all(np.abs(reference.astype(np.float64) - x) <= 0.5001 * step)
+        assert np.all(np.abs(out.astype(np.float64) - x) <= 1.001 * step), name
+        # every lossless stage decodes bit for bit as its base does
+        assert np.array_equal(out.view(np.uint32), reference[base].view(np.uint32)), name
+        assert np.all(out[x == 0] == 0)          # zeros decode to exactly 0.0
+        if relu:                                 # a channel starting at 0: half a step
+            assert np.all(np.abs(out.astype(np.float64) - x) <= 0.5001 * step), name
 
 
 def test_quantised_codecs_on_extremes_and_zero():
@@ -110,8 +113,8 @@ def test_quantised_codecs_on_extremes_and_zero():
         np.array([[[-5.0, -1.0, -3.0]]], np.float32),     # negative only: the range still holds 0
     ]
     for x in cases:
-        step = per_element(x, channel_scale(x))
         for name in QUANTISED:
+            step = per_element(x, channel_scale(x, LEVELS[CODECS[name].base]))
             out = decode(encode(x, name))
             assert np.all(np.isfinite(out))
             assert np.all(np.abs(out.astype(np.float64) - x) <= 1.001 * step), (name, x)
@@ -131,7 +134,7 @@ def test_sparse8_is_smaller_than_int8_on_relu_activations_and_lossless_stages_sh
     rng = np.random.default_rng(0)
     x = np.maximum(rng.normal(size=(4, 16, 8, 8)).astype(np.float32), 0)   # about half zeros
     size = {name: encode(x, name).nbytes for name in CODECS}
-    assert size["int8"] == 5 * 16 + x.size
+    assert size["int8"] == 5 * 16 + x.size and size["int4"] == 5 * 16 + x.size // 2
     assert size["sparse8"] < 0.7 * size["int8"]
     assert size["fp16"] == 2 * x.size and size["raw"] == 4 * x.size
     assert encode(x, "int8").ratio() == pytest.approx(4 * x.size / size["int8"])
@@ -145,7 +148,7 @@ def test_encode_takes_other_float_dtypes_and_strided_views_and_refuses_ints():
         encode(np.arange(4), "raw")
     assert err.value.field == "dtype"
     with pytest.raises(CodecError, match="unknown") as err:
-        encode(np.zeros(3, np.float32), "int4")
+        encode(np.zeros(3, np.float32), "int3")
     assert err.value.field == "codec"
 
 
@@ -171,7 +174,7 @@ def wire(codec: str = "raw", shape=(1, 2, 2, 2), data: bytes | None = None, **ex
     (wire(extra=1), "extra", "unknown field"),
     ({"dtype": "float32", "shape": [1]}, "data", "missing"),
     (dict(wire(), dtype="float64"), "dtype", "float32"),
-    (dict(wire(), codec="int4"), "codec", "unknown"),
+    (dict(wire(), codec="int3"), "codec", "unknown"),
     (dict(wire(), codec=7), "codec", "string"),
     (dict(wire(), shape="1,2"), "shape", "list"),
     (dict(wire(), shape=[1, -2]), "shape", "dimension 1 is -2"),
