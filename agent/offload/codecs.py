@@ -4,7 +4,9 @@ BPS compresses the tensor at the split with a compressor it calls FF; only its a
 read (shared/PAPERS.md), so the codecs here are our own design, not a reproduction of FF. What they
 rely on: a split tensor is float32 NCHW, taken after a ReLU (many exact zeros, nothing negative),
 and the tail is a trained network that tolerates a quantisation step well below the spread of a
-channel. Every codec is vectorised numpy: no Python loop over elements, one pass per step.
+channel. Every codec is vectorised numpy: no Python loop over elements, one pass per step, and
+few numpy calls (at batch 1 their fixed cost is a good part of the time). Which codec suits which
+split point and link is for the split policy to choose from ``edge-agent bench codecs``.
 
 A codec's name is what goes in the wire tensor's ``codec`` field (DESIGN.md: a tensor is
 ``{dtype, shape, data, codec?}``). ``dtype`` and ``shape`` are those of the decoded tensor (always
@@ -27,9 +29,9 @@ Base codecs and the bound ``decode(encode(x))`` keeps (tests check each with hyp
     range always holds 0 and the zero point is an integer, so 0 decodes to exactly 0.0 (the ReLU's
     zeros stay zeros, and ``sparse8`` can drop them). With ``scale_c = (max(hi_c, 0) - min(lo_c, 0))
     / 255`` (raised to float32's smallest normal where smaller: an all-zero channel has that step
-    and decodes to exact zeros): ``|d - x| <= 1.001 * scale_c``; half a step where the channel's minimum is 0 (the
-    post-ReLU case), one step at worst where rounding the zero point moves the range. NaN or inf
-    cannot be quantised: :func:`encode` raises ``CodecError`` naming the channel (send ``raw`` or
+    and decodes to exact zeros): ``|d - x| <= 1.001 * scale_c``; half a step where the channel's
+    minimum is 0 (the post-ReLU case), one step at worst where rounding the zero point moves the
+    range (the 0.001 covers float32 rounding). NaN or inf cannot be quantised: :func:`encode` raises ``CodecError`` naming the channel (send ``raw`` or
     ``fp16`` then).
 ``int4``
     ``int8`` with 16 levels (``/ 15`` in place of ``/ 255`` in its bound), two codes a byte: about
