@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab | codecs``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -273,6 +273,39 @@ def _cmd_bench_netlab(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_codecs(args: argparse.Namespace) -> int:
+    from agent.models.card import demo_model_names, load_card
+    from agent.progress import Progress
+    from edge_lab.bench.codecs import as_json, bench_codecs, format_codecs, split_points_of
+    models = args.models.split(",") if args.models else demo_model_names()
+    codecs = args.codecs.split(",") if args.codecs else None
+    splits = args.splits.split(",") if args.splits else None
+    try:
+        steps = sum(1 for m in models for name, _, _ in split_points_of(load_card(f"demo:{m}"))
+                    if splits is None or name in splits)
+    except Exception as exc:
+        print(f"edge-agent: --models {args.models!r}: {exc}", file=sys.stderr)
+        return 2
+    print(f"edge-agent bench codecs: {args.threads} onnxruntime thread(s), medians of {args.repeats} repeats",
+          flush=True)
+    try:
+        with Progress(max(1, steps), desc="bench codecs") as progress:
+            runs = bench_codecs(models, codecs, threads=args.threads, repeats=args.repeats, splits=splits,
+                                progress=progress)
+    except (ValueError, RuntimeError) as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    if not runs:
+        print("edge-agent: no split point matched --models / --splits", file=sys.stderr)
+        return 2
+    print(format_codecs(runs), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(as_json(runs), fh, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cores(text: str) -> float | None:
     if text.lower() in ("none", "0"):
         return None
@@ -460,3 +493,18 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                         help="only remove what any lab left behind (after a SIGKILL), and say what")
     netlab.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     netlab.set_defaults(func=_cmd_bench_netlab)
+
+    codecs = bench_sub.add_parser(
+        "codecs", help="offload tensor codecs: ratio, encode/decode time, top-1 change, per split point",
+        description="For each demo model with split points, each split point and each codec of "
+                    "agent.offload.codecs: compression ratio vs float32, encode and decode time per item at "
+                    "batch 1 and 8, the tail's own time and (encode + decode) / tail, and the top-1 accuracy "
+                    "change on the model's test set when the tail runs on decoded activations. Head and tail "
+                    "graphs are the card's, or cut from the full ONNX model at the split tensor (needs onnx).")
+    codecs.add_argument("--models", default=None, metavar="A,B", help="demo models (default: all with split points)")
+    codecs.add_argument("--splits", default=None, metavar="A,B", help="split point names (default: all)")
+    codecs.add_argument("--codecs", default=None, metavar="A,B", help="codec names (default: all this agent has)")
+    codecs.add_argument("--threads", type=int, default=1, help="onnxruntime threads of head and tail (default 1)")
+    codecs.add_argument("--repeats", type=int, default=5, help="timing repeats; medians are printed (default 5)")
+    codecs.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
+    codecs.set_defaults(func=_cmd_bench_codecs)
