@@ -167,6 +167,7 @@ class OffloadConfig:
     peer_stale_s: float = 10.0                 # a peer whose status is older than this is forgotten
     margin_ms: float = 5.0                     # the board stops waiting this long before the last moment it
                                                # could still finish the tail itself
+    codec: str = "int8"                        # how a split tensor travels (agent.offload.codecs); "raw": as float32
     planner: str = "queue"                     # split policy: "queue" (ours: the backlog's weight too) or
                                                # "latency" (Neurosurgeon: each batch's own earliest finish)
 
@@ -386,6 +387,11 @@ def _device_id(value: Any) -> bool:
     return isinstance(value, str) and bool(value) and all(c not in value for c in "/+#")
 
 
+def _offload_codecs() -> list[str]:
+    from agent.offload.codecs import available_codecs
+    return available_codecs()
+
+
 def _parse_offload(t: dict, models: tuple[ModelConfig, ...]) -> OffloadConfig:
     """``[offload]``: every key checked, a split or model named that no model has is an error here."""
     _no_unknown(t, set(OffloadConfig.__dataclass_fields__) - {"targets"}, "offload")
@@ -411,6 +417,8 @@ def _parse_offload(t: dict, models: tuple[ModelConfig, ...]) -> OffloadConfig:
         peer_stale_s=float(_take(t, "peer_stale_s", "offload", (int, float), 10.0,
                                  lambda v: 0.5 <= v <= 86400, "seconds in 0.5..86400")),
         planner=_take(t, "planner", "offload", str, "queue", lambda v: v in PLANNERS, f"one of {list(PLANNERS)}"),
+        codec=_take(t, "codec", "offload", str, "int8", lambda v: v in _offload_codecs(),
+                    f"one of {_offload_codecs()}"),
         margin_ms=float(_take(t, "margin_ms", "offload", (int, float), 5.0, lambda v: 0 <= v <= 60_000,
                               "milliseconds in 0..60000")),
     )

@@ -30,6 +30,18 @@ def test_a_batch_round_trips_with_its_deadlines_split_and_origin():
     assert full.split is None
 
 
+def test_a_split_tensor_travels_by_its_codec_and_a_uint8_input_as_it_is():
+    x = np.maximum(np.random.default_rng(1).standard_normal((4, 8, 3, 3)), 0).astype(np.float32)
+    payload = wire.encode_request(wire.OffloadRequest("a", "b", "s", {"t": x}, [1.0] * 4), "int8")
+    assert msgpack.unpackb(payload)["inputs"]["t"]["codec"] == "int8"
+    got = wire.decode_request(payload, 1 << 20).inputs["t"]
+    scale = x.max(axis=(0, 2, 3)) / 255
+    assert np.all(np.abs(got - x) <= 1.001 * scale[None, :, None, None])
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    sent = wire.encode_request(wire.OffloadRequest("a", "b", None, {"frames": frames}, [1.0] * 2), "int8")
+    assert msgpack.unpackb(sent)["inputs"]["frames"]["codec"] == "raw"
+
+
 @pytest.mark.parametrize("changes, field", [
     ({"v": 2}, "v"),
     ({"origin": ""}, "origin"),
@@ -44,6 +56,10 @@ def test_a_batch_round_trips_with_its_deadlines_split_and_origin():
     ({"inputs": {"t": {"dtype": "float32", "shape": [2], "data": b"x"}}}, "inputs.t.data"),
     ({"inputs": {"t": {"dtype": "float32", "shape": [2], "data": b"\0" * 8, "codec": "lz9"}}}, "inputs.t.codec"),
     ({"deadlines": [1.7e9]}, "inputs.stage2_out.shape"),     # 2 rows, 1 deadline
+    ({"inputs": {"t": {"dtype": "float32", "shape": [1, 2, 2], "data": b"\0" * 3, "codec": "int8"}}},
+     "inputs.t.data"),                                        # an int8 payload too short for its shape
+    ({"inputs": {"t": {"dtype": "float32", "shape": [2 ** 40], "data": b"", "codec": "int8+zstd"}}},
+     "inputs.t.shape"),                                       # refused before anything is allocated
 ])
 def test_each_malformed_field_is_named(changes, field):
     payload = msgpack.packb(_request(**changes), use_bin_type=True)

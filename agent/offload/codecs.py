@@ -237,6 +237,16 @@ def _make_registry() -> dict[str, Codec]:
 CODECS: Mapping[str, Codec] = _make_registry()
 
 
+#: What each base codec makes of float32 at the least (its header aside); a lossless stage and
+#: sparsity only add to it. What a board prices an option with before it has measured its sends.
+NOMINAL_RATIO = {"raw": 1.0, "fp16": 2.0, "int8": 4.0, "int4": 8.0, "sparse8": 4.0}
+
+
+def nominal_ratio(codec: str) -> float:
+    """The size reduction ``codec`` promises at the least (:data:`NOMINAL_RATIO`)."""
+    return NOMINAL_RATIO.get(_lookup(codec).base, 1.0)
+
+
 def available_codecs() -> list[str]:
     """The codec names this agent accepts (for the status it publishes to peers)."""
     return list(CODECS)

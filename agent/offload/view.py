@@ -4,7 +4,9 @@ Built from the board's offload client (``agent.runtime.offload_executor``): this
 and head tables (measured at start), and per live peer (``agent.offload.peers``) what it offers
 that this board can send (a split point needs its head here), each option's tail time on the peer
 (the peer's own latency table from its status; this board's, when the peer does not say), the
-bytes an item puts on the wire, the peer's queue delay per lane and its slots, and the link.
+bytes an item puts on the wire after the codec and the codec's time (measured from this board's own
+sends; before the first, the codec's nominal ratio), the peer's queue delay per lane and its slots,
+and the link.
 
 Before this board has measured a link, it assumes a fast one (``ASSUMED_RTT_S``,
 ``ASSUMED_BANDWIDTH_BPS``): the planner then sends, the round trips measure the link, and the fit
@@ -70,7 +72,8 @@ class LiveOffloadView:
                 lane = lane_name(model, split)
                 tail = tables.get(lane) or held.local_table      # the peer's own times, else ours
                 offers.setdefault(model, []).append(
-                    SplitCost(split, held.head_table, tail, float(held.bytes_per_item)))
+                    SplitCost(split, held.head_table, tail, held.sent_bytes_per_item or float(held.bytes_per_item),
+                              2.0 * held.codec_s_per_item))      # encoding here, about as long decoding there
             if not offers:
                 continue
             rtt = info.rtt_s if info.rtt_s is not None else ASSUMED_RTT_S

@@ -43,12 +43,15 @@ from typing import Any, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from agent.errors import BAD_REQUEST, ERROR_CODES, INTERNAL, TOO_LARGE, InferenceError
+from agent.errors import BAD_REQUEST, ERROR_CODES, INTERNAL, INVALID_INPUT, TOO_LARGE, InferenceError
 from agent.intake.msgpack_codec import _show, decode_tensor, encode_tensor
+from agent.offload import codecs
 
 OFFLOAD_WIRE_VERSION = 1
 #: What this agent's tensors travel as until the codecs (``agent.offload.codecs``) land.
-CODECS = ("raw",)
+CODECS = tuple(dict.fromkeys(("raw", *codecs.available_codecs())))
+#: The largest decoded tensor an offload message may carry.
+MAX_TENSOR_BYTES = 256 * 1024 * 1024
 #: The most items one offload message may carry (a batch buffer is at most 1024 rows).
 MAX_ITEMS = 1024
 
@@ -56,18 +59,25 @@ MAX_ITEMS = 1024
 # --- tensors: the one place a codec is applied -----------------------------------------------------
 
 def encode_batch_tensor(array: np.ndarray, codec: str = "raw") -> dict:
-    """A batch tensor to its wire map, codec-tagged. Switching to ``agent.offload.codecs`` is this
-    function and :func:`decode_batch_tensor`."""
-    if codec != "raw":
-        raise ValueError(f"codec {codec!r}: this agent sends {CODECS}")
-    tensor = encode_tensor(array)
-    tensor["codec"] = "raw"
-    return tensor
+    """A batch tensor to its wire map, codec-tagged: float32 activations by ``codec``
+    (``agent.offload.codecs``), anything else (a model's uint8 input, outputs) as it is."""
+    if codec == "raw" or array.dtype != np.float32:
+        tensor = encode_tensor(array)
+        tensor["codec"] = "raw"
+        return tensor
+    return codecs.encode(np.ascontiguousarray(array), codec).to_wire()
 
 
 def decode_batch_tensor(tensor: Any, where: str) -> np.ndarray:
     """A wire tensor (any codec this agent reads) to an array; errors name ``where``."""
-    return decode_tensor(tensor, where)
+    codec = tensor.get("codec") if isinstance(tensor, dict) else None
+    if codec in (None, "", "raw"):
+        return decode_tensor(tensor, where)
+    try:
+        return codecs.decode(codecs.EncodedTensor.from_wire(tensor, MAX_TENSOR_BYTES), MAX_TENSOR_BYTES)
+    except codecs.CodecError as exc:
+        field = f"{where}.{exc.field}" if getattr(exc, "field", None) else where
+        raise InferenceError(INVALID_INPUT, f"{where}: {exc}", field) from None
 
 
 # --- the request -----------------------------------------------------------------------------------

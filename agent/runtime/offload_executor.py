@@ -64,6 +64,7 @@ from agent.core import gather_into, scatter_rows
 from agent.errors import DEADLINE_MISSED, INTERNAL, SHUTTING_DOWN, InferenceError
 from agent.models.card import CardError
 from agent.offload import wire
+from agent.offload.codecs import nominal_ratio
 from agent.offload.peers import PeerTable
 from agent.offload.splits import chosen
 from agent.profiler.measure import measure_latency_table
@@ -79,6 +80,8 @@ COUNTERS = ("sent", "answered_by_peer", "peer_gone", "fallback_local", "fallback
             "late_replies", "duplicate_replies", "bad_replies", "send_failed")
 #: Batches whose end is remembered (to tell a late reply from a duplicate one).
 REMEMBERED = 4096
+#: Weight of a new batch in a split's bytes and codec time per item (EWMAs).
+SENT_ALPHA = 0.2
 #: Half a round trip assumed before the first one is measured.
 DEFAULT_RETURN_S = 0.005
 
@@ -94,6 +97,15 @@ class _Split:
     local_table: object                  # LatencyTable of the fallback
     head_table: object = None            # LatencyTable of the head here (None: full offload, no head)
     bytes_per_item: int = 0              # what one item sends: the split tensor, or the model's inputs
+    # Measured from this board's own sends (EWMA): what an item puts on the wire after the codec,
+    # and the codec's time per item here (the split policy prices options with them).
+    sent_bytes_per_item: float = 0.0
+    codec_s_per_item: float = 0.0
+
+    def sent(self, n: int, nbytes: int, codec_s: float) -> None:
+        a = SENT_ALPHA
+        self.sent_bytes_per_item += a * (nbytes / n - self.sent_bytes_per_item)
+        self.codec_s_per_item += a * (codec_s / n - self.codec_s_per_item)
 
 
 @dataclass(eq=False)
@@ -158,7 +170,7 @@ class OffloadClient:
             full = load_backend("onnxruntime", loaded.card.verify_file(mc.file), threads=mc.threads)
             input_bytes = sum(int(np.prod(s.item_shape())) * s.dtype.itemsize for s in loaded.card.inputs)
             self._splits[(name, None)] = _Split(None, [], full, [s.name for s in loaded.card.inputs], loaded.latency,
-                                                None, input_bytes)
+                                                None, input_bytes, float(input_bytes))
             for sp in chosen(loaded.card, self.settings.splits):
                 try:
                     head_path, tail_path = sp.verify_head(), sp.verify_tail()
@@ -173,6 +185,7 @@ class OffloadClient:
                 split.local_table = measure_latency_table(tail, tail.inputs, max_batch)
                 split.head_table = measure_latency_table(heads[0], heads[0].inputs, max_batch)
                 split.bytes_per_item = int(np.prod(sp.spec.item_shape())) * sp.spec.dtype.itemsize
+                split.sent_bytes_per_item = split.bytes_per_item / nominal_ratio(self.settings.codec)
                 self._splits[(name, sp.name)] = split
                 log.info("offload: %s split at %s: head x%d and a fallback tail loaded", name, sp.name, mc.instances)
 
@@ -230,10 +243,14 @@ class OffloadClient:
             back_s = (self.peers.rtt_s(peer) or 2 * DEFAULT_RETURN_S) / 2
             wall = time.time() - now
             batch_id = f"{self._run}-{next(self._ids)}"
+            # A split tensor travels by the configured codec where the peer reads it; inputs as they are.
+            codec = self.settings.codec if split.tensor is not None and self.settings.codec in info.codecs else "raw"
+            t1 = time.perf_counter()
             payload = wire.encode_request(wire.OffloadRequest(
                 origin=self.device, batch=batch_id, split=action.split, inputs=rest,
                 deadlines=[wall + min(d, give_up_at) - back_s for d in deadlines],
-                priority=max(r.priority for r in requests)))
+                priority=max(r.priority for r in requests)), codec)
+            split.sent(n, len(payload), time.perf_counter() - t1)
         except Exception as exc:       # a head that fails answers the batch internal, as a local run would
             log.exception("offload: head of %s at %s failed", dispatch.model, action.split)
             on_done(dispatch, BatchOutcome(None, 0.0, exc))
