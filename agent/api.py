@@ -167,6 +167,7 @@ class Agent:
         executors = {LOCAL: self.telemetry.counting(self.executor)}
         if self.offload is not None:
             self.offload.local = self.executor
+            executors[LOCAL] = self.offload.metered(executors[LOCAL])
             executors.update({peer: self.telemetry.counting(self.offload.executor(peer))
                               for peer in config.offload.targets})
         self.loop = LiveLoop(self.scheduler, executors, self.clock,

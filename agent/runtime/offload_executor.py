@@ -141,6 +141,7 @@ class OffloadClient:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._pending: dict[str, _Pending] = {}
+        self._overlap = {"busy_s": 0.0, "overlapped_s": 0.0}
         self._heap: list[tuple[float, str]] = []
         self._ended: OrderedDict[str, str] = OrderedDict()     # batch -> "answered" | "gave_up" | "late"
         self._ids = itertools.count(1)
@@ -208,7 +209,28 @@ class OffloadClient:
     def status(self) -> dict:
         with self._lock:
             waiting = len(self._pending)
-        return {"peers": self.peers.snapshot(), "waiting": waiting, **self.counters.snapshot()}
+            overlap = dict(self._overlap)
+        busy = overlap["busy_s"]
+        return {"peers": self.peers.snapshot(), "waiting": waiting, **self.counters.snapshot(),
+                "pipelining": {**{k: round(v, 6) for k, v in overlap.items()},
+                               "overlap": round(overlap["overlapped_s"] / busy, 4) if busy > 0 else None}}
+
+    def computed(self, seconds: float, while_waiting: bool) -> None:
+        """This board computed ``seconds`` (a head, or a local batch: :class:`MeteredExecutor`),
+        ``while_waiting``: with at least one batch out on a peer then (BPS's pipelining: the board
+        does not idle while a tail runs elsewhere). The status's ``pipelining.overlap`` is the
+        share of this board's compute that overlapped."""
+        with self._lock:
+            self._overlap["busy_s"] += seconds
+            if while_waiting:
+                self._overlap["overlapped_s"] += seconds
+
+    def waiting_on_peers(self) -> bool:
+        return bool(self._pending)
+
+    def metered(self, executor) -> "MeteredExecutor":
+        """``executor`` (the local one), its batches' compute counted in the overlap."""
+        return MeteredExecutor(self, executor)
 
     # --- worker thread: head, send, release -----------------------------------------------------
 
@@ -226,6 +248,7 @@ class OffloadClient:
         requests = dispatch.requests
         n = len(requests)
         try:
+            overlapping = bool(self._pending)
             t0 = time.perf_counter()
             batch = self._gather(dispatch)
             if split.tensor is None:
@@ -233,6 +256,7 @@ class OffloadClient:
             else:
                 rest = {split.tensor: split.heads[dispatch.instance].run(batch)[split.tensor]}
             head_s = time.perf_counter() - t0
+            self.computed(head_s, overlapping)
             now = self.clock()
             deadlines = [r.deadline for r in requests]
             local_s = split.local_table.predict(n) + self.settings.margin_ms / 1000.0
@@ -451,6 +475,24 @@ class OffloadClient:
                     backend.close()
                 except Exception:
                     pass
+
+
+class MeteredExecutor:
+    """The local executor, each batch's compute counted in the board's pipelining overlap
+    (:meth:`OffloadClient.computed`). Its own runs only: a fallback's time is not counted."""
+
+    def __init__(self, client: OffloadClient, executor) -> None:
+        self.client = client
+        self.executor = executor
+
+    def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
+        overlapping = self.client.waiting_on_peers()
+        t0 = time.perf_counter()
+        self.executor.start(dispatch, on_done)
+        self.client.computed(time.perf_counter() - t0, overlapping)
+
+    def __getattr__(self, name):
+        return getattr(self.executor, name)
 
 
 class PeerExecutor:
