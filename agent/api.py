@@ -150,7 +150,8 @@ class Agent:
             [build_lane(name, m.rule, m.config, m.latency) for name, m in lanes.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
             lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
-            policy_options={"offload": config.offload},
+            policy_options={"offload": config.offload,
+                            "offload_view": self.offload.view() if self.offload is not None else None},
         )
         self.executor = LocalExecutor({
             name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in lanes.items()
@@ -426,7 +427,8 @@ class Agent:
     def offload_status(self) -> dict | None:
         """What this agent offers peers (``[offload] serve``), for its retained status: the models
         and split points, each lane's queue delay (queued work over its instances, from the batch
-        latency table), the free execution slots and the codecs; and the board side's counters."""
+        latency table) and batch times (its latency table), the execution slots and those free, and
+        the codecs; and the board side's counters."""
         out: dict = {}
         if self.config.offload.serve:
             offers = {}
@@ -440,7 +442,10 @@ class Agent:
                 queue_ms[name] = round(1000 * queued * per_item / max(1, min(m.config.instances,
                                                                              self.config.worker_count)), 3)
             from agent.offload.wire import CODECS
-            out["serve"] = {"models": offers, "queue_ms": queue_ms, "codecs": list(CODECS),
+            latency_ms = {name: dict(zip(m.latency.batch_sizes.tolist(), (1000 * m.latency.latencies_s).round(3).tolist()))
+                          for name, m in {**self.models, **self.tails}.items()}
+            out["serve"] = {"models": offers, "queue_ms": queue_ms, "codecs": list(CODECS), "latency_ms": latency_ms,
+                            "slots": self.scheduler.max_concurrent,
                             "free_slots": max(0, self.scheduler.max_concurrent - self.scheduler.in_flight),
                             "status_interval_s": self.config.offload.status_interval_s, "at": time.time()}
         if self.offload is not None:

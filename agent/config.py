@@ -147,6 +147,10 @@ class TelemetryConfig:
     interval_s: float = 10.0                   # a sample on edge/v1/<device>/telemetry every interval; 0 = off
 
 
+#: The split policy's ways of pricing an option (``agent.offload.planner``).
+PLANNERS = ("queue", "latency")
+
+
 @dataclass(frozen=True)
 class OffloadConfig:
     """Collaborative offload (README, "Offload"): the peer role, the peers this board sends to, and
@@ -163,6 +167,8 @@ class OffloadConfig:
     peer_stale_s: float = 10.0                 # a peer whose status is older than this is forgotten
     margin_ms: float = 5.0                     # the board stops waiting this long before the last moment it
                                                # could still finish the tail itself
+    planner: str = "queue"                     # split policy: "queue" (ours: the backlog's weight too) or
+                                               # "latency" (Neurosurgeon: each batch's own earliest finish)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -404,6 +410,7 @@ def _parse_offload(t: dict, models: tuple[ModelConfig, ...]) -> OffloadConfig:
                                       lambda v: 0.1 <= v <= 3600, "seconds in 0.1..3600")),
         peer_stale_s=float(_take(t, "peer_stale_s", "offload", (int, float), 10.0,
                                  lambda v: 0.5 <= v <= 86400, "seconds in 0.5..86400")),
+        planner=_take(t, "planner", "offload", str, "queue", lambda v: v in PLANNERS, f"one of {list(PLANNERS)}"),
         margin_ms=float(_take(t, "margin_ms", "offload", (int, float), 5.0, lambda v: 0 <= v <= 60_000,
                               "milliseconds in 0..60000")),
     )

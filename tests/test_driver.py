@@ -219,6 +219,7 @@ def test_release_early_frees_the_slot_for_the_next_batch_and_completion_does_not
     driver.carry_out(decision, 0.0)
     (out, on_done), = peer.started
     assert scheduler.in_flight == 1 and not scheduler.poll(0.0).dispatch     # the slot is held ...
+    clock.now = 0.002                                                         # the head ran 2 ms here
     driver.release_early(out)
     assert out.released and scheduler.in_flight == 0 and releases == [out]   # ... until the head is done
     nxt = scheduler.poll(0.001).dispatch
@@ -230,7 +231,9 @@ def test_release_early_frees_the_slot_for_the_next_batch_and_completion_does_not
     on_done(out, BatchOutcome([{"y": np.ones(1)}], 0.004, served_by={"device": "board-b", "split": "s"}))
     assert releases == [out] and scheduler.in_flight == 1                     # not released twice
     assert first.reply.value.served_by == {"device": "board-b", "split": "s"}
-    assert lane.admission.slowdown == slowdown    # a round trip elsewhere teaches nothing of local batches
+    # Admission learns the 2 ms the batch held its slot (a profiled 10 ms batch: faster than the
+    # profile), not the 500 ms round trip elsewhere: the queue drains as fast as the slots do.
+    assert out.released_at == 0.002 and lane.admission.slowdown < slowdown
 
 
 def test_item_errors_answer_their_requests_and_the_rest_get_outputs():

@@ -52,6 +52,8 @@ def test_the_readme_example_configs_load():
     board = load_config(ROOT / "examples" / "offload" / "board.toml")
     assert peer.offload.serve and "offload" in peer.mqtt.subscribers
     assert board.policy == "offload_fixed" and board.offload.targets == ("board-b",)
+    split = load_config(ROOT / "examples" / "offload" / "board-split.toml")
+    assert split.policy == "split" and split.offload.targets == ("board-b",) and split.offload.planner == "queue"
 
 
 def _status(device, state="online", **serve):
@@ -73,7 +75,7 @@ def test_the_peer_table_keeps_serving_peers_and_forgets_them_on_their_will_or_si
     assert not info.offers_split("m", "s9") and table.live("me") is None and table.live("c") is None
     table.observe("b", 0.004, 4000)
     table.observe("b", 0.002, 4000)
-    assert 0.002 < table.rtt_s("b") < 0.004 and table.live("b").samples == 2
+    assert table.rtt_s("b") == 0.002 and table.live("b").samples == 2    # one size: the smallest sample
     table.on_status("edge/v1/b/status", json.dumps({"device": "b", "state": "offline"}).encode())   # its will
     assert table.live("b") is None
     table.on_status(*_status("b"))
@@ -100,3 +102,21 @@ def test_the_fixed_policy_sends_its_share_of_batches_to_the_peer():
     none = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 64)], max_concurrent=1, policy="offload_fixed")
     none.enqueue(req("m", 0.0, 10.0))
     assert none.poll(0.0).dispatch.action.target == "local"   # no peer configured: all here
+
+
+def test_the_link_fit_tells_latency_from_bandwidth():
+    """Round trips of batches of different sizes over a 100 Mbit/s link with 20 ms of round trip
+    (and a little noise): the fit finds both, where one sample's bytes over its time would call it
+    a slow link without delay."""
+    import random
+
+    from agent.offload.peers import LinkFit
+    rng = random.Random(1)
+    fit = LinkFit()
+    for _ in range(200):
+        nbytes = rng.choice((4_096, 32_768, 65_536, 262_144))
+        fit.add(nbytes, (0.020 + nbytes / 12.5e6) * rng.uniform(0.97, 1.03))
+    rtt, bandwidth = fit.estimate()
+    assert 0.017 < rtt < 0.023 and 10e6 < bandwidth < 15e6
+    naive = 65_536 / (0.020 + 65_536 / 12.5e6)
+    assert naive < 3e6          # what bytes over time alone would have said

@@ -7,16 +7,22 @@ forgotten when its last will fires (``state: offline``), when it says it no long
 its status goes stale (no refresh for ``stale_s``): the offload executor does not send to a peer
 that is not in the table, it runs the batch here at once.
 
-The link is measured from this board's own offload traffic (:meth:`PeerTable.observe`): per peer, an
-EWMA of the network round trip (the reply's arrival less the send, less the time the peer says it
-held the message) and of the bandwidth that round trip implies for the bytes both ways. A split
-decision (the lead's policy) reads them; the executor uses the round trip to leave the reply's way
-back out of the deadlines it gives the peer. Not yet: a probe when no traffic has measured a peer.
+The link is measured from this board's own offload traffic (:meth:`PeerTable.observe`): each round
+trip's time on the network (the reply's arrival less the send, less the time the peer says it held
+the message) against the bytes it carried both ways. One sample cannot tell latency from bandwidth
+(64 KiB in 20 ms is a 26 Mbit/s link with no delay, or a 100 Mbit/s link with 15 ms of it), so the
+table fits ``network_s = rtt + bytes / bandwidth`` by least squares over exponentially weighted
+samples (:class:`LinkFit`, ours): batches of different sizes and split points give the spread a
+fit needs. Until the spread is there, the round trip is the smallest recent sample and the
+bandwidth what the rest of each sample implies. The split decision (``agent.offload.planner``)
+reads both; the executor uses the round trip to leave the reply's way back out of the deadlines it
+gives the peer. Not yet: a probe when no traffic has measured a peer.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +34,45 @@ log = logging.getLogger(__name__)
 EWMA_ALPHA = 0.2
 
 
+class LinkFit:
+    """``network_s = rtt + bytes / bandwidth``, fitted over exponentially weighted samples (weight
+    ``EWMA_ALPHA`` for the newest): the weighted means of x (bytes), y (seconds), x^2 and xy."""
+
+    #: The bytes must spread by this share of their mean before the slope is trusted.
+    MIN_SPREAD = 0.1
+    #: Samples the fallback's smallest round trip looks back over.
+    WINDOW = 32
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mx = self.my = self.mxx = self.mxy = 0.0
+        self._recent: list[tuple[float, float]] = []
+
+    def add(self, nbytes: float, seconds: float) -> None:
+        a = EWMA_ALPHA if self.n else 1.0
+        self.mx += a * (nbytes - self.mx)
+        self.my += a * (seconds - self.my)
+        self.mxx += a * (nbytes * nbytes - self.mxx)
+        self.mxy += a * (nbytes * seconds - self.mxy)
+        self.n += 1
+        self._recent.append((nbytes, seconds))
+        del self._recent[:-self.WINDOW]
+
+    def estimate(self) -> tuple[float, float] | None:
+        """(round trip s, bandwidth bytes/s), or ``None`` before the first sample."""
+        if not self.n:
+            return None
+        var = self.mxx - self.mx * self.mx
+        if var > (self.MIN_SPREAD * self.mx) ** 2:
+            slope = (self.mxy - self.mx * self.my) / var
+            rtt = self.my - slope * self.mx
+            if slope > 0 and rtt >= 0:
+                return rtt, 1.0 / slope
+        rtt = min(y for _, y in self._recent)
+        excess = max(self.my - rtt, 1e-6)
+        return rtt, max(self.mx, 1.0) / excess if self.my > rtt else math.inf
+
+
 @dataclass
 class PeerInfo:
     device: str
@@ -36,9 +81,13 @@ class PeerInfo:
     free_slots: int
     codecs: list[str]
     seen_at: float                      # this board's monotonic clock, when the status arrived
-    rtt_s: float | None = None          # EWMA of the network round trip
-    bandwidth_bps: float | None = None  # EWMA, bits per second
+    rtt_s: float | None = None          # the link's round trip (LinkFit)
+    bandwidth_bps: float | None = None  # bits per second (LinkFit)
     samples: int = 0
+    #: Each lane's batch time on the peer, as its status says: lane -> {batch size: ms}.
+    latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    #: How many batches the peer runs at once.
+    slots: int = 1
     extra: dict = field(default_factory=dict)
 
     def offers_split(self, model: str, split: str | None) -> bool:
@@ -65,7 +114,7 @@ class PeerTable:
         self._lock = threading.Lock()
         self._peers: dict[str, PeerInfo] = {}
         # The link measures outlive a status refresh (a new PeerInfo) and a short absence.
-        self._links: dict[str, tuple[float | None, float | None, int]] = {}
+        self._links: dict[str, LinkFit] = {}
 
     def on_status(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """A status on ``edge/v1/<device>/status``: keep, refresh or forget that device. A malformed
@@ -93,14 +142,16 @@ class PeerTable:
             info = PeerInfo(device=device, offers=dict(serve.get("models") or {}),
                             queue_ms={str(k): float(v) for k, v in (serve.get("queue_ms") or {}).items()},
                             free_slots=int(serve.get("free_slots") or 0), codecs=list(serve.get("codecs") or ["raw"]),
-                            seen_at=self.clock())
+                            seen_at=self.clock(),
+                            latency_ms={str(lane): {int(b): float(ms) for b, ms in table.items()}
+                                        for lane, table in (serve.get("latency_ms") or {}).items()},
+                            slots=max(1, int(serve.get("slots") or 1)))
         except (TypeError, ValueError, AttributeError):
             log.warning("peer %s: offload status not understood: %r", device, serve)
             self.forget(device)
             return
         with self._lock:
-            rtt, bandwidth, samples = self._links.get(device, (None, None, 0))
-            info.rtt_s, info.bandwidth_bps, info.samples = rtt, bandwidth, samples
+            self._fill_link(info)
             if device not in self._peers:
                 log.info("offload peer %s online: %s", device, info.offers)
             self._peers[device] = info
@@ -125,21 +176,32 @@ class PeerTable:
     def observe(self, device: str, network_s: float, wire_bytes: int) -> None:
         """One offload round trip to ``device``: ``network_s`` on the wire (round trip less the
         peer's own time), ``wire_bytes`` both ways."""
-        network_s = max(network_s, 1e-6)
-        bandwidth = 8.0 * wire_bytes / network_s
         with self._lock:
-            rtt, bw, samples = self._links.get(device, (None, None, 0))
-            rtt = network_s if rtt is None else (1 - EWMA_ALPHA) * rtt + EWMA_ALPHA * network_s
-            bw = bandwidth if bw is None else (1 - EWMA_ALPHA) * bw + EWMA_ALPHA * bandwidth
-            self._links[device] = (rtt, bw, samples + 1)
+            self._links.setdefault(device, LinkFit()).add(float(wire_bytes), max(network_s, 1e-6))
             info = self._peers.get(device)
             if info is not None:
-                info.rtt_s, info.bandwidth_bps, info.samples = rtt, bw, samples + 1
+                self._fill_link(info)
+
+    def _fill_link(self, info: PeerInfo) -> None:
+        """Copy the link's fit into ``info`` (the lock held)."""
+        fit = self._links.get(info.device)
+        estimate = fit.estimate() if fit is not None else None
+        if estimate is None:
+            info.rtt_s, info.bandwidth_bps, info.samples = None, None, 0
+        else:
+            info.rtt_s, info.bandwidth_bps, info.samples = estimate[0], 8.0 * estimate[1], fit.n
 
     def rtt_s(self, device: str) -> float | None:
         with self._lock:
-            link = self._links.get(device)
-        return None if link is None else link[0]
+            fit = self._links.get(device)
+            estimate = fit.estimate() if fit is not None else None
+        return None if estimate is None else estimate[0]
+
+    def live_peers(self) -> list[PeerInfo]:
+        """Every peer whose status is fresh."""
+        now = self.clock()
+        with self._lock:
+            return [info for info in self._peers.values() if now - info.seen_at <= self.stale_s]
 
     def snapshot(self) -> dict[str, Any]:
         now = self.clock()
@@ -148,4 +210,4 @@ class PeerTable:
         return {info.device: info.summary(now) for info in peers if now - info.seen_at <= self.stale_s}
 
 
-__all__ = ["PeerTable", "PeerInfo"]
+__all__ = ["LinkFit", "PeerTable", "PeerInfo"]

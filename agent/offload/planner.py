@@ -67,7 +67,8 @@ class PeerState:
     device: str
     rtt_s: float
     bandwidth_Bps: float
-    #: The peer's advertised queue delay (seconds), per model: how long a tail waits there now.
+    #: The peer's advertised queue delay (seconds), per lane (``model``, or ``model@split`` for a
+    #: split point's tail): how long a batch waits there now.
     queue_s: dict[str, float] = field(default_factory=dict)
     #: The split points of each model the peer serves (``None`` in the set: the full model).
     offers: dict[str, Sequence[SplitCost]] = field(default_factory=dict)
@@ -166,7 +167,9 @@ class Planner:
         sent_at = leaves + b * cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0)
         arrives = sent_at + 0.5 * peer.rtt_s
         tail = cost.tail.predict(b)
-        starts = max(arrives, now + peer.queue_s.get(model, 0.0) + peer.outstanding_s / max(peer.slots, 1))
+        lane = model if cost.split is None else f"{model}@{cost.split}"
+        waits = peer.queue_s.get(lane, 0.0)
+        starts = max(arrives, now + waits + peer.outstanding_s / max(peer.slots, 1))
         finish = starts + tail + 0.5 * peer.rtt_s
         return Placement(peer.device, cost.split, finish, local_s, sent_at, tail)
 

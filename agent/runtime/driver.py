@@ -128,6 +128,7 @@ class Driver:
         again. At most once per batch; before ``on_done``."""
         if dispatch.released:
             raise RuntimeError(f"batch of {dispatch.model} instance {dispatch.instance} released twice")
+        dispatch.released_at = self.clock()
         self._release(dispatch)
         dispatch.released = True
 

@@ -92,6 +92,8 @@ class _Split:
     fallback: object                     # the tail session (full offload: a whole-model session)
     fallback_inputs: list[str]
     local_table: object                  # LatencyTable of the fallback
+    head_table: object = None            # LatencyTable of the head here (None: full offload, no head)
+    bytes_per_item: int = 0              # what one item sends: the split tensor, or the model's inputs
 
 
 @dataclass(eq=False)
@@ -154,7 +156,9 @@ class OffloadClient:
                 continue
             max_batch = loaded.rule.max_batch
             full = load_backend("onnxruntime", loaded.card.verify_file(mc.file), threads=mc.threads)
-            self._splits[(name, None)] = _Split(None, [], full, [s.name for s in loaded.card.inputs], loaded.latency)
+            input_bytes = sum(int(np.prod(s.item_shape())) * s.dtype.itemsize for s in loaded.card.inputs)
+            self._splits[(name, None)] = _Split(None, [], full, [s.name for s in loaded.card.inputs], loaded.latency,
+                                                None, input_bytes)
             for sp in chosen(loaded.card, self.settings.splits):
                 try:
                     head_path, tail_path = sp.verify_head(), sp.verify_tail()
@@ -165,8 +169,11 @@ class OffloadClient:
                     continue
                 heads = [load_backend("onnxruntime", head_path, threads=mc.threads) for _ in range(mc.instances)]
                 tail = load_backend("onnxruntime", tail_path, threads=mc.threads)
-                self._splits[(name, sp.name)] = _Split(sp.tensor, heads, tail, [s.name for s in tail.inputs], None)
-                self._splits[(name, sp.name)].local_table = measure_latency_table(tail, tail.inputs, max_batch)
+                split = _Split(sp.tensor, heads, tail, [s.name for s in tail.inputs], None)
+                split.local_table = measure_latency_table(tail, tail.inputs, max_batch)
+                split.head_table = measure_latency_table(heads[0], heads[0].inputs, max_batch)
+                split.bytes_per_item = int(np.prod(sp.spec.item_shape())) * sp.spec.dtype.itemsize
+                self._splits[(name, sp.name)] = split
                 log.info("offload: %s split at %s: head x%d and a fallback tail loaded", name, sp.name, mc.instances)
 
     def attach(self, transport) -> None:
@@ -174,6 +181,12 @@ class OffloadClient:
         self.transport = transport
         transport.subscribe(offload_reply_topic(self.device), self._on_reply, qos=1)
         transport.subscribe(status_topic("+"), self._on_status, qos=1)
+
+    def view(self) -> "OffloadView":
+        """What the split policy reads (``agent.offload.planner.OffloadView``): this board's tables
+        and its live peers with what each offers."""
+        from agent.offload.view import LiveOffloadView
+        return LiveOffloadView(self)
 
     def executor(self, peer: str) -> "PeerExecutor":
         """The executor of the action target ``peer``."""

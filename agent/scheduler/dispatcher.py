@@ -104,6 +104,7 @@ class Dispatch:
     # Set by the driver when the executor freed the batch's slot and instance before its end
     # (``Driver.release_early``: its local part is done, the rest runs on a peer): not released again.
     released: bool = False
+    released_at: float = 0.0           # when (the scheduler's clock), if released early
 
 
 @dataclass(slots=True)
@@ -463,10 +464,13 @@ class Scheduler:
         if lane is None:      # its model was unloaded while the batch's replies went out
             return
         admission = lane.admission
-        # A batch released early (its rest ran on a peer: Driver.release_early) says nothing of what
-        # a batch costs here: admission learns from local batches only.
-        if admission is not None and not dispatch.released:
-            admission.observe(len(dispatch.requests), now - dispatch.started)
+        if admission is not None:
+            # A batch released early (its rest ran on a peer: Driver.release_early) held its slot
+            # only until then: that is what it cost the queue here, and what admission learns, so
+            # its queue model drains as fast as the slots do while batches leave. Whether each
+            # request made its deadline, wherever it ran, calibrates the class's slack as always.
+            held = (dispatch.released_at if dispatch.released else now) - dispatch.started
+            admission.observe(len(dispatch.requests), held)
             for request in dispatch.requests:
                 admission.calibrate(now > request.deadline, request.deadline - request.arrival)
         self.policy.observe(dispatch, now)

@@ -1,0 +1,129 @@
+"""The split policy (agent.scheduler.policies.split): the rules' batch, placed by the planner.
+
+By hand on the scheduler with a view of one peer: an idle board keeps what ends sooner here, a
+backlog sends batches away (ours) where Neurosurgeon's latency argmin keeps them, a batch sent
+reserves the peer and its answer returns the reservation, no peer means every batch stays; and with
+real parts (a peer agent process, a real Mosquitto), requests placed by the policy get the outputs
+of a local run, exactly once each.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.config import OffloadConfig
+from agent.core import FixedBatch, LatencyTable
+from agent.offload.planner import LOCAL, PeerSnapshot, SplitCost
+from agent.scheduler.dispatcher import Scheduler
+from tests.scheduling import req
+
+# The board: 10 ms an item here. The peer: twice as fast, 20 ms away; the input 76,800 bytes.
+HERE = LatencyTable(np.array([1, 2, 4]), np.array([0.010, 0.020, 0.040]))
+THERE = LatencyTable(np.array([1, 2, 4]), np.array([0.005, 0.010, 0.020]))
+
+
+class View:
+    def __init__(self, peers=True, rtt_s=0.020, bandwidth_Bps=12.5e6) -> None:
+        self.peers = peers
+        self.rtt_s, self.bandwidth_Bps = rtt_s, bandwidth_Bps
+
+    def local_table(self, model):
+        return HERE
+
+    def peer_snapshots(self, now):
+        if not self.peers:
+            return []
+        return [PeerSnapshot("peer", self.rtt_s, self.bandwidth_Bps, {}, {"m": [SplitCost(None, None, THERE, 76_800)]})]
+
+
+def scheduler(view, planner="queue", max_batch=4) -> Scheduler:
+    lane = Scheduler.lane("m", FixedBatch(max_batch), 1, 256)
+    return Scheduler([lane], max_concurrent=1, policy="split",
+                     policy_options={"offload": OffloadConfig(planner=planner), "offload_view": view})
+
+
+def placements(s: Scheduler, n_requests: int, slo: float) -> list[str]:
+    for _ in range(n_requests):
+        s.enqueue(req("m", 0.0, slo))
+    targets, now = [], 0.0
+    while s.queued():
+        decision = s.poll(now)
+        dispatch = decision.dispatch
+        assert dispatch is not None
+        targets.append(dispatch.action.target)
+        s.release(dispatch, now)
+        now += 0.001
+    return targets
+
+
+def test_an_idle_board_keeps_what_ends_sooner_here():
+    # One batch of 4: 40 ms here, 6 ms to send + 20 ms round trip + 20 ms there = 46 ms away.
+    assert placements(scheduler(View()), 4, 1.0) == [LOCAL]
+
+
+def test_a_backlog_sends_batches_away_where_the_latency_argmin_keeps_them():
+    ours = placements(scheduler(View(), "queue"), 40, 1.0)
+    neurosurgeon = placements(scheduler(View(), "latency"), 40, 1.0)
+    assert neurosurgeon == [LOCAL] * 10
+    assert ours.count("peer") >= 3 and ours.count(LOCAL) >= 1
+
+
+def test_without_peers_every_batch_stays():
+    assert set(placements(scheduler(View(peers=False)), 20, 1.0)) == {LOCAL}
+    assert set(placements(scheduler(None), 20, 1.0)) == {LOCAL}
+
+
+def test_a_batch_sent_reserves_the_peer_until_it_is_answered():
+    s = scheduler(View())
+    for _ in range(40):
+        s.enqueue(req("m", 0.0, 1.0))
+    decision = s.poll(0.0)
+    while decision.dispatch.action.target == LOCAL:
+        s.release(decision.dispatch, 0.0)
+        decision = s.poll(0.0)
+    peer = s.policy.planner.peers["peer"]
+    assert peer.outstanding_s == pytest.approx(THERE.predict(4))
+    s.release(decision.dispatch, 0.0)
+    s.observe(decision.dispatch, 0.1)
+    assert peer.outstanding_s == pytest.approx(0.0)
+
+
+def test_live_requests_placed_by_the_policy_get_a_local_runs_outputs_exactly_once(broker, digits, tmp_path):
+    """A peer agent process and a board with ``policy = "split"``: a burst that queues up on the
+    board's one worker; every request answered once with the outputs a local run gives, some of
+    them by the peer, and the board measured the link."""
+    from agent.config import CONFIG_VERSION, parse_config
+    from agent.service import Service
+    from tests.test_offload import MODEL, PeerProcess, Replies, _local_logits, _wait
+    frames, _ = digits
+    peer = PeerProcess(tmp_path, broker, "board-s")
+    board = app = None
+    try:
+        board = Service(parse_config({
+            "config_version": CONFIG_VERSION,
+            "agent": {"device": "board-split", "workers": 1, "policy": "split"},
+            "mqtt": {"host": broker.host, "port": broker.port, "session_expiry_s": 0},
+            "telemetry": {"interval_s": 0},
+            "offload": {"peers": ["board-s"], "splits": ["stage2"]},
+            "models": [{"name": MODEL, "card": f"demo:{MODEL}", "default_slo_ms": 1000,
+                        "batching": {"max_batch": 4}}],
+        }))
+        _wait(lambda: board.agent.offload.peers.live("board-s") is not None, 60.0, "the peer's status")
+        app = Replies(broker, board.config.device, "app-split")
+        for frame in frames[:48]:
+            app.send(frame, slo_ms=5000)
+        replies = app.check_exactly_once()
+        assert all(r["status"] == "ok" for r in replies), [r for r in replies if r["status"] != "ok"]
+        got = np.concatenate([r["outputs"]["logits"] for r in replies])
+        expected = _local_logits(f"demo:{MODEL}", frames[:48])
+        np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        devices = {r["served_by"]["device"] for r in replies}
+        assert "board-s" in devices, board.agent.scheduler.policy.placed
+        assert board.agent.offload.peers.live("board-s").samples >= 1
+    finally:
+        if app is not None:
+            app.close()
+        if board is not None:
+            board.close()
+        peer.close()
