@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab | codecs``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab | codecs | offload``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -306,6 +306,36 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_offload(args: argparse.Namespace) -> int:
+    from edge_lab.bench.offload import bench_offload, format_offload, parse_links
+    from edge_lab.netlab import LabError
+    try:
+        links = parse_links(args.links)
+    except ValueError as exc:
+        print(f"edge-agent bench offload: {exc}", file=sys.stderr)
+        return 2
+    rows = [key.strip() for key in args.rows.split(",") if key.strip()] if args.rows else None
+    shapes = ", ".join(f"{link.mbit:g} Mbit/s {link.delay_ms:g} ms" for link in links)
+    print(f"edge-agent bench offload: board {args.board_cpu} core, peer twice that unless --peer-cpu; "
+          f"links {shapes}", flush=True)
+    try:
+        results = bench_offload(links, model=args.model, board_cpu=args.board_cpu, peer_cpu=args.peer_cpu,
+                                duration_s=args.duration, load=args.load, slo_ms=args.slo_ms, rows=rows,
+                                seed=args.seed, say=lambda line: print(f"  {line}", flush=True))
+    except (LabError, ValueError) as exc:
+        print(f"edge-agent bench offload: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edge-agent bench offload: interrupted; the lab and its agents were torn down", file=sys.stderr)
+        return 130
+    print(format_offload(results), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cores(text: str) -> float | None:
     if text.lower() in ("none", "0"):
         return None
@@ -508,3 +538,34 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     codecs.add_argument("--repeats", type=int, default=5, help="timing repeats; medians are printed (default 5)")
     codecs.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     codecs.set_defaults(func=_cmd_bench_codecs)
+
+    offload = bench_sub.add_parser(
+        "offload", help="collaborative offload in the two-board lab: local, full offload, fixed splits, "
+                        "Neurosurgeon and ours under several link shapes",
+        description="Build the two-board lab (edge_lab.netlab: the board in a namespace with a CPU quota, the "
+                    "peer with twice that, Mosquitto beside the peer, the board's link shaped by tbf and delayed "
+                    "by a relay), start a peer agent (serve = true) and, per row, a board agent with that row's "
+                    "policy; play an overload (--load times the board's capacity, measured at start) from the "
+                    "board's own namespace over HTTP; print goodput, SLO attainment, lost and duplicated replies "
+                    "and where replies were computed, one table per link shape, and issue 23's targets. Tears "
+                    "everything down by itself, Ctrl-C or SIGTERM included. Needs root. About 20 s per row.")
+    offload.add_argument("--links", default="10:50,100:10,1000:1", metavar="MBIT:MS,...",
+                         help="link shapes, Mbit/s and one-way delay ms each (default 10:50,100:10,1000:1)")
+    offload.add_argument("--rows", metavar="KEY,...",
+                         help="only these rows: local, full, a split point of the card (resnet_digits: stage1, "
+                              "stage2), neurosurgeon, ours (default: every row this branch has)")
+    offload.add_argument("--duration", type=_positive_float, default=10.0, metavar="S",
+                         help="seconds of trace per row (default 10)")
+    offload.add_argument("--load", type=_positive_float, default=3.0, metavar="X",
+                         help="the trace's rate as a multiple of the board's measured capacity (default 3)")
+    offload.add_argument("--slo-ms", type=_positive_float, default=150.0, metavar="MS",
+                         help="the requests' SLO (default 150)")
+    offload.add_argument("--model", default="resnet_digits",
+                         help="a demo model with split points (default resnet_digits; or mobilenet_digits)")
+    offload.add_argument("--board-cpu", type=_cores, default=0.5, metavar="CORES",
+                         help="the board's CPU quota in cores (default 0.5; none: no quota)")
+    offload.add_argument("--peer-cpu", type=_cores, default=None, metavar="CORES",
+                         help="the peer's CPU quota in cores (default twice the board's)")
+    offload.add_argument("--seed", type=int, default=0, help="seed of the trace (default 0)")
+    offload.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    offload.set_defaults(func=_cmd_bench_offload)
