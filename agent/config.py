@@ -24,13 +24,58 @@ BACKEND_KINDS = ("onnxruntime", "litert")
 
 
 def available_cores() -> int:
-    """The cores this process may run on: its CPU affinity (taskset, a cgroup cpuset, a container's
-    cores), which ``os.cpu_count()`` ignores: a slot per machine core on a process pinned to fewer
-    would only time-slice them."""
+    """The cores this process may use: its CPU affinity (taskset, a cgroup cpuset, a container's
+    cores), which ``os.cpu_count()`` ignores, and its cgroup's CPU quota (systemd's ``CPUQuota=``, a
+    container's ``--cpus``, Kubernetes' CPU limit), rounded up: a slot per machine core on a process
+    allowed fewer would only time-slice them, each batch taking several times its profiled time."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        cores = len(os.sched_getaffinity(0)) or 1
     except AttributeError:     # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cores = max(1, min(cores, math.ceil(quota - 1e-9)))
+    return cores
+
+
+def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup in cores (``quota / period``), or ``None`` when it has
+    none or there is no cgroup to read: cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us`` of the ``cpu`` hierarchy). A quota set on a parent cgroup is not seen."""
+    try:
+        with open(proc_cgroup) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        path = path.lstrip("/")
+        try:
+            if controllers == "":                                    # v2: the unified hierarchy
+                for base in (os.path.join(root, path), os.path.join(root, "unified", path)):
+                    try:
+                        with open(os.path.join(base, "cpu.max")) as fh:
+                            quota, period = fh.read().split()[:2]
+                    except OSError:
+                        continue
+                    if quota != "max":
+                        return int(quota) / int(period)
+            elif "cpu" in controllers.split(","):                    # v1: the cpu controller
+                base = os.path.join(root, controllers, path)
+                if not os.path.isdir(base):
+                    base = os.path.join(root, "cpu", path)
+                with open(os.path.join(base, "cpu.cfs_quota_us")) as fh:
+                    quota = int(fh.read())
+                with open(os.path.join(base, "cpu.cfs_period_us")) as fh:
+                    period = int(fh.read())
+                if quota > 0 and period > 0:
+                    return quota / period
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class ConfigError(ValueError):

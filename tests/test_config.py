@@ -175,3 +175,55 @@ def test_workers_0_means_the_cores_this_process_may_run_on():
     pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert pinned.stdout.strip() == "1", pinned.stderr
     assert Config.demo().worker_count == len(os.sched_getaffinity(0))
+
+
+def _cgroup_tree(tmp_path, proc_line: str, files: dict[str, str]):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text(proc_line + "\n")
+    for rel, text in files.items():
+        path = tmp_path / "fs" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(tmp_path / "fs"), str(proc)
+
+
+def test_the_cgroup_cpu_quota_is_read_from_v1_and_v2(tmp_path):
+    from agent.config import cgroup_cpu_quota
+    root, proc = _cgroup_tree(tmp_path / "v1", "4:cpu,cpuacct:/boards/a",
+                              {"cpu,cpuacct/boards/a/cpu.cfs_quota_us": "50000", "cpu,cpuacct/boards/a/cpu.cfs_period_us": "100000"})
+    assert cgroup_cpu_quota(root, proc) == 0.5
+    root, proc = _cgroup_tree(tmp_path / "v2", "0::/system.slice/edge-agent.service",
+                              {"system.slice/edge-agent.service/cpu.max": "150000 100000"})
+    assert cgroup_cpu_quota(root, proc) == 1.5
+    root, proc = _cgroup_tree(tmp_path / "none", "0::/x", {"x/cpu.max": "max 100000"})
+    assert cgroup_cpu_quota(root, proc) is None
+    root, proc = _cgroup_tree(tmp_path / "unlimited", "4:cpu:/", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
+    assert cgroup_cpu_quota(root, proc) is None
+    assert cgroup_cpu_quota(str(tmp_path / "nowhere"), str(tmp_path / "no-such-file")) is None
+
+
+def test_a_process_under_a_half_core_quota_takes_one_execution_slot(tmp_path):
+    """A real cgroup v1 CPU quota of half a core (root only): ``workers = 0`` means one slot, not
+    one per core of the machine (two slots would time-slice half a core)."""
+    import os
+    import subprocess
+    import sys
+    base = "/sys/fs/cgroup/cpu"
+    if os.geteuid() != 0 or not os.path.isfile(os.path.join(base, "cpu.cfs_quota_us")):
+        pytest.skip("needs root and the cgroup v1 cpu controller at /sys/fs/cgroup/cpu")
+    group = os.path.join(base, f"edge-agent-test-{os.getpid()}")
+    os.mkdir(group)
+    try:
+        with open(os.path.join(group, "cpu.cfs_period_us"), "w") as fh:
+            fh.write("100000")
+        with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as fh:
+            fh.write("50000")
+        code = ("import os,sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
+                "from agent.config import available_cores, cgroup_cpu_quota; print(available_cores(), cgroup_cpu_quota())")
+        script = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c \"{code}\" {tmp_path / 'pid'}"
+        out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["1", "0.5"]
+    finally:
+        os.rmdir(group)
