@@ -503,8 +503,10 @@ NOTES: dict[str, str] = {
         "of the run at batch 1 on the build host). Not shipped (each head+tail pair costs about the model's 2.3 MB): "
         "stem, whose head is about 2% of the run while its tensor is 10.7x the input, so full offload beats it "
         "on every link; stage3, whose tail is about 1% of the run (a global pool and a linear layer), never worth "
-        "sending 24 KB for. Every tensor here is larger than the 12 KB uint8 input in float32: splitting this "
-        "model pays only with a codec (split_candidates holds each candidate's figures)."),
+        "sending 24 KB for. Both shipped tensors stay larger than the 12 KB uint8 input even in int8 (48 KB and "
+        "16 KB): full offload always sends fewer bytes, so these points serve a peer too busy to take the whole "
+        "model, and the mechanics; camera_digits is the model where the split is a real question "
+        "(split_candidates holds each candidate's figures)."),
     "mobilenet_digits": (
         "Shipped: stage2 (about half the run on each side at batch 1 on the build host, 32 KB per item) and "
         "stage3 (about 70% head, 12 KB per item, as large as the uint8 input in float32, a quarter of it in "
