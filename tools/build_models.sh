@@ -27,12 +27,25 @@ else
     echo "== $VENV is up to date with $(basename "$REQ")"
 fi
 
+# The models named by --models (golden outputs and split points are redone for those only).
+models=()
+collect=0
+for arg in "$@"; do
+    case "$arg" in
+        --models) collect=1 ;;
+        --*) collect=0 ;;
+        *) if [ "$collect" = 1 ]; then models+=("$arg"); fi ;;
+    esac
+done
+only=()
+if [ "${#models[@]}" -gt 0 ]; then only=(--models "${models[@]}"); fi
+
 cd "$ROOT"
 echo "== tools/build_models.py $*"
 "$VENV/bin/python" -u tools/build_models.py "$@"
 # The build rewrites the cards: put the self-test's golden outputs back, from the new files.
 echo "== tools/golden_outputs.py"
-"$VENV/bin/python" -u tools/golden_outputs.py
+"$VENV/bin/python" -u tools/golden_outputs.py "${only[@]}"
 # ... and drops their split points: cut them again (the card keeps none, so the tool's defaults).
 echo "== tools/split_models.py"
-exec "$VENV/bin/python" -u tools/split_models.py
+exec "$VENV/bin/python" -u tools/split_models.py "${only[@]}"

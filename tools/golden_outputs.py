@@ -66,6 +66,10 @@ def golden_for(name: str, count: int, decimals: int) -> tuple[dict, list[list], 
     raw.pop("golden", None)
     inputs_spec = {"dataset": "digits_test.npz", "array": "images", "indices": list(range(count)),
                    "preprocess": "digits_frames"}
+    dataset = raw.get("dataset", {})
+    if dataset.get("preprocess") == "agent.models.digits.camera_frames":     # the camera-sized model
+        inputs_spec.update(preprocess="camera_frames", seed=dataset["seed"],
+                           frame_size=dataset.get("frame_size", 160))
     batch = make_inputs(inputs_spec, card.inputs, card.source.parent)
     reference = load_backend("onnxruntime", card.verify_file(REFERENCE), providers=["CPUExecutionProvider"]).run(batch)
     measured: dict[str, float] = {}

@@ -56,6 +56,7 @@ BATCH_SIZES = (1, 2, 4, 8)
 DEFAULT_KEEP = {
     "resnet_digits": ["stage1", "stage2"],
     "mobilenet_digits": ["stage2", "stage3"],
+    "camera_digits": ["stage2", "stage3"],
 }
 
 
@@ -502,14 +503,26 @@ NOTES: dict[str, str] = {
         "of the run at batch 1 on the build host). Not shipped (each head+tail pair costs about the model's 2.3 MB): "
         "stem, whose head is about 2% of the run while its tensor is 10.7x the input, so full offload beats it "
         "on every link; stage3, whose tail is about 1% of the run (a global pool and a linear layer), never worth "
-        "sending 24 KB for. Every tensor here is larger than the 12 KB uint8 input in float32: splitting this "
-        "model pays only with a codec (split_candidates holds each candidate's figures)."),
+        "sending 24 KB for. Both shipped tensors stay larger than the 12 KB uint8 input even in int8 (48 KB and "
+        "16 KB): full offload always sends fewer bytes, so these points serve a peer too busy to take the whole "
+        "model, and the mechanics; camera_digits is the model where the split is a real question "
+        "(split_candidates holds each candidate's figures)."),
     "mobilenet_digits": (
         "Shipped: stage2 (about half the run on each side at batch 1 on the build host, 32 KB per item) and "
         "stage3 (about 70% head, 12 KB per item, as large as the uint8 input in float32, a quarter of it in "
         "int8). Not shipped (each head+tail pair costs about the model's 1.9 MB): stage1, whose head is about 13% "
         "of the run while its tensor is 8x the input; stage4, whose tail is about 5% of the run "
         "(split_candidates holds each candidate's figures)."),
+    "camera_digits": (
+        "Shipped: stage2 (about 78% of the run before the cut at batch 1 on the build host; 150 KB per item "
+        "in float32, 2x the 75 KB uint8 input, half of it in int8) and stage3 (about 93% before the cut; "
+        "62.5 KB per item, 0.83x the input in float32, a fifth of it in int8): the two cuts whose tensor a "
+        "codec makes smaller than the input, so that on a slow link a split beats full offload. Not shipped "
+        "(each head+tail pair costs about the model's 9.5 MB): stem (4% head, tensor 2.7x the input: full "
+        "offload beats it on every link); stage1 (58% head, the even split, but its tensor is 5.3x the input, "
+        "1.3x in int8; tools/split_models.sh --keep camera_digits=stage1,stage2,stage3 adds it); stage4 "
+        "(its tail, a pool and a linear layer, is under 1% of the run). split_candidates holds each "
+        "candidate's figures."),
 }
 
 

@@ -207,7 +207,8 @@ class Golden:
     """Fixed inputs and the outputs the reference file gave on them, with per-variant tolerances.
 
     ``inputs`` says how to make the inputs, so a card need not carry megabytes of frames:
-    ``{"dataset": FILE, "array": KEY, "indices": [...], "preprocess": "digits_frames" | "none"}``
+    ``{"dataset": FILE, "array": KEY, "indices": [...], "preprocess": "digits_frames" | "camera_frames" | "none"}``
+    (``camera_frames`` also takes ``seed`` and ``frame_size``)
     (rows of an ``.npz`` beside the card) or ``{"random": SEED, "count": N}`` (numpy's PCG64,
     uniform over the input's dtype). ``input_sha256`` is the digest of the inputs the outputs were
     computed on: where it differs, the board made other inputs, and a mismatch is not the model's.
@@ -223,7 +224,7 @@ class Golden:
         return self.tolerance.get(variant)
 
 
-GOLDEN_PREPROCESS = ("digits_frames", "none")
+GOLDEN_PREPROCESS = ("digits_frames", "camera_frames", "none")
 
 
 def _parse_golden(raw: Any, path: Path, outputs: tuple[TensorSpec, ...]) -> Golden:
@@ -240,6 +241,8 @@ def _parse_golden(raw: Any, path: Path, outputs: tuple[TensorSpec, ...]) -> Gold
             raise CardError(f"{where}.inputs.indices = {indices!r}: expected a non-empty list of row numbers >= 0")
         if inputs.get("preprocess", "none") not in GOLDEN_PREPROCESS:
             raise CardError(f"{where}.inputs.preprocess = {inputs.get('preprocess')!r}: expected one of {GOLDEN_PREPROCESS}")
+        if inputs.get("preprocess") == "camera_frames" and not isinstance(inputs.get("seed"), int):
+            raise CardError(f"{where}.inputs.seed = {inputs.get('seed')!r}: camera_frames needs the integer seed")
         count = len(indices)
     elif isinstance(inputs, dict) and "random" in inputs:
         count = inputs.get("count")
@@ -305,6 +308,10 @@ def make_inputs(source: dict[str, Any], specs: tuple[TensorSpec, ...], base_dir:
         if source.get("preprocess", "none") == "digits_frames":
             from agent.models.digits import frames_from_digits
             rows = frames_from_digits(rows)
+        elif source.get("preprocess") == "camera_frames":
+            # frame i depends on (seed, i): rows 0..k-1 of the test set give its first k frames
+            from agent.models.digits import CAMERA_SIZE, camera_frames
+            rows = camera_frames(rows, int(source["seed"]), int(source.get("frame_size", CAMERA_SIZE)))
         batch = {spec.name: np.ascontiguousarray(rows, dtype=spec.dtype)}
     else:
         rng = np.random.default_rng(int(source["random"]))
