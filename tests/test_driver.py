@@ -251,3 +251,31 @@ def test_item_errors_answer_their_requests_and_the_rest_get_outputs():
                                    item_errors=[None, refused, None]))
     assert requests[0].reply.value.outputs["y"][0] == 0 and requests[2].reply.value.outputs["y"][0] == 1
     assert requests[1].reply.value is refused and scheduler.in_flight == 0
+
+
+def test_a_request_read_just_after_a_batch_run_alone_is_queued_not_run_alone_again():
+    """The intake's thread ran a batch alone (an idle board's request); a request it reads just
+    after (it arrived meanwhile, unread) goes to the queue and a worker, not to the intake's thread
+    again: else under load every request ran alone in turn, seconds late, with the workers idle and
+    nothing refused. After a quiet ``IDLE_GAP_S`` the path is open again."""
+    from agent.scheduler.dispatcher import IDLE_GAP_S
+
+    class Immediate:
+        def start(self, dispatch, on_done):
+            clock.now += 0.004                       # the model runs 4 ms on the calling thread
+            on_done(dispatch, BatchOutcome([{"x": r.inputs.get("x")} for r in dispatch.requests], 0.004))
+
+    clock = Clock()
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 8, starts_alone=True)], max_concurrent=1)
+    driver = Driver(scheduler, Immediate(), clock)
+    first = req("m", 0.0, 1.0)
+    started = scheduler.start_alone(first)
+    assert started is not None
+    driver.start(started, driver.complete_alone)
+    assert clock.now == 0.004 and first.reply.value is not None
+    clock.now += 0.0001
+    second = req("m", clock.now, 1.0)                # read right after the run: it waited in the socket
+    assert scheduler.start_alone(second) is None
+    clock.now += IDLE_GAP_S + 0.001
+    third = req("m", clock.now, 1.0)
+    assert scheduler.start_alone(third) is not None

@@ -187,8 +187,8 @@ def test_the_split_policy_places_batches_by_the_link():
     fast = _split_run(rows, 1e9 / 8, 0.001)
     assert set(slow.placements) == {"local"}, slow.placements     # a round trip is most of the SLO
     sent = sum(n for k, n in fast.placements.items() if k != "local")
-    assert sent > 0.5 * sum(fast.placements.values()), fast.placements
-    assert goodput(fast) > 1.5 * goodput(slow)
+    assert sent > 0.25 * sum(fast.placements.values()), fast.placements
+    assert goodput(fast) > 1.5 * goodput(slow), (goodput(fast), goodput(slow))
 
 
 def test_the_split_policy_beats_local_and_full_offload_on_100mbit_10ms():

@@ -158,9 +158,11 @@ class Driver:
 
     def _release(self, dispatch: Dispatch, started_alone: Request | None = None) -> None:
         with self.lock:
-            self.scheduler.release(dispatch, self.clock())
+            now = self.clock()
+            self.scheduler.release(dispatch, now)
             if started_alone is not None:
                 self.scheduler.learn_admitted(started_alone)
+                self.scheduler.alone_ended(now)
             if self._on_release is not None:
                 self._on_release()
 

@@ -63,9 +63,9 @@ from agent.scheduler.policy import DEFAULT_POLICY, Action, Policy, build_policy
 from agent.scheduler.request import Request
 
 
-#: A request is started alone (:meth:`Scheduler.start_alone`) only when no other request arrived for
-#: this long: a loaded board's requests arrive closer together than one batch of the cheapest model
-#: takes, and under load the intake's thread must stay on its sockets.
+#: A request is started alone (:meth:`Scheduler.start_alone`) only when no other request arrived, and
+#: no batch started alone ended, for this long: a loaded board's requests arrive closer together than
+#: one batch of the cheapest model takes, and under load the intake's thread must stay on its sockets.
 IDLE_GAP_S = 0.002
 
 
@@ -285,7 +285,13 @@ class Scheduler:
         by :meth:`learn_admitted`, which the driver calls once the reply is out. On an idle board
         this Python runs on cold caches: what the path saves is in BENCHMARKS.md ("Side by side with
         a real Triton", ninth session: "the idle board's path").
-        Idle means nothing queued, nothing in flight, and no request for ``IDLE_GAP_S``.
+        Idle means nothing queued, nothing in flight, and no request for ``IDLE_GAP_S``, nor the end
+        of a batch started alone (:meth:`alone_ended`): the intake's thread runs that batch, and
+        requests that arrive meanwhile wait unread in its sockets, stamped when it reads them, just
+        after: counting from the arrival before, each would look like an idle board's, run on the
+        intake's thread in turn, and the workers would sit idle while the sockets filled (seen: an
+        HTTP load at 1.4x the board's capacity answered every request, one at a time, seconds late,
+        with nothing refused; BENCHMARKS.md, twelfth session).
         ``None``: not this path; :meth:`enqueue` the request."""
         if self.in_flight or request.arrival - self.last_arrival < IDLE_GAP_S or self.queued():
             return None
@@ -298,6 +304,12 @@ class Scheduler:
         self._admit(lane, request, self.queue_key(request))
         self.last_arrival = request.arrival
         return self._start(lane, action, [request], request.arrival)
+
+    def alone_ended(self, now: float) -> None:
+        """A batch started alone (:meth:`start_alone`) ended at ``now``: the idle board's path stays
+        shut for ``IDLE_GAP_S`` from then, as after an arrival."""
+        if now > self.last_arrival:
+            self.last_arrival = now
 
     def learn_admitted(self, request: Request) -> None:
         """What the scheduler keeps from an admitted request once it is queued (:meth:`enqueue`) or
