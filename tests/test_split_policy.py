@@ -117,7 +117,7 @@ def test_live_requests_placed_by_the_policy_get_a_local_runs_outputs_exactly_onc
         got = np.concatenate([r["outputs"]["logits"] for r in replies])
         expected = _local_logits(f"demo:{MODEL}", frames[:48])
         np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
-        np.testing.assert_allclose(got, expected, atol=1e-4)
+        np.testing.assert_allclose(got, expected, atol=0.05)       # split tensors travel int8 (the default codec)
         devices = {r["served_by"]["device"] for r in replies}
         assert "board-s" in devices, board.agent.scheduler.policy.placed
         assert board.agent.offload.peers.live("board-s").samples >= 1
@@ -127,3 +127,26 @@ def test_live_requests_placed_by_the_policy_get_a_local_runs_outputs_exactly_onc
         if board is not None:
             board.close()
         peer.close()
+
+
+def test_local_work_is_priced_at_what_this_boards_batches_really_take():
+    """Batches here that take 3x their table's time (a CPU quota the start-up profile did not see)
+    teach the policy to price local work 3x: the batch the idle board kept here now goes away."""
+    s = scheduler(View())
+    assert placements(s, 4, 1.0) == [LOCAL]
+    now = 1.0
+    for _ in range(60):                               # local batches of 4, each 3x its table's 40 ms
+        for _ in range(4):
+            s.enqueue(req("m", now, 10.0))
+        dispatch = s.poll(now).dispatch
+        if dispatch.action.target == LOCAL:
+            s.release(dispatch, now + 0.12)
+            s.observe(dispatch, now + 0.12)
+        else:
+            s.release(dispatch, now)
+            s.observe(dispatch, now + 0.05)
+        now += 1.0
+    assert 2.5 < s.policy.slowdown["m"] < 3.5
+    for _ in range(4):
+        s.enqueue(req("m", now, 1.0))
+    assert s.poll(now).dispatch.action.target == "peer"

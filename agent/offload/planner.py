@@ -148,20 +148,24 @@ class Planner:
             fresh[snap.device] = state
         self.peers = fresh
 
-    def options(self, model: str, batch_size: int, now: float, local: Table | None) -> list[Placement]:
+    def options(self, model: str, batch_size: int, now: float, local: Table | None,
+                local_scale: float = 1.0) -> list[Placement]:
         """Every way to run a batch of ``batch_size`` of ``model`` now: locally (when ``local``,
-        the model's full time here, is given) and on each peer at each split point it offers."""
+        the model's full time here, is given) and on each peer at each split point it offers.
+        ``local_scale``: what this board's compute really takes against its tables (a CPU quota, a
+        busy neighbour: the slowdown its own batches show), applied to the local run and heads."""
         out: list[Placement] = []
         if local is not None:
-            full = local.predict(batch_size)
+            full = local.predict(batch_size) * local_scale
             out.append(Placement(LOCAL, None, now + full, full))
         for peer in self.peers.values():
             for cost in peer.offers.get(model, ()):
-                out.append(self._price(peer, model, cost, batch_size, now))
+                out.append(self._price(peer, model, cost, batch_size, now, local_scale))
         return out
 
-    def _price(self, peer: PeerState, model: str, cost: SplitCost, b: int, now: float) -> Placement:
-        head = cost.head.predict(b) if cost.head is not None else 0.0
+    def _price(self, peer: PeerState, model: str, cost: SplitCost, b: int, now: float,
+               local_scale: float = 1.0) -> Placement:
+        head = cost.head.predict(b) * local_scale if cost.head is not None else 0.0
         local_s = head + b * cost.codec_s_per_item
         leaves = max(now + local_s, peer.link_free_at)
         sent_at = leaves + b * cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0)
@@ -174,11 +178,11 @@ class Planner:
         return Placement(peer.device, cost.split, finish, local_s, sent_at, tail)
 
     def choose(self, model: str, batch_size: int, now: float, deadline: float, local: Table | None,
-               backlog_s: float = 0.0) -> Placement | None:
+               backlog_s: float = 0.0, local_scale: float = 1.0) -> Placement | None:
         """The option for the batch (module docstring): the least ``max(finish, now + local_s +
         backlog_s)`` among those that end by ``deadline``, else the earliest finish; ``None`` when
         there is no option at all (no local model and no peer offering it)."""
-        options = self.options(model, batch_size, now, local)
+        options = self.options(model, batch_size, now, local, local_scale)
         if not options:
             return None
         feasible = [o for o in options if o.finish <= deadline]

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from agent.scheduler.request import Request
 
 
+#: Weight of a new local batch in the slowdown this policy prices local work with.
+SLOWDOWN_ALPHA = 0.1
+
+
 class SplitPolicy(RulePolicy):
     name = "split"
 
@@ -58,6 +62,9 @@ class SplitPolicy(RulePolicy):
         self.planner: Planner = options.setdefault("_split_planner", Planner())
         #: Where this policy's batches went: (target, split) -> batches, for operators and benchmarks.
         self.placed: dict[tuple[str, str | None], int] = options.setdefault("_split_placed", {})
+        #: Per model, this board's batches' time over its table's (:meth:`_learn_slowdown`).
+        self.slowdown: dict[str, float] = options.setdefault("_split_slowdown", {})
+
 
     # --- deciding ------------------------------------------------------------------------------
 
@@ -132,7 +139,7 @@ class SplitPolicy(RulePolicy):
         if not planner.peers:
             return None
         return planner.choose(model, n, now, deadline, view.local_table(model),
-                              backlog_s if self.mode == "queue" else 0.0)
+                              backlog_s if self.mode == "queue" else 0.0, self.slowdown.get(model, 1.0))
 
     def _backlog_s(self, lane: "ModelLane", n: int) -> float:
         """The work queued here behind a batch of ``n`` from ``lane``, per execution slot, as
@@ -157,6 +164,7 @@ class SplitPolicy(RulePolicy):
         action = dispatch.action
         if action.target == LOCAL:
             super().observe(dispatch, now)     # the rules learn from local batches only
+            self._learn_slowdown(dispatch, now)
             return
         peer = self.planner.peers.get(action.target)
         if peer is None:
@@ -165,6 +173,22 @@ class SplitPolicy(RulePolicy):
             if cost.split == action.split:
                 self.planner.answered(action.target, cost.tail.predict(len(dispatch.requests)))
                 return
+
+
+    def _learn_slowdown(self, dispatch: "Dispatch", now: float) -> None:
+        """How much longer this board's batches take than its table says (an EWMA of the ratio,
+        local batches only: an offloaded batch's hold of the slot says nothing of it). Measured at
+        start, a table misses what the board meets later, a CPU quota above all: a short run fits
+        inside the quota's period, a steady load does not."""
+        table = self.view.local_table(dispatch.model) if self.view is not None else None
+        if table is None:
+            return
+        predicted = table.predict(len(dispatch.requests))
+        if predicted <= 0:
+            return
+        ratio = min(max((now - dispatch.started) / predicted, 0.25), 20.0)
+        old = self.slowdown.get(dispatch.model)
+        self.slowdown[dispatch.model] = ratio if old is None else old + SLOWDOWN_ALPHA * (ratio - old)
 
 
 def build(scheduler: "Scheduler") -> SplitPolicy:
