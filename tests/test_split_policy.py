@@ -150,3 +150,35 @@ def test_local_work_is_priced_at_what_this_boards_batches_really_take():
     for _ in range(4):
         s.enqueue(req("m", now, 1.0))
     assert s.poll(now).dispatch.action.target == "peer"
+
+
+def test_what_this_board_refuses_a_peer_takes_and_the_policy_sends_it_there():
+    """Admission here refuses a burst beyond this board's capacity; what the peer can still finish
+    in time is admitted for it and sent to it whole, ahead of the batches here; the rest is refused
+    with admission's reason. Without a peer, the same burst is refused beyond the board's share."""
+    from agent.errors import InferenceError
+    from agent.scheduler.admission import AdmissionControl
+
+    def board(view):
+        lane = Scheduler.lane("m", FixedBatch(4), 1, 256, admission=AdmissionControl(HERE, 4, 0.0))
+        return Scheduler([lane], max_concurrent=1, policy="split",
+                         policy_options={"offload": OffloadConfig(planner="queue"), "offload_view": view})
+
+    def burst(s):
+        admitted = refused = 0
+        for _ in range(60):
+            try:
+                s.enqueue(req("m", 0.0, 0.2))
+                admitted += 1
+            except InferenceError as exc:
+                assert exc.code == "rejected"
+                refused += 1
+        return admitted, refused
+
+    alone_admitted, _ = burst(board(View(peers=False)))
+    s = board(View())
+    admitted, refused = burst(s)
+    assert admitted > alone_admitted + 4 and refused > 0
+    first = s.poll(0.0).dispatch
+    assert first.action.target == "peer" and first.action.split is None and first.action.requests
+    assert all(r.rid in first.action.requests for r in first.requests)

@@ -273,7 +273,11 @@ class Scheduler:
                                        min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
                                        shared_start, overtakers, self.max_concurrent, key)
         if reason is not None:
-            raise InferenceError(REJECTED, reason)
+            # What this board cannot finish in time, a peer may: a policy that offloads says so
+            # (``admit_elsewhere``), and then sends the request there.
+            elsewhere = getattr(self.policy, "admit_elsewhere", None)
+            if elsewhere is None or not elsewhere(lane, request):
+                raise InferenceError(REJECTED, reason)
 
     def start_alone(self, request: Request) -> Dispatch | None:
         """The idle board's path (ours): a request that finds nothing queued and nothing in flight
@@ -425,6 +429,8 @@ class Scheduler:
                 return
 
     def _pop(self, lane: ModelLane, action: Action, now: float, expired: list[Request]) -> Dispatch | None:
+        if action.requests:
+            return self._pop_these(lane, action, now)
         if action.take == "latest" and not lane.fifo:
             return self._pop_latest(lane, action, now)
         expire_before = -math.inf if lane.fifo else now + lane.min_latency_s
@@ -448,6 +454,17 @@ class Scheduler:
             lane.queue.cancel(request.rid)
             del pending[request.rid]
         chosen.reverse()                     # earliest first, as a popped batch is
+        return self._start(lane, action, chosen, now)
+
+    def _pop_these(self, lane: ModelLane, action: Action, now: float) -> Dispatch | None:
+        """The batch of the queued requests ``action.requests`` names (those still queued)."""
+        pending = lane.pending
+        chosen = [pending[rid] for rid in action.requests if rid in pending][:action.batch_size]
+        if not chosen:
+            return None
+        for request in chosen:
+            lane.queue.cancel(request.rid)
+            del pending[request.rid]
         return self._start(lane, action, chosen, now)
 
     def _start(self, lane: ModelLane, action: Action, requests: list[Request], now: float) -> Dispatch:

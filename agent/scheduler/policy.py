@@ -45,7 +45,9 @@ class Action(NamedTuple):
     ``None`` to send the whole input (full offload); ``take``: which of the lane's requests the batch
     takes, ``"earliest"`` (deadline order, as the queue pops) or ``"latest"`` (those with the most
     time left: a batch for a peer, whose round trip the most urgent requests cannot afford, while
-    the urgent ones stay for this board's next free slot).
+    the urgent ones stay for this board's next free slot); ``requests``: the ids of the lane's
+    queued requests the batch takes, whatever their order (requests admitted for a peer, sent to
+    it), ``()`` to take by ``take``.
     """
 
     model: str
@@ -55,6 +57,7 @@ class Action(NamedTuple):
     exit: int | None = None
     split: str | None = None
     take: str = "earliest"
+    requests: tuple[int, ...] = ()
 
 
 class Policy(Protocol):

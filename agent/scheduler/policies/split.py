@@ -21,7 +21,18 @@ A batch sent to a peer reserves the uplink and the peer's time in the planner; i
 returned when it is answered (:meth:`SplitPolicy.observe`). Where the view offers no peer (none
 configured, none alive) every batch runs here, as under ``rules``.
 
-Admission counts what offload frees: a batch released early (its head done and sent) teaches
+Admission counts the peers (DESIGN.md: "whether the deadline can be met locally or on a known
+peer"): a request this board's own test refuses is admitted when a peer could still finish it, the
+whole input sent, by its deadline (:meth:`SplitPolicy.admit_elsewhere`: each peer is a virtual queue
+of the work admitted for it, draining at its speed over its slots behind its advertised queue), and
+it is noted for that peer: the next free slot sends such requests to it whole, ahead of the batches
+here (``Action.requests``), holding the slot only while they are sent. Deciding where at admission,
+not at dispatch, is what makes it hold: admitted for a peer but placed again when popped, such
+requests went into batches here and missed (tried live); without it, admission fills the queue to
+what this board alone can finish, the planner sees no backlog, and the peers idle while requests
+are refused (BENCHMARKS.md, twelfth session).
+
+Admission also counts what offload frees: a batch released early (its head done and sent) teaches
 admission the time it held its slot, not its round trip (``Scheduler.observe``), so the queue model
 drains as fast as the slots really do while batches leave, and the per-class slack learns what the
 peers' side adds to a request's latency.
@@ -64,15 +75,76 @@ class SplitPolicy(RulePolicy):
         self.placed: dict[tuple[str, str | None], int] = options.setdefault("_split_placed", {})
         #: Per model, this board's batches' time over its table's (:meth:`_learn_slowdown`).
         self.slowdown: dict[str, float] = options.setdefault("_split_slowdown", {})
+        #: Per peer, when the work admitted for it would be done (:meth:`admit_elsewhere`), and per
+        #: model, the queued requests admitted for a peer: request id -> peer.
+        self.virtual_free: dict[str, float] = options.setdefault("_split_virtual_free", {})
+        self.away: dict[str, dict[int, str]] = options.setdefault("_split_away", {})
 
 
     # --- deciding ------------------------------------------------------------------------------
 
     def decide(self, scheduler: "Scheduler", now: float) -> tuple[Action | None, float]:
+        away = self._send_away(scheduler)
+        if away is not None:
+            return away, now
         action, wake_at = super().decide(scheduler, now)
         if action is None:
             return None, wake_at
         return self._place(action, scheduler.lanes[action.model], now), wake_at
+
+    def _send_away(self, scheduler: "Scheduler") -> Action | None:
+        """A batch of the requests admitted for a peer (:meth:`admit_elsewhere`) still queued, to
+        that peer whole: they hold this board's slot only while they are sent."""
+        if not self.away or scheduler.in_flight >= scheduler.max_concurrent:
+            return None
+        for model, by_rid in list(self.away.items()):
+            lane = scheduler.lanes.get(model)
+            if lane is None:
+                del self.away[model]
+                continue
+            for rid in [rid for rid in by_rid if rid not in lane.pending]:
+                del by_rid[rid]                      # taken by a batch here, or expired
+            if not by_rid:
+                del self.away[model]
+                continue
+            if not lane.free_instances:
+                continue
+            peer = next(iter(by_rid.values()))
+            rids = tuple(rid for rid, p in by_rid.items() if p == peer)[:lane.rule.max_batch]
+            for rid in rids:
+                del by_rid[rid]
+            key = (peer, None)
+            self.placed[key] = self.placed.get(key, 0) + 1
+            return Action(model, len(rids), target=peer, requests=rids)
+        return None
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def admit_elsewhere(self, lane: "ModelLane", request: "Request") -> bool:
+        """Whether a peer could finish ``request``, which this board's admission refuses, by its
+        deadline, the whole input sent (module docstring); if so it is noted for that peer, and its
+        work added to the peer's virtual queue."""
+        if self.view is None or lane.name not in self.models:
+            return False
+        now = request.arrival
+        planner = self.planner
+        planner.refresh(self.view.peer_snapshots(now))
+        best = None
+        for peer in planner.peers.values():
+            for cost in peer.offers.get(lane.name, ()):
+                if cost.split is not None:
+                    continue                           # no compute here for what this board cannot take
+                work = cost.tail.predict(1) / max(peer.slots, 1)
+                starts = max(self.virtual_free.get(peer.device, now), now + peer.queue_s.get(lane.name, 0.0),
+                             peer.link_free_at)
+                finish = starts + work + cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0) + peer.rtt_s
+                if finish <= request.deadline and (best is None or finish < best[0]):
+                    best = (finish, peer.device, starts + work)
+        if best is None:
+            return False
+        self.virtual_free[best[1]] = best[2]
+        self.away.setdefault(lane.name, {})[request.rid] = best[1]
+        return True
 
     def alone(self, scheduler: "Scheduler", lane: "ModelLane", request: "Request") -> Action | None:
         action = super().alone(scheduler, lane, request)
