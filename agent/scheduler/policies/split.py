@@ -124,8 +124,8 @@ class SplitPolicy(RulePolicy):
         """Whether a peer could finish ``request``, which this board's admission refuses, by its
         deadline, the whole input sent (module docstring); if so it is noted for that peer, and its
         work added to the peer's virtual queue."""
-        if self.view is None or lane.name not in self.models:
-            return False
+        if self.view is None or lane.name not in self.models or self.mode != "queue":
+            return False                               # Neurosurgeon ("latency") places at dispatch only
         now = request.arrival
         planner = self.planner
         planner.refresh(self.view.peer_snapshots(now))
