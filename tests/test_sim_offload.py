@@ -228,3 +228,13 @@ def test_the_offload_matrix_runs_every_policy_on_every_link_shape():
             assert r["mean_batch"] == 1.0
     text = format_matrix(out)
     assert "neurosurgeon" in text and "1Gbit/1ms" in text
+
+
+def test_bench_offload_sim_prints_every_policy_on_every_link(capsys):
+    """``edge-agent bench offload --sim``: the table of every policy per link shape, no root."""
+    from agent.cli import main
+    assert main(["bench", "offload", "--sim", "--duration", "1"]) == 0
+    out = capsys.readouterr().out
+    for policy in ("local", "full", "neurosurgeon", "fixed:stage1", "split"):
+        assert policy in out
+    assert "100Mbit/10ms" in out and "1Gbit/1ms" in out

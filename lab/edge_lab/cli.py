@@ -307,6 +307,10 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_offload(args: argparse.Namespace) -> int:
+    if args.sim:
+        from edge_lab.bench.offload_sim import main as simulated
+        sim_args = ["--duration", f"{args.duration:g}", "--load", f"{args.load:g}", "--seed", str(args.seed)]
+        return simulated(sim_args)
     from edge_lab.bench.offload import bench_offload, format_offload, parse_links
     from edge_lab.netlab import LabError
     try:
@@ -568,4 +572,7 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                          help="the peer's CPU quota in cores (default twice the board's)")
     offload.add_argument("--seed", type=int, default=0, help="seed of the trace (default 0)")
     offload.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    offload.add_argument("--sim", action="store_true",
+                         help="the same comparison in the simulator instead (the board's scheduler on a virtual "
+                              "clock, a simulated peer and link; no root, seconds): edge_lab.bench.offload_sim")
     offload.set_defaults(func=_cmd_bench_offload)
