@@ -54,6 +54,12 @@ class LiveLoop:
         self._threads = [
             threading.Thread(target=self._worker, name=f"edge-agent-worker-{i}", daemon=True) for i in range(workers)
         ]
+        # The sender: starts what needs no compute here (requests a policy admitted for a peer,
+        # Scheduler.take_away) the moment they are queued. Only for a policy that sends so.
+        self._send_cond = threading.Condition(self.lock)
+        self._sends = hasattr(scheduler.policy, "away")
+        if self._sends:
+            self._threads.append(threading.Thread(target=self._sender, name="edge-agent-sender", daemon=True))
 
     def start(self) -> None:
         for thread in self._threads:
@@ -69,13 +75,17 @@ class LiveLoop:
         fewer cross-vCPU wake-ups). Idle means no batch in flight, nothing queued, and no other
         request for a moment (``Scheduler.start_alone``): under load the loop must stay on its
         sockets (a model run there would delay every other connection's requests, unseen by their
-        deadlines), so the workers run everything."""
+        deadlines), so the workers run everything. A request the policy admitted for a peer
+        (``Scheduler.take_away``) is sent by the sender thread at once: it needs no compute here,
+        and neither the intake's thread nor a busy worker should hold it."""
         with self.lock:
             if self._stopping:
                 raise InferenceError(SHUTTING_DOWN, "the agent is shutting down")
             started = self.scheduler.start_alone(request) if alone else None
             if started is None:
                 self.scheduler.enqueue(request)
+                if self._sends:
+                    self._send_cond.notify()
                 if wake_worker:
                     self.cond.notify()
         return started
@@ -86,6 +96,7 @@ class LiveLoop:
         deadline = self.clock() + grace_s
         with self.cond:
             self._stopping = True
+            self._send_cond.notify_all()
             while self.scheduler.queued() and self.clock() < deadline:
                 self.cond.wait(timeout=max(0.0, min(0.05, deadline - self.clock())))
             leftover = self.scheduler.drain()
@@ -118,6 +129,18 @@ class LiveLoop:
         if self._worker_nice:
             lower_thread_priority(self._worker_nice)
         self.driver.fill(self._wait)
+
+    def _sender(self) -> None:
+        while True:
+            with self.lock:
+                while True:
+                    away = self.scheduler.take_away(self.clock())
+                    if away is not None:
+                        break
+                    if self._stopping:
+                        return
+                    self._send_cond.wait(MAX_IDLE_WAIT_S)
+            self.driver.start(away, self.driver.complete)
 
     def _wait(self, decision: Decision, now: float) -> bool:
         """A worker with nothing to start (the lock held): wait for work or the decision's wake-up;

@@ -69,7 +69,7 @@ from agent.offload.peers import PeerTable
 from agent.offload.splits import chosen
 from agent.profiler.measure import measure_latency_table
 from agent.runtime.executor import BatchOutcome, OnDone
-from agent.scheduler.dispatcher import Dispatch
+from agent.scheduler.dispatcher import NO_INSTANCE, Dispatch
 from agent.telemetry import Counters
 from agent.transport.topics import offload_reply_topic, offload_topic, status_topic
 
@@ -243,7 +243,10 @@ class OffloadClient:
         if (split is None or info is None or not info.offers_split(dispatch.model, action.split)
                 or transport is None or not transport.connected or self._closing):
             self.counters.add("peer_gone")      # nothing is sent: the batch runs here, now
-            self.local.start(dispatch, on_done)
+            if dispatch.instance == NO_INSTANCE:
+                self._run_here(peer, dispatch, on_done)
+            else:
+                self.local.start(dispatch, on_done)
             return
         requests = dispatch.requests
         n = len(requests)
@@ -279,7 +282,7 @@ class OffloadClient:
             log.exception("offload: head of %s at %s failed", dispatch.model, action.split)
             on_done(dispatch, BatchOutcome(None, 0.0, exc))
             return
-        if split.tensor is None and n > 1:
+        if split.tensor is None and n > 1 and dispatch.instance != NO_INSTANCE:
             rest = {k: v.copy() for k, v in rest.items()}   # the instance's buffers go with its release
         pending = _Pending(batch_id, peer, dispatch, on_done, action.split, rest, give_up_at, self.clock(),
                            len(payload), head_s, can_rescue)
@@ -305,11 +308,25 @@ class OffloadClient:
             return
         self.counters.add("sent")
 
+    def _run_here(self, peer: str, dispatch: Dispatch, on_done: OnDone) -> None:
+        """A batch that took no instance (``Scheduler.take_away``) whose peer is gone: its slot is
+        freed, and the whole model runs on the fallback thread (its own session), or each request
+        is answered ``deadline_missed`` there if it cannot finish in time."""
+        rest = self._gather(dispatch)
+        pending = _Pending(f"{self._run}-here-{next(self._ids)}", peer, dispatch, on_done, None, rest,
+                           self.clock(), self.clock(), 0, 0.0, True)
+        self.driver.release_early(dispatch)
+        self._fallback_pool.submit(self._rescue, pending, None, None)
+
     def _gather(self, dispatch: Dispatch) -> dict[str, np.ndarray]:
-        """The batch's inputs as ``[N, ...]`` arrays (the instance's buffers; a lone request's own)."""
+        """The batch's inputs as ``[N, ...]`` arrays (the instance's buffers; a lone request's own;
+        new arrays for a batch that took no instance)."""
         requests = dispatch.requests
         if len(requests) == 1:
             return requests[0].inputs
+        if dispatch.instance == NO_INSTANCE:
+            return {name: np.concatenate([r.inputs[name] for r in requests])
+                    for name in self.local.models[dispatch.model].input_names}
         instances = self.local.models[dispatch.model]
         buffers = instances.buffers[dispatch.instance]
         out = {}

@@ -67,6 +67,8 @@ from agent.scheduler.request import Request
 #: no batch started alone ended, for this long: a loaded board's requests arrive closer together than
 #: one batch of the cheapest model takes, and under load the intake's thread must stay on its sockets.
 IDLE_GAP_S = 0.002
+#: ``Dispatch.instance`` of a batch that computes nothing here (:meth:`Scheduler.take_away`).
+NO_INSTANCE = -1
 
 
 def water_level(free_at: list[float], work: float) -> float:
@@ -456,7 +458,7 @@ class Scheduler:
         chosen.reverse()                     # earliest first, as a popped batch is
         return self._start(lane, action, chosen, now)
 
-    def _pop_these(self, lane: ModelLane, action: Action, now: float) -> Dispatch | None:
+    def _pop_these(self, lane: ModelLane, action: Action, now: float, instance: bool = True) -> Dispatch | None:
         """The batch of the queued requests ``action.requests`` names (those still queued)."""
         pending = lane.pending
         chosen = [pending[rid] for rid in action.requests if rid in pending][:action.batch_size]
@@ -465,12 +467,27 @@ class Scheduler:
         for request in chosen:
             lane.queue.cancel(request.rid)
             del pending[request.rid]
-        return self._start(lane, action, chosen, now)
+        return self._start(lane, action, chosen, now, instance)
 
-    def _start(self, lane: ModelLane, action: Action, requests: list[Request], now: float) -> Dispatch:
-        """The batch takes a slot and an instance (the action's, or any free one)."""
+    def take_away(self, now: float) -> Dispatch | None:
+        """A batch that needs no compute here, to start at once whatever the slots (the policy's
+        ``away(scheduler)``: requests admitted for a peer, sent to it whole). It takes no instance
+        (``Dispatch.instance`` is ``NO_INSTANCE``) and counts in ``in_flight`` only until its
+        executor releases it, once sent. ``None``: nothing to send."""
+        away = getattr(self.policy, "away", None)
+        action = away(self) if away is not None else None
+        if action is None:
+            return None
+        return self._pop_these(self.lanes[action.model], action, now, instance=False)
+
+    def _start(self, lane: ModelLane, action: Action, requests: list[Request], now: float,
+               take_instance: bool = True) -> Dispatch:
+        """The batch takes a slot and an instance (the action's, or any free one; none for a batch
+        that computes nothing here: :meth:`take_away`)."""
         self.policy.dispatched(action, len(requests), now)
         self.in_flight += 1
+        if not take_instance:
+            return Dispatch(lane.name, NO_INSTANCE, requests, now, action)
         if action.instance is None:
             instance = lane.free_instances.pop()
         else:
@@ -495,8 +512,9 @@ class Scheduler:
         """The batch is done (whatever its outcome): its instance and slot are free again. ``now``:
         when; the board's idle time counts from the release that leaves it idle (None: not counted)."""
         lane = self.lanes[dispatch.model]
-        lane.free_instances.append(dispatch.instance)
-        lane.busy_until.pop(dispatch.instance, None)
+        if dispatch.instance != NO_INSTANCE:
+            lane.free_instances.append(dispatch.instance)
+            lane.busy_until.pop(dispatch.instance, None)
         self.in_flight -= 1
         if now is not None and self.in_flight == 0 and not self.queued():
             self.idle_since = now

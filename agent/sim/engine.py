@@ -344,6 +344,9 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
             if started is not None:
                 driver.start(started, driver.complete_alone)
                 continue        # the board was idle: nothing else waits for a slot
+            away = scheduler.take_away(now)      # admitted for a peer: sent at once, as live
+            if away is not None:
+                driver.start(away, driver.complete)
         else:
             break
         if (next_t == inf and not scheduler.in_flight and not scheduler.queued()

@@ -25,8 +25,8 @@ Admission counts the peers (DESIGN.md: "whether the deadline can be met locally 
 peer"): a request this board's own test refuses is admitted when a peer could still finish it, the
 whole input sent, by its deadline (:meth:`SplitPolicy.admit_elsewhere`: each peer is a virtual queue
 of the work admitted for it, draining at its speed over its slots behind its advertised queue), and
-it is noted for that peer: the next free slot sends such requests to it whole, ahead of the batches
-here (``Action.requests``), holding the slot only while they are sent. Deciding where at admission,
+it is noted for that peer and sent to it whole at once, by the thread that queued it, whatever this
+board's slots are doing (``Scheduler.take_away``, ``Action.requests``): it needs no compute here. Deciding where at admission,
 not at dispatch, is what makes it hold: admitted for a peer but placed again when popped, such
 requests went into batches here and missed (tried live); without it, admission fills the queue to
 what this board alone can finish, the planner sees no backlog, and the peers idle while requests
@@ -78,7 +78,7 @@ class SplitPolicy(RulePolicy):
         #: Per peer, when the work admitted for it would be done (:meth:`admit_elsewhere`), and per
         #: model, the queued requests admitted for a peer: request id -> peer.
         self.virtual_free: dict[str, float] = options.setdefault("_split_virtual_free", {})
-        self.away: dict[str, dict[int, str]] = options.setdefault("_split_away", {})
+        self.admitted_away: dict[str, dict[int, str]] = options.setdefault("_split_away", {})
 
 
     # --- deciding ------------------------------------------------------------------------------
@@ -92,22 +92,27 @@ class SplitPolicy(RulePolicy):
             return None, wake_at
         return self._place(action, scheduler.lanes[action.model], now), wake_at
 
-    def _send_away(self, scheduler: "Scheduler") -> Action | None:
+    def away(self, scheduler: "Scheduler") -> Action | None:
+        """The requests admitted for a peer, to send now whatever the slots
+        (``Scheduler.take_away``: the intake starts them as it queues them)."""
+        return self._send_away(scheduler, need_slot=False)
+
+    def _send_away(self, scheduler: "Scheduler", need_slot: bool = True) -> Action | None:
         """A batch of the requests admitted for a peer (:meth:`admit_elsewhere`) still queued, to
         that peer whole: they hold this board's slot only while they are sent."""
-        if not self.away or scheduler.in_flight >= scheduler.max_concurrent:
+        if not self.admitted_away or (need_slot and scheduler.in_flight >= scheduler.max_concurrent):
             return None
-        for model, by_rid in list(self.away.items()):
+        for model, by_rid in list(self.admitted_away.items()):
             lane = scheduler.lanes.get(model)
             if lane is None:
-                del self.away[model]
+                del self.admitted_away[model]
                 continue
             for rid in [rid for rid in by_rid if rid not in lane.pending]:
                 del by_rid[rid]                      # taken by a batch here, or expired
             if not by_rid:
-                del self.away[model]
+                del self.admitted_away[model]
                 continue
-            if not lane.free_instances:
+            if need_slot and not lane.free_instances:
                 continue
             peer = next(iter(by_rid.values()))
             rids = tuple(rid for rid, p in by_rid.items() if p == peer)[:lane.rule.max_batch]
@@ -143,7 +148,7 @@ class SplitPolicy(RulePolicy):
         if best is None:
             return False
         self.virtual_free[best[1]] = best[2]
-        self.away.setdefault(lane.name, {})[request.rid] = best[1]
+        self.admitted_away.setdefault(lane.name, {})[request.rid] = best[1]
         return True
 
     def alone(self, scheduler: "Scheduler", lane: "ModelLane", request: "Request") -> Action | None:
