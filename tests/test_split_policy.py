@@ -182,3 +182,10 @@ def test_what_this_board_refuses_a_peer_takes_and_the_policy_sends_it_there():
     first = s.poll(0.0).dispatch
     assert first.action.target == "peer" and first.action.split is None and first.action.requests
     assert all(r.rid in first.action.requests for r in first.requests)
+    # The board's one slot and instance now busy: what is left for the peer is still sent at once,
+    # taking no instance (the sender thread's path), and its slot only until released.
+    from agent.scheduler.dispatcher import NO_INSTANCE
+    away = s.take_away(0.0)
+    assert away is not None and away.instance == NO_INSTANCE and away.action.target == "peer"
+    s.release(away, 0.0)
+    assert s.lanes["m"].free_instances == [] and s.in_flight == 1
