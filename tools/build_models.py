@@ -21,6 +21,12 @@ same digits as 160x160 frames from ``agent.models.digits.camera_frames`` (scale,
 background, tint, blur, occlusion, noise), a ResNet that downsamples early, ONNX only; it leaves
 the demo models' files and ``digits_test.npz`` alone (its test set is that file plus a seed).
 
+``--models camera_exits`` (built only when named) trains the multi-exit model of issue 24: a smaller
+camera-frame ResNet with early-exit heads after stage1 and stage2, trained jointly; exported whole (every
+exit's logits) and cut at the exits into stages that continue one another (``tools/split_models.py``
+``cut_exit_stages``), with a calibration split held out from training (``camera_exits_calib.npz``); its
+card's ``exits`` hold each exit's test accuracy, confidence calibration and stage times.
+
 Outputs go to ``agent/models/demo/``: the model files, ``digits_test.npz`` (the test split's
 8x8 images and labels) and one JSON model card per model.
 
@@ -306,13 +312,21 @@ class CameraResNet(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """An early exit's classifier (BranchyNet / shallow-deep-network style): a 1x1 conv (ReLU), a
-    global average pool and a linear layer. Deliberately small: an exit costs little next to the
-    stage it follows, and what it can see is limited by that stage's receptive field."""
+    """An early exit's classifier (BranchyNet / shallow-deep-network style): ``downsample`` 3x3
+    stride-2 convs (ReLU) or, with none, a 1x1 conv (ReLU); then a global average pool and a linear
+    layer. Small next to the stage it follows. An exit right after an early stage sees only what that
+    stage's receptive field covers (about 40 px after stage1, on digits 72-144 px tall): with a 1x1
+    conv only, exit1 reached 44% top-1; two stride-2 convs widen its view at about a tenth of
+    stage1's cost."""
 
-    def __init__(self, cin, width):
+    def __init__(self, cin, width, downsample: int = 0):
         super().__init__()
-        self.conv = ConvBNAct(cin, width, 1, act="relu")
+        layers, c = [], cin
+        for i in range(downsample):
+            out = width if i == downsample - 1 else (cin + width) // 2
+            layers.append(ConvBNAct(c, out, 3, 2, act="relu"))
+            c = out
+        self.conv = nn.Sequential(*layers) if layers else ConvBNAct(cin, width, 1, act="relu")
         self.fc = nn.Linear(width, NUM_CLASSES)
 
     def forward(self, x):
@@ -327,7 +341,7 @@ class CameraExitNet(nn.Module):
     another (``camera_exits.stage<k>.onnx``)."""
 
     STAGES = {"stage1": (32, 2, 1), "stage2": (64, 2, 2), "stage3": (128, 2, 2)}   # (c, n, s)
-    EXIT_WIDTH = {"stage1": 32, "stage2": 64}
+    EXIT_WIDTH = {"stage1": 64, "stage2": 64}
 
     def __init__(self, mean, std):
         super().__init__()
@@ -340,7 +354,7 @@ class CameraExitNet(nn.Module):
                 blocks.append(BasicBlock(cin, c, s if i == 0 else 1))
                 cin = c
             setattr(self, name, nn.Sequential(*blocks))
-        self.exit1 = ExitHead(self.STAGES["stage1"][0], self.EXIT_WIDTH["stage1"])
+        self.exit1 = ExitHead(self.STAGES["stage1"][0], self.EXIT_WIDTH["stage1"], downsample=2)
         self.exit2 = ExitHead(self.STAGES["stage2"][0], self.EXIT_WIDTH["stage2"])
         self.classifier = nn.Linear(cin, NUM_CLASSES)
 
@@ -1003,8 +1017,9 @@ EXITS = dict(
         "[N,160,160,3] -> x/255, (x-mean)/std (fixed 1x1 depthwise conv) -> NCHW; stem: 3x3 conv 16 ch stride 2 + "
         "ReLU, 3x3 conv 32 ch stride 2 + ReLU (40x40); basic residual blocks (3x3 conv ReLU, 3x3 conv, identity or "
         "1x1-projection shortcut, add, ReLU): stage1 2 x 32 ch (40x40), stage2 2 x 64 (20x20), stage3 2 x 128 "
-        "(10x10). Exits: exit1 after stage1 and exit2 after stage2 (1x1 conv of the stage's width + ReLU, global "
-        "average pool, linear 10), final after stage3 (global average pool, linear 10). BN folded at export."),
+        "(10x10). Exits: exit1 after stage1 (3x3 conv 48 ch stride 2 + ReLU, 3x3 conv 64 ch stride 2 + ReLU, "
+        "global average pool, linear 10), exit2 after stage2 (1x1 conv 64 ch + ReLU, global average pool, linear "
+        "10), final after stage3 (global average pool, linear 10). BN folded at export."),
     # (exit name, module it follows, output tensor); the boundaries are the modules' outputs
     exits=(("exit1", "stage1", "exit1_logits"), ("exit2", "stage2", "exit2_logits"), ("final", "stage3", "logits")),
     # joint training: the weighted sum of the exits' cross-entropies, the final exit weighted most (its
