@@ -21,6 +21,12 @@ same digits as 160x160 frames from ``agent.models.digits.camera_frames`` (scale,
 background, tint, blur, occlusion, noise), a ResNet that downsamples early, ONNX only; it leaves
 the demo models' files and ``digits_test.npz`` alone (its test set is that file plus a seed).
 
+``--models camera_exits`` (built only when named) trains the multi-exit model of issue 24: a smaller
+camera-frame ResNet with early-exit heads after stage1 and stage2, trained jointly; exported whole (every
+exit's logits) and cut at the exits into stages that continue one another (``tools/split_models.py``
+``cut_exit_stages``), with a calibration split held out from training (``camera_exits_calib.npz``); its
+card's ``exits`` hold each exit's test accuracy, confidence calibration and stage times.
+
 Outputs go to ``agent/models/demo/``: the model files, ``digits_test.npz`` (the test split's
 8x8 images and labels) and one JSON model card per model.
 
@@ -305,6 +311,60 @@ class CameraResNet(nn.Module):
         return self.classifier(x)
 
 
+class ExitHead(nn.Module):
+    """An early exit's classifier (BranchyNet / shallow-deep-network style): ``downsample`` 3x3
+    stride-2 convs (ReLU) or, with none, a 1x1 conv (ReLU); then a global average pool and a linear
+    layer. Small next to the stage it follows. An exit right after an early stage sees only what that
+    stage's receptive field covers (about 40 px after stage1, on digits 72-144 px tall): with a 1x1
+    conv only, exit1 reached 44% top-1; two stride-2 convs widen its view at about a tenth of
+    stage1's cost."""
+
+    def __init__(self, cin, width, downsample: int = 0):
+        super().__init__()
+        layers, c = [], cin
+        for i in range(downsample):
+            out = width if i == downsample - 1 else (cin + width) // 2
+            layers.append(ConvBNAct(c, out, 3, 2, act="relu"))
+            c = out
+        self.conv = nn.Sequential(*layers) if layers else ConvBNAct(cin, width, 1, act="relu")
+        self.fc = nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class CameraExitNet(nn.Module):
+    """A small ResNet for 160x160 camera frames with two early exits: the early-downsampling stem of
+    :class:`CameraResNet` (160 -> 40), three stages of basic blocks (40, 20, 10 px) and an exit head
+    after stage1 and after stage2 beside the final classifier. ``forward`` returns every exit's logits,
+    earliest first, so the exported graph computes them all and stages cut from it continue one
+    another (``camera_exits.stage<k>.onnx``)."""
+
+    STAGES = {"stage1": (32, 2, 1), "stage2": (64, 2, 2), "stage3": (128, 2, 2)}   # (c, n, s)
+    EXIT_WIDTH = {"stage1": 64, "stage2": 64}
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.prep = FramePrep(mean, std)
+        self.stem = nn.Sequential(ConvBNAct(3, 16, 3, 2, act="relu"), ConvBNAct(16, 32, 3, 2, act="relu"))
+        cin = 32
+        for name, (c, n, s) in self.STAGES.items():
+            blocks = []
+            for i in range(n):
+                blocks.append(BasicBlock(cin, c, s if i == 0 else 1))
+                cin = c
+            setattr(self, name, nn.Sequential(*blocks))
+        self.exit1 = ExitHead(self.STAGES["stage1"][0], self.EXIT_WIDTH["stage1"], downsample=2)
+        self.exit2 = ExitHead(self.STAGES["stage2"][0], self.EXIT_WIDTH["stage2"])
+        self.classifier = nn.Linear(cin, NUM_CLASSES)
+
+    def forward(self, frames):
+        f1 = self.stage1(self.stem(self.prep(frames)))
+        f2 = self.stage2(f1)
+        f3 = self.stage3(f2)
+        return self.exit1(f1), self.exit2(f2), self.classifier(f3.mean((2, 3)))
+
+
 MODELS = {
     "mobilenet_digits": dict(
         cls=MobileNetDigits,
@@ -410,7 +470,7 @@ def evaluate_torch(model, x, y) -> float:
 # export
 # --------------------------------------------------------------------------------------
 
-def export_onnx(model: nn.Module, path: Path, size: int = 64) -> None:
+def export_onnx(model: nn.Module, path: Path, size: int = 64, output_names: tuple[str, ...] = ("logits",)) -> None:
     """torch.export-based ONNX export, one file, dynamic batch axis."""
     import logging
 
@@ -422,7 +482,7 @@ def export_onnx(model: nn.Module, path: Path, size: int = 64) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            model, (sample,), None, input_names=["frames"], output_names=["logits"],
+            model, (sample,), None, input_names=["frames"], output_names=list(output_names),
             dynamic_shapes={"frames": {0: batch}}, opset_version=OPSET, dynamo=True,
             external_data=False, verbose=False,
         )
@@ -817,6 +877,46 @@ CAMERA = dict(
 )
 
 
+def train_on_frames(name: str, model: nn.Module, xtr: np.ndarray, ytr: np.ndarray, epochs: int, spec: dict,
+                    loss_fn) -> None:
+    """The camera-sized models' training loop: uint8 frames drawn once (no on-line augmentation: the
+    draws are the augmentation), AdamW at a constant rate then a linear decay over the last third.
+    ``loss_fn(out, labels)`` takes what the model returns; where that is a tuple of exits' logits,
+    the last one is what the logged accuracy counts."""
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["wd"])
+    batch = spec["batch"]
+    steps = epochs * math.ceil(len(xtr) / batch)
+    # constant rate, then a linear decay over the last third (a warm-up to a higher peak kept this
+    # net at chance for the whole of a budget this short)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, 3.0 * (1.0 - k / steps)))
+    gen = torch.Generator().manual_seed(SEED)
+    ytr_t = torch.from_numpy(ytr)
+    t0 = time.time()
+    for ep in range(1, epochs + 1):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=gen).numpy()
+        tot, correct, loss_sum = 0, 0, 0.0
+        for i in range(0, len(perm), batch):
+            idx = np.sort(perm[i:i + batch])
+            xb = torch.from_numpy(xtr[idx]).to(torch.float32)
+            yb = ytr_t[idx]
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            last = out[-1] if isinstance(out, tuple) else out
+            loss_sum += loss.item() * len(idx)
+            correct += int((last.argmax(1) == yb).sum())
+            tot += len(idx)
+            if (i // batch) % 20 == 19:
+                log(f"    step {i // batch + 1}: loss {loss_sum / tot:.4f} train acc {correct / tot:.4f} "
+                    f"{time.time() - t0:6.1f}s")
+        log(f"  [{name}] epoch {ep}/{epochs}  loss {loss_sum / tot:.4f}  train acc {correct / tot:.4f}  "
+            f"{time.time() - t0:6.1f}s")
+
+
 def build_camera(args, out_dir: Path) -> dict:
     """The camera-sized model: sklearn digits as 160x160 camera frames (agent.models.digits.camera_frames:
     scale, position, background, tint, blur, occlusion, noise), the train split drawn as a few fixed
@@ -838,38 +938,8 @@ def build_camera(args, out_dir: Path) -> dict:
     torch.manual_seed(SEED)
     model = CameraResNet(mean, std)
     epochs = args.epochs or spec["epochs"]
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["wd"])
-    batch = spec["batch"]
-    steps = epochs * math.ceil(len(xtr) / batch)
-    # constant rate, then a linear decay over the last third (a warm-up to a higher peak kept this
-    # net at chance for the whole of a budget this short)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, 3.0 * (1.0 - k / steps)))
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(SEED)
-    ytr_t = torch.from_numpy(ytr_all)
     t0 = time.time()
-    for ep in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(len(xtr), generator=gen).numpy()
-        tot, correct, loss_sum = 0, 0, 0.0
-        for i in range(0, len(perm), batch):
-            idx = np.sort(perm[i:i + batch])
-            xb = torch.from_numpy(xtr[idx]).to(torch.float32)
-            yb = ytr_t[idx]
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((out.argmax(1) == yb).sum())
-            tot += len(idx)
-            if (i // batch) % 20 == 19:
-                log(f"    step {i // batch + 1}: loss {loss_sum / tot:.4f} train acc {correct / tot:.4f} "
-                    f"{time.time() - t0:6.1f}s")
-        log(f"  [{name}] epoch {ep}/{epochs}  loss {loss_sum / tot:.4f}  train acc {correct / tot:.4f}  "
-            f"{time.time() - t0:6.1f}s")
+    train_on_frames(name, model, xtr, ytr_all, epochs, spec, nn.CrossEntropyLoss())
     model.eval()
     train_s = time.time() - t0
     acc_torch = evaluate_torch(model, xte, yte)
@@ -940,15 +1010,278 @@ def build_camera(args, out_dir: Path) -> dict:
     return card
 
 
+EXITS = dict(
+    name="camera_exits",
+    architecture=(
+        "Multi-exit ResNet-style for camera frames (BranchyNet / shallow-deep-network style): in-graph uint8 NHWC "
+        "[N,160,160,3] -> x/255, (x-mean)/std (fixed 1x1 depthwise conv) -> NCHW; stem: 3x3 conv 16 ch stride 2 + "
+        "ReLU, 3x3 conv 32 ch stride 2 + ReLU (40x40); basic residual blocks (3x3 conv ReLU, 3x3 conv, identity or "
+        "1x1-projection shortcut, add, ReLU): stage1 2 x 32 ch (40x40), stage2 2 x 64 (20x20), stage3 2 x 128 "
+        "(10x10). Exits: exit1 after stage1 (3x3 conv 48 ch stride 2 + ReLU, 3x3 conv 64 ch stride 2 + ReLU, "
+        "global average pool, linear 10), exit2 after stage2 (1x1 conv 64 ch + ReLU, global average pool, linear "
+        "10), final after stage3 (global average pool, linear 10). BN folded at export."),
+    # (exit name, module it follows, output tensor); the boundaries are the modules' outputs
+    exits=(("exit1", "stage1", "exit1_logits"), ("exit2", "stage2", "exit2_logits"), ("final", "stage3", "logits")),
+    # joint training: the weighted sum of the exits' cross-entropies, the final exit weighted most (its
+    # features must not be bent towards the early heads' needs more than a little)
+    loss_weights=(0.3, 0.5, 1.0),
+    size=160, train_seeds=(1000, 1001), train_hard=(0.5, 1.0), test_seed=2301,
+    # the calibration split: a stratified fifth of the TRAIN digits, never trained on, drawn twice at the
+    # test set's difficulty with their own seeds (the test split stays untouched for the card's accuracies)
+    calib_fraction=0.2, calib_seeds=(3301, 3302), calib_file="camera_exits_calib.npz",
+    epochs=10, lr=2e-3, wd=5e-4, batch=32,
+)
+
+
+def build_exits(args, out_dir: Path) -> dict:
+    """The multi-exit model (issue 24): trained jointly on camera frames, exported whole (every exit's
+    logits) and cut into stages at the exits (tools/split_models.py ``cut_exit_stages``); the card's
+    ``exits`` carry each exit's test accuracy, its confidence calibration on the held-out calibration
+    split (agent.models.exits) and each stage's time per batch size (split_models' profile)."""
+    import onnx
+    from sklearn.model_selection import train_test_split
+
+    from agent.models.card import load_card
+    from agent.models.digits import camera_frames
+    from agent.models.exits import calibrate, softmax_confidence
+    from agent.models.tensors import TensorSpec
+    from tools.split_models import cpu_model, cut_exit_stages, profile
+
+    spec = EXITS
+    name, size = spec["name"], spec["size"]
+    exit_names = [e[0] for e in spec["exits"]]
+    outputs = [e[2] for e in spec["exits"]]
+    img_tr_all, ytr_all_digits, img_te, yte = load_split()
+    fit_idx, cal_idx = train_test_split(np.arange(len(ytr_all_digits)), test_size=spec["calib_fraction"],
+                                        stratify=ytr_all_digits, random_state=SEED)
+    fit_idx.sort()
+    cal_idx.sort()
+    img_tr, ytr = img_tr_all[fit_idx], ytr_all_digits[fit_idx]
+    img_cal, ycal_digits = img_tr_all[cal_idx], ytr_all_digits[cal_idx]
+    np.savez_compressed(out_dir / spec["calib_file"], images=img_cal, labels=ycal_digits)
+    t0 = time.time()
+    xtr = np.concatenate([camera_frames(img_tr, seed, size, hard=hard)
+                          for seed, hard in zip(spec["train_seeds"], spec["train_hard"])])
+    ytr_all = np.concatenate([ytr] * len(spec["train_seeds"]))
+    xcal = np.concatenate([camera_frames(img_cal, seed, size) for seed in spec["calib_seeds"]])
+    ycal = np.concatenate([ycal_digits] * len(spec["calib_seeds"]))
+    xte = camera_frames(img_te, spec["test_seed"], size)
+    f = xtr[::7].reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = f.mean(0), f.std(0)
+    log(f"\n=== {name}: frames {xtr.shape} train, {xcal.shape} calibration, {xte.shape} test in "
+        f"{time.time() - t0:.0f}s; mean {np.round(mean, 4)} std {np.round(std, 4)}")
+    cache = REPO / "tools" / "cache" / f"{name}.pt"
+    torch.manual_seed(SEED)
+    model = CameraExitNet(mean, std)
+    epochs = args.epochs or spec["epochs"]
+    train_s = None
+    if args.cached_weights and cache.is_file():
+        model.load_state_dict(torch.load(cache))
+        log(f"  weights from {cache} (--cached-weights: not trained again)")
+    else:
+        weights = spec["loss_weights"]
+        ce = nn.CrossEntropyLoss()
+
+        def joint_loss(out, yb):
+            return sum(w * ce(o, yb) for w, o in zip(weights, out))
+
+        t0 = time.time()
+        train_on_frames(name, model, xtr, ytr_all, epochs, spec, joint_loss)
+        train_s = time.time() - t0
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), cache)
+    model.eval()
+    fused = fuse_bn(model)
+    with torch.no_grad():
+        torch_out = [np.concatenate(parts) for parts in zip(*[
+            [o.numpy() for o in fused(torch.from_numpy(xte[i:i + 128]))] for i in range(0, len(xte), 128)])]
+    onnx_path = out_dir / f"{name}.onnx"
+    export_onnx(fused, onnx_path, size=size, output_names=tuple(outputs))
+    bounds = name_split_points(onnx_path, [e[1] for e in spec["exits"][:-1]])
+    boundaries = [(b["onnx_tensor"], b["shape"]) for b in bounds.values()]
+    full_sess = ort_session(onnx_path, threads=2)
+
+    def run_full(x):
+        parts = [full_sess.run(outputs, {"frames": x[i:i + 128]}) for i in range(0, len(x), 128)]
+        return [np.concatenate(p) for p in zip(*parts)]
+
+    test_out, cal_out = run_full(xte), run_full(xcal)
+    onnx_diff = max(float(np.abs(a - b).max()) for a, b in zip(test_out, torch_out))
+    if onnx_diff > 1e-3:
+        raise RuntimeError(f"{name}: onnxruntime and torch disagree by {onnx_diff}")
+    stages = cut_exit_stages(onnx.load(str(onnx_path)), outputs, boundaries, name)
+    stage_paths = []
+    for k, proto in enumerate(stages, 1):
+        stage_path = out_dir / f"{name}.stage{k}.onnx"
+        stage_path.write_bytes(proto.SerializeToString())
+        stage_paths.append(stage_path)
+    # stages in sequence equal the whole model at every exit, on the whole test set
+    feed, chain_diff = xte, 0.0
+    for k, stage_path in enumerate(stage_paths):
+        sess = ort_session(stage_path, threads=2)
+        in_name = sess.get_inputs()[0].name
+        parts = [sess.run(None, {in_name: feed[i:i + 128]}) for i in range(0, len(feed), 128)]
+        got = [np.concatenate(p) for p in zip(*parts)]
+        chain_diff = max(chain_diff, float(np.abs(got[0] - test_out[k]).max()))
+        if (got[0].argmax(1) != test_out[k].argmax(1)).any():
+            raise RuntimeError(f"{name}: stage {k + 1}'s exit top-1 differs from the whole model's")
+        if len(got) > 1:
+            feed = got[1]
+    if chain_diff > 1e-4:
+        raise RuntimeError(f"{name}: the stages in sequence differ from the whole model by {chain_diff}")
+    accuracy = [float((o.argmax(1) == yte).mean()) for o in test_out]
+    log(f"  exits {exit_names}: test top-1 {[round(a, 4) for a in accuracy]}; max |onnx - torch| {onnx_diff:.2e}, "
+        f"max |stages - whole| {chain_diff:.2e}")
+    calibration = []
+    for k in range(len(outputs)):
+        cal = calibrate(softmax_confidence(cal_out[k]), cal_out[k].argmax(1) == ycal)
+        conf_te, ok_te = softmax_confidence(test_out[k]), test_out[k].argmax(1) == yte
+        cal["test_accuracy_at_threshold"] = [None if t is None or not (conf_te >= t).any()
+                                             else round(float(ok_te[conf_te >= t].mean()), 6) for t in cal["threshold"]]
+        cal["test_coverage_at_threshold"] = [None if t is None else round(float((conf_te >= t).mean()), 6)
+                                             for t in cal["threshold"]]
+        calibration.append(cal)
+        log(f"  {exit_names[k]}: thresholds {dict(zip(cal['targets'], cal['threshold']))}; calibration coverage "
+            f"{cal['coverage_at_threshold']}; test accuracy there {cal['test_accuracy_at_threshold']}")
+    stage_specs, feature_specs = [], []
+    frames_spec = TensorSpec("frames", np.dtype(np.uint8), (None, size, size, 3))
+    for tensor, shape in boundaries:
+        feature_specs.append(TensorSpec(tensor, np.dtype(np.float32), (None, *[int(d) for d in shape[1:]])))
+    stage_specs = [(frames_spec,)] + [(s,) for s in feature_specs]
+    times = {"host": cpu_model(), "batch_sizes": list(BATCH_SIZES_EXITS)}
+    if not args.no_bench:
+        paths = {f"stage{k}": p for k, p in enumerate(stage_paths, 1)}
+        paths["full"] = onnx_path
+        specs = {f"stage{k}": stage_specs[k - 1] for k in range(1, len(stage_paths) + 1)}
+        specs["full"] = (frames_spec,)
+        measured = profile(paths, specs, BATCH_SIZES_EXITS, rounds=args.rounds, warmup=3)
+        times.update(measured)
+        for key, series in measured.items():
+            log(f"  {key:6s} ms per batch {dict(zip(BATCH_SIZES_EXITS, series))}")
+
+    def tensor_entry(t: TensorSpec) -> dict:
+        return {"name": t.name, "dtype": t.dtype.name, "shape": [-1, *t.item_shape()]}
+
+    exits = []
+    for k, (exit_name, after, output) in enumerate(spec["exits"]):
+        stage_path = stage_paths[k]
+        entry = {
+            "name": exit_name, "output": output, "after": after, "accuracy": accuracy[k],   # exact: k/N
+            "stage": {"path": stage_path.name, "sha256": sha256(stage_path), "bytes": stage_path.stat().st_size},
+            "stage_input": tensor_entry(stage_specs[k][0]),
+            "stage_output": tensor_entry(feature_specs[k]) if k < len(feature_specs) else None,
+            "calibration": calibration[k],
+        }
+        if "full" in times:
+            entry["stage_ms"] = times[f"stage{k + 1}"]
+        exits.append(entry)
+    card = {
+        "card_version": 1,
+        "name": name,
+        "task": "image-classification",
+        "labels": list(LABELS),
+        "inputs": [{"name": "frames", "dtype": "uint8", "shape": [-1, size, size, 3], "layout": "NHWC"}],
+        "outputs": [{"name": o, "dtype": "float32", "shape": [-1, 10]} for o in outputs],
+        "files": {"onnx": {"path": onnx_path.name, "sha256": sha256(onnx_path),
+                           "bytes": onnx_path.stat().st_size, "accuracy": round(accuracy[-1], 6),
+                           "max_abs_diff_vs_torch": onnx_diff}},
+        "dataset": {
+            "name": "scikit-learn digits (UCI optdigits test subset) as 160x160 camera frames",
+            "split": "stratified 80/20, seed 0 (the demo models' split); the 80% again split 80/20 (stratified, "
+                     "seed 0) into training and calibration digits",
+            "test_size": int(len(yte)),
+            "preprocess": "agent.models.digits.camera_frames",
+            "test_file": "digits_test.npz",
+            "seed": spec["test_seed"],
+            "frame_size": size,
+            "train": (f"{len(spec['train_seeds'])} camera_frames draws per training digit (seeds "
+                      f"{list(spec['train_seeds'])}, hard {list(spec['train_hard'])}), {len(xtr)} frames"),
+            "calibration": {"file": spec["calib_file"], "seeds": list(spec["calib_seeds"]), "hard": 1.0,
+                            "size": int(len(ycal)),
+                            "note": "one camera_frames draw per seed of the calibration digits (never trained "
+                                    "on; not the test split), concatenated in seed order"},
+        },
+        "normalization": {"in_graph": "x/255, then (x - mean)/std per RGB channel, NHWC->NCHW",
+                          "mean": [round(float(v), 6) for v in mean],
+                          "std": [round(float(v), 6) for v in std]},
+        "architecture": spec["architecture"],
+        "params": int(sum(p.numel() for p in fused.parameters())),
+        "flops_per_image": count_flops(FinalOnly(fused), size),
+        "flops_method": "torch.utils.flop_counter.FlopCounterMode on the BN-folded model at batch 1, every exit "
+                        "computed: convolutions and linear layers, 2 FLOPs per multiply-add",
+        "exits": exits,
+        "exit_method": (
+            "tools/build_models.py --models camera_exits: trained jointly (loss = "
+            f"{' + '.join(f'{w} CE({e})' for w, e in zip(spec['loss_weights'], exit_names))}), the whole model "
+            "exported to ONNX with every exit's logits, then cut at the exits into stages (tools/split_models.py "
+            "cut_exit_stages: stage 1 frames -> (exit1 logits, stage1_out), stage k the previous stage's features "
+            "-> (exit k logits, its features), the last stage -> the final logits; dynamic batch); the stages in "
+            f"sequence equal the whole model at every exit on the whole test set (max |diff| {chain_diff:.2g}, same "
+            "top-1). accuracy: top-1 on the test set. calibration: agent.models.exits.calibrate on the calibration "
+            "split (dataset.calibration), with the test set's accuracy and coverage at each threshold beside it. "
+            "stage_ms: onnxruntime CPU, 1 intra-op thread, spinning off, zero inputs, median of "
+            f"{args.rounds} runs per batch size (stages and the whole model taking turns), ms per batch"),
+        "exit_profile": times,
+        "provenance": {
+            "tool": "tools/build_models.py --models camera_exits",
+            "torch": torch.__version__.split("+")[0],
+            "seed": SEED,
+            "epochs": epochs,
+            "train_seconds_2_threads": None if train_s is None else round(train_s),
+            "built": _dt.date.today().isoformat(),
+            "onnx_opset": OPSET,
+            "test_accuracy_torch": [round(float((o.argmax(1) == yte).mean()), 4) for o in torch_out],
+            "note": "ONNX only; the early-exit model of issue 24, not in the demo config",
+        },
+    }
+    card_path = out_dir / f"{name}.json"
+    from tools.split_models import dump_card
+    card_path.write_text(dump_exits_card(card, dump_card))
+    loaded = load_card(card_path)
+    for point in loaded.exits:
+        point.verify_stage()
+    log(f"  wrote {card_path.name}; files {onnx_path.stat().st_size + sum(p.stat().st_size for p in stage_paths)} "
+        f"bytes (whole model {onnx_path.stat().st_size}, stages {[p.stat().st_size for p in stage_paths]})")
+    return card
+
+
+BATCH_SIZES_EXITS = (1, 2, 4, 8)
+
+
+class FinalOnly(nn.Module):
+    """count_flops wants one output: every exit is computed, the sum is a free add."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames):
+        return sum(self.model(frames))
+
+
+def dump_exits_card(card: dict, dump_card) -> str:
+    """The card as split_models writes cards, with each exit's calibration and time series on one line."""
+    import re
+
+    text = dump_card(card)
+    # collapse the short numeric lists (calibration series, shapes, stage_ms) onto one line each
+    return re.sub(r"\[\s*\n\s*((?:[-0-9.eE]+|null|true|false)(?:,\s*\n\s*(?:[-0-9.eE]+|null|true|false))*)\s*\n\s*\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--out-dir", type=Path, default=DEMO_DIR)
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, CAMERA["name"]],
-                    help=f"models to build (default: the demo models; {CAMERA['name']} only when named)")
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, CAMERA["name"], EXITS["name"]],
+                    help=f"models to build (default: the demo models; {CAMERA['name']} and {EXITS['name']} "
+                         "only when named)")
     ap.add_argument("--epochs", type=int, default=0, help="override epochs (0: per-model default)")
     ap.add_argument("--calib", type=int, default=512, help="train frames for int8 calibration")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
+    ap.add_argument("--cached-weights", action="store_true",
+                    help=f"{EXITS['name']}: reuse the trained weights in tools/cache/ (export, cut, card again)")
+    ap.add_argument("--rounds", type=int, default=40, help=f"{EXITS['name']}: timed runs per stage and batch size")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -957,6 +1290,11 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
+    if EXITS["name"] in args.models:
+        build_exits(args, args.out_dir)
+        args.models = [m for m in args.models if m != EXITS["name"]]
+        if not args.models:
+            return 0
     if CAMERA["name"] in args.models:
         build_camera(args, args.out_dir)
         args.models = [m for m in args.models if m != CAMERA["name"]]

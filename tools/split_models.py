@@ -165,39 +165,96 @@ def batch_dim_param(graph) -> str:
     return dim.dim_param or "N"
 
 
-def cut_graph(model, cut: Cut, tensor: str, shape: Sequence[int], model_name: str, split: str):
-    """The head and tail ModelProtos of a valid cut; the boundary tensor float32 [N, ...]."""
+def subgraph(model, indices: list[int], inputs, outputs, model_name: str, part: str, doc: str):
+    """A checked ModelProto of ``model``'s nodes ``indices`` with the given input and output value
+    infos: its initializers, value infos, opsets and functions (what a head, tail or exit stage is)."""
     import onnx
     from onnx import helper
 
     g = model.graph
-    batch = batch_dim_param(g)
-    boundary = helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, [batch, *[int(d) for d in shape[1:]]])
     inits = {t.name: t for t in g.initializer}
     value_info = {v.name: v for v in g.value_info}
+    boundary = {v.name for v in inputs} | {v.name for v in outputs}
+    nodes = [g.node[i] for i in indices]
+    used = {name for n in nodes for name in n.input}
+    produced = {name for n in nodes for name in n.output}
+    graph = helper.make_graph(
+        nodes, f"{g.name or model_name}_{part}", inputs, outputs,
+        initializer=[inits[name] for name in sorted(used) if name in inits],
+        value_info=[value_info[name] for name in sorted(produced) if name in value_info and name not in boundary],
+    )
+    proto = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="tools/split_models.py",
+                              doc_string=doc)
+    proto.ir_version = model.ir_version
+    proto.functions.extend(model.functions)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
 
-    def build(indices: list[int], inputs, outputs, part: str):
-        nodes = [g.node[i] for i in indices]
-        used = {name for n in nodes for name in n.input}
-        produced = {name for n in nodes for name in n.output}
-        graph = helper.make_graph(
-            nodes, f"{g.name or model_name}_{part}_{split}", inputs, outputs,
-            initializer=[inits[name] for name in sorted(used) if name in inits],
-            value_info=[value_info[name] for name in sorted(produced) if name in value_info and name != tensor
-                        and name not in {o.name for o in outputs}],
-        )
-        proto = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="tools/split_models.py",
-                                  doc_string=f"{model_name}: {part} of the cut at {tensor!r} (split {split!r})")
-        proto.ir_version = model.ir_version
-        proto.functions.extend(model.functions)
-        onnx.checker.check_model(proto, full_check=True)
-        return proto
 
-    used_inputs = list(g.input)  # every model input, same names (a head that ignores one still takes it)
+def boundary_info(graph, tensor: str, shape: Sequence[int]):
+    """The value info of a cut tensor: float32 ``[N, ...]`` with the model's batch dimension."""
+    import onnx
+    from onnx import helper
+
+    return helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT,
+                                         [batch_dim_param(graph), *[int(d) for d in shape[1:]]])
+
+
+def cut_graph(model, cut: Cut, tensor: str, shape: Sequence[int], model_name: str, split: str):
+    """The head and tail ModelProtos of a valid cut; the boundary tensor float32 [N, ...]."""
+    g = model.graph
+    boundary = boundary_info(g, tensor, shape)
     runtime = set(runtime_inputs(g))
-    head = build(cut.head, [i for i in used_inputs if i.name in runtime], [boundary], "head")
-    tail = build(cut.tail, [boundary], list(g.output), "tail")
+    # every model input, same names (a head that ignores one still takes it)
+    head = subgraph(model, cut.head, [i for i in g.input if i.name in runtime], [boundary], model_name,
+                    f"head_{split}", f"{model_name}: head of the cut at {tensor!r} (split {split!r})")
+    tail = subgraph(model, cut.tail, [boundary], list(g.output), model_name,
+                    f"tail_{split}", f"{model_name}: tail of the cut at {tensor!r} (split {split!r})")
     return head, tail
+
+
+def cut_exit_stages(model, exit_outputs: Sequence[str], boundaries: Sequence[tuple[str, Sequence[int]]],
+                    model_name: str) -> list:
+    """Cut a multi-exit model into stages that continue one another (early exit, issue 24).
+
+    ``exit_outputs`` are the model's exit logits, earliest first; ``boundaries`` the feature tensors
+    (name, shape) after which exits 1..k-1 branch off, one fewer than the exits. Stage 1 takes the
+    model's inputs and gives (exit 1's logits, boundary 1); stage k takes boundary k-1 and gives (exit
+    k's logits, boundary k); the last stage gives the last exit's logits. Each boundary must be a
+    single-tensor separator of what comes after it (:func:`find_cut`), so a stage needs nothing from
+    before its input; the error names the tensor that crosses."""
+    g = model.graph
+    nodes = onnx_nodes(g)
+    inputs = runtime_inputs(g)
+    if len(boundaries) != len(exit_outputs) - 1:
+        raise ValueError(f"{model_name}: {len(exit_outputs)} exits need {len(exit_outputs) - 1} boundaries, "
+                         f"got {len(boundaries)}")
+    producer = {out: i for i, node in enumerate(nodes) for out in node.outputs}
+    outputs = {o.name: o for o in g.output}
+    for name in exit_outputs:
+        if name not in outputs:
+            raise ValueError(f"{model_name}: {name!r} is not an output of the model; outputs: {sorted(outputs)}")
+    for k, (tensor, _) in enumerate(boundaries):
+        cut = find_cut(nodes, inputs, list(exit_outputs[k + 1:]), tensor)
+        if isinstance(cut, str):
+            raise ValueError(f"{model_name}: exit boundary {k + 1} {tensor!r}: {cut}")
+    runtime = set(inputs)
+    stages = []
+    for k, exit_name in enumerate(exit_outputs):
+        stop = runtime if k == 0 else {boundaries[k - 1][0]}
+        targets = [exit_name] + ([boundaries[k][0]] if k < len(boundaries) else [])
+        indices = sorted(_ancestors(nodes, producer, targets, stop=stop))
+        needs = {i for j in indices for i in nodes[j].inputs if i and i not in stop and i in producer
+                 and producer[i] not in indices} | {i for j in indices for i in nodes[j].inputs if i in runtime
+                                                    and i not in stop}
+        if needs:
+            raise ValueError(f"{model_name}: stage {k + 1} also needs {sorted(needs)} from before its input")
+        stage_inputs = [i for i in g.input if i.name in runtime] if k == 0 else [boundary_info(g, *boundaries[k - 1])]
+        stage_outputs = [outputs[exit_name]] + ([boundary_info(g, *boundaries[k])] if k < len(boundaries) else [])
+        stages.append(subgraph(model, indices, stage_inputs, stage_outputs, model_name, f"stage{k + 1}",
+                               f"{model_name}: exit stage {k + 1} ({[v.name for v in stage_inputs]} -> "
+                               f"{[v.name for v in stage_outputs]})"))
+    return stages
 
 
 def sha256(path: Path) -> str:

@@ -11,6 +11,13 @@ a file beside the card with its sha256, and the head/tail run times per batch si
 they were cut (``tools/split_models.py``). Collaborative offload runs the head here and the tail on
 a peer; the card is what both sides agree on.
 
+A card may list early exits (``exits``, :class:`ExitPoint`), earliest first: each exit names the
+model output holding its logits, its top-1 accuracy on the test set, its confidence calibration on a
+held-out calibration split (:mod:`agent.models.exits`), and the stage graph that ends at it (a file
+beside the card with its sha256): stage 1 takes the model's input and gives (exit 1's logits, its
+features); stage k takes stage k-1's features; the last gives the final logits. A batch runs stage by
+stage and items leave at their exit; the stage times per batch size are what a scheduler prices.
+
 A card may also carry golden outputs (``golden``, :class:`Golden`): a few fixed inputs, the
 outputs the reference file gave on them when the model was built (``tools/golden_outputs.py``),
 and how close each file variant must come. The self-test (``edge-agent selftest``) runs them on
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,7 @@ class ModelCard:
     source: Path
     raw: dict[str, Any]
     golden: "Golden | None" = None
+    exits: "list[ExitPoint]" = field(default_factory=list)
 
     def file(self, variant: str) -> ModelFile:
         """The file for one variant; the error lists the variants the card has."""
@@ -79,6 +87,14 @@ class ModelCard:
                     f"model {self.name!r}: {entry.path} has sha256 {digest[:12]}..., card says {entry.sha256[:12]}..."
                 )
         return entry.path
+
+    def exit_point(self, name: str) -> "ExitPoint":
+        """The exit called ``name``; the KeyError lists the ones the card has."""
+        for point in self.exits:
+            if point.name == name:
+                return point
+        raise KeyError(f"model {self.name!r} has no exit {name!r}; its card {self.source} lists "
+                       f"{[p.name for p in self.exits]}")
 
     def split_point(self, name: str) -> "SplitPoint":
         """The split point called ``name``; the KeyError lists the ones the card has."""
@@ -189,6 +205,168 @@ def _parse_split_points(raw: Any, path: Path, model: str) -> list[SplitPoint]:
         if point.name in seen:
             raise CardError(f"{path}: split_points[{i}].name = {point.name!r}: the name is used twice")
         seen.add(point.name)
+    return points
+
+
+@dataclass(frozen=True)
+class ExitCalibration:
+    """One exit's confidence calibration (:func:`agent.models.exits.calibrate`): on the calibration
+    split, the accuracy and coverage of the items whose softmax confidence is ``>= grid[i]``, and the
+    confidence threshold per accuracy target (None: the exit never reaches that target). Thresholds
+    are non-decreasing in the target (the card is refused otherwise)."""
+
+    grid: tuple[float, ...]
+    accuracy: tuple[float | None, ...]
+    coverage: tuple[float, ...]
+    targets: tuple[float, ...]
+    threshold: tuple[float | None, ...]
+
+    def threshold_for(self, min_accuracy: float) -> float | None:
+        """The threshold for the smallest listed target ``>= min_accuracy`` (None where there is none
+        or the exit does not reach it: the item must go on)."""
+        for target, threshold in zip(self.targets, self.threshold):
+            if target >= min_accuracy:
+                return threshold
+        return None
+
+
+@dataclass(frozen=True)
+class ExitPoint:
+    """One exit of a multi-exit model and the stage that ends at it.
+
+    ``output`` is the model output holding this exit's logits (the whole file computes every exit);
+    the stage file runs ``stage_input`` (the model's input for the first stage, else the previous
+    stage's ``stage_output``) to (this exit's logits, named ``output``, and ``stage_output``, None
+    for the last exit). ``accuracy``: top-1 on the card's test set. ``stage_ms``: the stage's time
+    per batch size (``batch_sizes``), or None when it was not measured."""
+
+    name: str
+    output: str
+    accuracy: float
+    stage_path: Path
+    stage_sha256: str
+    stage_input: TensorSpec
+    stage_output: TensorSpec | None
+    calibration: ExitCalibration
+    batch_sizes: tuple[int, ...] | None
+    stage_ms: tuple[float, ...] | None
+    model: str = ""
+
+    def verify_stage(self) -> Path:
+        """Check the stage file exists and matches the card's sha256; returns its path."""
+        return _verify_digest(self.stage_path, self.stage_sha256, f"model {self.model!r} exit {self.name!r} stage")
+
+
+def _number_list(value: Any, where: str, count: int | None, low: float, high: float,
+                 nullable: bool = False) -> tuple:
+    ok = isinstance(value, list) and (count is None or len(value) == count) and all(
+        (v is None and nullable) or (isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high)
+        for v in value)
+    if not ok:
+        size = f"{count} " if count is not None else ""
+        raise CardError(f"{where} = {value!r}: expected a list of {size}numbers in {low:g}..{high:g}"
+                        + (" (or null)" if nullable else ""))
+    return tuple(None if v is None else float(v) for v in value)
+
+
+def _parse_calibration(raw: Any, where: str) -> ExitCalibration:
+    if not isinstance(raw, dict):
+        raise CardError(f"{where} = {raw!r}: expected a map with grid, accuracy, coverage, targets, threshold")
+    for key in ("grid", "accuracy", "coverage", "targets", "threshold"):
+        if key not in raw:
+            raise CardError(f"{where}: missing field {key!r}")
+    grid = _number_list(raw["grid"], f"{where}.grid", None, 0.0, 1.0)
+    if not grid or list(grid) != sorted(set(grid)):
+        raise CardError(f"{where}.grid = {raw['grid']!r}: expected increasing thresholds in 0..1")
+    accuracy = _number_list(raw["accuracy"], f"{where}.accuracy", len(grid), 0.0, 1.0, nullable=True)
+    coverage = _number_list(raw["coverage"], f"{where}.coverage", len(grid), 0.0, 1.0)
+    targets = _number_list(raw["targets"], f"{where}.targets", None, 0.0, 1.0)
+    if not targets or list(targets) != sorted(set(targets)):
+        raise CardError(f"{where}.targets = {raw['targets']!r}: expected increasing accuracy targets in 0..1")
+    threshold = _number_list(raw["threshold"], f"{where}.threshold", len(targets), 0.0, 1.0, nullable=True)
+    reached = [t for t in threshold if t is not None]
+    if threshold.count(None) != len(threshold) - len(reached) or any(
+            t is None for t in threshold[:len(reached)]) or reached != sorted(reached):
+        raise CardError(f"{where}.threshold = {raw['threshold']!r}: expected thresholds non-decreasing in the "
+                        f"target {list(targets)} (null only after the last one reached: a stricter target never "
+                        "lets more items out)")
+    return ExitCalibration(grid, accuracy, coverage, targets, threshold)
+
+
+def _parse_exit(entry: Any, where: str, base: Path, model: str) -> ExitPoint:
+    if not isinstance(entry, dict):
+        raise CardError(f"{where} = {entry!r}: expected a map with name, output, accuracy, stage, stage_input, "
+                        "stage_output, calibration")
+    for key in ("name", "output", "accuracy", "stage", "stage_input", "stage_output", "calibration"):
+        if key not in entry:
+            raise CardError(f"{where}: missing field {key!r} (tools/build_models.py writes it)")
+    for key in ("name", "output"):
+        if not isinstance(entry[key], str) or not entry[key]:
+            raise CardError(f"{where}.{key} = {entry[key]!r}: expected a non-empty string")
+    accuracy = entry["accuracy"]
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool) or not 0.0 <= accuracy <= 1.0:
+        raise CardError(f"{where}.accuracy = {accuracy!r}: expected a top-1 accuracy in 0..1")
+    stage = entry["stage"]
+    if not (isinstance(stage, dict) and isinstance(stage.get("path"), str) and stage["path"]):
+        raise CardError(f"{where}.stage = {stage!r}: expected a map with path, sha256, bytes")
+    digest = stage.get("sha256")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise CardError(f"{where}.stage.sha256 = {digest!r}: expected 64 lowercase hex digits")
+    stage_input = _spec(entry["stage_input"], f"{where}.stage_input")
+    stage_output = None if entry["stage_output"] is None else _spec(entry["stage_output"], f"{where}.stage_output")
+    if stage_output is not None and stage_output.dtype != np.float32:
+        raise CardError(f"{where}.stage_output.dtype = {stage_output.dtype.name!r}: expected 'float32'")
+    calibration = _parse_calibration(entry["calibration"], f"{where}.calibration")
+    return ExitPoint(name=entry["name"], output=entry["output"], accuracy=float(accuracy),
+                     stage_path=(base / stage["path"]).resolve(), stage_sha256=digest, stage_input=stage_input,
+                     stage_output=stage_output, calibration=calibration, batch_sizes=None,
+                     stage_ms=None, model=model)
+
+
+def _parse_exits(raw: dict, path: Path, model: str, inputs: tuple[TensorSpec, ...],
+                 outputs: tuple[TensorSpec, ...]) -> list[ExitPoint]:
+    entries = raw.get("exits")
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or len(entries) < 2:
+        raise CardError(f"{path}: exits = {entries!r}: expected a list of two or more exits, earliest first")
+    points = [_parse_exit(e, f"{path}: exits[{i}]", path.parent, model) for i, e in enumerate(entries)]
+    output_names = [o.name for o in outputs]
+    profile = raw.get("exit_profile")
+    sizes = None
+    if profile is not None:
+        sizes = profile.get("batch_sizes") if isinstance(profile, dict) else None
+        if not (isinstance(sizes, list) and sizes and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                          for b in sizes)):
+            raise CardError(f"{path}: exit_profile.batch_sizes = {sizes!r}: expected a non-empty list of integers >= 1")
+    seen: set[str] = set()
+    for i, point in enumerate(points):
+        where = f"{path}: exits[{i}]"
+        if point.name in seen:
+            raise CardError(f"{where}.name = {point.name!r}: the name is used twice")
+        seen.add(point.name)
+        if point.output not in output_names:
+            raise CardError(f"{where}.output = {point.output!r}: the card has no such output; outputs: {output_names}")
+        if i == 0:
+            if len(inputs) != 1 or (point.stage_input.name, point.stage_input.dtype, point.stage_input.shape) != (
+                    inputs[0].name, inputs[0].dtype, inputs[0].shape):
+                raise CardError(f"{where}.stage_input = {entries[i]['stage_input']!r}: the first stage takes the "
+                                f"model's input {[(s.name, s.dtype.name, list(s.shape)) for s in inputs]}")
+        else:
+            before = points[i - 1].stage_output
+            if before is None or (point.stage_input.name, point.stage_input.shape) != (before.name, before.shape):
+                raise CardError(f"{where}.stage_input = {entries[i]['stage_input']!r}: expected exits[{i - 1}]"
+                                f".stage_output {entries[i - 1]['stage_output']!r} (a stage continues the one before)")
+        last = i == len(points) - 1
+        if last != (point.stage_output is None):
+            raise CardError(f"{where}.stage_output = {entries[i]['stage_output']!r}: expected "
+                            + ("null (the last stage ends the model)" if last else "the features the next stage takes"))
+        stage_ms = entries[i].get("stage_ms")
+        if stage_ms is not None or sizes is not None:
+            if sizes is None:
+                raise CardError(f"{where}.stage_ms: needs exit_profile.batch_sizes")
+            times = _number_list(stage_ms, f"{where}.stage_ms", len(sizes), 0.0, float("inf"))
+            points[i] = ExitPoint(**{**point.__dict__, "batch_sizes": tuple(sizes), "stage_ms": times})
     return points
 
 
@@ -389,9 +567,10 @@ def load_card(ref: str | Path) -> ModelCard:
             accuracy=entry.get("accuracy"),
         )
     outputs = tuple(_spec(e, f"{path}: outputs[{i}]") for i, e in enumerate(raw["outputs"]))
+    inputs = tuple(_spec(e, f"{path}: inputs[{i}]") for i, e in enumerate(raw["inputs"]))
     return ModelCard(
         name=str(raw["name"]),
-        inputs=tuple(_spec(e, f"{path}: inputs[{i}]") for i, e in enumerate(raw["inputs"])),
+        inputs=inputs,
         outputs=outputs,
         files=files,
         labels=tuple(raw.get("labels", ())),
@@ -399,4 +578,5 @@ def load_card(ref: str | Path) -> ModelCard:
         source=path,
         raw=raw,
         golden=_parse_golden(raw["golden"], path, outputs) if "golden" in raw else None,
+        exits=_parse_exits(raw, path, str(raw["name"]), inputs, outputs),
     )
