@@ -14,6 +14,7 @@ import pytest
 from agent.config import OffloadConfig
 from agent.core import FixedBatch, LatencyTable
 from agent.offload.planner import LOCAL, PeerSnapshot, SplitCost
+from agent.scheduler.policy import Action
 from agent.scheduler.dispatcher import Scheduler
 from tests.scheduling import req
 
@@ -189,3 +190,18 @@ def test_what_this_board_refuses_a_peer_takes_and_the_policy_sends_it_there():
     assert away is not None and away.instance == NO_INSTANCE and away.action.target == "peer"
     s.release(away, 0.0)
     assert s.lanes["m"].free_instances == [] and s.in_flight == 1
+
+
+def test_requests_admitted_for_a_peer_that_miss_make_the_next_admissions_for_it_stricter():
+    """The peer's slack: each request admitted for it and answered late raises it (so fewer are
+    admitted for that peer), each one in time lowers it, never below 0."""
+    from agent.scheduler.dispatcher import Dispatch
+    s = scheduler(View())
+    policy = s.policy
+    late = [req("m", 0.0, 0.1) for _ in range(5)]
+    policy.observe(Dispatch("m", -1, late, 0.0, Action("m", 5, target="peer", requests=tuple(r.rid for r in late))), 0.5)
+    raised = policy.away_slack["peer"]
+    assert raised > 0.04
+    on_time = [req("m", 0.0, 0.1) for _ in range(5)]
+    policy.observe(Dispatch("m", -1, on_time, 0.0, Action("m", 5, target="peer", requests=tuple(r.rid for r in on_time))), 0.05)
+    assert 0 < policy.away_slack["peer"] < raised

@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 
 #: Weight of a new local batch in the slowdown this policy prices local work with.
 SLOWDOWN_ALPHA = 0.1
+#: Requests admitted for a peer: the share of them allowed to miss, and the slack's step (a share
+#: of the request's SLO) per request answered (:meth:`SplitPolicy._calibrate_away`).
+AWAY_MISS = 0.02
+AWAY_STEP = 0.01
 
 
 class SplitPolicy(RulePolicy):
@@ -79,6 +83,8 @@ class SplitPolicy(RulePolicy):
         #: model, the queued requests admitted for a peer: request id -> peer.
         self.virtual_free: dict[str, float] = options.setdefault("_split_virtual_free", {})
         self.admitted_away: dict[str, dict[int, str]] = options.setdefault("_split_away", {})
+        #: Per peer, the share of a request's SLO added to what the virtual queue predicts.
+        self.away_slack: dict[str, float] = options.setdefault("_split_away_slack", {})
 
 
     # --- deciding ------------------------------------------------------------------------------
@@ -143,6 +149,7 @@ class SplitPolicy(RulePolicy):
                 starts = max(self.virtual_free.get(peer.device, now), now + peer.queue_s.get(lane.name, 0.0),
                              peer.link_free_at)
                 finish = starts + work + cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0) + peer.rtt_s
+                finish += self.away_slack.get(peer.device, 0.0) * (request.deadline - request.arrival)
                 if finish <= request.deadline and (best is None or finish < best[0]):
                     best = (finish, peer.device, starts + work)
         if best is None:
@@ -243,6 +250,8 @@ class SplitPolicy(RulePolicy):
             super().observe(dispatch, now)     # the rules learn from local batches only
             self._learn_slowdown(dispatch, now)
             return
+        if action.requests:
+            self._calibrate_away(action.target, dispatch, now)
         peer = self.planner.peers.get(action.target)
         if peer is None:
             return
@@ -251,6 +260,19 @@ class SplitPolicy(RulePolicy):
                 self.planner.answered(action.target, cost.tail.predict(len(dispatch.requests)))
                 return
 
+
+    def _calibrate_away(self, peer: str, dispatch: "Dispatch", now: float) -> None:
+        """Requests admitted for ``peer`` were answered: each one late raises the peer's slack (a
+        share of the request's SLO added to every prediction for it), each one in time lowers it, so
+        that about ``AWAY_MISS`` of them miss, whatever the virtual queue leaves out (the peer's own
+        load, its CPU share, the broker). As admission's slack does for this board (admission.py)."""
+        slack = self.away_slack.get(peer, 0.0)
+        for request in dispatch.requests:
+            if now > request.deadline:
+                slack = min(slack + (1.0 - AWAY_MISS) * AWAY_STEP, 1.0)
+            else:
+                slack = max(slack - AWAY_MISS * AWAY_STEP, 0.0)
+        self.away_slack[peer] = slack
 
     def _learn_slowdown(self, dispatch: "Dispatch", now: float) -> None:
         """How much longer this board's batches take than its table says (an EWMA of the ratio,
