@@ -142,3 +142,37 @@ def test_json_logs_every_line_is_a_json_object(broker, digits, tmp_path):
     messages = [r["msg"] for r in records]
     assert any("serving" in m for m in messages) and any("stopping" in m for m in messages)
     assert any(r["logger"].startswith("agent.") and r["logger"] != "agent.cli" for r in records)   # the agent's own logs
+
+
+def test_a_sample_goes_at_qos_1_and_none_is_queued_while_the_broker_is_away():
+    """Telemetry at QoS 1 (the broker queues it for a lagging subscriber instead of dropping it),
+    and nothing published while the connection is down: no samples pile up where replies wait."""
+    from agent.ops.telemetry_publisher import TelemetryPublisher
+    try:
+        local_broker = LocalBroker()
+    except MosquittoNotFound as exc:
+        pytest.skip(f"mosquitto not installed: {exc}")
+    device = "qos-board"
+    with local_broker, Service(_config(device, local_broker.host, local_broker.port, interval_s=0)) as service:
+        publisher = TelemetryPublisher(service.agent, service.transport, 60.0)
+        received: queue.Queue = queue.Queue()
+        reader = make_client("qos-reader")
+        reader.on_message = lambda c, u, m: received.put(m.qos)
+        connect(reader, local_broker.host, local_broker.port)
+        subscribed = threading.Event()
+        reader.on_subscribe = lambda *a: subscribed.set()
+        reader.subscribe(topics.telemetry_topic(device), qos=1)
+        assert subscribed.wait(10)
+        try:
+            assert publisher.publish_once()
+            assert received.get(timeout=10) == 1
+        finally:
+            _close(reader)
+        local_broker.stop()
+        deadline = time.monotonic() + 20
+        while service.transport.connected:
+            assert time.monotonic() < deadline, "the agent did not notice the broker stopped"
+            time.sleep(0.05)
+        queued = len(service.transport.client._out_messages)
+        assert publisher.publish_once() is False
+        assert len(service.transport.client._out_messages) == queued

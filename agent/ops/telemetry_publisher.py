@@ -7,10 +7,11 @@ counters the Prometheus endpoint reports (:mod:`agent.ops.prometheus`), cumulati
 reader takes differences between two samples), with the recent latency percentiles and the
 scheduler's gauges.
 
-QoS 0, not retained: each sample supersedes the last, so one lost while the broker is away is not
-worth queueing (a QoS 1 publish made while disconnected waits in paho's queue until the broker is
-back, and a long outage would pile them up). The retained status (``edge/v1/<device>/status``) is
-what a late subscriber reads first.
+QoS 1, not retained, and skipped while the connection is down: a sample the broker accepted reaches
+a subscriber that lags (at QoS 0 the broker drops what overflows a client's queue, silently), and
+none piles up in paho's queue during an outage to take the places the replies need (the samples are
+cumulative: a skipped one loses nothing but its timestamp). The retained status
+(``edge/v1/<device>/status``) is what a late subscriber reads first.
 
 The payload (``TELEMETRY_VERSION`` 1)::
 
@@ -78,9 +79,13 @@ class TelemetryPublisher:
         self._thread.start()
         return self
 
-    def publish_once(self) -> None:
+    def publish_once(self) -> bool:
+        """Publish one sample; False (nothing sent) while the connection is down."""
+        if not self.transport.connected:
+            return False
         payload = telemetry_payload(self.agent, started=self._started, interval_s=self.interval_s)
-        self.transport.publish(self.topic, json.dumps(payload).encode(), qos=0)
+        self.transport.publish(self.topic, json.dumps(payload).encode(), qos=1)
+        return True
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
