@@ -299,7 +299,7 @@ def test_refusals_keep_no_state_and_their_log_is_rate_limited(operator, caplog):
     assert len(board.store) == 0
     assert board.refusals["bad_signature"] == 200
     lines = [r.getMessage() for r in caplog.records if "command refused" in r.getMessage()]
-    assert 1 <= len(lines) <= 20 and "bad_signature" in lines[0]
+    assert 0 < len(lines) <= 20 and "bad_signature" in lines[0]
 
 
 # --- property: no mutation of a valid envelope is ever accepted ---------------------------------------
