@@ -180,14 +180,14 @@ def test_what_this_board_refuses_a_peer_takes_and_the_policy_sends_it_there():
     s = board(View())
     admitted, refused = burst(s)
     assert admitted > alone_admitted + 4 and refused > 0
-    first = s.poll(0.0).dispatch
-    assert first.action.target == "peer" and first.action.split is None and first.action.requests
-    assert all(r.rid in first.action.requests for r in first.requests)
-    # The board's one slot and instance now busy: what is left for the peer is still sent at once,
-    # taking no instance (the sender thread's path), and its slot only until released.
+    # The board's one slot and instance busy with a batch: what was admitted for the peer is still
+    # sent at once, whole, taking no instance, and its slot only until released.
     from agent.scheduler.dispatcher import NO_INSTANCE
+    assert s.poll(0.0).dispatch is not None and s.lanes["m"].free_instances == []
     away = s.take_away(0.0)
-    assert away is not None and away.instance == NO_INSTANCE and away.action.target == "peer"
+    assert away is not None and away.instance == NO_INSTANCE
+    assert away.action.target == "peer" and away.action.split is None
+    assert away.requests and all(r.rid in away.action.requests for r in away.requests)
     s.release(away, 0.0)
     assert s.lanes["m"].free_instances == [] and s.in_flight == 1
 

@@ -128,9 +128,9 @@ class Driver:
         again. At most once per batch; before ``on_done``."""
         if dispatch.released:
             raise RuntimeError(f"batch of {dispatch.model} instance {dispatch.instance} released twice")
-        dispatch.released_at = self.clock()
+        now = self.clock()
         self._release(dispatch)
-        dispatch.released = True
+        dispatch.released_at = now
 
     def complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
         """A batch is done (an executor's ``on_done``): release (unless released early), answer, learn."""

@@ -55,8 +55,10 @@ class LiveLoop:
             threading.Thread(target=self._worker, name=f"edge-agent-worker-{i}", daemon=True) for i in range(workers)
         ]
         # The sender: starts what needs no compute here (requests a policy admitted for a peer,
-        # Scheduler.take_away) the moment they are queued. Only for a policy that sends so.
+        # taken by ``submit`` with Scheduler.take_away) the moment they are queued, off the
+        # intake's thread. Only for a policy that sends so.
         self._send_cond = threading.Condition(self.lock)
+        self._to_send: list[Dispatch] = []
         self._sends = hasattr(scheduler.policy, "away")
         if self._sends:
             self._threads.append(threading.Thread(target=self._sender, name="edge-agent-sender", daemon=True))
@@ -85,7 +87,10 @@ class LiveLoop:
             if started is None:
                 self.scheduler.enqueue(request)
                 if self._sends:
-                    self._send_cond.notify()
+                    away = self.scheduler.take_away(self.clock())
+                    if away is not None:
+                        self._to_send.append(away)
+                        self._send_cond.notify()
                 if wake_worker:
                     self.cond.notify()
         return started
@@ -133,14 +138,13 @@ class LiveLoop:
     def _sender(self) -> None:
         while True:
             with self.lock:
-                while True:
-                    away = self.scheduler.take_away(self.clock())
-                    if away is not None:
-                        break
+                while not self._to_send:
                     if self._stopping:
                         return
                     self._send_cond.wait(MAX_IDLE_WAIT_S)
-            self.driver.start(away, self.driver.complete)
+                batches, self._to_send = self._to_send, []
+            for away in batches:
+                self.driver.start(away, self.driver.complete)
 
     def _wait(self, decision: Decision, now: float) -> bool:
         """A worker with nothing to start (the lock held): wait for work or the decision's wake-up;

@@ -104,10 +104,14 @@ class Dispatch:
     requests: list[Request]
     started: float
     action: Action
-    # Set by the driver when the executor freed the batch's slot and instance before its end
-    # (``Driver.release_early``: its local part is done, the rest runs on a peer): not released again.
-    released: bool = False
-    released_at: float = 0.0           # when (the scheduler's clock), if released early
+    # When the executor freed the batch's slot and instance before its end (the scheduler's clock;
+    # ``Driver.release_early``: its local part is done, the rest runs on a peer), else None.
+    released_at: float | None = None
+
+    @property
+    def released(self) -> bool:
+        """Released early (:attr:`released_at`): not released again at its end."""
+        return self.released_at is not None
 
 
 @dataclass(slots=True)
@@ -432,9 +436,9 @@ class Scheduler:
 
     def _pop(self, lane: ModelLane, action: Action, now: float, expired: list[Request]) -> Dispatch | None:
         if action.requests:
-            return self._pop_these(lane, action, now)
+            return self._take(lane, action, self._named(lane, action), now)
         if action.take == "latest" and not lane.fifo:
-            return self._pop_latest(lane, action, now)
+            return self._take(lane, action, self.latest(lane, action.batch_size), now)
         expire_before = -math.inf if lane.fifo else now + lane.min_latency_s
         n_ready, n_expired = lane.queue.pop_batch(action.batch_size, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
@@ -444,30 +448,31 @@ class Scheduler:
             return None
         return self._start(lane, action, [pending.pop(rid) for rid in lane.ready_ids[:n_ready].tolist()], now)
 
-    def _pop_latest(self, lane: ModelLane, action: Action, now: float) -> Dispatch | None:
-        """The batch of the lane's requests with the latest queue keys (``Action.take = "latest"``),
-        taken out of the queue; the rest stay in deadline order. A selection over the lane's pending
-        requests (a partial sort), made only for a batch sent away under load."""
-        pending = lane.pending
-        chosen = heapq.nlargest(action.batch_size, pending.values(), key=self.queue_key)
-        if not chosen:
-            return None
-        for request in chosen:
-            lane.queue.cancel(request.rid)
-            del pending[request.rid]
-        chosen.reverse()                     # earliest first, as a popped batch is
-        return self._start(lane, action, chosen, now)
+    def latest(self, lane: ModelLane, n: int) -> list[Request]:
+        """The ``n`` queued requests of ``lane`` that pop last (the latest queue keys), earliest
+        first: a partial sort of its pending requests, for a batch sent away under load
+        (``Action.take = "latest"``)."""
+        chosen = heapq.nlargest(n, lane.pending.values(), key=self.queue_key)
+        chosen.reverse()
+        return chosen
 
-    def _pop_these(self, lane: ModelLane, action: Action, now: float, instance: bool = True) -> Dispatch | None:
-        """The batch of the queued requests ``action.requests`` names (those still queued)."""
+    @staticmethod
+    def _named(lane: ModelLane, action: Action) -> list[Request]:
+        """The queued requests ``action.requests`` names (those still queued), at most its batch."""
         pending = lane.pending
-        chosen = [pending[rid] for rid in action.requests if rid in pending][:action.batch_size]
+        return [pending[rid] for rid in action.requests if rid in pending][:action.batch_size]
+
+    def _take(self, lane: ModelLane, action: Action, chosen: list[Request], now: float,
+              take_instance: bool = True) -> Dispatch | None:
+        """Start a batch of ``chosen`` (queued requests of ``lane``, picked other than by the queue's
+        own pop), taking them out of the queue; the rest stay in deadline order."""
         if not chosen:
             return None
+        pending = lane.pending
         for request in chosen:
             lane.queue.cancel(request.rid)
             del pending[request.rid]
-        return self._start(lane, action, chosen, now, instance)
+        return self._start(lane, action, chosen, now, take_instance)
 
     def take_away(self, now: float) -> Dispatch | None:
         """A batch that needs no compute here, to start at once whatever the slots (the policy's
@@ -478,7 +483,8 @@ class Scheduler:
         action = away(self) if away is not None else None
         if action is None:
             return None
-        return self._pop_these(self.lanes[action.model], action, now, instance=False)
+        lane = self.lanes[action.model]
+        return self._take(lane, action, self._named(lane, action), now, take_instance=False)
 
     def _start(self, lane: ModelLane, action: Action, requests: list[Request], now: float,
                take_instance: bool = True) -> Dispatch:

@@ -25,9 +25,9 @@ Admission counts the peers (DESIGN.md: "whether the deadline can be met locally 
 peer"): a request this board's own test refuses is admitted when a peer could still finish it, the
 whole input sent, by its deadline (:meth:`SplitPolicy.admit_elsewhere`: each peer is a virtual queue
 of the work admitted for it, draining at its speed over its slots behind its advertised queue), and
-it is noted for that peer and sent to it whole at once, by the thread that queued it, whatever this
-board's slots are doing (``Scheduler.take_away``, ``Action.requests``): it needs no compute here. Deciding where at admission,
-not at dispatch, is what makes it hold: admitted for a peer but placed again when popped, such
+it is noted for that peer and sent to it whole at once, whatever this board's slots are doing (taken
+as it is queued, ``Scheduler.take_away``, ``Action.requests``; the live loop's sender thread sends
+it): it needs no compute here. Deciding where at admission, not at dispatch, is what makes it hold: admitted for a peer but placed again when popped, such
 requests went into batches here and missed (tried live); without it, admission fills the queue to
 what this board alone can finish, the planner sees no backlog, and the peers idle while requests
 are refused (BENCHMARKS.md, twelfth session).
@@ -39,7 +39,6 @@ peers' side adds to a request's latency.
 """
 from __future__ import annotations
 
-import heapq
 from typing import TYPE_CHECKING
 
 from agent.offload.planner import LOCAL, Planner
@@ -90,23 +89,16 @@ class SplitPolicy(RulePolicy):
     # --- deciding ------------------------------------------------------------------------------
 
     def decide(self, scheduler: "Scheduler", now: float) -> tuple[Action | None, float]:
-        away = self._send_away(scheduler)
-        if away is not None:
-            return away, now
         action, wake_at = super().decide(scheduler, now)
         if action is None:
             return None, wake_at
         return self._place(action, scheduler.lanes[action.model], now), wake_at
 
     def away(self, scheduler: "Scheduler") -> Action | None:
-        """The requests admitted for a peer, to send now whatever the slots
-        (``Scheduler.take_away``: the intake starts them as it queues them)."""
-        return self._send_away(scheduler, need_slot=False)
-
-    def _send_away(self, scheduler: "Scheduler", need_slot: bool = True) -> Action | None:
         """A batch of the requests admitted for a peer (:meth:`admit_elsewhere`) still queued, to
-        that peer whole: they hold this board's slot only while they are sent."""
-        if not self.admitted_away or (need_slot and scheduler.in_flight >= scheduler.max_concurrent):
+        send to it whole now, whatever this board's slots are doing (``Scheduler.take_away``: the
+        live loop and the simulator take it as the request is queued)."""
+        if not self.admitted_away:
             return None
         for model, by_rid in list(self.admitted_away.items()):
             lane = scheduler.lanes.get(model)
@@ -117,8 +109,6 @@ class SplitPolicy(RulePolicy):
                 del by_rid[rid]                      # taken by a batch here, or expired
             if not by_rid:
                 del self.admitted_away[model]
-                continue
-            if need_slot and not lane.free_instances:
                 continue
             peer = next(iter(by_rid.values()))
             rids = tuple(rid for rid, p in by_rid.items() if p == peer)[:lane.rule.max_batch]
@@ -212,8 +202,7 @@ class SplitPolicy(RulePolicy):
 
     def _latest_deadline_batch(self, lane: "ModelLane", n: int) -> float:
         """The earliest deadline among the ``n`` queued requests of ``lane`` that pop last."""
-        key = self._scheduler.queue_key
-        return min(r.deadline for r in heapq.nlargest(n, lane.pending.values(), key=key))
+        return min(r.deadline for r in self._scheduler.latest(lane, n))
 
     def _choose(self, model: str, n: int, now: float, deadline: float, backlog_s: float):
         """The planner's placement for a batch of ``n`` (not yet committed), or ``None`` with no
