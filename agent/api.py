@@ -50,6 +50,12 @@ class LoadedModel:
     rule: object
 
 
+def _latency_ms(table: LatencyTable) -> dict[int, float]:
+    """A latency table as a status carries it: ``{batch size: ms}`` (what a peer reads back,
+    ``agent.offload.view.table_from_ms``)."""
+    return dict(zip(table.batch_sizes.tolist(), (1000 * table.latencies_s).round(3).tolist()))
+
+
 def _check_backend_matches_card(card: ModelCard, backend: Backend, path) -> None:
     """A file that disagrees with its card fails at load, not on the first request."""
     for kind, want, got in (("input", card.inputs, backend.inputs), ("output", card.outputs, backend.outputs)):
@@ -416,8 +422,7 @@ class Agent:
                        "backend": m.config.backend, "instances": m.config.instances,
                        "batching": {"rule": m.config.batching.rule, **m.rule.describe()},
                        "default_slo_ms": m.config.default_slo_ms,
-                       "latency_ms": dict(zip(m.latency.batch_sizes.tolist(),
-                                              (1000 * m.latency.latencies_s).round(3).tolist())),
+                       "latency_ms": _latency_ms(m.latency),
                        "queued": self._queued(name),
                        "admission": self._admission_status(name)}
                 for name, m in self.models.items()
@@ -443,8 +448,7 @@ class Agent:
                 queue_ms[name] = round(1000 * queued * per_item / max(1, min(m.config.instances,
                                                                              self.config.worker_count)), 3)
             from agent.offload.wire import CODECS
-            latency_ms = {name: dict(zip(m.latency.batch_sizes.tolist(), (1000 * m.latency.latencies_s).round(3).tolist()))
-                          for name, m in {**self.models, **self.tails}.items()}
+            latency_ms = {name: _latency_ms(m.latency) for name, m in {**self.models, **self.tails}.items()}
             out["serve"] = {"models": offers, "queue_ms": queue_ms, "codecs": list(CODECS), "latency_ms": latency_ms,
                             "slots": self.scheduler.max_concurrent,
                             "free_slots": max(0, self.scheduler.max_concurrent - self.scheduler.in_flight),

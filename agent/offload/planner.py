@@ -39,6 +39,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Protocol, Sequence
 
+from agent.offload.splits import lane_name
+
 
 class Table(Protocol):
     def predict(self, batch_size: int) -> float: ...
@@ -171,8 +173,7 @@ class Planner:
         sent_at = leaves + b * cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0)
         arrives = sent_at + 0.5 * peer.rtt_s
         tail = cost.tail.predict(b)
-        lane = model if cost.split is None else f"{model}@{cost.split}"
-        waits = peer.queue_s.get(lane, 0.0)
+        waits = peer.queue_s.get(lane_name(model, cost.split), 0.0)
         starts = max(arrives, now + waits + peer.outstanding_s / max(peer.slots, 1))
         finish = starts + tail + 0.5 * peer.rtt_s
         return Placement(peer.device, cost.split, finish, local_s, sent_at, tail)
