@@ -244,6 +244,33 @@ def check_support() -> str | None:
     return None
 
 
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    """``signum`` to ``process``'s process group (what it spawned too), or to it alone when the
+    group cannot be signalled."""
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        try:
+            process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+
+def stop_groups(processes: list[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM each running process's group, wait for all within ``timeout_s`` together, SIGKILL
+    the groups of those still running."""
+    for process in processes:
+        if process.poll() is None:
+            signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            signal_group(process, signal.SIGKILL)
+            process.wait()
+
+
 def _kill(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -630,22 +657,7 @@ class Lab:
         self._closing = True
         errors: list[str] = []
         try:
-            for process in self._spawned:
-                if process.poll() is None:
-                    try:
-                        os.killpg(process.pid, signal.SIGTERM)
-                    except (ProcessLookupError, PermissionError):
-                        process.terminate()
-            deadline = time.monotonic() + self.stop_timeout_s
-            for process in self._spawned:
-                try:
-                    process.wait(timeout=max(0.05, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    try:
-                        os.killpg(process.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        process.kill()
-                    process.wait()
+            stop_groups(self._spawned, self.stop_timeout_s)
             for board in self.boards.values():
                 for relay in board.relays:
                     relay.stop()

@@ -46,7 +46,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from agent.workload.generators import AppSpec, poisson
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
 from edge_lab.metrics import summarize
-from edge_lab.netlab import Lab, LabError, Link
+from edge_lab.netlab import Lab, LabError, Link, stop_groups
 
 __all__ = ["Contender", "DEFAULT_LINKS", "available_contenders", "bench_offload", "board_toml", "check_targets",
            "format_offload", "parse_links", "peer_toml"]
@@ -252,20 +251,7 @@ def _agent_argv(config_path: Path) -> list[str]:
 
 def _stop(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
     """SIGTERM the agent's process group (it drains and answers what it holds), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        process.terminate()
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            process.kill()
-        process.wait()
+    stop_groups([process], timeout_s)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
