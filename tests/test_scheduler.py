@@ -747,15 +747,16 @@ def test_swap_rule_takes_effect_at_the_next_poll_and_keeps_what_admission_learne
 
 
 def test_an_action_that_takes_the_latest_pops_the_requests_with_the_most_time_left():
-    """``Action.take = "latest"`` (a batch for a peer): the requests that pop last leave, earliest
-    first within the batch; the urgent ones stay queued in deadline order."""
+    """``Scheduler.latest`` named in ``Action.requests`` (a batch for a peer): the requests that pop
+    last leave, earliest first within the batch; the urgent ones stay queued in deadline order."""
     from agent.scheduler.policy import Action
 
     class Latest:
         name = "latest"
 
         def decide(self, scheduler, now):
-            return Action("m", 2, take="latest"), math.inf
+            lane = scheduler.lanes["m"]
+            return Action("m", 2, requests=tuple(r.rid for r in scheduler.latest(lane, 2))), math.inf
 
         def alone(self, scheduler, lane, request):
             return None

@@ -437,8 +437,6 @@ class Scheduler:
     def _pop(self, lane: ModelLane, action: Action, now: float, expired: list[Request]) -> Dispatch | None:
         if action.requests:
             return self._take(lane, action, self._named(lane, action), now)
-        if action.take == "latest" and not lane.fifo:
-            return self._take(lane, action, self.latest(lane, action.batch_size), now)
         expire_before = -math.inf if lane.fifo else now + lane.min_latency_s
         n_ready, n_expired = lane.queue.pop_batch(action.batch_size, expire_before, lane.ready_ids, lane.expired_ids)
         pending = lane.pending
@@ -450,8 +448,8 @@ class Scheduler:
 
     def latest(self, lane: ModelLane, n: int) -> list[Request]:
         """The ``n`` queued requests of ``lane`` that pop last (the latest queue keys), earliest
-        first: a partial sort of its pending requests, for a batch sent away under load
-        (``Action.take = "latest"``)."""
+        first: a partial sort of its pending requests, for a batch sent away under load (a policy
+        names them in ``Action.requests``)."""
         chosen = heapq.nlargest(n, lane.pending.values(), key=self.queue_key)
         chosen.reverse()
         return chosen

@@ -42,12 +42,10 @@ class Action(NamedTuple):
     device id (the peer runs the rest of the network under its own scheduler); ``exit``: the early
     exit it leaves the network by (``None``: the last layer); ``split``: with a peer target, the
     model card's split point after which the peer takes over (this board runs the head up to it),
-    ``None`` to send the whole input (full offload); ``take``: which of the lane's requests the batch
-    takes, ``"earliest"`` (deadline order, as the queue pops) or ``"latest"`` (those with the most
-    time left: a batch for a peer, whose round trip the most urgent requests cannot afford, while
-    the urgent ones stay for this board's next free slot); ``requests``: the ids of the lane's
-    queued requests the batch takes, whatever their order (requests admitted for a peer, sent to
-    it), ``()`` to take by ``take``.
+    ``None`` to send the whole input (full offload); ``requests``: the ids of the lane's queued
+    requests the batch takes, whatever their order (those with the most time left, for a peer
+    whose round trip the most urgent ones cannot afford; requests admitted for a peer), ``()`` for
+    the queue's own order (earliest deadline first).
     """
 
     model: str
@@ -56,7 +54,6 @@ class Action(NamedTuple):
     target: str = LOCAL
     exit: int | None = None
     split: str | None = None
-    take: str = "earliest"
     requests: tuple[int, ...] = ()
 
 

@@ -13,9 +13,9 @@ peer table, in the simulator from the simulated peers and links):
 Under a backlog (more queued than the batch) the batch is cut to the size that costs least per
 request here: what the rules size for a deadline can cost more per request on a board where
 batching does not pay, and with work to spare that is throughput lost. And when the batch's most
-urgent requests cannot afford a peer's round trip, the requests with the most time left (``Action.
-take = "latest"``) are weighed for a peer instead, while the urgent ones take this board's next
-slot: the board serves what must be served soon, the peer what can wait for the round trip.
+urgent requests cannot afford a peer's round trip, the requests with the most time left
+(``Scheduler.latest``, named in ``Action.requests``) are weighed for a peer instead, while the urgent
+ones take this board's next slot: the board serves what must be served soon, the peer what can wait for the round trip.
 
 A batch sent to a peer reserves the uplink and the peer's time in the planner; its reservation is
 returned when it is answered (:meth:`SplitPolicy.observe`). Where the view offers no peer (none
@@ -152,6 +152,7 @@ class SplitPolicy(RulePolicy):
         action = super().alone(scheduler, lane, request)
         if action is None or self.view is None or lane.name not in self.models:
             return action
+        self.planner.refresh(self.view.peer_snapshots(request.arrival))
         return self._routed(action, self._choose(lane.name, 1, request.arrival, request.deadline, 0.0))
 
     def _place(self, action: Action, lane: "ModelLane", now: float) -> Action:
@@ -170,14 +171,16 @@ class SplitPolicy(RulePolicy):
                 n = efficient
                 action = action._replace(batch_size=n)
         backlog_s = self._backlog_s(lane, n)
+        self.planner.refresh(self.view.peer_snapshots(now))
         placement = self._choose(lane.name, n, now, lane.queue.earliest_deadline(), backlog_s)
         if (placement is not None and placement.local and self.mode == "queue" and queued >= 2 * n):
             # The most urgent requests cannot afford the round trip, but the queue holds more than
             # this batch: the requests with the most time left may go while the urgent ones take
             # this board's next free slot (module docstring).
-            away = self._choose(lane.name, n, now, self._latest_deadline_batch(lane, n), backlog_s)
+            latest = self._scheduler.latest(lane, n)
+            away = self._choose(lane.name, n, now, min(r.deadline for r in latest), backlog_s)
             if away is not None and not away.local:
-                return self._routed(action, away)._replace(take="latest")
+                return self._routed(action, away)._replace(requests=tuple(r.rid for r in latest))
         return self._routed(action, placement)
 
     def _routed(self, action: Action, placement) -> Action:
@@ -200,15 +203,10 @@ class SplitPolicy(RulePolicy):
             return n
         return min(range(1, n + 1), key=lambda b: (table.predict(b) / b, -b))
 
-    def _latest_deadline_batch(self, lane: "ModelLane", n: int) -> float:
-        """The earliest deadline among the ``n`` queued requests of ``lane`` that pop last."""
-        return min(r.deadline for r in self._scheduler.latest(lane, n))
-
     def _choose(self, model: str, n: int, now: float, deadline: float, backlog_s: float):
-        """The planner's placement for a batch of ``n`` (not yet committed), or ``None`` with no
-        peer to weigh."""
+        """The planner's placement for a batch of ``n`` (not yet committed; the planner refreshed by
+        the caller, once a decision), or ``None`` with no peer to weigh."""
         view, planner = self.view, self.planner
-        planner.refresh(view.peer_snapshots(now))
         if not planner.peers:
             return None
         return planner.choose(model, n, now, deadline, view.local_table(model),
