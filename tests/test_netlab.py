@@ -78,6 +78,22 @@ def _recv_all(sock: socket.socket) -> bytes:
     return data
 
 
+def test_probe_rate_counts_a_stall_across_the_warmup_inside_its_window():
+    """A receiver that stalls across the warmup instant reads the backlog as one burst; the rate
+    must still be the link's (CI read 12.1 Mbit/s on 10 when the window opened after the stall)."""
+    from edge_lab.netprobe import _rate
+    per_ms = 10e6 / 8 / 1000                     # 10 Mbit/s in bytes per ms
+    marks = [(t / 1000, int(t * per_ms)) for t in range(0, 280, 5)]
+    got = marks[-1][1]                          # stalled 280-450 ms: the backlog then comes in
+    while got < 450 * per_ms:                   # 64 KiB reads a tenth of a ms apart
+        got = min(got + 65536, int(450 * per_ms))
+        marks.append((0.450 + len(marks) * 1e-7, got))
+    marks += [(t / 1000, int(t * per_ms)) for t in range(455, 1200, 5)]
+    mbit, _, seconds = _rate(marks, warmup=0.3)
+    assert mbit == pytest.approx(10.0, rel=0.05)
+    assert seconds == pytest.approx(1.195 - 0.3)
+
+
 def test_relay_delays_each_way_and_carries_a_half_close(upstream):
     relay = _Relay(upstream.getsockname(), delay_ms=30)
     try:
