@@ -30,20 +30,35 @@ from paho.mqtt.properties import Properties
 
 from agent.intake.msgpack_codec import decode_reply, encode_request
 from agent.transport.paho_client import MqttSecurity, connect, make_client
-from agent.transport.topics import infer_topic
+from agent.transport.topics import infer_topic, pool_infer_topic
 
 ReplyCallback = Callable[[dict, float], None]   # (decoded reply, round trip seconds)
 
 
 class InferenceClient:
+    """Requests to one board (``device``), or with ``pool`` to any board of that group
+    (``edge/v1/pool/<group>/infer/<model>``; ``device`` is then only a label): each reply names
+    the board that answered or refused in ``served_by.device``."""
+
     def __init__(self, host: str, port: int, device: str, client_id: str, *, session_expiry_s: int = 0,
-                 security: MqttSecurity | None = None, reply_topic: str | None = None) -> None:
+                 security: MqttSecurity | None = None, reply_topic: str | None = None,
+                 pool: str | None = None, resend_after_s: float | None = None) -> None:
         self.device = device
+        self.pool = pool
+        # A pool's board that dies takes the requests it held with it (the broker gives a clean
+        # session's unacknowledged messages to nobody): with resend_after_s, a request without a
+        # reply that long after it was sent is published once more (same correlation data: a board
+        # that saw it drops the copy, a reply that comes twice is passed on once).
+        self.resend_after_s = resend_after_s
+        self.resent = 0
+        self._resender: threading.Thread | None = None
+        self._closed = threading.Event()
         self.reply_topic = reply_topic or f"apps/{client_id}/replies"
         self._seq = itertools.count(1)
         self._prefix = os.urandom(8)
         self._lock = threading.Lock()
         self._waiting: dict[bytes, tuple[float, ReplyCallback]] = {}
+        self._unanswered: dict[bytes, tuple[float, str, bytes, Properties]] = {}   # for resend_after_s
         self.duplicate_replies = 0      # replies for a request answered already (a QoS 1 re-send)
         self.client = make_client(client_id, security=security)
         self.client.on_message = self._on_message
@@ -74,8 +89,25 @@ class InferenceClient:
         props.CorrelationData = correlation
         with self._lock:
             self._waiting[correlation] = (time.perf_counter(), on_reply)
-        self.client.publish(infer_topic(self.device, model), payload, qos=1, properties=props)
+        topic = pool_infer_topic(self.pool, model) if self.pool else infer_topic(self.device, model)
+        if self.resend_after_s is not None:
+            with self._lock:
+                self._unanswered[correlation] = (time.monotonic(), topic, payload, props)
+                if self._resender is None:
+                    self._resender = threading.Thread(target=self._resend_loop, name="resend", daemon=True)
+                    self._resender.start()
+        self.client.publish(topic, payload, qos=1, properties=props)
         return correlation
+
+    def _resend_loop(self) -> None:
+        while not self._closed.wait(min(0.1, self.resend_after_s / 4)):
+            cutoff = time.monotonic() - self.resend_after_s
+            with self._lock:
+                due = [c for c, entry in self._unanswered.items() if entry[0] <= cutoff]
+                again = [self._unanswered.pop(c) for c in due]
+            for _, topic, payload, props in again:
+                self.resent += 1
+                self.client.publish(topic, payload, qos=1, properties=props)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
               timeout: float = 10.0) -> dict:
@@ -92,6 +124,7 @@ class InferenceClient:
         correlation = getattr(message.properties, "CorrelationData", None) if message.properties else None
         with self._lock:
             entry = self._waiting.pop(correlation, None)
+            self._unanswered.pop(correlation, None)
         if entry is None:
             self.duplicate_replies += 1    # answered already, or not ours
             return
@@ -99,5 +132,6 @@ class InferenceClient:
         callback(decode_reply(message.payload), time.perf_counter() - sent)
 
     def close(self) -> None:
+        self._closed.set()
         self.client.disconnect()
         self.client.loop_stop()

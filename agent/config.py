@@ -138,6 +138,10 @@ class MqttConfig:
     dedup_max: int = 65536
     # The longest wait between reconnects (takeover back-off).
     reconnect_max_delay_s: int = 60
+    # Pools this board serves (README, "Scale out through the broker"): for each group it also takes
+    # requests on edge/v1/pool/<group>/infer/<model> through the shared subscription
+    # $share/<group>/..., so the broker balances one application's requests across the group's boards.
+    pools: tuple[str, ...] = ()
     # Transport security (README, "Securing the broker"): TLS on when `tls` or `tls_ca`/`tls_cert`
     # is set; paths are resolved against the config file's directory. The password is never in the
     # TOML: `password_file` names a file only its owner may read.
@@ -553,6 +557,10 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                             "an integer in 1..10000000"),
             reconnect_max_delay_s=_take(mqtt, "reconnect_max_delay_s", "mqtt", int, 60, lambda v: 1 <= v <= 3600,
                                         "seconds in 1..3600"),
+            pools=tuple(_take(mqtt, "pools", "mqtt", list, [],
+                              lambda v: all(isinstance(g, str) and g and not any(c in g for c in "/+#$") for g in v)
+                              and len(set(v)) == len(v),
+                              "a list of distinct group names without '/', '+', '#' or '$'")),
             tls=security.tls, tls_ca=security.ca_file, tls_cert=security.cert_file, tls_key=security.key_file,
             tls_insecure=security.insecure, username=security.username, password_file=security.password_file,
         ),

@@ -55,6 +55,7 @@ class Service:
         gc.collect()
         gc.freeze()
         self.transport: MqttTransport | None = None
+        self.pool_transport: MqttTransport | None = None     # [mqtt] pools
         self.subscribers: dict[str, Subscriber] = {}     # [mqtt] subscribers, by name
         self.http: HttpIntake | None = None
         self.prometheus: PrometheusEndpoint | None = None
@@ -81,6 +82,16 @@ class Service:
                     self.subscribers[name] = build_subscriber(name, self.agent, self.transport).start()
                 if self.agent.offload is not None:      # the board's side of offload: replies, peers
                     self.agent.offload.attach(self.transport)
+                if mqtt.pools and self.mqtt is not None:
+                    # [mqtt] pools: a connection of their own, clean session, no will (MqttIntake.attach_pools)
+                    self.pool_transport = MqttTransport(config.device, mqtt.host, mqtt.port,
+                                                        client_id=f"edge-agent-{config.device}-pool",
+                                                        keepalive_s=mqtt.keepalive_s, session_expiry_s=0,
+                                                        max_inflight_messages=mqtt.max_inflight_messages,
+                                                        max_queued_messages=mqtt.max_queued_messages,
+                                                        reconnect_max_delay_s=mqtt.reconnect_max_delay_s,
+                                                        security=mqtt.security(), will=False)
+                    self.mqtt.attach_pools(self.pool_transport)
                 try:
                     self.transport.connect()
                 except (ConnectionError, TimeoutError) as exc:
@@ -89,6 +100,11 @@ class Service:
                         raise
                     log.warning("serving HTTP only until the broker answers: %s", exc)
                     self.transport.connect_in_background()
+                if self.pool_transport is not None:
+                    if self.transport.connected:
+                        self.pool_transport.connect()
+                    else:
+                        self.pool_transport.connect_in_background()
                 if config.telemetry.interval_s > 0:
                     self.telemetry_publisher = TelemetryPublisher(self.agent, self.transport,
                                                                   config.telemetry.interval_s).start()
@@ -103,6 +119,8 @@ class Service:
         connected (at a degraded start, or lost since; paho keeps reconnecting)."""
         if self.transport is not None and not self.transport.connected:
             return [f"mqtt broker {self.transport.host}:{self.transport.port} unreachable, retrying"]
+        if self.pool_transport is not None and not self.pool_transport.connected:
+            return [f"mqtt pool connection to {self.pool_transport.host}:{self.pool_transport.port} down, retrying"]
         return []
 
     def _refresh_http_models(self) -> None:
@@ -121,7 +139,8 @@ class Service:
         connected with its network thread alive and no takeover of its client id going on."""
         if self.http is not None and not self.http.taking:
             return False
-        return self.transport is None or self.transport.healthy()
+        return ((self.transport is None or self.transport.healthy())
+                and (self.pool_transport is None or self.pool_transport.healthy()))
 
     def close(self) -> None:
         if self.telemetry_publisher is not None:
@@ -130,6 +149,8 @@ class Service:
             if intake is not None:
                 intake.stop_taking()
         self.agent.close()
+        if self.pool_transport is not None:
+            self.pool_transport.stop()
         if self.transport is not None:
             self.transport.stop()
         if self.http is not None:

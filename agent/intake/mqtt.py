@@ -15,6 +15,11 @@ request is answered once however often it arrives. The memory is bounded (``[mqt
 the entry nearest its expiry goes first, counted in ``dedup_evicted``). An application must not
 reuse correlation data on one response topic within that time for a different request.
 
+Pools (``[mqtt] pools``): the same handler also takes ``edge/v1/pool/<group>/infer/<model>`` through
+the shared subscription ``$share/<group>/...``; the broker gives each request to one board of the
+group. Every reply, a refusal included, names the board in ``served_by.device``, so an application
+that published to a pool learns which board answered or refused.
+
 While the agent drains (``stop_taking``) a persistent session holds the topic instead of
 unsubscribing: requests that arrive then stay with the broker, unacknowledged, for the next run.
 """
@@ -36,7 +41,7 @@ from agent.intake.msgpack_codec import decode_request, encode_reply, error_reply
 from agent.telemetry import Counters
 from agent.transport.connection import MqttTransport
 from agent.transport.paho_client import PublishProperties
-from agent.transport.topics import infer_topic, publish_topic_problem
+from agent.transport.topics import infer_topic, pool_infer_topic, publish_topic_problem, shared
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,10 @@ class MqttIntake:
         self.transport = transport
         self.device = agent.config.device
         self.topic_filter = infer_topic(self.device)      # edge/v1/<device>/infer/+
+        # $share/<group>/edge/v1/pool/<group>/infer/+ for each pool the board serves, taken on a
+        # connection of their own (attach_pools)
+        self.pool_filters = tuple(shared(g, pool_infer_topic(g)) for g in agent.config.mqtt.pools)
+        self.pool_transport: MqttTransport | None = None
         self.max_payload = agent.config.max_payload_bytes
         mqtt = agent.config.mqtt
         self.dedup_grace_s = mqtt.dedup_grace_s
@@ -145,6 +154,20 @@ class MqttIntake:
         broker has acknowledged: from then on no request published to them is missed."""
         self.transport.subscribe(self.topic_filter, self._on_message, qos=1, timeout=timeout)
         log.info("taking requests for %s on %s", sorted(self.agent.models), self.topic_filter)
+        return self
+
+    def attach_pools(self, transport: MqttTransport, timeout: float = 10.0) -> "MqttIntake":
+        """Take the pools' requests (``[mqtt] pools``) on ``transport``: a connection with a clean
+        session, apart from the board's own. Why apart: the broker keeps handing a shared
+        subscription's messages to a member whose session outlives it, so a dead board with the
+        persistent session of its own topic would park a share of the pool's requests until it
+        returns; with a clean session the broker forgets it at once and the living boards take
+        the pool. Replies still go out on the board's own connection."""
+        self.pool_transport = transport
+        for topic_filter in self.pool_filters:
+            transport.subscribe(topic_filter, self._on_message, qos=1, timeout=timeout)
+        if self.pool_filters:
+            log.info("taking pooled requests on %s", ", ".join(self.pool_filters))
         return self
 
     # --- network thread: decode, validate, submit, return --------------------------------------
@@ -181,12 +204,12 @@ class MqttIntake:
         except InferenceError as exc:
             if request_id is None:
                 request_id = getattr(exc, "request_id", None)
-            self._publish(response_topic, correlation, error_reply(request_id, exc))
+            self._publish(response_topic, correlation, self._error_reply(request_id, exc))
             return
         except Exception as exc:  # never let one request take down the network thread
             log.exception("unexpected failure on %s", message.topic)
             self._publish(response_topic, correlation,
-                          error_reply(request_id, InferenceError("internal", f"{type(exc).__name__}: {exc}")))
+                          self._error_reply(request_id, InferenceError("internal", f"{type(exc).__name__}: {exc}")))
             return
         future.add_done_callback(lambda f: self._reply(f, response_topic, correlation, request_id))
 
@@ -211,10 +234,16 @@ class MqttIntake:
         if error is None:
             reply = result_reply(future.result(), request_id)
         elif isinstance(error, InferenceError):
-            reply = error_reply(request_id, error)
+            reply = self._error_reply(request_id, error)
         else:
-            reply = error_reply(request_id, InferenceError("internal", f"{type(error).__name__}: {error}"))
+            reply = self._error_reply(request_id, InferenceError("internal", f"{type(error).__name__}: {error}"))
         self._publish(response_topic, correlation, reply)
+
+    def _error_reply(self, request_id: str | None, error: InferenceError) -> dict:
+        """An error reply that names this board (``served_by.device``: which board of a pool refused)."""
+        reply = error_reply(request_id, error)
+        reply["served_by"] = {"device": self.device}
+        return reply
 
     def _publish(self, response_topic: str, correlation: bytes | None, reply: dict) -> None:
         """Publish a reply; a failure is counted and logged, never raised into the calling thread
@@ -247,8 +276,12 @@ class MqttIntake:
     def stop_taking(self) -> None:
         """Take no new request while the agent drains (replies still go out). With a persistent
         session the topic is held: what arrives now stays with the broker, unacknowledged, and is
-        delivered to the agent's next run; with a clean session it is unsubscribed."""
+        delivered to the agent's next run; with a clean session it is unsubscribed. A pool's shared
+        subscription is always dropped: the broker then hands the group's requests to its other boards."""
         if self.transport.session_expiry_s > 0:
             self.transport.hold(self.topic_filter)
         else:
             self.transport.unsubscribe(self.topic_filter)
+        if self.pool_transport is not None:     # a pool's: the group's other boards take them
+            for topic_filter in self.pool_filters:
+                self.pool_transport.unsubscribe(topic_filter)

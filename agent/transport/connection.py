@@ -79,7 +79,8 @@ class MqttTransport:
     def __init__(self, device: str, host: str, port: int, *, status: Callable[[], dict] | None = None,
                  client_id: str | None = None, keepalive_s: int = 30, session_expiry_s: int = 3600,
                  max_inflight_messages: int = 1000, max_queued_messages: int = 10000, reconnect_max_delay_s: int = 60,
-                 takeover_log_interval_s: float = 30.0, security: MqttSecurity | None = None) -> None:
+                 takeover_log_interval_s: float = 30.0, security: MqttSecurity | None = None,
+                 will: bool = True) -> None:
         self.device = device
         self.host, self.port = host, port
         self.keepalive_s = keepalive_s      # [mqtt] keepalive_s: how soon a dead board shows offline
@@ -91,8 +92,11 @@ class MqttTransport:
         self._offline = json.dumps({"device": device, "state": "offline"}).encode()
         # [mqtt] TLS and credentials (README, "Securing the broker"); none: plain TCP, anonymous.
         self.security = security or MqttSecurity()
-        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True), security=security,
-                                  direct=True)
+        # The last will: none for a second connection of the board (a pool's), whose loss does
+        # not mean the board is gone.
+        self._will = will
+        self.client = make_client(self.client_id, will=(self.status_topic, self._offline, True) if will else None,
+                                  security=security, direct=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -270,7 +274,7 @@ class MqttTransport:
         the broker keeps the subscriptions: requests published until the agent is back wait there.
         """
         self._stopping.set()
-        if self.client.is_connected():
+        if self._will and self.client.is_connected():
             try:
                 self.client.publish(self.status_topic, self._offline, qos=1, retain=True).wait_for_publish(timeout)
             except Exception:  # lost the broker meanwhile: the will covers it
