@@ -211,3 +211,14 @@ def test_a_board_killed_mid_load_costs_only_what_it_held_and_a_resend_answers_th
               f"(held by {victim.device}), served by {dict(by_device)}")
     finally:
         app.close()
+
+
+def test_the_pool_bench_config_is_one_the_agent_loads(tmp_path):
+    """``bench pool`` writes its agents' configs itself: the agent's own loader must take them."""
+    from agent.config import load_config
+    from edge_lab.bench.pool import GROUP as BENCH_GROUP, agent_toml
+    path = tmp_path / "a.toml"
+    path.write_text(agent_toml("pool_a", MODEL, ("10.0.0.1", 1883), 200.0))
+    config = load_config(path)
+    assert config.mqtt.pools == (BENCH_GROUP,) and config.mqtt.session_expiry_s == 0
+    assert config.models[0].name == MODEL

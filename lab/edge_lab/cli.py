@@ -340,6 +340,31 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_pool(args: argparse.Namespace) -> int:
+    from edge_lab.bench.pool import bench_pool, format_pool
+    from edge_lab.netlab import LabError, check_support
+    problem = check_support()
+    if problem is not None:
+        print(f"edge-agent bench pool: {problem}", file=sys.stderr)
+        return 1
+    print(f"edge-agent bench pool: one agent, then three, {args.cpu:g} core each, {args.model}", flush=True)
+    try:
+        results = bench_pool(model=args.model, cpu=args.cpu, duration_s=args.duration, load=args.load,
+                             slo_ms=args.slo_ms, seed=args.seed, say=lambda line: print(f"  {line}", flush=True))
+    except (LabError, ValueError) as exc:
+        print(f"edge-agent bench pool: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edge-agent bench pool: interrupted; the lab and its agents were torn down", file=sys.stderr)
+        return 130
+    print(format_pool(results), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cores(text: str) -> float | None:
     if text.lower() in ("none", "0"):
         return None
@@ -576,3 +601,24 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                          help="the same comparison in the simulator instead (the board's scheduler on a virtual "
                               "clock, a simulated peer and link; no root, seconds): edge_lab.bench.offload_sim")
     offload.set_defaults(func=_cmd_bench_offload)
+
+    pool = bench_sub.add_parser(
+        "pool", help="scale-out through the broker: one agent against a shared-subscription pool of three",
+        description="Build a lab of three boards (edge_lab.netlab: a namespace and a CPU quota each, Mosquitto "
+                    "beside them), run one agent serving the pool, then three; for each, measure the closed-loop "
+                    "capacity and play one Poisson trace (--load times three single agents' capacity, measured "
+                    "at start) to the pool topic; print goodput, SLO attainment, unanswered replies and the "
+                    "spread over the boards, and issue 26's target (three at least 2.7x one). Needs root. "
+                    "About a minute.")
+    pool.add_argument("--model", default="resnet_digits", help="a demo model (default resnet_digits)")
+    pool.add_argument("--cpu", type=_positive_float, default=0.5, metavar="CORES",
+                      help="each agent's CPU quota in cores (default 0.5: three fit on 2 cores)")
+    pool.add_argument("--duration", type=_positive_float, default=8.0, metavar="S",
+                      help="seconds of trace per row (default 8)")
+    pool.add_argument("--load", type=_positive_float, default=1.1, metavar="X",
+                      help="the trace's rate as a multiple of three single agents' capacity (default 1.1)")
+    pool.add_argument("--slo-ms", type=_positive_float, default=200.0, metavar="MS",
+                      help="the requests' SLO (default 200)")
+    pool.add_argument("--seed", type=int, default=0, help="seed of the trace (default 0)")
+    pool.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    pool.set_defaults(func=_cmd_bench_pool)

@@ -88,6 +88,8 @@ class Replay:
     # ``total_ms``: from taking the request to its result; None: no such figure): the rest of the
     # latency was spent outside the server's accounting (sockets, broker, generator)
     server_ms: list[float | None] = field(default_factory=list)
+    # replies by the board that sent them (``served_by.device``; MQTT only): a pool's spread
+    served_by: dict[str, int] = field(default_factory=dict)
 
 
 # --- Open Inference Protocol over HTTP -----------------------------------------------------------
@@ -369,9 +371,10 @@ class MqttTarget(_Target):
     :func:`edge_lab.bench.mqttload.replay_mqtt`."""
 
     def __init__(self, host: str, port: int, device: str, frames: Frames, *, procs: int | None = None,
-                 qos: int = 1) -> None:
+                 qos: int = 1, pool: str | None = None) -> None:
         self.host, self.port, self.device, self.frames = host, port, device, frames
         self.procs, self.qos = procs, qos
+        self.pool = pool        # requests to edge/v1/pool/<pool>/infer/<model>: any board of the group
         self._bodies = {}
 
     def encode(self, model: str, slo_ms: float, priority: int, frame_index: int) -> bytes:

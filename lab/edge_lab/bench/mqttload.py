@@ -46,6 +46,7 @@ import numpy as np
 
 from agent import errors
 from agent.transport.paho_client import NODELAY_SOCKET_OPEN, DirectClient
+from agent.transport.topics import infer_topic, pool_infer_topic
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
 
@@ -172,6 +173,7 @@ class _Share:
     frame_of: list[int]                         # body key -> frame index
     deadline_s: float                           # when to stop waiting for replies, from the start
     qos: int
+    pool: str | None = None                     # requests to the group's pool topic, not the device's
 
 
 def _generator_main(share: _Share, pipe) -> None:
@@ -200,6 +202,7 @@ def _generate(share: _Share, pipe) -> dict:
     own_ms: list[float | None] = [None] * count
     sent_at = [0.0] * count
     tally = {"waiting": count, "wrong": 0, "checked": 0}
+    served_by: dict[str, int] = {}               # replies by the board that sent them (served_by.device)
     lock = threading.Lock()
     all_answered = threading.Event()
     state = {"start": None, "over": False}
@@ -217,8 +220,9 @@ def _generate(share: _Share, pipe) -> dict:
             code = "ok" if reply.get("status") == "ok" else (reply.get("error") or {}).get("code", errors.INTERNAL)
             outputs = reply.get("outputs") or {}
             total = (reply.get("timing") or {}).get("total_ms")
+            board = str((reply.get("served_by") or {}).get("device"))
         except Exception:                        # an undecodable reply is the server's error
-            code, outputs, total = errors.INTERNAL, {}, None
+            code, outputs, total, board = errors.INTERNAL, {}, None, "None"
         with lock:
             if state["over"] or status[k] != "unanswered":
                 return                           # after the replay, or a second reply: not counted
@@ -226,6 +230,7 @@ def _generate(share: _Share, pipe) -> dict:
             finish[k] = received - state["start"]
             read[k] = read_at - state["start"]
             own_ms[k] = float(total) if isinstance(total, (int, float)) else None
+            served_by[board] = served_by.get(board, 0) + 1
             if code == "ok" and outputs:
                 _, model, key = share.rows[k][1:]
                 logits = np.asarray(next(iter(outputs.values()))).reshape(-1)
@@ -255,7 +260,8 @@ def _generate(share: _Share, pipe) -> dict:
             props.ResponseTopic = reply_topic
             props.CorrelationData = struct.pack("!Q", index)
             properties.append(props)
-        topics = {model: f"edge/v1/{share.device}/infer/{model}" for _, _, model, _ in share.rows}
+        topics = {model: pool_infer_topic(share.pool, model) if share.pool else infer_topic(share.device, model)
+                  for _, _, model, _ in share.rows}
         pipe.send(("ready", None))
         start = pipe.recv()
         sampler = CpuSampler()
@@ -282,7 +288,8 @@ def _generate(share: _Share, pipe) -> dict:
     lags = [1000.0 * (sent_at[k] - share.rows[k][1]) for k in range(count)]
     load = GeneratorLoad(count, spread_ms(lags), cpu_s, wall_s, max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
     return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish, "read": read,
-            "own_ms": own_ms, "wrong": tally["wrong"], "checked": tally["checked"], "lags_ms": lags, "load": load.as_dict()}
+            "own_ms": own_ms, "wrong": tally["wrong"], "checked": tally["checked"], "lags_ms": lags, "load": load.as_dict(),
+            "served_by": served_by}
 
 
 # --- the replay across processes --------------------------------------------------------------------
@@ -329,7 +336,7 @@ def replay_mqtt(target, trace: Sequence[TraceRow], frames, *, drain_s: float = 3
             remap = {key: j for j, key in enumerate(used)}
             share = _Share(host, port, device, f"{tag}-{p}", [(i, t, m, remap[key]) for i, t, m, key in mine],
                            [bodies[key] for key in used], labels, [frame_of[key] for key in used],
-                           last_deadline + drain_s, qos)
+                           last_deadline + drain_s, qos, getattr(target, "pool", None))
             parent_end, child_end = context.Pipe()
             process = context.Process(target=_generator_main, args=(share, child_end), name=f"{tag}-{p}", daemon=True)
             process.start()
@@ -370,8 +377,12 @@ def replay_mqtt(target, trace: Sequence[TraceRow], frames, *, drain_s: float = 3
         wrong += result["wrong"]
         checked += result["checked"]
     span = max((row.t_s for row in trace), default=0.0) or 1e-9
+    served_by: dict[str, int] = {}
+    for result in results:
+        for board, n in result["served_by"].items():
+            served_by[board] = served_by.get(board, 0) + n
     return Replay(records, span, spread_ms(lags), wrong, checked, spread_ms(read_lags),
-                  read_s, [r["load"] for r in results], server_ms)
+                  read_s, [r["load"] for r in results], server_ms, served_by)
 
 
 def _expect(pipe, process, what: str, timeout_s: float, p: int):
