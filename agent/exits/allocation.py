@@ -1,0 +1,668 @@
+"""Which exit answers each class of users, and at what batch size: the batching + early-exit allocation.
+
+The joint batching + early-exit paper (Liu, Lan, Huang, JSAC 2023; see ../shared/PAPERS.md) gives
+only its abstract to us: many users with different accuracy and latency requirements, batching and
+early exits chosen jointly to maximise throughput, an NP-complete integer program with an optimal
+and a sub-optimal algorithm. Its variables, latency model and algorithms are unknown, so the model
+below is **ours**; it keeps what the abstract fixes (per-user accuracy and latency requirements,
+users scheduled whole, throughput as the criterion) and prices what the card measures.
+
+The problem
+-----------
+* **Classes** (:class:`UserClass`): requests of class ``i`` arrive at ``rate`` per second (steady),
+  each needs its answer within ``slo_ms`` and from an exit at least ``min_accuracy`` accurate.
+* **Model** (:class:`ExitModel`): exits ``1..K`` (earliest first) with their top-1 accuracy, and
+  ``t_k(b)``, stage ``k``'s time for a batch of ``b`` items, at the profiled batch sizes ``B``
+  (the card's ``exit_profile``). Only profiled sizes are chosen.
+* **Decision** (:class:`Choice`): for each class, served or not; if served, its exit ``e_i`` and
+  its batch size ``b_i`` in ``B``. All served classes with the same batch size share one *batch
+  stream*: its requests, whatever their class, are collected in arrival order into batches of
+  ``b``; a batch runs stage 1, the items whose exit is 1 leave, the rest run stage 2 in the same
+  batch, and so on (survivors are not re-batched with other batches' survivors here; doing so
+  only lowers the cost priced below, so the plan stays safe under it).
+* **Accuracy**: ``accuracy(e_i) >= min_accuracy_i``.
+* **Latency** of class ``i`` in stream ``b`` with rate ``Lambda_b`` (the sum of its classes'
+  rates): the first item of a batch waits ``1000 (b - 1) / Lambda_b`` ms for the batch to fill
+  (steady arrivals), then the stages up to its exit run, each at most ``t_k(b)`` (the survivors are
+  fewer, and a stage is never slower on fewer items): ``1000 (b-1)/Lambda_b + sum_{k<=e_i} t_k(b)
+  <= slo_ms_i``. Queueing behind other streams' batches is not modelled: the plan keeps the
+  processor's busy share under ``utilisation`` (default 0.9) to leave room for it, and the
+  scheduler's per-request deadline test stays the judge at dispatch.
+* **Capacity**: one processor runs the stage batches one at a time. Stage time is taken affine in
+  the items it runs, ``t_k(n) <= a_k + c_k n`` (the smallest such envelope over the profiled
+  sizes: :meth:`ExitModel.envelope`). Per second, stream ``b`` runs ``Lambda_b / b`` batches; a
+  batch runs stage ``k`` only if one of its items goes that deep, and at most ``F_bk`` batches per
+  second can (``F_bk``: the rate of the stream's items with exit ``>= k``), so the stream's busy
+  time is at most ``sum_k a_k min(Lambda_b / b, F_bk) + c_k F_bk`` ms per second. That bound is
+  exact for a stream of one exit and for batch 1, and the expected value for mixed exits,
+  ``(Lambda_b/b)(1 - (1 - F_bk/Lambda_b)^b)``, never exceeds it. The plan needs
+  ``sum_b busy_b <= 1000 utilisation``.
+* **Objective: the served rate**, ``sum of rate_i`` over the classes served whole. Why this and not
+  the largest uniform scale of all rates: when the board is overloaded the agent must decide *whom*
+  to serve (admission), and the served rate answers that, while a uniform scale only says how much
+  and lets one costly strict class drag every class down; it is also the paper's criterion as far
+  as the abstract says (users scheduled, tasks completed), and with the rates fixed the batch fill
+  times are constants per stream rate, so the exact problem stays a linear integer program
+  (:mod:`agent.exits.exact`). A class that no exit can serve in its SLO even alone at the smallest
+  batch, or that no exit is accurate enough for, is refused up front (:class:`AllocationError`).
+
+The heuristic (:func:`plan_allocation`), what the agent runs online
+-------------------------------------------------------------------
+Each class answers at its **earliest accurate exit** (in this model a deeper exit only adds stage
+time and cost, so it is never better). Greedy admission in a few orders (cheapest per request
+first, largest rate first, tightest SLO first), each class put in the stream that adds the least
+busy time while its latency holds; then a local search: move a served class to a stream where the
+total busy time is smaller, admit a class that now fits, or swap a served class out for an unserved
+one of larger rate. The best plan of the orders is returned. Pure python on a handful of classes:
+cheap enough to rerun whenever the classes' rates change or at a dispatch (``edge-agent bench
+exit-alloc`` and ``bench core`` report its decision time and its gap to the MILP's optimum).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["AllocationError", "UserClass", "ExitModel", "Choice", "Problem", "Plan", "evaluate", "plan_allocation",
+           "DEFAULT_UTILISATION"]
+
+#: Share of the processor a plan may fill; the rest absorbs queueing behind other streams' batches.
+DEFAULT_UTILISATION = 0.9
+#: Relative slack when checking a constraint (capacity, latency) of a plan, against float rounding.
+TOLERANCE = 1e-9
+
+
+class AllocationError(ValueError):
+    """Input the allocation refuses: the message names the class (or the model) and what was wrong."""
+
+
+@dataclass(frozen=True)
+class UserClass:
+    """Users with one requirement: ``rate`` requests per second, each answered within ``slo_ms`` by an
+    exit at least ``min_accuracy`` accurate (0: any exit)."""
+
+    name: str
+    rate: float
+    slo_ms: float
+    min_accuracy: float = 0.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A served class's exit (index into the model's exits, earliest first) and batch size."""
+
+    exit: int
+    batch: int
+
+
+def _envelope(sizes: Sequence[int], times: Sequence[float]) -> tuple[float, float]:
+    """The affine ``a + c n`` above every profiled ``(n, t(n))``: the least-squares slope (>= 0), then
+    the intercept raised until the line covers every point (>= 0)."""
+    b = np.asarray(sizes, dtype=float)
+    t = np.asarray(times, dtype=float)
+    if len(b) >= 2:
+        slope = float(np.polyfit(b, t, 1)[0])
+    else:
+        slope = float(t[0] / b[0])
+    slope = max(slope, 0.0)
+    intercept = max(0.0, float(np.max(t - slope * b)))
+    # The line must cover every point exactly despite rounding: nudge the intercept up if needed.
+    over = float(np.max(t - (intercept + slope * b)))
+    if over > 0:
+        intercept += over
+    return intercept, slope
+
+
+@dataclass(frozen=True)
+class ExitModel:
+    """A multi-exit model as the allocation sees it: exit names and accuracies (earliest first), the
+    profiled batch sizes, and ``stage_ms[k][j]``, stage ``k``'s time in ms for a batch of
+    ``batch_sizes[j]`` (stage ``k`` ends at exit ``k``). ``fixed_ms``/``per_item_ms`` are each
+    stage's affine envelope (derived: :func:`_envelope`), what partial batches are priced at."""
+
+    names: tuple[str, ...]
+    accuracy: tuple[float, ...]
+    batch_sizes: tuple[int, ...]
+    stage_ms: tuple[tuple[float, ...], ...]
+    fixed_ms: tuple[float, ...] = field(init=False)
+    per_item_ms: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        names, accuracy = tuple(self.names), tuple(float(a) for a in self.accuracy)
+        sizes = tuple(self.batch_sizes)
+        where = f"exit model {list(names)}"
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise AllocationError(f"{where}: expected one or more distinct exit names")
+        if len(accuracy) != len(names) or not all(0.0 <= a <= 1.0 for a in accuracy):
+            raise AllocationError(f"{where}: accuracy = {list(self.accuracy)}: expected one value in 0..1 per exit")
+        if not sizes or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
+                                for b in sizes) or list(sizes) != sorted(set(sizes)):
+            raise AllocationError(f"{where}: batch_sizes = {list(sizes)}: expected increasing integers >= 1")
+        stage = tuple(tuple(float(v) for v in row) for row in self.stage_ms)
+        if len(stage) != len(names) or any(len(row) != len(sizes) or not all(math.isfinite(v) and v >= 0 for v in row)
+                                           for row in stage):
+            raise AllocationError(f"{where}: stage_ms = {self.stage_ms!r}: expected {len(names)} rows (one per "
+                                  f"stage) of {len(sizes)} times in ms >= 0 (one per batch size {list(sizes)})")
+        fits = [_envelope(sizes, row) for row in stage]
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "accuracy", accuracy)
+        object.__setattr__(self, "batch_sizes", tuple(int(b) for b in sizes))
+        object.__setattr__(self, "stage_ms", stage)
+        object.__setattr__(self, "fixed_ms", tuple(a for a, _ in fits))
+        object.__setattr__(self, "per_item_ms", tuple(c for _, c in fits))
+
+    @classmethod
+    def affine(cls, names: Sequence[str], accuracy: Sequence[float], fixed_ms: Sequence[float],
+               per_item_ms: Sequence[float], batch_sizes: Sequence[int]) -> "ExitModel":
+        """A model whose stage ``k`` takes ``fixed_ms[k] + per_item_ms[k] * n`` ms for ``n`` items."""
+        if len(fixed_ms) != len(names) or len(per_item_ms) != len(names):
+            raise AllocationError(f"exit model {list(names)}: fixed_ms {list(fixed_ms)} and per_item_ms "
+                                  f"{list(per_item_ms)}: expected one value per exit")
+        stage = [[float(a) + float(c) * b for b in batch_sizes] for a, c in zip(fixed_ms, per_item_ms)]
+        return cls(tuple(names), tuple(accuracy), tuple(batch_sizes), tuple(tuple(r) for r in stage))
+
+    @classmethod
+    def from_card(cls, card: Any) -> "ExitModel":
+        """The exits of a model card (:class:`agent.models.card.ModelCard`) with their measured stage times."""
+        exits = list(getattr(card, "exits", []) or [])
+        if not exits:
+            raise AllocationError(f"model {getattr(card, 'name', card)!r}: its card lists no exits")
+        missing = [p.name for p in exits if p.stage_ms is None or p.batch_sizes is None]
+        if missing:
+            raise AllocationError(f"model {card.name!r}: exits {missing} have no stage_ms (the card's exit_profile "
+                                  "gives them; tools/build_models.py measures them)")
+        return cls(tuple(p.name for p in exits), tuple(p.accuracy for p in exits), tuple(exits[0].batch_sizes),
+                   tuple(tuple(p.stage_ms) for p in exits))
+
+    def envelope(self, stage: int) -> tuple[float, float]:
+        """Stage ``stage``'s ``(fixed_ms, per_item_ms)``: ``t(n) <= fixed + per_item * n`` at every profiled n."""
+        return self.fixed_ms[stage], self.per_item_ms[stage]
+
+    def time_to_exit(self, exit: int, batch_index: int) -> float:
+        """Stages ``0..exit`` in ms at the profiled batch size ``batch_sizes[batch_index]``."""
+        return sum(self.stage_ms[k][batch_index] for k in range(exit + 1))
+
+
+class Problem:
+    """Classes, a model and a processor share, checked and precomputed once (for the heuristic, the
+    exact solvers and :func:`evaluate` alike).
+
+    ``options[i]``: the ``(exit, batch index)`` pairs that meet class ``i``'s accuracy and whose
+    stages alone fit its SLO (the fill wait comes on top and depends on the stream's rate). A class
+    with none is refused: :class:`AllocationError` names it and says which requirement fails.
+    """
+
+    def __init__(self, classes: Sequence[UserClass], model: ExitModel,
+                 utilisation: float = DEFAULT_UTILISATION) -> None:
+        if not (isinstance(utilisation, (int, float)) and 0.0 < utilisation <= 1.0):
+            raise AllocationError(f"utilisation = {utilisation!r}: expected a share of the processor in (0, 1]")
+        classes = tuple(classes)
+        names = [c.name for c in classes]
+        for c in classes:
+            if not isinstance(c.name, str) or not c.name:
+                raise AllocationError(f"class {c.name!r}: expected a non-empty name")
+            if names.count(c.name) > 1:
+                raise AllocationError(f"class {c.name!r}: the name is used twice")
+            for key, value in (("rate", c.rate), ("slo_ms", c.slo_ms)):
+                if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                        and value > 0):
+                    raise AllocationError(f"class {c.name!r}: {key} = {value!r}: expected a number > 0")
+            if not (isinstance(c.min_accuracy, (int, float)) and 0.0 <= c.min_accuracy <= 1.0):
+                raise AllocationError(f"class {c.name!r}: min_accuracy = {c.min_accuracy!r}: expected 0..1")
+        self.classes = classes
+        self.model = model
+        self.utilisation = float(utilisation)
+        self.capacity_ms = 1000.0 * self.utilisation
+        K, J = len(model.names), len(model.batch_sizes)
+        #: cum_ms[e][j]: stages up to exit e at batch size j, the latency's execution part.
+        self.cum_ms = [[model.time_to_exit(e, j) for j in range(J)] for e in range(K)]
+        self.options: list[list[tuple[int, int]]] = []
+        self.earliest_exit: list[int] = []
+        for c in classes:
+            accurate = [e for e in range(K) if model.accuracy[e] >= c.min_accuracy - TOLERANCE]
+            if not accurate:
+                best = ", ".join(f"{n} {a:.4f}" for n, a in zip(model.names, model.accuracy))
+                raise AllocationError(f"class {c.name!r}: min_accuracy {c.min_accuracy:g} is above every exit's "
+                                      f"accuracy ({best})")
+            options = [(e, j) for e in accurate for j in range(J)
+                       if self.cum_ms[e][j] <= c.slo_ms * (1 + TOLERANCE)]
+            if not options:
+                e = accurate[0]
+                fastest = min(range(J), key=lambda j: self.cum_ms[e][j])
+                raise AllocationError(
+                    f"class {c.name!r}: slo_ms {c.slo_ms:g} is below the stages up to its earliest accurate exit "
+                    f"{model.names[e]!r} (accuracy {model.accuracy[e]:.4f} >= {c.min_accuracy:g}) even at batch "
+                    f"{model.batch_sizes[fastest]}: {self.cum_ms[e][fastest]:.3f} ms")
+            self.options.append(options)
+            self.earliest_exit.append(accurate[0])
+
+    # ---- the model's two sums, shared by every solver ------------------------------------------
+
+    def stream_busy_ms(self, batch_index: int, rate: float, flow: Sequence[float]) -> float:
+        """Busy ms per second of the stream at batch size ``batch_sizes[batch_index]`` carrying ``rate``
+        requests/s of which ``flow[k]`` go as deep as stage ``k`` (``flow[0] == rate``)."""
+        if rate <= 0:
+            return 0.0
+        model = self.model
+        batches = rate / model.batch_sizes[batch_index]
+        busy = 0.0
+        for k, f in enumerate(flow):
+            if f > 0:
+                busy += model.fixed_ms[k] * (batches if batches < f else f) + model.per_item_ms[k] * f
+        return busy
+
+    def fill_ms(self, batch_index: int, stream_rate: float) -> float:
+        """The first item's wait for its batch to fill, in a stream of ``stream_rate`` requests/s."""
+        b = self.model.batch_sizes[batch_index]
+        return 0.0 if b == 1 else 1000.0 * (b - 1) / stream_rate
+
+    def check(self, choices: Sequence[Choice | tuple[int, int] | None]) -> tuple[bool, float, float, list[float | None]]:
+        """``(feasible, served rate, busy ms/s, latency ms per class)`` of a plan given as one
+        ``(exit, batch index)`` or None per class (:func:`evaluate` takes batch sizes instead)."""
+        K, J = len(self.model.names), len(self.model.batch_sizes)
+        rate = [0.0] * J
+        flow = [[0.0] * K for _ in range(J)]
+        served = 0.0
+        for c, choice in zip(self.classes, choices):
+            if choice is None:
+                continue
+            e, j = choice
+            rate[j] += c.rate
+            row = flow[j]
+            for k in range(e + 1):
+                row[k] += c.rate
+            served += c.rate
+        busy = sum(self.stream_busy_ms(j, rate[j], flow[j]) for j in range(J) if rate[j] > 0)
+        feasible = busy <= self.capacity_ms * (1 + TOLERANCE)
+        latency: list[float | None] = []
+        for c, choice in zip(self.classes, choices):
+            if choice is None:
+                latency.append(None)
+                continue
+            e, j = choice
+            value = self.fill_ms(j, rate[j]) + self.cum_ms[e][j]
+            latency.append(value)
+            if value > c.slo_ms * (1 + TOLERANCE) or self.model.accuracy[e] < c.min_accuracy - TOLERANCE:
+                feasible = False
+        return feasible, served, busy, latency
+
+    def plan(self, choices: Sequence[tuple[int, int] | None], method: str) -> "Plan":
+        """The :class:`Plan` of ``(exit, batch index)`` choices, checked against the model."""
+        feasible, served, busy, latency = self.check(choices)
+        return Plan(
+            classes=tuple(c.name for c in self.classes),
+            choices=tuple(None if ch is None else Choice(ch[0], self.model.batch_sizes[ch[1]]) for ch in choices),
+            exit_names=self.model.names,
+            served_rate=served,
+            offered_rate=sum(c.rate for c in self.classes),
+            busy_ms_per_s=busy,
+            capacity_ms_per_s=self.capacity_ms,
+            latency_ms=tuple(latency),
+            feasible=feasible,
+            method=method,
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An allocation: per class (in the problem's order) its :class:`Choice` or None (not served),
+    and what the model says of it: the served rate (the objective), the processor's busy ms per
+    second against the capacity, each served class's latency, and whether every constraint holds."""
+
+    classes: tuple[str, ...]
+    choices: tuple[Choice | None, ...]
+    exit_names: tuple[str, ...]
+    served_rate: float
+    offered_rate: float
+    busy_ms_per_s: float
+    capacity_ms_per_s: float
+    latency_ms: tuple[float | None, ...]
+    feasible: bool
+    method: str
+
+    def choice(self, name: str) -> Choice | None:
+        """Class ``name``'s exit and batch size, None when it is not served; KeyError names the classes."""
+        try:
+            return self.choices[self.classes.index(name)]
+        except ValueError:
+            raise KeyError(f"no class {name!r} in this plan; classes: {list(self.classes)}") from None
+
+    def exit_for(self, name: str) -> str | None:
+        """The name of the exit that answers class ``name`` (None: not served)."""
+        choice = self.choice(name)
+        return None if choice is None else self.exit_names[choice.exit]
+
+    @property
+    def served(self) -> tuple[str, ...]:
+        return tuple(n for n, c in zip(self.classes, self.choices) if c is not None)
+
+    @property
+    def refused(self) -> tuple[str, ...]:
+        return tuple(n for n, c in zip(self.classes, self.choices) if c is None)
+
+    @property
+    def utilisation(self) -> float:
+        """The processor's busy share under this plan."""
+        return self.busy_ms_per_s / 1000.0
+
+    def describe(self) -> str:
+        """One line per class: its exit, batch size and latency, or that it is not served."""
+        lines = [f"served {self.served_rate:g}/{self.offered_rate:g} req/s, busy {self.busy_ms_per_s:.1f} of "
+                 f"{self.capacity_ms_per_s:.0f} ms/s ({self.method})"]
+        for name, choice, latency in zip(self.classes, self.choices, self.latency_ms):
+            if choice is None:
+                lines.append(f"  {name}: not served")
+            else:
+                lines.append(f"  {name}: exit {self.exit_names[choice.exit]}, batch {choice.batch}, "
+                             f"{latency:.2f} ms")
+        return "\n".join(lines)
+
+
+def evaluate(problem: Problem, choices: Sequence[Choice | None], method: str = "given") -> Plan:
+    """The :class:`Plan` of the given choices (exit index and batch size per class, None: not served),
+    with its feasibility; a batch size the model was not profiled at is refused, naming the class."""
+    if len(choices) != len(problem.classes):
+        raise AllocationError(f"{len(choices)} choices for {len(problem.classes)} classes")
+    indexed: list[tuple[int, int] | None] = []
+    for c, choice in zip(problem.classes, choices):
+        if choice is None:
+            indexed.append(None)
+            continue
+        if choice.batch not in problem.model.batch_sizes:
+            raise AllocationError(f"class {c.name!r}: batch {choice.batch} is not a profiled batch size "
+                                  f"{list(problem.model.batch_sizes)}")
+        if not 0 <= choice.exit < len(problem.model.names):
+            raise AllocationError(f"class {c.name!r}: exit {choice.exit} is not one of the model's "
+                                  f"{len(problem.model.names)} exits")
+        indexed.append((choice.exit, problem.model.batch_sizes.index(choice.batch)))
+    return problem.plan(indexed, method)
+
+
+# ------------------------------------------------------------------------------------------------
+# The heuristic
+# ------------------------------------------------------------------------------------------------
+
+
+class _State:
+    """A partial plan under construction: each stream's rate, per-stage flows and busy time, and
+    each class's batch index (None: not served). Every move keeps the plan feasible."""
+
+    __slots__ = ("p", "exit", "rate", "flow", "busy", "total", "where", "members")
+
+    def __init__(self, p: Problem) -> None:
+        J, K = len(p.model.batch_sizes), len(p.model.names)
+        self.p = p
+        self.exit = p.earliest_exit
+        self.rate = [0.0] * J
+        self.flow = [[0.0] * K for _ in range(J)]
+        self.busy = [0.0] * J
+        self.total = 0.0
+        self.where: list[int | None] = [None] * len(p.classes)
+        self.members: list[list[int]] = [[] for _ in range(J)]
+
+    def copy(self) -> "_State":
+        other = object.__new__(_State)
+        other.p, other.exit = self.p, self.exit
+        other.rate, other.busy, other.total = list(self.rate), list(self.busy), self.total
+        other.flow = [list(f) for f in self.flow]
+        other.where = list(self.where)
+        other.members = [list(m) for m in self.members]
+        return other
+
+    def adopt(self, other: "_State") -> None:
+        """Take ``other``'s plan (a trial that won)."""
+        self.rate, self.flow, self.busy, self.total = other.rate, other.flow, other.busy, other.total
+        self.where, self.members = other.where, other.members
+
+    def served(self) -> float:
+        return sum(c.rate for c, j in zip(self.p.classes, self.where) if j is not None)
+
+    def _flow_with(self, j: int, i: int, sign: float) -> list[float]:
+        flow = list(self.flow[j])
+        lam = sign * self.p.classes[i].rate
+        for k in range(self.exit[i] + 1):
+            flow[k] += lam
+        return flow
+
+    def add_cost(self, i: int, j: int) -> float | None:
+        """Busy ms/s that class ``i`` adds in stream ``j``, or None if its latency fails there."""
+        p, c = self.p, self.p.classes[i]
+        rate = self.rate[j] + c.rate
+        if p.fill_ms(j, rate) + p.cum_ms[self.exit[i]][j] > c.slo_ms * (1 + TOLERANCE):
+            return None
+        return p.stream_busy_ms(j, rate, self._flow_with(j, i, 1.0)) - self.busy[j]
+
+    def best_stream(self, i: int, room: float) -> tuple[float, int] | None:
+        """The stream where class ``i`` adds least busy time within ``room`` ms/s, with that cost."""
+        best = None
+        for e, j in self.p.options[i]:
+            if e != self.exit[i]:
+                continue
+            cost = self.add_cost(i, j)
+            if cost is not None and cost <= room + self.p.capacity_ms * TOLERANCE and (best is None or cost < best[0]):
+                best = (cost, j)
+        return best
+
+    def add(self, i: int, j: int) -> None:
+        c = self.p.classes[i]
+        self.rate[j] += c.rate
+        self.flow[j] = self._flow_with(j, i, 1.0)
+        new = self.p.stream_busy_ms(j, self.rate[j], self.flow[j])
+        self.total += new - self.busy[j]
+        self.busy[j] = new
+        self.where[i] = j
+        self.members[j].append(i)
+
+    def can_remove(self, i: int) -> bool:
+        """Whether the other classes of ``i``'s stream keep their latency without it (a thinner
+        stream fills more slowly)."""
+        j = self.where[i]
+        rate = self.rate[j] - self.p.classes[i].rate
+        for m in self.members[j]:
+            if m != i and self.p.fill_ms(j, rate) + self.p.cum_ms[self.exit[m]][j] > \
+                    self.p.classes[m].slo_ms * (1 + TOLERANCE):
+                return False
+        return True
+
+    def remove(self, i: int) -> None:
+        j = self.where[i]
+        c = self.p.classes[i]
+        self.flow[j] = self._flow_with(j, i, -1.0)
+        self.members[j].remove(i)
+        if not self.members[j]:    # exact zeros, not rounding residue
+            self.rate[j] = 0.0
+            self.flow[j] = [0.0] * len(self.flow[j])
+        else:
+            self.rate[j] -= c.rate
+        new = self.p.stream_busy_ms(j, self.rate[j], self.flow[j])
+        self.total += new - self.busy[j]
+        self.busy[j] = new
+        self.where[i] = None
+
+    def room(self) -> float:
+        return self.p.capacity_ms - self.total
+
+
+def _insert_all(state: _State, order: Sequence[int]) -> bool:
+    """Admit each unserved class of ``order`` where it fits; True if any was admitted."""
+    changed = False
+    for i in order:
+        if state.where[i] is None:
+            best = state.best_stream(i, state.room())
+            if best is not None:
+                state.add(i, best[1])
+                changed = True
+    return changed
+
+
+def _relocate(state: _State) -> bool:
+    """Move served classes to the stream that lowers the total busy time most; True if any moved."""
+    changed = False
+    eps = state.p.capacity_ms * 1e-9
+    for i in range(len(state.where)):
+        j = state.where[i]
+        if j is None or not state.can_remove(i):
+            continue
+        before = state.total
+        state.remove(i)
+        best = state.best_stream(i, state.room())
+        # best_stream cannot fail: the old stream is one of the options and still has the room
+        if best is None or state.total + best[0] >= before - eps:
+            state.add(i, j)
+            continue
+        state.add(i, best[1])
+        changed = True
+    return changed
+
+
+def _feasible(state: _State) -> bool:
+    """The model's own check of a state's plan (a swap may leave a thinned stream too slow to fill)."""
+    p = state.p
+    return p.check([None if j is None else (state.exit[i], j) for i, j in enumerate(state.where)])[0]
+
+
+def _swap_in(state: _State, by_rate: Sequence[int]) -> bool:
+    """For an unserved class, drop one served class of smaller rate if that lets it in (moving the
+    others to cheaper streams if it does not at once, then refilling); True if the served rate grew."""
+    served = state.served()
+    for i in by_rate:
+        if state.where[i] is not None:
+            continue
+        rate_i = state.p.classes[i].rate
+        for m in reversed(by_rate):     # the smallest rates first
+            if state.where[m] is None or state.p.classes[m].rate >= rate_i:
+                continue
+            trial = state.copy()
+            trial.remove(m)
+            best = trial.best_stream(i, trial.room())
+            if best is None:
+                _relocate(trial)
+                best = trial.best_stream(i, trial.room())
+                if best is None:
+                    continue
+            trial.add(i, best[1])
+            _insert_all(trial, by_rate)
+            if trial.served() > served * (1 + 1e-12) and _feasible(trial):
+                state.adopt(trial)
+                return True
+    return False
+
+
+def _largest_consistent(p: Problem, members: Sequence[int]) -> list[int | None]:
+    """Batch indexes for ``members``, all served: each at the largest batch size whose latency holds
+    at the rate its stream ends up with. Start every class at the largest size its stages alone allow,
+    then move the classes whose fill wait fails one size down (a thinner stream fills more slowly, so
+    that may push others down) and, once stable, move classes up where the bigger stream now carries
+    them, until nothing moves."""
+    J = len(p.model.batch_sizes)
+    where: list[int | None] = [None] * len(p.classes)
+    allowed: dict[int, list[int]] = {}
+    for i in members:
+        allowed[i] = sorted(j for e, j in p.options[i] if e == p.earliest_exit[i])
+        where[i] = allowed[i][-1]
+    for _ in range(4 * len(p.classes) * J + 4):
+        rate = [0.0] * J
+        for i in members:
+            rate[where[i]] += p.classes[i].rate
+        moved = False
+        for i in members:
+            j, c = where[i], p.classes[i]
+            if p.fill_ms(j, rate[j]) + p.cum_ms[p.earliest_exit[i]][j] > c.slo_ms * (1 + TOLERANCE):
+                lower = [k for k in allowed[i] if k < j]
+                if lower:
+                    where[i] = lower[-1]
+                    moved = True
+        if moved:
+            continue
+        for i in members:
+            j, c = where[i], p.classes[i]
+            for k in reversed(allowed[i]):
+                if k <= j:
+                    break
+                if p.fill_ms(k, rate[k] + c.rate) + p.cum_ms[p.earliest_exit[i]][k] <= c.slo_ms * (1 + TOLERANCE):
+                    rate[j] -= c.rate
+                    rate[k] += c.rate
+                    where[i] = k
+                    moved = True
+                    break
+        if not moved:
+            break
+    return where
+
+
+def _top_down(p: Problem) -> "_State":
+    """Serve every class at its largest consistent batch, then drop the class that frees the most busy
+    time per request/s lost until the plan fits; a plan whose latencies still fail is emptied (the
+    greedy orders cover it)."""
+    members = list(range(len(p.classes)))
+    while members:
+        where = _largest_consistent(p, members)
+        state = _State(p)
+        for i in members:
+            state.add(i, where[i])
+        ok = all(p.fill_ms(where[i], state.rate[where[i]]) + p.cum_ms[p.earliest_exit[i]][where[i]]
+                 <= p.classes[i].slo_ms * (1 + TOLERANCE) for i in members)
+        if ok and state.total <= p.capacity_ms * (1 + TOLERANCE):
+            return state
+        best, best_ratio = None, -math.inf
+        for i in members:
+            j = where[i]
+            flow = state._flow_with(j, i, -1.0)
+            saving = state.busy[j] - p.stream_busy_ms(j, state.rate[j] - p.classes[i].rate, flow)
+            ratio = saving / p.classes[i].rate
+            if ratio > best_ratio:
+                best, best_ratio = i, ratio
+        members.remove(best)
+    return _State(p)
+
+
+def _orders(p: Problem) -> list[list[int]]:
+    """Admission orders tried: cheapest per request alone, largest rate, tightest SLO."""
+    n = len(p.classes)
+    alone = []
+    for i in range(n):
+        empty = _State(p)
+        costs = [cost for e, j in p.options[i] if e == p.earliest_exit[i]
+                 for cost in [empty.add_cost(i, j)] if cost is not None]
+        alone.append(min(costs) / p.classes[i].rate if costs else math.inf)
+    by_cost = sorted(range(n), key=lambda i: (alone[i], -p.classes[i].rate))
+    by_rate = sorted(range(n), key=lambda i: (-p.classes[i].rate, alone[i]))
+    by_slo = sorted(range(n), key=lambda i: (p.classes[i].slo_ms, alone[i]))
+    orders = []
+    for order in (by_cost, by_rate, by_slo):
+        if order not in orders:
+            orders.append(order)
+    return orders
+
+
+def plan_allocation(classes: Sequence[UserClass] | Problem, model: ExitModel | None = None,
+                    utilisation: float = DEFAULT_UTILISATION) -> Plan:
+    """The heuristic plan (see the module docstring): earliest accurate exit per class, greedy
+    admission into the cheapest batch stream in a few orders, then local search; always feasible.
+
+    Pass the classes and the model (a :class:`Problem` is built and checked: an impossible class
+    raises :class:`AllocationError` naming it), or a :class:`Problem` already built."""
+    problem = classes if isinstance(classes, Problem) else Problem(classes, model, utilisation)
+    by_rate = sorted(range(len(problem.classes)), key=lambda i: -problem.classes[i].rate)
+    best: _State | None = None
+    starts = [None, *_orders(problem)]
+    for order in starts:
+        if order is None:
+            state = _top_down(problem)
+        else:
+            state = _State(problem)
+            _insert_all(state, order)
+        for _ in range(2 * len(problem.classes) + 2):     # each round either improves or stops
+            moved = _relocate(state)
+            added = _insert_all(state, by_rate)
+            swapped = _swap_in(state, by_rate)
+            if not (moved or added or swapped):
+                break
+        if best is None or (state.served(), -state.total) > (best.served(), -best.total):
+            best = state
+        if best.served() >= sum(c.rate for c in problem.classes):
+            break
+    choices = [None if j is None else (best.exit[i], j) for i, j in enumerate(best.where)]
+    return problem.plan(choices, "heuristic")
