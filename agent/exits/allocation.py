@@ -592,30 +592,43 @@ def _largest_consistent(p: Problem, members: Sequence[int]) -> list[int | None]:
     return where
 
 
+def _consistent_state(p: Problem, members: Sequence[int]) -> tuple[_State, bool]:
+    """The members at their largest consistent batches (:func:`_largest_consistent`) as a state, and
+    whether every latency and the capacity hold."""
+    where = _largest_consistent(p, members)
+    state = _State(p)
+    for i in members:
+        state.add(i, where[i])
+    ok = state.total <= p.capacity_ms * (1 + TOLERANCE) and all(
+        p.fill_ms(where[i], state.rate[where[i]]) + p.cum_ms[p.earliest_exit[i]][where[i]]
+        <= p.classes[i].slo_ms * (1 + TOLERANCE) for i in members)
+    return state, ok
+
+
 def _top_down(p: Problem) -> "_State":
-    """Serve every class at its largest consistent batch, then drop the class that frees the most busy
-    time per request/s lost until the plan fits; a plan whose latencies still fail is emptied (the
-    greedy orders cover it)."""
+    """Serve every class at its largest consistent batch; while that does not fit, drop one class:
+    the one whose absence leaves a plan that fits with the largest served rate, or failing that, the
+    one whose absence frees the most busy time per request/s lost (each candidate set re-fitted)."""
     members = list(range(len(p.classes)))
-    while members:
-        where = _largest_consistent(p, members)
-        state = _State(p)
+    state, ok = _consistent_state(p, members)
+    while members and not ok:
+        fits, best_ratio, drop = None, -math.inf, None
         for i in members:
-            state.add(i, where[i])
-        ok = all(p.fill_ms(where[i], state.rate[where[i]]) + p.cum_ms[p.earliest_exit[i]][where[i]]
-                 <= p.classes[i].slo_ms * (1 + TOLERANCE) for i in members)
-        if ok and state.total <= p.capacity_ms * (1 + TOLERANCE):
-            return state
-        best, best_ratio = None, -math.inf
-        for i in members:
-            j = where[i]
-            flow = state._flow_with(j, i, -1.0)
-            saving = state.busy[j] - p.stream_busy_ms(j, state.rate[j] - p.classes[i].rate, flow)
-            ratio = saving / p.classes[i].rate
-            if ratio > best_ratio:
-                best, best_ratio = i, ratio
-        members.remove(best)
-    return _State(p)
+            rest = [m for m in members if m != i]
+            trial, trial_ok = _consistent_state(p, rest)
+            if trial_ok:
+                key = (trial.served(), -trial.total)
+                if fits is None or key > fits[0]:
+                    fits = (key, trial, rest)
+            elif fits is None:
+                ratio = (state.total - trial.total) / p.classes[i].rate
+                if ratio > best_ratio:
+                    best_ratio, drop = ratio, (trial, rest)
+        if fits is not None:
+            return fits[1]
+        state, members = drop
+        ok = False
+    return state if ok else _State(p)
 
 
 def _orders(p: Problem) -> list[list[int]]:
