@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 from agent.exits.allocation import AllocationError, ExitModel, Problem, UserClass, plan_allocation
 
-__all__ = ["random_problem", "bench_exit_alloc", "format_exit_alloc", "decision_time_us", "GAP_TARGET"]
+__all__ = ["random_problem", "random_model", "bench_exit_alloc", "bench_decision_time", "format_exit_alloc",
+           "decision_time_us", "GAP_TARGET"]
 
 #: The issue's target: the heuristic within 5% of the exact optimum.
 GAP_TARGET = 0.05
@@ -90,6 +91,18 @@ def decision_time_us(problem: Problem, repeats: int = 30) -> float:
         plan_allocation(classes, model, utilisation)
         times.append(time.perf_counter() - start)
     return 1e6 * statistics.median(times)
+
+
+def bench_decision_time(class_counts: Sequence[int] = (2, 4, 6, 8), instances: int = 20, repeats: int = 20,
+                        seed: int = 24) -> dict:
+    """The heuristic's decision time alone (no MILP), for ``bench core``: per number of classes, the
+    median over ``instances`` random instances of each one's median over ``repeats`` decisions."""
+    rng = random.Random(seed)
+    per_count = {}
+    for n in class_counts:
+        times = [decision_time_us(random_problem(rng, classes=n), repeats) for _ in range(instances)]
+        per_count[n] = statistics.median(times)
+    return {"benchmark": "exit_decision", "instances": instances, "repeats": repeats, "median_us": per_count}
 
 
 @dataclass
