@@ -49,13 +49,20 @@ The problem
 The heuristic (:func:`plan_allocation`), what the agent runs online
 -------------------------------------------------------------------
 Each class answers at its **earliest accurate exit** (in this model a deeper exit only adds stage
-time and cost, so it is never better). Greedy admission in a few orders (cheapest per request
-first, largest rate first, tightest SLO first), each class put in the stream that adds the least
-busy time while its latency holds; then a local search: move a served class to a stream where the
-total busy time is smaller, admit a class that now fits, or swap a served class out for an unserved
-one of larger rate. The best plan of the orders is returned. Pure python on a handful of classes:
-cheap enough to rerun whenever the classes' rates change or at a dispatch (``edge-agent bench
-exit-alloc`` and ``bench core`` report its decision time and its gap to the MILP's optimum).
+time and cost, so it is never better; the exact solvers are offered every accurate exit and agree).
+Three starting plans: *top-down* (every class at the largest batch whose latency holds at the
+rate its stream ends up with, then drop the class whose absence leaves the best plan, until it
+fits) and *greedy admission* in two orders (cheapest per request first, largest rate first), each
+class into the stream that adds the least busy time while its latency holds. Each start is improved
+by local search: move a served class to the stream where the total busy time is smaller, admit a
+class that now fits, swap one or two served classes out for an unserved one of larger rate. The
+best plan is then polished with one costlier move, *absorb*: re-fit the served classes plus an
+unserved one from the top down (a class that only meets its SLO by sharing a stream gets in that
+way). The search stops early once the plan serves as much as a fractional-knapsack bound allows.
+Pure python, a handful of classes: ``edge-agent bench exit-alloc`` reports the gap to the MILP's
+optimum and the decision time, ``bench core`` the decision time. The plan depends only on the
+classes' rates, SLOs and accuracy requirements, so the serving side keeps it and reruns the
+heuristic when those change (a new class, a rate estimate that moved), not for every batch.
 """
 from __future__ import annotations
 
@@ -237,6 +244,10 @@ class Problem:
                     f"{model.batch_sizes[fastest]}: {self.cum_ms[e][fastest]:.3f} ms")
             self.options.append(options)
             self.earliest_exit.append(accurate[0])
+        # Flat copies for the heuristic's inner loops.
+        self.rates = [c.rate for c in classes]
+        self.slo_limit = [c.slo_ms * (1 + TOLERANCE) for c in classes]
+        self.streams = [[j for e, j in options if e == first] for options, first in zip(self.options, self.earliest_exit)]
 
     # ---- the model's two sums, shared by every solver ------------------------------------------
 
@@ -427,21 +438,38 @@ class _State:
         return flow
 
     def add_cost(self, i: int, j: int) -> float | None:
-        """Busy ms/s that class ``i`` adds in stream ``j``, or None if its latency fails there."""
-        p, c = self.p, self.p.classes[i]
-        rate = self.rate[j] + c.rate
-        if p.fill_ms(j, rate) + p.cum_ms[self.exit[i]][j] > c.slo_ms * (1 + TOLERANCE):
+        """Busy ms/s that class ``i`` adds in stream ``j``, or None if its latency fails there: the
+        change of :meth:`Problem.stream_busy_ms`, stage by stage (a deeper stage's batch count can
+        grow too, through ``min(Lambda / b, F_k)``)."""
+        p = self.p
+        lam = p.rates[i]
+        old_rate = self.rate[j]
+        rate = old_rate + lam
+        e = self.exit[i]
+        b = p.model.batch_sizes[j]
+        if b > 1 and 1000.0 * (b - 1) / rate + p.cum_ms[e][j] > p.slo_limit[i]:
             return None
-        return p.stream_busy_ms(j, rate, self._flow_with(j, i, 1.0)) - self.busy[j]
+        fixed, per_item = p.model.fixed_ms, p.model.per_item_ms
+        old_batches, new_batches = old_rate / b, rate / b
+        delta = 0.0
+        for k, f in enumerate(self.flow[j]):
+            if k <= e:
+                nf = f + lam
+                delta += per_item[k] * lam
+            elif f <= 0:
+                continue
+            else:
+                nf = f
+            delta += fixed[k] * ((nf if nf < new_batches else new_batches) - (f if f < old_batches else old_batches))
+        return delta
 
     def best_stream(self, i: int, room: float) -> tuple[float, int] | None:
         """The stream where class ``i`` adds least busy time within ``room`` ms/s, with that cost."""
         best = None
-        for e, j in self.p.options[i]:
-            if e != self.exit[i]:
-                continue
+        limit = room + self.p.capacity_ms * TOLERANCE
+        for j in self.p.streams[i]:
             cost = self.add_cost(i, j)
-            if cost is not None and cost <= room + self.p.capacity_ms * TOLERANCE and (best is None or cost < best[0]):
+            if cost is not None and cost <= limit and (best is None or cost < best[0]):
                 best = (cost, j)
         return best
 
@@ -524,29 +552,45 @@ def _feasible(state: _State) -> bool:
 
 
 def _swap_in(state: _State, by_rate: Sequence[int]) -> bool:
-    """For an unserved class, drop one served class of smaller rate if that lets it in (moving the
-    others to cheaper streams if it does not at once, then refilling); True if the served rate grew."""
+    """For an unserved class, drop one served class, or two, of smaller rate together if that lets it
+    in (then refill); True if the served rate grew."""
     served = state.served()
+    rates = state.p.rates
     for i in by_rate:
         if state.where[i] is not None:
             continue
-        rate_i = state.p.classes[i].rate
-        for m in reversed(by_rate):     # the smallest rates first
-            if state.where[m] is None or state.p.classes[m].rate >= rate_i:
-                continue
+        smaller = [m for m in reversed(by_rate) if state.where[m] is not None and rates[m] < rates[i]]
+        drops = [(m,) for m in smaller]
+        drops += [(m, q) for a, m in enumerate(smaller) for q in smaller[a + 1:] if rates[m] + rates[q] < rates[i]]
+        for drop in drops:
             trial = state.copy()
-            trial.remove(m)
+            for m in drop:
+                trial.remove(m)
             best = trial.best_stream(i, trial.room())
             if best is None:
-                _relocate(trial)
-                best = trial.best_stream(i, trial.room())
-                if best is None:
-                    continue
+                continue
             trial.add(i, best[1])
             _insert_all(trial, by_rate)
             if trial.served() > served * (1 + 1e-12) and _feasible(trial):
                 state.adopt(trial)
                 return True
+    return False
+
+
+def _absorb(state: _State, by_rate: Sequence[int]) -> bool:
+    """For an unserved class, re-fit the served classes with it from the top down (each at its
+    largest consistent batch, dropping classes until the plan fits): a class that only fits by
+    sharing a stream with one already served gets in that way. True if the served rate grew."""
+    served = state.served()
+    members = [i for i in range(len(state.where)) if state.where[i] is not None]
+    for i in by_rate:
+        if state.where[i] is not None:
+            continue
+        trial = _top_down(state.p, [*members, i])
+        _insert_all(trial, by_rate)
+        if trial.served() > served * (1 + 1e-12) and _feasible(trial):
+            state.adopt(trial)
+            return True
     return False
 
 
@@ -605,11 +649,12 @@ def _consistent_state(p: Problem, members: Sequence[int]) -> tuple[_State, bool]
     return state, ok
 
 
-def _top_down(p: Problem) -> "_State":
-    """Serve every class at its largest consistent batch; while that does not fit, drop one class:
-    the one whose absence leaves a plan that fits with the largest served rate, or failing that, the
-    one whose absence frees the most busy time per request/s lost (each candidate set re-fitted)."""
-    members = list(range(len(p.classes)))
+def _top_down(p: Problem, members: Sequence[int] | None = None) -> "_State":
+    """Serve every class (of ``members``) at its largest consistent batch; while that does not fit,
+    drop one class: the one whose absence leaves a plan that fits with the largest served rate, or
+    failing that, the one whose absence frees the most busy time per request/s lost (each candidate
+    set re-fitted)."""
+    members = list(range(len(p.classes))) if members is None else list(members)
     state, ok = _consistent_state(p, members)
     while members and not ok:
         fits, best_ratio, drop = None, -math.inf, None
@@ -631,8 +676,32 @@ def _top_down(p: Problem) -> "_State":
     return state if ok else _State(p)
 
 
+def _served_bound(p: Problem) -> float:
+    """An upper bound on the served rate: a stream's busy time is at least ``sum_k (fixed_k / b +
+    per_item_k) F_bk`` (a batch holds at most ``b`` items), so a class costs at least its cheapest
+    such per-request price; filling the capacity with the cheapest classes, the last one
+    fractionally (the knapsack's fractional relaxation), serves no less than any plan."""
+    model = p.model
+    price = []
+    for i in range(len(p.classes)):
+        e = p.earliest_exit[i]
+        cheapest = min(sum(model.fixed_ms[k] / model.batch_sizes[j] + model.per_item_ms[k] for k in range(e + 1))
+                       for j in p.streams[i])
+        price.append((cheapest, p.rates[i]))
+    room, served = p.capacity_ms, 0.0
+    for cost, rate in sorted(price):
+        if cost * rate <= room:
+            room -= cost * rate
+            served += rate
+        else:
+            served += room / cost if cost > 0 else rate
+            break
+    return served
+
+
 def _orders(p: Problem) -> list[list[int]]:
-    """Admission orders tried: cheapest per request alone, largest rate, tightest SLO."""
+    """Admission orders tried: cheapest per request alone, largest rate (the tightest SLO first added
+    nothing on the bench's instances)."""
     n = len(p.classes)
     alone = []
     for i in range(n):
@@ -642,40 +711,47 @@ def _orders(p: Problem) -> list[list[int]]:
         alone.append(min(costs) / p.classes[i].rate if costs else math.inf)
     by_cost = sorted(range(n), key=lambda i: (alone[i], -p.classes[i].rate))
     by_rate = sorted(range(n), key=lambda i: (-p.classes[i].rate, alone[i]))
-    by_slo = sorted(range(n), key=lambda i: (p.classes[i].slo_ms, alone[i]))
     orders = []
-    for order in (by_cost, by_rate, by_slo):
+    for order in (by_cost, by_rate):
         if order not in orders:
             orders.append(order)
     return orders
 
 
+def _improve(state: _State, by_rate: Sequence[int], absorb: bool) -> None:
+    """Local search until no move helps: relocate, admit, swap (and absorb, when asked)."""
+    for _ in range(2 * len(state.where) + 2):     # each round improves or stops; a bound for safety
+        moved = _relocate(state)
+        added = _insert_all(state, by_rate)
+        swapped = _swap_in(state, by_rate) or (absorb and _absorb(state, by_rate))
+        if not (moved or added or swapped):
+            break
+
+
 def plan_allocation(classes: Sequence[UserClass] | Problem, model: ExitModel | None = None,
                     utilisation: float = DEFAULT_UTILISATION) -> Plan:
-    """The heuristic plan (see the module docstring): earliest accurate exit per class, greedy
-    admission into the cheapest batch stream in a few orders, then local search; always feasible.
+    """The heuristic plan (see the module docstring): earliest accurate exit per class, a top-down
+    start and greedy admission in two orders, each improved by local search, the best of them then
+    polished with the costlier absorb move; always feasible.
 
     Pass the classes and the model (a :class:`Problem` is built and checked: an impossible class
     raises :class:`AllocationError` naming it), or a :class:`Problem` already built."""
     problem = classes if isinstance(classes, Problem) else Problem(classes, model, utilisation)
     by_rate = sorted(range(len(problem.classes)), key=lambda i: -problem.classes[i].rate)
+    bound = _served_bound(problem)
     best: _State | None = None
-    starts = [None, *_orders(problem)]
-    for order in starts:
+    for order in [None, *_orders(problem)]:
         if order is None:
             state = _top_down(problem)
         else:
             state = _State(problem)
             _insert_all(state, order)
-        for _ in range(2 * len(problem.classes) + 2):     # each round either improves or stops
-            moved = _relocate(state)
-            added = _insert_all(state, by_rate)
-            swapped = _swap_in(state, by_rate)
-            if not (moved or added or swapped):
-                break
+        _improve(state, by_rate, absorb=False)
         if best is None or (state.served(), -state.total) > (best.served(), -best.total):
             best = state
-        if best.served() >= sum(c.rate for c in problem.classes):
+        if best.served() >= bound * (1 - 1e-9):      # nothing can serve more
             break
+    if best.served() < bound * (1 - 1e-9):
+        _improve(best, by_rate, absorb=True)
     choices = [None if j is None else (best.exit[i], j) for i, j in enumerate(best.where)]
     return problem.plan(choices, "heuristic")
