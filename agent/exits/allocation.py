@@ -247,7 +247,10 @@ class Problem:
         # Flat copies for the heuristic's inner loops.
         self.rates = [c.rate for c in classes]
         self.slo_limit = [c.slo_ms * (1 + TOLERANCE) for c in classes]
-        self.streams = [[j for e, j in options if e == first] for options, first in zip(self.options, self.earliest_exit)]
+        self.streams = [sorted(j for e, j in options if e == first)
+                        for options, first in zip(self.options, self.earliest_exit)]
+        #: The heuristic's memo: member set -> (largest consistent batch indexes, latencies hold).
+        self._fits: dict[tuple[int, ...], tuple[list[int | None], bool]] = {}
 
     # ---- the model's two sums, shared by every solver ------------------------------------------
 
@@ -600,34 +603,35 @@ def _largest_consistent(p: Problem, members: Sequence[int]) -> list[int | None]:
     then move the classes whose fill wait fails one size down (a thinner stream fills more slowly, so
     that may push others down) and, once stable, move classes up where the bigger stream now carries
     them, until nothing moves."""
-    J = len(p.model.batch_sizes)
+    sizes, cum, first, limit, rates, streams = (p.model.batch_sizes, p.cum_ms, p.earliest_exit, p.slo_limit,
+                                                p.rates, p.streams)
+    J = len(sizes)
     where: list[int | None] = [None] * len(p.classes)
-    allowed: dict[int, list[int]] = {}
     for i in members:
-        allowed[i] = sorted(j for e, j in p.options[i] if e == p.earliest_exit[i])
-        where[i] = allowed[i][-1]
+        where[i] = streams[i][-1]          # streams[i] is in increasing batch size
     for _ in range(4 * len(p.classes) * J + 4):
         rate = [0.0] * J
         for i in members:
-            rate[where[i]] += p.classes[i].rate
+            rate[where[i]] += rates[i]
         moved = False
         for i in members:
-            j, c = where[i], p.classes[i]
-            if p.fill_ms(j, rate[j]) + p.cum_ms[p.earliest_exit[i]][j] > c.slo_ms * (1 + TOLERANCE):
-                lower = [k for k in allowed[i] if k < j]
-                if lower:
-                    where[i] = lower[-1]
+            j = where[i]
+            b = sizes[j]
+            if b > 1 and 1000.0 * (b - 1) / rate[j] + cum[first[i]][j] > limit[i]:
+                at = streams[i].index(j)
+                if at > 0:
+                    where[i] = streams[i][at - 1]
                     moved = True
         if moved:
             continue
         for i in members:
-            j, c = where[i], p.classes[i]
-            for k in reversed(allowed[i]):
+            j = where[i]
+            for k in reversed(streams[i]):
                 if k <= j:
                     break
-                if p.fill_ms(k, rate[k] + c.rate) + p.cum_ms[p.earliest_exit[i]][k] <= c.slo_ms * (1 + TOLERANCE):
-                    rate[j] -= c.rate
-                    rate[k] += c.rate
+                if 1000.0 * (sizes[k] - 1) / (rate[k] + rates[i]) + cum[first[i]][k] <= limit[i]:
+                    rate[j] -= rates[i]
+                    rate[k] += rates[i]
                     where[i] = k
                     moved = True
                     break
@@ -638,15 +642,25 @@ def _largest_consistent(p: Problem, members: Sequence[int]) -> list[int | None]:
 
 def _consistent_state(p: Problem, members: Sequence[int]) -> tuple[_State, bool]:
     """The members at their largest consistent batches (:func:`_largest_consistent`) as a state, and
-    whether every latency and the capacity hold."""
-    where = _largest_consistent(p, members)
+    whether every latency and the capacity hold. The assignment is remembered per member set (the
+    top-down start and the absorb move re-fit many overlapping sets)."""
+    key = tuple(sorted(members))
+    cached = p._fits.get(key)
+    if cached is None:
+        where = _largest_consistent(p, key)
+        rate = [0.0] * len(p.model.batch_sizes)
+        for i in key:
+            rate[where[i]] += p.rates[i]
+        latency_ok = all(p.fill_ms(where[i], rate[where[i]]) + p.cum_ms[p.earliest_exit[i]][where[i]]
+                         <= p.slo_limit[i] for i in key)
+        if len(p._fits) > 4096:
+            p._fits.clear()
+        cached = p._fits[key] = (where, latency_ok)
+    where, latency_ok = cached
     state = _State(p)
-    for i in members:
+    for i in key:
         state.add(i, where[i])
-    ok = state.total <= p.capacity_ms * (1 + TOLERANCE) and all(
-        p.fill_ms(where[i], state.rate[where[i]]) + p.cum_ms[p.earliest_exit[i]][where[i]]
-        <= p.classes[i].slo_ms * (1 + TOLERANCE) for i in members)
-    return state, ok
+    return state, latency_ok and state.total <= p.capacity_ms * (1 + TOLERANCE)
 
 
 def _top_down(p: Problem, members: Sequence[int] | None = None) -> "_State":
