@@ -180,3 +180,21 @@ def test_the_shipped_cards_exits_give_a_model_whose_envelope_covers_the_profile(
     plan = plan_allocation(classes, model)
     assert [plan.exit_for(c.name) for c in classes] == list(model.names)
     assert plan.served_rate == pytest.approx(60)
+
+
+def test_a_warm_update_from_the_previous_plan_stays_feasible_as_classes_change():
+    rng = random.Random(31)
+    for _ in range(25):
+        problem = random_problem(rng, classes=rng.randint(2, 6))
+        previous = plan_allocation(problem)
+        # Rates move by up to 20%, one class leaves and a new one (a copy of another, renamed) arrives.
+        moved = [UserClass(c.name, c.rate * rng.uniform(0.8, 1.2), c.slo_ms, c.min_accuracy)
+                 for c in problem.classes[1:]]
+        moved.append(UserClass("newcomer", *[getattr(problem.classes[0], f) for f in ("rate", "slo_ms",
+                                                                                    "min_accuracy")]))
+        warm = plan_allocation(moved, problem.model, problem.utilisation, previous=previous)
+        assert warm.feasible, warm.describe()
+        assert warm.classes == tuple(c.name for c in moved)
+        # Unchanged classes: the warm update keeps at least what the previous plan served.
+        again = plan_allocation(problem, previous=previous)
+        assert again.feasible and again.served_rate >= previous.served_rate * (1 - 1e-12)

@@ -742,16 +742,44 @@ def _improve(state: _State, by_rate: Sequence[int], absorb: bool) -> None:
             break
 
 
+def _warm_state(problem: Problem, previous: "Plan") -> _State | None:
+    """``previous``'s choices for the classes that are still here (by name, where their exit and batch
+    are still what the heuristic would use), as a state, or None if that plan no longer fits."""
+    state = _State(problem)
+    sizes = problem.model.batch_sizes
+    for i, c in enumerate(problem.classes):
+        if c.name not in previous.classes:
+            continue
+        choice = previous.choices[previous.classes.index(c.name)]
+        if choice is None or choice.exit != problem.earliest_exit[i] or choice.batch not in sizes:
+            continue
+        j = sizes.index(choice.batch)
+        if j in problem.streams[i]:
+            state.add(i, j)
+    return state if _feasible(state) else None
+
+
 def plan_allocation(classes: Sequence[UserClass] | Problem, model: ExitModel | None = None,
-                    utilisation: float = DEFAULT_UTILISATION) -> Plan:
+                    utilisation: float = DEFAULT_UTILISATION, previous: "Plan | None" = None) -> Plan:
     """The heuristic plan (see the module docstring): earliest accurate exit per class, a top-down
     start and greedy admission in two orders, each improved by local search, the best of them then
     polished with the costlier absorb move; always feasible.
 
     Pass the classes and the model (a :class:`Problem` is built and checked: an impossible class
-    raises :class:`AllocationError` naming it), or a :class:`Problem` already built."""
+    raises :class:`AllocationError` naming it), or a :class:`Problem` already built.
+
+    ``previous``: the plan of the last call, for a quick update when the classes changed a little
+    (a rate estimate moved, a class came or went): local search from that plan, where it still fits,
+    instead of the three starts and the absorb polish; the plan it returns is as feasible, and may
+    stay further from the optimum than a cold start's (rerun without ``previous`` now and then)."""
     problem = classes if isinstance(classes, Problem) else Problem(classes, model, utilisation)
     by_rate = sorted(range(len(problem.classes)), key=lambda i: -problem.classes[i].rate)
+    if previous is not None:
+        warm = _warm_state(problem, previous)
+        if warm is not None:
+            _improve(warm, by_rate, absorb=False)
+            choices = [None if j is None else (warm.exit[i], j) for i, j in enumerate(warm.where)]
+            return problem.plan(choices, "heuristic (warm)")
     bound = _served_bound(problem)
     best: _State | None = None
     for order in [None, *_orders(problem)]:

@@ -93,16 +93,32 @@ def decision_time_us(problem: Problem, repeats: int = 30) -> float:
     return 1e6 * statistics.median(times)
 
 
+def warm_decision_time_us(problem: Problem, rng: random.Random, repeats: int = 30) -> float:
+    """Median microseconds of one warm update (``previous=`` the cold plan) after every class's rate
+    moved by up to 5%, Problem construction included."""
+    previous = plan_allocation(problem)
+    moved = [UserClass(c.name, c.rate * rng.uniform(0.95, 1.05), c.slo_ms, c.min_accuracy) for c in problem.classes]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plan_allocation(moved, problem.model, problem.utilisation, previous=previous)
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
 def bench_decision_time(class_counts: Sequence[int] = (2, 4, 6, 8), instances: int = 20, repeats: int = 20,
                         seed: int = 24) -> dict:
     """The heuristic's decision time alone (no MILP), for ``bench core``: per number of classes, the
-    median over ``instances`` random instances of each one's median over ``repeats`` decisions."""
+    median over ``instances`` random instances of each one's median over ``repeats`` decisions, cold
+    (from the classes alone) and warm (from the previous plan, rates moved by up to 5%)."""
     rng = random.Random(seed)
-    per_count = {}
+    cold, warm = {}, {}
     for n in class_counts:
-        times = [decision_time_us(random_problem(rng, classes=n), repeats) for _ in range(instances)]
-        per_count[n] = statistics.median(times)
-    return {"benchmark": "exit_decision", "instances": instances, "repeats": repeats, "median_us": per_count}
+        problems = [random_problem(rng, classes=n) for _ in range(instances)]
+        cold[n] = statistics.median(decision_time_us(p, repeats) for p in problems)
+        warm[n] = statistics.median(warm_decision_time_us(p, rng, repeats) for p in problems)
+    return {"benchmark": "exit_decision", "instances": instances, "repeats": repeats, "median_us": cold,
+            "warm_median_us": warm}
 
 
 @dataclass
@@ -114,6 +130,7 @@ class Instance:
     gap: float
     heuristic_us: float
     milp_ms: float
+    warm_us: float
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -131,6 +148,7 @@ def bench_exit_alloc(instances: int = 300, seed: int = 24, model: ExitModel | No
     """Gap and decision time over ``instances`` random instances (see the module docstring)."""
     from agent.exits.exact import solve_exact
     rng = random.Random(seed)
+    moves = random.Random(seed + 1)      # the warm update's rate moves, apart from the instances
     rows: list[Instance] = []
     for index in range(instances):
         problem = random_problem(rng, model=model)
@@ -143,7 +161,8 @@ def bench_exit_alloc(instances: int = 300, seed: int = 24, model: ExitModel | No
         optimum = exact.served_rate
         gap = 0.0 if optimum <= 0 else max(0.0, (optimum - heuristic.served_rate) / optimum)
         rows.append(Instance(len(problem.classes), len(problem.model.names), optimum, heuristic.served_rate, gap,
-                             decision_time_us(problem, repeats), milp_ms))
+                             decision_time_us(problem, repeats), milp_ms,
+                             warm_decision_time_us(problem, moves, repeats)))
         if progress is not None:
             progress.step(f"instance {index + 1}")
     gaps = [r.gap for r in rows]
@@ -160,6 +179,7 @@ def bench_exit_alloc(instances: int = 300, seed: int = 24, model: ExitModel | No
         "target": GAP_TARGET,
         "heuristic_us_median": statistics.median(r.heuristic_us for r in rows),
         "heuristic_us_p95": _quantile([r.heuristic_us for r in rows], 0.95),
+        "warm_us_median": statistics.median(r.warm_us for r in rows),
         "milp_ms_median": statistics.median(r.milp_ms for r in rows),
         "by_classes": {n: {"instances": len(sub), "gap_mean": statistics.fmean(r.gap for r in sub),
                            "gap_worst": max(r.gap for r in sub),
@@ -178,7 +198,8 @@ def format_exit_alloc(r: dict) -> str:
         f"  gap mean {100 * r['gap_mean']:.2f}%   p95 {100 * r['gap_p95']:.2f}%   worst {100 * r['gap_worst']:.2f}%   "
         f"within {100 * r['target']:g}%: {100 * r['share_within_target']:.1f}%   optimal: {100 * r['share_optimal']:.1f}%",
         f"  heuristic decision: median {r['heuristic_us_median']:.0f} us (p95 over instances "
-        f"{r['heuristic_us_p95']:.0f} us); MILP: median {r['milp_ms_median']:.1f} ms",
+        f"{r['heuristic_us_p95']:.0f} us); warm update (previous plan, rates moved <= 5%): median "
+        f"{r['warm_us_median']:.0f} us; MILP: median {r['milp_ms_median']:.1f} ms",
         f"  target: within {100 * r['target']:g}% of the optimum (p95, and 95% of instances): {met}",
         "  classes   instances   gap mean   gap worst   heuristic us",
     ]
