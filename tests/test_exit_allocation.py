@@ -7,6 +7,8 @@ Units throughout: rates in requests/s, times in ms, busy time in ms per second (
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -198,3 +200,18 @@ def test_a_warm_update_from_the_previous_plan_stays_feasible_as_classes_change()
         # Unchanged classes: the warm update keeps at least what the previous plan served.
         again = plan_allocation(problem, previous=previous)
         assert again.feasible and again.served_rate >= previous.served_rate * (1 - 1e-12)
+
+
+def _edge_agent(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_bench_exit_alloc_prints_the_gap_and_refuses_bad_arguments():
+    out = _edge_agent("bench", "exit-alloc", "--instances", "3", "--repeats", "1", "--card", "demo:camera_exits")
+    assert out.returncode == 0, out.stderr
+    assert "3 random instances" in out.stdout and "gap mean" in out.stdout and "within 5%" in out.stdout
+    assert "warm update" in out.stdout
+    bad = _edge_agent("bench", "exit-alloc", "--instances", "0")
+    assert bad.returncode == 2 and "--instances" in bad.stderr and "expected a whole number >= 1" in bad.stderr
+    no_exits = _edge_agent("bench", "exit-alloc", "--instances", "1", "--card", "demo:resnet_digits")
+    assert no_exits.returncode == 2 and "resnet_digits" in no_exits.stderr and "no exits" in no_exits.stderr

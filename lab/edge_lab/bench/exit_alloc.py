@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -212,20 +213,32 @@ def format_exit_alloc(r: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m edge_lab.bench.exit_alloc [--instances N] [--seed S] [--card demo:camera_exits]``."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(prog="python -m edge_lab.bench.exit_alloc", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
 
+def _at_least_one(text: str) -> int:
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return value
+
+
 def add_arguments(parser: Any) -> None:
-    parser.add_argument("--instances", type=int, default=300, help="random instances (default 300)")
+    """The command's options (``edge-agent bench exit-alloc`` and ``python -m edge_lab.bench.exit_alloc``)."""
+    parser.add_argument("--instances", type=_at_least_one, default=300, help="random instances (default 300)")
     parser.add_argument("--seed", type=int, default=24, help="seed of the instances (default 24)")
     parser.add_argument("--card", default=None, metavar="MODEL",
                         help="draw the classes for this card's exits and stage times (e.g. demo:camera_exits) "
                              "instead of random models")
-    parser.add_argument("--repeats", type=int, default=30, help="heuristic timing repeats per instance (default 30)")
+    parser.add_argument("--repeats", type=_at_least_one, default=30,
+                        help="heuristic timing repeats per instance (default 30)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
 
 
@@ -236,7 +249,11 @@ def run(args: Any) -> int:
     model = None
     if args.card:
         from agent.models.card import load_card
-        model = ExitModel.from_card(load_card(args.card))
+        try:
+            model = ExitModel.from_card(load_card(args.card))
+        except ValueError as exc:     # CardError, AllocationError: both name the card and what is missing
+            print(f"edge-agent: --card {args.card}: {exc}", file=sys.stderr)
+            return 2
     print(f"edge-agent bench exit-alloc: {args.instances} instances, heuristic vs MILP", flush=True)
     with Progress(args.instances, desc="bench exit-alloc", unit="instance") as progress:
         result = bench_exit_alloc(args.instances, args.seed, model, args.repeats, progress)
