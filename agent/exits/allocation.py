@@ -599,37 +599,48 @@ def _absorb(state: _State, by_rate: Sequence[int]) -> bool:
 
 def _largest_consistent(p: Problem, members: Sequence[int]) -> list[int | None]:
     """Batch indexes for ``members``, all served: each at the largest batch size whose latency holds
-    at the rate its stream ends up with. Start every class at the largest size its stages alone allow,
-    then move the classes whose fill wait fails one size down (a thinner stream fills more slowly, so
-    that may push others down) and, once stable, move classes up where the bigger stream now carries
-    them, until nothing moves."""
+    at the rate its stream ends up with. Start every class at the largest size its stages alone allow;
+    then, from the largest size down, move the classes whose fill wait fails to their next smaller
+    size (repeating at a size until the ones left hold: a thinner stream fills more slowly), so a
+    stream is judged only once every class that will come down into it has; last, move classes up
+    where a bigger stream now carries them, until nothing moves."""
     sizes, cum, first, limit, rates, streams = (p.model.batch_sizes, p.cum_ms, p.earliest_exit, p.slo_limit,
                                                 p.rates, p.streams)
     J = len(sizes)
     where: list[int | None] = [None] * len(p.classes)
     for i in members:
         where[i] = streams[i][-1]          # streams[i] is in increasing batch size
-    for _ in range(4 * len(p.classes) * J + 4):
-        rate = [0.0] * J
-        for i in members:
-            rate[where[i]] += rates[i]
+    for j in range(J - 1, 0, -1):          # batch index 0 may be batch 1: no fill wait to fail
+        b = sizes[j]
+        if b == 1:
+            break
+        while True:
+            here = [i for i in members if where[i] == j]
+            if not here:
+                break
+            rate = sum(rates[i] for i in here)
+            moved = False
+            for i in here:
+                if 1000.0 * (b - 1) / rate + cum[first[i]][j] > limit[i]:
+                    at = streams[i].index(j)
+                    if at > 0:
+                        where[i] = streams[i][at - 1]
+                        moved = True
+            if not moved:
+                break
+    rate = [0.0] * J
+    for i in members:
+        rate[where[i]] += rates[i]
+    for _ in range(len(p.classes) * J + 1):
         moved = False
-        for i in members:
-            j = where[i]
-            b = sizes[j]
-            if b > 1 and 1000.0 * (b - 1) / rate[j] + cum[first[i]][j] > limit[i]:
-                at = streams[i].index(j)
-                if at > 0:
-                    where[i] = streams[i][at - 1]
-                    moved = True
-        if moved:
-            continue
         for i in members:
             j = where[i]
             for k in reversed(streams[i]):
                 if k <= j:
                     break
-                if 1000.0 * (sizes[k] - 1) / (rate[k] + rates[i]) + cum[first[i]][k] <= limit[i]:
+                if 1000.0 * (sizes[k] - 1) / (rate[k] + rates[i]) + cum[first[i]][k] <= limit[i] and all(
+                        1000.0 * (sizes[j] - 1) / (rate[j] - rates[i]) + cum[first[m]][j] <= limit[m]
+                        for m in members if where[m] == j and m != i):
                     rate[j] -= rates[i]
                     rate[k] += rates[i]
                     where[i] = k
