@@ -56,9 +56,9 @@ fits) and *greedy admission* in two orders (cheapest per request first, largest 
 class into the stream that adds the least busy time while its latency holds. Each start is improved
 by local search: move a served class to the stream where the total busy time is smaller, admit a
 class that now fits, swap one or two served classes out for an unserved one of larger rate. The
-best plan is then polished with one costlier move, *absorb*: re-fit the served classes plus an
-unserved one from the top down (a class that only meets its SLO by sharing a stream gets in that
-way). The search stops early once the plan serves as much as a fractional-knapsack bound allows.
+best plan is then polished with one costlier move, *absorb*: re-fit the served classes plus one or
+two unserved ones from the top down (classes that only meet their SLO by sharing a stream get in
+that way). The search stops early once the plan serves as much as a fractional-knapsack bound allows.
 Pure python, a handful of classes: ``edge-agent bench exit-alloc`` reports the gap to the MILP's
 optimum and the decision time, ``bench core`` the decision time. The plan depends only on the
 classes' rates, SLOs and accuracy requirements, so the serving side keeps it and reruns the
@@ -581,15 +581,16 @@ def _swap_in(state: _State, by_rate: Sequence[int]) -> bool:
 
 
 def _absorb(state: _State, by_rate: Sequence[int]) -> bool:
-    """For an unserved class, re-fit the served classes with it from the top down (each at its
-    largest consistent batch, dropping classes until the plan fits): a class that only fits by
-    sharing a stream with one already served gets in that way. True if the served rate grew."""
+    """For an unserved class, or two, re-fit the served classes with them from the top down (each at
+    its largest consistent batch, dropping classes until the plan fits): classes that only fit by
+    sharing a stream, with one already served or with each other, get in that way. True if the
+    served rate grew."""
     served = state.served()
     members = [i for i in range(len(state.where)) if state.where[i] is not None]
-    for i in by_rate:
-        if state.where[i] is not None:
-            continue
-        trial = _top_down(state.p, [*members, i])
+    unserved = [i for i in by_rate if state.where[i] is None]
+    newcomers = [(i,) for i in unserved] + [(i, m) for a, i in enumerate(unserved) for m in unserved[a + 1:]]
+    for new in newcomers:
+        trial = _top_down(state.p, [*members, *new])
         _insert_all(trial, by_rate)
         if trial.served() > served * (1 + 1e-12) and _feasible(trial):
             state.adopt(trial)
