@@ -249,8 +249,8 @@ class Problem:
         self.slo_limit = [c.slo_ms * (1 + TOLERANCE) for c in classes]
         self.streams = [sorted(j for e, j in options if e == first)
                         for options, first in zip(self.options, self.earliest_exit)]
-        #: The heuristic's memo: member set -> (largest consistent batch indexes, latencies hold).
-        self._fits: dict[tuple[int, ...], tuple[list[int | None], bool]] = {}
+        #: The heuristic's memo: member set -> its largest consistent fit (_fit).
+        self._fits: dict[tuple[int, ...], tuple] = {}
 
     # ---- the model's two sums, shared by every solver ------------------------------------------
 
@@ -652,27 +652,40 @@ def _largest_consistent(p: Problem, members: Sequence[int]) -> list[int | None]:
     return where
 
 
-def _consistent_state(p: Problem, members: Sequence[int]) -> tuple[_State, bool]:
-    """The members at their largest consistent batches (:func:`_largest_consistent`) as a state, and
-    whether every latency and the capacity hold. The assignment is remembered per member set (the
-    top-down start and the absorb move re-fit many overlapping sets)."""
+def _fit(p: Problem, members: Sequence[int]) -> tuple[tuple[int, ...], list[int | None], bool, float, float]:
+    """The members at their largest consistent batches (:func:`_largest_consistent`): ``(members
+    sorted, batch indexes, whether every latency and the capacity hold, busy ms/s, served rate)``.
+    Remembered per member set (the top-down start and the absorb move re-fit many overlapping sets)."""
     key = tuple(sorted(members))
     cached = p._fits.get(key)
     if cached is None:
         where = _largest_consistent(p, key)
-        rate = [0.0] * len(p.model.batch_sizes)
+        J, K = len(p.model.batch_sizes), len(p.model.names)
+        rate = [0.0] * J
+        flow = [[0.0] * K for _ in range(J)]
         for i in key:
-            rate[where[i]] += p.rates[i]
-        latency_ok = all(p.fill_ms(where[i], rate[where[i]]) + p.cum_ms[p.earliest_exit[i]][where[i]]
-                         <= p.slo_limit[i] for i in key)
+            j, lam = where[i], p.rates[i]
+            rate[j] += lam
+            row = flow[j]
+            for k in range(p.earliest_exit[i] + 1):
+                row[k] += lam
+        busy = sum(p.stream_busy_ms(j, rate[j], flow[j]) for j in range(J) if rate[j] > 0)
+        ok = busy <= p.capacity_ms * (1 + TOLERANCE) and all(
+            p.fill_ms(where[i], rate[where[i]]) + p.cum_ms[p.earliest_exit[i]][where[i]] <= p.slo_limit[i]
+            for i in key)
         if len(p._fits) > 4096:
             p._fits.clear()
-        cached = p._fits[key] = (where, latency_ok)
-    where, latency_ok = cached
+        cached = p._fits[key] = (key, where, ok, busy, sum(p.rates[i] for i in key))
+    return cached
+
+
+def _state_of(p: Problem, fit: tuple) -> _State:
+    """A :func:`_fit` as a state to improve."""
+    key, where = fit[0], fit[1]
     state = _State(p)
     for i in key:
         state.add(i, where[i])
-    return state, latency_ok and state.total <= p.capacity_ms * (1 + TOLERANCE)
+    return state
 
 
 def _top_down(p: Problem, members: Sequence[int] | None = None) -> "_State":
@@ -681,25 +694,23 @@ def _top_down(p: Problem, members: Sequence[int] | None = None) -> "_State":
     failing that, the one whose absence frees the most busy time per request/s lost (each candidate
     set re-fitted)."""
     members = list(range(len(p.classes))) if members is None else list(members)
-    state, ok = _consistent_state(p, members)
-    while members and not ok:
+    fit = _fit(p, members)
+    while members and not fit[2]:
         fits, best_ratio, drop = None, -math.inf, None
         for i in members:
             rest = [m for m in members if m != i]
-            trial, trial_ok = _consistent_state(p, rest)
-            if trial_ok:
-                key = (trial.served(), -trial.total)
-                if fits is None or key > fits[0]:
-                    fits = (key, trial, rest)
+            trial = _fit(p, rest)
+            if trial[2]:
+                if fits is None or (trial[4], -trial[3]) > (fits[4], -fits[3]):
+                    fits = trial
             elif fits is None:
-                ratio = (state.total - trial.total) / p.classes[i].rate
+                ratio = (fit[3] - trial[3]) / p.rates[i]
                 if ratio > best_ratio:
                     best_ratio, drop = ratio, (trial, rest)
         if fits is not None:
-            return fits[1]
-        state, members = drop
-        ok = False
-    return state if ok else _State(p)
+            return _state_of(p, fits)
+        fit, members = drop
+    return _state_of(p, fit) if fit[2] else _State(p)
 
 
 def _served_bound(p: Problem) -> float:
