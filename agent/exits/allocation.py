@@ -401,7 +401,9 @@ def evaluate(problem: Problem, choices: Sequence[Choice | None], method: str = "
 
 class _State:
     """A partial plan under construction: each stream's rate, per-stage flows and busy time, and
-    each class's batch index (None: not served). Every move keeps the plan feasible."""
+    each class's batch index (None: not served). Admitting and relocating keep the plan feasible
+    (:meth:`add_cost` checks the class's latency and the caller the room; a class leaves a stream
+    only if :meth:`can_remove`); a swap's or absorb's trial is kept only if :func:`_feasible`."""
 
     __slots__ = ("p", "exit", "rate", "flow", "busy", "total", "where", "members")
 
