@@ -556,6 +556,18 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     codecs.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     codecs.set_defaults(func=_cmd_bench_codecs)
 
+    from edge_lab.bench.exit_alloc import add_arguments as exit_alloc_arguments
+    exit_alloc = bench_sub.add_parser(
+        "exit-alloc", help="early-exit allocation: the online heuristic's gap to the exact optimum (MILP), and "
+                           "its decision time",
+        description="Random small instances of the batching + early-exit allocation (agent.exits.allocation: "
+                    "classes with rates, SLOs and accuracy requirements; which exit and batch size serve each, "
+                    "maximising the served rate): the heuristic the agent runs against the MILP optimum "
+                    "(agent.exits.exact). Prints the gap's mean, p95, worst and share within 5%, and the "
+                    "heuristic's median decision time. Needs scipy (the lab's [bench] extra).")
+    exit_alloc_arguments(exit_alloc)
+    exit_alloc.set_defaults(func=_cmd_bench_exit_alloc)
+
     offload = bench_sub.add_parser(
         "offload", help="collaborative offload in the two-board lab: local, full offload, fixed splits, "
                         "Neurosurgeon and ours under several link shapes",
@@ -589,15 +601,3 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                          help="the same comparison in the simulator instead (the board's scheduler on a virtual "
                               "clock, a simulated peer and link; no root, seconds): edge_lab.bench.offload_sim")
     offload.set_defaults(func=_cmd_bench_offload)
-
-    from edge_lab.bench.exit_alloc import add_arguments as exit_alloc_arguments
-    exit_alloc = bench_sub.add_parser(
-        "exit-alloc", help="early-exit allocation: the online heuristic's gap to the exact optimum (MILP), and "
-                           "its decision time",
-        description="Random small instances of the batching + early-exit allocation (agent.exits.allocation: "
-                    "classes with rates, SLOs and accuracy requirements; which exit and batch size serve each, "
-                    "maximising the served rate): the heuristic the agent runs against the MILP optimum "
-                    "(agent.exits.exact). Prints the gap's mean, p95, worst and share within 5%, and the "
-                    "heuristic's median decision time. Needs scipy (the lab's [bench] extra).")
-    exit_alloc_arguments(exit_alloc)
-    exit_alloc.set_defaults(func=_cmd_bench_exit_alloc)
