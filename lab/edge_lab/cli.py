@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab | codecs | offload``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab | codecs | offload | exit-alloc``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -52,11 +52,14 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
     from agent.progress import Progress
     print("edge-agent bench core: medians of repeated runs, every ratio measured side by side in this run", flush=True)
     skipped = None
-    with Progress(3 + (not args.no_mqtt), desc="bench core") as progress:    # on a terminal: the time left
+    from edge_lab.bench.exit_alloc import bench_decision_time
+    with Progress(4 + (not args.no_mqtt), desc="bench core") as progress:    # on a terminal: the time left
         progress.step("EDF queue")
         results = {"queue": bench_queue()}
         progress.step("batch assembly")
         results["assembly"] = bench_assembly()
+        progress.step("exit allocation")
+        results["exit_decision"] = bench_decision_time()
         progress.step("overhead in process")
         rows = bench_overhead_inprocess(n=args.requests)
         if not args.no_mqtt:
@@ -110,6 +113,16 @@ def _cmd_bench_run(args: argparse.Namespace) -> int:
     print(format_results(results))
     print(f"wrote {args.out}/bench.json" + (f" and {len(results.get('plots', []))} plots" if results.get("plots") else ""))
     return 0
+
+
+def _cmd_bench_exit_alloc(args: argparse.Namespace) -> int:
+    from edge_lab.bench.exit_alloc import run
+    try:
+        return run(args)
+    except ImportError as exc:    # scipy, for the exact optimum
+        print(f"edge-agent: bench exit-alloc needs scipy for the exact optimum (pip install -e './lab[bench]'): "
+              f"{exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_bench_broker_restart(args: argparse.Namespace) -> int:
@@ -567,6 +580,18 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     codecs.add_argument("--repeats", type=int, default=5, help="timing repeats; medians are printed (default 5)")
     codecs.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     codecs.set_defaults(func=_cmd_bench_codecs)
+
+    from edge_lab.bench.exit_alloc import add_arguments as exit_alloc_arguments
+    exit_alloc = bench_sub.add_parser(
+        "exit-alloc", help="early-exit allocation: the online heuristic's gap to the exact optimum (MILP), and "
+                           "its decision time",
+        description="Random small instances of the batching + early-exit allocation (agent.exits.allocation: "
+                    "classes with rates, SLOs and accuracy requirements; which exit and batch size serve each, "
+                    "maximising the served rate): the heuristic the agent runs against the MILP optimum "
+                    "(agent.exits.exact). Prints the gap's mean, p95, worst and share within 5%, and the "
+                    "heuristic's median decision time. Needs scipy (the lab's [bench] extra).")
+    exit_alloc_arguments(exit_alloc)
+    exit_alloc.set_defaults(func=_cmd_bench_exit_alloc)
 
     offload = bench_sub.add_parser(
         "offload", help="collaborative offload in the two-board lab: local, full offload, fixed splits, "

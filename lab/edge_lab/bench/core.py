@@ -297,6 +297,14 @@ def _assembly_section(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _exit_decision_section(r: Mapping[str, Any]) -> list[str]:
+    rows = [[f"{n} classes", _number(us, 0), _number(r["warm_median_us"][n], 0)] for n, us in r["median_us"].items()]
+    return [f"Early-exit allocation heuristic (agent.exits.allocation.plan_allocation): one decision, random "
+            f"instances ({r['instances']} per row, median of {r['repeats']} each); cold: from the classes, warm: "
+            f"from the previous plan after the rates moved <= 5% (edge-agent bench exit-alloc: gap to the optimum)",
+            *_table(["instance", "cold us", "warm us"], rows)]
+
+
 def _generic_section(name: str, r: Mapping[str, Any]) -> list[str]:
     width = max((len(key) for key in r), default=0)
     return [f"{name}:"] + [f"  {key.ljust(width)}  {_number(value, 2)}" for key, value in r.items()]
@@ -315,6 +323,8 @@ def format_core_report(results: Mapping[str, Mapping[str, Any]]) -> str:
             blocks.append(_queue_section(figures))
         elif kind == "assembly":
             blocks.append(_assembly_section(figures))
+        elif kind == "exit_decision":
+            blocks.append(_exit_decision_section(figures))
         else:
             blocks.append(_generic_section(name, figures))
     return "\n\n".join("\n".join(block) for block in blocks)
