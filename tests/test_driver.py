@@ -279,3 +279,37 @@ def test_a_request_read_just_after_a_batch_run_alone_is_queued_not_run_alone_aga
     clock.now += IDLE_GAP_S + 0.001
     third = req("m", clock.now, 1.0)
     assert scheduler.start_alone(third) is not None
+
+
+def test_a_request_read_just_after_a_batch_run_alone_and_sent_on_is_queued_not_run_alone_again():
+    """The same, for a batch run alone whose local part (a head) ends on the intake's thread and
+    whose rest goes to a peer (released early, answered much later): the path stays shut from the
+    release, not from the peer's reply, else every request read after a head ran alone in turn on
+    the intake's thread (bench offload's fixed-split rows: seconds late, nothing refused)."""
+    from agent.scheduler.dispatcher import IDLE_GAP_S
+
+    sent: list = []
+
+    class HeadHereRestAway:
+        def start(self, dispatch, on_done):
+            clock.now += 0.004                       # the head runs 4 ms on the calling thread
+            driver.release_early(dispatch)           # tensor sent: the slot is free
+            sent.append((dispatch, on_done))         # the peer answers later
+
+    clock = Clock()
+    scheduler = Scheduler([Scheduler.lane("m", FixedBatch(1), 1, 8, starts_alone=True)], max_concurrent=1)
+    driver = Driver(scheduler, HeadHereRestAway(), clock)
+    first = req("m", 0.0, 1.0)
+    started = scheduler.start_alone(first)
+    assert started is not None
+    driver.start(started, driver.complete_alone)
+    assert scheduler.in_flight == 0 and first.reply.value is None     # released, not answered yet
+    clock.now += 0.0001
+    second = req("m", clock.now, 1.0)                # read right after the head: it waited in the socket
+    assert scheduler.start_alone(second) is None
+    clock.now += IDLE_GAP_S + 0.001
+    third = req("m", clock.now, 1.0)
+    assert scheduler.start_alone(third) is not None
+    dispatch, on_done = sent[0]
+    on_done(dispatch, BatchOutcome([{"x": np.zeros(1)}], 0.004))
+    assert first.reply.value is not None

@@ -125,11 +125,19 @@ class Driver:
         """The executor's local part of ``dispatch`` is done (the offload executor: head run and
         tensor sent): free its slot and instance now, so the next batch starts while this one's
         rest runs elsewhere. Its ``on_done`` comes later and answers and learns without releasing
-        again. At most once per batch; before ``on_done``."""
+        again. At most once per batch; before ``on_done``.
+
+        The idle board's path stays shut ``IDLE_GAP_S`` from here, as after a batch started alone
+        (``Scheduler.alone_ended``): the local part may have run on an intake's thread (a batch
+        started alone, sent on), and the requests that arrived meanwhile, read just after and
+        stamped then, must not each start alone in turn, one head at a time on the intake's
+        thread while the workers sit idle and the sockets fill (seen in ``bench offload``: fixed
+        split rows answered seconds late from the client's side, 42 ms from the agent's).
+        ``complete_alone`` of such a batch comes only with the peer's reply, too late for that."""
         if dispatch.released:
             raise RuntimeError(f"batch of {dispatch.model} instance {dispatch.instance} released twice")
         now = self.clock()
-        self._release(dispatch)
+        self._release(dispatch, local_part_ended=True)
         dispatch.released_at = now
 
     def complete(self, dispatch: Dispatch, outcome: BatchOutcome) -> None:
@@ -156,12 +164,14 @@ class Driver:
                 self._on_reply(request, result, None)
         self.scheduler.observe(dispatch, self.clock())
 
-    def _release(self, dispatch: Dispatch, started_alone: Request | None = None) -> None:
+    def _release(self, dispatch: Dispatch, started_alone: Request | None = None,
+                 local_part_ended: bool = False) -> None:
         with self.lock:
             now = self.clock()
             self.scheduler.release(dispatch, now)
             if started_alone is not None:
                 self.scheduler.learn_admitted(started_alone)
+            if started_alone is not None or local_part_ended:
                 self.scheduler.alone_ended(now)
             if self._on_release is not None:
                 self._on_release()

@@ -128,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = replay(target, _rows(phase["rows"]), frames, drain_s=float(spec.get("drain_s", 3.0)))
         results.append({"records": [[r.status, r.arrival_s, r.finish_s] for r in run.records],
                         "duration_s": run.duration_s, "duplicated": target.duplicated, "wrong": run.wrong,
-                        "checked": run.checked, "send_lag_ms": run.send_lag_ms, "generators": run.generators})
+                        "checked": run.checked, "send_lag_ms": run.send_lag_ms, "generators": run.generators,
+                        "server_ms": run.server_ms})
     print("phase done", flush=True)
     with open(args[1], "w") as fh:
         json.dump({"phases": results}, fh)

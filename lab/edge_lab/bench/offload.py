@@ -55,6 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from agent.workload.generators import AppSpec, poisson
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
@@ -337,7 +339,9 @@ def _row_result(contender: Contender, trace: Sequence[TraceRow], played: dict, s
     records = _records(trace, played)
     overall = summarize(records, played["duration_s"] or 1e-9)["overall"]
     peer_ok = sum(v[2] for v in served.values())
-    return {"key": contender.key, "label": contender.label, "config": dataclasses.asdict(contender),
+    own = [ms for ms in played.get("server_ms") or [] if ms is not None]
+    return {"server_p50_ms": float(np.percentile(own, 50)) if own else None,
+            "server_p99_ms": float(np.percentile(own, 99)) if own else None,"key": contender.key, "label": contender.label, "config": dataclasses.asdict(contender),
             "goodput_per_s": overall["goodput_per_s"], "slo_attainment": overall["slo_attainment"],
             "throughput_per_s": overall["throughput_per_s"], "offered_per_s": overall["offered_per_s"],
             "p50_ms": overall["p50_ms"], "p99_ms": overall["p99_ms"], "errors": overall["errors"],
