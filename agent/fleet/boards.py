@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.core import LatencyTable
-from agent.profiler.fit import slowdown as fit_slowdown
 from agent.profiler.profile_file import Profile, ProfileError, load_profile
 
 __all__ = ["ACCELERATORS", "BoardKind", "Board", "load_kinds", "fleet_boards"]
@@ -52,6 +51,9 @@ class BoardKind:
     cpu_request: str
     cpu_limit: str | None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_isolated", {})     # (model, batch) -> seconds: the planner asks often
+
     @property
     def cores(self) -> int:
         return int(self.profile.host["cores"])
@@ -72,16 +74,23 @@ class BoardKind:
         return self.profile.model(model)["fit"]["params"]
 
     def slowdown(self, model: str, k: float) -> float:
-        """The fitted interference factor for ``k`` batches running at once (1 at k = 1)."""
+        """The fitted interference factor for ``k`` batches running at once (1 at k = 1):
+        ``agent.profiler.fit.slowdown``, in plain floats (the planner calls it very often)."""
         p = self.params(model)
-        return float(fit_slowdown(max(1.0, k), p["u"], p["gamma"], int(p["cores"])))
+        k = max(1.0, float(k))
+        cores = int(p["cores"])
+        return max(1.0, k * p["u"] / cores) * (1.0 + p["gamma"] * (min(k, cores) - 1.0))
 
     def isolated_s(self, model: str, batch: int) -> float:
         """A batch's time alone (seconds): the larger of the table's and the fit's figure, so
         neither a lucky measurement nor a fit that undershoots makes a plan optimistic."""
-        p = self.params(model)
-        fitted = (p["alpha_ms"] + p["beta_ms"] * batch) / 1e3
-        return max(float(self.table(model).predict(batch)), fitted)
+        key = (model, batch)
+        cached = self._isolated.get(key)
+        if cached is None:
+            p = self.params(model)
+            fitted = (p["alpha_ms"] + p["beta_ms"] * batch) / 1e3
+            cached = self._isolated[key] = max(float(self.table(model).predict(batch)), fitted)
+        return cached
 
     def service_s(self, model: str, batch: int, k: float) -> float:
         """A batch's time with ``k`` batches running at once (the interference model t(b, k))."""
