@@ -114,13 +114,13 @@ def parse_apps(data: Any, source: str | Path | None = None) -> AppList:
             where = f"apps[{i}]"
             if not isinstance(entry, dict):
                 raise AppsError(where, entry, "a table with name, model, rate_per_s and slo_ms")
-            for key in entry:
-                if key not in _APP_KEYS:
-                    raise AppsError(f"{where}.{key}", entry[key], f"one of the known keys {sorted(_APP_KEYS)}")
             name = entry.get("name")
             if not _name(name):
                 raise AppsError(f"{where}.name", name, "a non-empty name without '/', '+', '#' or ','")
             where = f"apps[{i}] ({name})"
+            for key in entry:
+                if key not in _APP_KEYS:
+                    raise AppsError(f"{where}.{key}", entry[key], f"one of the known keys {sorted(_APP_KEYS)}")
             if name in seen:
                 raise AppsError(f"{where}.name", name, "a name not used by another application")
             seen.add(name)

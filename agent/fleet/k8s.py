@@ -16,8 +16,8 @@ advertises, so it is set in the profile, not guessed here). With ``kubeedge=True
 tolerate the ``node-role.kubernetes.io/edge`` taint and select edge nodes, as KubeEdge's
 edge nodes carry that role.
 
-The output is YAML written by :func:`to_yaml` (block style, every string double-quoted: JSON
-string syntax, valid YAML), so no YAML library is needed on the machine that plans.
+The output is YAML written by :func:`to_yaml` (block style, every string value double-quoted:
+JSON string syntax, valid YAML), so no YAML library is needed on the machine that plans.
 """
 from __future__ import annotations
 
@@ -103,6 +103,14 @@ def _yaml_scalar(value: Any) -> str:
     return json.dumps(value)
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-/]*$")
+
+
+def _yaml_key(key: Any) -> str:
+    text = str(key)
+    return text if _PLAIN_KEY.match(text) else json.dumps(text)
+
+
 def _yaml_lines(value: Any, indent: int) -> list[str]:
     pad = " " * indent
     if isinstance(value, dict):
@@ -111,10 +119,11 @@ def _yaml_lines(value: Any, indent: int) -> list[str]:
         out = []
         for key, item in value.items():
             if isinstance(item, (dict, list)) and item:
-                out.append(f"{pad}{json.dumps(str(key))}:")
+                out.append(f"{pad}{_yaml_key(key)}:")
                 out += _yaml_lines(item, indent + 2)
             else:
-                out.append(f"{pad}{json.dumps(str(key))}: {_yaml_scalar(item) if not isinstance(item, (dict, list)) else ('{}' if isinstance(item, dict) else '[]')}")
+                empty = "{}" if isinstance(item, dict) else "[]"
+                out.append(f"{pad}{_yaml_key(key)}: {empty if isinstance(item, (dict, list)) else _yaml_scalar(item)}")
         return out
     if isinstance(value, list):
         out = []
