@@ -63,7 +63,12 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                "--apps examples/fleet/apps.toml --out plan/")
     parser.add_argument("--profiles", metavar="DIR", default=None,
                         help="directory of board-kind profiles (*.json; default: the shipped agent/fleet/profiles)")
-    parser.add_argument("--apps", required=True, metavar="FILE", help="the application list (apps.toml)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--apps", metavar="FILE", help="the application list (apps.toml)")
+    source.add_argument("--random-apps", type=int, metavar="N",
+                        help="instead of --apps: N seeded applications of the three demo models (agent.fleet.plan."
+                             "random_apps; --apps-seed picks the mix), to see how the ratio varies with the mix")
+    parser.add_argument("--apps-seed", type=int, default=1, help="seed of --random-apps (default 1)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write configs/, k8s/ and the report")
     parser.add_argument("--boards", type=_board_counts, metavar="KIND=N,...",
                         help="boards per kind (default: apps.toml's [fleet] table, else one board per profile)")
@@ -72,6 +77,9 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--duration", type=_seconds, default=20.0, metavar="S",
                         help="simulated seconds of traffic per board in the replay (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the replay's traces (default 0)")
+    parser.add_argument("--jitter", type=float, default=0.0, metavar="SIGMA",
+                        help="lognormal sigma of the replay's batch times around the profiled median (default 0: "
+                             "every batch takes its profiled time, slowed by the interference model)")
     parser.add_argument("--attainment", type=_fraction, default=0.99, metavar="F",
                         help="share of an application's requests that must be answered in SLO (default 0.99)")
     parser.add_argument("--search-budget", type=_seconds, default=20.0, metavar="S",
@@ -92,7 +100,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from agent.fleet import PROFILES_DIR
     from agent.fleet.apps import AppsError, load_apps
     from agent.fleet.boards import fleet_boards, load_kinds
-    from agent.fleet.plan import compare, format_report, make_plans, write_outputs
+    from agent.fleet.plan import compare, format_report, make_plans, random_apps, write_outputs
     from agent.profiler.profile_file import ProfileError
 
     host, _, port_text = args.broker.rpartition(":")
@@ -101,18 +109,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 2
     try:
         kinds = load_kinds(args.profiles or PROFILES_DIR)
-        apps = load_apps(args.apps)
+        if args.apps:
+            apps = load_apps(args.apps)
+        else:
+            if not 1 <= args.random_apps <= 10_000:
+                raise AppsError("--random-apps", args.random_apps, "a number of applications in 1..10000")
+            apps = random_apps(args.random_apps, args.apps_seed)
         boards = fleet_boards(kinds, args.boards or apps.fleet or None)
         for app in apps.apps:
             if not any(b.kind.serves(app.model) for b in boards):
                 raise AppsError(f"apps ({app.name}).model", app.model,
                                 f"a model profiled on some board kind of the fleet: "
-                                f"{sorted({m for b in boards for m in b.kind.models})}", args.apps)
+                                f"{sorted({m for b in boards for m in b.kind.models})}", args.apps or "--random-apps")
     except (ProfileError, AppsError) as exc:
         print(f"edge-agent plan: {exc}", file=sys.stderr)
         return 2
-    plans, predict = make_plans(boards, apps.apps, search_budget_s=args.search_budget)
-    comparison = compare(plans, predict, duration_s=args.duration, seed=args.seed, attainment=args.attainment)
+    from agent.fleet.emit import card_accuracy
+    servable, refused = [], []
+    for app in apps.apps:
+        accuracy = card_accuracy(app.model) if app.min_accuracy is not None else None
+        if accuracy is not None and accuracy < app.min_accuracy:
+            refused.append(f"{app.name}: min_accuracy {app.min_accuracy:g} > {app.model}'s {accuracy:g} (its card)")
+        else:
+            servable.append(app)
+    for line in refused:
+        print(f"edge-agent plan: not placed: {line}", file=sys.stderr)
+    plans, predict = make_plans(boards, servable, search_budget_s=args.search_budget)
+    if not 0 <= args.jitter <= 2:
+        print(f"edge-agent plan: --jitter {args.jitter!r}: expected a sigma in 0..2", file=sys.stderr)
+        return 2
+    comparison = compare(plans, predict, duration_s=args.duration, seed=args.seed, attainment=args.attainment,
+                         jitter=args.jitter)
     try:
         written = write_outputs(args.out, plans[args.method], predict, comparison, broker_host=host,
                                 broker_port=int(port_text), image=args.image, namespace=args.namespace,

@@ -17,7 +17,7 @@ from agent.fleet.boards import Board
 from agent.fleet.latency import BoardPrediction
 from agent.models.card import DEMO_DIR
 
-__all__ = ["board_config", "to_toml", "card_for"]
+__all__ = ["board_config", "to_toml", "card_for", "card_accuracy"]
 
 
 def card_for(model: str, cards: dict[str, str] | None = None) -> str:
@@ -28,6 +28,19 @@ def card_for(model: str, cards: dict[str, str] | None = None) -> str:
     if (Path(DEMO_DIR) / f"{model}.json").exists():
         return f"demo:{model}"
     return f"cards/{model}.json"
+
+
+def card_accuracy(model: str, cards: dict[str, str] | None = None) -> float | None:
+    """The test accuracy the model's card reports (``provenance.test_accuracy_torch``), or None
+    when the card is not at hand or does not say: what an application's ``min_accuracy`` is held to."""
+    from agent.models.card import resolve_card_path
+    ref = card_for(model, cards)
+    try:
+        data = json.loads(Path(resolve_card_path(ref)).read_text())
+    except (OSError, ValueError):
+        return None
+    value = (data.get("provenance") or {}).get("test_accuracy_torch") if isinstance(data, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def board_config(board: Board, prediction: BoardPrediction, *, broker_host: str = "127.0.0.1",

@@ -71,9 +71,9 @@ def make_plans(boards: Sequence[Board], apps: Sequence[App], settings: Settings 
 
 
 def compare(plans: dict[str, Plan], predict: Predictor, *, duration_s: float = 20.0, seed: int = 0,
-            attainment: float = 0.99) -> Comparison:
+            attainment: float = 0.99, jitter: float = 0.0) -> Comparison:
     return Comparison(plans, {m: replay_plan(p, duration_s=duration_s, seed=seed, attainment=attainment,
-                                             predict=predict) for m, p in plans.items()})
+                                             predict=predict, jitter=jitter) for m, p in plans.items()})
 
 
 def format_report(comparison: Comparison, chosen: str) -> str:
