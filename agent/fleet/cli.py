@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["add_plan_parser", "cmd_plan"]
 
@@ -84,6 +85,9 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                         help="share of an application's requests that must be answered in SLO (default 0.99)")
     parser.add_argument("--search-budget", type=_seconds, default=20.0, metavar="S",
                         help="seconds local_search may spend (default 20)")
+    parser.add_argument("--traces", action="store_true",
+                        help="also write OUT/traces/<board>.csv, the chosen plan's replay traces, to replay against a "
+                             "live agent: edge-agent bench run --trace OUT/traces/B.csv --config OUT/configs/B.toml")
     parser.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT",
                         help="the MQTT broker the written configs name (default 127.0.0.1:1883)")
     parser.add_argument("--image", default="edge-agent:latest", help="container image in the manifests")
@@ -139,7 +143,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"edge-agent plan: --jitter {args.jitter!r}: expected a sigma in 0..2", file=sys.stderr)
         return 2
     comparison = compare(plans, predict, duration_s=args.duration, seed=args.seed, attainment=args.attainment,
-                         jitter=args.jitter)
+                         jitter=args.jitter, trace_dir=Path(args.out) / "traces" if args.traces else None,
+                         trace_method=args.method)
     try:
         written = write_outputs(args.out, plans[args.method], predict, comparison, broker_host=host,
                                 broker_port=int(port_text), image=args.image, namespace=args.namespace,

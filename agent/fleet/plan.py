@@ -71,9 +71,13 @@ def make_plans(boards: Sequence[Board], apps: Sequence[App], settings: Settings 
 
 
 def compare(plans: dict[str, Plan], predict: Predictor, *, duration_s: float = 20.0, seed: int = 0,
-            attainment: float = 0.99, jitter: float = 0.0) -> Comparison:
+            attainment: float = 0.99, jitter: float = 0.0, trace_dir: str | Path | None = None,
+            trace_method: str | None = None) -> Comparison:
+    """Replay each plan; ``trace_dir``: write ``trace_method``'s per-board traces there."""
     return Comparison(plans, {m: replay_plan(p, duration_s=duration_s, seed=seed, attainment=attainment,
-                                             predict=predict, jitter=jitter) for m, p in plans.items()})
+                                             predict=predict, jitter=jitter,
+                                             trace_dir=trace_dir if m == trace_method else None)
+                              for m, p in plans.items()})
 
 
 def format_report(comparison: Comparison, chosen: str) -> str:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent.config import parse_config
 from agent.fleet.placement import Plan, Predictor
 from agent.fleet.emit import board_config
 from agent.sim.engine import sim_models_from_config, simulate
 from agent.workload.generators import AppSpec, poisson
+from agent.workload.trace import write_trace
 
 __all__ = ["AppOutcome", "Replay", "replay_plan"]
 
@@ -62,8 +64,11 @@ class Replay:
 
 
 def replay_plan(plan: Plan, *, duration_s: float = 20.0, seed: int = 0, attainment: float = 0.99,
-                predict: Predictor | None = None, jitter: float = 0.0) -> Replay:
-    """Simulate every board of ``plan`` with its applications' traces; per-application outcomes."""
+                predict: Predictor | None = None, jitter: float = 0.0, trace_dir: str | Path | None = None) -> Replay:
+    """Simulate every board of ``plan`` with its applications' traces; per-application outcomes.
+
+    ``trace_dir``: also write each board's trace there (``<board>.csv``, trace v1), to replay the
+    same arrivals against a live agent running the board's config (``edge-agent bench run``)."""
     predict = predict or Predictor()
     result = Replay(plan.method, attainment)
     by_name = {b.name: b for b in plan.boards}
@@ -79,6 +84,9 @@ def replay_plan(plan: Plan, *, duration_s: float = 20.0, seed: int = 0, attainme
         total = sum(a.rate_per_s for a in apps)
         specs = [AppSpec(a.name, a.model, a.slo_ms, a.rate_per_s) for a in apps]
         trace = poisson(total, duration_s, specs, seed=seed * 7919 + index)
+        if trace_dir is not None:
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+            write_trace(Path(trace_dir) / f"{board_name}.csv", trace)
         slowdown = {m.name: (lambda n, _m=m.name: kind.slowdown(_m, n)) for m in config.models}
         sim = simulate(trace, models, config.worker_count, cores=kind.cores, hold_fraction=config.hold_fraction,
                        lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s,
