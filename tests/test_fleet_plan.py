@@ -128,7 +128,7 @@ def test_local_search_hosts_what_first_fit_left_out(tmp_path):
 def example_plan(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan")
     proc = subprocess.run([sys.executable, "-m", "agent.cli", "plan", "--apps", str(EXAMPLE_APPS), "--out", str(out),
-                           "--duration", "8", "--search-budget", "5", "--kubeedge"],
+                           "--duration", "4", "--search-budget", "3", "--kubeedge"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     return out, proc
 
@@ -308,3 +308,20 @@ def test_min_accuracy_is_held_to_the_model_card(tmp_path):
     assert "picky: min_accuracy 0.99 > camera_digits's 0.9444" in proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["methods"]["local_search"]["boards"] == {"cpu-2core-1": ["easy"]}
+
+
+def test_push_script_loads_the_same_models_with_load_model(example_plan):
+    """push.sh's ``edge-agent ctl ... load-model`` lines, parsed as ``ctl`` parses them, are model
+    tables the agent's command handler accepts, and they match the board's written config."""
+    import shlex
+    from agent.config import parse_model_entry
+    from agent.ops.cli import parse_command_args
+    out, _ = example_plan
+    lines = [line for line in (out / "push.sh").read_text().splitlines() if line.startswith("edge-agent ctl")]
+    assert lines
+    for line in lines:
+        words = shlex.split(line)
+        device = words[words.index("--device") + 1]
+        table = parse_command_args(words[words.index("load-model") + 1:])
+        model = parse_model_entry(table)
+        assert model == load_config(out / "configs" / f"{device}.toml").model(model.name)

@@ -102,7 +102,8 @@ def format_report(comparison: Comparison, chosen: str) -> str:
 def write_outputs(out_dir: str | Path, plan: Plan, predict: Predictor, comparison: Comparison, *,
                   broker_host: str = "127.0.0.1", broker_port: int = 1883, image: str = "edge-agent:latest",
                   namespace: str = "edge-agent", kubeedge: bool = False) -> list[Path]:
-    """Write ``configs/<board>.toml``, ``k8s/manifests.yaml``, ``report.json`` and ``report.txt``."""
+    """Write ``configs/<board>.toml``, ``k8s/manifests.yaml``, ``push.sh`` (the same models pushed to
+    running agents with ``load-model``), ``report.json`` and ``report.txt``."""
     out = Path(out_dir)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     (out / "k8s").mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,10 @@ def write_outputs(out_dir: str | Path, plan: Plan, predict: Predictor, compariso
     path = out / "k8s" / "manifests.yaml"
     path.write_text(to_yaml(documents))
     written.append(path)
+    path = out / "push.sh"
+    path.write_text(push_script(plan, predict, broker_host=broker_host, broker_port=broker_port))
+    path.chmod(0o755)
+    written.append(path)
     path = out / "report.json"
     path.write_text(json.dumps({"chosen": plan.method, **comparison.to_dict()}, indent=1) + "\n")
     written.append(path)
@@ -137,6 +142,29 @@ def write_outputs(out_dir: str | Path, plan: Plan, predict: Predictor, compariso
     path.write_text(format_report(comparison, plan.method) + "\n")
     written.append(path)
     return written
+
+
+def push_script(plan: Plan, predict: Predictor, *, broker_host: str, broker_port: int) -> str:
+    """A shell script that loads the plan's models into boards already running an agent, with the
+    signed ``load-model`` control command (``edge-agent ctl``; the key from $EDGE_AGENT_KEY)."""
+    import shlex
+    lines = ["#!/bin/sh", f"# Written by edge-agent plan ({plan.method}): load each board's models into its running agent.",
+             "# Needs the operator key ($EDGE_AGENT_KEY or add --key FILE) and boards whose config subscribes \"cmd\".",
+             "# A board already serving a model of the same name refuses load-model: unload-model it first.",
+             "set -e"]
+    for board in plan.boards:
+        apps = plan.hosted.get(board.name, [])
+        if not apps:
+            continue
+        config = board_config(board, predict(board, apps), broker_host=broker_host, broker_port=broker_port)
+        for model in config["models"]:
+            args = ["edge-agent", "ctl", "--device", board.name, "--host", broker_host, "--port", str(broker_port),
+                    "load-model"]
+            for key, value in model.items():
+                flag = "--" + key.replace("_", "-")
+                args += [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
+            lines.append(" ".join(shlex.quote(a) for a in args))
+    return "\n".join(lines) + "\n"
 
 
 def random_apps(n: int, seed: int, models: Sequence[str] = ("mobilenet_digits", "resnet_digits", "camera_digits"),
