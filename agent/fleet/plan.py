@@ -52,6 +52,7 @@ class Comparison:
                 "requests": sum(o.requests for o in replay.apps.values()),
                 "ratio_to_knapsack": self.ratio(method) if "knapsack" in self.plans else None,
                 "boards": {b: [a.name for a in apps] for b, apps in plan.hosted.items()},
+                "goodput_per_s": {b: round(g, 2) for b, g in sorted(replay.goodput_per_s.items())},
                 "attainment": {a: round(o.attainment, 4) for a, o in sorted(replay.apps.items())},
             }
         out["attainment_threshold"] = next(iter(self.replays.values())).attainment if self.replays else None
