@@ -325,3 +325,20 @@ def test_push_script_loads_the_same_models_with_load_model(example_plan):
         table = parse_command_args(words[words.index("load-model") + 1:])
         model = parse_model_entry(table)
         assert model == load_config(out / "configs" / f"{device}.toml").model(model.name)
+
+
+def test_the_quota_kind_is_the_measured_kind_at_half_speed_on_one_core():
+    """cpu-halfcore is derived from cpu-2core (agent.fleet.derive.with_quota, 0.5 core): every
+    batch time doubled, one core, instances only time-slice it."""
+    import json as _json
+    from agent.fleet.derive import with_quota
+    measured = _json.loads((PROFILES_DIR / "cpu-2core.json").read_text())
+    derived = with_quota(measured, 0.5, {"kind": "q", "made": "x", "memory_mb": 1})
+    for name, entry in measured["models"].items():
+        ours = derived["models"][name]
+        assert ours["batch"]["p50_ms"] == pytest.approx([2 * t for t in entry["batch"]["p50_ms"]], abs=1e-3)
+        assert ours["fit"]["params"]["cores"] == 1 and ours["fit"]["params"]["gamma"] == 0.0
+    shipped = load_kinds(PROFILES_DIR)["cpu-halfcore"].profile.data
+    assert {k: v["batch"] for k, v in shipped["models"].items()} == {k: v["batch"] for k, v in derived["models"].items()}
+    with pytest.raises(ValueError, match="quota_cores"):
+        with_quota(measured, 1.5, {})
