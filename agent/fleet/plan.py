@@ -28,6 +28,8 @@ __all__ = ["Comparison", "make_plans", "compare", "write_outputs", "random_apps"
 class Comparison:
     plans: dict[str, Plan]
     replays: dict[str, Replay]
+    duration_s: float = 0.0
+    seed: int = 0
 
     def hosted(self, method: str) -> int:
         return len(self.replays[method].hosted)
@@ -56,6 +58,7 @@ class Comparison:
                 "attainment": {a: round(o.attainment, 4) for a, o in sorted(replay.apps.items())},
             }
         out["attainment_threshold"] = next(iter(self.replays.values())).attainment if self.replays else None
+        out["replay"] = {"duration_s": self.duration_s, "seed": self.seed}
         return out
 
 
@@ -78,7 +81,7 @@ def compare(plans: dict[str, Plan], predict: Predictor, *, duration_s: float = 2
     return Comparison(plans, {m: replay_plan(p, duration_s=duration_s, seed=seed, attainment=attainment,
                                              predict=predict, jitter=jitter,
                                              trace_dir=trace_dir if m == trace_method else None)
-                              for m, p in plans.items()})
+                              for m, p in plans.items()}, duration_s, seed)
 
 
 def format_report(comparison: Comparison, chosen: str) -> str:
