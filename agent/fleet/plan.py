@@ -93,6 +93,8 @@ def format_report(comparison: Comparison, chosen: str) -> str:
         lines.append(f"{method:<20} {plan.placed_count:>6} {comparison.hosted(method):>6} "
                      f"{len(replay.violations):>10} {f'{replay.missed_requests}/{total}':>16} {ratio:>10.2f}")
     threshold = next(iter(comparison.replays.values())).attainment
+    lines.append("knapsack: the baseline (memory and cores alone); interference_aware: the Ibis paper's "
+                 "model-driven packing; local_search: ours (the latter plus one-move repairs)")
     lines.append(f"hosted = placed and >= {threshold:.0%} of its requests answered ok within its SLO in the "
                  f"simulated replay; the files written are the {chosen} plan's")
     for method in comparison.plans:
