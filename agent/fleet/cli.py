@@ -58,8 +58,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                     "is replayed in the simulator (the live scheduler on a virtual clock, per board, Poisson "
                     "traces at the stated rates). Writes, for the chosen plan, OUT/configs/<board>.toml (the "
                     "agent's config; each checked by the agent's own loader), OUT/k8s/manifests.yaml (per board a "
-                    "ConfigMap and a Deployment pinned to its node and board kind), OUT/push.sh (the same models for running agents, as signed "
-                    "load-model commands) and OUT/report.{txt,json}.",
+                    "ConfigMap and a Deployment pinned to its node and board kind), OUT/push.sh (the same "
+                    "models for running agents, as signed load-model commands) and OUT/report.{txt,json}.",
         epilog="An application is counted hosted when the plan places it and, in the replay, at least "
                "--attainment of its requests are answered ok within its SLO. Example: edge-agent plan "
                "--apps examples/fleet/apps.toml --out plan/")
