@@ -11,8 +11,11 @@
   model (the applications share its backend, Ibis's "MaaS"), then the smallest increase in predicted
   utilisation (Ibis's heterogeneous ``best`` rule).
 * :func:`local_search` — **ours, beyond the paper**: starts from the interference-aware plan and
-  hosts applications it left out by moving one hosted application to another board to make room
-  (an ejection chain of depth one), as long as every board stays feasible under the same model.
+  from packings in other orders (long-batch models first, loosest SLO first) and with a "pack"
+  board rule (the fullest feasible board: long batches group and leave other boards to tight
+  applications), hosts in each what it left out by moving one hosted application to another board
+  to make room (an ejection chain of depth one), and keeps the plan hosting the most; every board
+  stays feasible under the same model.
 
 All three see the applications in the same order (smallest compute demand first: what maximises
 the count for a knapsack), so they differ only in what they check.
@@ -104,8 +107,12 @@ def knapsack(boards: Sequence[Board], apps: Sequence[App]) -> Plan:
     return plan
 
 
-def _best_board(app: App, plan: Plan, predict: Predictor, skip: str | None = None) -> Board | None:
-    """The board that takes ``app`` by the interference-aware rule, or None when none can."""
+def _best_board(app: App, plan: Plan, predict: Predictor, skip: str | None = None,
+                rule: str = "spread") -> Board | None:
+    """The board that takes ``app``, or None when none can. ``rule``: ``"spread"`` (Ibis: a board
+    already serving the model, then the smallest increase in predicted utilisation) or ``"pack"``
+    (ours, for local search: a board serving the model, then the fullest board that still takes it,
+    which keeps other boards free for applications that cannot share with long batches)."""
     best, best_key = None, None
     for index, board in enumerate(plan.boards):
         if board.name == skip or not board.kind.serves(app.model):
@@ -116,18 +123,23 @@ def _best_board(app: App, plan: Plan, predict: Predictor, skip: str | None = Non
             continue
         before = predict(board, current).load if current else 0.0
         serving = any(a.model == app.model for a in current)
-        key = (not serving, (after.load - before) / board.kind.workers, index)
+        if rule == "pack":
+            key = (not serving, -before / board.kind.workers, index)
+        else:
+            key = (not serving, (after.load - before) / board.kind.workers, index)
         if best_key is None or key < best_key:
             best, best_key = board, key
     return best
 
 
-def interference_aware(boards: Sequence[Board], apps: Sequence[App], predict: Predictor | None = None) -> Plan:
-    """The paper's approach: model-driven, interference-aware bin packing (module docstring)."""
+def interference_aware(boards: Sequence[Board], apps: Sequence[App], predict: Predictor | None = None,
+                       order: Sequence[App] | None = None, rule: str = "spread") -> Plan:
+    """The paper's approach: model-driven, interference-aware bin packing (module docstring).
+    ``order`` and ``rule`` are for :func:`local_search`'s other starts; the defaults are the paper's."""
     predict = predict or Predictor()
     plan = _empty("interference_aware", boards)
-    for app in app_order(apps, boards):
-        board = _best_board(app, plan, predict)
+    for app in (order if order is not None else app_order(apps, boards)):
+        board = _best_board(app, plan, predict, rule=rule)
         if board is None:
             plan.unplaced.append(app)
         else:
@@ -135,15 +147,21 @@ def interference_aware(boards: Sequence[Board], apps: Sequence[App], predict: Pr
     return plan
 
 
-def local_search(boards: Sequence[Board], apps: Sequence[App], predict: Predictor | None = None,
-                 budget_s: float = 20.0, start: Plan | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> Plan:
-    """Ours: the interference-aware plan, then hosts what it left out by one move each (module
-    docstring). Stops when a whole pass hosts nothing more or after ``budget_s`` seconds."""
-    predict = predict or Predictor()
-    base = start or interference_aware(boards, apps, predict)
-    plan = Plan("local_search", list(boards), {k: list(v) for k, v in base.hosted.items()}, list(base.unplaced))
-    deadline = clock() + budget_s
+def _orders(apps: Sequence[App], boards: Sequence[Board]) -> list[list[App]]:
+    """The orders local search starts from: the paper's (smallest demand first), the models with
+    the longest batches first (they group, and leave the other boards to tight applications), and
+    the loosest SLO first."""
+    def batch_s(app: App) -> float:
+        times = [b.kind.isolated_s(app.model, 1) for b in boards if b.kind.serves(app.model)]
+        return min(times) if times else 0.0
+    base = app_order(apps, boards)
+    return [base, sorted(base, key=lambda a: -batch_s(a)), sorted(base, key=lambda a: -a.slo_ms)]
+
+
+def _repair(plan: Plan, boards: Sequence[Board], predict: Predictor, deadline: float,
+            clock: Callable[[], float]) -> None:
+    """Host what ``plan`` left out, one move each: straight onto a board, or onto a board after one
+    of its applications moves to another board; until a pass hosts nothing more or ``deadline``."""
     by_name = {b.name: b for b in boards}
     changed = True
     while changed and plan.unplaced and clock() < deadline:
@@ -174,4 +192,31 @@ def local_search(boards: Sequence[Board], apps: Sequence[App], predict: Predicto
                     plan.unplaced.remove(app)
                     moved = changed = True
                     break
-    return plan
+
+
+def local_search(boards: Sequence[Board], apps: Sequence[App], predict: Predictor | None = None,
+                 budget_s: float = 20.0, start: Plan | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> Plan:
+    """Ours: several starts of the interference-aware packing (the paper's, ``start`` when given;
+    other orders and the "pack" board rule, :func:`_orders`), each repaired by one-move ejections
+    (:func:`_repair`); the plan hosting the most wins (ties: the first). Every board of every
+    candidate is feasible under the same latency model. Stops starting new candidates after
+    ``budget_s`` seconds."""
+    predict = predict or Predictor()
+    deadline = clock() + budget_s
+    base = start or interference_aware(boards, apps, predict)
+    candidates = [base]
+    for order in _orders(apps, boards):
+        for rule in ("spread", "pack"):
+            if clock() < deadline:
+                candidates.append(interference_aware(boards, apps, predict, order=order, rule=rule))
+    best = None
+    for candidate in candidates:
+        if clock() >= deadline and best is not None:
+            break
+        plan = Plan("local_search", list(boards), {k: list(v) for k, v in candidate.hosted.items()},
+                    list(candidate.unplaced))
+        _repair(plan, boards, predict, deadline, clock)
+        if best is None or plan.placed_count > best.placed_count:
+            best = plan
+    return best
