@@ -94,7 +94,7 @@ def format_report(comparison: Comparison, chosen: str) -> str:
                      f"{len(replay.violations):>10} {f'{replay.missed_requests}/{total}':>16} {ratio:>10.2f}")
     threshold = next(iter(comparison.replays.values())).attainment
     lines.append("knapsack: the baseline (memory and cores alone); interference_aware: the Ibis paper's "
-                 "model-driven packing; local_search: ours (the latter plus one-move repairs)")
+                 "model-driven packing; local_search: ours (several packing starts plus one-move repairs)")
     lines.append(f"hosted = placed and >= {threshold:.0%} of its requests answered ok within its SLO in the "
                  f"simulated replay; the files written are the {chosen} plan's")
     for method in comparison.plans:
