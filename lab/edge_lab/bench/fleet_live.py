@@ -156,10 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         quota = f"{quotas[kind]:g}" if kind else "-"
         error = (sim - live) / live * 100 if live else float("inf")
         print(f"{board:<18} {quota:>6} {sim:>14.1f} {live:>15.1f} {error:>+6.1f}% {statuses}")
-        out[board] = {"sim_goodput_per_s": sim, "live_goodput_per_s": live, "statuses": statuses}
+        per_app: dict[str, list[int]] = {}
+        for r in replay.records:
+            counts = per_app.setdefault(r.app, [0, 0])
+            counts[0] += 1
+            counts[1] += int(r.within_slo)
+        attainment = {app: ok / n for app, (n, ok) in sorted(per_app.items())}
+        out[board] = {"sim_goodput_per_s": sim, "live_goodput_per_s": live, "statuses": statuses,
+                      "attainment": attainment}
+    threshold = float(report.get("attainment_threshold") or 0.99)
+    below = [f"{app} {a:.1%} (sim {chosen['attainment'].get(app, float('nan')):.1%})"
+             for board in out.values() for app, a in board["attainment"].items() if a < threshold]
     if total_live:
         print(f"{'fleet':<18} {'':>6} {total_sim:>14.1f} {total_live:>15.1f} "
               f"{(total_sim - total_live) / total_live * 100:>+6.1f}%")
+    print(f"applications below {threshold:.0%} in SLO live: {', '.join(below) if below else 'none'}")
     (work / "live.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
