@@ -28,11 +28,10 @@ What comes from the paper (Ibis, PAPERS.md section 2) and what is ours:
     than ``1 - q`` (``C(W, a) > 1 - q``), else ``min(W, floor(a) + 1)``.
   - Head-of-line blocking: batches are not preempted, so when a request waits at all more often
     than ``1 - q`` (``C > 1 - q``) its wait at the tail is at least the board's longest batch,
-    ``max_o t_o(b_o, k_tail)``, added to the queueing wait (the replay showed the larger of the two
-    too optimistic: a 50 ms application beside 28 ms batches missed 1.5-2 %). This keeps a 10 ms
-    application off a board that runs 30 ms batches of another model. (A first version counted it
-    only when all slots held such batches more often than ``1 - q``, slots taken independent: the
-    replay missed 2-5 % of a 50 ms application's requests next to 28 ms batches under EDF.)
+    ``max_o t_o(b_o, k_tail)``, added to the queueing wait. This keeps a tight application off a
+    board that runs long batches of another model. Weaker versions (the larger of the two instead
+    of the sum; blocking only when all slots held long batches more often than ``1 - q``) let the
+    replay miss the SLO of a looser mobilenet application beside camera batches under EDF.
   - Batch formation: a batch of ``b > 1`` waits ``(b - 1) / Lambda_m`` for its last request.
   - Application ``i`` of model ``m`` fits when ``wait_q + fill + t_m(b_m, k_tail) <= margin * SLO_i``
     and ``a <= rho_max * W``.
@@ -41,8 +40,9 @@ What comes from the paper (Ibis, PAPERS.md section 2) and what is ours:
     per-call cost dominates, and costs latency on a CPU, where it does not).
 
 The emitted ``max_batch`` (``ModelPrediction.max_batch``) is the largest profiled batch whose
-interfered time takes at most half the model's tightest SLO: under a burst the agent may batch
-more than ``b_m`` and still answer in time; the other half is left for waiting.
+interfered time takes at most a quarter of the model's tightest SLO (at least ``b_m``): under a
+burst the agent may batch more than ``b_m`` and still answer in time. With half the SLO, bursts
+formed batches long enough that the model's own tight requests missed in the replay.
 """
 from __future__ import annotations
 
