@@ -14,7 +14,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from agent.config import Config
 from agent.core import LatencyTable
@@ -180,7 +180,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
              cores: int | None = None, hold_fraction: float = 0.0, lookahead: bool = False,
              edf_horizon_s: float = math.inf, policy: str = DEFAULT_POLICY, idle_path: bool = True,
              peers: Sequence["SimPeerSpec"] = (), offload: "OffloadConfig | None" = None,
-             offload_models: "Sequence[SimOffloadModel]" = ()) -> SimResult:
+             offload_models: "Sequence[SimOffloadModel]" = (),
+             slowdown: "Mapping[str, Callable[[int], float]] | None" = None) -> SimResult:
     """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
 
     ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
@@ -256,7 +257,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         heapq.heappush(heap, (at, COMPLETE, seq, item, None, owner))
 
     executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
-                           jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule)
+                           jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule,
+                           slowdown=slowdown)
     offloading = None
     policy_options = None
     if peers:

@@ -19,9 +19,15 @@ Timing model (kept deliberately simple, and exactly reproducible for ``jitter = 
   finish moved, each with a new ``generation`` so the engine can ignore its stale completion event.
   While the rate stays 1, a batch finishes at exactly ``start + work_s`` (no accumulated rounding).
 
-What it leaves out (the full profiler's interference model will replace ``rate``): memory-bandwidth
-and cache interference between co-running models, GPU/TPU queueing, and a backend's per-call
-overhead outside the profiled run.
+* **Interference (optional).** With ``slowdown`` (model name -> ``f(n)``, the profiler's fitted
+  factor ``agent.profiler.fit.slowdown`` for ``n`` batches running), each running batch of a model
+  progresses at ``1 / f(n)``: contention on memory bandwidth and caches as well as sharing, per
+  model. Plain processor sharing is the case ``f(n) = max(1, n / cores)``. Models missing from the
+  mapping keep the processor-sharing rate. The fleet planner's replay (``agent.fleet.replay``)
+  uses it, so a placement is checked under the same interference model it was planned with.
+
+What it leaves out: GPU/TPU queueing inside the device, and a backend's per-call overhead outside
+the profiled run.
 """
 from __future__ import annotations
 
@@ -45,7 +51,7 @@ class SimBatch:
     """
 
     __slots__ = ("payload", "model", "size", "work_s", "remaining_s", "since", "started", "finish", "generation",
-                 "on_done")
+                 "on_done", "rate")
 
     def __init__(self, payload: Any, model: str, size: int, work_s: float, now: float) -> None:
         self.payload = payload
@@ -58,6 +64,7 @@ class SimBatch:
         self.finish = math.inf
         self.generation = 0
         self.on_done: OnDone | None = None
+        self.rate = 1.0                 # work seconds per second now (used with a slowdown mapping)
 
     def __repr__(self) -> str:
         return (f"SimBatch({self.model!r}, size={self.size}, work_s={self.work_s:.6g}, "
@@ -80,11 +87,13 @@ class SimExecutor:
 
     def __init__(self, tables: Mapping[str, LatencyTable], seed: int = 0,
                  jitter: float | Mapping[str, float] = 0.0, cores: int | None = None,
-                 clock: Any = None, schedule: Callable[[SimBatch], None] | None = None) -> None:
+                 clock: Any = None, schedule: Callable[[SimBatch], None] | None = None,
+                 slowdown: Mapping[str, Callable[[int], float]] | None = None) -> None:
         if cores is not None and cores < 1:
             raise ValueError(f"cores = {cores!r}: expected an integer >= 1 (or None: no sharing)")
         self.tables = dict(tables)
         self.cores = cores
+        self.slowdown = dict(slowdown) if slowdown else None
         self._clock = clock
         self._schedule = schedule
         self.batches = 0
@@ -150,6 +159,8 @@ class SimExecutor:
         batch = SimBatch(payload, model, batch_size, self.work_s(model, batch_size) if work_s is None else work_s, now)
         running = self.running
         running.append(batch)
+        if self.slowdown is not None:
+            return self._retime(now, new=batch)
         n, cores = len(running), self.cores
         if cores is None or n <= cores:      # the common case: the rate was and stays 1
             batch.finish = now + batch.work_s
@@ -164,9 +175,40 @@ class SimExecutor:
         running = self.running
         n, cores = len(running), self.cores
         running.remove(batch)
+        if self.slowdown is not None:
+            return self._retime(now, new=None)
         if cores is None or n <= cores:
             return ()
         return self._rerate(now, cores / n, self.rate(n - 1), exclude=None)
+
+    def _model_rate(self, model: str, n: int) -> float:
+        """With a slowdown mapping: the rate of a batch of ``model`` while ``n`` batches run."""
+        f = self.slowdown.get(model)
+        if f is None:
+            return self.rate(n)
+        return 1.0 / max(1.0, float(f(n)))
+
+    def _retime(self, now: float, new: SimBatch | None) -> list[SimBatch]:
+        """Per-model rates (``slowdown``): account each running batch's work at its old rate up to
+        ``now``, give it its rate for the new count, and return those whose finish moved (``new`` first)."""
+        n = len(self.running)
+        changed = []
+        for batch in self.running:
+            rate = self._model_rate(batch.model, n)
+            if batch is new:
+                batch.rate = rate
+                batch.finish = now + batch.work_s / rate
+                continue
+            if rate == batch.rate:
+                continue
+            remaining = batch.remaining_s - (now - batch.since) * batch.rate
+            batch.remaining_s = remaining if remaining > 0.0 else 0.0
+            batch.since = now
+            batch.rate = rate
+            batch.finish = now + batch.remaining_s / rate
+            batch.generation += 1
+            changed.append(batch)
+        return [new, *changed] if new is not None else changed
 
     def _rerate(self, now: float, old_rate: float, new_rate: float, exclude: SimBatch | None) -> list[SimBatch]:
         """Account the work done at ``old_rate`` up to ``now`` and re-time every running batch."""
