@@ -27,7 +27,7 @@ from agent.errors import BAD_REQUEST, REJECTED, SHUTTING_DOWN, UNKNOWN_MODEL, In
 from agent.models.card import ModelCard, load_card
 from agent.models.tensors import check_inputs
 from agent.profiler import Profile, load_profile, measure_latency_table
-from agent.profiler.measure import zeros_batch
+from agent.profiler.measure import measure_stage_times, zeros_batch
 from agent.runtime.live import LiveLoop
 from agent.runtime.local_executor import InstanceSet, LocalExecutor
 from agent.scheduler.dispatcher import Dispatch, Scheduler
@@ -113,16 +113,19 @@ def load_model(config: ModelConfig, profile: Profile | None = None) -> LoadedMod
         backend.run(zeros_batch(card.inputs, max_batch))
     exits = stages = None
     try:
-        exits = exit_plan(card, config.exit_mode)
-        if exits is not None:
+        if exit_plan(card, config.exit_mode) is not None:     # checks the mode against the card
             if config.backend != "onnxruntime":
                 raise ValueError(f"model {config.name!r}: exit_mode = {config.exit_mode!r} runs the card's ONNX stage "
                                  f"graphs: expected backend 'onnxruntime', the config has {config.backend!r}")
             stages = [[load_backend(config.backend, point.verify_stage(), threads=config.threads)
                        for point in card.exits] for _ in range(config.instances)]
-            for instance in stages:      # warm: the first run of a session is slow
+            for instance in stages[1:]:      # warm: the first run of a session is slow
                 for backend, point in zip(instance, card.exits):
                     backend.run(zeros_batch((point.stage_input,), max_batch))
+            # Each stage's share of a run, measured here (the first instance's, warming it): what an
+            # early exit saves on this board, which admission prices requests by.
+            exits = exit_plan(card, config.exit_mode, measure_stage_times(
+                stages[0], [point.stage_input for point in card.exits], max_batch))
     except Exception:
         for backend in [*backends, *(b for instance in stages or () for b in instance)]:
             backend.close()

@@ -337,3 +337,47 @@ def test_http_reply_names_the_exit_and_bad_min_accuracy_is_refused(service, test
     assert status == 400 and "parameters.min_accuracy" in body["error"] and body["error"].startswith("bad_request")
     status, body = _post(port, FIXED, {"inputs": [one], "parameters": {"min_accuracy": 0.999}})
     assert status >= 400 and body["error"].startswith("rejected") and "no exit" in body["error"]
+
+
+# --- the same in the simulator -------------------------------------------------------------------
+
+def test_the_simulator_runs_exits_stage_by_stage(card):
+    """The simulator's executor answers an exit1 item once stage 1 is done (its compute is stage 1's
+    share of the batch's time), a last-exit item after the whole batch, refuses a target no exit
+    reaches, and answers every accepted row once."""
+    from agent.sim.engine import sim_models_from_config, simulate
+    from agent.workload.trace import TraceRow
+    cfg = parse_config({"config_version": CONFIG_VERSION, "agent": {"workers": 2}, "mqtt": {"enabled": False},
+                        "models": [model("m", "fixed")]})
+    table = LatencyTable(np.array([1, 4]), np.array([0.004, 0.012]))
+    plan = exit_plan(card, "fixed")
+    targets = [0.8, None, 0.8, 0.9, None, 0.999] * 40
+    trace = [TraceRow(0.002 * i, "app", "m", 500.0, 0, t) for i, t in enumerate(targets)]
+    result = simulate(trace, sim_models_from_config(cfg, {"m": table}, cards={"m": card}), workers=2)
+    expected = {0.8: "exit1", None: "final", 0.9: "exit2"}
+    for row, record in zip(trace, result.records):
+        if row.min_accuracy == 0.999:
+            assert record.status == REJECTED
+            continue
+        assert record.status == "ok" and record.exit == expected[row.min_accuracy]
+        if record.exit == "exit1":
+            assert record.compute_ms == pytest.approx(
+                1000 * table.predict(record.batch_size) * plan.fraction(0, record.batch_size), rel=1e-9)
+        if record.exit == "final":
+            assert record.compute_ms > 1000 * table.predict(1) * plan.fraction(1, 1) - 1e-9
+
+
+def test_confidence_mode_in_the_simulator_leaves_early_by_the_calibration(card):
+    from agent.sim.engine import sim_models_from_config, simulate
+    from agent.workload.trace import TraceRow
+    cfg = parse_config({"config_version": CONFIG_VERSION, "agent": {"workers": 2}, "mqtt": {"enabled": False},
+                        "models": [model("m", "confidence")]})
+    table = LatencyTable(np.array([1, 4]), np.array([0.004, 0.012]))
+    trace = [TraceRow(0.003 * i, "app", "m", 500.0, 0, 0.8 if i % 2 else 0.97) for i in range(400)]
+    result = simulate(trace, sim_models_from_config(cfg, {"m": table}, cards={"m": card}), workers=2)
+    assert all(r.status == "ok" for r in result.records)
+    low = [r.exit for r, row in zip(result.records, trace) if row.min_accuracy == 0.8]
+    high = [r.exit for r, row in zip(result.records, trace) if row.min_accuracy == 0.97]
+    # 0.8's exit1 threshold covers (nearly) every calibration item; 0.97's about half of them
+    assert low.count("exit1") > 0.85 * len(low)
+    assert 0.2 * len(high) < high.count("exit1") < 0.8 * len(high)

@@ -22,6 +22,7 @@ executors, which only read :class:`ExitChoice`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -81,9 +82,12 @@ class ExitPlan:
         return self.fraction(stage, batch_size) - before
 
 
-def exit_plan(card: ModelCard, mode: str) -> ExitPlan | None:
-    """The plan for ``card`` under ``mode`` (None for ``off``). Raises ``ValueError`` for a mode other
-    than :data:`EXIT_MODES` or a card without exits."""
+def exit_plan(card: ModelCard, mode: str, stage_times: tuple[Sequence[int], Sequence[Sequence[float]]] | None = None
+              ) -> ExitPlan | None:
+    """The plan for ``card`` under ``mode`` (None for ``off``). ``stage_times``: (batch sizes, times
+    per size per stage) measured on this board (``agent.profiler.measure.measure_stage_times``), in
+    place of the card's. Raises ``ValueError`` for a mode other than :data:`EXIT_MODES` or a card
+    without exits."""
     if mode not in EXIT_MODES:
         raise ValueError(f"exit_mode = {mode!r}: expected one of {EXIT_MODES}")
     if mode == "off":
@@ -93,7 +97,15 @@ def exit_plan(card: ModelCard, mode: str) -> ExitPlan | None:
         raise ValueError(f"model {card.name!r}: exit_mode = {mode!r} needs a card with two or more exits "
                          f"(its card lists {len(exits)})")
     measured = [p for p in exits if p.stage_ms is not None and p.batch_sizes is not None]
-    if len(measured) == len(exits):
+    if stage_times is not None:
+        sizes = tuple(int(b) for b in stage_times[0])
+        per_stage = np.array(stage_times[1], dtype=np.float64)
+        if per_stage.shape != (len(exits), len(sizes)):
+            raise ValueError(f"stage times of shape {list(per_stage.shape)}: expected [{len(exits)} stages, "
+                             f"{len(sizes)} batch sizes]")
+        cumulative = np.cumsum(per_stage, axis=0) / per_stage.sum(axis=0)
+        fractions = tuple(tuple(float(f) for f in row) for row in cumulative)
+    elif len(measured) == len(exits):
         sizes = exits[0].batch_sizes
         per_stage = np.array([p.stage_ms for p in exits], dtype=np.float64)      # [exits, sizes]
         cumulative = np.cumsum(per_stage, axis=0) / per_stage.sum(axis=0)
