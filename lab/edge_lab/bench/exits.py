@@ -127,6 +127,36 @@ def sim_capacity(run_at: Callable[[float], Run], start: float, attainment: float
     return low, best
 
 
+def live_capacity(run_at: Callable[[float], Run], start: float, attainment: float, tries: list,
+                  max_tries: int = 7, resolution: float = 0.08) -> tuple[float, Run]:
+    """The highest rate found to hold ``attainment`` live: from the simulated rate, down (to 0.95 x
+    the goodput a failing run had) until a run holds, up by 15% until one fails, then bisected to
+    ``resolution``. Each try is appended to ``tries`` as (rate, attainment). When none holds, the
+    last run, with its attainment below the target (the table marks it)."""
+    low = high = None
+    best: Run | None = None
+    rate = start
+    run = None
+    for _ in range(max_tries):
+        run = run_at(rate)
+        tries.append((round(rate, 1), round(run.attainment, 4)))
+        if run.attainment >= attainment:
+            low, best = rate, run
+        else:
+            high = rate
+        if low is not None and high is not None:
+            if (high - low) / low <= resolution:
+                break
+            rate = (low + high) / 2
+        elif low is not None:
+            rate = low * 1.15
+        else:
+            rate = min(0.9 * rate, 0.95 * run.goodput)
+    if best is None:
+        return rate, run
+    return low, best
+
+
 def replay_exits(agent, trace, frames: np.ndarray, labels: np.ndarray, drain_s: float = 5.0) -> Run:
     """Open-loop replay of ``trace`` through ``agent.submit`` with each row's ``min_accuracy``; each
     class walks the labelled test frames in order. Returns the run with delivered accuracy per class."""
@@ -250,15 +280,11 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
     frames, labels = card_test_set(card.raw["dataset"], card.source.parent)
     for name, mode, batched in chosen:
         config = agent_config(mode, batched, max_batch, slo_ms)
-        rate = out["sim"][name]["rate"]
         tries = []
         with Agent(config) as agent:
-            for _ in range(8):     # down from the simulated rate until the attainment holds
-                run = replay_exits(agent, make_trace(rate, duration_s, slo_ms, seed + 1), frames, labels)
-                tries.append((round(rate, 1), round(run.attainment, 4)))
-                if run.attainment >= attainment:
-                    break
-                rate = min(0.9 * rate, 0.95 * run.goodput)
+            rate, run = live_capacity(
+                lambda r: replay_exits(agent, make_trace(r, duration_s, slo_ms, seed + 1), frames, labels),
+                out["sim"][name]["rate"], attainment, tries)
             delivered = accuracy_pass(agent, frames, labels)
         out["live"][name] = {"rate": rate, "goodput": run.goodput, "attainment": run.attainment, "exits": run.exits,
                              "mean_batch": run.mean_batch, "statuses": run.statuses,
