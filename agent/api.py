@@ -443,7 +443,7 @@ class Agent:
             loaded = self.models[name]
             config = dataclasses.replace(loaded.config, batching=batching)
             rule = build_rule(batching, loaded.latency)
-            template = build_lane(name, rule, config, loaded.latency)
+            template = _lane(name, dataclasses.replace(loaded, config=config, rule=rule))
             instances = self.executor.models[name]
             buffer = next(iter(instances.buffers[0].values()), None) if instances.buffers else None
             if buffer is not None and len(buffer) < rule.max_batch:   # batches may grow: bigger buffers
