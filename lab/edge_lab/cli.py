@@ -142,6 +142,29 @@ def _cmd_bench_tls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_exits(args: argparse.Namespace) -> int:
+    from edge_lab.bench.exits import CONTENDERS, bench_exits, format_exits
+    names = [c[0] for c in CONTENDERS]
+    chosen = None
+    if args.contenders:
+        chosen = [n.strip() for n in args.contenders.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            print(f"edge-agent bench exits: --contenders {unknown}: expected some of {names}", file=sys.stderr)
+            return 2
+    command = "edge-agent bench exits " + " ".join(sys.argv[3:])
+    print(f"{command.strip()}: batching and early exit on {', '.join(names)}; simulated, then live", flush=True)
+    out = bench_exits(duration_s=args.duration, sim_duration_s=args.sim_duration, attainment=args.attainment,
+                      max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
+                      say=lambda line: print(line, flush=True))
+    print(format_exits(out), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_bench_triton(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -336,29 +359,6 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2, default=float)
-        print(f"wrote {args.json}")
-    return 0
-
-
-def _cmd_bench_exits(args: argparse.Namespace) -> int:
-    from edge_lab.bench.exits import CONTENDERS, bench_exits, format_exits
-    names = [c[0] for c in CONTENDERS]
-    chosen = None
-    if args.contenders:
-        chosen = [n.strip() for n in args.contenders.split(",") if n.strip()]
-        unknown = [n for n in chosen if n not in names]
-        if unknown:
-            print(f"edge-agent bench exits: --contenders {unknown}: expected some of {names}", file=sys.stderr)
-            return 2
-    command = "edge-agent bench exits " + " ".join(sys.argv[3:])
-    print(f"{command.strip()}: batching and early exit on {', '.join(names)}; simulated, then live", flush=True)
-    out = bench_exits(duration_s=args.duration, sim_duration_s=args.sim_duration, attainment=args.attainment,
-                      max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
-                      say=lambda line: print(line, flush=True))
-    print(format_exits(out), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2, default=float)
         print(f"wrote {args.json}")
     return 0
 
