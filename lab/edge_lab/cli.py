@@ -156,7 +156,7 @@ def _cmd_bench_exits(args: argparse.Namespace) -> int:
     print(f"{command.strip()}: batching and early exit on {', '.join(names)}; simulated, then live", flush=True)
     out = bench_exits(duration_s=args.duration, sim_duration_s=args.sim_duration, attainment=args.attainment,
                       max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
-                      say=lambda line: print(line, flush=True))
+                      repeat=args.repeat, say=lambda line: print(line, flush=True))
     print(format_exits(out), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
@@ -457,6 +457,9 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     exits.add_argument("--max-batch", type=int, default=8, help="the batched contenders' max batch (default 8)")
     exits.add_argument("--contenders", metavar="NAMES", help="comma-separated subset of the contenders")
     exits.add_argument("--sim-only", action="store_true", help="skip the live runs")
+    exits.add_argument("--repeat", type=int, default=1, metavar="K",
+                       help="live rounds, taking turns over the contenders; each contender's median round is "
+                            "reported, every round's figure beside it (default 1)")
     exits.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
     exits.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     exits.set_defaults(func=_cmd_bench_exits)

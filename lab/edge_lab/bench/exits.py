@@ -248,7 +248,8 @@ def accuracy_pass(agent, frames: np.ndarray, labels: np.ndarray, classes: Sequen
 
 def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attainment: float = 0.95,
                 max_batch: int = 8, slo_batches: float = 2.5, seed: int = 0, live: bool = True,
-                contenders: Sequence[str] | None = None, say: Callable[[str], None] = print) -> dict:
+                contenders: Sequence[str] | None = None, repeat: int = 1,
+                say: Callable[[str], None] = print) -> dict:
     """Run the comparison (module docstring); returns every figure as a dict."""
     from agent.api import Agent
     from agent.models.card import load_card
@@ -281,20 +282,30 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
     if not live:
         return out
     frames, labels = card_test_set(card.raw["dataset"], card.source.parent)
-    for name, mode, batched in chosen:
-        config = agent_config(mode, batched, max_batch, slo_ms)
-        tries = []
-        with Agent(config) as agent:
-            rate, run = live_capacity(
-                lambda r: replay_exits(agent, make_trace(r, duration_s, slo_ms, seed + 1), frames, labels),
-                out["sim"][name]["rate"], attainment, tries)
-            delivered = accuracy_pass(agent, frames, labels)
-        out["live"][name] = {"rate": rate, "goodput": run.goodput, "attainment": run.attainment, "exits": run.exits,
-                             "mean_batch": run.mean_batch, "statuses": run.statuses,
-                             "accuracy": {str(c): a for c, a in delivered.items()}, "tries": tries,
-                             "held": run.attainment >= attainment}
-        say(f"  live {name:<26} {run.goodput:7.1f} req/s in SLO at {100 * run.attainment:.1f}% attainment "
-            f"(offered {rate:.1f}/s, mean batch {run.mean_batch:.2f}, exits {run.exits})")
+    # Rounds take turns over the contenders, so a spell of CPU stolen by other tenants falls on all
+    # of them alike; each round's search starts where the last one found the contender's rate.
+    for round_ in range(repeat):
+        for name, mode, batched in chosen:
+            config = agent_config(mode, batched, max_batch, slo_ms)
+            tries: list = []
+            entry = out["live"].setdefault(name, {"rounds": []})
+            start = entry["rounds"][-1]["rate"] if entry["rounds"] else out["sim"][name]["rate"]
+            with Agent(config) as agent:
+                rate, run = live_capacity(
+                    lambda r: replay_exits(agent, make_trace(r, duration_s, slo_ms, seed + 1 + round_), frames,
+                                           labels), start, attainment, tries)
+                if round_ == 0:
+                    entry["accuracy"] = {str(c): a for c, a in accuracy_pass(agent, frames, labels).items()}
+            entry["rounds"].append({"rate": rate, "goodput": run.goodput, "attainment": run.attainment,
+                                    "exits": run.exits, "mean_batch": run.mean_batch, "statuses": run.statuses,
+                                    "tries": tries, "held": run.attainment >= attainment})
+            say(f"  live {name:<26} {run.goodput:7.1f} req/s in SLO at {100 * run.attainment:.1f}% attainment "
+                f"(round {round_ + 1}/{repeat}: offered {rate:.1f}/s, mean batch {run.mean_batch:.2f}, exits {run.exits})")
+    for entry in out["live"].values():      # the median round (by goodput) stands for the contender
+        rounds = sorted(entry["rounds"], key=lambda r: r["goodput"])
+        middle = rounds[(len(rounds) - 1) // 2]
+        entry.update({k: middle[k] for k in ("rate", "goodput", "attainment", "mean_batch", "held")})
+        entry["goodputs"] = [round(r["goodput"], 1) for r in entry["rounds"]]
     return out
 
 
@@ -316,6 +327,8 @@ def format_exits(out: dict) -> str:
             accuracy = "  ".join(f"{c}: {a[0]:.3f}" for c, a in live["accuracy"].items())
             if not live.get("held", True):
                 accuracy += "  (attainment never held live)"
+            if len(live.get("goodputs", ())) > 1:
+                accuracy += f"  rounds {live['goodputs']}"
             lines.append(f"{name:<26} {sim['goodput']:9.1f} {sim_x:6.2f}x {live['goodput']:10.1f} {live_x:6.2f}x "
                          f"{100 * live['attainment']:6.1f}% {live['mean_batch']:6.2f}  {accuracy}")
         else:
