@@ -25,7 +25,7 @@ from agent.errors import BAD_REQUEST, REJECTED, InferenceError
 from agent.intake.msgpack_codec import decode_reply, decode_request, encode_request
 from agent.intake.oip import parse_infer_request
 from agent.models.card import load_card
-from agent.models.digits import card_test_set
+from agent.models.digits import camera_frames, card_test_set, load_test_set
 from agent.scheduler.admission import AdmissionControl
 from agent.scheduler.dispatcher import Scheduler
 from agent.scheduler.exit_rule import choose_exit, exit_plan
@@ -37,6 +37,7 @@ from tests.scheduling import Sink
 DEVICE = "exits-board"
 FIXED, CONFIDENCE = "exits_fixed", "exits_confidence"
 SLO_MS = 30000      # loose: these tests are about which exit answers, not about time
+FEW = 96
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +47,26 @@ def card():
 
 @pytest.fixture(scope="module")
 def test_set(card):
+    """The card's whole labelled test set (the per-class accuracy is over all of it)."""
     return card_test_set(card.raw["dataset"], card.source.parent)
 
 
 @pytest.fixture(scope="module")
-def whole(card, test_set):
-    """Every exit's logits on the test set from the whole-graph file (not the stages)."""
-    frames, _ = test_set
+def few(card):
+    """The first frames of the same test set (frame i depends only on the seed and i): what the tests
+    that compare answers need, without drawing all 360 (seconds on this machine)."""
+    dataset = card.raw["dataset"]
+    images, labels = load_test_set(card.source.parent / dataset["test_file"])
+    return camera_frames(images[:FEW], dataset["seed"], int(dataset["frame_size"])), labels[:FEW]
+
+
+@pytest.fixture(scope="module")
+def whole(card, few):
+    """Every exit's logits on the first test frames from the whole-graph file (not the stages)."""
+    frames, _ = few
     backend = load_backend("onnxruntime", card.verify_file("onnx"), threads=1, providers=["CPUExecutionProvider"])
     try:
-        parts = [backend.run({"frames": np.ascontiguousarray(frames[i:i + 64])}) for i in range(0, len(frames), 64)]
+        parts = [backend.run({"frames": np.ascontiguousarray(frames[i:i + 32])}) for i in range(0, len(frames), 32)]
     finally:
         backend.close()
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -136,8 +147,8 @@ def test_exit_mode_needs_a_card_with_exits():
 
 # --- stage by stage ------------------------------------------------------------------------------
 
-def test_stages_continue_to_the_whole_models_last_exit(service, test_set, whole):
-    frames, _ = test_set
+def test_stages_continue_to_the_whole_models_last_exit(service, few, whole):
+    frames, _ = few
     results = submit_all(service.agent, FIXED, frames, [None] * len(frames))
     assert {r.served_by["exit"] for r in results} == {"final"}
     assert max(r.batch_size for r in results) > 1          # batched, and still the same answers
@@ -145,8 +156,8 @@ def test_stages_continue_to_the_whole_models_last_exit(service, test_set, whole)
     np.testing.assert_allclose(logits, whole["logits"], atol=1e-4, rtol=0)
 
 
-def test_a_low_target_leaves_at_exit1_with_exit1s_answer(service, test_set, whole):
-    frames, _ = test_set
+def test_a_low_target_leaves_at_exit1_with_exit1s_answer(service, few, whole):
+    frames, _ = few
     n = 64
     results = submit_all(service.agent, FIXED, frames[:n], [0.8] * n)
     assert {r.served_by["exit"] for r in results} == {"exit1"}
@@ -166,12 +177,12 @@ class _Logged:
         return self.backend.run(batch)
 
 
-def test_items_that_leave_early_are_answered_before_the_batch_goes_on(card, test_set, whole):
+def test_items_that_leave_early_are_answered_before_the_batch_goes_on(card, few, whole):
     """A batch of 6 (three for exit1, one for exit2, two for the last exit): the exit1 items are
     answered after stage 1 and before stage 2 runs, on their rows of stage 1; the survivors' rows go
     on, and the items answered are each answered once, with their exit's logits."""
     from agent.runtime.staged import run_staged
-    frames, _ = test_set
+    frames, _ = few
     plan = exit_plan(card, "fixed")
     targets = [0.8, None, 0.8, 0.9, None, 0.8]
     requests = [Request(i, "m", {}, 0.0, 1.0, 0, Sink(), None, t, choose_exit(plan, "m", t))
@@ -289,8 +300,8 @@ class _Replies:
         self.client.loop_stop()
 
 
-def test_mqtt_reply_names_the_exit_and_bad_min_accuracy_is_refused(service, broker, test_set):
-    frames, _ = test_set
+def test_mqtt_reply_names_the_exit_and_bad_min_accuracy_is_refused(service, broker, few):
+    frames, _ = few
     app = _Replies(broker)
     try:
         ok = app.ask(FIXED, encode_request("a", {"frames": frames[0]}, slo_ms=SLO_MS, min_accuracy=0.8), b"1")
@@ -320,8 +331,8 @@ def _post(port: int, name: str, body: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def test_http_reply_names_the_exit_and_bad_min_accuracy_is_refused(service, test_set, whole):
-    frames, _ = test_set
+def test_http_reply_names_the_exit_and_bad_min_accuracy_is_refused(service, few, whole):
+    frames, _ = few
     port = service.http.port
     tensor = {"name": "frames", "datatype": "UINT8", "shape": [2, 160, 160, 3], "data": frames[:2].ravel().tolist()}
     status, body = _post(port, FIXED, {"inputs": [tensor], "parameters": {"min_accuracy": 0.8, "slo_ms": SLO_MS}})
