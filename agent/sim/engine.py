@@ -272,8 +272,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         heapq.heappush(heap, (at, COMPLETE, seq, item, None, owner))
 
     executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
-                           jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule,
-                           exits={m.name: m.exits for m in models if m.exits is not None})
+                           jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule)
     offloading = None
     policy_options = None
     if peers:
@@ -291,6 +290,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         offloading.driver = driver
         executor.answer_part = driver.answer_part
     exit_plans = {m.name: m.exits for m in models if m.exits is not None}
+    executor.exits = exit_plans        # multi-exit models run stage by stage (SimExecutor._stage)
     n_rows = len(trace)
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]

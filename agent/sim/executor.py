@@ -19,15 +19,6 @@ Timing model (kept deliberately simple, and exactly reproducible for ``jitter = 
   finish moved, each with a new ``generation`` so the engine can ignore its stale completion event.
   While the rate stays 1, a batch finishes at exactly ``start + work_s`` (no accumulated rounding).
 
-Multi-exit models (``exits``: model name -> ``agent.scheduler.exit_rule.ExitPlan``) run stage by
-stage as live (``agent.runtime.staged``): stage ``k`` on the ``m`` items still in the batch takes
-``table.predict(m)`` times the stage's share of a whole run (from the card's stage times), times the
-noise; after it the items leaving there are answered at once (``answer_part``: ``Driver.answer_part``)
-and the rest go on. Fixed-mode items leave at their exit. A confidence-mode item's exit is drawn:
-without outputs to be confident about, it leaves by stage ``k`` with the probability that the card's
-calibration split reached its threshold at some exit up to ``k`` (the coverage at each exit's
-threshold, read off its calibration curve, taken as nested), from the model's own seeded stream.
-
 What it leaves out (the full profiler's interference model will replace ``rate``): memory-bandwidth
 and cache interference between co-running models, GPU/TPU queueing, and a backend's per-call
 overhead outside the profiled run.
@@ -91,8 +82,7 @@ class SimExecutor:
 
     def __init__(self, tables: Mapping[str, LatencyTable], seed: int = 0,
                  jitter: float | Mapping[str, float] = 0.0, cores: int | None = None,
-                 clock: Any = None, schedule: Callable[[SimBatch], None] | None = None,
-                 exits: Mapping[str, Any] | None = None) -> None:
+                 clock: Any = None, schedule: Callable[[SimBatch], None] | None = None) -> None:
         if cores is not None and cores < 1:
             raise ValueError(f"cores = {cores!r}: expected an integer >= 1 (or None: no sharing)")
         self.tables = dict(tables)
@@ -110,8 +100,9 @@ class SimExecutor:
         # str seeds are hashed with SHA-512 by random.seed: stable across runs and Python versions.
         self._rngs = {name: random.Random(f"edge-agent-sim/{seed}/{name}") for name in self.tables}
         self.running: list[SimBatch] = []
-        self.exits = dict(exits or {})
-        # ``Driver.answer_part``: set by the engine; a multi-exit batch's early items go out through it.
+        # Multi-exit models run stage by stage (:meth:`_stage`): model name -> ExitPlan, set by the
+        # engine, with ``answer_part`` (``Driver.answer_part``) their early items go out through.
+        self.exits: dict[str, Any] = {}
         self.answer_part: Callable[..., None] | None = None
 
     def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
@@ -136,7 +127,15 @@ class SimExecutor:
         batch.on_done(batch.payload, BatchOutcome([_NO_OUTPUTS] * batch.size, now - batch.started))
 
     def _stage(self, dispatch: Dispatch, on_done: OnDone, plan: Any, k: int, alive: list[int]) -> None:
-        """Start stage ``k`` of a multi-exit batch on the items ``alive`` (module docstring)."""
+        """Start stage ``k`` of a multi-exit batch (``self.exits``: model name ->
+        ``agent.scheduler.exit_rule.ExitPlan``) on the items ``alive``, as live (``agent.runtime.staged``):
+        stage ``k`` on the ``m`` items still in the batch takes ``table.predict(m)`` times the stage's
+        share of a whole run (from the card's stage times), times the noise; after it the items
+        leaving there are answered at once (``answer_part``) and the rest go on. Fixed-mode items
+        leave at their exit. A confidence-mode item's exit is drawn: without outputs to be confident
+        about, it leaves by stage ``k`` with the probability that the card's calibration split reached
+        its threshold at some exit up to ``k`` (the coverage at each exit's threshold, read off its
+        calibration curve, taken as nested), from the model's own seeded stream."""
         m = len(alive)
         dispatch.stage_sizes.append(m)
         model = dispatch.model
