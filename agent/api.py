@@ -23,14 +23,15 @@ from agent.backends import load_backend
 from agent.backends.base import Backend
 from agent.config import BatchingConfig, Config, ModelConfig
 from agent.core import LatencyTable
-from agent.errors import BAD_REQUEST, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
+from agent.errors import BAD_REQUEST, REJECTED, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
 from agent.models.card import ModelCard, load_card
 from agent.models.tensors import check_inputs
 from agent.profiler import Profile, load_profile, measure_latency_table
-from agent.profiler.measure import zeros_batch
+from agent.profiler.measure import measure_stage_times, zeros_batch
 from agent.runtime.live import LiveLoop
 from agent.runtime.local_executor import InstanceSet, LocalExecutor
 from agent.scheduler.dispatcher import Dispatch, Scheduler
+from agent.scheduler.exit_rule import ExitChoice, ExitPlan, choose_exit, exit_plan
 from agent.scheduler.policy import LOCAL
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
@@ -48,6 +49,19 @@ class LoadedModel:
     backends: list[Backend]
     latency: LatencyTable
     rule: object
+    # A multi-exit model served stage by stage (config exit_mode "fixed" or "confidence"): its exit
+    # plan and, per instance, its stage sessions; None for a whole-graph model.
+    exits: ExitPlan | None = None
+    stages: list[list[Backend]] | None = None
+
+    def instance_set(self) -> InstanceSet:
+        """The executor's view of its instances (batch buffers, and stages for a staged model)."""
+        return InstanceSet(self.backends, self.card.inputs, self.rule.max_batch, self.stages, self.exits,
+                           self.card.exits if self.exits is not None else ())
+
+    def close(self) -> None:
+        for backend in [*self.backends, *(b for stages in self.stages or () for b in stages)]:
+            backend.close()
 
 
 def _latency_ms(table: LatencyTable) -> dict[int, float]:
@@ -97,7 +111,58 @@ def load_model(config: ModelConfig, profile: Profile | None = None) -> LoadedMod
         latency = measure_latency_table(backends[0], card.inputs, max_batch)
     for backend in backends[1:] if profile is None else backends:  # warm every instance at full batch
         backend.run(zeros_batch(card.inputs, max_batch))
-    return LoadedModel(config, card, backends, latency, build_rule(config.batching, latency))
+    exits = stages = None
+    try:
+        if exit_plan(card, config.exit_mode) is not None:     # checks the mode against the card
+            if config.backend != "onnxruntime":
+                raise ValueError(f"model {config.name!r}: exit_mode = {config.exit_mode!r} runs the card's ONNX stage "
+                                 f"graphs: expected backend 'onnxruntime', the config has {config.backend!r}")
+            stages = [[load_backend(config.backend, point.verify_stage(), threads=config.threads)
+                       for point in card.exits] for _ in range(config.instances)]
+            for instance in stages[1:]:      # warm: the first run of a session is slow
+                for backend, point in zip(instance, card.exits):
+                    backend.run(zeros_batch((point.stage_input,), max_batch))
+            # Each stage's share of a run, measured here (the first instance's, warming it): what an
+            # early exit saves on this board, which admission prices requests by.
+            exits = exit_plan(card, config.exit_mode, measure_stage_times(
+                stages[0], [point.stage_input for point in card.exits], max_batch))
+    except Exception:
+        for backend in [*backends, *(b for instance in stages or () for b in instance)]:
+            backend.close()
+        raise
+    return LoadedModel(config, card, backends, latency, build_rule(config.batching, latency), exits, stages)
+
+
+def _lane(name: str, loaded: LoadedModel):
+    """The scheduler's lane of a loaded model (a multi-exit one prices requests by their exit)."""
+    lane = build_lane(name, loaded.rule, loaded.config, loaded.latency)
+    lane.exits = loaded.exits
+    if loaded.exits is not None:     # shed only what even the first exit cannot answer in time
+        lane.min_latency_s *= loaded.exits.fraction(0, 1)
+    return lane
+
+
+def _whole_graph_exit(loaded: LoadedModel) -> dict:
+    """What ``served_by`` says of a multi-exit model's whole-graph batch (``exit_mode`` off): its
+    answer is the last exit's."""
+    if loaded.exits is None and loaded.card.exits:
+        return {"exit": loaded.card.exits[-1].name}
+    return {}
+
+
+def _exit_choice(loaded: LoadedModel, model: str, min_accuracy: float | None) -> ExitChoice | None:
+    """Where a request leaves a multi-exit model (``agent.scheduler.exit_rule``); refused when its
+    ``min_accuracy`` is above every exit's (with ``exit_mode`` off too: the whole graph answers with
+    the last exit). A model without exits takes ``min_accuracy`` as a hint it has no choice to make."""
+    if loaded.exits is not None:
+        return choose_exit(loaded.exits, model, min_accuracy)
+    if min_accuracy is not None and loaded.card.exits:
+        last = loaded.card.exits[-1]
+        if min_accuracy > last.accuracy:
+            raise InferenceError(REJECTED, (
+                f"min_accuracy = {min_accuracy:g}: no exit of model {model!r} reaches it (the most accurate, "
+                f"{last.name!r}, has {last.accuracy:.4f} top-1 on its card's test set)"), "min_accuracy")
+    return None
 
 
 class Agent:
@@ -130,8 +195,7 @@ class Agent:
                 self.models[model_config.name] = load_model(model_config, profile)
         except Exception:
             for loaded in self.models.values():
-                for backend in loaded.backends:
-                    backend.close()
+                loaded.close()
             raise
         # The peer role ([offload] serve): each split point's tail is a lane of its own,
         # ``<model>@<split>`` (agent.offload.tails), queued and admitted beside the models. Requests
@@ -153,18 +217,17 @@ class Agent:
         lanes = {**self.models, **self.tails}
         self.telemetry = Telemetry(list(lanes))
         self.scheduler = Scheduler(
-            [build_lane(name, m.rule, m.config, m.latency) for name, m in lanes.items()],
+            [_lane(name, m) for name, m in lanes.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
             lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
             policy_options={"offload": config.offload,
                             "offload_view": self.offload.view() if self.offload is not None else None},
         )
-        self.executor = LocalExecutor({
-            name: InstanceSet(m.backends, m.card.inputs, m.rule.max_batch) for name, m in lanes.items()
-        })
+        self.executor = LocalExecutor({name: m.instance_set() for name, m in lanes.items()})
         self._served_by = {
             name: [{"device": config.device, "backend": b.kind, "accelerator": b.device, "instance": i,
-                    **({"split": name.partition("@")[2]} if name in self.tails else {})}
+                    **({"split": name.partition("@")[2]} if name in self.tails else {}),
+                    **_whole_graph_exit(m)}
                    for i, b in enumerate(m.backends)]
             for name, m in lanes.items()
         }
@@ -181,6 +244,7 @@ class Agent:
                              worker_nice=config.worker_nice)
         if self.offload is not None:
             self.offload.driver = self.loop.driver
+        self.executor.answer_part = self.loop.driver.answer_part
         self.loop.start()
         self._closed = False
         # An operator's drain (agent.ops.commands): new requests are refused ``shutting_down``, what
@@ -191,32 +255,38 @@ class Agent:
     # --- serving -------------------------------------------------------------------------------
 
     def submit(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
-               deadline: float | None = None, priority: int = 0, client_id: str | None = None) -> "Future[Result]":
+               deadline: float | None = None, priority: int = 0, client_id: str | None = None,
+               min_accuracy: float | None = None) -> "Future[Result]":
         """Queue one request; its future resolves to a :class:`Result` or an ``InferenceError``.
 
         ``slo_ms`` is relative to now; ``deadline`` is unix seconds (wall clock, as on the wire).
-        With neither, the model's ``default_slo_ms`` applies. Raises ``InferenceError`` if refused.
+        With neither, the model's ``default_slo_ms`` applies. ``min_accuracy`` (0..1): the top-1
+        accuracy the answer must have (a multi-exit model answers at an exit that gives it,
+        ``agent.scheduler.exit_rule``; refused when none does). Raises ``InferenceError`` if refused.
         """
-        request, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=True)
+        request, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=True,
+                                  min_accuracy=min_accuracy)
         return request.reply
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
-              deadline: float | None = None, priority: int = 0, client_id: str | None = None) -> Result:
+              deadline: float | None = None, priority: int = 0, client_id: str | None = None,
+              min_accuracy: float | None = None) -> Result:
         """Blocking: like ``submit(...).result()``, but the calling thread runs batches itself while
         it waits (when an execution slot is free), saving two thread hand-offs per request."""
-        request, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=False)
+        request, _ = self._accept(model, inputs, slo_ms, deadline, priority, client_id, None, wake_worker=False,
+                                  min_accuracy=min_accuracy)
         self.loop.run_while_pending(request)
         return request.reply.result()
 
     def submit_inline(self, model: str, inputs: Mapping[str, np.ndarray], on_done: Callable[[Future], None], *,
                       slo_ms: float | None = None, deadline: float | None = None, priority: int = 0,
-                      client_id: str | None = None) -> "Future[Result]":
+                      client_id: str | None = None, min_accuracy: float | None = None) -> "Future[Result]":
         """For an intake on an event loop (HTTP): ``submit``, with ``on_done`` attached to the future
         before the request can run, and, on an idle board, the request run on the calling thread
         before this returns (``LiveLoop.submit``'s ``alone``): its reply leaves from inside
         ``set_result``, ahead of the scheduler's bookkeeping for the batch, and crosses no thread."""
         request, started = self._accept(model, inputs, slo_ms, deadline, priority, client_id, on_done,
-                                       wake_worker=True, alone=True)
+                                       wake_worker=True, alone=True, min_accuracy=min_accuracy)
         if started is not None:
             self.loop.run_alone(started)
         return request.reply
@@ -233,7 +303,8 @@ class Agent:
 
     def _accept(self, model: str, inputs: Mapping[str, np.ndarray], slo_ms: float | None, deadline: float | None,
                 priority: int, client_id: str | None, on_done: Callable[[Future], None] | None, *,
-                wake_worker: bool, alone: bool = False, tails: bool = False) -> tuple[Request, Dispatch | None]:
+                wake_worker: bool, alone: bool = False, tails: bool = False,
+                min_accuracy: float | None = None) -> tuple[Request, Dispatch | None]:
         """Check and queue a request, or with ``alone`` start it on an idle board: the ``Request``
         (its ``reply`` is the future) and the ``Dispatch`` started for the caller to run, else ``None``.
         ``tails``: the offload tail lanes may be named too."""
@@ -249,6 +320,7 @@ class Agent:
                 raise InferenceError(SHUTTING_DOWN, f"device {self.config.device!r} is draining (an operator's "
                                                     f"command): not taking new requests until it resumes")
             arrays = check_inputs(model, loaded.card.inputs, inputs)
+            choice = _exit_choice(loaded, model, min_accuracy)
             if deadline is not None:
                 if slo_ms is not None:
                     raise InferenceError(BAD_REQUEST, "give slo_ms or deadline, not both", "deadline")
@@ -261,7 +333,8 @@ class Agent:
             future: Future = Future()
             if on_done is not None:
                 future.add_done_callback(on_done)
-            request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id)
+            request = Request(next(self._ids), model, arrays, now, deadline_at, priority, future, client_id,
+                              min_accuracy, choice)
             started = self.loop.submit(request, wake_worker=wake_worker, alone=alone)
         except InferenceError as exc:
             # Admission's refusals (and a full queue) count against the request's SLO class.
@@ -298,13 +371,13 @@ class Agent:
             log.info("loading %s while serving (%s, %s x%d)", name, config.backend, config.file, config.instances)
             loaded = load_model(config, self.profile)
             try:
-                lane = build_lane(name, loaded.rule, config, loaded.latency)
-                instances = InstanceSet(loaded.backends, loaded.card.inputs, loaded.rule.max_batch)
+                lane = _lane(name, loaded)
+                instances = loaded.instance_set()
             except Exception:
-                for backend in loaded.backends:
-                    backend.close()
+                loaded.close()
                 raise
-            served_by = [{"device": self.config.device, "backend": b.kind, "accelerator": b.device, "instance": i}
+            served_by = [{"device": self.config.device, "backend": b.kind, "accelerator": b.device, "instance": i,
+                          **_whole_graph_exit(loaded)}
                          for i, b in enumerate(loaded.backends)]
             self.telemetry.add_model(name)
             with self.loop.lock:
@@ -356,8 +429,7 @@ class Agent:
                 time.sleep(0.005)
             # A worker may still be sending the last batch's replies: _served_by keeps the entry
             # (a few dicts; replaced if the model is loaded again).
-            for backend in loaded.backends:
-                backend.close()
+            loaded.close()
             log.info("unloaded %s: %d queued and %d batches running at the command, %d answered shutting_down",
                      name, queued, running, len(leftover))
             return {"queued_at_unload": queued, "running_at_unload": running, "served": queued - len(leftover),
@@ -371,11 +443,11 @@ class Agent:
             loaded = self.models[name]
             config = dataclasses.replace(loaded.config, batching=batching)
             rule = build_rule(batching, loaded.latency)
-            template = build_lane(name, rule, config, loaded.latency)
+            template = _lane(name, dataclasses.replace(loaded, config=config, rule=rule))
             instances = self.executor.models[name]
             buffer = next(iter(instances.buffers[0].values()), None) if instances.buffers else None
             if buffer is not None and len(buffer) < rule.max_batch:   # batches may grow: bigger buffers
-                instances = InstanceSet(loaded.backends, loaded.card.inputs, rule.max_batch)
+                instances = dataclasses.replace(loaded, rule=rule).instance_set()
             with self.loop.cond:
                 self.scheduler.swap_rule(name, template)
                 self.executor.models = {**self.executor.models, name: instances}

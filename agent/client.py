@@ -79,11 +79,14 @@ class InferenceClient:
                                   f"{self.reply_topic}: {suback[0]} (its ACL: see reply_topic)")
 
     def send(self, model: str, inputs: Mapping[str, np.ndarray], on_reply: ReplyCallback, *,
-             slo_ms: float | None = None, priority: int | None = None, request_id: str | None = None) -> bytes:
-        """Publish one request; ``on_reply`` runs on the network thread when its reply arrives."""
+             slo_ms: float | None = None, priority: int | None = None, request_id: str | None = None,
+             min_accuracy: float | None = None) -> bytes:
+        """Publish one request; ``on_reply`` runs on the network thread when its reply arrives.
+        ``min_accuracy``: the wire's (a multi-exit model answers at an exit that gives it)."""
         seq = next(self._seq)
         correlation = self._prefix + seq.to_bytes(8, "big")
-        payload = encode_request(request_id or f"{self.reply_topic}#{seq}", inputs, slo_ms=slo_ms, priority=priority)
+        payload = encode_request(request_id or f"{self.reply_topic}#{seq}", inputs, slo_ms=slo_ms, priority=priority,
+                                 min_accuracy=min_accuracy)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = correlation
@@ -110,10 +113,11 @@ class InferenceClient:
                 self.client.publish(topic, payload, qos=1, properties=props)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
-              timeout: float = 10.0) -> dict:
+              timeout: float = 10.0, min_accuracy: float | None = None) -> dict:
         """Blocking round trip; returns the decoded reply map."""
         future: Future = Future()
-        self.send(model, inputs, lambda reply, rtt: future.set_result(reply), slo_ms=slo_ms)
+        self.send(model, inputs, lambda reply, rtt: future.set_result(reply), slo_ms=slo_ms,
+                  min_accuracy=min_accuracy)
         return future.result(timeout)
 
     def outstanding(self) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.ops.json_log import LOG_FORMATS
+from agent.scheduler.exit_rule import EXIT_MODES
 from agent.scheduler.policy import DEFAULT_POLICY, policy_names
 from agent.transport.paho_client import MqttSecurity, SecurityError
 from agent.transport.subscribers import DEFAULT_SUBSCRIBERS, SUBSCRIBERS
@@ -115,6 +116,10 @@ class ModelConfig:
     queue_capacity: int = 1024
     default_slo_ms: float = 100.0              # used when a request names neither slo_ms nor deadline
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # A multi-exit model (its card lists exits): "off" runs the whole graph; "fixed" answers each
+    # request at the earliest exit accurate enough for its min_accuracy, "confidence" at the first
+    # exit confident enough (agent.scheduler.exit_rule), running stage by stage.
+    exit_mode: str = "off"
 
 
 @dataclass(frozen=True)
@@ -382,6 +387,8 @@ def _parse_model(t: Any, where: str, base_dir: Path | None) -> ModelConfig:
         queue_capacity=_take(t, "queue_capacity", where, int, 1024, lambda v: 1 <= v <= 1_000_000, "an integer in 1..1000000"),
         default_slo_ms=float(_take(t, "default_slo_ms", where, (int, float), 100.0, lambda v: v > 0, "a number > 0")),
         batching=_parse_batching(_table(t, "batching", where), f"{where}.batching"),
+        exit_mode=_take(t, "exit_mode", where, str, "off", lambda v: v in EXIT_MODES,
+                        f"one of {EXIT_MODES} (early exits: agent.scheduler.exit_rule)"),
     )
 
 

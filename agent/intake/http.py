@@ -51,6 +51,7 @@ them in 26 s).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -441,6 +442,12 @@ class _Connection(asyncio.Protocol):
                 results = [future.result() for future in futures]   # done: never blocks
             except InferenceError as exc:
                 return oip.error_status(exc), [oip.error_body(exc)], _JSON, None
+            exits = [r.served_by.get("exit") for r in results]
+            if exits[0] is not None and any(name not in results[0].outputs for name, _ in request.outputs):
+                # A multi-exit model answered at an exit: its reply holds that exit's answer only
+                # (agent.runtime.staged); the outputs asked for are those it has.
+                have = set.intersection(*(set(r.outputs) for r in results))
+                request = dataclasses.replace(request, outputs=[o for o in request.outputs if o[0] in have])
             if len(results) == 1:
                 outputs = results[0].outputs
             else:
@@ -448,6 +455,8 @@ class _Connection(asyncio.Protocol):
             slowest = max(results, key=lambda r: r.total_ms)
             timing = {"queue_ms": round(slowest.queue_ms, 3), "compute_ms": round(slowest.compute_ms, 3),
                       "total_ms": round(slowest.total_ms, 3), "batch_size": slowest.batch_size}
+            if exits[0] is not None:
+                timing["exit"] = exits[0] if len(exits) == 1 else exits
             chunks, header_length = oip.infer_response(request, outputs, timing)
             return 200, chunks, _JSON if header_length is None else _BINARY, header_length
         except Exception as exc:
@@ -816,12 +825,13 @@ class HttpIntake:
             # The reply leaves from whichever thread answers (Connection.finish); on an idle board
             # that is this one, inside submit_inline.
             self.agent.submit_inline(name, request.inputs, lambda future: connection.finish(request, [future]),
-                                     slo_ms=request.slo_ms, priority=request.priority, client_id=request.id)
+                                     slo_ms=request.slo_ms, priority=request.priority, client_id=request.id,
+                                     min_accuracy=request.min_accuracy)
             return
         submit = self.agent.submit
         # The agent queues single items: each row is its own request (same SLO), gathered in order.
         futures = [submit(name, {k: v[row:row + 1] for k, v in request.inputs.items()}, slo_ms=request.slo_ms,
-                          priority=request.priority, client_id=request.id)
+                          priority=request.priority, client_id=request.id, min_accuracy=request.min_accuracy)
                    for row in range(request.rows)]
         gather = _Gather(len(futures), lambda: connection.finish(request, futures))
         for future in futures:

@@ -200,7 +200,8 @@ class MqttIntake:
             if key is not None:                 # until its deadline (plus the grace)
                 self._remember(key, expiry + self._budget_s(model, request), now)
             future = self.agent.submit(model, request.inputs, slo_ms=request.slo_ms, deadline=request.deadline,
-                                       priority=request.priority, client_id=request.id)
+                                       priority=request.priority, client_id=request.id,
+                                       min_accuracy=request.min_accuracy)
         except InferenceError as exc:
             if request_id is None:
                 request_id = getattr(exc, "request_id", None)

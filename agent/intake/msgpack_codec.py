@@ -160,7 +160,8 @@ def _fields(message: dict) -> WireRequest:
 
 
 def encode_request(request_id: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
-                   deadline: float | None = None, priority: int | None = None) -> bytes:
+                   deadline: float | None = None, priority: int | None = None,
+                   min_accuracy: float | None = None) -> bytes:
     """The client side: what an application publishes to ``edge/v1/<device>/infer/<model>``."""
     message: dict[str, Any] = {"id": request_id, "inputs": {k: encode_tensor(v) for k, v in inputs.items()}}
     if slo_ms is not None:
@@ -169,6 +170,8 @@ def encode_request(request_id: str, inputs: Mapping[str, np.ndarray], *, slo_ms:
         message["deadline"] = deadline
     if priority is not None:
         message["priority"] = priority
+    if min_accuracy is not None:
+        message["min_accuracy"] = min_accuracy
     return msgpack.packb(message, use_bin_type=True)
 
 

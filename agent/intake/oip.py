@@ -23,6 +23,9 @@ What the protocol's fields mean here:
   ``default_slo_ms``.
 * ``parameters.priority`` (integer, -1000..1000): the agent's priority, higher first. (Triton counts
   1 as its highest level; edge-agent keeps one meaning of ``priority`` across its intakes.)
+* ``parameters.min_accuracy`` (number in 0..1): the wire's ``min_accuracy`` (DESIGN.md): a
+  multi-exit model answers at an exit accurate enough (``agent.scheduler.exit_rule``); the reply's
+  ``parameters.exit`` names the exit that answered (a list, row by row, for several rows).
 * The batch dimension: a request may carry N >= 1 items (shape ``[N, *item]``, or the bare item
   shape for one); the intake submits each row as its own request, all with the request's SLO, and
   gathers the outputs along the first axis in row order (see :class:`InferRequest`).
@@ -150,6 +153,7 @@ class InferRequest:
     slo_ms: float | None
     priority: int
     outputs: list[tuple[str, bool]]
+    min_accuracy: float | None = None
 
 
 def _number(value: Any) -> bool:
@@ -196,10 +200,10 @@ def parse_infer_request(model: str, body: bytes, header_length: int | None,
     if cache is not None:
         layout = cache.get((header, size))
         if layout is not None:
-            request_id, slo_ms, priority, outputs, rows, tensors = layout
+            request_id, slo_ms, priority, min_accuracy, outputs, rows, tensors = layout
             inputs = {name: np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
                       for name, dtype, count, offset, shape in tensors}
-            return InferRequest(model, request_id, inputs, rows, slo_ms, priority, outputs)
+            return InferRequest(model, request_id, inputs, rows, slo_ms, priority, outputs, min_accuracy)
     try:
         message = json.loads(header)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -219,6 +223,12 @@ def parse_infer_request(model: str, body: bytes, header_length: int | None,
     if not isinstance(parameters, dict):
         raise InferenceError(BAD_REQUEST, f"parameters = {parameters!r}: expected an object", "parameters")
     slo_ms, priority, binary_default = _request_parameters(parameters)
+    min_accuracy = parameters.get("min_accuracy")
+    if min_accuracy is not None and not (_number(min_accuracy) and 0 <= min_accuracy <= 1):
+        raise InferenceError(BAD_REQUEST, f"parameters.min_accuracy = {min_accuracy!r}: expected a number in 0..1",
+                             "parameters.min_accuracy")
+    if min_accuracy is not None:
+        min_accuracy = float(min_accuracy)
 
     inputs, rows, offset, layout = _inputs(model, message.get("inputs"), body, header_length, input_specs)
     if offset != size:
@@ -226,8 +236,8 @@ def parse_infer_request(model: str, body: bytes, header_length: int | None,
                                           f"the inputs' binary_data_size add up to {offset - header_length}")
     outputs = _outputs(model, message.get("outputs"), output_specs, binary_default)
     if cache is not None and layout is not None:
-        cache.remember((header, size), (request_id, slo_ms, priority, outputs, rows, layout))
-    return InferRequest(model, request_id, inputs, rows, slo_ms, priority, outputs)
+        cache.remember((header, size), (request_id, slo_ms, priority, min_accuracy, outputs, rows, layout))
+    return InferRequest(model, request_id, inputs, rows, slo_ms, priority, outputs, min_accuracy)
 
 
 def _request_parameters(parameters: dict) -> tuple[float | None, int, bool]:

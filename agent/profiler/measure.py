@@ -92,6 +92,19 @@ def summarize(samples_s: Sequence[float]) -> LatencyStats:
     return LatencyStats(float(np.median(ms)), tail_value, float(ms.mean()), int(ms.size), tail)
 
 
+def measure_stage_times(stages: Sequence[Backend], stage_inputs: Sequence[TensorSpec], max_batch: int,
+                        repeats: int = 5) -> tuple[list[int], list[list[float]]]:
+    """A multi-exit model's stage sessions (one instance's, in order; ``stage_inputs`` each one's
+    input) timed alone per batch size, on zero inputs: ``(batch sizes, [seconds per size] per stage)``,
+    medians after one warm-up run. What admission prices an early exit by on this board
+    (``agent.scheduler.exit_rule.ExitPlan``): the stage times the card carries were measured where the
+    model was built."""
+    sizes = profile_batch_sizes(max_batch)
+    times = [[float(np.median(time_runs(stage, zeros_batch((spec,), b), repeats, warmup=1))) for b in sizes]
+             for stage, spec in zip(stages, stage_inputs)]
+    return sizes, times
+
+
 def zeros_batch(inputs: Sequence[TensorSpec], batch_size: int) -> dict[str, np.ndarray]:
     """A batch of ``batch_size`` zero items for every input of the card."""
     return {spec.name: np.zeros((batch_size, *spec.item_shape()), dtype=spec.dtype) for spec in inputs}

@@ -180,12 +180,14 @@ class Driver:
         """Answer the batch's requests; returns those answered with a result. ``record``: report each
         to ``on_reply`` before its reply is set (else the caller reports them afterwards)."""
         now = self.clock()
+        answered_early = dispatch.answered
         if outcome.error is not None:
             log.error("model %s instance %d failed a batch of %d: %r", dispatch.model, dispatch.instance,
                       len(dispatch.requests), outcome.error)
             error = InferenceError(INTERNAL, f"backend failed: {type(outcome.error).__name__}: {outcome.error}")
-            for request in dispatch.requests:
-                self.fail(request, error)
+            for i, request in enumerate(dispatch.requests):
+                if answered_early is None or i not in answered_early:
+                    self.fail(request, error)
             return []
         batch_size = len(dispatch.requests)
         compute_ms = 1000.0 * outcome.compute_s
@@ -195,6 +197,8 @@ class Driver:
         answered = []
         item_errors = outcome.item_errors
         for i, (request, outputs) in enumerate(zip(dispatch.requests, outcome.outputs)):
+            if answered_early is not None and i in answered_early:
+                continue
             if item_errors is not None and item_errors[i] is not None:
                 self.fail(request, item_errors[i])
                 continue
@@ -217,6 +221,41 @@ class Driver:
             _deliver(request.reply.set_result, result)
             answered.append((request, result))
         return answered
+
+    def answer_part(self, dispatch: Dispatch, items: list[tuple[int, dict]], compute_s: float,
+                    extra: dict | None = None) -> None:
+        """Answer some of a running batch's requests now, before the batch ends (a multi-exit model's
+        items leaving at an early exit, ``agent.runtime.staged``): ``items`` are (index in the batch,
+        outputs), ``compute_s`` the batch's compute so far, ``extra`` added to the batch's
+        ``served_by`` (the exit). Each is answered as :meth:`complete` would (``deadline_missed`` past
+        its deadline) and skipped there. Called by the executor on the batch's thread, no lock held."""
+        answered = dispatch.answered
+        if answered is None:
+            answered = dispatch.answered = set()
+        now = self.clock()
+        batch_size = len(dispatch.requests)
+        compute_ms = 1000.0 * compute_s
+        served_by = self._served_by(dispatch) if self._served_by is not None else _NO_SERVED_BY
+        if extra:
+            served_by = {**served_by, **extra}
+        on_reply = self._on_reply
+        for i, outputs in items:
+            if i in answered:
+                raise RuntimeError(f"request {i} of a batch of {dispatch.model} answered twice")
+            answered.add(i)
+            request = dispatch.requests[i]
+            if now > request.deadline:
+                self.fail(request, InferenceError(DEADLINE_MISSED, (
+                    f"finished {1000 * (now - request.deadline):.1f} ms after its deadline at exit "
+                    f"{(extra or {}).get('exit')!r} (queued {1000 * (dispatch.started - request.arrival):.1f} ms, "
+                    f"batch of {batch_size})")) if self._explain else _LATE)
+                continue
+            result = Result(outputs=outputs, queue_ms=1000.0 * (dispatch.started - request.arrival),
+                            compute_ms=compute_ms, total_ms=1000.0 * (now - request.arrival),
+                            batch_size=batch_size, served_by=served_by)
+            if on_reply is not None:
+                on_reply(request, result, None)
+            _deliver(request.reply.set_result, result)
 
     def fail(self, request: Request, error: InferenceError) -> None:
         """Answer ``request`` with ``error``."""

@@ -9,7 +9,7 @@ once more.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -17,14 +17,25 @@ from agent.backends.base import Backend
 from agent.core import gather_into, scatter_rows
 from agent.models.tensors import TensorSpec
 from agent.runtime.executor import BatchOutcome, OnDone
+from agent.runtime.staged import run_staged
 from agent.scheduler.dispatcher import Dispatch
 
 
 class InstanceSet:
     """A model's loaded instances and their preallocated batch buffers (one set per instance,
-    since instances run at once)."""
+    since instances run at once). A multi-exit model served stage by stage also has, per instance,
+    its stage sessions (``stages``) and its exit plan (``plan``: ``agent.scheduler.exit_rule``)."""
 
-    def __init__(self, backends: Sequence[Backend], inputs: Sequence[TensorSpec], max_batch: int) -> None:
+    def __init__(self, backends: Sequence[Backend], inputs: Sequence[TensorSpec], max_batch: int,
+                 stages: Sequence[Sequence[Backend]] | None = None, plan: Any = None,
+                 exits: Sequence[Any] = ()) -> None:
+        self.stages = None if stages is None else [list(s) for s in stages]
+        self.plan = plan
+        # Per exit: its stage's input name and the features it hands on (None for the last), and
+        # what served_by adds for it.
+        self.stage_inputs = [p.stage_input.name for p in exits]
+        self.stage_outputs = [None if p.stage_output is None else p.stage_output.name for p in exits]
+        self.exit_labels = [{"exit": p.name} for p in exits]
         self.backends = list(backends)
         self.input_names = [spec.name for spec in inputs]
         self.buffers = [
@@ -39,6 +50,9 @@ class LocalExecutor:
     def __init__(self, models: dict[str, InstanceSet], clock=time.perf_counter) -> None:
         self.models = models
         self._clock = clock
+        # Answers part of a running batch (``Driver.answer_part``): set by the agent once its driver
+        # exists; a multi-exit model's items leaving at an early exit go out through it.
+        self.answer_part: Callable[..., None] | None = None
 
     def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
         """Run the batch on the calling thread, then call ``on_done`` (before returning)."""
@@ -60,6 +74,8 @@ class LocalExecutor:
                     buffer = buffers[name]
                     gather_into(buffer, [r.inputs[name] for r in requests])
                     batch[name] = buffer[:n]
+            if instances.stages is not None:
+                return self._run_staged(dispatch, instances, batch)
             t0 = self._clock()
             outputs = instances.backends[dispatch.instance].run(batch)
             compute_s = self._clock() - t0
@@ -68,7 +84,23 @@ class LocalExecutor:
             return BatchOutcome(None, 0.0, exc)
         return BatchOutcome([{name: rows[i] for name, rows in per_output.items()} for i in range(n)], compute_s)
 
+    def _run_staged(self, dispatch: Dispatch, instances: InstanceSet, batch: dict) -> BatchOutcome:
+        """A multi-exit model's batch, stage by stage (``agent.runtime.staged``): each item is
+        answered at its exit through ``answer_part``; the outcome answers none (every item was)."""
+        answer_part = self.answer_part
+        t0 = self._clock()
+
+        def answer(items: list, compute_s: float, extra: dict) -> None:
+            answer_part(dispatch, items, compute_s, extra)
+        dispatch.stage_sizes = run_staged(dispatch.requests, batch, instances.stages[dispatch.instance],
+                                          instances.plan, instances.stage_inputs, instances.stage_outputs,
+                                          answer, self._clock, instances.exit_labels)
+        return BatchOutcome([None] * len(dispatch.requests), self._clock() - t0)
+
     def close(self) -> None:
         for instances in self.models.values():
             for backend in instances.backends:
                 backend.close()
+            for stages in instances.stages or ():
+                for backend in stages:
+                    backend.close()

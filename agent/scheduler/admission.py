@@ -72,7 +72,7 @@ a 38 ms prediction at 150 ms after about 0.3 of its time constant).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 from agent.core import DeadlineQueue, LatencyTable
 
@@ -102,9 +102,11 @@ class AdmissionControl:
             raise ValueError(f"max_batch = {max_batch}: expected >= 1")
         self.max_batch = max_batch
 
-    def observe(self, batch_size: int, duration_s: float) -> None:
-        """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the slowdown."""
-        profiled = self._profiled_s(batch_size)
+    def observe(self, batch_size: int, duration_s: float, profiled_s: float | None = None) -> None:
+        """A batch of ``batch_size`` took ``duration_s`` from dispatch to done: adapt the slowdown.
+        ``profiled_s``: the profiled time of what the batch ran when that is not a whole batch (a
+        multi-exit model's batch that stopped at an early exit), else the table's."""
+        profiled = self._profiled_s(batch_size) if profiled_s is None else profiled_s
         if duration_s > profiled * self.slowdown + self.margin_s:
             self.overruns += 1
         if self._profiled_mean_s == 0.0:      # the first batch sets both means
@@ -179,7 +181,7 @@ class AdmissionControl:
     def refuse(self, queue: DeadlineQueue, deadline: float, priority: int, now: float,
                instances: int, busy_until: Sequence[float], shared_start: float | None = None,
                overtakers: Sequence[tuple[float, float]] = (), slots: int = 1,
-               key: float | None = None) -> str | None:
+               key: float | None = None, own_share: Callable[[int], float] | None = None) -> str | None:
         """``None`` to admit, else the reason (for the ``rejected`` reply).
 
         Two bounds, the later wins: this model's own queue on its instances (above), and, when other
@@ -191,12 +193,15 @@ class AdmissionControl:
         request waits to start, they arrive and run first, on ``slots`` slots: its start moves later
         by the work they bring in the wait, found by fixed-point iteration (module docstring).
         ``key``: what the request is queued by (``Scheduler.queue_key``; default its deadline).
+        ``own_share(b)``: the share of a whole batch of ``b`` after which the request is answered (a
+        multi-exit model's early exit: its batch's stages up to it; default the whole batch). The
+        batches ahead of it are priced whole (they may hold requests for the last exit).
         """
         ahead = queue.count_ahead(deadline if key is None else key, priority)
         slack_s = self.slack_s(deadline - now)
         if ahead == 0 and len(busy_until) < instances and shared_start is None:
             # The common case on a board with headroom: an idle instance, nothing ahead.
-            finish = now + self.batch_s(1)
+            finish = now + self.batch_s(1) * (1.0 if own_share is None else own_share(1))
             if finish + self.margin_s + slack_s <= deadline:
                 return None
         n = ahead + 1
@@ -210,7 +215,7 @@ class AdmissionControl:
             start = max(start, shared_start)
         if overtakers:
             start = now + overtaken_wait(start - now, overtakers, slots)
-        finish = start + self.batch_s(last_batch)
+        finish = start + self.batch_s(last_batch) * (1.0 if own_share is None else own_share(last_batch))
         if finish + self.margin_s + slack_s <= deadline:
             return None
         return (f"deadline cannot be met: predicted finish in {1000 * (finish - now):.1f} ms + "

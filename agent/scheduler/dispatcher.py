@@ -83,6 +83,30 @@ def water_level(free_at: list[float], work: float) -> float:
     return level
 
 
+def _depth_fraction(lane: ModelLane, requests: list[Request]) -> float:
+    """The share of a whole run a batch of ``requests`` takes on a multi-exit lane: up to the deepest
+    exit any of them may need (1 for a whole-graph lane or one that may go to the last exit)."""
+    exits = lane.exits
+    if exits is None:
+        return 1.0
+    deepest = 0
+    for request in requests:
+        choice = request.exit
+        depth = exits.last if choice is None else choice.deepest
+        if depth > deepest:
+            deepest = depth
+    return exits.fraction(deepest, len(requests))
+
+
+def _profiled_stages(lane: ModelLane, dispatch: Dispatch) -> float | None:
+    """The profiled time of what a staged batch really ran (each stage at the items it ran), for
+    admission to learn its slowdown from; None for a whole-graph batch (the table's time)."""
+    sizes, exits, admission = dispatch.stage_sizes, lane.exits, lane.admission
+    if sizes is None or exits is None:
+        return None
+    return sum(admission.table.predict(m) * exits.stage_fraction(k, m) for k, m in enumerate(sizes) if m)
+
+
 def hold_cap(table, max_batch: int, bound_s: float) -> int:
     """The largest batch, up to ``max_batch``, that may hold a slot: one predicted to run within
     ``bound_s``, or one at most half the cost of as many batches of 1 (batching that pays); at least 1."""
@@ -107,6 +131,11 @@ class Dispatch:
     # When the executor freed the batch's slot and instance before its end (the scheduler's clock;
     # ``Driver.release_early``: its local part is done, the rest runs on a peer), else None.
     released_at: float | None = None
+    # A multi-exit model run stage by stage (agent.runtime.staged): the indices of the requests
+    # answered already at an early exit (``Driver.answer_part``), and how many items each stage ran
+    # (what admission learns the batch's profiled cost from); None for a whole-graph batch.
+    answered: set | None = None
+    stage_sizes: list | None = None
 
     @property
     def released(self) -> bool:
@@ -149,6 +178,9 @@ class ModelLane:
     # queue delay, fifo): on an idle board such a request may start without the queue
     # (Scheduler.start_alone).
     starts_alone: bool = False
+    # A multi-exit model served stage by stage (agent.scheduler.exit_rule.ExitPlan): admission
+    # prices a request by the stages up to its exit; None for a whole-graph model.
+    exits: object = None
     # Set when the model is being unloaded (Scheduler.close_lane): new requests are refused; what
     # is queued is still served.
     closed: bool = False
@@ -275,9 +307,19 @@ class Scheduler:
             shared_start = self._shared_start(lane, request, key)
             overtakers = (self._overtakers(request.deadline - request.arrival, request.arrival)
                           if self.lookahead else ())
+        exits, choice = lane.exits, request.exit
+        own_share = None
+        if exits is not None and choice is not None and choice.deepest < exits.last:
+            # Its own batch answers it once the stages up to its exit ran (agent.runtime.staged).
+            own_share = lambda b, k=choice.deepest: exits.fraction(k, b)   # noqa: E731
         reason = lane.admission.refuse(lane.queue, request.deadline, request.priority, request.arrival,
                                        min(lane.instances, self.max_concurrent), list(lane.busy_until.values()),
-                                       shared_start, overtakers, self.max_concurrent, key)
+                                       shared_start, overtakers, self.max_concurrent, key, own_share)
+        if reason is not None and exits is not None and choice is not None:
+            reason = (f"accuracy {request.min_accuracy if request.min_accuracy is not None else 'best'} "
+                      f"needs exit {exits.names[choice.deepest]!r} "
+                      f"({'fixed' if choice.fixed is not None else 'confidence: the last exit at worst'}) "
+                      f"and cannot be met in time there: {reason}")
         if reason is not None:
             # What this board cannot finish in time, a peer may: a policy that offloads says so
             # (``admit_elsewhere``), and then sends the request there.
@@ -498,7 +540,7 @@ class Scheduler:
             lane.free_instances.remove(action.instance)
             instance = action.instance
         if lane.admission is not None:
-            lane.busy_until[instance] = now + lane.admission.batch_s(len(requests))
+            lane.busy_until[instance] = now + lane.admission.batch_s(len(requests)) * _depth_fraction(lane, requests)
         return Dispatch(lane.name, instance, requests, now, action)
 
     @staticmethod
@@ -538,7 +580,7 @@ class Scheduler:
             # its queue model drains as fast as the slots do while batches leave. Whether each
             # request made its deadline, wherever it ran, calibrates the class's slack as always.
             held = (dispatch.released_at if dispatch.released else now) - dispatch.started
-            admission.observe(len(dispatch.requests), held)
+            admission.observe(len(dispatch.requests), held, _profiled_stages(lane, dispatch))
             for request in dispatch.requests:
                 admission.calibrate(now > request.deadline, request.deadline - request.arrival)
         self.policy.observe(dispatch, now)

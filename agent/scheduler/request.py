@@ -28,6 +28,9 @@ class Request:
     priority: int
     reply: ReplySink
     client_id: str | None = None      # the application's id, echoed in the reply
+    min_accuracy: float | None = None  # the request's accuracy requirement (0..1), None: the model's best
+    # Where a multi-exit model lets it leave (agent.scheduler.exit_rule.ExitChoice); None: the whole model.
+    exit: Any = None
 
 
 @dataclass(slots=True)

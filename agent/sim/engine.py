@@ -22,6 +22,7 @@ from agent.errors import UNKNOWN_MODEL, InferenceError
 from agent.runtime.driver import Driver
 from agent.scheduler.admission import AdmissionControl
 from agent.scheduler.dispatcher import ModelLane, Scheduler
+from agent.scheduler.exit_rule import choose_exit
 from agent.scheduler.policy import DEFAULT_POLICY, LOCAL
 from agent.scheduler.request import Request, Result
 from agent.scheduler.rules import build_lane, build_rule
@@ -73,32 +74,45 @@ class SimModel:
     margin_s: float = 0.0              # the admission test's safety margin
     fifo: bool = False                 # rule "fifo": arrival order, no expiry in the queue (ModelLane.fifo)
     starts_alone: bool = False         # the rule dispatches a lone request at once (ModelLane.starts_alone)
+    # A multi-exit model run stage by stage (agent.scheduler.exit_rule.ExitPlan; the executor times
+    # each stage by its share of ``latency``), None for a whole-graph model.
+    exits: object = None
 
     def lane(self) -> ModelLane:
         """A fresh scheduler lane with these settings (its own queue)."""
-        return Scheduler.lane(self.name, self.rule, self.instances, self.queue_capacity,
+        lane = Scheduler.lane(self.name, self.rule, self.instances, self.queue_capacity,
                               min_latency_s=self.min_latency_s,
                               admission=AdmissionControl(self.latency, self.rule.max_batch, self.margin_s)
                               if self.admission else None,
                               fifo=self.fifo, starts_alone=self.starts_alone)
+        lane.exits = self.exits
+        return lane
 
 
 def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
-                           jitter: float = 0.0) -> list[SimModel]:
+                           jitter: float = 0.0, cards: Mapping[str, object] | None = None) -> list[SimModel]:
     """The lanes ``agent.api.Agent`` would build from ``config``, timed by ``tables`` (model name ->
     table, e.g. the live agent's start-up profile) instead of a fresh measurement.
 
     The lane settings come from ``agent.scheduler.rules.build_lane``, exactly what ``Agent.__init__``
     uses (the rule, shedding, admission, fifo order), so the simulator cannot drift from the live
     agent's reading of the config. Rules with state (``aimd``, ``disbatcher``) are built fresh here,
-    so build the models anew for each run.
+    so build the models anew for each run. ``cards`` (model name -> ``ModelCard``): a model whose
+    config sets ``exit_mode`` runs stage by stage with its card's exits (loaded from the config's
+    card reference when not given).
     """
+    from agent.models.card import load_card
+    from agent.scheduler.exit_rule import exit_plan
     models = []
     for model in config.models:
         if model.name not in tables:
             raise KeyError(f"no latency table for model {model.name!r}; tables given for {sorted(tables)}")
         table = tables[model.name]
         lane = build_lane(model.name, build_rule(model.batching, table), model, table)
+        exits = None
+        if model.exit_mode != "off":
+            card = (cards or {}).get(model.name) or load_card(model.card)
+            exits = exit_plan(card, model.exit_mode)
         models.append(SimModel(
             name=model.name,
             rule=lane.rule,
@@ -111,6 +125,7 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
             margin_s=lane.admission.margin_s if lane.admission is not None else 0.0,
             fifo=lane.fifo,
             starts_alone=lane.starts_alone,
+            exits=exits,
         ))
     return models
 
@@ -160,6 +175,7 @@ class _Reply:
         record.batch_size = result.batch_size
         record.queue_ms = result.queue_ms
         record.compute_ms = result.compute_ms
+        record.exit = result.served_by.get("exit")
 
     def set_exception(self, exception: InferenceError) -> None:
         record = self.record
@@ -270,9 +286,13 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                           policy_options=policy_options)
     if offloading is None:
         driver = Driver(scheduler, executor, lambda: clock.now, explain=False)
+        executor.answer_part = driver.answer_part
     else:
         driver = Driver(scheduler, {LOCAL: executor, **offloading.executors}, lambda: clock.now, explain=False)
         offloading.driver = driver
+        executor.answer_part = driver.answer_part
+    exit_plans = {m.name: m.exits for m in models if m.exits is not None}
+    executor.exits = exit_plans        # multi-exit models run stage by stage (SimExecutor._stage)
     n_rows = len(trace)
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
@@ -334,8 +354,11 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                 record.finish_s = now
                 continue        # nothing changed for the scheduler: no need to poll
             request = Request(index + 1, row.model, _NO_INPUTS, now, now + row.slo_ms / 1000.0,
-                              row.priority, _Reply(record, clock), row.app)
+                              row.priority, _Reply(record, clock), row.app, row.min_accuracy)
             try:
+                plan = exit_plans.get(row.model) if exit_plans else None
+                if plan is not None:
+                    request.exit = choose_exit(plan, row.model, row.min_accuracy)
                 started = start_alone(request) if idle_path else None
                 if started is None:
                     enqueue(request)

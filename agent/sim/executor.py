@@ -36,6 +36,8 @@ import random
 from collections import Counter
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from agent.core import LatencyTable
 from agent.runtime.executor import BatchOutcome, OnDone
 from agent.scheduler.dispatcher import Dispatch
@@ -107,12 +109,21 @@ class SimExecutor:
         # str seeds are hashed with SHA-512 by random.seed: stable across runs and Python versions.
         self._rngs = {name: random.Random(f"edge-agent-sim/{seed}/{name}") for name in self.tables}
         self.running: list[SimBatch] = []
+        # Multi-exit models run stage by stage (:meth:`_stage`): model name -> ExitPlan, set by the
+        # engine, with ``answer_part`` (``Driver.answer_part``) their early items go out through.
+        self.exits: dict[str, Any] = {}
+        self.answer_part: Callable[..., None] | None = None
 
     def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
         """Start ``dispatch``'s batch now; its completion is scheduled, ``on_done`` called then."""
         size = len(dispatch.requests)
         self.batches += 1
         self.histogram[dispatch.model][size] += 1
+        plan = self.exits.get(dispatch.model)
+        if plan is not None:
+            dispatch.stage_sizes = []
+            self._stage(dispatch, on_done, plan, 0, list(range(size)))
+            return
         changed = self.begin(dispatch, dispatch.model, size, self._clock.now)
         changed[0].on_done = on_done
         for batch in changed:
@@ -123,6 +134,45 @@ class SimExecutor:
         for other in self.stop(batch, now):
             self._schedule(other)
         batch.on_done(batch.payload, BatchOutcome([_NO_OUTPUTS] * batch.size, now - batch.started))
+
+    def _stage(self, dispatch: Dispatch, on_done: OnDone, plan: Any, k: int, alive: list[int]) -> None:
+        """Start stage ``k`` of a multi-exit batch (``self.exits``: model name ->
+        ``agent.scheduler.exit_rule.ExitPlan``) on the items ``alive``, as live (``agent.runtime.staged``):
+        stage ``k`` on the ``m`` items still in the batch takes ``table.predict(m)`` times the stage's
+        share of a whole run (from the card's stage times), times the noise; after it the items
+        leaving there are answered at once (``answer_part``) and the rest go on. Fixed-mode items
+        leave at their exit. A confidence-mode item's exit is drawn: without outputs to be confident
+        about, it leaves by stage ``k`` with the probability that the card's calibration split reached
+        its threshold at some exit up to ``k`` (the coverage at each exit's threshold, read off its
+        calibration curve, taken as nested), from the model's own seeded stream."""
+        m = len(alive)
+        dispatch.stage_sizes.append(m)
+        model = dispatch.model
+        work = self.noisy(model, self.tables[model].predict(m) * plan.stage_fraction(k, m))
+        changed = self.begin((dispatch, on_done, plan, k, alive), model, m, self._clock.now, work_s=work)
+        changed[0].on_done = self._stage_done
+        for batch in changed:
+            self._schedule(batch)
+
+    def _stage_done(self, payload: tuple, outcome: BatchOutcome) -> None:
+        dispatch, on_done, plan, k, alive = payload
+        now = self._clock.now
+        requests = dispatch.requests
+        last = k == plan.last
+        rng = self._rngs[dispatch.model]
+        leaving, staying = [], []
+        for i in alive:
+            if last or _leaves_here(requests[i].exit, plan, k, rng):
+                leaving.append((i, _NO_OUTPUTS))
+            else:
+                staying.append(i)
+        compute_s = now - dispatch.started
+        if leaving:
+            self.answer_part(dispatch, leaving, compute_s, {"exit": plan.names[k]})
+        if staying:
+            self._stage(dispatch, on_done, plan, k + 1, staying)
+        else:
+            on_done(dispatch, BatchOutcome([None] * len(requests), compute_s))
 
     def work_s(self, model: str, batch_size: int) -> float:
         """Seconds a batch of ``batch_size`` needs at full speed: the profile times the noise."""
@@ -223,3 +273,32 @@ class SimExecutor:
             batch.generation += 1
             changed.append(batch)
         return changed
+
+
+def _leaves_here(choice: Any, plan: Any, k: int, rng: random.Random) -> bool:
+    """Whether an item that reached exit ``k`` (not the last) leaves there: its fixed exit, or, in
+    confidence mode, a draw with the chance that the calibration split left by ``k`` given it had
+    not left before (module docstring)."""
+    if choice is None:
+        return False
+    if choice.fixed is not None:
+        return choice.fixed <= k
+    before = _covered(choice, plan, k - 1)
+    by_now = _covered(choice, plan, k)
+    if by_now <= before:
+        return False
+    return rng.random() < (by_now - before) / (1.0 - before) if before < 1.0 else True
+
+
+def _covered(choice: Any, plan: Any, k: int) -> float:
+    """The share of items whose confidence reached their threshold at some exit up to ``k``, taking
+    the exits' confident sets as nested (the largest coverage among them)."""
+    best = 0.0
+    for j in range(k + 1):
+        threshold = choice.thresholds[j]
+        if threshold is None:
+            continue
+        calibration = plan.calibration[j]
+        coverage = float(np.interp(threshold, calibration.grid, calibration.coverage))
+        best = max(best, coverage)
+    return best

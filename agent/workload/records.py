@@ -18,6 +18,7 @@ class RequestRecord:
     batch_size: int | None = None
     queue_ms: float | None = None
     compute_ms: float | None = None
+    exit: str | None = None           # a multi-exit model's exit that answered (served_by's "exit")
 
     @property
     def latency_ms(self) -> float | None:

@@ -155,6 +155,29 @@ def _cmd_bench_tls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_exits(args: argparse.Namespace) -> int:
+    from edge_lab.bench.exits import CONTENDERS, bench_exits, format_exits
+    names = [c[0] for c in CONTENDERS]
+    chosen = None
+    if args.contenders:
+        chosen = [n.strip() for n in args.contenders.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            print(f"edge-agent bench exits: --contenders {unknown}: expected some of {names}", file=sys.stderr)
+            return 2
+    command = "edge-agent bench exits " + " ".join(sys.argv[3:])
+    print(f"{command.strip()}: batching and early exit on {', '.join(names)}; simulated, then live", flush=True)
+    out = bench_exits(duration_s=args.duration, sim_duration_s=args.sim_duration, attainment=args.attainment,
+                      max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
+                      repeat=args.repeat, say=lambda line: print(line, flush=True))
+    print(format_exits(out), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2, default=float)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_bench_triton(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -454,6 +477,30 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     bench_run.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON and plots go (default bench_out/)")
     bench_run.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     bench_run.set_defaults(func=_cmd_bench_run)
+
+    exits = bench_sub.add_parser(
+        "exits", help="batching and early exit, alone and together, at equal accuracy targets (sim, then live)",
+        description="The multi-exit camera_exits model on one Poisson trace of mixed min_accuracy classes: no "
+                    "batching/no exit, batching only, exit only, batching + exit (fixed and confidence modes). For "
+                    "each, the highest rate whose SLO attainment holds --attainment, simulated (bisection) then live "
+                    "(the real agent, started at the simulated rate, stepped down until it holds), with the "
+                    "delivered top-1 accuracy per class on the card's labelled test frames. The SLO and the rates "
+                    "are sized from the batch latency measured at start.")
+    exits.add_argument("--duration", type=_positive_float, default=6.0, metavar="S",
+                       help="seconds of each live run (default 6)")
+    exits.add_argument("--sim-duration", type=_positive_float, default=20.0, metavar="S",
+                       help="virtual seconds of each simulated run (default 20)")
+    exits.add_argument("--attainment", type=float, default=0.95, metavar="F",
+                       help="the SLO attainment every contender must hold (default 0.95)")
+    exits.add_argument("--max-batch", type=int, default=8, help="the batched contenders' max batch (default 8)")
+    exits.add_argument("--contenders", metavar="NAMES", help="comma-separated subset of the contenders")
+    exits.add_argument("--sim-only", action="store_true", help="skip the live runs")
+    exits.add_argument("--repeat", type=int, default=1, metavar="K",
+                       help="live rounds, taking turns over the contenders; each contender's median round is "
+                            "reported, every round's figure beside it (default 1)")
+    exits.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
+    exits.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    exits.set_defaults(func=_cmd_bench_exits)
 
     triton = bench_sub.add_parser(
         "triton", help="edge-agent vs a real Triton server and a plain loop, same trace, open loop",

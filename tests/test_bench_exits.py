@@ -1,0 +1,21 @@
+"""``edge-agent bench exits`` from the command line: the simulated half, on a short trace (the figures
+themselves are the bench's to print, not a test's to assert)."""
+import json
+
+from agent.cli import main
+
+
+def test_bench_exits_sim_prints_the_five_way_table(tmp_path, capsys):
+    out = tmp_path / "exits.json"
+    assert main(["bench", "exits", "--sim-only", "--sim-duration", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    figures = json.loads(out.read_text())
+    names = ["no-batch/no-exit", "batching only", "exit only", "batching+exit fixed", "batching+exit confidence"]
+    assert list(figures["sim"]) == names
+    for name in names:
+        assert name in printed
+        assert figures["sim"][name]["attainment"] >= 0.95 and figures["sim"][name]["goodput"] > 0
+    # the staged contenders answered at the exits, the whole-graph ones did not name one
+    assert set(figures["sim"]["exit only"]["exits"]) <= {"exit1", "exit2", "final"}
+    assert figures["sim"]["batching+exit confidence"]["exits"].get("exit1", 0) > 0
+    assert "measured at start" in printed and "SLO" in printed
