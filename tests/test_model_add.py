@@ -60,7 +60,8 @@ def test_model_add_writes_the_card_and_the_printed_table_serves_it_over_http(tmp
         with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
             frames_in = triton.InferInput("frames", [4, 64, 64, 3], "UINT8")
             frames_in.set_data_from_numpy(frames[:4])
-            logits = client.infer("my_digits", [frames_in]).as_numpy("logits")
+            # a generous SLO: what is tested is the card, not this loaded machine's timing
+            logits = client.infer("my_digits", [frames_in], parameters={"slo_ms": 5000}).as_numpy("logits")
         assert list(np.argmax(logits, axis=1)) == list(labels[:4])
     finally:
         process.send_signal(signal.SIGTERM)
