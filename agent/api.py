@@ -156,7 +156,7 @@ class Agent:
             [build_lane(name, m.rule, m.config, m.latency) for name, m in lanes.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
             lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
-            policy_options={"offload": config.offload,
+            policy_options={"offload": config.offload, "policy_path": config.policy_path,
                             "offload_view": self.offload.view() if self.offload is not None else None},
         )
         self.executor = LocalExecutor({

@@ -69,6 +69,11 @@ from agent.scheduler.request import Request
 IDLE_GAP_S = 0.002
 #: ``Dispatch.instance`` of a batch that computes nothing here (:meth:`Scheduler.take_away`).
 NO_INSTANCE = -1
+#: SLO band edges (ms) of a lane's arrival rates (``ModelLane.arrival_rates``): tight below the first,
+#: loose from the last on.
+ARRIVAL_BANDS_MS = (25.0, 100.0)
+#: Time constant of those rates.
+ARRIVAL_TAU_S = 0.5
 
 
 def water_level(free_at: list[float], work: float) -> float:
@@ -158,6 +163,24 @@ class ModelLane:
     free_instances: list[int] = field(default_factory=list)
     ready_ids: np.ndarray = field(default=None)
     expired_ids: np.ndarray = field(default=None)
+    # Admitted arrivals per second by SLO band (ARRIVAL_BANDS_MS), an EWMA with time constant
+    # ARRIVAL_TAU_S as of ``arrivals_at``: kept per request at admission so that a policy reads the
+    # rates (the learned policy's features) without a pass over the queue.
+    arrival_rates: list = field(default_factory=lambda: [0.0] * (len(ARRIVAL_BANDS_MS) + 1))
+    arrivals_at: float = 0.0
+
+    def count_arrival(self, slo_s: float, now: float) -> None:
+        """One more admitted request with SLO ``slo_s`` at ``now`` in :attr:`arrival_rates`."""
+        decay = math.exp(-max(0.0, now - self.arrivals_at) / ARRIVAL_TAU_S)
+        rates = self.arrival_rates
+        for k in range(len(rates)):
+            rates[k] *= decay
+        band = 0
+        slo_ms = 1000.0 * slo_s
+        while band < len(ARRIVAL_BANDS_MS) and slo_ms >= ARRIVAL_BANDS_MS[band]:
+            band += 1
+        rates[band] += 1.0 / ARRIVAL_TAU_S
+        self.arrivals_at = now
 
     def __post_init__(self) -> None:
         if self.fifo and (self.min_latency_s > 0 or self.admission is not None):
@@ -325,6 +348,7 @@ class Scheduler:
         """What the scheduler keeps from an admitted request once it is queued (:meth:`enqueue`) or
         answered (:meth:`start_alone`'s driver): the lookahead's rate of its SLO class."""
         lane = self.lanes[request.model]
+        lane.count_arrival(request.deadline - request.arrival, request.arrival)
         if self.lookahead and lane.admission is not None:
             self._count_admitted(lane.admission, request.deadline - request.arrival, request.arrival)
 

@@ -180,7 +180,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
              cores: int | None = None, hold_fraction: float = 0.0, lookahead: bool = False,
              edf_horizon_s: float = math.inf, policy: str = DEFAULT_POLICY, idle_path: bool = True,
              peers: Sequence["SimPeerSpec"] = (), offload: "OffloadConfig | None" = None,
-             offload_models: "Sequence[SimOffloadModel]" = ()) -> SimResult:
+             offload_models: "Sequence[SimOffloadModel]" = (), policy_options: dict | None = None) -> SimResult:
     """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
 
     ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
@@ -231,6 +231,9 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     ids>)``), and ``offload_models`` (:class:`~agent.sim.offload.SimOffloadModel`, e.g. from a
     card) give each model's split points and input size. The run then ends when nothing is left on
     a link or a peer either. Without peers none of this exists and the run is as before.
+
+    ``policy_options``: more for the policy (``Scheduler.policy_options``), e.g. the learned
+    policy's ``policy_path``; merged over the offload's.
     """
     started_wall = time.perf_counter()
     if workers < 1:
@@ -258,11 +261,13 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
                            jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule)
     offloading = None
-    policy_options = None
+    extra_options, policy_options = policy_options, None
     if peers:
         from agent.sim.offload import SimOffload
         offloading = SimOffload(peers, {m.name: m.latency for m in models}, offload_models, executor, clock, post)
         policy_options = offloading.policy_options(offload)
+    if extra_options:
+        policy_options = {**(policy_options or {}), **extra_options}
     scheduler = Scheduler([m.lane() for m in models], max_concurrent=workers, hold_fraction=hold_fraction,
                           lookahead=lookahead, edf_horizon_s=edf_horizon_s, policy=policy,
                           policy_options=policy_options)
