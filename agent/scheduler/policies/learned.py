@@ -52,6 +52,8 @@ class LearnedPolicy:
         self.space = ActionSpace(lanes, loaded.buckets) if loaded is not None else ActionSpace(lanes)
         self.idle_tick_s = loaded.idle_tick_s if loaded is not None else DEFAULT_IDLE_TICK_S
         self.chooser: Chooser | None = chooser
+        if chooser is not None and hasattr(chooser, "bind"):
+            chooser.bind(scheduler)      # a chooser that reads the scheduler itself (a rule, in training)
         self._alone = {name: Action(name, 1) for name in scheduler.lanes}
         self._lanes = [scheduler.lanes[name] for name in lanes]
 
