@@ -107,11 +107,13 @@ def edge_config():
     return apply_contender(load_config(REPO / "firmware_configs" / "generic-linux.toml"), "edge")
 
 
-def run(board: Board, trace, policy: str = "rules", config=None, **options):
+def run(board: Board, trace, policy: str = "rules", config=None, on_reply=None, **options):
+    """Simulate ``trace`` on ``board`` under ``config`` (default: the edge lanes) and ``policy``."""
     config = config or edge_config()
     return simulate(trace, sim_models_from_config(config, tables(board)), board.workers, cores=board.cores,
                     hold_fraction=config.hold_fraction, lookahead=config.admission_lookahead,
-                    edf_horizon_s=config.edf_horizon_s, policy=policy, policy_options=options or None)
+                    edf_horizon_s=config.edf_horizon_s, policy=policy, policy_options=options or None,
+                    on_reply=on_reply)
 
 
 def training_trace(board: Board, rng: np.random.Generator, duration_s: float):

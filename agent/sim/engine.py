@@ -180,7 +180,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
              cores: int | None = None, hold_fraction: float = 0.0, lookahead: bool = False,
              edf_horizon_s: float = math.inf, policy: str = DEFAULT_POLICY, idle_path: bool = True,
              peers: Sequence["SimPeerSpec"] = (), offload: "OffloadConfig | None" = None,
-             offload_models: "Sequence[SimOffloadModel]" = (), policy_options: dict | None = None) -> SimResult:
+             offload_models: "Sequence[SimOffloadModel]" = (), policy_options: dict | None = None,
+             on_reply=None) -> SimResult:
     """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
 
     ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
@@ -233,7 +234,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     a link or a peer either. Without peers none of this exists and the run is as before.
 
     ``policy_options``: more for the policy (``Scheduler.policy_options``), e.g. the learned
-    policy's ``policy_path``; merged over the offload's.
+    policy's ``policy_path``; merged over the offload's. ``on_reply(request, result, error)``: told of
+    every reply the driver sets (``Driver``'s hook; a learner's reward as it happens), at virtual now.
     """
     started_wall = time.perf_counter()
     if workers < 1:
@@ -272,9 +274,10 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                           lookahead=lookahead, edf_horizon_s=edf_horizon_s, policy=policy,
                           policy_options=policy_options)
     if offloading is None:
-        driver = Driver(scheduler, executor, lambda: clock.now, explain=False)
+        driver = Driver(scheduler, executor, lambda: clock.now, explain=False, on_reply=on_reply)
     else:
-        driver = Driver(scheduler, {LOCAL: executor, **offloading.executors}, lambda: clock.now, explain=False)
+        driver = Driver(scheduler, {LOCAL: executor, **offloading.executors}, lambda: clock.now, explain=False,
+                        on_reply=on_reply)
         offloading.driver = driver
     n_rows = len(trace)
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")

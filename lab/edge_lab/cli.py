@@ -91,6 +91,10 @@ def _cmd_bench_run(args: argparse.Namespace) -> int:
             load_profile(args.profile)   # fail now, naming the field, not after the first contender
             config = dataclasses.replace(config, profile=str(Path(args.profile).resolve()))
         trace = read_trace(args.trace)
+        if args.policy_path:
+            from agent.learned.card import load_policy
+            load_policy(args.policy_path, [m.name for m in config.models])   # refused now, naming what differs
+            config = dataclasses.replace(config, policy_path=str(Path(args.policy_path).resolve()))
     except (ConfigError, TraceError, ValueError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
@@ -408,8 +412,12 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     bench_run.add_argument("--config", metavar="FILE", help="agent config whose models the trace names (default: the demo)")
     bench_run.add_argument("--contenders", "--policies", dest="contenders", metavar="NAMES",
                            default="fifo,fixed,triton,clipper,deeprt,edge",
-                           help="comma-separated contenders (default: all): fifo, fixed, triton, clipper, deeprt, "
-                                "edge; --policies is its older name")
+                           help="comma-separated contenders (default: all but learned): fifo, fixed, triton, clipper, "
+                                "deeprt, edge, learned (the distilled network of --policy-path); --policies is its "
+                                "older name")
+    bench_run.add_argument("--policy-path", metavar="DIR",
+                           help="the learned contender's policy directory (default: the config's [agent] "
+                                "policy_path, else policies/cpu-2core)")
     bench_run.add_argument("--profile", metavar="FILE",
                            help="batch latencies from this profile (edge-agent profile) instead of measuring at start")
     bench_run.add_argument("--mode", choices=("both", "live", "sim"), default="both", help="live, simulated, or both (default)")
