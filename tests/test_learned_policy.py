@@ -221,3 +221,35 @@ def test_config_needs_a_policy_path_for_learned():
         parse_config(base)
     config = parse_config({**base, "agent": {"policy": "learned", "policy_path": "policies/cpu-2core"}}, REPO)
     assert config.policy_path == str(REPO / "policies" / "cpu-2core")
+
+
+# --- the shipped policy, live -------------------------------------------------------------------------
+
+DEMO_MODELS = ["mobilenet_digits", "resnet_digits"]
+
+
+def test_shipped_cpu_policy_loads_for_the_demo_models_and_is_small():
+    directory = REPO / "policies" / "cpu-2core"
+    loaded = load_policy(directory, DEMO_MODELS)
+    assert (directory / "policy.npz").stat().st_size + (directory / "card.json").stat().st_size < 100_000
+    assert loaded.card["net"]["hidden"] == [32, 32]
+    assert loaded.card["training"]["teacher_agreement"]["agreement"] >= 0.95
+
+
+def test_live_agent_under_the_shipped_policy_answers_every_request_once(digits):
+    from agent.api import Agent
+    from agent.config import CONFIG_VERSION
+    frames, labels = digits
+    models = [{"name": name, "card": f"demo:{name}", "instances": 2 if name.startswith("mobilenet") else 1,
+               "batching": {"rule": "deadline_aware", "max_batch": 8}} for name in DEMO_MODELS]
+    config = parse_config({"config_version": CONFIG_VERSION,
+                           "agent": {"device": "test", "workers": 2, "policy": "learned",
+                                     "policy_path": str(REPO / "policies" / "cpu-2core")},
+                           "mqtt": {"enabled": False}, "models": models})
+    with Agent(config) as agent:
+        assert agent.scheduler.policy.name == "learned"
+        futures = [agent.submit(DEMO_MODELS[i % 2], {"frames": frames[i]}, slo_ms=5000) for i in range(60)]
+        replies = [f.result(timeout=60) for f in futures]
+    assert len(replies) == 60
+    predicted = [int(np.argmax(next(iter(r.outputs.values())))) for r in replies]
+    assert np.mean(np.array(predicted) == np.asarray(labels[:60])) > 0.9

@@ -372,7 +372,7 @@ def train(args) -> None:
     mean = states.mean(0).astype(np.float32)
     std = states.std(0).astype(np.float32)
     std[std < 1e-3] = 1.0
-    sac = SAC(n_in, n_out, mean, std, args.seed)
+    sac = SAC(n_in, n_out, mean, std, args.seed, target_entropy_frac=args.target_entropy)
     bc_acc = sac.clone(states, np.concatenate(boot_m), np.concatenate(boot_a), epochs=args.bc_epochs, rng=rng)
     progress.write(f"bootstrap: {len(states)} rules decisions, actor cloned to {100 * bc_acc:.1f}% agreement, "
                    f"rules utility {np.mean(rules_curve):.3f} on the bootstrap traces", sys.stderr)
@@ -516,11 +516,24 @@ def evaluate(args) -> None:
     board = BOARDS[args.board]
     base = load_config(REPO / "firmware_configs" / "generic-linux.toml")
     rows = []
+    teacher = None
+    if args.teacher:
+        torch, _, MLPNet = torch_parts()
+        state = torch.load(args.teacher, weights_only=False)
+        n_in, n_out = len(feature_names(MODELS)), len(action_names(MODELS))
+        actor = MLPNet(n_in, n_out, (128, 128), state["mean"], state["std"])
+        actor.load_state_dict(state["actor"])
+        teacher = NumpyNet(actor.numpy_layers(), state["mean"], state["std"], False, None)
+        args.contenders += ",teacher"
+
     for meta, trace in held_out_traces(board, args.duration, per_kind=args.per_kind):
         floors = slo_floor_by_model(trace)
         for name in args.contenders.split(","):
             if name == "learned":
                 result = run(board, trace, "learned", config=apply_contender(base, "edge"), policy_path=args.policy)
+            elif name == "teacher":
+                result = run(board, trace, "learned", config=apply_contender(base, "edge"),
+                             learned_chooser=teacher, learned_lanes=MODELS)
             else:
                 config = apply_contender(base, name, slo_ms_by_model=floors)
                 result = simulate(trace, sim_models_from_config(config, tables(board)),
@@ -566,6 +579,8 @@ def main(argv=None) -> int:
     t.add_argument("--student-epochs", type=int, default=15)
     t.add_argument("--miss-penalty", type=float, default=0.5)
     t.add_argument("--checkpoint-every", type=int, default=10)
+    t.add_argument("--target-entropy", type=float, default=0.3,
+                   help="the temperature's target: this fraction of the allowed actions' log count")
     t.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True)
     e = sub.add_parser("evaluate", help="held-out traces in the simulator: every contender and the learned policy")
     e.add_argument("--board", choices=sorted(BOARDS), default="cpu-2core")
@@ -573,6 +588,7 @@ def main(argv=None) -> int:
     e.add_argument("--contenders", default="fifo,fixed,triton,clipper,deeprt,edge,learned")
     e.add_argument("--duration", type=float, default=10.0)
     e.add_argument("--per-kind", type=int, default=2)
+    e.add_argument("--teacher", help="a teacher checkpoint (runs/<board>/teacher_final.pt): its greedy choices too")
     e.add_argument("--json")
     args = parser.parse_args(argv)
     (train if args.command == "train" else evaluate)(args)
