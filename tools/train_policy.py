@@ -252,7 +252,7 @@ class SAC:
         with torch.no_grad():
             return float((masked(self.actor(s), m).argmax(1) == a).float().mean())
 
-    def update(self, b, actor_too: bool = True) -> dict:
+    def update(self, b, actor_too: bool = True, bc=None, bc_weight: float = 0.0) -> dict:
         torch = self.torch
         F = torch.nn.functional
         s, a, r, s2, m, m2, d = b
@@ -276,6 +276,10 @@ class SAC:
             with torch.no_grad():
                 q = torch.min(self.q1(s), self.q2(s))
             loss_pi = (p * (alpha * lp - q)).masked_fill(~m, 0.0).sum(1).mean()
+            if bc is not None and bc_weight > 0:
+                # Kept near the rules where the critic has nothing better to say (TD3+BC's idea).
+                bs, bm, ba = bc
+                loss_pi = loss_pi + bc_weight * F.cross_entropy(masked(self.actor(bs), bm), ba)
             self.opt_actor.zero_grad()
             loss_pi.backward()
             self.opt_actor.step()
@@ -379,9 +383,20 @@ def train(args) -> None:
     for _ in range(args.critic_warmup):
         sac.update(replay.sample(torch, rng, args.batch), actor_too=False)
 
-    # 2. teacher: discrete SAC
+    # 2. teacher: discrete SAC; the actor kept is the best on validation traces (the clone included)
     curve = []
-    best = (-math.inf, None)
+    val_rng = np.random.default_rng(args.seed + 77_777)
+    validation = [training_trace(board, val_rng, args.duration)[0] for _ in range(args.validation)]
+    val_rules = float(np.mean([score(run(board, tr))["utility"] for tr in validation]))
+
+    def validate() -> float:
+        net = NumpyNet(sac.actor.numpy_layers(), mean, std, False, rng)
+        return float(np.mean([score(chooser_run(board, tr, net, lanes)[0])["utility"] for tr in validation]))
+
+    best = (validate(), copy.deepcopy(sac.actor.state_dict()), -1)
+    progress.write(f"validation ({args.validation} traces): rules {val_rules:.4f}, cloned actor {best[0]:.4f}", sys.stderr)
+    bc_s, bc_m, bc_a = (torch.as_tensor(states), torch.as_tensor(np.concatenate(boot_m)),
+                        torch.as_tensor(np.concatenate(boot_a)))
     for ep in range(args.episodes):
         progress.step(f"sac {ep + 1}/{args.episodes}")
         trace, meta = training_trace(board, rng, args.duration)
@@ -394,7 +409,9 @@ def train(args) -> None:
         got = score(result)["utility"]
         stats = {}
         for _ in range(max(1, int(len(t["action"]) * args.updates_per_step))):
-            stats = sac.update(replay.sample(torch, rng, args.batch))
+            idx = torch.as_tensor(rng.integers(0, len(bc_a), args.batch))
+            stats = sac.update(replay.sample(torch, rng, args.batch), bc=(bc_s[idx], bc_m[idx], bc_a[idx]),
+                               bc_weight=args.bc_weight)
         greedy = score(chooser_run(board, trace, NumpyNet(sac.actor.numpy_layers(), mean, std, False, rng), lanes)[0])["utility"]
         curve.append({"episode": ep, **meta, "sampled_utility": got, "greedy_utility": greedy, "rules_utility": rules,
                       **stats, "wall_s": time.perf_counter() - started})
@@ -403,13 +420,17 @@ def train(args) -> None:
                        sys.stderr)
         if (ep + 1) % args.checkpoint_every == 0 or ep == args.episodes - 1:
             torch.save({**sac.state_dict(), "mean": mean, "std": std, "episode": ep}, work / f"teacher_ep{ep + 1}.pt")
-        margin = greedy - rules
-        if ep >= args.episodes // 3 and (best[1] is None or margin >= best[0]):
-            best = (margin, copy.deepcopy(sac.actor.state_dict()))
+        if (ep + 1) % args.validate_every == 0 or ep == args.episodes - 1:
+            value = validate()
+            curve[-1]["validation_utility"] = value
+            progress.write(f"validation after episode {ep}: {value:.4f} (rules {val_rules:.4f}, best {best[0]:.4f})",
+                           sys.stderr)
+            if value > best[0]:
+                best = (value, copy.deepcopy(sac.actor.state_dict()), ep)
     rec.save(work / "transitions_last_episode.npz", result.records,
              {"feature_schema": FEATURE_SCHEMA_VERSION, "features": feature_names(lanes), "actions": space.names,
               "board": board.name, "trace": traces_used[-1], "miss_penalty": args.miss_penalty})
-    if args.keep_best and best[1] is not None:
+    if args.keep_best:
         sac.actor.load_state_dict(best[1])
     teacher_layers = sac.actor.numpy_layers()
     teacher = NumpyNet(teacher_layers, mean, std, sample=False, rng=rng)
@@ -467,7 +488,10 @@ def train(args) -> None:
         "teacher": {"algorithm": "discrete SAC (max entropy, twin Q, auto temperature, masked), actor cloned from "
                                  "the rules policy first", "hidden": [128, 128], "episodes": args.episodes,
                     "bootstrap_episodes": args.bootstrap, "bc_agreement": bc_acc, "miss_penalty": args.miss_penalty,
-                    "kept": "best greedy margin over rules" if args.keep_best else "last"},
+                    "kept": (f"best greedy utility on {args.validation} validation traces: episode {best[2]} "
+                             f"(-1: the actor cloned from the rules)") if args.keep_best else "last",
+                    "validation": {"rules_utility": val_rules, "teacher_utility": best[0]},
+                    "bc_weight": args.bc_weight, "target_entropy": args.target_entropy},
         "student": {"hidden": [32, 32], "dagger_rounds": args.dagger, "epochs_per_round": args.student_epochs},
         "teacher_agreement": {"held_out_states": sum(n for _, n in agree), "agreement": agreement,
                               "traces": [m for m, _ in held_out_traces(board, args.duration, per_kind=1)]},
@@ -498,6 +522,9 @@ def _plot(curve, path, name) -> None:
     ax.plot(ep, [c["sampled_utility"] for c in curve], label="teacher, sampled")
     ax.plot(ep, [c["greedy_utility"] for c in curve], label="teacher, greedy")
     ax.plot(ep, [c["rules_utility"] for c in curve], label="rules (edge), same trace", linestyle="--")
+    val = [(c["episode"], c["validation_utility"]) for c in curve if "validation_utility" in c]
+    if val:
+        ax.plot(*zip(*val), marker="o", label="teacher, greedy, validation traces")
     ax.set_xlabel("episode")
     ax.set_ylabel("utility")
     ax.set_title(f"discrete SAC in the simulator: {name}")
@@ -579,6 +606,10 @@ def main(argv=None) -> int:
     t.add_argument("--student-epochs", type=int, default=15)
     t.add_argument("--miss-penalty", type=float, default=0.5)
     t.add_argument("--checkpoint-every", type=int, default=10)
+    t.add_argument("--validation", type=int, default=4, help="validation traces (for the actor kept)")
+    t.add_argument("--validate-every", type=int, default=5)
+    t.add_argument("--bc-weight", type=float, default=0.5,
+                   help="weight of the cross-entropy to the rules' actions in the actor's loss (0: pure SAC)")
     t.add_argument("--target-entropy", type=float, default=0.3,
                    help="the temperature's target: this fraction of the allowed actions' log count")
     t.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True)

@@ -32,6 +32,7 @@ __all__ = [
     "BatchRule",
     "gather_into",
     "scatter_rows",
+    "PolicyNet",
     "IMPLEMENTATION",
 ]
 
@@ -48,6 +49,7 @@ if _requested == "python":
         FixedBatch,
         LatencyTable,
         gather_into,
+        PolicyNet,
         scatter_rows,
     )
 
@@ -58,6 +60,7 @@ elif _requested in ("", "compiled"):
         from agent.core._latency_table import LatencyTable
         from agent.core._batch_rules import DeadlineAwareBatch, DynamicBatch, FixedBatch
         from agent.core._batch_assembly import gather_into, scatter_rows
+        from agent.core._policy_net import PolicyNet
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("agent.core._"):
             _why = f"the compiled core was not built ({exc.name} is missing)"

@@ -44,6 +44,7 @@ class ActionSpace:
         self.buckets = tuple(int(b) for b in buckets)
         self.names = action_names(self.lanes, self.buckets)
         self.mask = np.zeros(len(self.names), dtype=bool)
+        self.mask_u8 = self.mask.view(np.uint8)       # the same memory, as the compiled forward reads it
         self._actions: list[Action | None] = [None]
         for lane in self.lanes:
             for b in self.buckets:

@@ -1,15 +1,20 @@
-"""The distilled policy network's forward pass: a small MLP in numpy on preallocated buffers.
+"""The distilled policy network: a small MLP on preallocated buffers.
 
 Layers ``x -> relu(x W1 + b1) -> relu(. W2 + b2) -> . W3 + b3`` (logits, one per action); the
 input is normalised first, ``(x - mean) / std`` from the card. Every intermediate lives in a
-buffer made once at load, so a decision allocates nothing but numpy's scalar results. Weights are
-float32, as training exports them.
+buffer made once at load. Weights are float32, as training exports them.
+
+(each decision) runs ``agent.core.PolicyNet``: the compiled core's loops, or their
+pure twin (``agent.core.pure.policy_net``) with ``EDGE_AGENT_CORE=python``. :meth:`MLP.forward`
+is the same network in numpy's matrix products (tools, tests).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from agent.core import PolicyNet
 
 #: The arrays a weights file holds, in order: (W, b) per layer.
 WEIGHT_KEYS = ("w1", "b1", "w2", "b2", "w3", "b3")
@@ -41,7 +46,7 @@ class MLP:
         self.h1 = np.empty(self.w1.shape[1], dtype=np.float32)
         self.h2 = np.empty(self.w2.shape[1], dtype=np.float32)
         self.logits = np.empty(self.w3.shape[1], dtype=np.float32)
-        self._blocked = np.empty(self.w3.shape[1], dtype=bool)
+        self.core = PolicyNet(self.mean, self.inv_std, self.w1, self.b1, self.w2, self.b2, self.w3, self.b3)
 
     @classmethod
     def load(cls, path: str | Path, mean: np.ndarray, std: np.ndarray) -> "MLP":
@@ -72,11 +77,11 @@ class MLP:
         return out
 
     def act(self, features: np.ndarray, mask: np.ndarray) -> int:
-        """The allowed action (``mask``) with the largest logit."""
-        logits = self.forward(features)
-        np.logical_not(mask, out=self._blocked)
-        np.copyto(logits, -np.inf, where=self._blocked)
-        return int(np.argmax(logits))
+        """The allowed action (``mask``: bool or uint8, non-zero = allowed) with the largest logit
+        (the first of equal ones); the logits are left in ``core.logits``."""
+        if mask.dtype == np.bool_:
+            mask = mask.view(np.uint8)
+        return self.core.act(features, mask)
 
 
 __all__ = ["WEIGHT_KEYS", "MLP"]

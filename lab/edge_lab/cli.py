@@ -47,16 +47,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_core(args: argparse.Namespace) -> int:
-    from edge_lab.bench.core import bench_assembly, bench_queue, format_core_report
+    from edge_lab.bench.core import bench_assembly, bench_decision, bench_queue, format_core_report
     from edge_lab.bench.overhead import bench_overhead_inprocess, bench_overhead_mqtt, format_overhead
     from agent.progress import Progress
     print("edge-agent bench core: medians of repeated runs, every ratio measured side by side in this run", flush=True)
     skipped = None
-    with Progress(3 + (not args.no_mqtt), desc="bench core") as progress:    # on a terminal: the time left
+    with Progress(4 + (not args.no_mqtt), desc="bench core") as progress:    # on a terminal: the time left
         progress.step("EDF queue")
         results = {"queue": bench_queue()}
         progress.step("batch assembly")
         results["assembly"] = bench_assembly()
+        progress.step("dispatch decision")
+        results["dispatch decision, rules vs learned (policies/cpu-2core)"] = bench_decision()
         progress.step("overhead in process")
         rows = bench_overhead_inprocess(n=args.requests)
         if not args.no_mqtt:

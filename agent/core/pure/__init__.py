@@ -50,7 +50,10 @@ from agent.core.types import (  # noqa: F401
     _validated_profile,
 )
 
+from agent.core.pure.policy_net import PolicyNet
+
 __all__ = [
+    "PolicyNet",
     "DeadlineQueue",
     "PushResult",
     "LatencyTable",

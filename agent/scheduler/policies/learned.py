@@ -60,7 +60,7 @@ class LearnedPolicy:
     def choose(self, features: "np.ndarray", mask: "np.ndarray", now: float) -> int:
         if self.chooser is not None:
             return self.chooser(features, mask, now)
-        return self.loaded.net.act(features, mask)
+        return self.loaded.net.act(features, self.space.mask_u8)
 
     def decide(self, scheduler: "Scheduler", now: float) -> tuple[Action | None, float]:
         space = self.space
