@@ -537,6 +537,36 @@ def _plot(curve, path, name) -> None:
 
 # --- evaluate -------------------------------------------------------------------------------------
 
+def goodput_bound(board: Board, trace, window_s: float = 1.0) -> float:
+    """An upper bound on the requests any scheduler could answer in time on ``trace`` with the board's
+    compute (a clairvoyant relaxation, computed offline from the profile).
+
+    Relaxations, each only raising what can be served: every request costs its model's cheapest
+    per-item time over the profiled batch sizes (perfect batching, no batch waits for another);
+    the ``workers`` slots run at full speed side by side (``cores`` of them at once at most) with
+    no switching cost; and a request needs only to be computed between its arrival and the end of
+    the window of arrivals it belongs to plus the largest SLO in that window. Then the requests
+    answered in time among those arriving in a window ``[t0, t1)`` need at most ``min(workers,
+    cores) x (t1 - t0 + max SLO)`` seconds of compute, and the most requests that fit a budget
+    are the cheapest first: summed over disjoint windows, a bound on the total. Returns requests
+    per second over the trace's span (as goodput is reported)."""
+    per_item = {m: min(ms[k] / b for k, b in enumerate((1, 2, 4, 8))) / 1000.0 for m, ms in board.profile_ms.items()}
+    speed = min(board.workers, board.cores)
+    t = np.array([r.t_s for r in trace])
+    cost = np.array([per_item[r.model] for r in trace])
+    slo = np.array([r.slo_ms for r in trace]) / 1000.0
+    total = 0
+    if not len(t):
+        return 0.0
+    for start in np.arange(0.0, t.max() + window_s, window_s):
+        sel = (t >= start) & (t < start + window_s)
+        if not sel.any():
+            continue
+        budget = speed * (window_s + slo[sel].max())
+        total += int(np.searchsorted(np.cumsum(np.sort(cost[sel])), budget, side="right"))
+    return total / max(t.max(), 1e-9)
+
+
 def evaluate(args) -> None:
     from edge_lab.bench.contenders import apply_contender
     from edge_lab.bench.run import slo_floor_by_model
@@ -553,7 +583,9 @@ def evaluate(args) -> None:
         teacher = NumpyNet(actor.numpy_layers(), state["mean"], state["std"], False, None)
         args.contenders += ",teacher"
 
+    bounds = {}
     for meta, trace in held_out_traces(board, args.duration, per_kind=args.per_kind):
+        bounds.setdefault(meta["kind"], []).append(goodput_bound(board, trace))
         floors = slo_floor_by_model(trace)
         for name in args.contenders.split(","):
             if name == "learned":
@@ -573,16 +605,21 @@ def evaluate(args) -> None:
         by.setdefault((r["kind"], r["policy"]), []).append(r)
     print(f"held-out traces in the simulator, board {board.name} ({args.per_kind} per kind, {args.duration:g} s each; "
           f"mean over traces)")
-    print(f"{'kind':<8} {'policy':<8} {'utility':>8} {'goodput/s':>10} {'miss %':>7} {'p99 ms':>7} {'vs edge':>8}")
+    print("bound: an upper bound on the goodput any scheduler could reach with the same compute (goodput_bound)")
+    print(f"{'kind':<8} {'policy':<8} {'utility':>8} {'goodput/s':>10} {'miss %':>7} {'p99 ms':>7} {'vs edge':>8} "
+          f"{'of bound':>8}")
     for kind, _ in HELD_OUT:
         edge_u = np.mean([r["utility"] for r in by.get((kind, "edge"), [{"utility": np.nan}])])
+        bound = float(np.mean(bounds[kind]))
+        print(f"{kind:<8} {'bound':<8} {'':>8} {bound:10.1f}")
         for name in args.contenders.split(","):
             group = by[(kind, name)]
             u = np.mean([r["utility"] for r in group])
             p99 = [r["p99_ms"] for r in group if r["p99_ms"] is not None]
             print(f"{kind:<8} {name:<8} {u:8.3f} {np.mean([r['goodput_per_s'] for r in group]):10.1f} "
                   f"{100 * np.mean([r['deadline_miss_rate'] or 0 for r in group]):7.2f} "
-                  f"{np.mean(p99) if p99 else float('nan'):7.1f} {u / edge_u:8.3f}")
+                  f"{np.mean(p99) if p99 else float('nan'):7.1f} {u / edge_u:8.3f} "
+                  f"{np.mean([r['goodput_per_s'] for r in group]) / bound:8.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
