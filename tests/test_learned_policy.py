@@ -278,3 +278,44 @@ def test_compiled_and_pure_forward_agree(tmp_path):
             assert mask[chosen[0]] and expected[chosen[0]] >= np.max(expected[mask > 0]) - 1e-4
         else:
             assert chosen[0] == -1
+
+
+def test_policy_swapped_under_load_every_request_answered_once(digits, tmp_path):
+    """Rules -> learned -> a refused card -> rules while a thread keeps submitting: every request gets
+    exactly one reply (a result: the SLO is loose), and a refused card leaves the old policy deciding."""
+    import threading
+
+    from agent.api import Agent
+    from agent.config import CONFIG_VERSION
+    frames, _ = digits
+    models = [{"name": name, "card": f"demo:{name}", "instances": 1,
+               "batching": {"rule": "deadline_aware", "max_batch": 8}} for name in DEMO_MODELS]
+    config = parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "test", "workers": 2},
+                           "mqtt": {"enabled": False}, "models": models})
+    bad = make_policy(tmp_path / "bad", lanes=("mobilenet_digits", "other"))
+    futures, stop = [], threading.Event()
+    with Agent(config) as agent:
+        def submit():
+            i = 0
+            while not stop.is_set() or i < 40:
+                futures.append(agent.submit(DEMO_MODELS[i % 2], {"frames": frames[i % len(frames)]}, slo_ms=20_000))
+                i += 1
+                if i % 8 == 0:
+                    stop.wait(0.005)
+        thread = threading.Thread(target=submit)
+        thread.start()
+        try:
+            swaps = [agent.set_policy("learned", str(REPO / "policies" / "cpu-2core"))]
+            assert agent.scheduler.policy.name == "learned"
+            with pytest.raises(ValueError, match="other"):
+                agent.set_policy("learned", str(bad))
+            assert agent.scheduler.policy.name == "learned" and agent.config.policy == "learned"
+            swaps.append(agent.set_policy("rules"))
+            assert agent.scheduler.policy.name == "rules"
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        results = [f.result(timeout=60) for f in futures]
+    assert [s["was"] for s in swaps] == ["rules", "learned"]
+    assert len(results) == len(futures) >= 40
+    assert all(f.done() and f.exception() is None for f in futures)

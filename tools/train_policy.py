@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -102,9 +103,20 @@ def tables(board: Board) -> dict[str, LatencyTable]:
             for m, ms in board.profile_ms.items()}
 
 
-def edge_config():
+#: The lanes a policy is trained and run on: the ``edge`` contender's (deadline-aware rule, shedding,
+#: admission control), or ``shed``: the same without admission (the policy alone decides what a
+#: backlog costs; what can no longer finish is still shed).
+LANES = ("edge", "shed")
+_lanes = "edge"
+
+
+def edge_config(lanes: str | None = None):
     from edge_lab.bench.contenders import apply_contender
-    return apply_contender(load_config(REPO / "firmware_configs" / "generic-linux.toml"), "edge")
+    config = apply_contender(load_config(REPO / "firmware_configs" / "generic-linux.toml"), "edge")
+    if (lanes or _lanes) == "shed":
+        config = dataclasses.replace(config, models=tuple(
+            dataclasses.replace(m, batching=dataclasses.replace(m.batching, admission=False)) for m in config.models))
+    return config
 
 
 def run(board: Board, trace, policy: str = "rules", config=None, on_reply=None, **options):
@@ -346,6 +358,8 @@ def chooser_run(board, trace, chooser, space_lanes, log=False):
 # --- train ----------------------------------------------------------------------------------------
 
 def train(args) -> None:
+    global _lanes
+    _lanes = args.lanes
     torch, nn, MLPNet = torch_parts()
     board = BOARDS[args.board]
     lanes = MODELS
@@ -482,7 +496,9 @@ def train(args) -> None:
     training = {
         "board": board.name, "profile": {"description": board.description, "batch_ms": board.profile_ms,
                                          "batch_sizes": [1, 2, 4, 8], "workers": board.workers, "cores": board.cores},
-        "lanes_config": "firmware_configs/generic-linux.toml under the 'edge' contender (deadline_aware, shedding, admission)",
+        "lanes": args.lanes,
+        "lanes_config": "firmware_configs/generic-linux.toml under the 'edge' contender (deadline_aware, shedding, "
+                        + ("admission)" if args.lanes == "edge" else "admission off: lanes 'shed')"),
         "seed": args.seed, "traces": {"apps": "agent.workload.generators.DEMO_APPS", "duration_s": args.duration,
                                       "episodes": traces_used},
         "teacher": {"algorithm": "discrete SAC (max entropy, twin Q, auto temperature, masked), actor cloned from "
@@ -573,6 +589,7 @@ def evaluate(args) -> None:
     board = BOARDS[args.board]
     base = load_config(REPO / "firmware_configs" / "generic-linux.toml")
     rows = []
+    policy_lanes = json.loads((Path(args.policy) / "card.json").read_text())["training"].get("lanes", "edge")
     teacher = None
     if args.teacher:
         torch, _, MLPNet = torch_parts()
@@ -589,10 +606,12 @@ def evaluate(args) -> None:
         floors = slo_floor_by_model(trace)
         for name in args.contenders.split(","):
             if name == "learned":
-                result = run(board, trace, "learned", config=apply_contender(base, "edge"), policy_path=args.policy)
+                result = run(board, trace, "learned", config=edge_config(policy_lanes), policy_path=args.policy)
             elif name == "teacher":
-                result = run(board, trace, "learned", config=apply_contender(base, "edge"),
+                result = run(board, trace, "learned", config=edge_config(policy_lanes),
                              learned_chooser=teacher, learned_lanes=MODELS)
+            elif name == "shed":      # the rules on the lanes without admission
+                result = run(board, trace, "rules", config=edge_config("shed"))
             else:
                 config = apply_contender(base, name, slo_ms_by_model=floors)
                 result = simulate(trace, sim_models_from_config(config, tables(board)),
@@ -606,6 +625,7 @@ def evaluate(args) -> None:
     print(f"held-out traces in the simulator, board {board.name} ({args.per_kind} per kind, {args.duration:g} s each; "
           f"mean over traces)")
     print("bound: an upper bound on the goodput any scheduler could reach with the same compute (goodput_bound)")
+    print(f"learned: the card's lanes ({policy_lanes}); shed: the rules on the edge lanes without admission")
     print(f"{'kind':<8} {'policy':<8} {'utility':>8} {'goodput/s':>10} {'miss %':>7} {'p99 ms':>7} {'vs edge':>8} "
           f"{'of bound':>8}")
     for kind, _ in HELD_OUT:
@@ -632,6 +652,7 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="policy directory to write (policies/<board-class>)")
     t.add_argument("--work", help="checkpoints, curves, transition log (default runs/<board>)")
+    t.add_argument("--lanes", choices=LANES, default="shed", help="the lanes trained on (LANES)")
     t.add_argument("--episodes", type=int, default=40)
     t.add_argument("--bootstrap", type=int, default=6)
     t.add_argument("--dagger", type=int, default=6)
@@ -653,7 +674,8 @@ def main(argv=None) -> int:
     e = sub.add_parser("evaluate", help="held-out traces in the simulator: every contender and the learned policy")
     e.add_argument("--board", choices=sorted(BOARDS), default="cpu-2core")
     e.add_argument("--policy", required=True)
-    e.add_argument("--contenders", default="fifo,fixed,triton,clipper,deeprt,edge,learned")
+    e.add_argument("--contenders", default="fifo,fixed,triton,clipper,deeprt,edge,shed,learned",
+                   help="bench contenders, 'shed' (the rules on lanes without admission) and 'learned'")
     e.add_argument("--duration", type=float, default=10.0)
     e.add_argument("--per-kind", type=int, default=2)
     e.add_argument("--teacher", help="a teacher checkpoint (runs/<board>/teacher_final.pt): its greedy choices too")

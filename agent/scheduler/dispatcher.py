@@ -656,6 +656,22 @@ class Scheduler:
             for lane in self._capped:
                 lane.batch_cap = hold_cap(lane.admission.table, lane.rule.max_batch, bound)
 
+    def set_policy(self, policy: str | Policy, policy_options: dict | None = None) -> Policy:
+        """Decide by ``policy`` from the next poll on (``set-policy``; the caller holds the drivers'
+        lock). It is built before anything changes, so a policy that cannot be built (a learned
+        policy's card refused) leaves the old one deciding. Queued requests and batches in flight
+        stay as they are; the new policy observes the batches the old one started. Returns the old."""
+        options = {**self.policy_options, **(policy_options or {})}
+        old_options, self.policy_options = self.policy_options, options
+        try:
+            new = build_policy(policy, self) if isinstance(policy, str) else policy
+        except Exception:
+            self.policy_options = old_options
+            raise
+        old, self.policy = self.policy, new
+        self._policy_name = policy if isinstance(policy, str) else None
+        return old
+
     def _check_policy_follows(self) -> None:
         """Refuse a change of lanes, before anything changes, that the policy could not follow."""
         if self._policy_name is None and not hasattr(self.policy, "lanes_changed"):
