@@ -267,14 +267,15 @@ class SAC:
     def update(self, b, actor_too: bool = True, bc=None, bc_weight: float = 0.0) -> dict:
         torch = self.torch
         F = torch.nn.functional
-        s, a, r, s2, m, m2, d = b
+        s, a, r, s2, m, m2, d, g = b
         alpha = self.log_alpha.exp().detach()
         with torch.no_grad():
             lp2 = F.log_softmax(masked(self.actor(s2), m2), dim=1)
             p2 = lp2.exp()
             qt = torch.min(self.q1t(s2), self.q2t(s2))
             v2 = (p2 * (qt - alpha * lp2)).masked_fill(~m2, 0.0).sum(1)
-            y = r + self.gamma * (1.0 - d) * v2
+            # Semi-Markov: decisions are irregular in time, so the discount is by the time to the next.
+            y = r + g * (1.0 - d) * v2
         q1 = self.q1(s).gather(1, a[:, None]).squeeze(1)
         q2 = self.q2(s).gather(1, a[:, None]).squeeze(1)
         loss_q = F.mse_loss(q1, y) + F.mse_loss(q2, y)
@@ -322,22 +323,26 @@ class Replay:
         self.a = np.zeros(capacity, np.int64)
         self.r = np.zeros(capacity, np.float32)
         self.d = np.zeros(capacity, np.float32)
+        self.g = np.zeros(capacity, np.float32)     # the discount to the next decision: exp(-dt / tau)
         self.n = self.i = 0
         self.capacity = capacity
 
-    def add(self, t: dict, reward_scale: float) -> None:
-        for k in range(len(t["action"])):
-            j = self.i
-            self.s[j], self.s2[j], self.m[j], self.m2[j] = t["state"][k], t["next_state"][k], t["mask"][k], t["next_mask"][k]
-            self.a[j], self.r[j], self.d[j] = t["action"][k], t["reward"][k] * reward_scale, t["done"][k]
-            self.i = (j + 1) % self.capacity
-            self.n = min(self.n + 1, self.capacity)
+    def add(self, t: dict, reward_scale: float, tau_s: float) -> None:
+        n = len(t["action"])
+        times = t["time"]
+        dt = np.append(times[1:] - times[:-1], 0.0) if n else times
+        idx = (self.i + np.arange(n)) % self.capacity
+        self.s[idx], self.s2[idx], self.m[idx], self.m2[idx] = t["state"], t["next_state"], t["mask"], t["next_mask"]
+        self.a[idx], self.r[idx], self.d[idx] = t["action"], t["reward"] * reward_scale, t["done"]
+        self.g[idx] = np.exp(-np.maximum(dt, 0.0) / tau_s)
+        self.i = int((self.i + n) % self.capacity)
+        self.n = min(self.n + n, self.capacity)
 
     def sample(self, torch, rng, batch):
         idx = rng.integers(0, self.n, batch)
         return (torch.as_tensor(self.s[idx]), torch.as_tensor(self.a[idx]), torch.as_tensor(self.r[idx]),
                 torch.as_tensor(self.s2[idx]), torch.as_tensor(self.m[idx]), torch.as_tensor(self.m2[idx]),
-                torch.as_tensor(self.d[idx]))
+                torch.as_tensor(self.d[idx]), torch.as_tensor(self.g[idx]))
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -384,7 +389,7 @@ def train(args) -> None:
         result, rec = chooser_run(board, trace, RulesChooser(space), lanes, log=True)
         t = rec.transitions(result.records, args.miss_penalty)
         boot_s.append(t["state"]); boot_m.append(t["mask"]); boot_a.append(t["action"])
-        replay.add(t, reward_scale=len(trace))
+        replay.add(t, reward_scale=len(trace), tau_s=args.tau_ms / 1000.0)
         rules_curve.append(score(result)["utility"])
     states = np.concatenate(boot_s)
     mean = states.mean(0).astype(np.float32)
@@ -418,7 +423,7 @@ def train(args) -> None:
         actor = NumpyNet(sac.actor.numpy_layers(), mean, std, sample=True, rng=rng)
         result, rec = chooser_run(board, trace, actor, lanes, log=True)
         t = rec.transitions(result.records, args.miss_penalty)
-        replay.add(t, reward_scale=len(trace))
+        replay.add(t, reward_scale=len(trace), tau_s=args.tau_ms / 1000.0)
         rules = score(run(board, trace))["utility"]
         got = score(result)["utility"]
         stats = {}
@@ -507,7 +512,8 @@ def train(args) -> None:
                     "kept": (f"best greedy utility on {args.validation} validation traces: episode {best[2]} "
                              f"(-1: the actor cloned from the rules)") if args.keep_best else "last",
                     "validation": {"rules_utility": val_rules, "teacher_utility": best[0]},
-                    "bc_weight": args.bc_weight, "target_entropy": args.target_entropy},
+                    "bc_weight": args.bc_weight, "target_entropy": args.target_entropy,
+                    "discount": f"exp(-dt / {args.tau_ms:g} ms) to the next decision (semi-Markov)"},
         "student": {"hidden": [32, 32], "dagger_rounds": args.dagger, "epochs_per_round": args.student_epochs},
         "teacher_agreement": {"held_out_states": sum(n for _, n in agree), "agreement": agreement,
                               "traces": [m for m, _ in held_out_traces(board, args.duration, per_kind=1)]},
@@ -664,6 +670,8 @@ def main(argv=None) -> int:
     t.add_argument("--student-epochs", type=int, default=15)
     t.add_argument("--miss-penalty", type=float, default=0.5)
     t.add_argument("--checkpoint-every", type=int, default=10)
+    t.add_argument("--tau-ms", type=float, default=50.0,
+                   help="the discount's time constant: a reward dt later counts exp(-dt / tau)")
     t.add_argument("--validation", type=int, default=4, help="validation traces (for the actor kept)")
     t.add_argument("--validate-every", type=int, default=5)
     t.add_argument("--bc-weight", type=float, default=0.5,
