@@ -319,3 +319,26 @@ def test_policy_swapped_under_load_every_request_answered_once(digits, tmp_path)
     assert [s["was"] for s in swaps] == ["rules", "learned"]
     assert len(results) == len(futures) >= 40
     assert all(f.done() and f.exception() is None for f in futures)
+
+
+def test_transition_log_credits_each_outcome_once(tmp_path):
+    from agent.learned.transitions import TransitionLog, outcome_values
+    rows = trace(400)
+    log = TransitionLog(lambda features, mask, now: int(np.flatnonzero(mask)[-1]),
+                        len(feature_names(LANES)), len(action_names(LANES)), capacity=8)   # grows
+    result = simulate(rows, sim_models(), workers=2, policy="learned",
+                      policy_options={"learned_chooser": log, "learned_lanes": LANES})
+    data = log.transitions(result.records)
+    assert log.n == len(data["action"]) > 8
+    assert np.all(np.diff(data["time"]) >= 0)
+    np.testing.assert_array_equal(data["next_state"][:-1], data["state"][1:])
+    assert data["done"][-1] and not data["done"][:-1].any()
+    # Every answered outcome lands in exactly one step: the rewards sum to the outcomes' values.
+    _, values = outcome_values(result.records)
+    assert float(data["reward"].sum()) == pytest.approx(float(values.sum()), abs=1e-4)
+    in_time = sum(1 for r in result.records if r.status == "ok" and r.latency_ms <= r.slo_ms)
+    assert (values > 0).sum() == in_time
+    path = log.save(tmp_path / "t.npz", result.records, {"features": feature_names(LANES)})
+    with np.load(path) as saved:
+        assert json.loads(str(saved["header"]))["features"] == feature_names(LANES)
+        assert saved["state"].shape == data["state"].shape
