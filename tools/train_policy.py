@@ -6,16 +6,20 @@
     .venv/bin/python tools/train_policy.py evaluate --board cpu-2core --policy policies/cpu-2core
 
 ``train`` runs, all seeded, on the simulator driving the agent's own ``Scheduler`` with the
-board's profile (``BOARDS``) and the ``edge`` contender's lanes (deadline-aware rule, shedding,
-admission: only the dispatch decision is learned):
+board's profile (``BOARDS``) and the ``edge`` contender's lanes (deadline-aware rule, shedding;
+admission too with ``--lanes edge``, not with ``--lanes shed``, the default: only the dispatch
+decision is learned):
 
 1. **Bootstrap.** Episodes under the ``rules`` policy, each decision mapped into the learned action
    space, give the feature normalisation and a behaviour-cloned start for the actor.
 2. **Teacher.** Discrete soft actor-critic (maximum entropy, twin Q, automatic temperature, the
    mask on every softmax): episodes on generated traces (kinds poisson, bursty, diurnal; rates and
    seeds drawn from the seed), gradient steps between episodes on a replay buffer of the logged
-   transitions (``agent.learned.transitions``: reward from our utility's parts). The critic is warmed
-   up on the cloned actor before the actor moves. Checkpoints each ``--checkpoint-every`` episodes.
+   transitions (``agent.learned.transitions``: reward from our utility's parts; discounted by the
+   time to the next decision, ``exp(-dt / tau)``: decisions are irregular in time). The critic is
+   warmed up on the cloned actor before the actor moves; the actor's loss keeps a cross-entropy to
+   the rules' actions (``--bc-weight``). The actor kept is the best on validation traces, the clone
+   included. Checkpoints each ``--checkpoint-every`` episodes.
 3. **Student.** A 2x32 MLP distilled from the teacher's greedy choices by imitation with DAgger:
    the first dataset is the teacher's own visited states, each later round adds the states the
    student reaches itself, relabelled by the teacher. Agreement on held-out states (traces of seeds
@@ -517,9 +521,9 @@ def train(args) -> None:
         "student": {"hidden": [32, 32], "dagger_rounds": args.dagger, "epochs_per_round": args.student_epochs},
         "teacher_agreement": {"held_out_states": sum(n for _, n in agree), "agreement": agreement,
                               "traces": [m for m, _ in held_out_traces(board, args.duration, per_kind=1)]},
-        "reproduce": f"python tools/train_policy.py train --board {board.name} --seed {args.seed} "
+        "reproduce": f"python tools/train_policy.py train --board {board.name} --seed {args.seed} --lanes {args.lanes} "
                      f"--episodes {args.episodes} --bootstrap {args.bootstrap} --dagger {args.dagger} "
-                     f"--duration {args.duration} --out {args.out}",
+                     f"--duration {args.duration:g} --validation {args.validation} --out {args.out}",
         "wall_s": round(time.perf_counter() - started, 1),
     }
     card = write_policy(args.out, weights, lanes=lanes, buckets=BATCH_BUCKETS, mean=mean, std=std, idle_tick_ms=1.0,
