@@ -530,32 +530,45 @@ def train(args) -> None:
                         training=training)
     progress.close()
     (work / "curve.json").write_text(json.dumps(curve, indent=1))
-    _plot(curve, work / "learning_curve.png", board.name)
+    _plot(curve, work / "learning_curve.png", board.name, val_rules)
     print(f"student agrees with the teacher on {100 * agreement:.1f}% of {sum(n for _, n in agree)} held-out states")
     print(f"wrote {card} and {Path(args.out) / 'policy.npz'} ({(Path(args.out) / 'policy.npz').stat().st_size} bytes); "
           f"curve {work / 'learning_curve.png'}; {time.perf_counter() - started:.0f} s")
 
 
-def _plot(curve, path, name) -> None:
+def _plot(curve, path, name, rules_validation: float | None = None) -> None:
+    """Two panels: utility per episode (its trace's: teacher sampled and greedy, the rules on the
+    same trace; the greedy teacher on the validation traces), and the greedy teacher's margin over
+    the rules on each episode's trace with its moving average over 5 episodes."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ep = [c["episode"] for c in curve]
-    ax.plot(ep, [c["sampled_utility"] for c in curve], label="teacher, sampled")
-    ax.plot(ep, [c["greedy_utility"] for c in curve], label="teacher, greedy")
-    ax.plot(ep, [c["rules_utility"] for c in curve], label="rules (edge), same trace", linestyle="--")
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ep = np.array([c["episode"] for c in curve])
+    ax.plot(ep, [c["sampled_utility"] for c in curve], label="teacher, sampled", alpha=0.6)
+    ax.plot(ep, [c["greedy_utility"] for c in curve], label="teacher, greedy", alpha=0.6)
+    ax.plot(ep, [c["rules_utility"] for c in curve], label="rules, same trace", linestyle="--", alpha=0.6)
     val = [(c["episode"], c["validation_utility"]) for c in curve if "validation_utility" in c]
     if val:
-        ax.plot(*zip(*val), marker="o", label="teacher, greedy, validation traces")
-    ax.set_xlabel("episode")
+        ax.plot(*zip(*val), marker="o", color="C3", label="teacher, greedy, validation traces")
+    if rules_validation is not None:
+        ax.axhline(rules_validation, color="C3", linestyle=":", label="rules, validation traces")
     ax.set_ylabel("utility")
     ax.set_title(f"discrete SAC in the simulator: {name}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    margin = np.array([c["greedy_utility"] - c["rules_utility"] for c in curve])
+    bx.bar(ep, margin, color="C1", alpha=0.5, label="greedy teacher - rules, episode's trace")
+    if len(margin) >= 5:
+        bx.plot(ep[4:], np.convolve(margin, np.ones(5) / 5, mode="valid"), color="C0", label="moving average (5)")
+    bx.axhline(0, color="black", linewidth=0.8)
+    bx.set_xlabel("episode")
+    bx.set_ylabel("utility margin")
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
