@@ -270,8 +270,10 @@ def test_compiled_and_pure_forward_agree(tmp_path):
         x = rng.normal(0, 3, net.n_in).astype(np.float32)
         mask = (rng.random(net.n_out) < 0.6).astype(np.uint8)
         chosen = pure.act(x, mask), compiled.act(x, mask)
-        np.testing.assert_allclose(pure.logits, compiled.logits, rtol=1e-5, atol=1e-5)
-        assert chosen[0] == chosen[1]
+        np.testing.assert_allclose(pure.logits, compiled.logits, rtol=1e-4, atol=1e-4)
+        allowed = np.sort(compiled.logits[mask > 0])
+        if len(allowed) < 2 or allowed[-1] - allowed[-2] > 1e-3:    # no near tie for the top
+            assert chosen[0] == chosen[1]
         expected = net.forward(x)
         np.testing.assert_allclose(compiled.logits, expected, rtol=1e-4, atol=1e-4)
         if mask.any():   # the action is the allowed one with the largest logit (up to float rounding)

@@ -1,10 +1,11 @@
 """The learned policy's network forward and masked argmax: the specification of the compiled
-``agent.core._policy_net`` (same class, same order of summation, float32 throughout).
+``agent.core._policy_net`` (same class and results, float32 throughout).
 
 Layers: ``z = (x - mean) * inv_std``, ``h1 = relu(z W1 + b1)``, ``h2 = relu(h1 W2 + b2)``,
 ``logits = h2 W3 + b3``; the action is the first index of the largest logit among those whose
-``mask`` entry is non-zero (-1 if none). Sums run over the input index ascending, one input's
-products added at a time, as the compiled loops do. Weights and buffers are bound at construction.
+``mask`` entry is non-zero (-1 if none). Weights and buffers are bound at construction. The
+products are numpy's (``np.dot``), whose summation order may differ from the compiled loops' by
+float rounding: the two agree on the action except where two allowed logits are that close.
 """
 from __future__ import annotations
 
@@ -36,18 +37,14 @@ class PolicyNet:
         np.multiply(np.subtract(x, self.mean, out=z), self.inv_std, out=z)
         for out, inputs, w, b in ((self.h1, z, self.w1, self.b1), (self.h2, self.h1, self.w2, self.b2),
                                   (self.logits, self.h2, self.w3, self.b3)):
-            out[:] = 0.0
-            for i in range(len(inputs)):      # one input at a time, as the compiled loop sums
-                out += np.float32(inputs[i]) * w[i]
+            np.dot(inputs, w, out=out)
             out += b
             if out is not self.logits:
                 np.maximum(out, np.float32(0.0), out=out)
-        logits = self.logits
-        best_j, best = -1, np.float32(0.0)
-        for j in range(len(logits)):
-            if mask[j] and (best_j < 0 or logits[j] > best):
-                best, best_j = logits[j], j
-        return best_j
+        allowed = np.flatnonzero(mask)
+        if not len(allowed):
+            return -1
+        return int(allowed[np.argmax(self.logits[allowed])])     # the first of equal ones
 
 
 __all__ = ["PolicyNet"]
