@@ -667,6 +667,107 @@ def evaluate(args) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
+# --- record and offline ---------------------------------------------------------------------------
+
+def record(args) -> None:
+    """Replay a trace file under a policy in the simulator and write its transitions (.npz)."""
+    from agent.workload.trace import read_trace
+    global _lanes
+    board = BOARDS[args.board]
+    trace = read_trace(args.trace)
+    space = ActionSpace(MODELS)
+    if args.policy == "rules":
+        _lanes = args.lanes
+        chooser = RulesChooser(space)
+    else:
+        from agent.learned.card import load_policy
+        loaded = load_policy(args.policy, MODELS)
+        _lanes = loaded.card["training"].get("lanes", "edge")
+        chooser = lambda features, mask, now: loaded.net.act(features, mask)     # noqa: E731
+    result, rec = chooser_run(board, trace, chooser, MODELS, log=True)
+    rec.save(args.out, result.records, {"feature_schema": FEATURE_SCHEMA_VERSION, "features": feature_names(MODELS),
+                                        "actions": space.names, "board": board.name, "trace": str(args.trace),
+                                        "policy": args.policy, "lanes": _lanes, "miss_penalty": 0.5})
+    print(f"{rec.n} transitions under {args.policy} ({_lanes} lanes), utility {score(result)['utility']:.3f}: {args.out}")
+
+
+def offline(args) -> None:
+    """Implicit Q-learning (IQL, discrete) from logged transitions straight into the 2x32 student:
+    an expectile value V, a Q fitted to r + discount x V(s'), and the student by advantage-weighted
+    imitation of the logged actions (exp(beta x (Q - V)), capped). No simulator: what a board's
+    recorded runs can train."""
+    torch, nn, MLPNet = torch_parts()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    data = [np.load(path) for path in args.transitions]
+    headers = [json.loads(str(d["header"])) for d in data]
+    names = feature_names(MODELS)
+    for path, header in zip(args.transitions, headers):
+        if header.get("features") != names:
+            raise SystemExit(f"{path}: feature names differ from schema {FEATURE_SCHEMA_VERSION}'s for {list(MODELS)}")
+    cat = {k: np.concatenate([d[k] for d in data]) for k in ("state", "action", "reward", "next_state", "mask",
+                                                             "next_mask", "done", "time")}
+    n = len(cat["action"])
+    dt = np.concatenate([np.append(d["time"][1:] - d["time"][:-1], 0.0) for d in data])
+    g = np.exp(-np.maximum(dt, 0) / (args.tau_ms / 1000.0)).astype(np.float32)
+    scale = float(np.mean([len(d["action"]) for d in data]))      # rewards per decision to about 1 an answer
+    mean = cat["state"].mean(0).astype(np.float32)
+    std = cat["state"].std(0).astype(np.float32)
+    std[std < 1e-3] = 1.0
+    n_in, n_out = len(names), len(action_names(MODELS))
+    q, v = MLPNet(n_in, n_out, (128, 128), mean, std), MLPNet(n_in, 1, (128, 128), mean, std)
+    q_target = copy.deepcopy(q)
+    student = MLPNet(n_in, n_out, (32, 32), mean, std)
+    opt_q, opt_v = torch.optim.Adam(q.parameters(), lr=3e-4), torch.optim.Adam(v.parameters(), lr=3e-4)
+    opt_pi = torch.optim.Adam(student.parameters(), lr=1e-3)
+    T = {k: torch.as_tensor(x) for k, x in cat.items()}
+    T["g"] = torch.as_tensor(g)
+    T["reward"] = T["reward"].float() * scale
+    F = torch.nn.functional
+    progress = Progress(args.steps, desc="offline IQL", unit="step")
+    for step in range(args.steps):
+        if step % 500 == 0:
+            progress.advance_to(step)
+        idx = torch.as_tensor(rng.integers(0, n, args.batch))
+        s, a, r, s2, m = T["state"][idx], T["action"][idx], T["reward"][idx], T["next_state"][idx], T["mask"][idx]
+        d, gg = T["done"][idx].float(), T["g"][idx]
+        with torch.no_grad():
+            q_sa = q_target(s).gather(1, a[:, None]).squeeze(1)
+        diff = q_sa - v(s).squeeze(1)
+        weight = torch.abs(args.expectile - (diff < 0).float())
+        loss_v = (weight * diff ** 2).mean()
+        opt_v.zero_grad(); loss_v.backward(); opt_v.step()
+        with torch.no_grad():
+            y = r + gg * (1 - d) * v(s2).squeeze(1)
+        loss_q = F.mse_loss(q(s).gather(1, a[:, None]).squeeze(1), y)
+        opt_q.zero_grad(); loss_q.backward(); opt_q.step()
+        with torch.no_grad():
+            for p_, pt in zip(q.parameters(), q_target.parameters()):
+                pt.mul_(0.995).add_(0.005 * p_)
+            adv = q_target(s).gather(1, a[:, None]).squeeze(1) - v(s).squeeze(1)
+            w = torch.clamp(torch.exp(args.beta * adv), max=100.0)
+        loss_pi = (w * F.cross_entropy(masked(student(s), m), a, reduction="none")).mean()
+        opt_pi.zero_grad(); loss_pi.backward(); opt_pi.step()
+    progress.close()
+    with torch.no_grad():
+        agree = float((masked(student(T["state"]), T["mask"]).argmax(1) == T["action"]).float().mean())
+    layers = student.numpy_layers()
+    weights = {"w1": layers[0][0], "b1": layers[0][1], "w2": layers[1][0], "b2": layers[1][1],
+               "w3": layers[2][0], "b3": layers[2][1]}
+    lanes = {h.get("lanes", "edge") for h in headers}
+    training = {"board": headers[0].get("board"), "lanes": lanes.pop() if len(lanes) == 1 else "edge",
+                "offline": {"algorithm": "discrete IQL (expectile V, Q, advantage-weighted imitation)",
+                            "transitions": [str(p) for p in args.transitions], "decisions": n,
+                            "expectile": args.expectile, "beta": args.beta, "steps": args.steps,
+                            "tau_ms": args.tau_ms, "seed": args.seed,
+                            "agreement_with_logged_actions": agree},
+                "profile": {"batch_ms": BOARDS[headers[0].get("board", "cpu-2core")].profile_ms},
+                "teacher_agreement": {"agreement": agree, "of": "the logged actions (no teacher offline)"}}
+    card = write_policy(args.out, weights, lanes=MODELS, buckets=BATCH_BUCKETS, mean=mean, std=std,
+                        idle_tick_ms=1.0, training=training)
+    print(f"offline IQL on {n} transitions: the student takes the logged action on {100 * agree:.1f}% of them; {card}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -705,8 +806,23 @@ def main(argv=None) -> int:
     e.add_argument("--per-kind", type=int, default=2)
     e.add_argument("--teacher", help="a teacher checkpoint (runs/<board>/teacher_final.pt): its greedy choices too")
     e.add_argument("--json")
+    r = sub.add_parser("record", help="replay a trace file under a policy in the simulator; write its transitions")
+    r.add_argument("--board", choices=sorted(BOARDS), default="cpu-2core")
+    r.add_argument("--trace", required=True)
+    r.add_argument("--policy", default="rules", help="'rules' or a learned policy's directory")
+    r.add_argument("--lanes", choices=LANES, default="shed", help="with --policy rules: the lanes")
+    r.add_argument("--out", required=True, help="the .npz to write")
+    o = sub.add_parser("offline", help="discrete IQL from logged transitions into the 2x32 student; export a policy")
+    o.add_argument("--transitions", nargs="+", required=True)
+    o.add_argument("--out", required=True)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--steps", type=int, default=4000)
+    o.add_argument("--batch", type=int, default=256)
+    o.add_argument("--expectile", type=float, default=0.7)
+    o.add_argument("--beta", type=float, default=3.0)
+    o.add_argument("--tau-ms", type=float, default=50.0)
     args = parser.parse_args(argv)
-    (train if args.command == "train" else evaluate)(args)
+    {"train": train, "evaluate": evaluate, "record": record, "offline": offline}[args.command](args)
     return 0
 
 
