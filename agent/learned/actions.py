@@ -45,6 +45,7 @@ class ActionSpace:
         self.names = action_names(self.lanes, self.buckets)
         self.mask = np.zeros(len(self.names), dtype=bool)
         self.mask_u8 = self.mask.view(np.uint8)       # the same memory, as the compiled forward reads it
+        self.starts = 0                               # the last mask's allowed starts (all but idle)
         self._actions: list[Action | None] = [None]
         for lane in self.lanes:
             for b in self.buckets:
@@ -60,6 +61,7 @@ class ActionSpace:
         mask = self.mask
         mask[:] = False
         mask[IDLE] = True
+        self.starts = 0
         if scheduler.in_flight >= scheduler.max_concurrent:
             return mask
         lanes = scheduler.lanes
@@ -75,13 +77,14 @@ class ActionSpace:
                     if previous >= n or previous >= cap:
                         break
                     mask[k + j] = True
+                    self.starts += 1
                     previous = b
             k += nb
         return mask
 
     def any_start(self) -> bool:
         """Whether the last :meth:`fill_mask` allowed anything but idling."""
-        return bool(self.mask[1:].any())
+        return self.starts > 0
 
     def decode(self, index: int, scheduler: "Scheduler") -> Action | None:
         """The ``Action`` of ``index`` (``None`` for idle), its batch bounded by the lane's ``max_batch``."""

@@ -64,17 +64,19 @@ class LearnedPolicy:
 
     def decide(self, scheduler: "Scheduler", now: float) -> tuple[Action | None, float]:
         space = self.space
-        mask = space.fill_mask(scheduler)
-        wake_at = math.inf
-        for lane in self._lanes:
+        space.fill_mask(scheduler)
+        if space.any_start():
+            index = self.choose(self.features.fill(scheduler, now), space.mask, now)
+            if index != IDLE:
+                # A batch starts: the driver polls again at once, so this wake time is not used.
+                return space.decode(index, scheduler), math.inf
+            wake_at = now + self.idle_tick_s
+        else:
+            wake_at = math.inf
+        for lane in self._lanes:      # nothing starts: wake to expire what can no longer finish
             if len(lane.queue) and not lane.fifo:
                 wake_at = min(wake_at, lane.queue.earliest_deadline() - lane.min_latency_s)
-        if not space.any_start():
-            return None, wake_at
-        index = self.choose(self.features.fill(scheduler, now), mask, now)
-        if index == IDLE:
-            return None, min(wake_at, now + self.idle_tick_s)
-        return space.decode(index, scheduler), wake_at
+        return None, wake_at
 
     def alone(self, scheduler: "Scheduler", lane: "ModelLane", request: "Request") -> Action | None:
         if lane.starts_alone and request.deadline >= request.arrival + lane.min_latency_s:
