@@ -33,6 +33,8 @@ __all__ = [
     "gather_into",
     "scatter_rows",
     "PolicyNet",
+    "fill_features",
+    "fill_mask",
     "IMPLEMENTATION",
 ]
 
@@ -50,6 +52,8 @@ if _requested == "python":
         LatencyTable,
         gather_into,
         PolicyNet,
+        fill_features,
+        fill_mask,
         scatter_rows,
     )
 
@@ -61,6 +65,7 @@ elif _requested in ("", "compiled"):
         from agent.core._batch_rules import DeadlineAwareBatch, DynamicBatch, FixedBatch
         from agent.core._batch_assembly import gather_into, scatter_rows
         from agent.core._policy_net import PolicyNet
+        from agent.core._policy_features import fill_features, fill_mask
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("agent.core._"):
             _why = f"the compiled core was not built ({exc.name} is missing)"

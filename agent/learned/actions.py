@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from agent.core import fill_mask
 from agent.learned.features import BATCH_BUCKETS
 from agent.scheduler.policy import Action
 
@@ -56,31 +57,13 @@ class ActionSpace:
         return len(self.names)
 
     def fill_mask(self, scheduler: "Scheduler") -> np.ndarray:
-        """:attr:`mask` for the scheduler now (returned; overwritten by the next call). ``idle`` is
-        always allowed; no other index is when no slot is free."""
-        mask = self.mask
-        mask[:] = False
-        mask[IDLE] = True
-        self.starts = 0
-        if scheduler.in_flight >= scheduler.max_concurrent:
-            return mask
+        """:attr:`mask` for the scheduler now (returned; overwritten by the next call), written by
+        ``agent.core.fill_mask`` (compiled, or its pure twin). ``idle`` is always allowed; no other
+        index is when no slot is free."""
         lanes = scheduler.lanes
-        k = 1
-        nb = len(self.buckets)
-        for name in self.lanes:
-            lane = lanes[name]
-            n = len(lane.queue)
-            if n and lane.free_instances:
-                cap = lane.rule.max_batch
-                previous = 0
-                for j, b in enumerate(self.buckets):
-                    if previous >= n or previous >= cap:
-                        break
-                    mask[k + j] = True
-                    self.starts += 1
-                    previous = b
-            k += nb
-        return mask
+        self.starts = fill_mask([lanes[name] for name in self.lanes], self.buckets, scheduler.in_flight,
+                                scheduler.max_concurrent, self.mask_u8)
+        return self.mask
 
     def any_start(self) -> bool:
         """Whether the last :meth:`fill_mask` allowed anything but idling."""

@@ -23,7 +23,8 @@ within the tightest recent SLO waits: the hold cap binds).
 
 Everything comes from counters the queue and the scheduler keep (the queue's head and earliest
 deadline, the lane's rates and instance lists): no pass over the queued requests. The vector is
-written into a preallocated float32 buffer (:meth:`FeatureBuilder.fill`).
+written into a preallocated float32 buffer (:meth:`FeatureBuilder.fill`) by the compiled core
+(``agent.core.fill_features``; its pure twin ``agent.core.pure.policy_features``).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from agent.core import fill_features
 from agent.scheduler.dispatcher import ARRIVAL_BANDS_MS, ARRIVAL_TAU_S
 
 if TYPE_CHECKING:
@@ -70,6 +72,8 @@ class FeatureBuilder:
         self.buffer = np.zeros(len(self.names), dtype=np.float32)
         self._goodput = {lane: [0.0, 0.0] for lane in self.lanes}     # lane -> [rate, as of]
         self._batch_ms: dict[str, tuple[float, ...]] = {}
+        self._ordered: list | None = None          # the goodput entries in lane order (shared lists)
+        self._batch_list: list = []
 
     @property
     def size(self) -> int:
@@ -92,40 +96,16 @@ class FeatureBuilder:
         return cached
 
     def fill(self, scheduler: "Scheduler", now: float) -> np.ndarray:
-        """The vector at ``now`` in :attr:`buffer` (returned; overwritten by the next call). Built as
-        a list and written once: one numpy write costs about as much as the whole list."""
+        """The vector at ``now`` in :attr:`buffer` (returned; overwritten by the next call), written
+        by ``agent.core.fill_features`` (compiled, or its pure twin)."""
         lanes = scheduler.lanes
-        clip = SLACK_CLIP_MS
-        exp = math.exp
-        values: list[float] = []
-        append, extend = values.append, values.extend
-        for name in self.lanes:
-            lane = lanes[name]
-            queue = lane.queue
-            n = len(queue)
-            if n:
-                head = 1000.0 * (queue.head_deadline() - now)
-                tight = 1000.0 * (queue.earliest_deadline() - now)
-                wait = 1000.0 * (now - queue.oldest_arrival())
-                extend((n, clip if head > clip else -clip if head < -clip else head,
-                        clip if tight > clip else -clip if tight < -clip else tight,
-                        clip if wait > clip else wait))
-            else:
-                extend((0.0, clip, clip, 0.0))
-            decay = exp((lane.arrivals_at - now) / ARRIVAL_TAU_S) if now > lane.arrivals_at else 1.0
-            for rate in lane.arrival_rates:
-                append(rate * decay)
-            free = len(lane.free_instances)
-            extend((lane.instances - free, free))
-            extend(self._batch_ms.get(name) or self._profile_ms(lane))
-            admission = lane.admission
-            append(admission.slowdown if admission is not None else 1.0)
-            rate, at = self._goodput[name]
-            append(rate * exp((at - now) / GOODPUT_TAU_S) if now > at else rate)
-        extend((scheduler.max_concurrent - scheduler.in_flight, 1.0 if scheduler.urgent_waiting(now) else 0.0))
-        out = self.buffer
-        out[:] = values
-        return out
+        objects = [lanes[name] for name in self.lanes]
+        if self._ordered is None:
+            self._ordered = [self._goodput[name] for name in self.lanes]
+            self._batch_list = [self._profile_ms(lane) for lane in objects]
+        fill_features(objects, self._ordered, self._batch_list, scheduler, now, SLACK_CLIP_MS, ARRIVAL_TAU_S,
+                      GOODPUT_TAU_S, self.buffer)
+        return self.buffer
 
 
 __all__ = ["FEATURE_SCHEMA_VERSION", "SLACK_CLIP_MS", "BATCH_BUCKETS", "LANE_FEATURES", "BOARD_FEATURES",
