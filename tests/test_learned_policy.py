@@ -5,7 +5,6 @@ real scheduler, and the policy driving the simulator end to end with every reque
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -336,7 +336,6 @@ def bench_decision(policy_path: str | None = None, queued: int = 16, n: int = 20
     from agent.scheduler.dispatcher import Scheduler
     from agent.scheduler.policies.learned import LearnedPolicy
     from agent.scheduler.policies.rules import RulePolicy
-    from agent.scheduler.request import Request
     from edge_lab.bench.contenders import DEFAULT_POLICY_PATH
     from agent.scheduler.admission import AdmissionControl
 
