@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a learned dispatch policy in the simulator and distil it into the board's small network.
 
-    .venv/bin/pip install -e '.[train]'                 # torch 2.13 (CPU), gymnasium, matplotlib
+    .venv/bin/pip install -e '.[train]'                 # torch 2.13 (CPU), gymnasium; the lab brings matplotlib
     .venv/bin/python tools/train_policy.py train --board cpu-2core --seed 0 --out policies/cpu-2core
     .venv/bin/python tools/train_policy.py evaluate --board cpu-2core --policy policies/cpu-2core
 

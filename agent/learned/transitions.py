@@ -9,7 +9,7 @@ was answered between it and the next decision. The file (:meth:`TransitionLog.sa
 holds ``state, mask, action, reward, next_state, next_mask, done, time`` and a JSON header naming
 the feature schema and action space, so a board's recorded run trains an offline learner.
 
-Reward (ours, from ``edge_lab.metrics.utility``'s parts, which the agent cannot import): per SLO
+Reward (ours, from the parts of our utility, the lab's metrics, which the agent does not import): per SLO
 class c with ``n_c`` requests in the run, an answer within the SLO earns ``1 / (n_c x classes)``
 and an admitted request that misses (expired, shed or late) costs ``miss_penalty`` times that. A
 run's return is then the mean share of each class answered in time (utility's goodput term, whose
