@@ -56,13 +56,15 @@ class ActionSpace:
     def size(self) -> int:
         return len(self.names)
 
-    def fill_mask(self, scheduler: "Scheduler") -> np.ndarray:
+    def fill_mask(self, scheduler: "Scheduler", objects: list | None = None) -> np.ndarray:
         """:attr:`mask` for the scheduler now (returned; overwritten by the next call), written by
         ``agent.core.fill_mask`` (compiled, or its pure twin). ``idle`` is always allowed; no other
-        index is when no slot is free."""
-        lanes = scheduler.lanes
-        self.starts = fill_mask([lanes[name] for name in self.lanes], self.buckets, scheduler.in_flight,
-                                scheduler.max_concurrent, self.mask_u8)
+        index is when no slot is free. ``objects``: the scheduler's lanes in :attr:`lanes` order,
+        when the caller keeps them."""
+        if objects is None:
+            lanes = scheduler.lanes
+            objects = [lanes[name] for name in self.lanes]
+        self.starts = fill_mask(objects, self.buckets, scheduler.in_flight, scheduler.max_concurrent, self.mask_u8)
         return self.mask
 
     def any_start(self) -> bool:

@@ -95,11 +95,13 @@ class FeatureBuilder:
             self._batch_ms[lane.name] = cached
         return cached
 
-    def fill(self, scheduler: "Scheduler", now: float) -> np.ndarray:
+    def fill(self, scheduler: "Scheduler", now: float, objects: list | None = None) -> np.ndarray:
         """The vector at ``now`` in :attr:`buffer` (returned; overwritten by the next call), written
-        by ``agent.core.fill_features`` (compiled, or its pure twin)."""
-        lanes = scheduler.lanes
-        objects = [lanes[name] for name in self.lanes]
+        by ``agent.core.fill_features`` (compiled, or its pure twin); ``objects``: the scheduler's
+        lanes in :attr:`lanes` order, when the caller keeps them."""
+        if objects is None:
+            lanes = scheduler.lanes
+            objects = [lanes[name] for name in self.lanes]
         if self._ordered is None:
             self._ordered = [self._goodput[name] for name in self.lanes]
             self._batch_list = [self._profile_ms(lane) for lane in objects]

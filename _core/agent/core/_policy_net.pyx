@@ -14,6 +14,9 @@ cdef class PolicyNet:
     cdef const float[::1] mean, inv_std, b1, b2, b3
     cdef const float[:, ::1] w1, w2, w3
     cdef float[::1] z, h1, h2, out
+    cdef const float[::1] bound_x
+    cdef const unsigned char[::1] bound_mask
+    cdef bint bound
     cdef Py_ssize_t n_in, n1, n2, n_out
     cdef readonly object logits
 
@@ -32,15 +35,33 @@ cdef class PolicyNet:
         self.logits = np.empty(self.n_out, dtype=np.float32)
         self.out = self.logits
 
+    def bind(self, x, mask):
+        """Remember the feature and mask buffers a caller refills before each :meth:`act_bound`."""
+        cdef const float[::1] bx = x
+        cdef const unsigned char[::1] bm = mask
+        if bx.shape[0] != self.n_in or bm.shape[0] != self.n_out:
+            raise ValueError(f"PolicyNet.bind: {bx.shape[0]} features and {bm.shape[0]} mask entries: "
+                             f"expected {self.n_in} and {self.n_out}")
+        self.bound_x, self.bound_mask, self.bound = bx, bm, True
+
+    def act_bound(self):
+        """:meth:`act` on the buffers of :meth:`bind` (no buffer to acquire per call)."""
+        if not self.bound:
+            raise ValueError("PolicyNet.act_bound: bind(x, mask) first")
+        return self._act(self.bound_x, self.bound_mask)
+
     def act(self, const float[::1] x, const unsigned char[::1] mask):
         """The allowed action (``mask`` != 0) with the largest logit, the first of equal ones
         (-1 when nothing is allowed); the logits are left in :attr:`logits`."""
+        if x.shape[0] != self.n_in or mask.shape[0] != self.n_out:
+            raise ValueError(f"PolicyNet.act: {x.shape[0]} features and {mask.shape[0]} mask entries: "
+                             f"expected {self.n_in} and {self.n_out}")
+        return self._act(x, mask)
+
+    cdef Py_ssize_t _act(self, const float[::1] x, const unsigned char[::1] mask):
         cdef Py_ssize_t i, j, n_in = self.n_in, n1 = self.n1, n2 = self.n2, n_out = self.n_out
         cdef float acc, xi, best = 0.0
         cdef Py_ssize_t best_j = -1
-        if x.shape[0] != n_in or mask.shape[0] != n_out:
-            raise ValueError(f"PolicyNet.act: {x.shape[0]} features and {mask.shape[0]} mask entries: "
-                             f"expected {n_in} and {n_out}")
         with nogil:
             for i in range(n_in):
                 self.z[i] = (x[i] - self.mean[i]) * self.inv_std[i]

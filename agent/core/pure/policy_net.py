@@ -27,6 +27,20 @@ class PolicyNet:
         self.h2 = np.empty(n2, dtype=np.float32)
         self.logits = np.empty(n_out, dtype=np.float32)
 
+    def bind(self, x: np.ndarray, mask: np.ndarray) -> None:
+        """Remember the feature and mask buffers a caller refills before each :meth:`act_bound`."""
+        if x.shape != self.z.shape or mask.shape != self.logits.shape:
+            raise ValueError(f"PolicyNet.bind: {x.shape[0]} features and {mask.shape[0]} mask entries: "
+                             f"expected {self.z.shape[0]} and {self.logits.shape[0]}")
+        self._bound = (x, mask)
+
+    def act_bound(self) -> int:
+        """:meth:`act` on the buffers of :meth:`bind`."""
+        bound = getattr(self, "_bound", None)
+        if bound is None:
+            raise ValueError("PolicyNet.act_bound: bind(x, mask) first")
+        return self.act(*bound)
+
     def act(self, x: np.ndarray, mask: np.ndarray) -> int:
         """The allowed action (``mask`` != 0) with the largest logit, the first of equal ones
         (-1 when nothing is allowed); the logits are left in :attr:`logits`."""

@@ -55,18 +55,21 @@ class LearnedPolicy:
         if chooser is not None and hasattr(chooser, "bind"):
             chooser.bind(scheduler)      # a chooser that reads the scheduler itself (a rule, in training)
         self._alone = {name: Action(name, 1) for name in scheduler.lanes}
+        # The lane objects in the card's order: this policy is built again when the lanes change.
         self._lanes = [scheduler.lanes[name] for name in lanes]
+        if loaded is not None:
+            loaded.net.core.bind(self.features.buffer, self.space.mask_u8)
 
     def choose(self, features: "np.ndarray", mask: "np.ndarray", now: float) -> int:
         if self.chooser is not None:
             return self.chooser(features, mask, now)
-        return self.loaded.net.act(features, self.space.mask_u8)
+        return self.loaded.net.core.act_bound()        # features and mask are the bound buffers
 
     def decide(self, scheduler: "Scheduler", now: float) -> tuple[Action | None, float]:
         space = self.space
-        space.fill_mask(scheduler)
-        if space.any_start():
-            index = self.choose(self.features.fill(scheduler, now), space.mask, now)
+        space.fill_mask(scheduler, self._lanes)
+        if space.starts:
+            index = self.choose(self.features.fill(scheduler, now, self._lanes), space.mask, now)
             if index != IDLE:
                 # A batch starts: the driver polls again at once, so this wake time is not used.
                 return space.decode(index, scheduler), math.inf

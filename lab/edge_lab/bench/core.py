@@ -373,9 +373,9 @@ def bench_decision(policy_path: str | None = None, queued: int = 16, n: int = 20
     return {
         "rules decide (us)": timed(lambda: rules.decide(scheduler, now)),
         "learned decide (us)": timed(lambda: learned.decide(scheduler, now)),
-        "  features (us)": timed(lambda: learned.features.fill(scheduler, now)),
-        "  mask (us)": timed(lambda: learned.space.fill_mask(scheduler)),
-        "  forward + argmax (us)": timed(lambda: loaded.net.act(features, mask)),
+        "  features (us)": timed(lambda: learned.features.fill(scheduler, now, learned._lanes)),
+        "  mask (us)": timed(lambda: learned.space.fill_mask(scheduler, learned._lanes)),
+        "  forward + argmax (us)": timed(loaded.net.core.act_bound),
         "features": float(len(features)),
         "actions": float(len(mask)),
     }
