@@ -333,9 +333,10 @@ def test_apply_contender_rewrites_every_model(contender):
             assert model.instances == base.model(model.name).instances
     assert config.workers == (1 if contender == "fifo" else base.workers)
     # Our batch cap is ours: the baselines (deeprt has admission control, which it would reach) run without it.
-    assert config.hold_fraction == (base.hold_fraction if contender == "edge" else 0.0) and base.hold_fraction > 0
-    assert config.admission_lookahead == (contender == "edge") and base.admission_lookahead
-    assert config.edf_horizon_ms == (base.edf_horizon_ms if contender == "edge" else 0.0) and base.edf_horizon_ms > 0
+    ours = contender in ("edge", "learned")     # the learned policy runs on our lanes' settings
+    assert config.hold_fraction == (base.hold_fraction if ours else 0.0) and base.hold_fraction > 0
+    assert config.admission_lookahead == ours and base.admission_lookahead
+    assert config.edf_horizon_ms == (base.edf_horizon_ms if ours else 0.0) and base.edf_horizon_ms > 0
     assert (config.device, config.mqtt) == (base.device, base.mqtt)
 
 
