@@ -375,3 +375,29 @@ def test_compiled_and_pure_features_and_mask_agree_along_a_simulated_run():
                       policy_options={"learned_chooser": Checking(), "learned_lanes": LANES})
     assert len(checked) > 50 and max(checked) > 1          # decisions with a backlog were compared
     assert all(r.status != "unanswered" for r in result.records)
+
+
+def test_gymnasium_env_steps_through_a_simulated_trace():
+    pytest.importorskip("gymnasium")
+    import sys
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from policy_env import DispatchEnv
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    rows = trace(300)
+
+    def run(trace_rows, on_reply=None, **options):
+        return simulate(trace_rows, sim_models(), workers=2, policy="learned", policy_options=options,
+                        on_reply=on_reply)
+    env = DispatchEnv(run, lambda rng: rows, LANES)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == env.observation_space.shape and info["action_mask"][0]
+    steps, total, done = 0, 0.0, False
+    while not done:
+        obs, reward, done, truncated, info = env.step(int(np.flatnonzero(info["action_mask"])[-1]))
+        steps, total = steps + 1, total + reward
+    assert steps > 10 and 0 < total <= len(rows) + 1e-6     # about 1 per answer in time
+    env.reset(seed=1)
+    env.step(0)
+    env.close()                                              # a simulation stopped half-way
