@@ -220,7 +220,7 @@ class Agent:
             [_lane(name, m) for name, m in lanes.items()],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
             lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
-            policy_options={"offload": config.offload,
+            policy_options={"offload": config.offload, "policy_path": config.policy_path,
                             "offload_view": self.offload.view() if self.offload is not None else None},
         )
         self.executor = LocalExecutor({name: m.instance_set() for name, m in lanes.items()})
@@ -457,6 +457,26 @@ class Agent:
             self._notify_models_changed()
             return {"model": name, "batching": {"rule": batching.rule, **rule.describe()},
                     "was": {"rule": loaded.config.batching.rule, **loaded.rule.describe()}}
+
+    def set_policy(self, policy: str, policy_path: str | None = None) -> dict:
+        """Decide every dispatch by ``policy`` (a name of ``agent.scheduler.policies``) from the next
+        decision on, ``policy_path`` the learned policy's directory; nothing queued or running is
+        lost. Raises ``ValueError`` naming what is wrong (an unknown name, a card refused: the old
+        policy goes on deciding)."""
+        from agent.scheduler.policy import policy_names
+        if policy not in policy_names():
+            raise ValueError(f"policy = {policy!r}: expected one of {policy_names()}")
+        path = policy_path if policy_path is not None else (self.config.policy_path if policy == "learned" else None)
+        if policy == "learned" and path is None:
+            raise ValueError("policy 'learned' needs a policy directory (policy_path)")
+        with self._changes:
+            with self.loop.cond:
+                was = self.scheduler.policy.name
+                self.scheduler.set_policy(policy, {"policy_path": path})
+                self.config = dataclasses.replace(self.config, policy=policy, policy_path=path)
+                self.loop.cond.notify_all()    # what the old policy held may leave now
+            log.info("dispatch policy %s -> %s%s", was, policy, f" ({path})" if path else "")
+            return {"policy": policy, "policy_path": path, "was": was}
 
     def set_default_slo(self, name: str, slo_ms: float) -> float:
         """Requests for ``name`` that give no SLO get ``slo_ms`` from now on; returns the old one."""

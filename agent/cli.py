@@ -47,6 +47,27 @@ def _config_path(args: argparse.Namespace, command: str) -> str | None:
     return path
 
 
+def _with_policy(config, policy: str):
+    """``config`` deciding by ``policy``: a policy's name, or a learned policy's directory (checked
+    here against the config's models: a ``ConfigError`` names what differs)."""
+    from pathlib import Path
+
+    from agent.config import ConfigError
+    from agent.learned.card import CARD_FILE, PolicyCardError, load_policy
+    from agent.scheduler.policy import policy_names
+    if (Path(policy) / CARD_FILE).is_file():
+        try:
+            load_policy(policy, [m.name for m in config.models])
+        except PolicyCardError as exc:
+            raise ConfigError("--policy", policy, f"a policy for this config's models ({exc})") from None
+        return dataclasses.replace(config, policy="learned", policy_path=str(Path(policy).resolve()))
+    if policy not in policy_names():
+        raise ConfigError("--policy", policy, f"one of {policy_names()} or a learned policy's directory (its card.json)")
+    if policy == "learned" and config.policy_path is None:
+        raise ConfigError("--policy", policy, "a learned policy's directory, or [agent] policy_path in the config")
+    return dataclasses.replace(config, policy=policy)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
     from agent.intake.http import raise_open_file_limit
@@ -73,6 +94,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             config = dataclasses.replace(config, http=dataclasses.replace(config.http, enabled=True, port=args.http_port))
         if args.no_mqtt:
             config = dataclasses.replace(config, mqtt=dataclasses.replace(config.mqtt, enabled=False))
+        if args.policy is not None:
+            config = _with_policy(config, args.policy)
         return config
 
     try:
@@ -249,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "on port N (0 = any free port) of the config's [http] host (default 127.0.0.1)")
     run.add_argument("--no-mqtt", action="store_true",
                      help="do not connect to the MQTT broker (serve only HTTP: give --http-port or enable [http])")
+    run.add_argument("--policy", metavar="NAME|DIR",
+                     help="decide dispatches by this policy instead of the config's [agent] policy: a name (rules, "
+                          "learned, ...) or a learned policy's directory (e.g. policies/cpu-2core), checked at start")
     run.add_argument("--log-format", choices=("text", "json"),
                      help="json: one JSON object a line on stdout (ts, level, logger, msg, ...), for journald; "
                           "default: the config's [agent] log_format, else text on stderr")

@@ -254,6 +254,9 @@ class Config:
     drain_timeout_s: float = 1.0
     # What decides each dispatch: a module of agent.scheduler.policies (agent.scheduler.policy).
     policy: str = DEFAULT_POLICY
+    # The learned policy's directory (a card and its weights, agent.learned.card); needed by
+    # policy = "learned" and checked against the models when the agent starts.
+    policy_path: str | None = None
     profile: str | None = None                 # a profile file (edge-agent profile); None = measure at start
     log_format: str = "text"                   # "json": one JSON object a line on stdout (agent.ops.json_log)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -416,6 +419,16 @@ def _profile_path(value: str | None, base_dir: Path | None) -> str | None:
     return str((base_dir / value).resolve())
 
 
+def _policy_path(agent: dict, base_dir: Path | None) -> str | None:
+    """``[agent] policy_path`` (relative to the config), required by ``policy = "learned"``."""
+    path = _profile_path(_take(agent, "policy_path", "agent", str, None, lambda v: bool(v),
+                               "a policy directory (its card.json and weights)"), base_dir)
+    if agent.get("policy") == "learned" and path is None:
+        raise ConfigError("agent.policy_path", None, "a policy directory (e.g. policies/cpu-2core) when "
+                                                     "policy = \"learned\"")
+    return path
+
+
 def _parse_security(mqtt: dict, base_dir: Path | None) -> MqttSecurity:
     """``[mqtt]`` TLS and credentials, the files they name loaded once here (a missing CA, a key
     that does not match its certificate, a password file others may read: a ConfigError at load)."""
@@ -490,7 +503,8 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError("config_version", version, f"{CONFIG_VERSION} (this agent reads config version {CONFIG_VERSION})")
     agent = _table(data, "agent", "")
     _no_unknown(agent, {"device", "workers", "max_payload_bytes", "hold_fraction", "admission_lookahead",
-                        "edf_horizon_ms", "worker_nice", "drain_timeout_s", "policy", "profile", "log_format"}, "agent")
+                        "edf_horizon_ms", "worker_nice", "drain_timeout_s", "policy", "policy_path", "profile",
+                        "log_format"}, "agent")
     mqtt = _table(data, "mqtt", "")
     if "password" in mqtt:
         raise ConfigError("mqtt.password", "(hidden)", "no password in the config: put it in a file only its owner "
@@ -542,6 +556,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
                                     "seconds in 0..600 (0 = answer everything queued shutting_down at once)")),
         policy=_take(agent, "policy", "agent", str, DEFAULT_POLICY, lambda v: v in policy_names(),
                      f"one of {policy_names()}"),
+        policy_path=_policy_path(agent, base_dir),
         profile=_profile_path(_take(agent, "profile", "agent", str, None, lambda v: bool(v), "a path to a profile file"),
                               base_dir),
         log_format=_take(agent, "log_format", "agent", str, "text", lambda v: v in LOG_FORMATS, f"one of {LOG_FORMATS}"),

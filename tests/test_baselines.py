@@ -297,7 +297,7 @@ SLOS = {"mobilenet_digits": 50.0, "resnet_digits": 80.0}
 
 
 def test_contenders_have_descriptions_citing_a_source():
-    assert set(CONTENDERS) == {"fifo", "fixed", "triton", "clipper", "deeprt", "edge"}
+    assert set(CONTENDERS) == {"fifo", "fixed", "triton", "clipper", "deeprt", "edge", "learned"}
     for name, spec in CONTENDERS.items():
         assert spec.name == name and spec.description and "\n" not in spec.description
 
@@ -308,7 +308,7 @@ def test_apply_contender_rewrites_every_model(contender):
     config = apply_contender(base, contender, slo_ms_by_model=SLOS)
     assert base.models[0].batching.rule == "deadline_aware"     # the original is untouched
     expected_rule = {"fifo": "fifo", "fixed": "fixed", "triton": "dynamic", "clipper": "aimd",
-                     "deeprt": "disbatcher", "edge": "deadline_aware"}[contender]
+                     "deeprt": "disbatcher", "edge": "deadline_aware", "learned": "deadline_aware"}[contender]
     for model in config.models:
         b = model.batching
         assert b.rule == expected_rule
@@ -326,13 +326,17 @@ def test_apply_contender_rewrites_every_model(contender):
             assert b.window_ms == SLOS[model.name] / 2 and b.admission and not b.shed_hopeless
         if contender == "edge":
             assert b.shed_hopeless and b.admission
+        if contender == "learned":   # the shipped policy was trained without admission (its card's lanes)
+            assert b.shed_hopeless and not b.admission
+            assert config.policy == "learned" and config.policy_path.endswith("cpu-2core")
         if contender != "fifo":
             assert model.instances == base.model(model.name).instances
     assert config.workers == (1 if contender == "fifo" else base.workers)
     # Our batch cap is ours: the baselines (deeprt has admission control, which it would reach) run without it.
-    assert config.hold_fraction == (base.hold_fraction if contender == "edge" else 0.0) and base.hold_fraction > 0
-    assert config.admission_lookahead == (contender == "edge") and base.admission_lookahead
-    assert config.edf_horizon_ms == (base.edf_horizon_ms if contender == "edge" else 0.0) and base.edf_horizon_ms > 0
+    ours = contender in ("edge", "learned")     # the learned policy runs on our lanes' settings
+    assert config.hold_fraction == (base.hold_fraction if ours else 0.0) and base.hold_fraction > 0
+    assert config.admission_lookahead == ours and base.admission_lookahead
+    assert config.edf_horizon_ms == (base.edf_horizon_ms if ours else 0.0) and base.edf_horizon_ms > 0
     assert (config.device, config.mqtt) == (base.device, base.mqtt)
 
 

@@ -47,7 +47,7 @@ def test_bench_run_compares_contenders_live_and_simulated(trace_file, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--policies", "fifo,nonsense"], "unknown ['nonsense']"),
-    (["--contenders", "edge,sjf"], "unknown ['sjf']; choose from ['clipper', 'deeprt', 'edge', 'fifo', 'fixed', 'triton']"),
+    (["--contenders", "edge,sjf"], "unknown ['sjf']; choose from ['clipper', 'deeprt', 'edge', 'fifo', 'fixed', 'learned', 'triton']"),
     (["--config", "/nonexistent.toml"], "an existing TOML file"),
 ])
 def test_bench_run_refuses_bad_arguments(trace_file, tmp_path, args, message):

@@ -341,3 +341,23 @@ def test_fuzzed_commands_through_the_broker_are_each_refused_once_with_a_reason(
     assert fuzz["unanswered"] == 0 and fuzz["answered_twice"] == 0
     assert sum(fuzz["codes"].values()) == 300 and "ok" not in fuzz["codes"]
     assert fuzz["agent_exit"] == 0
+
+
+def test_set_policy_refuses_a_card_for_other_models_and_swaps_by_name(operator, tmp_path):
+    import numpy as np
+
+    from agent.learned.actions import action_names
+    from agent.learned.card import write_policy
+    from agent.learned.features import BATCH_BUCKETS, feature_names
+    lanes = (MODEL, "not_loaded_here")
+    n_in, n_out = len(feature_names(lanes)), len(action_names(lanes))
+    write_policy(tmp_path, {"w1": np.zeros((n_in, 32)), "b1": np.zeros(32), "w2": np.zeros((32, 32)), "b2": np.zeros(32),
+                            "w3": np.zeros((32, n_out)), "b3": np.zeros(n_out)},
+                 lanes=lanes, buckets=BATCH_BUCKETS, mean=np.zeros(n_in), std=np.ones(n_in), idle_tick_ms=1.0,
+                 training={})
+    refused = operator.run("set-policy", {"policy": "learned", "policy_path": str(tmp_path)})
+    assert refused["code"] == "cannot_apply_live" and "not_loaded_here" in refused["reason"]
+    assert operator.run("set-policy", {"policy": "no_such_policy"})["code"] == "cannot_apply_live"
+    assert operator.run("set-policy", {"policy": "rules", "extra": 1})["code"] == "bad_args"
+    swapped = operator.run("set-policy", {"policy": "rules"})
+    assert swapped["ok"] and swapped["result"] == {"policy": "rules", "policy_path": None, "was": "rules"}

@@ -32,6 +32,9 @@ __all__ = [
     "BatchRule",
     "gather_into",
     "scatter_rows",
+    "PolicyNet",
+    "fill_features",
+    "fill_mask",
     "IMPLEMENTATION",
 ]
 
@@ -48,6 +51,9 @@ if _requested == "python":
         FixedBatch,
         LatencyTable,
         gather_into,
+        PolicyNet,
+        fill_features,
+        fill_mask,
         scatter_rows,
     )
 
@@ -58,6 +64,8 @@ elif _requested in ("", "compiled"):
         from agent.core._latency_table import LatencyTable
         from agent.core._batch_rules import DeadlineAwareBatch, DynamicBatch, FixedBatch
         from agent.core._batch_assembly import gather_into, scatter_rows
+        from agent.core._policy_net import PolicyNet
+        from agent.core._policy_features import fill_features, fill_mask
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("agent.core._"):
             _why = f"the compiled core was not built ({exc.name} is missing)"

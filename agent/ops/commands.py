@@ -19,7 +19,9 @@ Commands here: ``status`` (the board's status and counters), ``drain`` (new requ
 ``shutting_down``; what was accepted is served; the ack comes when nothing is queued or running,
 or after ``timeout_s``), ``resume`` (take requests again), and the model and key changes:
 ``load-model`` (args: one ``[[models]]`` table, validated as a config file's), ``unload-model``,
-``set-batching``, ``set-slo-default``, ``reload-config`` (the config file again: its models' changes
+``set-batching``, ``set-slo-default``, ``set-policy`` (args: ``policy``, the learned one's
+``policy_path``: the card is checked first, a refused one leaves the old policy deciding),
+``reload-config`` (the config file again: its models' changes
 applied through the same operations, all or nothing; what only a restart changes refused
 ``needs_restart``), ``selftest`` (:func:`agent.ops.selftest.run_selftest`, its report in the ack)
 and ``rotate-key`` (trust a new operator key, revoke old ones, on disk). Each changes the agent
@@ -104,6 +106,7 @@ class CommandChannel:
             "status": self._status, "drain": self._drain, "resume": self._resume,
             "load-model": self._load_model, "unload-model": self._unload_model,
             "set-batching": self._set_batching, "set-slo-default": self._set_slo_default,
+            "set-policy": self._set_policy,
             "selftest": self._selftest, "reload-config": self._reload_config, "rotate-key": self._rotate_key,
         }
         self.answered = 0
@@ -309,6 +312,20 @@ class CommandChannel:
             raise CommandArgsError(_args_error(exc)) from None
         try:
             result = self.agent.set_batching(name, batching)
+        except ValueError as exc:
+            raise CommandFailed("cannot_apply_live", str(exc)) from None
+        self._publish_status()
+        return result
+
+    def _set_policy(self, args: dict) -> dict:
+        _no_args(args, {"policy", "policy_path"})
+        policy, path = args.get("policy"), args.get("policy_path")
+        if not isinstance(policy, str) or not policy:
+            raise CommandArgsError(f"policy = {policy!r}: expected a policy's name (rules, learned, ...)")
+        if path is not None and (not isinstance(path, str) or not path):
+            raise CommandArgsError(f"policy_path = {path!r}: expected a policy directory on the board")
+        try:
+            result = self.agent.set_policy(policy, path)
         except ValueError as exc:
             raise CommandFailed("cannot_apply_live", str(exc)) from None
         self._publish_status()

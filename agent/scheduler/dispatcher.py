@@ -69,6 +69,11 @@ from agent.scheduler.request import Request
 IDLE_GAP_S = 0.002
 #: ``Dispatch.instance`` of a batch that computes nothing here (:meth:`Scheduler.take_away`).
 NO_INSTANCE = -1
+#: SLO band edges (ms) of a lane's arrival rates (``ModelLane.arrival_rates``): tight below the first,
+#: loose from the last on.
+ARRIVAL_BANDS_MS = (25.0, 100.0)
+#: Time constant of those rates.
+ARRIVAL_TAU_S = 0.5
 
 
 def water_level(free_at: list[float], work: float) -> float:
@@ -190,6 +195,24 @@ class ModelLane:
     free_instances: list[int] = field(default_factory=list)
     ready_ids: np.ndarray = field(default=None)
     expired_ids: np.ndarray = field(default=None)
+    # Admitted arrivals per second by SLO band (ARRIVAL_BANDS_MS), an EWMA with time constant
+    # ARRIVAL_TAU_S as of ``arrivals_at``: kept per request at admission so that a policy reads the
+    # rates (the learned policy's features) without a pass over the queue.
+    arrival_rates: list = field(default_factory=lambda: [0.0] * (len(ARRIVAL_BANDS_MS) + 1))
+    arrivals_at: float = 0.0
+
+    def count_arrival(self, slo_s: float, now: float) -> None:
+        """One more admitted request with SLO ``slo_s`` at ``now`` in :attr:`arrival_rates`."""
+        decay = math.exp(-max(0.0, now - self.arrivals_at) / ARRIVAL_TAU_S)
+        rates = self.arrival_rates
+        for k in range(len(rates)):
+            rates[k] *= decay
+        band = 0
+        slo_ms = 1000.0 * slo_s
+        while band < len(ARRIVAL_BANDS_MS) and slo_ms >= ARRIVAL_BANDS_MS[band]:
+            band += 1
+        rates[band] += 1.0 / ARRIVAL_TAU_S
+        self.arrivals_at = now
 
     def __post_init__(self) -> None:
         if self.fifo and (self.min_latency_s > 0 or self.admission is not None):
@@ -367,6 +390,7 @@ class Scheduler:
         """What the scheduler keeps from an admitted request once it is queued (:meth:`enqueue`) or
         answered (:meth:`start_alone`'s driver): the lookahead's rate of its SLO class."""
         lane = self.lanes[request.model]
+        lane.count_arrival(request.deadline - request.arrival, request.arrival)
         if self.lookahead and lane.admission is not None:
             self._count_admitted(lane.admission, request.deadline - request.arrival, request.arrival)
 
@@ -673,6 +697,22 @@ class Scheduler:
             bound = self.hold_fraction * self.tight_slo_s
             for lane in self._capped:
                 lane.batch_cap = hold_cap(lane.admission.table, lane.rule.max_batch, bound)
+
+    def set_policy(self, policy: str | Policy, policy_options: dict | None = None) -> Policy:
+        """Decide by ``policy`` from the next poll on (``set-policy``; the caller holds the drivers'
+        lock). It is built before anything changes, so a policy that cannot be built (a learned
+        policy's card refused) leaves the old one deciding. Queued requests and batches in flight
+        stay as they are; the new policy observes the batches the old one started. Returns the old."""
+        options = {**self.policy_options, **(policy_options or {})}
+        old_options, self.policy_options = self.policy_options, options
+        try:
+            new = build_policy(policy, self) if isinstance(policy, str) else policy
+        except Exception:
+            self.policy_options = old_options
+            raise
+        old, self.policy = self.policy, new
+        self._policy_name = policy if isinstance(policy, str) else None
+        return old
 
     def _check_policy_follows(self) -> None:
         """Refuse a change of lanes, before anything changes, that the policy could not follow."""

@@ -197,7 +197,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
              edf_horizon_s: float = math.inf, policy: str = DEFAULT_POLICY, idle_path: bool = True,
              peers: Sequence["SimPeerSpec"] = (), offload: "OffloadConfig | None" = None,
              offload_models: "Sequence[SimOffloadModel]" = (),
-             slowdown: "Mapping[str, Callable[[int], float]] | None" = None) -> SimResult:
+             slowdown: "Mapping[str, Callable[[int], float]] | None" = None, policy_options: dict | None = None,
+             on_reply=None) -> SimResult:
     """Replay ``trace`` through the live scheduler on a virtual clock; one record per row.
 
     ``workers`` is the number of execution slots (``Config.worker_count``: the scheduler's
@@ -248,6 +249,10 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
     ids>)``), and ``offload_models`` (:class:`~agent.sim.offload.SimOffloadModel`, e.g. from a
     card) give each model's split points and input size. The run then ends when nothing is left on
     a link or a peer either. Without peers none of this exists and the run is as before.
+
+    ``policy_options``: more for the policy (``Scheduler.policy_options``), e.g. the learned
+    policy's ``policy_path``; merged over the offload's. ``on_reply(request, result, error)``: told of
+    every reply the driver sets (``Driver``'s hook; a learner's reward as it happens), at virtual now.
     """
     started_wall = time.perf_counter()
     if workers < 1:
@@ -276,19 +281,22 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                            jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule,
                            slowdown=slowdown)
     offloading = None
-    policy_options = None
+    extra_options, policy_options = policy_options, None
     if peers:
         from agent.sim.offload import SimOffload
         offloading = SimOffload(peers, {m.name: m.latency for m in models}, offload_models, executor, clock, post)
         policy_options = offloading.policy_options(offload)
+    if extra_options:
+        policy_options = {**(policy_options or {}), **extra_options}
     scheduler = Scheduler([m.lane() for m in models], max_concurrent=workers, hold_fraction=hold_fraction,
                           lookahead=lookahead, edf_horizon_s=edf_horizon_s, policy=policy,
                           policy_options=policy_options)
     if offloading is None:
-        driver = Driver(scheduler, executor, lambda: clock.now, explain=False)
+        driver = Driver(scheduler, executor, lambda: clock.now, explain=False, on_reply=on_reply)
         executor.answer_part = driver.answer_part
     else:
-        driver = Driver(scheduler, {LOCAL: executor, **offloading.executors}, lambda: clock.now, explain=False)
+        driver = Driver(scheduler, {LOCAL: executor, **offloading.executors}, lambda: clock.now, explain=False,
+                        on_reply=on_reply)
         offloading.driver = driver
         executor.answer_part = driver.answer_part
     exit_plans = {m.name: m.exits for m in models if m.exits is not None}

@@ -47,19 +47,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_core(args: argparse.Namespace) -> int:
-    from edge_lab.bench.core import bench_assembly, bench_queue, format_core_report
+    from edge_lab.bench.core import bench_assembly, bench_decision, bench_queue, format_core_report
     from edge_lab.bench.overhead import bench_overhead_inprocess, bench_overhead_mqtt, format_overhead
     from agent.progress import Progress
     print("edge-agent bench core: medians of repeated runs, every ratio measured side by side in this run", flush=True)
     skipped = None
     from edge_lab.bench.exit_alloc import bench_decision_time
-    with Progress(4 + (not args.no_mqtt), desc="bench core") as progress:    # on a terminal: the time left
+    with Progress(5 + (not args.no_mqtt), desc="bench core") as progress:    # on a terminal: the time left
         progress.step("EDF queue")
         results = {"queue": bench_queue()}
         progress.step("batch assembly")
         results["assembly"] = bench_assembly()
         progress.step("exit allocation")
         results["exit_decision"] = bench_decision_time()
+        progress.step("dispatch decision")
+        results["dispatch decision, rules vs learned (policies/cpu-2core)"] = bench_decision()
         progress.step("overhead in process")
         rows = bench_overhead_inprocess(n=args.requests)
         if not args.no_mqtt:
@@ -94,6 +96,10 @@ def _cmd_bench_run(args: argparse.Namespace) -> int:
             load_profile(args.profile)   # fail now, naming the field, not after the first contender
             config = dataclasses.replace(config, profile=str(Path(args.profile).resolve()))
         trace = read_trace(args.trace)
+        if args.policy_path:
+            from agent.learned.card import load_policy
+            load_policy(args.policy_path, [m.name for m in config.models])   # refused now, naming what differs
+            config = dataclasses.replace(config, policy_path=str(Path(args.policy_path).resolve()))
     except (ConfigError, TraceError, ValueError) as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
@@ -469,8 +475,12 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     bench_run.add_argument("--config", metavar="FILE", help="agent config whose models the trace names (default: the demo)")
     bench_run.add_argument("--contenders", "--policies", dest="contenders", metavar="NAMES",
                            default="fifo,fixed,triton,clipper,deeprt,edge",
-                           help="comma-separated contenders (default: all): fifo, fixed, triton, clipper, deeprt, "
-                                "edge; --policies is its older name")
+                           help="comma-separated contenders (default: all but learned): fifo, fixed, triton, clipper, "
+                                "deeprt, edge, learned (the distilled network of --policy-path); --policies is its "
+                                "older name")
+    bench_run.add_argument("--policy-path", metavar="DIR",
+                           help="the learned contender's policy directory (default: the config's [agent] "
+                                "policy_path, else policies/cpu-2core)")
     bench_run.add_argument("--profile", metavar="FILE",
                            help="batch latencies from this profile (edge-agent profile) instead of measuring at start")
     bench_run.add_argument("--mode", choices=("both", "live", "sim"), default="both", help="live, simulated, or both (default)")

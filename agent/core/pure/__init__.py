@@ -50,7 +50,13 @@ from agent.core.types import (  # noqa: F401
     _validated_profile,
 )
 
+from agent.core.pure.policy_features import fill_features, fill_mask
+from agent.core.pure.policy_net import PolicyNet
+
 __all__ = [
+    "PolicyNet",
+    "fill_features",
+    "fill_mask",
     "DeadlineQueue",
     "PushResult",
     "LatencyTable",

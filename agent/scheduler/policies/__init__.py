@@ -8,4 +8,6 @@ Each module has ``build(scheduler) -> Policy`` (``agent.scheduler.policy``):
   and the idle board's path.
 * ``offload_fixed``: the rules' decision, a fixed share of the batches sent to one peer at one split
   point (``[offload] peer``, ``split``, ``share``): for tests and as a baseline.
+* ``learned``: a distilled network decides (``[agent] policy_path``: its card and weights,
+  ``agent.learned``), trained offline in the simulator by ``tools/train_policy.py``.
 """

@@ -12,6 +12,7 @@ differ from the original, the rule's docstring says so (``agent.scheduler.baseli
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Mapping
 
 from agent.config import BatchingConfig, Config, ModelConfig
@@ -33,6 +34,13 @@ class ContenderSpec:
     admission_lookahead: bool | None = False   # None = keep the config's
     # The EDF horizon (``Config.edf_horizon_ms``, ours): 0 (plain EDF, or the contender's own order) likewise.
     edf_horizon_ms: float | None = 0.0  # None = keep the config's
+    # The dispatch policy (``[agent] policy``); None = keep the config's. ``learned`` takes its
+    # directory from the config's ``policy_path``, else :data:`DEFAULT_POLICY_PATH`.
+    policy: str | None = None
+
+
+#: The learned contender's policy when the config names none: the one shipped for this machine's class.
+DEFAULT_POLICY_PATH = Path(__file__).resolve().parents[3] / "policies" / "cpu-2core"
 
 
 def _batching(model: ModelConfig, rule: str, *, shed: bool = False, admission: bool = False, **fields) -> BatchingConfig:
@@ -90,7 +98,22 @@ CONTENDERS: dict[str, ContenderSpec] = {spec.name: spec for spec in (
     ContenderSpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, batches capped "
                           "by the tightest SLO, shedding and admission control (README, agent.scheduler)", _edge,
                   hold_fraction=None, admission_lookahead=None, edf_horizon_ms=None),
+    ContenderSpec("learned", "ours: the edge lanes (deadline-aware rule, shedding, admission unless the policy was "
+                             "trained without it: its card's training.lanes = 'shed'), each dispatch decided by "
+                             "the distilled network of [agent] policy_path (default policies/cpu-2core; "
+                             "agent.scheduler.policies.learned)", _edge,
+                  hold_fraction=None, admission_lookahead=None, edf_horizon_ms=None, policy="learned"),
 )}
+
+
+def _trained_lanes(policy_path: str) -> str:
+    """The lanes a learned policy was trained on (its card's ``training.lanes``; ``edge`` if unsaid)."""
+    import json
+    try:
+        card = json.loads((Path(policy_path) / "card.json").read_text())
+    except (OSError, ValueError):
+        return "edge"           # the agent refuses the policy at load, naming why
+    return str(card.get("training", {}).get("lanes", "edge"))
 
 
 def apply_contender(config: Config, contender: str, *, slo_ms_by_model: Mapping[str, float] | None = None) -> Config:
@@ -106,8 +129,15 @@ def apply_contender(config: Config, contender: str, *, slo_ms_by_model: Mapping[
     hold = config.hold_fraction if spec.hold_fraction is None else spec.hold_fraction
     lookahead = config.admission_lookahead if spec.admission_lookahead is None else spec.admission_lookahead
     horizon = config.edf_horizon_ms if spec.edf_horizon_ms is None else spec.edf_horizon_ms
+    policy = config.policy if spec.policy is None else spec.policy
+    policy_path = config.policy_path
+    if policy == "learned" and policy_path is None:
+        policy_path = str(DEFAULT_POLICY_PATH)
+    if spec.policy == "learned" and _trained_lanes(policy_path) == "shed":
+        # Trained on the edge lanes without admission (tools/train_policy.py, LANES): run it on those.
+        models = tuple(replace(m, batching=replace(m.batching, admission=False)) for m in models)
     return replace(config, models=models, workers=workers, hold_fraction=hold, admission_lookahead=lookahead,
-                   edf_horizon_ms=horizon)
+                   edf_horizon_ms=horizon, policy=policy, policy_path=policy_path)
 
 
 __all__ = ["CONTENDERS", "ContenderSpec", "apply_contender"]

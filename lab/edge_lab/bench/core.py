@@ -328,3 +328,64 @@ def format_core_report(results: Mapping[str, Mapping[str, Any]]) -> str:
         else:
             blocks.append(_generic_section(name, figures))
     return "\n\n".join("\n".join(block) for block in blocks)
+
+
+def bench_decision(policy_path: str | None = None, queued: int = 16, n: int = 20_000, repeats: int = 5) -> dict:
+    """One dispatch decision's time, rules against the learned policy, on the same scheduler state:
+    the two demo models' lanes (deadline-aware rule, admission, the learned policy's card's lanes)
+    with ``queued`` requests each and both slots free. For the learned policy also its parts: the
+    feature vector, the mask, the forward pass with the masked argmax. Median over ``repeats`` of
+    ``n`` calls each, in microseconds per call."""
+    import statistics
+    import time as _time
+
+    import numpy as np
+
+    from agent.core import DeadlineAwareBatch, LatencyTable
+    from agent.learned.card import load_policy
+    from agent.scheduler.dispatcher import Scheduler
+    from agent.scheduler.policies.learned import LearnedPolicy
+    from agent.scheduler.policies.rules import RulePolicy
+    from edge_lab.bench.contenders import DEFAULT_POLICY_PATH
+    from agent.scheduler.admission import AdmissionControl
+
+    loaded = load_policy(policy_path or DEFAULT_POLICY_PATH)
+    profile = loaded.card["training"]["profile"]["batch_ms"]
+    lanes = []
+    for name in loaded.lanes:
+        table = LatencyTable(np.array([1, 2, 4, 8], dtype=np.int64), np.array(profile[name], dtype=np.float64) / 1000)
+        lanes.append(Scheduler.lane(name, DeadlineAwareBatch(table, 8), 2, 1024, min_latency_s=table.predict(1),
+                                    admission=AdmissionControl(table, 8)))
+    scheduler = Scheduler(lanes, max_concurrent=2, hold_fraction=0.25, lookahead=True)
+    rid = 0
+    for k in range(queued):
+        for lane in loaded.lanes:
+            rid += 1
+            slo = (0.010, 0.050)[k % 2] if lane == loaded.lanes[0] else (0.030, 0.150)[k % 2]
+            lane_obj = scheduler.lanes[lane]
+            lane_obj.queue.push(rid, 0.5 + slo, 0.5, 0, 0.5 + slo)
+            lane_obj.count_arrival(slo, 0.5)
+    now = 0.5005
+    rules = RulePolicy(scheduler)
+    learned = LearnedPolicy(scheduler, loaded)
+    features = learned.features.fill(scheduler, now)
+    mask = learned.space.fill_mask(scheduler)
+
+    def timed(call) -> float:
+        samples = []
+        for _ in range(repeats):
+            t0 = _time.perf_counter()
+            for _ in range(n):
+                call()
+            samples.append((_time.perf_counter() - t0) / n * 1e6)
+        return statistics.median(samples)
+
+    return {
+        "rules decide (us)": timed(lambda: rules.decide(scheduler, now)),
+        "learned decide (us)": timed(lambda: learned.decide(scheduler, now)),
+        "  features (us)": timed(lambda: learned.features.fill(scheduler, now, learned._lanes)),
+        "  mask (us)": timed(lambda: learned.space.fill_mask(scheduler, learned._lanes)),
+        "  forward + argmax (us)": timed(loaded.net.core.act_bound),
+        "features": float(len(features)),
+        "actions": float(len(mask)),
+    }

@@ -62,7 +62,8 @@ def run_contender(config: Config, trace: Sequence[TraceRow], modes: Sequence[str
     if "sim" in modes:
         result = simulate(list(trace), sim_models_from_config(config, tables), config.worker_count, seed=seed,
                           hold_fraction=config.hold_fraction, lookahead=config.admission_lookahead,
-                          edf_horizon_s=config.edf_horizon_s)
+                          edf_horizon_s=config.edf_horizon_s, policy=config.policy,
+                          policy_options={"policy_path": config.policy_path} if config.policy_path else None)
         out["sim"] = {"records": result.records, "duration_s": result.duration_s, "wall_s": result.wall_s}
     for mode, entry in out.items():
         entry["summary"] = summarize(entry["records"], entry["duration_s"])

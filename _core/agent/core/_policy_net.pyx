@@ -1,0 +1,96 @@
+# cython: language_level=3, embedsignature=True
+"""The learned policy's network forward and masked argmax in C loops (compiled as
+agent.core._policy_net).
+
+The specification is ``agent.core.pure.policy_net.PolicyNet``: the same layers, in float32,
+summed in the same order (input index ascending), so both pick the same action wherever two
+logits are not within float rounding of each other (tests/test_learned_policy.py compares them).
+The weights and buffers are bound once, at load; a decision passes only its features and mask.
+"""
+import numpy as np
+
+
+cdef class PolicyNet:
+    cdef const float[::1] mean, inv_std, b1, b2, b3
+    cdef const float[:, ::1] w1, w2, w3
+    cdef float[::1] z, h1, h2, out
+    cdef const float[::1] bound_x
+    cdef const unsigned char[::1] bound_mask
+    cdef bint bound
+    cdef Py_ssize_t n_in, n1, n2, n_out
+    cdef readonly object logits
+
+    def __init__(self, mean, inv_std, w1, b1, w2, b2, w3, b3):
+        self.mean, self.inv_std, self.w1, self.b1 = mean, inv_std, w1, b1
+        self.w2, self.b2, self.w3, self.b3 = w2, b2, w3, b3
+        self.n_in, self.n1 = self.w1.shape[0], self.w1.shape[1]
+        self.n2, self.n_out = self.w2.shape[1], self.w3.shape[1]
+        if (self.mean.shape[0] != self.n_in or self.inv_std.shape[0] != self.n_in or self.w2.shape[0] != self.n1
+                or self.w3.shape[0] != self.n2 or self.b1.shape[0] != self.n1 or self.b2.shape[0] != self.n2
+                or self.b3.shape[0] != self.n_out):
+            raise ValueError("PolicyNet: array shapes do not fit one network")
+        self.z = np.empty(self.n_in, dtype=np.float32)
+        self.h1 = np.empty(self.n1, dtype=np.float32)
+        self.h2 = np.empty(self.n2, dtype=np.float32)
+        self.logits = np.empty(self.n_out, dtype=np.float32)
+        self.out = self.logits
+
+    def bind(self, x, mask):
+        """Remember the feature and mask buffers a caller refills before each :meth:`act_bound`."""
+        cdef const float[::1] bx = x
+        cdef const unsigned char[::1] bm = mask
+        if bx.shape[0] != self.n_in or bm.shape[0] != self.n_out:
+            raise ValueError(f"PolicyNet.bind: {bx.shape[0]} features and {bm.shape[0]} mask entries: "
+                             f"expected {self.n_in} and {self.n_out}")
+        self.bound_x, self.bound_mask, self.bound = bx, bm, True
+
+    def act_bound(self):
+        """:meth:`act` on the buffers of :meth:`bind` (no buffer to acquire per call)."""
+        if not self.bound:
+            raise ValueError("PolicyNet.act_bound: bind(x, mask) first")
+        return self._act(self.bound_x, self.bound_mask)
+
+    def act(self, const float[::1] x, const unsigned char[::1] mask):
+        """The allowed action (``mask`` != 0) with the largest logit, the first of equal ones
+        (-1 when nothing is allowed); the logits are left in :attr:`logits`."""
+        if x.shape[0] != self.n_in or mask.shape[0] != self.n_out:
+            raise ValueError(f"PolicyNet.act: {x.shape[0]} features and {mask.shape[0]} mask entries: "
+                             f"expected {self.n_in} and {self.n_out}")
+        return self._act(x, mask)
+
+    cdef Py_ssize_t _act(self, const float[::1] x, const unsigned char[::1] mask):
+        cdef Py_ssize_t i, j, n_in = self.n_in, n1 = self.n1, n2 = self.n2, n_out = self.n_out
+        cdef float acc, xi, best = 0.0
+        cdef Py_ssize_t best_j = -1
+        with nogil:
+            for i in range(n_in):
+                self.z[i] = (x[i] - self.mean[i]) * self.inv_std[i]
+            for j in range(n1):
+                self.h1[j] = 0.0
+            for i in range(n_in):
+                xi = self.z[i]
+                for j in range(n1):
+                    self.h1[j] += xi * self.w1[i, j]
+            for j in range(n1):
+                acc = self.h1[j] + self.b1[j]
+                self.h1[j] = acc if acc > 0.0 else 0.0
+            for j in range(n2):
+                self.h2[j] = 0.0
+            for i in range(n1):
+                xi = self.h1[i]
+                for j in range(n2):
+                    self.h2[j] += xi * self.w2[i, j]
+            for j in range(n2):
+                acc = self.h2[j] + self.b2[j]
+                self.h2[j] = acc if acc > 0.0 else 0.0
+            for j in range(n_out):
+                self.out[j] = 0.0
+            for i in range(n2):
+                xi = self.h2[i]
+                for j in range(n_out):
+                    self.out[j] += xi * self.w3[i, j]
+            for j in range(n_out):
+                self.out[j] = self.out[j] + self.b3[j]
+                if mask[j] and (best_j < 0 or self.out[j] > best):
+                    best, best_j = self.out[j], j
+        return best_j
