@@ -13,7 +13,7 @@ Session settings and why:
   at a shape allocates its intermediate tensors one by one from the session's arena and records a
   plan; from the second run at that shape on, the whole plan is taken as one block. That block does
   not fit in the chunks the first run left free, so the arena extends by a new region, never given
-  back: resnet_digits' second full batch adds 8 MB, well after the full-batch warm-up at load
+  back: resnet_digits' arena grows on its second full batch, after the full-batch warm-up at load
   (``agent.api.load_model``), which runs each shape once. With patterns off every run allocates
   tensor by tensor, and the chunks a full batch used are reused by any batch up to it: the arena
   stops growing once a full batch has run, and holds no block on top of those chunks. The per-run

@@ -72,8 +72,9 @@ class SeenRequests:
         self._lock = threading.Lock()
         self._expiry: dict[bytes, float] = {}
         # (expiry, key), stale entries skipped. No tie-break counter: keys (request_key digests) are
-        # bytes and order ties themselves; a counter cost 41 of ~215 bytes an entry, and the window
-        # holds an entry per request for its deadline plus the grace (BENCHMARKS.md, issue 21's RSS).
+        # bytes and order ties themselves, and a counter was a fifth of an entry's memory, which
+        # counts: the window holds an entry per request for its deadline plus the grace
+        # (BENCHMARKS.md, issue 21's RSS target).
         self._heap: list[tuple[float, bytes]] = []
 
     def __len__(self) -> int:

@@ -8,9 +8,9 @@ an MQTT message of a few hundred kilobytes is read, copied out of its packet and
 on the MQTT network thread, and after the first such buffer is freed the next ones land in that
 thread's heap. Between them the same thread allocates what lives on (the de-duplication window's
 tables, paho's state), so the freed space sits below live blocks, cannot be trimmed from the top of
-the heap, and stays resident for good: 4 to 5 MB in 10,000 fuzzed MQTT requests (BENCHMARKS.md,
-issue 21's RSS target). Setting the threshold explicitly (``mallopt(M_MMAP_THRESHOLD)``) turns the
-adjustment off, so a big buffer is always its own mapping and goes back to the kernel when freed.
+the heap, and stays resident for good (BENCHMARKS.md, issue 21's RSS target). Setting the
+threshold explicitly (``mallopt(M_MMAP_THRESHOLD)``) turns the adjustment off, so a big buffer is
+always its own mapping and goes back to the kernel when freed.
 
 What it costs: a request buffer of 128 KiB or more is mapped and unmapped each time (a few
 microseconds and its page faults, small beside a model run on an input that large). The batch
