@@ -19,6 +19,9 @@ collector's reach (``gc.freeze``). A full collection otherwise walks all of them
 Python thread, the intakes' event loop and the workers' hand-offs included, for many times longer
 than with the heap frozen (BENCHMARKS.md, "Side by side with a real Triton", sixth session).
 
+Before the models load, glibc's mmap threshold is fixed (:mod:`agent.ops.allocator`), so a big
+request buffer never stays in a thread's heap once freed.
+
 A degraded start (``mqtt_retry=True``, what ``edge-agent run`` asks): when the broker cannot be
 reached but HTTP serves, the agent serves HTTP and the MQTT connection keeps trying in the
 background (paho's reconnect loop; on connecting it subscribes and publishes the status as on any
@@ -34,6 +37,7 @@ from typing import Callable
 from agent.api import Agent
 from agent.config import Config
 from agent.intake.http import HttpIntake
+from agent.ops.allocator import pin_mmap_threshold
 from agent.ops.prometheus import PrometheusEndpoint
 from agent.ops.telemetry_publisher import TelemetryPublisher
 from agent.transport.connection import MqttTransport
@@ -50,6 +54,7 @@ class Service:
         serves makes a degraded start (module docstring) instead of an error. ``config_source``
         re-reads the config (``reload-config``)."""
         self.config = config
+        pin_mmap_threshold()
         self.agent = Agent(config, grace_s=config.drain_timeout_s if grace_s is None else grace_s,
                            config_source=config_source)
         gc.collect()

@@ -193,6 +193,44 @@ def test_onnxruntime_session_uses_one_thread_without_spinning():
     assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
+_ARENA_GROWTH = """
+import ctypes, sys
+import numpy as np
+from agent.backends import load_backend
+from agent.models.card import DEMO_DIR
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+backend = load_backend("onnxruntime", DEMO_DIR / "resnet_digits.onnx")
+run = lambda n: backend.run({"frames": np.zeros((n, 64, 64, 3), np.uint8)})
+run(8)                                   # what load_model's warm-up does: one full batch
+before = libc.mallinfo2().hblkhd         # the arena's regions are malloc'd apart (mmap), counted here
+for n in (8, 1, 8, 1, 7, 2, 7, 2, 8):
+    run(n)
+print((libc.mallinfo2().hblkhd - before) / 2 ** 20)
+"""
+
+
+def test_onnxruntime_arena_stops_growing_after_a_full_batch():
+    """Issue 21's RSS target: once a session has run a full batch, batches up to that size do not
+    extend its arena. With onnxruntime's memory patterns on, the second run of a shape takes its
+    planned block as one piece and the arena grew by a new 8 MB region for resnet_digits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2 (glibc 2.33 or later) to see the arena's regions")
+    out = subprocess.run([sys.executable, "-c", _ARENA_GROWTH], check=True, capture_output=True, text=True)
+    grown_mb = float(out.stdout.split()[-1])
+    assert grown_mb < 2.0, f"the session's arena grew by {grown_mb:.1f} MB after its first full batch"
+    options = load_backend("onnxruntime", DEMO_DIR / "mobilenet_digits.onnx").session.get_session_options()
+    assert options.enable_mem_pattern is False
+
+
 def test_onnxruntime_unavailable_provider_is_an_error():
     with pytest.raises(BackendError, match=r"NoSuchExecutionProvider.*available: \["):
         load_backend(

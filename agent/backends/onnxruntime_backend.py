@@ -9,6 +9,15 @@ Session settings and why:
   gets parallelism by running several sessions (instances) on separate executor threads instead.
 * ``ORT_SEQUENTIAL`` execution: with one inter-op thread a parallel executor only adds overhead.
 * all graph optimisations: load time is paid once, at start.
+* memory patterns off (``enable_mem_pattern = False``). With patterns on, a session's first run
+  at a shape allocates its intermediate tensors one by one from the session's arena and records a
+  plan; from the second run at that shape on, the whole plan is taken as one block. That block does
+  not fit in the chunks the first run left free, so the arena extends by a new region, never given
+  back: resnet_digits' arena grows on its second full batch, after the full-batch warm-up at load
+  (``agent.api.load_model``), which runs each shape once. With patterns off every run allocates
+  tensor by tensor, and the chunks a full batch used are reused by any batch up to it: the arena
+  stops growing once a full batch has run, and holds no block on top of those chunks. The per-run
+  cost of the separate chunks did not show in timings (BENCHMARKS.md, issue 21's RSS target).
 
 ``run`` hands the caller's arrays to onnxruntime as they are: a C-contiguous array of the right
 dtype is read in place, so the batch buffer the batch former filled is not copied again here.
@@ -133,6 +142,7 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = False  # the arena stops growing after a full batch (module docstring)
         options.log_severity_level = 3  # errors only: provider fallbacks are reported via `device`
 
         per_provider = provider_options or {}

@@ -70,9 +70,12 @@ class SeenRequests:
         self.capacity = capacity
         # Added to on the network thread, read by operators and tests from theirs.
         self._lock = threading.Lock()
-        self._expiry: dict[object, float] = {}
-        self._heap: list[tuple[float, int, object]] = []    # (expiry, tie-break, key); stale entries skipped
-        self._n = 0
+        self._expiry: dict[bytes, float] = {}
+        # (expiry, key), stale entries skipped. No tie-break counter: keys (request_key digests) are
+        # bytes and order ties themselves, and a counter was a fifth of an entry's memory, which
+        # counts: the window holds an entry per request for its deadline plus the grace
+        # (BENCHMARKS.md, issue 21's RSS target).
+        self._heap: list[tuple[float, bytes]] = []
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -80,30 +83,29 @@ class SeenRequests:
     def __contains__(self, key: object) -> bool:
         return key in self._expiry
 
-    def seen(self, key: object, now: float) -> bool:
+    def seen(self, key: bytes, now: float) -> bool:
         """Whether ``key`` was added and has not expired at ``now``."""
         with self._lock:
             expiry = self._expiry.get(key)
         return expiry is not None and expiry > now
 
-    def add(self, key: object, expiry: float, now: float) -> int:
+    def add(self, key: bytes, expiry: float, now: float) -> int:
         """Remember ``key`` until ``expiry``; returns how many live entries had to be evicted."""
         with self._lock:
             return self._add(key, expiry, now)
 
-    def _add(self, key: object, expiry: float, now: float) -> int:
+    def _add(self, key: bytes, expiry: float, now: float) -> int:
         evicted = 0
         heap = self._heap
         while heap and (heap[0][0] <= now or len(self._expiry) >= self.capacity):
-            when, _, old = heapq.heappop(heap)
+            when, old = heapq.heappop(heap)
             if self._expiry.get(old) == when:
                 del self._expiry[old]
                 evicted += when > now
-        self._n += 1
         self._expiry[key] = expiry
-        heapq.heappush(heap, (expiry, self._n, key))
+        heapq.heappush(heap, (expiry, key))
         if len(heap) > 4 * self.capacity:       # re-added keys left stale entries behind: rebuild
-            self._heap = [(when, i, k) for i, (k, when) in enumerate(self._expiry.items())]
+            self._heap = [(when, k) for k, when in self._expiry.items()]
             heapq.heapify(self._heap)
         return evicted
 
@@ -223,7 +225,7 @@ class MqttIntake:
         loaded = self.agent.models.get(model)
         return loaded.config.default_slo_ms / 1000.0 if loaded is not None else 0.0
 
-    def _remember(self, key: tuple, expiry: float, now: float) -> None:
+    def _remember(self, key: bytes, expiry: float, now: float) -> None:
         evicted = self._seen.add(key, expiry, now)
         if evicted:
             self.counters.add("dedup_evicted", evicted)
