@@ -4,7 +4,9 @@
 weights, ``agent.learned.card``), checked at load against this agent's feature schema, action space
 and lanes. At each decision the policy fills the feature vector (``agent.learned.features``) and the
 feasibility mask (``agent.learned.actions``), runs the network's forward pass (``agent.learned.net``)
-and takes the allowed action with the highest logit: idle, or a lane and a batch bucket.
+and takes the allowed action with the highest logit: idle, or a lane and a batch bucket. All four
+are one call of the compiled core (``agent.core.PolicyDecider``, bound to the lanes at build), so no
+Python runs between them.
 
 What it leaves to the mechanism around it, as every policy does: shedding and admission (the lanes
 keep their config), and the idle board's path (``alone``: a lone request on an idle board starts at
