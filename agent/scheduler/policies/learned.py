@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 Chooser = Callable[["np.ndarray", "np.ndarray", float], int]
 #: The idle tick without a card (a chooser only).
 DEFAULT_IDLE_TICK_S = 0.001
+_INF = math.inf
 
 
 class LearnedPolicy:
@@ -60,8 +61,9 @@ class LearnedPolicy:
         self._alone = {name: Action(name, 1) for name in scheduler.lanes}
         # The lane objects in the card's order: this policy is built again when the lanes change.
         self._lanes = [scheduler.lanes[name] for name in lanes]
-        # The lane of each action index, for its batch bound at decoding.
-        self._index_lanes = [None] + [lane for lane in self._lanes for _ in self.space.buckets]
+        # Each action index's Action (before the batch bound) and lane, for decoding.
+        self._index_starts = [None] + [(action, lane) for action, lane in
+                                       zip(self.space.actions[1:], (lane for lane in self._lanes for _ in self.space.buckets))]
         self._decider = None
         if loaded is not None:
             loaded.net.core.bind(self.features.buffer, self.space.mask_u8)
@@ -88,9 +90,9 @@ class LearnedPolicy:
             index = self.choose(self.features.fill(scheduler, now, self._lanes), space.mask, now) if space.starts else -1
         if index > IDLE:
             # A batch starts: the driver polls again at once, so this wake time is not used.
-            action = self.space.actions[index]
-            cap = self._index_lanes[index].rule.max_batch
-            return (action if action.batch_size <= cap else Action(action.model, cap)), math.inf
+            action, lane = self._index_starts[index]
+            cap = lane.rule.max_batch
+            return (action if action.batch_size <= cap else Action(action.model, cap)), _INF
         wake_at = now + self.idle_tick_s if index == IDLE else math.inf
         for lane in self._lanes:      # nothing starts: wake to expire what can no longer finish
             if len(lane.queue) and not lane.fifo:
