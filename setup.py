@@ -11,7 +11,7 @@ picks the compiled modules or their pure-Python twin (``agent/core/pure/``).
 from setuptools import Extension, setup
 from Cython.Build import cythonize
 
-CORE_MODULES = ["deadline_queue", "latency_table", "batch_rules", "batch_assembly", "policy_net", "policy_features"]
+CORE_MODULES = ["deadline_queue", "latency_table", "batch_rules", "batch_assembly", "policy_net", "policy_features", "policy_decide"]
 
 extensions = [
     Extension(

@@ -377,6 +377,52 @@ def test_compiled_and_pure_features_and_mask_agree_along_a_simulated_run():
     assert all(r.status != "unanswered" for r in result.records)
 
 
+def test_compiled_and_pure_decisions_agree_along_a_simulated_run(tmp_path, monkeypatch):
+    """The fused decision (mask, features, forward and argmax in one compiled call) against its
+    pure twin at every decision of a simulated run under a loaded policy: the same mask and starts,
+    the same features, the same action wherever the top allowed logits are not a float tie."""
+    from agent.core import IMPLEMENTATION
+    if IMPLEMENTATION != "compiled":
+        pytest.skip("the compiled core is not loaded (EDGE_AGENT_CORE=python)")
+    import agent.scheduler.policies.learned as learned_module
+    from agent.core._policy_decide import PolicyDecider as CompiledDecider
+    from agent.core.pure.policy_decide import PolicyDecider as PureDecider
+    from agent.core.pure.policy_net import PolicyNet as PurePolicyNet
+    directory = make_policy(tmp_path, seed=3)
+    mlp = load_policy(directory).net
+    weights = (mlp.mean, mlp.inv_std, mlp.w1, mlp.b1, mlp.w2, mlp.b2, mlp.w3, mlp.b3)
+    outcomes = []
+
+    class Checking:
+        def __init__(self, lanes, goodput, batch_ms, buckets, net, features, mask, *constants):
+            self.compiled = CompiledDecider(lanes, goodput, batch_ms, buckets, net, features, mask, *constants)
+            self.features, self.mask = features, mask
+            self.pure_net = PurePolicyNet(*weights)
+            self.pure = PureDecider(lanes, goodput, batch_ms, buckets, self.pure_net, np.empty_like(features),
+                                    np.empty_like(mask), *constants)
+
+        def decide(self, scheduler, now):
+            index = self.compiled.decide(scheduler, now)
+            twin = self.pure.decide(scheduler, now)
+            np.testing.assert_array_equal(self.mask, self.pure.mask)
+            assert self.compiled.starts == self.pure.starts
+            if index >= 0:
+                np.testing.assert_allclose(self.features, self.pure.features, rtol=1e-6, atol=1e-4)
+                allowed = np.sort(self.pure_net.logits[self.mask > 0])
+                if len(allowed) < 2 or allowed[-1] - allowed[-2] > 1e-3:
+                    assert index == twin
+            else:
+                assert twin == -1
+            outcomes.append(index)
+            return index
+
+    monkeypatch.setattr(learned_module, "PolicyDecider", Checking)
+    result = simulate(trace(400), sim_models(), workers=2, policy="learned",
+                      policy_options={"policy_path": str(directory)})
+    assert all(r.status != "unanswered" for r in result.records)
+    assert sum(1 for i in outcomes if i > 0) > 50 and -1 in outcomes     # starts, and decisions with none allowed
+
+
 def test_gymnasium_env_steps_through_a_simulated_trace():
     pytest.importorskip("gymnasium")
     import sys

@@ -33,6 +33,7 @@ __all__ = [
     "gather_into",
     "scatter_rows",
     "PolicyNet",
+    "PolicyDecider",
     "fill_features",
     "fill_mask",
     "IMPLEMENTATION",
@@ -52,6 +53,7 @@ if _requested == "python":
         LatencyTable,
         gather_into,
         PolicyNet,
+        PolicyDecider,
         fill_features,
         fill_mask,
         scatter_rows,
@@ -66,6 +68,7 @@ elif _requested in ("", "compiled"):
         from agent.core._batch_assembly import gather_into, scatter_rows
         from agent.core._policy_net import PolicyNet
         from agent.core._policy_features import fill_features, fill_mask
+        from agent.core._policy_decide import PolicyDecider
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and (exc.name or "").startswith("agent.core._"):
             _why = f"the compiled core was not built ({exc.name} is missing)"

@@ -51,6 +51,8 @@ class ActionSpace:
         for lane in self.lanes:
             for b in self.buckets:
                 self._actions.append(Action(lane, b))
+        #: The ``Action`` of each index before the lane's batch bound (``None`` for idle).
+        self.actions = tuple(self._actions)
 
     @property
     def size(self) -> int:

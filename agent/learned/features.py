@@ -95,6 +95,15 @@ class FeatureBuilder:
             self._batch_ms[lane.name] = cached
         return cached
 
+    def bound(self, objects: list) -> tuple[list, list]:
+        """The goodput entries and the profiles' bucket times of ``objects`` (the scheduler's lanes
+        in :attr:`lanes` order), as :meth:`fill` passes them: the lists ``observe`` keeps current,
+        for a caller that writes the vector itself (``agent.core.PolicyDecider``)."""
+        if self._ordered is None:
+            self._ordered = [self._goodput[name] for name in self.lanes]
+            self._batch_list = [self._profile_ms(lane) for lane in objects]
+        return self._ordered, self._batch_list
+
     def fill(self, scheduler: "Scheduler", now: float, objects: list | None = None) -> np.ndarray:
         """The vector at ``now`` in :attr:`buffer` (returned; overwritten by the next call), written
         by ``agent.core.fill_features`` (compiled, or its pure twin); ``objects``: the scheduler's
@@ -102,9 +111,7 @@ class FeatureBuilder:
         if objects is None:
             lanes = scheduler.lanes
             objects = [lanes[name] for name in self.lanes]
-        if self._ordered is None:
-            self._ordered = [self._goodput[name] for name in self.lanes]
-            self._batch_list = [self._profile_ms(lane) for lane in objects]
+        self.bound(objects)
         fill_features(objects, self._ordered, self._batch_list, scheduler, now, SLACK_CLIP_MS, ARRIVAL_TAU_S,
                       GOODPUT_TAU_S, self.buffer)
         return self.buffer

@@ -7,18 +7,14 @@ summed in the same order (input index ascending), so both pick the same action w
 logits are not within float rounding of each other (tests/test_learned_policy.py compares them).
 The weights and buffers are bound once, at load; a decision passes only its features and mask.
 """
+cimport cython
+
 import numpy as np
 
 
+@cython.final
 cdef class PolicyNet:
-    cdef const float[::1] mean, inv_std, b1, b2, b3
-    cdef const float[:, ::1] w1, w2, w3
-    cdef float[::1] z, h1, h2, out
-    cdef const float[::1] bound_x
-    cdef const unsigned char[::1] bound_mask
-    cdef bint bound
-    cdef Py_ssize_t n_in, n1, n2, n_out
-    cdef readonly object logits
+    # Fields in _policy_net.pxd (the fused decision, agent.core._policy_decide, calls act_c).
 
     def __init__(self, mean, inv_std, w1, b1, w2, b2, w3, b3):
         self.mean, self.inv_std, self.w1, self.b1 = mean, inv_std, w1, b1
@@ -59,38 +55,58 @@ cdef class PolicyNet:
         return self._act(x, mask)
 
     cdef Py_ssize_t _act(self, const float[::1] x, const unsigned char[::1] mask):
+        return self.act_c(&x[0], &mask[0])
+
+    cdef Py_ssize_t act_c(self, const float* x, const unsigned char* mask) noexcept nogil:
+        # Local pointers, so the compiler keeps them in registers and vectorises the inner loops
+        # (over j: each output's sum still runs in input order i ascending, as before).
         cdef Py_ssize_t i, j, n_in = self.n_in, n1 = self.n1, n2 = self.n2, n_out = self.n_out
         cdef float acc, xi, best = 0.0
         cdef Py_ssize_t best_j = -1
-        with nogil:
-            for i in range(n_in):
-                self.z[i] = (x[i] - self.mean[i]) * self.inv_std[i]
+        cdef const float* mean = &self.mean[0]
+        cdef const float* inv_std = &self.inv_std[0]
+        cdef const float* w1 = &self.w1[0, 0]
+        cdef const float* w2 = &self.w2[0, 0]
+        cdef const float* w3 = &self.w3[0, 0]
+        cdef const float* b1 = &self.b1[0]
+        cdef const float* b2 = &self.b2[0]
+        cdef const float* b3 = &self.b3[0]
+        cdef float* z = &self.z[0]
+        cdef float* h1 = &self.h1[0]
+        cdef float* h2 = &self.h2[0]
+        cdef float* out = &self.out[0]
+        cdef const float* row
+        for i in range(n_in):
+            z[i] = (x[i] - mean[i]) * inv_std[i]
+        for j in range(n1):
+            h1[j] = 0.0
+        for i in range(n_in):
+            xi = z[i]
+            row = w1 + i * n1
             for j in range(n1):
-                self.h1[j] = 0.0
-            for i in range(n_in):
-                xi = self.z[i]
-                for j in range(n1):
-                    self.h1[j] += xi * self.w1[i, j]
-            for j in range(n1):
-                acc = self.h1[j] + self.b1[j]
-                self.h1[j] = acc if acc > 0.0 else 0.0
+                h1[j] += xi * row[j]
+        for j in range(n1):
+            acc = h1[j] + b1[j]
+            h1[j] = acc if acc > 0.0 else 0.0
+        for j in range(n2):
+            h2[j] = 0.0
+        for i in range(n1):
+            xi = h1[i]
+            row = w2 + i * n2
             for j in range(n2):
-                self.h2[j] = 0.0
-            for i in range(n1):
-                xi = self.h1[i]
-                for j in range(n2):
-                    self.h2[j] += xi * self.w2[i, j]
-            for j in range(n2):
-                acc = self.h2[j] + self.b2[j]
-                self.h2[j] = acc if acc > 0.0 else 0.0
+                h2[j] += xi * row[j]
+        for j in range(n2):
+            acc = h2[j] + b2[j]
+            h2[j] = acc if acc > 0.0 else 0.0
+        for j in range(n_out):
+            out[j] = 0.0
+        for i in range(n2):
+            xi = h2[i]
+            row = w3 + i * n_out
             for j in range(n_out):
-                self.out[j] = 0.0
-            for i in range(n2):
-                xi = self.h2[i]
-                for j in range(n_out):
-                    self.out[j] += xi * self.w3[i, j]
-            for j in range(n_out):
-                self.out[j] = self.out[j] + self.b3[j]
-                if mask[j] and (best_j < 0 or self.out[j] > best):
-                    best, best_j = self.out[j], j
+                out[j] += xi * row[j]
+        for j in range(n_out):
+            out[j] = out[j] + b3[j]
+            if mask[j] and (best_j < 0 or out[j] > best):
+                best, best_j = out[j], j
         return best_j

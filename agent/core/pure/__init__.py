@@ -52,9 +52,11 @@ from agent.core.types import (  # noqa: F401
 
 from agent.core.pure.policy_features import fill_features, fill_mask
 from agent.core.pure.policy_net import PolicyNet
+from agent.core.pure.policy_decide import PolicyDecider
 
 __all__ = [
     "PolicyNet",
+    "PolicyDecider",
     "fill_features",
     "fill_mask",
     "DeadlineQueue",

@@ -4,7 +4,9 @@
 weights, ``agent.learned.card``), checked at load against this agent's feature schema, action space
 and lanes. At each decision the policy fills the feature vector (``agent.learned.features``) and the
 feasibility mask (``agent.learned.actions``), runs the network's forward pass (``agent.learned.net``)
-and takes the allowed action with the highest logit: idle, or a lane and a batch bucket.
+and takes the allowed action with the highest logit: idle, or a lane and a batch bucket. All four
+are one call of the compiled core (``agent.core.PolicyDecider``, bound to the lanes at build), so no
+Python runs between them.
 
 What it leaves to the mechanism around it, as every policy does: shedding and admission (the lanes
 keep their config), and the idle board's path (``alone``: a lone request on an idle board starts at
@@ -19,9 +21,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable
 
+from agent.core import PolicyDecider
 from agent.learned.actions import IDLE, ActionSpace
 from agent.learned.card import LoadedPolicy, load_policy
-from agent.learned.features import FeatureBuilder
+from agent.learned.features import ARRIVAL_TAU_S, GOODPUT_TAU_S, SLACK_CLIP_MS, FeatureBuilder
 from agent.scheduler.policy import Action
 
 if TYPE_CHECKING:
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 Chooser = Callable[["np.ndarray", "np.ndarray", float], int]
 #: The idle tick without a card (a chooser only).
 DEFAULT_IDLE_TICK_S = 0.001
+_INF = math.inf
 
 
 class LearnedPolicy:
@@ -57,8 +61,19 @@ class LearnedPolicy:
         self._alone = {name: Action(name, 1) for name in scheduler.lanes}
         # The lane objects in the card's order: this policy is built again when the lanes change.
         self._lanes = [scheduler.lanes[name] for name in lanes]
+        # Each action index's Action (before the batch bound) and lane, for decoding.
+        self._index_starts = [None] + [(action, lane) for action, lane in
+                                       zip(self.space.actions[1:], (lane for lane in self._lanes for _ in self.space.buckets))]
+        self._decider = None
         if loaded is not None:
             loaded.net.core.bind(self.features.buffer, self.space.mask_u8)
+            if chooser is None:
+                # The whole decision (mask, features, forward, masked argmax) in one call of the
+                # compiled core (or its pure twin), on this policy's buffers.
+                goodput, batch_ms = self.features.bound(self._lanes)
+                self._decider = PolicyDecider(self._lanes, goodput, batch_ms, self.space.buckets, loaded.net.core,
+                                              self.features.buffer, self.space.mask_u8, SLACK_CLIP_MS,
+                                              ARRIVAL_TAU_S, GOODPUT_TAU_S)
 
     def choose(self, features: "np.ndarray", mask: "np.ndarray", now: float) -> int:
         if self.chooser is not None:
@@ -66,16 +81,19 @@ class LearnedPolicy:
         return self.loaded.net.core.act_bound()        # features and mask are the bound buffers
 
     def decide(self, scheduler: "Scheduler", now: float) -> tuple[Action | None, float]:
-        space = self.space
-        space.fill_mask(scheduler, self._lanes)
-        if space.starts:
-            index = self.choose(self.features.fill(scheduler, now, self._lanes), space.mask, now)
-            if index != IDLE:
-                # A batch starts: the driver polls again at once, so this wake time is not used.
-                return space.decode(index, scheduler), math.inf
-            wake_at = now + self.idle_tick_s
+        decider = self._decider
+        if decider is not None:
+            index = decider.decide(scheduler, now)          # -1: the mask allows no start
         else:
-            wake_at = math.inf
+            space = self.space
+            space.fill_mask(scheduler, self._lanes)
+            index = self.choose(self.features.fill(scheduler, now, self._lanes), space.mask, now) if space.starts else -1
+        if index > IDLE:
+            # A batch starts: the driver polls again at once, so this wake time is not used.
+            action, lane = self._index_starts[index]
+            cap = lane.rule.max_batch
+            return (action if action.batch_size <= cap else Action(action.model, cap)), _INF
+        wake_at = now + self.idle_tick_s if index == IDLE else math.inf
         for lane in self._lanes:      # nothing starts: wake to expire what can no longer finish
             if len(lane.queue) and not lane.fifo:
                 wake_at = min(wake_at, lane.queue.earliest_deadline() - lane.min_latency_s)

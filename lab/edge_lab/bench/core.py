@@ -334,8 +334,10 @@ def bench_decision(policy_path: str | None = None, queued: int = 16, n: int = 20
     """One dispatch decision's time, rules against the learned policy, on the same scheduler state:
     the two demo models' lanes (deadline-aware rule, admission, the learned policy's card's lanes)
     with ``queued`` requests each and both slots free. For the learned policy also its parts: the
-    feature vector, the mask, the forward pass with the masked argmax. Median over ``repeats`` of
-    ``n`` calls each, in microseconds per call."""
+    one compiled call the policy makes (``agent.core.PolicyDecider``: mask, features, forward and
+    masked argmax), then the same work as separate calls (the feature vector, the mask, the forward
+    pass with the masked argmax). Median over ``repeats`` of ``n`` calls each, in microseconds per
+    call."""
     import statistics
     import time as _time
 
@@ -383,9 +385,10 @@ def bench_decision(policy_path: str | None = None, queued: int = 16, n: int = 20
     return {
         "rules decide (us)": timed(lambda: rules.decide(scheduler, now)),
         "learned decide (us)": timed(lambda: learned.decide(scheduler, now)),
-        "  features (us)": timed(lambda: learned.features.fill(scheduler, now, learned._lanes)),
-        "  mask (us)": timed(lambda: learned.space.fill_mask(scheduler, learned._lanes)),
-        "  forward + argmax (us)": timed(loaded.net.core.act_bound),
+        "  one fused call (us)": timed(lambda: learned._decider.decide(scheduler, now)),
+        "  separately: features (us)": timed(lambda: learned.features.fill(scheduler, now, learned._lanes)),
+        "  separately: mask (us)": timed(lambda: learned.space.fill_mask(scheduler, learned._lanes)),
+        "  separately: forward + argmax (us)": timed(loaded.net.core.act_bound),
         "features": float(len(features)),
         "actions": float(len(mask)),
     }
