@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXPORTS = [
     "DeadlineQueue", "PushResult", "LatencyTable", "FixedBatch", "DynamicBatch",
     "DeadlineAwareBatch", "BatchPlan", "BatchRule", "gather_into", "scatter_rows", "IMPLEMENTATION",
+    "PolicyNet", "PolicyDecider", "fill_features", "fill_mask",          # the learned policy's
 ]
 
 
@@ -94,6 +95,7 @@ def test_missing_compiled_core_explains_how_to_fix_it():
 SINGLE_MODULE_ALL = [
     "DeadlineQueue", "PushResult", "LatencyTable", "BatchRule", "FixedBatch", "DynamicBatch",
     "DeadlineAwareBatch", "BatchPlan", "gather_into", "scatter_rows", "MAX_QUEUE_CAPACITY",
+    "PolicyNet", "PolicyDecider", "fill_features", "fill_mask",
 ]
 SINGLE_MODULE_PRIVATE = [
     "_Entry", "_IDLE", "_INF", "_INT32_MAX", "_INT32_MIN", "_INT64_MAX", "_INT64_MIN", "_as_float",
