@@ -285,6 +285,12 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
                        and not (stop is not None and stop())):
                     if not parent_end.poll(STOP_POLL_S):
                         if not process.is_alive():
+                            if process.exitcode is not None and process.exitcode < 0:
+                                # killed by a signal: a SIGTERM to the whole process group (timeout,
+                                # a service manager) reaches the cameras as it reaches us; stop as asked
+                                time.sleep(STOP_POLL_S)
+                                if stop is not None and stop():
+                                    break
                             raise RuntimeError(f"the demo's camera process exited (code {process.exitcode})")
                         continue
                     _, snapshots = parent_end.recv()
@@ -305,8 +311,12 @@ def run_demo(duration_s: float | None = None, load: float = 1.0, interval_s: flo
         finally:
             service.close()
         elapsed = time.perf_counter() - started
-        print(format_cameras(final, {}, elapsed, elapsed), file=out)
-        print(format_models(service.agent.telemetry.snapshot()), file=out)
         summary = {s["name"]: s for s in final}
-        print("unanswered: " + ", ".join(f"{k}={v['unanswered']}" for k, v in summary.items()), file=out)
+        if summary:
+            print(format_cameras(final, {}, elapsed, elapsed), file=out)
+        print(format_models(service.agent.telemetry.snapshot()), file=out)
+        if summary:
+            print("unanswered: " + ", ".join(f"{k}={v['unanswered']}" for k, v in summary.items()), file=out)
+        else:
+            print("the cameras were stopped by a signal before their last count: the agent's side above", file=out)
         return summary
