@@ -8,6 +8,7 @@ figures for more requests.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -28,6 +29,9 @@ from agent.transport import topics
 from agent.transport.paho_client import connect, make_client
 from edge_lab.bench.broker_restart import run_broker_restart
 from edge_lab.broker import LocalBroker, MosquittoNotFound
+from tests.waiting import wait_for
+
+_wait = functools.partial(wait_for, timeout=15.0)
 
 
 @pytest.fixture()
@@ -50,12 +54,6 @@ def _config(broker, device, **mqtt):
         "models": [{"name": "mobilenet_digits", "card": "demo:mobilenet_digits", "instances": 1}],
     })
 
-
-def _wait(condition, timeout=15.0, what="the condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # --- a broker restarted under load ---------------------------------------------------------------

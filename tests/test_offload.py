@@ -34,16 +34,11 @@ from agent.offload import wire
 from agent.service import Service
 from agent.transport.paho_client import connect, make_client
 from agent.transport.topics import offload_topic
+from tests.waiting import wait_for as _wait
 
 MODEL = "resnet_digits"
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _wait(condition, timeout=30.0, what="the condition"):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class PeerProcess:

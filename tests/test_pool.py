@@ -22,18 +22,13 @@ import pytest
 
 from agent.client import InferenceClient
 from agent.config import CONFIG_VERSION
+from tests.waiting import wait_for as _wait
 
 MODEL = "resnet_digits"
 GROUP = "cams"
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("pool-a", "pool-b", "pool-c")
 
-
-def _wait(condition, timeout=30.0, what="the condition"):
-    end = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 class PoolAgent:
