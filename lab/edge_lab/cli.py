@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import signal
 import sys
+
+from edge_lab.bench import write_json
 
 
 def _positive_float(text: str) -> float:
@@ -75,10 +76,7 @@ def _cmd_bench_core(args: argparse.Namespace) -> int:
         print(skipped)
     results["overhead"] = rows
     print(format_overhead(rows), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2, default=float)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 
@@ -177,10 +175,7 @@ def _cmd_bench_exits(args: argparse.Namespace) -> int:
                       max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
                       repeat=args.repeat, say=lambda line: print(line, flush=True))
     print(format_exits(out), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2, default=float)
-        print(f"wrote {args.json}")
+    write_json(args.json, out)
     return 0
 
 
@@ -237,10 +232,7 @@ def _cmd_bench_http_limits(args: argparse.Namespace) -> int:
                                   nofile=args.nofile, nofile_hard=args.nofile_hard,
                                   max_connections=args.max_connections)
     print(format_http_limits(results))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 
@@ -265,10 +257,7 @@ def _cmd_bench_sign(args: argparse.Namespace) -> int:
         agent_fuzz = figures["agent_fuzz"] = fuzz_agent(args.fuzz, seed=args.seed)
         print(format_agent_fuzz(agent_fuzz), flush=True)
         failed = failed or any(agent_fuzz[k] for k in ("accepted", "without_reason", "unanswered", "answered_twice"))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(figures, fh, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, figures)
     return 1 if failed else 0
 
 
@@ -308,10 +297,7 @@ def _cmd_bench_netlab(args: argparse.Namespace) -> int:
         print("edge-agent bench netlab: interrupted; the lab was torn down", file=sys.stderr)
         return 130
     print(format_netlab(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2, default=float)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 
@@ -341,10 +327,7 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
         print("edge-agent: no split point matched --models / --splits", file=sys.stderr)
         return 2
     print(format_codecs(runs), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(as_json(runs), fh, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, as_json(runs))
     return 0
 
 
@@ -375,10 +358,7 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
         print("edge-agent bench offload: interrupted; the lab and its agents were torn down", file=sys.stderr)
         return 130
     print(format_offload(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2, default=float)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 
@@ -400,10 +380,7 @@ def _cmd_bench_pool(args: argparse.Namespace) -> int:
         print("edge-agent bench pool: interrupted; the lab and its agents were torn down", file=sys.stderr)
         return 130
     print(format_pool(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2, default=float)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
     return 0
 
 

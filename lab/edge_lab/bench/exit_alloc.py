@@ -243,9 +243,8 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(args: Any) -> int:
-    import json
-
     from agent.progress import Progress
+    from edge_lab.bench import write_json
     model = None
     if args.card:
         from agent.models.card import load_card
@@ -258,10 +257,7 @@ def run(args: Any) -> int:
     with Progress(args.instances, desc="bench exit-alloc", unit="instance") as progress:
         result = bench_exit_alloc(args.instances, args.seed, model, args.repeats, progress)
     print(format_exit_alloc(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
 
 
