@@ -189,7 +189,6 @@ class Driver:
                 if answered_early is None or i not in answered_early:
                     self.fail(request, error)
             return []
-        batch_size = len(dispatch.requests)
         compute_ms = 1000.0 * outcome.compute_s
         served_by = (outcome.served_by if outcome.served_by is not None
                      else self._served_by(dispatch) if self._served_by is not None else _NO_SERVED_BY)
@@ -202,25 +201,30 @@ class Driver:
             if item_errors is not None and item_errors[i] is not None:
                 self.fail(request, item_errors[i])
                 continue
-            if now > request.deadline:
-                self.fail(request, InferenceError(DEADLINE_MISSED, (
-                    f"finished {1000 * (now - request.deadline):.1f} ms after its deadline "
-                    f"(queued {1000 * (dispatch.started - request.arrival):.1f} ms, batch of {batch_size} "
-                    f"computed in {compute_ms:.1f} ms)")) if self._explain else _LATE)
-                continue
-            result = Result(
-                outputs=outputs,
-                queue_ms=1000.0 * (dispatch.started - request.arrival),
-                compute_ms=compute_ms,
-                total_ms=1000.0 * (now - request.arrival),
-                batch_size=batch_size,
-                served_by=served_by,
-            )
-            if on_reply is not None:
-                on_reply(request, result, None)
-            _deliver(request.reply.set_result, result)
-            answered.append((request, result))
+            result = self._answer_one(dispatch, request, outputs, now, compute_ms, served_by, on_reply,
+                                      "", f" computed in {compute_ms:.1f} ms")
+            if result is not None:
+                answered.append((request, result))
         return answered
+
+    def _answer_one(self, dispatch: Dispatch, request: Request, outputs, now: float, compute_ms: float,
+                    served_by: dict, on_reply: OnReply | None, at: str, computed: str) -> Result | None:
+        """One request of a batch done at ``now``: ``deadline_missed`` past its deadline (the reason
+        says where, ``at``, and ``computed``), else its result; returns the result (None: missed)."""
+        batch_size = len(dispatch.requests)
+        if now > request.deadline:
+            self.fail(request, InferenceError(DEADLINE_MISSED, (
+                f"finished {1000 * (now - request.deadline):.1f} ms after its deadline{at} "
+                f"(queued {1000 * (dispatch.started - request.arrival):.1f} ms, batch of {batch_size}"
+                f"{computed})")) if self._explain else _LATE)
+            return None
+        result = Result(outputs=outputs, queue_ms=1000.0 * (dispatch.started - request.arrival),
+                        compute_ms=compute_ms, total_ms=1000.0 * (now - request.arrival),
+                        batch_size=batch_size, served_by=served_by)
+        if on_reply is not None:
+            on_reply(request, result, None)
+        _deliver(request.reply.set_result, result)
+        return result
 
     def answer_part(self, dispatch: Dispatch, items: list[tuple[int, dict]], compute_s: float,
                     extra: dict | None = None) -> None:
@@ -233,29 +237,17 @@ class Driver:
         if answered is None:
             answered = dispatch.answered = set()
         now = self.clock()
-        batch_size = len(dispatch.requests)
         compute_ms = 1000.0 * compute_s
         served_by = self._served_by(dispatch) if self._served_by is not None else _NO_SERVED_BY
         if extra:
             served_by = {**served_by, **extra}
-        on_reply = self._on_reply
+        at = f" at exit {(extra or {}).get('exit')!r}"
         for i, outputs in items:
             if i in answered:
                 raise RuntimeError(f"request {i} of a batch of {dispatch.model} answered twice")
             answered.add(i)
-            request = dispatch.requests[i]
-            if now > request.deadline:
-                self.fail(request, InferenceError(DEADLINE_MISSED, (
-                    f"finished {1000 * (now - request.deadline):.1f} ms after its deadline at exit "
-                    f"{(extra or {}).get('exit')!r} (queued {1000 * (dispatch.started - request.arrival):.1f} ms, "
-                    f"batch of {batch_size})")) if self._explain else _LATE)
-                continue
-            result = Result(outputs=outputs, queue_ms=1000.0 * (dispatch.started - request.arrival),
-                            compute_ms=compute_ms, total_ms=1000.0 * (now - request.arrival),
-                            batch_size=batch_size, served_by=served_by)
-            if on_reply is not None:
-                on_reply(request, result, None)
-            _deliver(request.reply.set_result, result)
+            self._answer_one(dispatch, dispatch.requests[i], outputs, now, compute_ms, served_by, self._on_reply,
+                             at, "")
 
     def fail(self, request: Request, error: InferenceError) -> None:
         """Answer ``request`` with ``error``."""
