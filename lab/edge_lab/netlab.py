@@ -556,6 +556,11 @@ class Lab:
         assert self._cgroups is not None
         return self._cgroups.throttled(self._board(board).cgroup)
 
+    def pids(self, board: str) -> list[int]:
+        """The processes now in ``board``'s cgroup (what runs on the board)."""
+        assert self._cgroups is not None
+        return self._cgroups.procs(self._board(board).cgroup)
+
     def broker_address_for(self, board: str) -> tuple[str, int]:
         """(host, port) the board connects to for the broker: its relay if its link is shaped."""
         spec = self._board(board)

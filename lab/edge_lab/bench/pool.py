@@ -25,7 +25,6 @@ machines. Needs root (namespaces, cgroups).
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -38,6 +37,7 @@ from agent.workload.generators import AppSpec, poisson
 from edge_lab.bench.loadgen import Frames, MqttTarget
 from edge_lab.bench.mqttload import replay_mqtt
 from edge_lab.bench.offload import _agent_argv, _tail
+from edge_lab.bench.proctree import tree_cpu_s
 from edge_lab.metrics import summarize
 from edge_lab.netlab import BoardSpec, Lab, LabError, stop_groups
 
@@ -96,19 +96,6 @@ class _Agents:
         stop_groups(self.processes, 15.0)
 
 
-def _cpu_s(lab: Lab, board: str) -> float:
-    """CPU seconds the processes in ``board``'s cgroup have used (user + system, threads included)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in lab._cgroups.procs(lab._board(board).cgroup):
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        total += int(fields[11]) + int(fields[12])      # utime, stime (fields 14 and 15 of stat)
-    return total / tick
-
-
 def closed_loop(host: str, port: int, model: str, frames: Frames, outstanding: int, seconds: float,
                 slo_ms: float) -> float:
     """Replies per second with ``outstanding`` requests always in flight to the pool."""
@@ -162,7 +149,7 @@ def _row(lab: Lab, boards: Sequence[str], model: str, slo_ms: float, frames: Fra
             say(f"{len(boards)} agent: closed-loop capacity {capacity:.1f}/s")
         trace = trace_for(capacity if capacity_one is None else capacity_one)
         target = MqttTarget(host, port, "-", frames, procs=1, pool=GROUP)
-        cpu0 = {b: _cpu_s(lab, b) for b in boards}
+        cpu0 = {b: tree_cpu_s(lab.pids(b)) for b in boards}
         stat0 = {b: lab.cpu_stat(b) for b in boards}
         wall0 = time.monotonic()
         played = replay_mqtt(target, trace, frames, drain_s=2.0)
@@ -170,7 +157,7 @@ def _row(lab: Lab, boards: Sequence[str], model: str, slo_ms: float, frames: Fra
         stat1 = {b: lab.cpu_stat(b) for b in boards}
         # Each board's share of its quota used over the replay, and the share of CFS periods in
         # which it was throttled: near 1 and high, the quota bounds it; well below, the machine does.
-        used = {b: (_cpu_s(lab, b) - cpu0[b]) / wall for b in boards}
+        used = {b: (tree_cpu_s(lab.pids(b)) - cpu0[b]) / wall for b in boards}
         throttled = {b: (stat1[b].get("nr_throttled", 0) - stat0[b].get("nr_throttled", 0))
                      / max(1, stat1[b].get("nr_periods", 0) - stat0[b].get("nr_periods", 0)) for b in boards}
     finally:
