@@ -64,7 +64,7 @@ from edge_lab.metrics import summarize
 from edge_lab.netlab import Lab, LabError, Link, stop_groups
 
 __all__ = ["Contender", "DEFAULT_LINKS", "available_contenders", "bench_offload", "board_toml", "check_targets",
-           "format_offload", "parse_links", "peer_toml"]
+           "format_offload", "parse_links", "peer_toml", "agent_argv", "log_tail"]
 
 #: Link shapes of the issue's targets: (Mbit/s, one-way delay ms).
 DEFAULT_LINKS: tuple[Link, ...] = (Link(10, 50), Link(100, 10), Link(1000, 1))
@@ -243,7 +243,7 @@ class _Monitor:
 
 # --- the agents -------------------------------------------------------------------------------------
 
-def _agent_argv(config_path: Path) -> list[str]:
+def agent_argv(config_path: Path) -> list[str]:
     script = Path(sys.executable).with_name("edge-agent")
     if script.exists():
         return [str(script), "run", "--config", str(config_path)]
@@ -256,7 +256,7 @@ def _stop(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
     stop_groups([process], timeout_s)
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
@@ -281,12 +281,12 @@ def _start_board(e: _Env, contender: Contender, tag: str) -> tuple[subprocess.Po
     log = e.workdir / f"board-{tag}.log"
     since = e.monitor.seen(BOARD)
     with open(log, "wb") as fh:
-        process = e.lab.spawn(BOARD, _agent_argv(path), e.env, stdout=fh, stderr=subprocess.STDOUT)
+        process = e.lab.spawn(BOARD, agent_argv(path), e.env, stdout=fh, stderr=subprocess.STDOUT)
     try:
         status = e.monitor.wait_online(BOARD, since, 180.0, lambda: process.poll() is None)
     except LabError as exc:
         _stop(process)
-        raise LabError(f"{exc}\n--- board agent ({contender.key}) log ---\n{_tail(log)}") from None
+        raise LabError(f"{exc}\n--- board agent ({contender.key}) log ---\n{log_tail(log)}") from None
     return process, log, status
 
 
@@ -396,11 +396,11 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
             peer_log = workdir / "peer.log"
             since = monitor.seen(PEER)
             with open(peer_log, "wb") as fh:
-                peer = lab.spawn(PEER, _agent_argv(peer_path), env, stdout=fh, stderr=subprocess.STDOUT)
+                peer = lab.spawn(PEER, agent_argv(peer_path), env, stdout=fh, stderr=subprocess.STDOUT)
             try:
                 monitor.wait_online(PEER, since, 180.0, lambda: peer is not None and peer.poll() is None)
             except LabError as exc:
-                raise LabError(f"{exc}\n--- peer agent log ---\n{_tail(peer_log)}") from None
+                raise LabError(f"{exc}\n--- peer agent log ---\n{log_tail(peer_log)}") from None
 
             # The board's capacity under its quota, on this machine: a local-only board kept busy
             # (closed loop, two full batches in flight, no SLO in the way).
@@ -415,7 +415,7 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
                 _stop(board)
             capacity = phases[1]["ok_per_s"]
             if capacity <= 0:
-                raise LabError(f"the local board served nothing: {phases[1]}; log:\n{_tail(log)}")
+                raise LabError(f"the local board served nothing: {phases[1]}; log:\n{log_tail(log)}")
             rate = load * capacity
             results["capacity"] = {"local_per_s": capacity, "probe": phases[1], "outstanding": 2 * max_batch,
                                    "trace_rate_per_s": rate}
@@ -432,7 +432,7 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
                 results["shapes"].append(shape)
                 for k, contender in enumerate(every):
                     if peer.poll() is not None:
-                        raise LabError(f"the peer agent exited ({peer.returncode}):\n{_tail(peer_log)}")
+                        raise LabError(f"the peer agent exited ({peer.returncode}):\n{log_tail(peer_log)}")
                     t0 = time.monotonic()
                     board, log, _ = _start_board(e, contender, f"{s}-{contender.key}")
                     try:

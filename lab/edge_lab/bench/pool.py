@@ -36,7 +36,7 @@ from agent.config import CONFIG_VERSION
 from agent.workload.generators import AppSpec, poisson
 from edge_lab.bench.loadgen import Frames, MqttTarget
 from edge_lab.bench.mqttload import replay_mqtt
-from edge_lab.bench.offload import _agent_argv, _tail
+from edge_lab.bench.offload import agent_argv, log_tail
 from edge_lab.bench.proctree import tree_cpu_s
 from edge_lab.metrics import summarize
 from edge_lab.netlab import BoardSpec, Lab, LabError, stop_groups
@@ -80,7 +80,7 @@ class _Agents:
             config.write_text(agent_toml(board, model, lab.broker_address_for(board), slo_ms))
             log = workdir / f"{board}.log"
             with open(log, "wb") as fh:
-                self.processes.append(lab.spawn(board, _agent_argv(config), stdout=fh, stderr=fh))
+                self.processes.append(lab.spawn(board, agent_argv(config), stdout=fh, stderr=fh))
             self.logs.append(log)
 
     def wait_serving(self, timeout_s: float = 180.0) -> None:
@@ -89,7 +89,7 @@ class _Agents:
             while b"serving" not in log.read_bytes():
                 if process.poll() is not None or time.monotonic() > end:
                     self.stop()
-                    raise LabError(f"the agent of {log.stem} did not start serving:\n{_tail(log)}")
+                    raise LabError(f"the agent of {log.stem} did not start serving:\n{log_tail(log)}")
                 time.sleep(0.1)
 
     def stop(self) -> None:
