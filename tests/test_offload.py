@@ -368,13 +368,16 @@ def test_the_peer_answers_a_redelivered_message_once_and_refuses_what_it_cannot_
 @pytest.mark.parametrize("graceful", [True, False], ids=["restarted", "killed"])
 def test_a_broker_restart_under_offload_load_costs_no_reply_and_gives_none_twice(digits, tmp_path, graceful):
     """The broker (persistence on) restarted, gracefully or killed, while a board sends every batch
-    to its peer: batches whose tensor or reply the restart catches are rescued here or answered
-    deadline_missed when the board gives up on them, and a peer reply that comes after is dropped.
-    The board answers every request it took exactly once. Restarted gracefully, the broker keeps
-    what it held and the application, on a persistent session, gets every reply; killed, what the
-    broker had not saved is its loss (issue 21's broker-restart target), never a second answer.
-    A reply the broker delivers twice (QoS 1) is the same reply, dropped by correlation by the
-    application's client."""
+    to its peer. The board answers every request it took exactly once, and with a deadline that
+    outlasts the restart every answer is a result: restarted gracefully, the broker keeps what it
+    held and the peer's replies come after the reconnect; killed between autosaves, the board's
+    session is gone on reconnect, no reply to a batch out before it can come, and the board runs
+    every such batch here at once (``session_lost``), not each at its give-up time, where the
+    rescues would queue behind each other on the fallback thread and the later ones miss (what
+    this test caught before). A peer reply that comes after is dropped. Killed, what the broker had
+    not saved (requests the application sent into the outage) is its loss (issue 21's
+    broker-restart target), never a second answer. A reply the broker delivers twice (QoS 1) is the
+    same reply, dropped by correlation by the application's client."""
     from edge_lab.broker import LocalBroker, MosquittoNotFound
     try:
         broker = LocalBroker(persistence=True)
@@ -390,7 +393,7 @@ def test_a_broker_restart_under_offload_load_costs_no_reply_and_gives_none_twice
             board = _board(broker, "board-r", session_expiry_s=300)
             _wait(lambda: board.agent.offload.peers.live("board-r") is not None, 60.0, "the peer's status")
             app = Replies(broker, board.config.device, "app-restart", session_expiry_s=300)
-            _load(app, frames, 60, 0.002, 1500, at=30, then=lambda: broker.restart(graceful=graceful))
+            _load(app, frames, 60, 0.002, 3000, at=30, then=lambda: broker.restart(graceful=graceful))
             intake = board.mqtt.counters
             _wait(lambda: intake["replied"] == intake["taken"] and not board.agent.offload.status()["waiting"],
                   30.0, "the board's replies")
@@ -402,11 +405,11 @@ def test_a_broker_restart_under_offload_load_costs_no_reply_and_gives_none_twice
             assert intake["taken"] == len(app.sent) if graceful else intake["taken"] >= len(app.sent) // 3
             with app.lock:
                 replies = list(app.replies.values())
-            assert all(r["status"] == "ok" or r["error"]["code"] in ("deadline_missed", "rejected")
-                       for r in replies), [r for r in replies if r["status"] != "ok"]
-            # Killed, what the broker lost never reached anyone: the share is of what arrived.
-            assert replies and sum(r["status"] == "ok" for r in replies) >= (len(app.sent) if graceful else len(replies)) // 2
-            assert board.agent.offload.counters["answered_by_peer"] >= 1
+            assert replies and all(r["status"] == "ok" for r in replies), [r for r in replies if r["status"] != "ok"]
+            counters = board.agent.offload.counters
+            assert counters["answered_by_peer"] >= 1 and counters["fallback_missed"] == 0
+            if graceful:
+                assert counters["session_lost"] == 0
         finally:
             if app is not None:
                 app.close()

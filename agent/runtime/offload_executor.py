@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 #: What the board side counts (``OffloadClient.counters``; the status's ``offload.client``).
 COUNTERS = ("sent", "answered_by_peer", "peer_gone", "fallback_local", "fallback_missed", "item_fallbacks",
-            "late_replies", "duplicate_replies", "bad_replies", "send_failed")
+            "late_replies", "duplicate_replies", "bad_replies", "send_failed", "session_lost")
 #: Batches whose end is remembered (to tell a late reply from a duplicate one).
 REMEMBERED = 4096
 #: Weight of a new batch in a split's bytes and codec time per item (EWMAs).
@@ -195,6 +195,7 @@ class OffloadClient:
         self.transport = transport
         transport.subscribe(offload_reply_topic(self.device), self._on_reply, qos=1)
         transport.subscribe(status_topic("+"), self._on_status, qos=1)
+        transport.on_session(self._on_session)
 
     def view(self) -> "OffloadView":
         """What the split policy reads (``agent.offload.planner.OffloadView``): this board's tables
@@ -392,6 +393,24 @@ class OffloadClient:
             return
         self.counters.add("answered_by_peer")
         pending.on_done(pending.dispatch, BatchOutcome(outputs, compute_s, served_by=served_by))
+
+    def _on_session(self, session_present: bool) -> None:
+        """After a reconnect on which the broker had lost this board's session, no reply to a batch
+        sent before it can come (the QoS 1 messages queued for the old session went with it): the
+        board rescues every such batch now, earliest give-up first, instead of at its give-up time,
+        when the rescues would queue on the one fallback thread behind each other and the later
+        ones miss. A reply that comes after all (a peer's retransmission) is late and dropped."""
+        if session_present:
+            return
+        with self._lock:
+            lost = sorted(self._pending, key=lambda b: self._pending[b].give_up_at)
+        taken = [p for p in (self._take(b, "gave_up") for b in lost) if p is not None]
+        if taken:
+            self.counters.add("session_lost", len(taken))
+            log.warning("offload: the broker lost this board's session: %d batches out on peers run here now",
+                        len(taken))
+        for pending in taken:
+            self._fallback_pool.submit(self._rescue, pending, None, None)
 
     # --- giving up, and the local rest ----------------------------------------------------------
 

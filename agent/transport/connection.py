@@ -130,6 +130,7 @@ class MqttTransport:
         self._acked: dict[str, Any] = {}             # filter -> the broker's reason code, this connection
         self._started = False
         self._connect_handled = threading.Event()    # set once on_connect has subscribed and published
+        self._on_session: list[Callable[[bool], None]] = []     # on_session listeners
 
     # --- the router ------------------------------------------------------------------------------
 
@@ -156,6 +157,14 @@ class MqttTransport:
                 self._send_subscribe([topic_filter])
         if self._started:
             self._wait_acked([topic_filter], timeout)
+
+    def on_session(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(session_present)`` on the network thread after every CONNACK (once the
+        subscriptions are renewed). ``session_present`` False after a reconnect means the broker
+        lost this client's session (a broker killed between autosaves, an expired session): every
+        QoS 1 message that was on its way to this client is gone, and whoever waits for one (the
+        offload client for its peers' replies) should stop waiting."""
+        self._on_session.append(listener)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop subscribing to ``topic_filter`` (now, and on later reconnects).
@@ -345,6 +354,11 @@ class MqttTransport:
         log.info("connected to %s://%s:%d as %s (session %s), subscribed to %s",
                  "mqtts" if self.security.tls else "mqtt", self.host, self.port, self.client_id,
                  "resumed" if self._session_present else "new", filters)
+        for listener in self._on_session:
+            try:
+                listener(self._session_present)
+            except Exception:
+                log.exception("a session listener failed")
         self._connect_handled.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
