@@ -24,6 +24,7 @@ from agent.backends.base import Backend
 from agent.config import BatchingConfig, Config, ModelConfig
 from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, REJECTED, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
+from agent.exits.online import OnlineAllocation
 from agent.models.card import ModelCard, load_card
 from agent.models.tensors import check_inputs
 from agent.profiler import Profile, load_profile, measure_latency_table
@@ -53,6 +54,8 @@ class LoadedModel:
     # plan and, per instance, its stage sessions; None for a whole-graph model.
     exits: ExitPlan | None = None
     stages: list[list[Backend]] | None = None
+    # exit_allocation on: the online exit allocation that admits by class under overload.
+    allocation: OnlineAllocation | None = None
 
     def instance_set(self) -> InstanceSet:
         """The executor's view of its instances (batch buffers, and stages for a staged model)."""
@@ -130,7 +133,9 @@ def load_model(config: ModelConfig, profile: Profile | None = None) -> LoadedMod
         for backend in [*backends, *(b for instance in stages or () for b in instance)]:
             backend.close()
         raise
-    return LoadedModel(config, card, backends, latency, build_rule(config.batching, latency), exits, stages)
+    allocation = OnlineAllocation(config.name, exits, processors=config.instances) if config.exit_allocation else None
+    return LoadedModel(config, card, backends, latency, build_rule(config.batching, latency), exits, stages,
+                       allocation)
 
 
 def _lane(name: str, loaded: LoadedModel):
@@ -330,6 +335,8 @@ class Agent:
                 if not slo > 0:
                     raise InferenceError(BAD_REQUEST, f"slo_ms = {slo_ms!r}: expected a number > 0", "slo_ms")
                 deadline_at = now + slo / 1000.0
+            if loaded.allocation is not None and choice is not None:
+                loaded.allocation.admit(choice.fixed, 1000.0 * (deadline_at - now))
             future: Future = Future()
             if on_done is not None:
                 future.add_done_callback(on_done)
@@ -516,7 +523,8 @@ class Agent:
                        "default_slo_ms": m.config.default_slo_ms,
                        "latency_ms": _latency_ms(m.latency),
                        "queued": self._queued(name),
-                       "admission": self._admission_status(name)}
+                       "admission": self._admission_status(name),
+                       **({"exit_allocation": m.allocation.status()} if m.allocation is not None else {})}
                 for name, m in self.models.items()
             },
             **({"offload": offload} if (offload := self.offload_status()) is not None else {}),

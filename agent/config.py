@@ -120,6 +120,9 @@ class ModelConfig:
     # request at the earliest exit accurate enough for its min_accuracy, "confidence" at the first
     # exit confident enough (agent.scheduler.exit_rule), running stage by stage.
     exit_mode: str = "off"
+    # With exit_mode "fixed": under overload, admit by the online exit allocation (agent.exits.online),
+    # which serves the classes (exit, SLO) that make the most requests served per second.
+    exit_allocation: bool = False
 
 
 @dataclass(frozen=True)
@@ -390,8 +393,11 @@ def _parse_model(t: Any, where: str, base_dir: Path | None) -> ModelConfig:
         queue_capacity=_take(t, "queue_capacity", where, int, 1024, lambda v: 1 <= v <= 1_000_000, "an integer in 1..1000000"),
         default_slo_ms=float(_take(t, "default_slo_ms", where, (int, float), 100.0, lambda v: v > 0, "a number > 0")),
         batching=_parse_batching(_table(t, "batching", where), f"{where}.batching"),
-        exit_mode=_take(t, "exit_mode", where, str, "off", lambda v: v in EXIT_MODES,
-                        f"one of {EXIT_MODES} (early exits: agent.scheduler.exit_rule)"),
+        exit_mode=(mode := _take(t, "exit_mode", where, str, "off", lambda v: v in EXIT_MODES,
+                                 f"one of {EXIT_MODES} (early exits: agent.scheduler.exit_rule)")),
+        exit_allocation=_take(t, "exit_allocation", where, bool, False, lambda v: not v or mode == "fixed",
+                              f"false, or true with exit_mode = \"fixed\" (exit_mode is {mode!r}: the online exit "
+                              f"allocation, agent.exits.online, prices each request at one exit)"),
     )
 
 

@@ -54,7 +54,9 @@ class ExitPlan:
     ``fractions[k]``: per batch size in ``batch_sizes``, the share of a whole run (every stage) that
     stages ``0..k`` take, from the card's stage times (``ExitPoint.stage_ms``): admission multiplies
     the model's measured batch time by it, so a share measured on the build machine prices stages on
-    this one."""
+    this one. ``stage_ms[k]``: stage ``k``'s time in ms per batch size in ``batch_sizes`` (this
+    board's where measured at load, else the card's; None with neither): what the online exit
+    allocation (``agent.exits.online``) prices streams by."""
 
     mode: str
     names: tuple[str, ...]
@@ -64,6 +66,7 @@ class ExitPlan:
     batch_sizes: tuple[int, ...]
     fractions: tuple[tuple[float, ...], ...]
     answer_output: str
+    stage_ms: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def last(self) -> int:
@@ -105,18 +108,21 @@ def exit_plan(card: ModelCard, mode: str, stage_times: tuple[Sequence[int], Sequ
                              f"{len(sizes)} batch sizes]")
         cumulative = np.cumsum(per_stage, axis=0) / per_stage.sum(axis=0)
         fractions = tuple(tuple(float(f) for f in row) for row in cumulative)
+        stage_ms = tuple(tuple(1000.0 * float(t) for t in row) for row in per_stage)
     elif len(measured) == len(exits):
         sizes = exits[0].batch_sizes
         per_stage = np.array([p.stage_ms for p in exits], dtype=np.float64)      # [exits, sizes]
         cumulative = np.cumsum(per_stage, axis=0) / per_stage.sum(axis=0)
         fractions = tuple(tuple(float(f) for f in row) for row in cumulative)
+        stage_ms = tuple(tuple(float(t) for t in row) for row in per_stage)
     else:   # no stage times on the card: stages priced equal (a guess the profile replaces)
         sizes = (1,)
         fractions = tuple(((k + 1) / len(exits),) for k in range(len(exits)))
+        stage_ms = None
     return ExitPlan(mode=mode, names=tuple(p.name for p in exits), outputs=tuple(p.output for p in exits),
                     accuracy=tuple(float(p.accuracy) for p in exits),
                     calibration=tuple(p.calibration for p in exits), batch_sizes=tuple(sizes),
-                    fractions=fractions, answer_output=exits[-1].output)
+                    fractions=fractions, answer_output=exits[-1].output, stage_ms=stage_ms)
 
 
 def choose_exit(plan: ExitPlan, model: str, min_accuracy: float | None) -> ExitChoice:
