@@ -5,12 +5,13 @@ import json
 from agent.cli import main
 
 
-def test_bench_exits_sim_prints_the_five_way_table(tmp_path, capsys):
+def test_bench_exits_sim_prints_the_table_and_the_run_past_capacity(tmp_path, capsys):
     out = tmp_path / "exits.json"
     assert main(["bench", "exits", "--sim-only", "--sim-duration", "2", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     figures = json.loads(out.read_text())
-    names = ["no-batch/no-exit", "batching only", "exit only", "batching+exit fixed", "batching+exit confidence"]
+    names = ["no-batch/no-exit", "batching only", "exit only", "batching+exit fixed", "batching+exit confidence",
+             "batching+exit+allocation"]
     assert list(figures["sim"]) == names
     for name in names:
         assert name in printed
@@ -19,3 +20,8 @@ def test_bench_exits_sim_prints_the_five_way_table(tmp_path, capsys):
     assert set(figures["sim"]["exit only"]["exits"]) <= {"exit1", "exit2", "final"}
     assert figures["sim"]["batching+exit confidence"]["exits"].get("exit1", 0) > 0
     assert "measured at start" in printed and "SLO" in printed
+    # past capacity, the staged contender with and without the allocation, on the same trace
+    past = figures["overload"]
+    assert past["factor"] == 2.0 and set(past["sim"]) == {"batching+exit fixed", "batching+exit+allocation"}
+    assert all(r["goodput"] > 0 and r["statuses"].get("rejected", 0) > 0 for r in past["sim"].values())
+    assert "past capacity" in printed

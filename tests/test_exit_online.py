@@ -58,10 +58,11 @@ def test_everything_is_admitted_when_the_classes_fit(plan):
     out = drive(allocation, clock, [(2, 60.0, 100.0), (0, 60.0, 100.0)], 6.0)
     assert all(c["refused"] == 0 for c in out["counts"].values()), out["counts"]
     status = allocation.status()
-    assert status["refused"] == [] and len(status["served"]) == 2 and status["plans"] >= 1
+    assert status["limited"] == {} and len(status["classes"]) == 2 and status["plans"] >= 1
+    assert 0 < status["busy_ms_per_s"] <= status["capacity_ms_per_s"]
 
 
-def test_under_overload_the_cheap_class_is_served_whole_and_the_costly_one_gets_what_is_left(plan):
+def test_under_overload_the_cheapest_requests_are_admitted_first_and_the_capacity_is_filled(plan):
     clock = [0.0]
     allocation = OnlineAllocation("m", plan, processors=2, clock=lambda: clock[0])
     slo = 40.0
@@ -74,22 +75,22 @@ def test_under_overload_the_cheap_class_is_served_whole_and_the_costly_one_gets_
     assert c["refused"] == 0                       # the class that serves the most per ms, whole
     assert k["refused"] > 0 and k["admitted"] > 0  # the costly one: refused in part, not in whole
     status = allocation.status()
-    assert status["refused"] == [f"final@{allocation.key(2, slo).slo_ms:g}ms"]
+    assert list(status["limited"]) == [f"final@{allocation.key(2, slo).slo_ms:g}ms"]
     # What is admitted fits the processors by the card's times (the plan's utilisation included).
     half = 5.0
     admitted_ms = (c["admitted"] * cost_ms(plan, 0, best) + k["admitted"] * cost_ms(plan, 2, best)) / half
     assert admitted_ms <= 2000 * allocation.utilisation * 1.05
-    # ... and uses most of them: the plan alone (whole classes) would leave the costly class none.
+    # ... and uses most of them (a plan of whole classes would refuse the costly class whole).
     assert admitted_ms >= 0.8 * 2000 * allocation.utilisation
     reason = out["errors"][-1]
-    assert reason.code == REJECTED and "'final'" in reason.message and "requests/s" in reason.message
+    assert reason.code == REJECTED and "'final'" in reason.message and "admitted at" in reason.message
 
 
 def test_a_class_whose_rate_falls_is_served_again(plan):
     clock = [0.0]
     allocation = OnlineAllocation("m", plan, processors=2, clock=lambda: clock[0])
     drive(allocation, clock, [(0, 40.0, 600.0), (2, 40.0, 600.0)], 6.0)
-    assert allocation.status()["refused"]
+    assert allocation.status()["limited"]
     out = drive(allocation, clock, [(0, 40.0, 100.0), (2, 40.0, 100.0)], 8.0, start=6.0)
     assert all(c["refused"] == 0 for c in out["counts"].values()), out["counts"]
 
@@ -169,3 +170,16 @@ def test_an_agent_admits_by_the_allocation_and_answers_every_request_once():
     assert all(m is None for m in by_allocation), "the allocation refused the cheap class"
     assert any(code == "ok" for _, code, _ in outcomes)
     assert status["plans"] >= 1 and {name.split("@")[0] for name in status["classes"]} == {"exit1", "final"}
+
+
+def test_three_classes_fill_in_order_of_cost_the_dearest_gets_nothing(plan):
+    clock = [0.0]
+    allocation = OnlineAllocation("m", plan, processors=2, clock=lambda: clock[0])
+    mix = [(2, 40.0, 500.0), (1, 40.0, 500.0), (0, 40.0, 500.0)]
+    best = plan.batch_sizes[-1]
+    # exit 1 and exit 2 together fit only in part; the last exit's class cannot fit beside them
+    assert 500 * (cost_ms(plan, 0, best) + cost_ms(plan, 1, best)) > 1.2 * 2000 * allocation.utilisation
+    out = drive(allocation, clock, mix, 10.0)
+    final, exit2, exit1 = (out["counts"][i] for i in range(3))
+    assert exit1["refused"] == 0 and exit2["refused"] > 0 and exit2["admitted"] > 0
+    assert final["admitted"] == 0

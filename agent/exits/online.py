@@ -1,34 +1,37 @@
-"""The exit allocation run while serving: which classes of requests a multi-exit model serves when
-the board cannot serve them all (``exit_allocation = true`` in a model's config, ``exit_mode =
-"fixed"``).
+"""The exit allocation run while serving: how much of each class of requests a multi-exit model
+admits when the board cannot serve them all (``exit_allocation = true`` in a model's config,
+``exit_mode = "fixed"``).
 
-Without it, admission is per request and first come, first served: under overload the board takes
-whatever arrives first that its deadline test passes, and a strict class (one that needs the last
-exit) takes as much of the processor as three lax ones (answered at exit 1) would have. The
-allocation (:mod:`agent.exits.allocation`) instead chooses, from the classes' rates, SLOs and
-accuracy requirements, the set of classes that maximises the requests served per second, and this
-module applies it at intake: a request whose class the current plan does not serve is refused
-(``rejected``, with the plan's reason) before it takes a place in the queue.
+Without it, admission is per request: under overload the board takes whatever its deadline test
+passes, first come, first served. With it, the classes' rates, SLOs and exits decide: each class's
+cost per request (its stages up to its exit at the largest batch that meets its SLO, priced by the
+affine stage envelope of :mod:`agent.exits.allocation`) orders the classes, and the processors'
+capacity (``utilisation`` of ``processors``, the model's instances, one core each) is filled
+cheapest request first; the class where the capacity runs out is admitted at the rate that fills it
+(a token bucket), the classes after it not at all. That is the allocation problem's relaxation,
+where a class may be served in part (online a class is served in part: requests are refused one by
+one), whose optimum for the served rate is exactly this greedy order (the fractional knapsack).
+Why not the whole-class plan (``plan_allocation``, the joint batching/exit paper's setting: users
+scheduled whole): measured in ``edge-agent bench exits`` past capacity (BENCHMARKS.md), admitting by
+the whole-class plan served fewer requests than plain per-request admission, since a class that does
+not fit whole is refused whole while the capacity it would have used stays idle; the relaxation is
+the right model for admission, the whole-class plan for placing users (``bench exit-alloc``).
 
-What a class is here: the exit the fixed rule gives the request (its earliest accurate exit, what
-the plan would choose too) and its SLO rounded down onto a geometric grid (``slo_step``), so a
-stream of requests with jittered SLOs is a handful of classes, each priced at its tightest SLO.
+What a class is here: the exit the fixed rule gives the request (its earliest accurate exit) and its
+SLO rounded down onto a geometric grid (``slo_step``), so requests with jittered SLOs make a handful
+of classes, each priced at its tightest SLO.
 
 What runs per request (:meth:`OnlineAllocation.admit`): the class's arrival-rate estimate (an
-exponentially decayed count, time constant ``tau_s``) is updated and the plan's verdict for the
-class read from a dict. The plan is made again, off the per-request path's cost, at most every
-``replan_s``, and only when a class appeared or a rate moved by more than ``moved`` since the plan:
-warm (local search from the last plan) and cold every ``cold_every`` plans, since a warm update may
-drift from the optimum (``plan_allocation``). ``edge-agent bench core`` times both parts.
+exponentially decayed count, time constant ``tau_s``) is updated and the class's verdict read from a
+dict (and its bucket, for the class at the boundary). The shares are computed again at most every
+``replan_s``, and only when a class appeared or a rate moved by more than ``moved``. ``edge-agent
+bench core`` times the call.
 
-What the plan does not decide live: batch sizes. The plan's batch per class is a steady-state
-figure (batches fill at the average rate); the scheduler's deadline-aware rule sees the actual
-queue at each dispatch and stays the judge of batch size and of each request's deadline. The plan
-prices stages by the times measured at load on this board (``ExitPlan.stage_ms``) and counts the
-model's instances as processors (each instance runs on its own core: ``processors``).
+What it does not decide: batch sizes and each request's deadline, which stay with the scheduler's
+deadline-aware rule and admission test (they see the actual queue at each dispatch).
 
-Only ``fixed`` mode: in ``confidence`` mode where a request leaves depends on its input, which the
-allocation's model (each class answered at one exit) does not describe.
+Only ``fixed`` mode: in ``confidence`` mode where a request leaves depends on its input, which a
+class's single exit does not describe.
 """
 from __future__ import annotations
 
@@ -39,8 +42,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from agent.errors import REJECTED, InferenceError
-from agent.exits.allocation import (DEFAULT_UTILISATION, AllocationError, ExitModel, Plan, Problem, UserClass,
-                                    plan_allocation)
+from agent.exits.allocation import DEFAULT_UTILISATION, ExitModel
 from agent.scheduler.exit_rule import ExitPlan
 
 __all__ = ["OnlineAllocation", "ClassKey"]
@@ -83,7 +85,7 @@ class OnlineAllocation:
 
     def __init__(self, model: str, plan: ExitPlan, processors: int = 1, *,
                  utilisation: float = DEFAULT_UTILISATION, tau_s: float = 1.0, replan_s: float = 0.25,
-                 moved: float = 0.1, slo_step: float = 1.25, cold_every: int = 8, max_classes: int = 8,
+                 moved: float = 0.1, slo_step: float = 1.25,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if plan.mode != "fixed":
             raise ValueError(f"model {model!r}: exit_allocation needs exit_mode = 'fixed' (exit_mode is "
@@ -97,17 +99,16 @@ class OnlineAllocation:
         self.processors = processors
         self.utilisation = utilisation
         self.tau_s, self.replan_s, self.moved = tau_s, replan_s, moved
-        self.slo_step, self.cold_every, self.max_classes = slo_step, cold_every, max_classes
+        self.slo_step = slo_step
         self.clock = clock
         self._lock = threading.Lock()
         self._rates: dict[ClassKey, _Rate] = {}
         self._planned_rates: dict[ClassKey, float] = {}
-        self._served: dict[ClassKey, bool] = {}        # the plan's verdict per class
-        self._buckets: dict[ClassKey, list[float]] = {}  # a refused class's [allowed rate, tokens, at]
-        self.plan: Plan | None = None
-        self._planned_at = -math.inf
-        self._plans = 0
-        self.counters = {"plans": 0, "cold_plans": 0, "refused_requests": 0}
+        self._served: dict[ClassKey, bool] = {}          # admitted whole, per class
+        self._buckets: dict[ClassKey, list[float]] = {}  # a class admitted in part: [allowed rate, tokens, at]
+        self._check_at = -math.inf      # when admit next asks whether the shares are due again
+        self.busy_ms_per_s = 0.0        # what the admitted shares cost, by the stage envelope
+        self.counters = {"plans": 0, "refused_requests": 0}
 
     # --- per request ------------------------------------------------------------------------------
 
@@ -118,8 +119,8 @@ class OnlineAllocation:
         return ClassKey(exit_index, round(self.slo_step ** n, 6))
 
     def admit(self, exit_index: int, slo_ms: float) -> None:
-        """Count one arrival of its class and refuse it (``InferenceError``, ``rejected``) if the
-        current plan does not serve the class. Re-plans first when it is due."""
+        """Count one arrival of its class and refuse it (``InferenceError``, ``rejected``) beyond the
+        class's share (module docstring). Computes the shares again first when that is due."""
         key = self.key(exit_index, slo_ms)
         now = self.clock()
         with self._lock:
@@ -127,9 +128,11 @@ class OnlineAllocation:
             if rate is None:
                 rate = self._rates[key] = _Rate(now)
             rate.add(now, self.tau_s)
-            if now - self._planned_at >= self.replan_s and self._due(now):
-                self._replan(now)
-            if self._served.get(key, True):     # a class the plan has not seen yet: admitted
+            if now >= self._check_at:
+                self._check_at = now + self.replan_s
+                if self._due(now):
+                    self._replan(now)
+            if self._served.get(key, True):     # a class not priced yet: admitted
                 return
             bucket = self._buckets.get(key)
             if bucket is not None:
@@ -140,19 +143,17 @@ class OnlineAllocation:
                     bucket[1] = tokens - 1.0
                     return
             self.counters["refused_requests"] += 1
-            plan = self.plan
             allowed = 0.0 if bucket is None else bucket[0]
+            offered = self._rates[key].read(now, self.tau_s)
         raise InferenceError(REJECTED, (
-            f"model {self.model!r} is over capacity and its exit allocation gives the processor to the classes "
-            f"that serve the most requests: this request's class (exit {self.exits.names[key.exit]!r}, SLO "
-            f"{slo_ms:g} ms) gets {allowed:.0f} requests/s now; the plan serves {plan.served_rate:.0f} of "
-            f"{plan.offered_rate:.0f} requests/s offered in whole classes "
-            f"({', '.join(plan.served) or 'none'})"), "min_accuracy")
+            f"model {self.model!r} is over capacity, and its exit allocation admits the cheapest requests first: "
+            f"this request's class (exit {self.exits.names[key.exit]!r}, SLO {slo_ms:g} ms, about {offered:.0f} "
+            f"requests/s offered) is admitted at {allowed:.0f} requests/s now"), "min_accuracy")
 
     # --- re-planning (under the lock) --------------------------------------------------------------
 
     def _due(self, now: float) -> bool:
-        if self.plan is None or set(self._rates) != set(self._planned_rates):
+        if set(self._rates) != set(self._planned_rates):
             return True
         for key, planned in self._planned_rates.items():
             current = self._rates[key].read(now, self.tau_s)
@@ -161,92 +162,50 @@ class OnlineAllocation:
         return False
 
     def _replan(self, now: float) -> None:
-        self._planned_at = now
         rates = {key: r.read(now, self.tau_s) for key, r in self._rates.items()}
         # Forget classes gone quiet (under one request per ten time constants).
         for key in [k for k, v in rates.items() if v < 0.1 / self.tau_s]:
             del self._rates[key]
             del rates[key]
-        ranked = sorted(rates, key=lambda k: -rates[k])
-        kept = ranked[:self.max_classes]     # the rest (rarest) are admitted unplanned
-        classes = []
-        for key in kept:
-            classes.append(UserClass(key.name(self.exits.names), rates[key], key.slo_ms,
-                                     self.exits.accuracy[key.exit]))
         self._planned_rates = rates
-        if not classes:
-            self.plan, self._served = None, {}
-            return
-        cold = self.plan is None or self._plans % self.cold_every == 0
-        try:
-            plan = plan_allocation(self._problem(classes), previous=None if cold else self.plan)
-        except AllocationError:
-            # A class no exit can serve in its SLO even alone: the per-request deadline test
-            # refuses its requests with their own reason; plan the others.
-            possible = []
-            for c in classes:
-                try:
-                    self._problem([c])
-                    possible.append(c)
-                except AllocationError:
-                    pass
-            plan = plan_allocation(self._problem(possible)) if possible else None
-        self._plans += 1
         self.counters["plans"] += 1
-        self.counters["cold_plans"] += int(cold)
-        self.plan = plan
-        served = {}
-        if plan is not None:
-            names = {key.name(self.exits.names): key for key in kept}
-            for name, choice in zip(plan.classes, plan.choices):
-                served[names[name]] = choice is not None
-        self._served = served
-        self._share_leftover(now, rates, plan)
-
-    def _share_leftover(self, now: float, rates: dict[ClassKey, float], plan: Plan | None) -> None:
-        """The plan serves classes whole, so under overload it can leave much of the processor idle
-        (a costly class that does not fit whole is refused whole). The capacity it leaves goes to
-        the refused classes as rate limits, cheapest request first (the fractional knapsack's
-        order, optimal for the served rate): each class's cost per request is its stages at its
-        largest batch that fits its SLO alone."""
-        old = self._buckets
-        self._buckets = {}
-        if plan is None:
-            return
-        left = plan.capacity_ms_per_s - plan.busy_ms_per_s
-        refused = [key for key, ok in self._served.items() if not ok]
-        model = self.exit_model
-        costs = {}
-        for key in refused:
-            fits = [j for j, b in enumerate(model.batch_sizes)
-                    if sum(model.stage_ms[k][j] for k in range(key.exit + 1)) <= key.slo_ms]
-            if fits:
-                j = fits[-1]
-                b = model.batch_sizes[j]
-                costs[key] = sum(model.fixed_ms[k] / b + model.per_item_ms[k] for k in range(key.exit + 1))
+        costs = {key: self._cost_ms(key, rates[key]) for key in rates}
+        old, self._buckets, served = self._buckets, {}, {}
+        left = 1000.0 * self.utilisation * self.processors
         for key in sorted(costs, key=costs.get):
-            allowed = max(0.0, min(rates.get(key, 0.0), left / costs[key]))
+            need = rates[key] * costs[key]
+            if need <= left:
+                served[key] = True
+                left -= need
+                continue
+            served[key] = False
+            allowed = max(0.0, left / costs[key])
             left -= allowed * costs[key]
-            tokens = old[key][1] if key in old else 0.0
-            self._buckets[key] = [allowed, tokens, now]
+            self._buckets[key] = [allowed, old[key][1] if key in old else 0.0, now]
+        self.busy_ms_per_s = 1000.0 * self.utilisation * self.processors - left
+        self._served = served
 
-    def _problem(self, classes: list[UserClass]) -> Problem:
-        return Problem(classes, self.exit_model, self.utilisation, self.processors)
+    def _cost_ms(self, key: ClassKey, rate: float) -> float:
+        """Busy ms per request of ``key`` at ``rate``: its stages up to its exit at the largest batch
+        whose fill wait (at the class's own rate) and stages meet its SLO, batch 1 if none does."""
+        model = self.exit_model
+        best = 1
+        for b in model.batch_sizes:
+            j = model.batch_sizes.index(b)
+            fill = 0.0 if b == 1 else 1000.0 * (b - 1) / max(rate, 1e-9)
+            if fill + sum(model.stage_ms[k][j] for k in range(key.exit + 1)) <= key.slo_ms:
+                best = b
+        return sum(model.fixed_ms[k] / best + model.per_item_ms[k] for k in range(key.exit + 1))
 
     # --- status ------------------------------------------------------------------------------------
 
     def status(self) -> dict:
-        """The plan as the agent's status shows it: classes with their rate, the rate each refused
-        class is still given, and the plan's figures."""
+        """The shares as the agent's status shows them: each class's rate estimate, the classes
+        admitted in part with the rate each is given, and what the admitted shares cost."""
         with self._lock:
-            plan = self.plan
             now = self.clock()
             names = self.exits.names
-            rates = {key.name(names): round(r.read(now, self.tau_s), 2) for key, r in self._rates.items()}
-            limits = {key.name(names): round(b[0], 2) for key, b in self._buckets.items()}
-            out = {"classes": rates, "limited": limits, **self.counters}
-        if plan is not None:
-            out.update(served=list(plan.served), refused=list(plan.refused),
-                       served_rate=round(plan.served_rate, 2), offered_rate=round(plan.offered_rate, 2),
-                       busy_ms_per_s=round(plan.busy_ms_per_s, 1), capacity_ms_per_s=round(plan.capacity_ms_per_s, 1))
-        return out
+            return {"classes": {key.name(names): round(r.read(now, self.tau_s), 2) for key, r in self._rates.items()},
+                    "limited": {key.name(names): round(b[0], 2) for key, b in self._buckets.items()},
+                    "busy_ms_per_s": round(self.busy_ms_per_s, 1),
+                    "capacity_ms_per_s": round(1000.0 * self.utilisation * self.processors, 1), **self.counters}

@@ -77,6 +77,7 @@ class SimModel:
     # A multi-exit model run stage by stage (agent.scheduler.exit_rule.ExitPlan; the executor times
     # each stage by its share of ``latency``), None for a whole-graph model.
     exits: object = None
+    exit_allocation: bool = False      # admit by the online exit allocation (agent.exits.online)
 
     def lane(self) -> ModelLane:
         """A fresh scheduler lane with these settings (its own queue)."""
@@ -126,6 +127,7 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
             fifo=lane.fifo,
             starts_alone=lane.starts_alone,
             exits=exits,
+            exit_allocation=model.exit_allocation,
         ))
     return models
 
@@ -301,6 +303,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         executor.answer_part = driver.answer_part
     exit_plans = {m.name: m.exits for m in models if m.exits is not None}
     executor.exits = exit_plans        # multi-exit models run stage by stage (SimExecutor._stage)
+    allocations = {m.name: _allocation(m, lambda: clock.now) for m in models if m.exit_allocation}
     n_rows = len(trace)
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")
                for i, row in enumerate(trace)]
@@ -367,6 +370,8 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
                 plan = exit_plans.get(row.model) if exit_plans else None
                 if plan is not None:
                     request.exit = choose_exit(plan, row.model, row.min_accuracy)
+                    if allocations and row.model in allocations:
+                        allocations[row.model].admit(request.exit.fixed, row.slo_ms)
                 started = start_alone(request) if idle_path else None
                 if started is None:
                     enqueue(request)
@@ -407,3 +412,17 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
 
 
 __all__ = ["COMPLETE", "ARRIVAL", "WAKE", "SimModel", "SimResult", "SimBatch", "simulate", "sim_models_from_config"]
+
+
+def _allocation(model: SimModel, clock: Callable[[], float]):
+    """The online exit allocation of a simulated model, its stages priced as the simulator times
+    them (each stage's share of the model's batch time), on the simulator's clock."""
+    import dataclasses
+
+    from agent.exits.online import OnlineAllocation
+    plan = model.exits
+    sizes = plan.batch_sizes
+    stage_ms = tuple(tuple(1000.0 * model.latency.predict(b) * plan.stage_fraction(k, b) for b in sizes)
+                     for k in range(len(plan.names)))
+    return OnlineAllocation(model.name, dataclasses.replace(plan, stage_ms=stage_ms), processors=model.instances,
+                            clock=clock)

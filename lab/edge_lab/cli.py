@@ -173,7 +173,7 @@ def _cmd_bench_exits(args: argparse.Namespace) -> int:
     print(f"{command.strip()}: batching and early exit on {', '.join(names)}; simulated, then live", flush=True)
     out = bench_exits(duration_s=args.duration, sim_duration_s=args.sim_duration, attainment=args.attainment,
                       max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
-                      repeat=args.repeat, say=lambda line: print(line, flush=True))
+                      repeat=args.repeat, overload=args.overload, say=lambda line: print(line, flush=True))
     print(format_exits(out), flush=True)
     write_json(args.json, out)
     return 0
@@ -485,6 +485,9 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
     exits.add_argument("--repeat", type=int, default=1, metavar="K",
                        help="live rounds, taking turns over the contenders; each contender's median round is "
                             "reported, every round's figure beside it (default 1)")
+    exits.add_argument("--overload", type=float, default=2.0, metavar="X",
+                       help="also run batching+exit fixed and batching+exit+allocation at X times the first one's "
+                            "capacity, where the board must choose whom to serve (default 2; 0: skip)")
     exits.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
     exits.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     exits.set_defaults(func=_cmd_bench_exits)

@@ -302,7 +302,11 @@ def _exit_decision_section(r: Mapping[str, Any]) -> list[str]:
     return [f"Early-exit allocation heuristic (agent.exits.allocation.plan_allocation): one decision, random "
             f"instances ({r['instances']} per row, median of {r['repeats']} each); cold: from the classes, warm: "
             f"from the previous plan after the rates moved <= 5% (edge-agent bench exit-alloc: gap to the optimum)",
-            *_table(["instance", "cold us", "warm us"], rows)]
+            *_table(["instance", "cold us", "warm us"], rows),
+            *([] if "online" not in r else [
+                f"  online (agent.exits.online.OnlineAllocation.admit, per request, {r['online']['rate']:g} requests/s "
+                f"in 4 classes, {r['online']['calls']} calls, {r['online']['plans']} re-plans): median "
+                f"{_number(r['online']['median_us'], 2)} us, mean with the re-plans {_number(r['online']['mean_us'], 2)} us"])]
 
 
 def _generic_section(name: str, r: Mapping[str, Any]) -> list[str]:

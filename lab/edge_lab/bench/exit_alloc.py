@@ -119,7 +119,36 @@ def bench_decision_time(class_counts: Sequence[int] = (2, 4, 6, 8), instances: i
         cold[n] = statistics.median(decision_time_us(p, repeats) for p in problems)
         warm[n] = statistics.median(warm_decision_time_us(p, rng, repeats) for p in problems)
     return {"benchmark": "exit_decision", "instances": instances, "repeats": repeats, "median_us": cold,
-            "warm_median_us": warm}
+            "warm_median_us": warm, "online": online_admit_time_us()}
+
+
+def online_admit_time_us(rate: float = 1000.0, seconds: float = 6.0, seed: int = 24) -> dict:
+    """What the agent pays per request with ``exit_allocation`` on (``agent.exits.online``): one
+    ``admit`` call, timed over a Poisson stream of ``rate`` requests/s in four classes (two exits, two
+    SLOs) on the shipped multi-exit model's card times, on a virtual clock so that the re-plans
+    come as often as they would in serving: the median call (a rate update and a dict lookup) and
+    the mean with the re-plans spread over the calls."""
+    from agent.errors import InferenceError
+    from agent.exits.online import OnlineAllocation
+    from agent.models.card import load_card
+    from agent.scheduler.exit_rule import exit_plan
+    plan = exit_plan(load_card("demo:camera_exits"), "fixed")
+    now = [0.0]
+    allocation = OnlineAllocation("camera_exits", plan, processors=2, clock=lambda: now[0])
+    rng = random.Random(seed)
+    kinds = [(0, 40.0), (2, 40.0), (1, 80.0), (2, 80.0)]
+    times = []
+    while now[0] < seconds:
+        now[0] += rng.expovariate(rate)
+        exit_index, slo_ms = kinds[rng.randrange(len(kinds))]
+        start = time.perf_counter()
+        try:
+            allocation.admit(exit_index, slo_ms)
+        except InferenceError:
+            pass
+        times.append(time.perf_counter() - start)
+    return {"rate": rate, "calls": len(times), "plans": allocation.counters["plans"],
+            "median_us": 1e6 * statistics.median(times), "mean_us": 1e6 * statistics.fmean(times)}
 
 
 @dataclass

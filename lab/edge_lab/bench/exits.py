@@ -7,7 +7,10 @@ differ only in their model config:
 * ``no-batch/no-exit``: the whole graph, batches of 1 (``exit_mode = "off"``, ``max_batch = 1``);
 * ``batching only``: the whole graph, the deadline-aware rule up to ``max_batch``;
 * ``exit only``: stage by stage, fixed mode (each request at the earliest exit accurate enough), batches of 1;
-* ``batching+exit fixed`` and ``batching+exit confidence``: stage by stage, batched.
+* ``batching+exit fixed`` and ``batching+exit confidence``: stage by stage, batched;
+* ``batching+exit+allocation``: ``batching+exit fixed`` admitting by the online exit allocation
+  (``exit_allocation = true``, ``agent.exits.online``): under overload, the classes that make the
+  most requests served per second.
 
 Every contender meets every class's accuracy target by construction (the whole graph meets all of
 them; the exits are chosen per class), and the live runs measure it: each request carries a labelled
@@ -35,14 +38,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-#: (name, exit_mode, batched)
-CONTENDERS: tuple[tuple[str, str, bool], ...] = (
-    ("no-batch/no-exit", "off", False),
-    ("batching only", "off", True),
-    ("exit only", "fixed", False),
-    ("batching+exit fixed", "fixed", True),
-    ("batching+exit confidence", "confidence", True),
+#: (name, exit_mode, batched, exit_allocation)
+CONTENDERS: tuple[tuple[str, str, bool, bool], ...] = (
+    ("no-batch/no-exit", "off", False, False),
+    ("batching only", "off", True, False),
+    ("exit only", "fixed", False, False),
+    ("batching+exit fixed", "fixed", True, False),
+    ("batching+exit confidence", "confidence", True, False),
+    ("batching+exit+allocation", "fixed", True, True),
 )
+#: The contenders run again past their capacity (``--overload``): where the allocation decides.
+OVERLOADED = ("batching+exit fixed", "batching+exit+allocation")
 #: The min_accuracy classes of the trace, equal shares.
 CLASSES = (0.8, 0.9, 0.95, 0.97)
 MODEL = "camera_exits"
@@ -70,15 +76,16 @@ class Run:
         return self.in_slo / self.duration_s if self.duration_s > 0 else 0.0
 
 
-def model_config(name: str, mode: str, batched: bool, max_batch: int, slo_ms: float) -> dict:
+def model_config(name: str, mode: str, batched: bool, max_batch: int, slo_ms: float, allocation: bool = False) -> dict:
     return {"name": name, "card": f"demo:{MODEL}", "instances": 2, "exit_mode": mode, "default_slo_ms": slo_ms,
-            "batching": {"rule": "deadline_aware", "max_batch": max_batch if batched else 1}}
+            "exit_allocation": allocation, "batching": {"rule": "deadline_aware", "max_batch": max_batch if batched else 1}}
 
 
-def agent_config(mode: str, batched: bool, max_batch: int, slo_ms: float):
+def agent_config(mode: str, batched: bool, max_batch: int, slo_ms: float, allocation: bool = False):
     from agent.config import CONFIG_VERSION, parse_config
     return parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "bench-exits", "workers": 2},
-                         "mqtt": {"enabled": False}, "models": [model_config(MODEL, mode, batched, max_batch, slo_ms)]})
+                         "mqtt": {"enabled": False},
+                         "models": [model_config(MODEL, mode, batched, max_batch, slo_ms, allocation)]})
 
 
 def make_trace(rate: float, duration_s: float, slo_ms: float, seed: int, classes: Sequence[float] = CLASSES):
@@ -248,7 +255,7 @@ def accuracy_pass(agent, frames: np.ndarray, labels: np.ndarray, classes: Sequen
 
 def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attainment: float = 0.95,
                 max_batch: int = 8, slo_batches: float = 2.5, seed: int = 0, live: bool = True,
-                contenders: Sequence[str] | None = None, repeat: int = 1,
+                contenders: Sequence[str] | None = None, repeat: int = 1, overload: float = 2.0,
                 say: Callable[[str], None] = print) -> dict:
     """Run the comparison (module docstring); returns every figure as a dict."""
     from agent.api import Agent
@@ -271,8 +278,8 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
         f"in equal shares; the search starts at {start_rate:.0f} req/s")
     out: dict = {"batch_ms": batch_ms, "slo_ms": slo_ms, "classes": list(CLASSES), "attainment": attainment,
                  "sim": {}, "live": {}}
-    for name, mode, batched in chosen:
-        config = agent_config(mode, batched, max_batch, slo_ms)
+    for name, mode, batched, allocation in chosen:
+        config = agent_config(mode, batched, max_batch, slo_ms, allocation)
         rate, run = sim_capacity(lambda r: simulate_run(config, table, make_trace(r, sim_duration_s, slo_ms, seed),
                                                         seed, card), start_rate, attainment)
         out["sim"][name] = {"rate": rate, "goodput": run.goodput, "attainment": run.attainment,
@@ -280,13 +287,14 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
         say(f"  sim  {name:<26} {run.goodput:7.1f} req/s in SLO at {100 * run.attainment:.1f}% attainment "
             f"(offered {rate:.1f}/s, mean batch {run.mean_batch:.2f}, exits {run.exits})")
     if not live:
-        return out
+        return _overloaded(out, chosen, overload, table, card, max_batch, slo_ms, duration_s, sim_duration_s, seed,
+                           None, None, say)
     frames, labels = card_test_set(card.raw["dataset"], card.source.parent)
     # Rounds take turns over the contenders, so a spell of CPU stolen by other tenants falls on all
     # of them alike; each round's search starts where the last one found the contender's rate.
     for round_ in range(repeat):
-        for name, mode, batched in chosen:
-            config = agent_config(mode, batched, max_batch, slo_ms)
+        for name, mode, batched, allocation in chosen:
+            config = agent_config(mode, batched, max_batch, slo_ms, allocation)
             tries: list = []
             entry = out["live"].setdefault(name, {"rounds": []})
             start = entry["rounds"][-1]["rate"] if entry["rounds"] else out["sim"][name]["rate"]
@@ -306,6 +314,36 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
         middle = rounds[(len(rounds) - 1) // 2]
         entry.update({k: middle[k] for k in ("rate", "goodput", "attainment", "mean_batch", "held")})
         entry["goodputs"] = [round(r["goodput"], 1) for r in entry["rounds"]]
+    return _overloaded(out, chosen, overload, table, card, max_batch, slo_ms, duration_s, sim_duration_s, seed,
+                       frames, labels, say)
+
+
+def _overloaded(out: dict, chosen, overload: float, table, card, max_batch: int, slo_ms: float, duration_s: float,
+                sim_duration_s: float, seed: int, frames, labels, say: Callable[[str], None]) -> dict:
+    """The contenders of :data:`OVERLOADED` at ``overload`` times the plain staged contender's
+    capacity (live where the run was live, else simulated): requests answered in time per second,
+    and which exits answered. Past capacity the board must choose whom to serve; the allocation
+    chooses the classes that serve the most requests per second."""
+    from agent.api import Agent
+    names = [c[0] for c in chosen]
+    if not overload > 0 or not all(n in names for n in OVERLOADED):
+        return out
+    where = "live" if frames is not None else "sim"
+    rate = overload * out[where][OVERLOADED[0]]["rate"]
+    section = out["overload"] = {"factor": overload, "rate": rate, "sim": {}, "live": {}}
+    for name, mode, batched, allocation in chosen:
+        if name not in OVERLOADED:
+            continue
+        config = agent_config(mode, batched, max_batch, slo_ms, allocation)
+        runs = {"sim": simulate_run(config, table, make_trace(rate, sim_duration_s, slo_ms, seed), seed, card)}
+        if frames is not None:
+            with Agent(config) as agent:
+                runs["live"] = replay_exits(agent, make_trace(rate, duration_s, slo_ms, seed + 99), frames, labels)
+        for kind, run in runs.items():
+            section[kind][name] = {"goodput": run.goodput, "attainment": run.attainment, "exits": run.exits,
+                                   "statuses": run.statuses}
+            say(f"  {kind:<4} {name:<26} at {overload:g}x ({rate:.0f} req/s): {run.goodput:7.1f} req/s in SLO, "
+                f"statuses {run.statuses}, answered by exit {run.exits}")
     return out
 
 
@@ -334,4 +372,11 @@ def format_exits(out: dict) -> str:
         else:
             lines.append(f"{name:<26} {sim['goodput']:9.1f} {sim_x:6.2f}x {'-':>10} {'':>7} "
                          f"{100 * sim['attainment']:6.1f}% {sim['mean_batch']:6.2f}")
+    section = out.get("overload")
+    if section:
+        lines.append(f"past capacity: {section['factor']:g}x the staged contender's rate ({section['rate']:.0f} req/s)")
+        for kind in ("sim", "live"):
+            for name, r in section[kind].items():
+                lines.append(f"  {kind:<4} {name:<26} {r['goodput']:7.1f} req/s in SLO; answered by exit {r['exits']}; "
+                             f"{r['statuses']}")
     return "\n".join(lines)
