@@ -25,6 +25,7 @@ from agent.config import BatchingConfig, Config, ModelConfig
 from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, REJECTED, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
 from agent.exits.online import OnlineAllocation
+from agent.exits.survivors import first_stage_instances, survivor_lanes
 from agent.models.card import ModelCard, load_card
 from agent.models.tensors import check_inputs
 from agent.profiler import Profile, load_profile, measure_latency_table
@@ -58,7 +59,10 @@ class LoadedModel:
     allocation: OnlineAllocation | None = None
 
     def instance_set(self) -> InstanceSet:
-        """The executor's view of its instances (batch buffers, and stages for a staged model)."""
+        """The executor's view of its instances (batch buffers, and stages for a staged model; the
+        first stage alone with ``exit_rebatch``, ``agent.exits.survivors``)."""
+        if self.config.exit_rebatch and self.stages is not None:
+            return first_stage_instances(self.config.name, self)
         return InstanceSet(self.backends, self.card.inputs, self.rule.max_batch, self.stages, self.exits,
                            self.card.exits if self.exits is not None else ())
 
@@ -220,15 +224,23 @@ class Agent:
                     backend.close()
             raise
         lanes = {**self.models, **self.tails}
-        self.telemetry = Telemetry(list(lanes))
+        # exit_rebatch: a multi-exit model's later stages, lanes of their own (agent.exits.survivors);
+        # lane -> the model it belongs to (replies are counted under the model, each lane's batches
+        # under the lane: they are executions of their own).
+        self._lane_model: dict[str, str] = {}
+        survivors = [(name, *entry) for name, m in self.models.items() if m.config.exit_rebatch
+                     for entry in survivor_lanes(name, m)]
+        self._lane_model.update({lane_name: name for name, lane_name, *_ in survivors})
+        self.telemetry = Telemetry([*lanes, *self._lane_model])
         self.scheduler = Scheduler(
-            [_lane(name, m) for name, m in lanes.items()],
+            [*(_lane(name, m) for name, m in lanes.items()), *(lane for _, _, lane, _, _ in survivors)],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
             lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
             policy_options={"offload": config.offload, "policy_path": config.policy_path,
                             "offload_view": self.offload.view() if self.offload is not None else None},
         )
-        self.executor = LocalExecutor({name: m.instance_set() for name, m in lanes.items()})
+        self.executor = LocalExecutor({**{name: m.instance_set() for name, m in lanes.items()},
+                                       **{lane_name: instances for _, lane_name, _, instances, _ in survivors}})
         self._served_by = {
             name: [{"device": config.device, "backend": b.kind, "accelerator": b.device, "instance": i,
                     **({"split": name.partition("@")[2]} if name in self.tails else {}),
@@ -236,6 +248,8 @@ class Agent:
                    for i, b in enumerate(m.backends)]
             for name, m in lanes.items()
         }
+        for name, lane_name, *_ in survivors:
+            self._served_by[lane_name] = self._served_by[name]
         self._ids = itertools.count(1)
         # Every batch passes the telemetry's counting wrapper (Triton's execution count, the batch sizes).
         executors = {LOCAL: self.telemetry.counting(self.executor)}
@@ -250,6 +264,7 @@ class Agent:
         if self.offload is not None:
             self.offload.driver = self.loop.driver
         self.executor.answer_part = self.loop.driver.answer_part
+        self.executor.hand_on = self.loop.driver.hand_on
         self.loop.start()
         self._closed = False
         # An operator's drain (agent.ops.commands): new requests are refused ``shutting_down``, what
@@ -355,11 +370,12 @@ class Agent:
 
     def _record(self, request: Request, result: Result | None, error: InferenceError | None) -> None:
         slo_s = request.deadline - request.arrival
+        model = self._lane_model.get(request.model, request.model)
         if result is not None:
-            self.telemetry.record(request.model, slo_s, result.total_ms, result.queue_ms, result.compute_ms,
+            self.telemetry.record(model, slo_s, result.total_ms, result.queue_ms, result.compute_ms,
                                   result.batch_size, None)
         else:
-            self.telemetry.record(request.model, slo_s, None, None, None, None, error.code)
+            self.telemetry.record(model, slo_s, None, None, None, None, error.code)
 
     # --- models added, changed and removed while serving (agent.ops.commands) -------------------
     # Each change is made under the live loop's lock, between two scheduler decisions, so a batch
@@ -380,6 +396,7 @@ class Agent:
             try:
                 lane = _lane(name, loaded)
                 instances = loaded.instance_set()
+                survivors = survivor_lanes(name, loaded) if config.exit_rebatch else []
             except Exception:
                 loaded.close()
                 raise
@@ -387,9 +404,16 @@ class Agent:
                           **_whole_graph_exit(loaded)}
                          for i, b in enumerate(loaded.backends)]
             self.telemetry.add_model(name)
+            for lane_name, *_ in survivors:
+                self.telemetry.add_model(lane_name)
             with self.loop.lock:
-                self.executor.models = {**self.executor.models, name: instances}
-                self._served_by = {**self._served_by, name: served_by}
+                self.executor.models = {**self.executor.models, name: instances,
+                                        **{lane_name: inst for lane_name, _, inst, _ in survivors}}
+                self._served_by = {**self._served_by, name: served_by,
+                                   **{lane_name: served_by for lane_name, *_ in survivors}}
+                self._lane_model.update({lane_name: name for lane_name, *_ in survivors})
+                for _, survivor_lane, _, _ in survivors:
+                    self.scheduler.add_lane(survivor_lane)
                 self.scheduler.add_lane(lane)
                 self.models = {**self.models, name: loaded}
                 self.config = dataclasses.replace(
@@ -434,13 +458,44 @@ class Agent:
                         self.executor.models = {n: s for n, s in self.executor.models.items() if n != name}
                         break
                 time.sleep(0.005)
+            # exit_rebatch: the survivors handed on wait in the later stages' lanes; each is served
+            # in turn (stage by stage, nothing more arrives) within the same time, then removed.
+            unserved = len(leftover)
+            for lane_name in [n for n, m in self._lane_model.items() if m == name]:
+                leftover += self._retire_lane(lane_name, deadline, timeout_s)
             # A worker may still be sending the last batch's replies: _served_by keeps the entry
             # (a few dicts; replaced if the model is loaded again).
             loaded.close()
             log.info("unloaded %s: %d queued and %d batches running at the command, %d answered shutting_down",
                      name, queued, running, len(leftover))
-            return {"queued_at_unload": queued, "running_at_unload": running, "served": queued - len(leftover),
+            return {"queued_at_unload": queued, "running_at_unload": running, "served": queued - unserved,
                     "answered_shutting_down": len(leftover)}
+
+    def _retire_lane(self, lane_name: str, deadline: float, timeout_s: float) -> list[Request]:
+        """Serve what waits in a later stage's lane (``exit_rebatch``) until ``deadline``, answer the
+        rest ``shutting_down``, then remove the lane once no batch runs on it; returns what was
+        answered so."""
+        lock = self.loop.lock
+        while time.monotonic() < deadline:
+            with lock:
+                if not len(self.scheduler.lanes[lane_name].queue):
+                    break
+            time.sleep(0.005)
+        with lock:
+            self.scheduler.close_lane(lane_name)
+            leftover = self.scheduler.cancel_lane(lane_name)
+        for request in leftover:
+            self.loop.driver.fail(request, InferenceError(
+                SHUTTING_DOWN, f"model {self._lane_model[lane_name]!r} was unloaded before this request's next "
+                               f"stage ran ({timeout_s:g} s to serve its queue ran out)"))
+        while True:
+            with lock:
+                if self.scheduler.lane_idle(lane_name):
+                    self.scheduler.remove_lane(lane_name)
+                    self.executor.models = {n: s for n, s in self.executor.models.items() if n != lane_name}
+                    self._lane_model = {n: m for n, m in self._lane_model.items() if n != lane_name}
+                    return leftover
+            time.sleep(0.005)
 
     def set_batching(self, name: str, batching: BatchingConfig) -> dict:
         """Form ``name``'s batches by ``batching`` from the next scheduler decision on. Raises
@@ -455,8 +510,13 @@ class Agent:
             buffer = next(iter(instances.buffers[0].values()), None) if instances.buffers else None
             if buffer is not None and len(buffer) < rule.max_batch:   # batches may grow: bigger buffers
                 instances = dataclasses.replace(loaded, rule=rule).instance_set()
+            changed = dataclasses.replace(loaded, config=config, rule=rule)
+            survivors = survivor_lanes(name, changed) if config.exit_rebatch else []
             with self.loop.cond:
                 self.scheduler.swap_rule(name, template)
+                for lane_name, survivor_lane, survivor_instances, _ in survivors:
+                    self.scheduler.swap_rule(lane_name, survivor_lane)
+                    self.executor.models = {**self.executor.models, lane_name: survivor_instances}
                 self.executor.models = {**self.executor.models, name: instances}
                 self.models = {**self.models, name: dataclasses.replace(loaded, config=config, rule=rule)}
                 self._replace_model_config(config)

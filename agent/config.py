@@ -123,6 +123,9 @@ class ModelConfig:
     # With exit_mode "fixed": under overload, admit by the online exit allocation (agent.exits.online),
     # which serves the classes (exit, SLO) that make the most requests served per second.
     exit_allocation: bool = False
+    # With exit_mode "fixed" or "confidence": each later stage a lane of its own, where the survivors
+    # of several batches run together (agent.exits.survivors).
+    exit_rebatch: bool = False
 
 
 @dataclass(frozen=True)
@@ -398,6 +401,9 @@ def _parse_model(t: Any, where: str, base_dir: Path | None) -> ModelConfig:
         exit_allocation=_take(t, "exit_allocation", where, bool, False, lambda v: not v or mode == "fixed",
                               f"false, or true with exit_mode = \"fixed\" (exit_mode is {mode!r}: the online exit "
                               f"allocation, agent.exits.online, prices each request at one exit)"),
+        exit_rebatch=_take(t, "exit_rebatch", where, bool, False, lambda v: not v or mode != "off",
+                           f"false, or true with exit_mode \"fixed\" or \"confidence\" (exit_mode is {mode!r}: "
+                           f"the whole graph runs as one, there are no stages to re-batch)"),
     )
 
 

@@ -249,6 +249,35 @@ class Driver:
             self._answer_one(dispatch, dispatch.requests[i], outputs, now, compute_ms, served_by, self._on_reply,
                              at, "")
 
+    def hand_on(self, dispatch: Dispatch, lane: str, indexes, features: Mapping[str, object]) -> None:
+        """Hand some of a running batch's requests on to the lane ``lane`` (a multi-exit model's
+        next stage, its survivors re-batched: ``agent.runtime.staged``): ``indexes`` in the batch,
+        ``features`` their rows, in that order, the next stage's inputs. Each goes on as a request of
+        that lane with the same id, deadline and reply; this batch does not answer it. One the lane
+        refuses (a full queue, a model being unloaded) is answered with the refusal. Called by the
+        executor on the batch's thread, no lock held."""
+        answered = dispatch.answered
+        if answered is None:
+            answered = dispatch.answered = set()
+        refused = []
+        with self.lock:
+            for j, i in enumerate(indexes):
+                i = int(i)
+                if i in answered:
+                    raise RuntimeError(f"request {i} of a batch of {dispatch.model} handed on after its answer")
+                answered.add(i)
+                r = dispatch.requests[i]
+                survivor = Request(r.rid, lane, {name: rows[j:j + 1] for name, rows in features.items()}, r.arrival,
+                                   r.deadline, r.priority, r.reply, r.client_id, r.min_accuracy, r.exit)
+                try:
+                    self.scheduler.enqueue(survivor)
+                except InferenceError as exc:
+                    refused.append((survivor, exc))
+            if self._on_release is not None:
+                self._on_release()      # wakes a worker for the waiting survivors
+        for survivor, exc in refused:
+            self.fail(survivor, exc)
+
     def fail(self, request: Request, error: InferenceError) -> None:
         """Answer ``request`` with ``error``."""
         if self._on_reply is not None:

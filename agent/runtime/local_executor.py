@@ -28,9 +28,13 @@ class InstanceSet:
 
     def __init__(self, backends: Sequence[Backend], inputs: Sequence[TensorSpec], max_batch: int,
                  stages: Sequence[Sequence[Backend]] | None = None, plan: Any = None,
-                 exits: Sequence[Any] = ()) -> None:
+                 exits: Sequence[Any] = (), first: int = 0, hand_on_lane: str | None = None) -> None:
         self.stages = None if stages is None else [list(s) for s in stages]
         self.plan = plan
+        # Survivors re-batched (agent.runtime.staged): ``stages`` start at the model's stage
+        # ``first``, and the survivors of the last go on to the lane ``hand_on_lane``.
+        self.first = first
+        self.hand_on_lane = hand_on_lane
         # Per exit: its stage's input name and the features it hands on (None for the last), and
         # what served_by adds for it.
         self.stage_inputs = [p.stage_input.name for p in exits]
@@ -51,8 +55,10 @@ class LocalExecutor:
         self.models = models
         self._clock = clock
         # Answers part of a running batch (``Driver.answer_part``): set by the agent once its driver
-        # exists; a multi-exit model's items leaving at an early exit go out through it.
+        # exists; a multi-exit model's items leaving at an early exit go out through it. Hands a
+        # batch's survivors on to the next stage's lane (``Driver.hand_on``), likewise.
         self.answer_part: Callable[..., None] | None = None
+        self.hand_on: Callable[..., None] | None = None
 
     def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
         """Run the batch on the calling thread, then call ``on_done`` (before returning)."""
@@ -92,9 +98,13 @@ class LocalExecutor:
 
         def answer(items: list, compute_s: float, extra: dict) -> None:
             answer_part(dispatch, items, compute_s, extra)
+        hand_on = None
+        if instances.hand_on_lane is not None:
+            def hand_on(indexes, features: dict, lane: str = instances.hand_on_lane) -> None:
+                self.hand_on(dispatch, lane, indexes, features)
         dispatch.stage_sizes = run_staged(dispatch.requests, batch, instances.stages[dispatch.instance],
                                           instances.plan, instances.stage_inputs, instances.stage_outputs,
-                                          answer, self._clock, instances.exit_labels)
+                                          answer, self._clock, instances.exit_labels, instances.first, hand_on)
         return BatchOutcome([None] * len(dispatch.requests), self._clock() - t0)
 
     def close(self) -> None:

@@ -9,6 +9,11 @@ no survivor is not run. Why answer at once: an item that leaves early needs only
 its exit, and its client should not wait for the ones after (that is what makes an early exit pay
 inside a batch).
 
+Survivors re-batched (``exit_rebatch``, ``agent.api``): a batch runs only its own stage (``first``)
+and hands its survivors on (``hand_on``: ``Driver.hand_on``) with their rows of the stage's features,
+as requests of the next stage's lane ``<model>#<k>``, where the scheduler batches them with the
+survivors of other batches, by that stage's latency table and their deadlines, as it batches any lane.
+
 Each answered item's outputs hold the answering exit's logits under the model's answer output (the
 last exit's output name, ``logits`` for the shipped model), so a client reads one name whichever exit
 answered; ``served_by`` names the exit.
@@ -26,21 +31,26 @@ from agent.scheduler.request import Request
 
 #: ``answer(items, compute_s, extra)``: answer (index in the batch, outputs) now; ``extra`` joins served_by.
 Answer = Callable[[list, float, dict], None]
+#: ``hand_on(indexes, features)``: the batch's items ``indexes`` go on to the next stage with ``features``.
+HandOn = Callable[[np.ndarray, dict], None]
 
 
 def run_staged(requests: Sequence[Request], batch: dict[str, np.ndarray], stages: Sequence[Backend],
                plan: ExitPlan, stage_inputs: Sequence[str], stage_outputs: Sequence[str | None],
-               answer: Answer, clock: Callable[[], float], exit_labels: Sequence[dict]) -> list[int]:
-    """Run ``batch`` (the model's inputs for ``requests``) through ``stages``, answering each item at
-    its exit; returns the items each stage ran (for admission's cost model). Raises what a backend
-    raises: the caller answers the items not answered yet."""
+               answer: Answer, clock: Callable[[], float], exit_labels: Sequence[dict], first: int = 0,
+               hand_on: HandOn | None = None) -> list[int]:
+    """Run ``batch`` (the model's inputs for ``requests``, or stage ``first``'s) through ``stages``
+    (the model's stages from ``first`` on), answering each item at its exit; with ``hand_on``, the
+    survivors of the last of ``stages`` are handed on to the next stage (module docstring). Returns
+    the items each stage ran (for admission's cost model). Raises what a backend raises: the caller
+    answers the items not answered yet."""
     alive = np.arange(len(requests))
     sizes: list[int] = []
     features: dict[str, np.ndarray] = batch
     last = plan.last
     answer_name = plan.answer_output
     t0 = clock()
-    for k, stage in enumerate(stages):
+    for k, stage in enumerate(stages, start=first):
         sizes.append(len(alive))
         out = stage.run(features)
         logits = out[plan.outputs[k]]
@@ -61,6 +71,9 @@ def run_staged(requests: Sequence[Request], batch: dict[str, np.ndarray], stages
         alive = alive[keep]
         carried = out[stage_outputs[k]]
         features = {stage_inputs[k + 1]: np.ascontiguousarray(carried if len(keep) == len(carried) else carried[keep])}
+        if hand_on is not None and k == first + len(stages) - 1:
+            hand_on(alive, features)
+            break
     return sizes
 
 

@@ -86,7 +86,9 @@ class RulePolicy:
             met = now <= min(request.deadline for request in requests)
         else:
             return
-        self._by_name[dispatch.model].rule.observe(len(requests), now - dispatch.started, met)
+        lane = self._by_name.get(dispatch.model)
+        if lane is not None:    # None: its model was unloaded between the scheduler's look and this one
+            lane.rule.observe(len(requests), now - dispatch.started, met)
 
 
 def build(scheduler: "Scheduler") -> RulePolicy:
