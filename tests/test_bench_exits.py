@@ -11,7 +11,7 @@ def test_bench_exits_sim_prints_the_table_and_the_run_past_capacity(tmp_path, ca
     printed = capsys.readouterr().out
     figures = json.loads(out.read_text())
     names = ["no-batch/no-exit", "batching only", "exit only", "batching+exit fixed", "batching+exit confidence",
-             "batching+exit+allocation"]
+             "batching+exit+allocation", "batching+exit+rebatch"]
     assert list(figures["sim"]) == names
     for name in names:
         assert name in printed

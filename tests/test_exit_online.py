@@ -175,10 +175,10 @@ def test_an_agent_admits_by_the_allocation_and_answers_every_request_once():
 def test_three_classes_fill_in_order_of_cost_the_dearest_gets_nothing(plan):
     clock = [0.0]
     allocation = OnlineAllocation("m", plan, processors=2, clock=lambda: clock[0])
-    mix = [(2, 40.0, 500.0), (1, 40.0, 500.0), (0, 40.0, 500.0)]
+    mix = [(2, 40.0, 600.0), (1, 40.0, 600.0), (0, 40.0, 600.0)]
     best = plan.batch_sizes[-1]
     # exit 1 and exit 2 together fit only in part; the last exit's class cannot fit beside them
-    assert 500 * (cost_ms(plan, 0, best) + cost_ms(plan, 1, best)) > 1.2 * 2000 * allocation.utilisation
+    assert 600 * (cost_ms(plan, 0, best) + cost_ms(plan, 1, best)) > 1.2 * 2000 * allocation.utilisation
     out = drive(allocation, clock, mix, 10.0)
     final, exit2, exit1 = (out["counts"][i] for i in range(3))
     assert exit1["refused"] == 0 and exit2["refused"] > 0 and exit2["admitted"] > 0

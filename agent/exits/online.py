@@ -4,10 +4,11 @@ admits when the board cannot serve them all (``exit_allocation = true`` in a mod
 
 Without it, admission is per request: under overload the board takes whatever its deadline test
 passes, first come, first served. With it, the classes' rates, SLOs and exits decide: each class's
-cost per request (its stages up to its exit at the largest batch that meets its SLO, priced by the
-affine stage envelope of :mod:`agent.exits.allocation`) orders the classes, and the processors'
-capacity (``utilisation`` of ``processors``, the model's instances, one core each) is filled
-cheapest request first; the class where the capacity runs out is admitted at the rate that fills it
+cost per request (its stages up to its exit, as measured at load, at the largest batch that meets
+its SLO) orders the classes, and the processors' capacity (``utilisation`` of ``processors``, the
+model's instances, one core each; all of it by default: the scheduler's per-request deadline test
+still guards each request, so the shares need no margin of their own) is filled cheapest request
+first; the class where the capacity runs out is admitted at the rate that fills it
 (a token bucket), the classes after it not at all. That is the allocation problem's relaxation,
 where a class may be served in part (online a class is served in part: requests are refused one by
 one), whose optimum for the served rate is exactly this greedy order (the fractional knapsack).
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from agent.errors import REJECTED, InferenceError
-from agent.exits.allocation import DEFAULT_UTILISATION, ExitModel
+from agent.exits.allocation import ExitModel
 from agent.scheduler.exit_rule import ExitPlan
 
 __all__ = ["OnlineAllocation", "ClassKey"]
@@ -84,7 +85,7 @@ class OnlineAllocation:
     docstring). Thread-safe: intakes call :meth:`admit` from their own threads."""
 
     def __init__(self, model: str, plan: ExitPlan, processors: int = 1, *,
-                 utilisation: float = DEFAULT_UTILISATION, tau_s: float = 1.0, replan_s: float = 0.25,
+                 utilisation: float = 1.0, tau_s: float = 1.0, replan_s: float = 0.25,
                  moved: float = 0.1, slo_step: float = 1.25,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if plan.mode != "fixed":
@@ -186,16 +187,16 @@ class OnlineAllocation:
         self._served = served
 
     def _cost_ms(self, key: ClassKey, rate: float) -> float:
-        """Busy ms per request of ``key`` at ``rate``: its stages up to its exit at the largest batch
-        whose fill wait (at the class's own rate) and stages meet its SLO, batch 1 if none does."""
+        """Busy ms per request of ``key`` at ``rate``: its stages up to its exit, as measured, at the
+        largest profiled batch whose fill wait (at the class's own rate) and stages meet its SLO,
+        divided by that batch (batch 1 if none does)."""
         model = self.exit_model
-        best = 1
-        for b in model.batch_sizes:
-            j = model.batch_sizes.index(b)
+        best = 0
+        for j, b in enumerate(model.batch_sizes):
             fill = 0.0 if b == 1 else 1000.0 * (b - 1) / max(rate, 1e-9)
             if fill + sum(model.stage_ms[k][j] for k in range(key.exit + 1)) <= key.slo_ms:
-                best = b
-        return sum(model.fixed_ms[k] / best + model.per_item_ms[k] for k in range(key.exit + 1))
+                best = j
+        return sum(model.stage_ms[k][best] for k in range(key.exit + 1)) / model.batch_sizes[best]
 
     # --- status ------------------------------------------------------------------------------------
 

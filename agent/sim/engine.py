@@ -78,6 +78,9 @@ class SimModel:
     # each stage by its share of ``latency``), None for a whole-graph model.
     exits: object = None
     exit_allocation: bool = False      # admit by the online exit allocation (agent.exits.online)
+    # exit_rebatch: the later stages' lanes (agent.exits.survivors): (lane name, stage, factory of a
+    # fresh lane), the stage timed as in the model's own lane (its share of ``latency``).
+    survivors: tuple = ()
 
     def lane(self) -> ModelLane:
         """A fresh scheduler lane with these settings (its own queue)."""
@@ -88,6 +91,10 @@ class SimModel:
                               fifo=self.fifo, starts_alone=self.starts_alone)
         lane.exits = self.exits
         return lane
+
+    def lanes(self) -> list[ModelLane]:
+        """Fresh lanes: the model's own and, with ``exit_rebatch``, its later stages'."""
+        return [self.lane(), *(make() for _, _, make in self.survivors)]
 
 
 def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
@@ -128,8 +135,29 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
             starts_alone=lane.starts_alone,
             exits=exits,
             exit_allocation=model.exit_allocation,
+            survivors=_survivor_templates(model, table, exits) if model.exit_rebatch and exits is not None else (),
         ))
     return models
+
+
+def _survivor_templates(model, table: LatencyTable, exits) -> tuple:
+    """What the simulator needs of ``model``'s later stages' lanes (``agent.exits.survivors``): each
+    lane's rule over the stage's share of the model's table, no admission, as live."""
+    import dataclasses
+
+    from agent.exits.survivors import survivor_lane_name
+    batching = dataclasses.replace(model.batching, admission=False)
+    out = []
+    for k in range(1, len(exits.names)):
+        name = survivor_lane_name(model.name, k)
+        sizes = list(table.batch_sizes.tolist())
+        stage = LatencyTable(sizes, [table.predict(b) * exits.stage_fraction(k, b) for b in sizes])
+
+        def make(name=name, stage=stage):
+            return build_lane(name, build_rule(batching, stage), dataclasses.replace(model, name=name, batching=batching),
+                              stage)
+        out.append((name, k, make))
+    return tuple(out)
 
 
 @dataclass
@@ -279,9 +307,11 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         seq += 1
         heapq.heappush(heap, (at, COMPLETE, seq, item, None, owner))
 
-    executor = SimExecutor({m.name: m.latency for m in models}, seed=seed,
-                           jitter={m.name: m.jitter for m in models}, cores=cores, clock=clock, schedule=schedule,
-                           slowdown=slowdown)
+    executor = SimExecutor({**{m.name: m.latency for m in models},
+                            **{name: m.latency for m in models for name, _, _ in m.survivors}}, seed=seed,
+                           jitter={**{m.name: m.jitter for m in models},
+                                   **{name: m.jitter for m in models for name, _, _ in m.survivors}},
+                           cores=cores, clock=clock, schedule=schedule, slowdown=slowdown)
     offloading = None
     extra_options, policy_options = policy_options, None
     if peers:
@@ -290,7 +320,7 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         policy_options = offloading.policy_options(offload)
     if extra_options:
         policy_options = {**(policy_options or {}), **extra_options}
-    scheduler = Scheduler([m.lane() for m in models], max_concurrent=workers, hold_fraction=hold_fraction,
+    scheduler = Scheduler([lane for m in models for lane in m.lanes()], max_concurrent=workers, hold_fraction=hold_fraction,
                           lookahead=lookahead, edf_horizon_s=edf_horizon_s, policy=policy,
                           policy_options=policy_options)
     if offloading is None:
@@ -303,6 +333,13 @@ def simulate(trace: Sequence[TraceRow], models: Sequence[SimModel], workers: int
         executor.answer_part = driver.answer_part
     exit_plans = {m.name: m.exits for m in models if m.exits is not None}
     executor.exits = exit_plans        # multi-exit models run stage by stage (SimExecutor._stage)
+    for m in models:                   # exit_rebatch: each stage's lane runs its stage and hands on
+        if m.survivors:
+            names = [m.name, *(name for name, _, _ in m.survivors)]
+            executor.exits.update({name: m.exits for name in names[1:]})
+            executor.stage_lanes.update({name: (k, names[k + 1] if k + 1 < len(names) else None)
+                                         for k, name in enumerate(names)})
+    executor.hand_on = driver.hand_on
     allocations = {m.name: _allocation(m, lambda: clock.now) for m in models if m.exit_allocation}
     n_rows = len(trace)
     records = [RequestRecord(i, row.app, row.model, row.t_s, row.slo_ms, row.priority, "unanswered")

@@ -113,6 +113,10 @@ class SimExecutor:
         # engine, with ``answer_part`` (``Driver.answer_part``) their early items go out through.
         self.exits: dict[str, Any] = {}
         self.answer_part: Callable[..., None] | None = None
+        # exit_rebatch (agent.exits.survivors): lane -> (its stage, the lane its survivors go on to,
+        # None for the last), and ``hand_on`` (``Driver.hand_on``) they go through.
+        self.stage_lanes: dict[str, tuple[int, str | None]] = {}
+        self.hand_on: Callable[..., None] | None = None
 
     def start(self, dispatch: Dispatch, on_done: OnDone) -> None:
         """Start ``dispatch``'s batch now; its completion is scheduled, ``on_done`` called then."""
@@ -122,7 +126,7 @@ class SimExecutor:
         plan = self.exits.get(dispatch.model)
         if plan is not None:
             dispatch.stage_sizes = []
-            self._stage(dispatch, on_done, plan, 0, list(range(size)))
+            self._stage(dispatch, on_done, plan, self.stage_lanes.get(dispatch.model, (0, None))[0], list(range(size)))
             return
         changed = self.begin(dispatch, dispatch.model, size, self._clock.now)
         changed[0].on_done = on_done
@@ -169,7 +173,11 @@ class SimExecutor:
         compute_s = now - dispatch.started
         if leaving:
             self.answer_part(dispatch, leaving, compute_s, {"exit": plan.names[k]})
-        if staying:
+        onward = self.stage_lanes.get(dispatch.model, (0, None))[1] if staying else None
+        if onward is not None:
+            self.hand_on(dispatch, onward, staying, {})
+            on_done(dispatch, BatchOutcome([None] * len(requests), compute_s))
+        elif staying:
             self._stage(dispatch, on_done, plan, k + 1, staying)
         else:
             on_done(dispatch, BatchOutcome([None] * len(requests), compute_s))

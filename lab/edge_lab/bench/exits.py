@@ -9,8 +9,9 @@ differ only in their model config:
 * ``exit only``: stage by stage, fixed mode (each request at the earliest exit accurate enough), batches of 1;
 * ``batching+exit fixed`` and ``batching+exit confidence``: stage by stage, batched;
 * ``batching+exit+allocation``: ``batching+exit fixed`` admitting by the online exit allocation
-  (``exit_allocation = true``, ``agent.exits.online``): under overload, the classes that make the
-  most requests served per second.
+  (``exit_allocation = true``, ``agent.exits.online``): under overload, the cheapest requests first;
+* ``batching+exit+rebatch``: ``batching+exit fixed`` with its survivors re-batched
+  (``exit_rebatch = true``, ``agent.exits.survivors``): each later stage a lane of its own.
 
 Every contender meets every class's accuracy target by construction (the whole graph meets all of
 them; the exits are chosen per class), and the live runs measure it: each request carries a labelled
@@ -38,14 +39,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-#: (name, exit_mode, batched, exit_allocation)
-CONTENDERS: tuple[tuple[str, str, bool, bool], ...] = (
-    ("no-batch/no-exit", "off", False, False),
-    ("batching only", "off", True, False),
-    ("exit only", "fixed", False, False),
-    ("batching+exit fixed", "fixed", True, False),
-    ("batching+exit confidence", "confidence", True, False),
-    ("batching+exit+allocation", "fixed", True, True),
+#: (name, exit_mode, batched, more model config)
+CONTENDERS: tuple[tuple[str, str, bool, dict], ...] = (
+    ("no-batch/no-exit", "off", False, {}),
+    ("batching only", "off", True, {}),
+    ("exit only", "fixed", False, {}),
+    ("batching+exit fixed", "fixed", True, {}),
+    ("batching+exit confidence", "confidence", True, {}),
+    ("batching+exit+allocation", "fixed", True, {"exit_allocation": True}),
+    ("batching+exit+rebatch", "fixed", True, {"exit_rebatch": True}),
 )
 #: The contenders run again past their capacity (``--overload``): where the allocation decides.
 OVERLOADED = ("batching+exit fixed", "batching+exit+allocation")
@@ -76,16 +78,16 @@ class Run:
         return self.in_slo / self.duration_s if self.duration_s > 0 else 0.0
 
 
-def model_config(name: str, mode: str, batched: bool, max_batch: int, slo_ms: float, allocation: bool = False) -> dict:
+def model_config(name: str, mode: str, batched: bool, max_batch: int, slo_ms: float, more: dict | None = None) -> dict:
     return {"name": name, "card": f"demo:{MODEL}", "instances": 2, "exit_mode": mode, "default_slo_ms": slo_ms,
-            "exit_allocation": allocation, "batching": {"rule": "deadline_aware", "max_batch": max_batch if batched else 1}}
+            "batching": {"rule": "deadline_aware", "max_batch": max_batch if batched else 1}, **(more or {})}
 
 
-def agent_config(mode: str, batched: bool, max_batch: int, slo_ms: float, allocation: bool = False):
+def agent_config(mode: str, batched: bool, max_batch: int, slo_ms: float, more: dict | None = None):
     from agent.config import CONFIG_VERSION, parse_config
     return parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "bench-exits", "workers": 2},
                          "mqtt": {"enabled": False},
-                         "models": [model_config(MODEL, mode, batched, max_batch, slo_ms, allocation)]})
+                         "models": [model_config(MODEL, mode, batched, max_batch, slo_ms, more)]})
 
 
 def make_trace(rate: float, duration_s: float, slo_ms: float, seed: int, classes: Sequence[float] = CLASSES):
@@ -278,8 +280,8 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
         f"in equal shares; the search starts at {start_rate:.0f} req/s")
     out: dict = {"batch_ms": batch_ms, "slo_ms": slo_ms, "classes": list(CLASSES), "attainment": attainment,
                  "sim": {}, "live": {}}
-    for name, mode, batched, allocation in chosen:
-        config = agent_config(mode, batched, max_batch, slo_ms, allocation)
+    for name, mode, batched, more in chosen:
+        config = agent_config(mode, batched, max_batch, slo_ms, more)
         rate, run = sim_capacity(lambda r: simulate_run(config, table, make_trace(r, sim_duration_s, slo_ms, seed),
                                                         seed, card), start_rate, attainment)
         out["sim"][name] = {"rate": rate, "goodput": run.goodput, "attainment": run.attainment,
@@ -293,8 +295,8 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
     # Rounds take turns over the contenders, so a spell of CPU stolen by other tenants falls on all
     # of them alike; each round's search starts where the last one found the contender's rate.
     for round_ in range(repeat):
-        for name, mode, batched, allocation in chosen:
-            config = agent_config(mode, batched, max_batch, slo_ms, allocation)
+        for name, mode, batched, more in chosen:
+            config = agent_config(mode, batched, max_batch, slo_ms, more)
             tries: list = []
             entry = out["live"].setdefault(name, {"rounds": []})
             start = entry["rounds"][-1]["rate"] if entry["rounds"] else out["sim"][name]["rate"]
@@ -323,7 +325,7 @@ def _overloaded(out: dict, chosen, overload: float, table, card, max_batch: int,
     """The contenders of :data:`OVERLOADED` at ``overload`` times the plain staged contender's
     capacity (live where the run was live, else simulated): requests answered in time per second,
     and which exits answered. Past capacity the board must choose whom to serve; the allocation
-    chooses the classes that serve the most requests per second."""
+    admits the cheapest requests first (``agent.exits.online``)."""
     from agent.api import Agent
     names = [c[0] for c in chosen]
     if not overload > 0 or not all(n in names for n in OVERLOADED):
@@ -331,10 +333,10 @@ def _overloaded(out: dict, chosen, overload: float, table, card, max_batch: int,
     where = "live" if frames is not None else "sim"
     rate = overload * out[where][OVERLOADED[0]]["rate"]
     section = out["overload"] = {"factor": overload, "rate": rate, "sim": {}, "live": {}}
-    for name, mode, batched, allocation in chosen:
+    for name, mode, batched, more in chosen:
         if name not in OVERLOADED:
             continue
-        config = agent_config(mode, batched, max_batch, slo_ms, allocation)
+        config = agent_config(mode, batched, max_batch, slo_ms, more)
         runs = {"sim": simulate_run(config, table, make_trace(rate, sim_duration_s, slo_ms, seed), seed, card)}
         if frames is not None:
             with Agent(config) as agent:
