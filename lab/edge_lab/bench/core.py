@@ -305,8 +305,8 @@ def _exit_decision_section(r: Mapping[str, Any]) -> list[str]:
             *_table(["instance", "cold us", "warm us"], rows),
             *([] if "online" not in r else [
                 f"  online (agent.exits.online.OnlineAllocation.admit, per request, {r['online']['rate']:g} requests/s "
-                f"in 4 classes, {r['online']['calls']} calls, {r['online']['plans']} re-plans): median "
-                f"{_number(r['online']['median_us'], 2)} us, mean with the re-plans {_number(r['online']['mean_us'], 2)} us"])]
+                f"in 4 classes, {r['online']['calls']} calls, {r['online']['plans']} share updates): median "
+                f"{_number(r['online']['median_us'], 2)} us, mean with the updates {_number(r['online']['mean_us'], 2)} us"])]
 
 
 def _generic_section(name: str, r: Mapping[str, Any]) -> list[str]:

@@ -125,9 +125,9 @@ def bench_decision_time(class_counts: Sequence[int] = (2, 4, 6, 8), instances: i
 def online_admit_time_us(rate: float = 1000.0, seconds: float = 6.0, seed: int = 24) -> dict:
     """What the agent pays per request with ``exit_allocation`` on (``agent.exits.online``): one
     ``admit`` call, timed over a Poisson stream of ``rate`` requests/s in four classes (two exits, two
-    SLOs) on the shipped multi-exit model's card times, on a virtual clock so that the re-plans
+    SLOs) on the shipped multi-exit model's card times, on a virtual clock so that the share updates
     come as often as they would in serving: the median call (a rate update and a dict lookup) and
-    the mean with the re-plans spread over the calls."""
+    the mean with the updates spread over the calls."""
     from agent.errors import InferenceError
     from agent.exits.online import OnlineAllocation
     from agent.models.card import load_card
