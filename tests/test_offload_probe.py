@@ -256,3 +256,11 @@ def test_the_default_probe_is_one_item_on_the_wire_within_bounds():
     assert probe.default_probe_bytes([12288.0, 49152.0]) == 49152
     assert probe.default_probe_bytes([]) == probe.DEFAULT_PROBE_BYTES_RANGE[0]
     assert probe.default_probe_bytes([1e9]) == probe.DEFAULT_PROBE_BYTES_RANGE[1]
+
+
+def test_probe_idle_s_0_turns_the_probe_off():
+    prober = probe.Prober(PeerTable("me", 5.0), "me", ["b"], idle_s=0, probe_bytes=1024)
+    assert not prober.enabled
+    prober.attach(None)          # off: it neither subscribes nor starts a thread (None would fail if it did)
+    assert prober._thread is None and prober.status()["sent"] == 0
+    assert not probe.Prober(PeerTable("me", 5.0), "me", [], idle_s=2, probe_bytes=0).enabled    # no peers
