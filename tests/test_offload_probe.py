@@ -264,3 +264,15 @@ def test_probe_idle_s_0_turns_the_probe_off():
     prober.attach(None)          # off: it neither subscribes nor starts a thread (None would fail if it did)
     assert prober._thread is None and prober.status()["sent"] == 0
     assert not probe.Prober(PeerTable("me", 5.0), "me", [], idle_s=2, probe_bytes=0).enabled    # no peers
+
+
+def test_the_probe_bench_board_config_parses_and_probes():
+    """``edge-agent bench probe``'s board: a valid config that names the peer, probes, and
+    refreshes its status (the bench reads the estimates off it)."""
+    import tomllib
+
+    from edge_lab.bench.probe import board_probe_toml
+    config = parse_config(tomllib.loads(board_probe_toml(model=MODEL, broker=("10.0.0.1", 1883), idle_s=0.25,
+                                                         probe_bytes=65536)))
+    assert config.offload.targets == ("peer",) and config.offload.serve and config.offload.status_interval_s == 1
+    assert (config.offload.probe_idle_s, config.offload.probe_bytes) == (0.25, 65536)

@@ -24,6 +24,17 @@ live peer (one of ``[offload] peers``/``peer``) has had no batch from this board
   over its time). With ``probe_bytes = 0`` only round trips are probed; the bandwidth then comes
   from traffic alone. Every probe (and its answer) passes the broker twice like a batch, so the
   broker's own forwarding time is part of the round trip, as it is for a batch.
+* **What it can see** (``edge-agent bench probe``, figures in BENCHMARKS.md): the round trip
+  closely on every link shape; the bandwidth only as well as the big probe's size allows. A link
+  that lets a burst through at its line rate (a token bucket, a radio's aggregation) carries a
+  probe no bigger than its burst faster than its rate, so the estimate errs on the fast side;
+  a probe much smaller than what the link moves in a millisecond or two drowns in the jitter.
+  The default size, one item's split tensor after the codec, is what one item of a batch weighs:
+  the link as an idle board's first batch finds it. Erring fast is the side the board wants
+  (``agent.offload.view``: an optimistic estimate gets a batch sent, and the batches' own round
+  trips then correct it; a pessimistic one would keep the board from ever trying); a larger
+  ``probe_bytes`` measures the sustained rate, at the cost of the link's time while it is idle
+  (the big probe holds a slow link for its whole transfer, and a batch sent then waits behind it).
 * **Bounded**: one probe outstanding per peer; an answer not back within ``probe_timeout_s``
   (``max(2 s, 2 x probe_idle_s)``) is counted ``lost`` and the next round may start; an answer
   after that, or one for no probe of ours, is counted ``late`` and dropped. A peer that is
