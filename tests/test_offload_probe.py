@@ -276,3 +276,55 @@ def test_the_probe_bench_board_config_parses_and_probes():
                                                          probe_bytes=65536)))
     assert config.offload.targets == ("peer",) and config.offload.serve and config.offload.status_interval_s == 1
     assert (config.offload.probe_idle_s, config.offload.probe_bytes) == (0.25, 65536)
+
+
+def test_boards_probe_each_other_under_the_shipped_acl(tmp_path):
+    """The sample ACL (firmware_configs/mosquitto/acl) with two boards logged in as themselves: the
+    board's probe reaches the peer and the peer's answer comes back (the ACL grants both ways), and
+    so does a batch and its reply (``offload-reply``), each agent its own identity."""
+    import os
+    import shutil
+    import subprocess
+
+    from edge_lab.broker import LocalBroker, MosquittoNotFound
+    from tests.test_mqtt_tls import SAMPLE_ACL
+    found = shutil.which("mosquitto_passwd")
+    if not found:
+        pytest.skip("mosquitto_passwd not installed (it comes with the mosquitto package)")
+    passwd = tmp_path / "passwd"
+    for i, name in enumerate(("board-1", "board-2")):
+        subprocess.run([found, *(["-c"] if i == 0 else []), "-b", str(passwd), name, f"pw {name}"], check=True,
+                       capture_output=True)
+        secret = tmp_path / f"{name}.password"
+        secret.write_text(f"pw {name}\n")
+        os.chmod(secret, 0o600)
+    try:
+        broker = LocalBroker(password_file=str(passwd), acl_file=str(SAMPLE_ACL))
+    except MosquittoNotFound as exc:
+        pytest.skip(f"mosquitto not installed: {exc}")
+
+    def agent(device: str, offload: dict) -> Service:
+        return Service(parse_config({
+            "config_version": CONFIG_VERSION,
+            "agent": {"device": device, "workers": 1, "policy": "offload_fixed"},
+            "mqtt": {"host": broker.host, "port": broker.port, "session_expiry_s": 0, "username": device,
+                     "password_file": f"{device}.password"},
+            "telemetry": {"interval_s": 0}, "offload": offload,
+            "models": [{"name": MODEL, "default_slo_ms": 1000, "batching": {"max_batch": 4}}],
+        }, base_dir=tmp_path))
+
+    with broker:
+        peer = agent("board-2", {"serve": True, "status_interval_s": 0.5})
+        board = None
+        try:
+            board = agent("board-1", {"peer": "board-2", "split": "none", "share": 1.0, "probe_idle_s": 0.2})
+            client = board.agent.offload
+            wait_for(lambda: (client.peers.live("board-2") or None) is not None
+                     and client.peers.live("board-2").probe_samples >= 2, 30.0, "the peer probed under the ACL")
+            x = np.zeros((64, 64, 3), np.uint8)
+            result = board.agent.submit(MODEL, {"frames": x[None]}, slo_ms=3000).result(10)
+            assert result.served_by["device"] == "board-2"         # the batch's reply came back too
+        finally:
+            if board is not None:
+                board.close()
+            peer.close()
