@@ -71,7 +71,7 @@ from paho.mqtt.properties import Properties
 from agent.errors import BAD_REQUEST, ERROR_CODES, TOO_LARGE, InferenceError
 from agent.intake.msgpack_codec import _show
 from agent.offload.peers import PeerTable
-from agent.telemetry import Counters
+from agent.telemetry import Counters, RateLimitedLog
 from agent.transport.topics import probe_reply_topic, probe_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,7 @@ class ProbeAnswerer:
         self.topic = probe_topic(device)
         self.max_payload = max_payload_bytes
         self.counters = counters
+        self._refused_log = RateLimitedLog(log)
 
     def on_message(self, message) -> None:
         received = time.monotonic()
@@ -227,7 +228,7 @@ class ProbeAnswerer:
             self.counters.add("probes")
         except InferenceError as exc:
             self.counters.add("bad_probes")
-            log.info("probe on %s refused: %s", message.topic, exc.message)
+            self._refused_log(logging.INFO, "probe on %s refused: %s", message.topic, exc.message)
             payload = encode_probe_answer(getattr(exc, "probe", None), error=exc)
         answer = Properties(PacketTypes.PUBLISH)
         if correlation is not None:
@@ -274,6 +275,7 @@ class Prober:
         self.clock = clock
         self.counters = Counters(*COUNTERS)
         self.transport = None
+        self._answer_log = RateLimitedLog(log, 60.0)     # a peer refusing every big probe says so once a minute
         self._pad = os.urandom(self.probe_bytes) if self.probe_bytes > 0 else b""
         self._lock = threading.Lock()
         self._state: dict[str, _PeerProbes] = {}
@@ -406,12 +408,13 @@ class Prober:
             answer = decode_probe_answer(message.payload)
         except InferenceError as exc:
             self.counters.add("bad_answers")
-            log.warning("offload: answer of %s to a probe not understood: %s", device, exc.message)
+            self._answer_log(logging.WARNING, "offload: answer of %s to a probe not understood: %s", device,
+                             exc.message)
             return
         if answer.error is not None or answer.probe != probe_id:
             self.counters.add("refused")
-            log.warning("offload: %s refused a probe: %s", device,
-                        answer.error.message if answer.error is not None else f"answered for {answer.probe!r}")
+            self._answer_log(logging.WARNING, "offload: %s refused a probe: %s", device,
+                             answer.error.message if answer.error is not None else f"answered for {answer.probe!r}")
             return
         self.peers.observe(device, arrived - out.sent_at - answer.held_ms / 1000.0,
                            out.nbytes + len(message.payload), source="probe")
@@ -425,5 +428,5 @@ class Prober:
             self._wake.set()
 
 
-__all__ = ["Probe", "ProbeAnswer", "ProbeAnswerer", "Prober", "default_probe_bytes", "encode_probe", "decode_probe", "encode_probe_answer",
-           "decode_probe_answer", "PROBE_WIRE_VERSION", "COUNTERS", "ANSWER_COUNTERS"]
+__all__ = ["Probe", "ProbeAnswer", "ProbeAnswerer", "Prober", "default_probe_bytes", "encode_probe", "decode_probe",
+           "encode_probe_answer", "decode_probe_answer", "PROBE_WIRE_VERSION", "COUNTERS", "ANSWER_COUNTERS"]
