@@ -122,7 +122,11 @@ def _median(values: list[float]) -> float | None:
 def bench_probe(links: Sequence[Link] = DEFAULT_LINKS, sizes: Sequence[int] = DEFAULT_SIZES, *,
                 model: str = "resnet_digits", idle_s: float = 0.25, settle_s: float = 8.0, measure_s: float = 5.0,
                 board_cpu: float | None = None, say: Callable[[str], None] = lambda line: None) -> dict:
-    """Build the lab, run a board agent per probe size under every link shape, tear down."""
+    """Build the lab, run a board agent per probe size under every link shape (the unshaped lab
+    first), tear down."""
+    if not idle_s > 0 or not links or not sizes or any(not 0 < size <= 4 * 1024 * 1024 for size in sizes):
+        raise ValueError(f"idle_s = {idle_s!r}, {len(links)} links, sizes = {list(sizes)}: expected idle_s > 0, "
+                         f"at least one link, probe sizes in 1..4194304 bytes")
     results: dict = {"model": model, "idle_s": idle_s, "settle_s": settle_s, "measure_s": measure_s,
                      "board_cpu": board_cpu, "rows": []}
     workdir = Path(tempfile.mkdtemp(prefix="bench-probe-"))
@@ -151,16 +155,17 @@ def bench_probe(links: Sequence[Link] = DEFAULT_LINKS, sizes: Sequence[int] = DE
                 path.write_text(board_probe_toml(model=model, broker=lab.broker_address_for(BOARD), idle_s=idle_s,
                                                  probe_bytes=size))
                 log = workdir / f"board-{size}.log"
-                lab.set_link(BOARD, Link(None, 0.0))
+                shapes = (Link(None, 0.0), *links)
+                lab.set_link(BOARD, shapes[0])
                 with open(log, "wb") as fh:
                     board = lab.spawn(BOARD, agent_argv(path), env, stdout=fh, stderr=subprocess.STDOUT)
                 spawned.append(board)
                 alive = lambda: board.poll() is None and peer.poll() is None    # noqa: E731
                 try:
-                    say(f"probe_bytes {size}: board started, the unshaped lab first")
+                    say(f"probe_bytes {size}: board started on {_describe(shapes[0])}")
                     watch.wait(lambda s: (_peer_entry(s) or {}).get("probe_samples", 0) >= 4, 180.0,
                                "probe estimate of the peer", alive)
-                    for link in (Link(None, 0.0), *links):
+                    for link in shapes:
                         lab.set_link(BOARD, link)
                         time.sleep(settle_s)
                         t0 = time.monotonic()
@@ -183,10 +188,15 @@ def bench_probe(links: Sequence[Link] = DEFAULT_LINKS, sizes: Sequence[int] = DE
                 except LabError as exc:
                     raise LabError(f"{exc}\n--- board log ---\n{log_tail(log)}") from None
                 finally:
+                    t_stop = time.monotonic()
                     stop_groups([board], 10.0)
                     spawned.remove(board)
+                    # Seconds, not tenths: onnxruntime's telemetry looks up its server at exit, and the
+                    # lab's namespaces have no DNS (the lookups time out).
+                    say(f"board stopped in {time.monotonic() - t_stop:.1f} s")
             base = [r for r in results["rows"] if r["mbit"] is None and r["rtt_ms"] is not None]
             results["base_rtt_ms"] = _median([r["rtt_ms"] for r in base])
+            say("tear the lab down")
     finally:
         if spawned:
             stop_groups(spawned, 10.0)
