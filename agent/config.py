@@ -207,6 +207,8 @@ class TelemetryConfig:
     interval_s: float = 10.0                   # a sample on edge/v1/<device>/telemetry every interval; 0 = off
 
 
+#: The largest ``[offload] probe_bytes`` (a probe is padding, not work: a few MiB at most).
+MAX_PROBE_BYTES = 4 * 1024 * 1024
 #: The split policy's ways of pricing an option (``agent.offload.planner``).
 PLANNERS = ("queue", "latency")
 
@@ -230,6 +232,10 @@ class OffloadConfig:
     codec: str = "int8"                        # how a split tensor travels (agent.offload.codecs); "raw": as float32
     planner: str = "queue"                     # split policy: "queue" (ours: the backlog's weight too) or
                                                # "latency" (Neurosurgeon: each batch's own earliest finish)
+    probe_idle_s: float = 2.0                  # probe a peer's link after this long without a batch to it
+                                               # (agent.offload.probe); 0 = off
+    probe_bytes: int | None = None             # the big probe's padding; None = one split tensor's item
+                                               # after the codec; 0 = round trips only
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -502,6 +508,10 @@ def _parse_offload(t: dict, models: tuple[ModelConfig, ...]) -> OffloadConfig:
                     f"one of {_offload_codecs()}"),
         margin_ms=float(_take(t, "margin_ms", "offload", (int, float), 5.0, lambda v: 0 <= v <= 60_000,
                               "milliseconds in 0..60000")),
+        probe_idle_s=float(_take(t, "probe_idle_s", "offload", (int, float), 2.0,
+                                 lambda v: v == 0 or 0.05 <= v <= 3600, "seconds in 0.05..3600, or 0 (off)")),
+        probe_bytes=_take(t, "probe_bytes", "offload", int, None, lambda v: 0 <= v <= MAX_PROBE_BYTES,
+                          f"bytes in 0..{MAX_PROBE_BYTES} (0: round trips only)"),
     )
 
 

@@ -72,6 +72,10 @@ def test_defaults_fill_in():
     (lambda c: c.update(http={"prot": 8000}), "http.prot", "known keys"),
     (lambda c: c.update(http=[]), "http", "a table"),
     (lambda c: c["models"].append(dict(c["models"][0])), "models[1].name", "not used by another"),
+    (lambda c: c.update(offload={"probe_idle_s": 0.01}), "offload.probe_idle_s", "or 0 (off)"),
+    (lambda c: c.update(offload={"probe_idle_s": "2"}), "offload.probe_idle_s", "seconds in 0.05..3600"),
+    (lambda c: c.update(offload={"probe_bytes": -1}), "offload.probe_bytes", "0: round trips only"),
+    (lambda c: c.update(offload={"probe_bytes": 1.5}), "offload.probe_bytes", "bytes in 0.."),
 ])
 def test_bad_settings_are_named(mutate, field, fragment):
     config = base()
@@ -105,6 +109,15 @@ def test_edf_horizon_defaults_to_50_ms_and_zero_means_plain_edf():
     raw = base()
     raw["agent"]["edf_horizon_ms"] = 0
     assert parse_config(raw).edf_horizon_s == math.inf
+
+
+def test_the_idle_probe_defaults_to_2_s_sized_by_the_board_and_zero_turns_it_off():
+    offload = parse_config(base()).offload
+    assert offload.probe_idle_s == 2.0 and offload.probe_bytes is None
+    raw = base()
+    raw["offload"] = {"probe_idle_s": 0, "probe_bytes": 0}
+    offload = parse_config(raw).offload
+    assert offload.probe_idle_s == 0.0 and offload.probe_bytes == 0
 
 
 def test_http_intake_is_off_unless_enabled():

@@ -17,7 +17,11 @@ reply naming the field; one without a response topic is counted and dropped.
 
 What the peer offers is in its retained status (``Agent.offload_status``), refreshed every
 ``[offload] status_interval_s`` by this subscriber so that boards see its queue delays and drop it
-when it stops refreshing.
+when it stops refreshing; the refresh carries this subscriber's counters too (``offload.serve.counters``).
+
+Boards' link probes (``agent.offload.probe``) arrive on ``edge/v1/<device>/probe``, a topic of their
+own: answered at once on the network thread (:class:`~agent.offload.probe.ProbeAnswerer`), never
+queued behind this agent's work and never mistaken for a batch.
 """
 from __future__ import annotations
 
@@ -34,13 +38,14 @@ from paho.mqtt.properties import Properties
 from agent.errors import INTERNAL, UNKNOWN_MODEL, InferenceError
 from agent.intake.mqtt import SeenRequests, request_key
 from agent.offload import wire
+from agent.offload.probe import ANSWER_COUNTERS, ProbeAnswerer
 from agent.offload.splits import lane_name
 from agent.telemetry import Counters
 from agent.transport.topics import offload_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
 
-COUNTERS = ("messages", "items", "duplicates", "replied", "refused_messages", "unanswerable")
+COUNTERS = ("messages", "items", "duplicates", "replied", "refused_messages", "unanswerable", *ANSWER_COUNTERS)
 
 
 class _Gather:
@@ -91,9 +96,11 @@ class PeerHandler:
         self.counters = Counters(*COUNTERS)
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        self.probes = ProbeAnswerer(transport, self.device, self.max_payload, self.counters)
 
     def start(self, timeout: float = 10.0) -> "PeerHandler":
         self.transport.subscribe(self.topic_filter, self._on_message, qos=1, timeout=timeout)
+        self.transport.subscribe(self.probes.topic, self.probes.on_message, qos=0, timeout=timeout)
         self._refresher = threading.Thread(target=self._refresh, name="offload-status", daemon=True)
         self._refresher.start()
         log.info("serving offload on %s: tails %s", self.topic_filter, sorted(self.agent.tails))
@@ -105,7 +112,11 @@ class PeerHandler:
         while not self._stop.wait(interval):
             if self.transport.connected:
                 try:
-                    self.transport.publish_status(self.agent.status())
+                    status = self.agent.status()
+                    serve = status.get("offload", {}).get("serve")
+                    if isinstance(serve, dict):
+                        serve["counters"] = self.counters.snapshot()
+                    self.transport.publish_status(status)
                 except Exception:
                     log.exception("could not refresh the status")
 
@@ -204,6 +215,7 @@ class PeerHandler:
 
     def stop_taking(self) -> None:
         self._stop.set()
+        self.transport.unsubscribe(self.probes.topic)     # a probe is never worth keeping for later
         if self.transport.session_expiry_s > 0:
             self.transport.hold(self.topic_filter)
         else:

@@ -16,7 +16,13 @@ samples (:class:`LinkFit`, ours): batches of different sizes and split points gi
 fit needs. Until the spread is there, the round trip is the smallest recent sample and the
 bandwidth what the rest of each sample implies. The split decision (``agent.offload.planner``)
 reads both; the executor uses the round trip to leave the reply's way back out of the deadlines it
-gives the peer. Not yet: a probe when no traffic has measured a peer.
+gives the peer.
+
+When this board sends a peer nothing for a while (a policy that chose to run here because the link
+looked slow, a peer just discovered), its idle probe (``agent.offload.probe``) measures the link
+instead: each answered probe is one more sample of the same fit (``observe(..., source="probe")``),
+so the estimate keeps up with the link, and the status says per peer which fed it last (``source``:
+``traffic`` or ``probe``) and when the last probe was answered.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Weight of a new sample in the round-trip and bandwidth EWMAs.
 EWMA_ALPHA = 0.2
+#: Where a link sample came from: a batch's round trip, or an idle probe's.
+SOURCES = ("traffic", "probe")
 
 
 class LinkFit:
@@ -88,6 +96,11 @@ class PeerInfo:
     latency_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     #: How many batches the peer runs at once.
     slots: int = 1
+    #: What fed the link's fit last ("traffic" or "probe"; None before any sample), how many of its
+    #: samples were probes, and when (this board's monotonic clock) the last probe was answered.
+    source: str | None = None
+    probe_samples: int = 0
+    last_probe_at: float | None = None
     extra: dict = field(default_factory=dict)
 
     def offers_split(self, model: str, split: str | None) -> bool:
@@ -101,7 +114,18 @@ class PeerInfo:
                 "free_slots": self.free_slots, "codecs": self.codecs,
                 "rtt_ms": None if self.rtt_s is None else round(1000 * self.rtt_s, 3),
                 "bandwidth_mbps": None if self.bandwidth_bps is None else round(self.bandwidth_bps / 1e6, 3),
-                "samples": self.samples}
+                "samples": self.samples, "source": self.source, "probe_samples": self.probe_samples,
+                "last_probe_age_s": None if self.last_probe_at is None else round(now - self.last_probe_at, 3)}
+
+
+@dataclass
+class _Seen:
+    """When a peer's link was last used or measured, and by what."""
+
+    traffic_at: float | None = None      # a batch sent to it, or its reply
+    probe_at: float | None = None        # a probe answered
+    source: str | None = None
+    probe_samples: int = 0
 
 
 class PeerTable:
@@ -115,6 +139,7 @@ class PeerTable:
         self._peers: dict[str, PeerInfo] = {}
         # The link measures outlive a status refresh (a new PeerInfo) and a short absence.
         self._links: dict[str, LinkFit] = {}
+        self._seen: dict[str, _Seen] = {}
 
     def on_status(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """A status on ``edge/v1/<device>/status``: keep, refresh or forget that device. A malformed
@@ -173,11 +198,20 @@ class PeerTable:
                 return None
             return info
 
-    def observe(self, device: str, network_s: float, wire_bytes: int) -> None:
-        """One offload round trip to ``device``: ``network_s`` on the wire (round trip less the
-        peer's own time), ``wire_bytes`` both ways."""
+    def observe(self, device: str, network_s: float, wire_bytes: int, source: str = "traffic") -> None:
+        """One round trip to ``device``: ``network_s`` on the wire (round trip less the peer's own
+        time), ``wire_bytes`` both ways; ``source``: a batch's (``traffic``) or a probe's."""
+        if source not in SOURCES:
+            raise ValueError(f"source = {source!r}: expected one of {SOURCES}")
         with self._lock:
             self._links.setdefault(device, LinkFit()).add(float(wire_bytes), max(network_s, 1e-6))
+            seen = self._seen.setdefault(device, _Seen())
+            seen.source = source
+            if source == "probe":
+                seen.probe_at = self.clock()
+                seen.probe_samples += 1
+            else:
+                seen.traffic_at = self.clock()
             info = self._peers.get(device)
             if info is not None:
                 self._fill_link(info)
@@ -190,6 +224,21 @@ class PeerTable:
             info.rtt_s, info.bandwidth_bps, info.samples = None, None, 0
         else:
             info.rtt_s, info.bandwidth_bps, info.samples = estimate[0], 8.0 * estimate[1], fit.n
+        seen = self._seen.get(info.device)
+        if seen is not None:
+            info.source, info.probe_samples, info.last_probe_at = seen.source, seen.probe_samples, seen.probe_at
+
+    def sent(self, device: str) -> None:
+        """A batch went to ``device`` (its link is in use: no probe needed)."""
+        with self._lock:
+            self._seen.setdefault(device, _Seen()).traffic_at = self.clock()
+
+    def idle_s(self, device: str) -> float:
+        """Seconds since this board last sent ``device`` a batch or had its reply (inf: never)."""
+        with self._lock:
+            seen = self._seen.get(device)
+            at = seen.traffic_at if seen is not None else None
+        return math.inf if at is None else self.clock() - at
 
     def rtt_s(self, device: str) -> float | None:
         with self._lock:
@@ -210,4 +259,4 @@ class PeerTable:
         return {info.device: info.summary(now) for info in peers if now - info.seen_at <= self.stale_s}
 
 
-__all__ = ["LinkFit", "PeerTable", "PeerInfo"]
+__all__ = ["LinkFit", "PeerTable", "PeerInfo", "SOURCES"]

@@ -66,6 +66,7 @@ from agent.models.card import CardError
 from agent.offload import wire
 from agent.offload.codecs import nominal_ratio
 from agent.offload.peers import PeerTable
+from agent.offload.probe import Prober, default_probe_bytes
 from agent.offload.splits import chosen
 from agent.profiler.measure import measure_latency_table
 from agent.runtime.executor import BatchOutcome, OnDone
@@ -152,6 +153,10 @@ class OffloadClient:
         except Exception:
             self._close_sessions()
             raise
+        probe_bytes = self.settings.probe_bytes
+        if probe_bytes is None:
+            probe_bytes = default_probe_bytes(s.sent_bytes_per_item for s in self._splits.values())
+        self.prober = Prober(self.peers, self.device, self.settings.targets, self.settings.probe_idle_s, probe_bytes)
         self._fallback_pool = ThreadPoolExecutor(1, thread_name_prefix="offload-fallback")
         self._watcher = threading.Thread(target=self._watch, name="offload-watch", daemon=True)
         self._watcher.start()
@@ -196,6 +201,7 @@ class OffloadClient:
         transport.subscribe(offload_reply_topic(self.device), self._on_reply, qos=1)
         transport.subscribe(status_topic("+"), self._on_status, qos=1)
         transport.on_session(self._on_session)
+        self.prober.attach(transport)      # the idle link probe (agent.offload.probe)
 
     def view(self) -> "OffloadView":
         """What the split policy reads (``agent.offload.planner.OffloadView``): this board's tables
@@ -213,6 +219,7 @@ class OffloadClient:
             overlap = dict(self._overlap)
         busy = overlap["busy_s"]
         return {"peers": self.peers.snapshot(), "waiting": waiting, **self.counters.snapshot(),
+                "probes": self.prober.status(),
                 "pipelining": {**{k: round(v, 6) for k, v in overlap.items()},
                                "overlap": round(overlap["overlapped_s"] / busy, 4) if busy > 0 else None}}
 
@@ -308,6 +315,7 @@ class OffloadClient:
                 self._fallback_pool.submit(self._rescue, taken, None, None)
             return
         self.counters.add("sent")
+        self.peers.sent(peer)              # the link is in use: no idle probe for now
 
     def _run_here(self, peer: str, dispatch: Dispatch, on_done: OnDone) -> None:
         """A batch that took no instance (``Scheduler.take_away``) whose peer is gone: its slot is
@@ -485,6 +493,7 @@ class OffloadClient:
     def close(self, grace_s: float = 1.0) -> None:
         """Wait up to ``grace_s`` past the last give-up for what is out, answer anything left
         ``shutting_down``, and free the sessions."""
+        self.prober.close()
         end = self.clock() + grace_s
         with self._cond:
             self._closing = True

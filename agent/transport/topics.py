@@ -13,7 +13,8 @@ from __future__ import annotations
 
 __all__ = [
     "ROOT", "SHARED_PREFIX",
-    "infer_topic", "offload_topic", "offload_reply_topic", "cmd_topic", "fleet_cmd_topic", "status_topic", "telemetry_topic",
+    "infer_topic", "offload_topic", "offload_reply_topic", "probe_topic", "probe_reply_topic", "cmd_topic",
+    "fleet_cmd_topic", "status_topic", "telemetry_topic",
     "pool_infer_topic", "shared", "unshared",
 ]
 
@@ -37,6 +38,19 @@ def offload_reply_topic(device: str, model: str = "+") -> str:
     """Where a board takes its peers' offload replies (the response topic it gives them):
     ``edge/v1/<device>/offload-reply/<model>``."""
     return f"{ROOT}/{device}/offload-reply/{model}"
+
+
+def probe_topic(device: str) -> str:
+    """Link probes from a board to a peer that serves offload (``agent.offload.probe``):
+    ``edge/v1/<device>/probe``. Answered at once, no model run, on the probe's response topic."""
+    return f"{ROOT}/{device}/probe"
+
+
+def probe_reply_topic(device: str) -> str:
+    """Where a board takes the answers to its link probes (the response topic it gives them):
+    ``edge/v1/<device>/probe-reply``. Apart from ``offload-reply``, so that an answer to a probe
+    never reaches the batches' reply handler."""
+    return f"{ROOT}/{device}/probe-reply"
 
 
 def cmd_topic(device: str, command: str = "+") -> str:

@@ -1,4 +1,4 @@
-"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab | codecs | offload | exit-alloc``.
+"""The lab's commands, ``edge-agent demo`` and ``edge-agent bench core | sign | run | triton | http-limits | broker-restart | fuzz | netlab | codecs | offload | probe | exit-alloc``.
 
 The agent's command line (``agent.cli``) adds these parsers when this package is installed beside
 it; the board's wheel holds the runtime only, and there these commands say where they live. Every
@@ -328,6 +328,32 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
         return 2
     print(format_codecs(runs), flush=True)
     write_json(args.json, as_json(runs))
+    return 0
+
+
+def _cmd_bench_probe(args: argparse.Namespace) -> int:
+    from edge_lab.bench.offload import parse_links
+    from edge_lab.bench.probe import bench_probe, format_probe
+    from edge_lab.netlab import LabError
+    try:
+        links = parse_links(args.links)
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        if not sizes or any(not 0 <= x <= 4 * 1024 * 1024 for x in sizes):
+            raise ValueError(f"--sizes {args.sizes}: expected bytes in 0..4194304, comma-separated")
+    except ValueError as exc:
+        print(f"edge-agent bench probe: {exc}", file=sys.stderr)
+        return 2
+    try:
+        results = bench_probe(links, sizes, idle_s=args.idle_s, settle_s=args.settle, measure_s=args.measure,
+                              board_cpu=args.board_cpu, say=lambda line: print(f"  {line}", flush=True))
+    except (LabError, ValueError) as exc:
+        print(f"edge-agent bench probe: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edge-agent bench probe: interrupted; the lab and its agents were torn down", file=sys.stderr)
+        return 130
+    print(format_probe(results), flush=True)
+    write_json(args.json, results)
     return 0
 
 
@@ -663,6 +689,28 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                          help="the same comparison in the simulator instead (the board's scheduler on a virtual "
                               "clock, a simulated peer and link; no root, seconds): edge_lab.bench.offload_sim")
     offload.set_defaults(func=_cmd_bench_offload)
+
+    probe = bench_sub.add_parser(
+        "probe", help="the idle link probe's estimates of a shaped link, with no offload traffic",
+        description="Build the two-board lab (edge_lab.netlab; no CPU quota on the peer, --board-cpu on the board), "
+                    "start a peer agent (serve = true) and, per probe size, a board agent that names it as a "
+                    "peer and gets no request; re-shape the board's link (unshaped, then each of --links) and "
+                    "print the round trip and bandwidth the board's peer table shows, from probes alone, against "
+                    "the shape. Needs root. About 15 s per shape and size.")
+    probe.add_argument("--links", default="10:50,100:10,1000:1", metavar="MBIT:MS,...",
+                       help="link shapes, Mbit/s and one-way delay ms each (default 10:50,100:10,1000:1)")
+    probe.add_argument("--sizes", default="16384,65536,262144", metavar="BYTES,...",
+                       help="[offload] probe_bytes of each board agent (default 16384,65536,262144)")
+    probe.add_argument("--idle-s", type=_positive_float, default=0.25, metavar="S",
+                       help="[offload] probe_idle_s (default 0.25: many samples in a short run)")
+    probe.add_argument("--settle", type=_positive_float, default=8.0, metavar="S",
+                       help="seconds after a re-shape before measuring (default 8)")
+    probe.add_argument("--measure", type=_positive_float, default=5.0, metavar="S",
+                       help="seconds of statuses per figure (default 5)")
+    probe.add_argument("--board-cpu", type=_cores, default=None, metavar="CORES",
+                       help="the board's CPU quota in cores (default none)")
+    probe.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    probe.set_defaults(func=_cmd_bench_probe)
 
     pool = bench_sub.add_parser(
         "pool", help="scale-out through the broker: one agent against a shared-subscription pool of three",
