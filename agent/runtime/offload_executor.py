@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 #: What the board side counts (``OffloadClient.counters``; the status's ``offload.client``).
 COUNTERS = ("sent", "answered_by_peer", "peer_gone", "fallback_local", "fallback_missed", "item_fallbacks",
-            "late_replies", "duplicate_replies", "bad_replies", "send_failed", "session_lost")
+            "late_replies", "duplicate_replies", "bad_replies", "send_failed", "rescued_at_reconnect")
 #: Batches whose end is remembered (to tell a late reply from a duplicate one).
 REMEMBERED = 4096
 #: Weight of a new batch in a split's bytes and codec time per item (EWMAs).
@@ -403,20 +403,22 @@ class OffloadClient:
         pending.on_done(pending.dispatch, BatchOutcome(outputs, compute_s, served_by=served_by))
 
     def _on_session(self, session_present: bool) -> None:
-        """After a reconnect on which the broker had lost this board's session, no reply to a batch
-        sent before it can come (the QoS 1 messages queued for the old session went with it): the
-        board rescues every such batch now, earliest give-up first, instead of at its give-up time,
-        when the rescues would queue on the one fallback thread behind each other and the later
-        ones miss. A reply that comes after all (a peer's retransmission) is late and dropped."""
-        if session_present:
-            return
+        """After a reconnect, every batch sent before it runs here now, earliest give-up first,
+        instead of each at its give-up time: then the batches the outage caught all give up within
+        a few milliseconds of each other and their rescues queue on the one fallback thread, the
+        later ones past their deadlines. Whether a reply would still come cannot be known here: a
+        broker that lost this board's session (``session_present`` False) lost the replies queued
+        for it, and one killed between autosaves comes back with a session but without the replies
+        published after its last save; a peer also reconnects on its own backoff, seconds after this
+        board. A reply that comes after all is late and dropped. (The first connect finds nothing
+        pending.)"""
         with self._lock:
             lost = sorted(self._pending, key=lambda b: self._pending[b].give_up_at)
         taken = [p for p in (self._take(b, "gave_up") for b in lost) if p is not None]
         if taken:
-            self.counters.add("session_lost", len(taken))
-            log.warning("offload: the broker lost this board's session: %d batches out on peers run here now",
-                        len(taken))
+            self.counters.add("rescued_at_reconnect", len(taken))
+            log.warning("offload: reconnected to the broker (session %s): %d batches out on peers run here now",
+                        "resumed" if session_present else "lost", len(taken))
         for pending in taken:
             self._fallback_pool.submit(self._rescue, pending, None, None)
 
