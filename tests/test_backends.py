@@ -432,3 +432,13 @@ def test_litert_int8_boundary_tensors_meet_the_uint8_in_float32_out_interface(
     pooled = ((q - zero) * scale).mean(axis=(1, 2))
     expected = pooled @ weights.T + bias
     np.testing.assert_allclose(logits, expected, atol=output_quant[0])  # one output step
+
+
+def test_loading_an_onnx_model_turns_onnxruntime_telemetry_off(monkeypatch):
+    """The agent talks to its broker and its clients only: loading a model turns onnxruntime's
+    telemetry events off (seen looking up its telemetry host at exit, inside the lab's namespaces)."""
+    import onnxruntime
+    calls = []
+    monkeypatch.setattr(onnxruntime, "disable_telemetry_events", lambda: calls.append(True), raising=False)
+    load_backend("onnxruntime", DEMO_DIR / "mobilenet_digits.onnx").close()
+    assert calls

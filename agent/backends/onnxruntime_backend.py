@@ -86,6 +86,12 @@ def _import_onnxruntime() -> Any:
             f"onnxruntime is not importable ({exc}); install it with `pip install onnxruntime` "
             "(or onnxruntime-gpu / the board vendor's wheel for CUDA and TensorRT)"
         ) from exc
+    # The agent sends nothing anywhere but its broker and its clients: onnxruntime's telemetry
+    # events off (a board agent in the lab's network namespace, without DNS, took seconds to exit
+    # while onnxruntime looked up its telemetry host).
+    disable = getattr(onnxruntime, "disable_telemetry_events", None)
+    if disable is not None:
+        disable()
     return onnxruntime
 
 
