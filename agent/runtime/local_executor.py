@@ -98,10 +98,9 @@ class LocalExecutor:
 
         def answer(items: list, compute_s: float, extra: dict) -> None:
             answer_part(dispatch, items, compute_s, extra)
-        hand_on = None
-        if instances.hand_on_lane is not None:
-            def hand_on(indexes, features: dict, lane: str = instances.hand_on_lane) -> None:
-                self.hand_on(dispatch, lane, indexes, features)
+        lane = instances.hand_on_lane
+        hand_on = None if lane is None else (
+            lambda indexes, features: self.hand_on(dispatch, lane, indexes, features))
         dispatch.stage_sizes = run_staged(dispatch.requests, batch, instances.stages[dispatch.instance],
                                           instances.plan, instances.stage_inputs, instances.stage_outputs,
                                           answer, self._clock, instances.exit_labels, instances.first, hand_on)

@@ -46,13 +46,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from paho.mqtt.enums import MQTTErrorCode
@@ -61,7 +60,7 @@ from paho.mqtt.properties import Properties
 
 from agent.backends import load_backend
 from agent.core import gather_into, scatter_rows
-from agent.errors import DEADLINE_MISSED, INTERNAL, SHUTTING_DOWN, InferenceError
+from agent.errors import DEADLINE_MISSED, SHUTTING_DOWN, InferenceError
 from agent.models.card import CardError
 from agent.offload import wire
 from agent.offload.codecs import nominal_ratio
@@ -73,6 +72,9 @@ from agent.runtime.executor import BatchOutcome, OnDone
 from agent.scheduler.dispatcher import NO_INSTANCE, Dispatch
 from agent.telemetry import Counters
 from agent.transport.topics import offload_reply_topic, offload_topic, status_topic
+
+if TYPE_CHECKING:
+    from agent.offload.planner import OffloadView
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
-import itertools
 import json
 import os
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence

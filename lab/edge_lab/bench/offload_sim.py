@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import tomllib
 from dataclasses import dataclass

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import msgpack
 
 from agent.ops.keys import Keyring, generate_key_pair, load_signing_key
-from agent.ops.signing import SIGNING_CONTEXT, FLEET, Verifier, canonical_bytes, sign
+from agent.ops.signing import FLEET, Verifier, canonical_bytes, sign
 
 __all__ = ["bench_sign", "fuzz_verifier", "format_sign_report"]
 

@@ -416,7 +416,7 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     else:
         plan = [(f"scale {s:g}", float(s)) for s in scales]
     settings = list(triton_settings) if triton_settings is not None else (triton_grid() if "triton" in systems else [])
-    _say(f"own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
+    _say("own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
          + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s"
          + (f"; {repeat} rounds" if repeat > 1 else ""))
     from edge_lab.bench.mqttload import default_procs
@@ -629,7 +629,7 @@ def check_targets(results: dict, ours: str = "edge-agent/oip") -> list[dict]:
 
 def format_versus(results: dict) -> str:
     """One table per load, the Triton grid under it, then the targets."""
-    lines = [f"own batch-1 time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in results["own_ms"].items())
+    lines = ["own batch-1 time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in results["own_ms"].items())
              + f"; plain-loop capacity {results['plain_capacity_per_s']:.0f} req/s"]
     count = results.get("rounds_done", 1)
     if count > 1:
