@@ -2,9 +2,11 @@
 simulator, their config validation, and the bench contenders that select them."""
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,8 +328,9 @@ def test_apply_contender_rewrites_every_model(contender):
             assert b.window_ms == SLOS[model.name] / 2 and b.admission and not b.shed_hopeless
         if contender == "edge":
             assert b.shed_hopeless and b.admission
-        if contender == "learned":   # the shipped policy was trained without admission (its card's lanes)
-            assert b.shed_hopeless and not b.admission
+        if contender == "learned":   # admission as the shipped policy was trained (its card's lanes)
+            off = set(json.loads((Path(config.policy_path) / "card.json").read_text())["training"]["admission_off"])
+            assert b.shed_hopeless and b.admission == (model.name not in off)
             assert config.policy == "learned" and config.policy_path.endswith("cpu-2core")
         if contender != "fifo":
             assert model.instances == base.model(model.name).instances
@@ -338,6 +341,37 @@ def test_apply_contender_rewrites_every_model(contender):
     assert config.admission_lookahead == ours and base.admission_lookahead
     assert config.edf_horizon_ms == (base.edf_horizon_ms if ours else 0.0) and base.edf_horizon_ms > 0
     assert (config.device, config.mqtt) == (base.device, base.mqtt)
+
+
+@pytest.mark.parametrize("training, off", [
+    ({"lanes": "edge"}, set()),
+    ({"lanes": "shed"}, {"mobilenet_digits", "resnet_digits"}),
+    ({"lanes": "shed_cheapest", "admission_off": ["mobilenet_digits"]}, {"mobilenet_digits"}),
+    ({}, set()),
+])
+def test_learned_contender_runs_without_admission_only_where_its_card_was_trained_so(tmp_path, training, off):
+    (tmp_path / "card.json").write_text(json.dumps({"training": training}))
+    config = apply_contender(replace(Config.demo(), policy_path=str(tmp_path)), "learned")
+    assert {m.name: m.batching.admission for m in config.models} == \
+        {m.name: m.name not in off for m in Config.demo().models}
+    assert all(m.batching.shed_hopeless for m in config.models)
+
+
+@pytest.mark.parametrize("lanes", ["edge", "shed", "shed_cheapest"])
+def test_learned_contender_runs_a_policy_on_the_lanes_the_trainer_trained_it_on(tmp_path, monkeypatch, lanes):
+    """tools/train_policy.py writes the lanes without admission into the card; the bench's contender
+    must rebuild exactly the lanes the simulator trained on."""
+    import importlib
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    train_policy = importlib.import_module("train_policy")
+    board = train_policy.BOARDS["cpu-2core"]
+    trained = train_policy.edge_config(lanes, board)
+    off = train_policy.admission_off(lanes, board)
+    (tmp_path / "card.json").write_text(json.dumps({"training": {"lanes": lanes, "admission_off": off}}))
+    run = apply_contender(replace(trained, policy_path=str(tmp_path)), "learned")
+    assert {m.name: m.batching for m in run.models} == {m.name: m.batching for m in trained.models}
+    if lanes == "shed_cheapest":     # the cheap model's lane alone goes without admission
+        assert off == ["mobilenet_digits"]
 
 
 def test_apply_contender_errors():

@@ -6,9 +6,9 @@
     .venv/bin/python tools/train_policy.py evaluate --board cpu-2core --policy policies/cpu-2core
 
 ``train`` runs, all seeded, on the simulator driving the agent's own ``Scheduler`` with the
-board's profile (``BOARDS``) and the ``edge`` contender's lanes (deadline-aware rule, shedding;
-admission too with ``--lanes edge``, not with ``--lanes shed``, the default: only the dispatch
-decision is learned):
+board's profile (``BOARDS``) and the ``edge`` contender's lanes (deadline-aware rule, shedding,
+admission control: ``--lanes edge``, the default; ``LANES`` for the variants without admission on
+some lanes): only the dispatch decision is learned.
 
 1. **Bootstrap.** Episodes under the ``rules`` policy, each decision mapped into the learned action
    space, give the feature normalisation and a behaviour-cloned start for the actor.
@@ -102,24 +102,49 @@ HELD_OUT = (("poisson", {}), ("bursty", {"burst_factor": 6.0, "mean_on_s": 0.5, 
 HELD_OUT_SEED = 900_000
 
 
+_board: "Board | None" = None   # the board being trained (train sets it; edge_config's default)
+
+
 def tables(board: Board) -> dict[str, LatencyTable]:
     return {m: LatencyTable(np.array([1, 2, 4, 8], dtype=np.int64), np.array(ms, dtype=np.float64) / 1000.0)
             for m, ms in board.profile_ms.items()}
 
 
 #: The lanes a policy is trained and run on: the ``edge`` contender's (deadline-aware rule, shedding,
-#: admission control), or ``shed``: the same without admission (the policy alone decides what a
-#: backlog costs; what can no longer finish is still shed).
-LANES = ("edge", "shed")
+#: admission control on every lane); ``shed``: the same without admission (the policy alone decides
+#: what a backlog costs; what can no longer finish is still shed); or ``shed_cheapest``: admission on
+#: every lane but the cheapest model's (by profiled per-item time), which is shed only. Why the last:
+#: admission predicts a request's finish as if the slots served every lane in EDF order, counting
+#: the expensive model's queued work ahead of a cheap request; under a burst it refused many of the
+#: cheap model's requests that the dispatch (which serves the cheap lane between expensive
+#: batches) would have answered in time, while without admission anywhere the expensive model's
+#: backlog is shed late and counted as admitted misses. Admission on the expensive lanes turns those
+#: late sheds into refusals at arrival; the cheap lane's requests are admitted and served or shed.
+LANES = ("edge", "shed", "shed_cheapest")
 _lanes = "edge"
 
 
-def edge_config(lanes: str | None = None):
+def admission_off(lanes: str, board: "Board | None" = None) -> list[str]:
+    """The models whose lanes run without admission under ``lanes`` (``LANES``) on ``board``."""
+    if lanes == "edge":
+        return []
+    if lanes == "shed":
+        return list(MODELS)
+    if lanes == "shed_cheapest":
+        profile = (board or BOARDS["cpu-2core"]).profile_ms
+        per_item = {m: min(ms[k] / b for k, b in enumerate(BATCH_BUCKETS)) for m, ms in profile.items()}
+        return [min(MODELS, key=lambda m: (per_item[m], m))]
+    raise ValueError(f"lanes = {lanes!r}: expected one of {list(LANES)}")
+
+
+def edge_config(lanes: str | None = None, board: "Board | None" = None):
     from edge_lab.bench.contenders import apply_contender
     config = apply_contender(load_config(REPO / "firmware_configs" / "generic-linux.toml"), "edge")
-    if (lanes or _lanes) == "shed":
+    off = admission_off(lanes or _lanes, board or _board)
+    if off:
         config = dataclasses.replace(config, models=tuple(
-            dataclasses.replace(m, batching=dataclasses.replace(m.batching, admission=False)) for m in config.models))
+            dataclasses.replace(m, batching=dataclasses.replace(m.batching, admission=False)) if m.name in off else m
+            for m in config.models))
     return config
 
 
@@ -367,10 +392,10 @@ def chooser_run(board, trace, chooser, space_lanes, log=False):
 # --- train ----------------------------------------------------------------------------------------
 
 def train(args) -> None:
-    global _lanes
+    global _lanes, _board
     _lanes = args.lanes
     torch, nn, MLPNet = torch_parts()
-    board = BOARDS[args.board]
+    board = _board = BOARDS[args.board]
     lanes = MODELS
     space = ActionSpace(lanes)
     n_in, n_out = len(feature_names(lanes)), space.size
@@ -506,8 +531,11 @@ def train(args) -> None:
         "board": board.name, "profile": {"description": board.description, "batch_ms": board.profile_ms,
                                          "batch_sizes": [1, 2, 4, 8], "workers": board.workers, "cores": board.cores},
         "lanes": args.lanes,
+        "admission_off": admission_off(args.lanes, board),
         "lanes_config": "firmware_configs/generic-linux.toml under the 'edge' contender (deadline_aware, shedding, "
-                        + ("admission)" if args.lanes == "edge" else "admission off: lanes 'shed')"),
+                        + {"edge": "admission)", "shed": "admission off: lanes 'shed')",
+                           "shed_cheapest": "admission on every lane but those in admission_off: lanes "
+                                            "'shed_cheapest')"}[args.lanes],
         "seed": args.seed, "traces": {"apps": "agent.workload.generators.DEMO_APPS", "duration_s": args.duration,
                                       "episodes": traces_used},
         "teacher": {"algorithm": "discrete SAC (max entropy, twin Q, auto temperature, masked), actor cloned from "
@@ -523,7 +551,8 @@ def train(args) -> None:
                               "traces": [m for m, _ in held_out_traces(board, args.duration, per_kind=1)]},
         "reproduce": f"python tools/train_policy.py train --board {board.name} --seed {args.seed} --lanes {args.lanes} "
                      f"--episodes {args.episodes} --bootstrap {args.bootstrap} --dagger {args.dagger} "
-                     f"--duration {args.duration:g} --validation {args.validation} --out {args.out}",
+                     f"--duration {args.duration:g} --validation {args.validation} --miss-penalty {args.miss_penalty:g} "
+                     f"--out {args.out}",
         "wall_s": round(time.perf_counter() - started, 1),
     }
     card = write_policy(args.out, weights, lanes=lanes, buckets=BATCH_BUCKETS, mean=mean, std=std, idle_tick_ms=1.0,
@@ -629,12 +658,14 @@ def evaluate(args) -> None:
         floors = slo_floor_by_model(trace)
         for name in args.contenders.split(","):
             if name == "learned":
-                result = run(board, trace, "learned", config=edge_config(policy_lanes), policy_path=args.policy)
+                result = run(board, trace, "learned", config=edge_config(policy_lanes, board), policy_path=args.policy)
             elif name == "teacher":
-                result = run(board, trace, "learned", config=edge_config(policy_lanes),
+                result = run(board, trace, "learned", config=edge_config(policy_lanes, board),
                              learned_chooser=teacher, learned_lanes=MODELS)
             elif name == "shed":      # the rules on the lanes without admission
                 result = run(board, trace, "rules", config=edge_config("shed"))
+            elif name == "rules_lanes":   # the rules on the card's lanes
+                result = run(board, trace, "rules", config=edge_config(policy_lanes, board))
             else:
                 config = apply_contender(base, name, slo_ms_by_model=floors)
                 result = simulate(trace, sim_models_from_config(config, tables(board)),
@@ -648,18 +679,19 @@ def evaluate(args) -> None:
     print(f"held-out traces in the simulator, board {board.name} ({args.per_kind} per kind, {args.duration:g} s each; "
           f"mean over traces)")
     print("bound: an upper bound on the goodput any scheduler could reach with the same compute (goodput_bound)")
-    print(f"learned: the card's lanes ({policy_lanes}); shed: the rules on the edge lanes without admission")
-    print(f"{'kind':<8} {'policy':<8} {'utility':>8} {'goodput/s':>10} {'miss %':>7} {'p99 ms':>7} {'vs edge':>8} "
+    print(f"learned: the card's lanes ({policy_lanes}); rules_lanes: the rules on them; "
+          f"shed: the rules on the edge lanes without admission")
+    print(f"{'kind':<8} {'policy':<11} {'utility':>8} {'goodput/s':>10} {'miss %':>7} {'p99 ms':>7} {'vs edge':>8} "
           f"{'of bound':>8}")
     for kind, _ in HELD_OUT:
         edge_u = np.mean([r["utility"] for r in by.get((kind, "edge"), [{"utility": np.nan}])])
         bound = float(np.mean(bounds[kind]))
-        print(f"{kind:<8} {'bound':<8} {'':>8} {bound:10.1f}")
+        print(f"{kind:<8} {'bound':<11} {'':>8} {bound:10.1f}")
         for name in args.contenders.split(","):
             group = by[(kind, name)]
             u = np.mean([r["utility"] for r in group])
             p99 = [r["p99_ms"] for r in group if r["p99_ms"] is not None]
-            print(f"{kind:<8} {name:<8} {u:8.3f} {np.mean([r['goodput_per_s'] for r in group]):10.1f} "
+            print(f"{kind:<8} {name:<11} {u:8.3f} {np.mean([r['goodput_per_s'] for r in group]):10.1f} "
                   f"{100 * np.mean([r['deadline_miss_rate'] or 0 for r in group]):7.2f} "
                   f"{np.mean(p99) if p99 else float('nan'):7.1f} {u / edge_u:8.3f} "
                   f"{np.mean([r['goodput_per_s'] for r in group]) / bound:8.3f}")
@@ -672,8 +704,8 @@ def evaluate(args) -> None:
 def record(args) -> None:
     """Replay a trace file under a policy in the simulator and write its transitions (.npz)."""
     from agent.workload.trace import read_trace
-    global _lanes
-    board = BOARDS[args.board]
+    global _lanes, _board
+    board = _board = BOARDS[args.board]
     trace = read_trace(args.trace)
     space = ActionSpace(MODELS)
     if args.policy == "rules":
@@ -776,7 +808,7 @@ def main(argv=None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="policy directory to write (policies/<board-class>)")
     t.add_argument("--work", help="checkpoints, curves, transition log (default runs/<board>)")
-    t.add_argument("--lanes", choices=LANES, default="shed", help="the lanes trained on (LANES)")
+    t.add_argument("--lanes", choices=LANES, default="edge", help="the lanes trained on (LANES)")
     t.add_argument("--episodes", type=int, default=40)
     t.add_argument("--bootstrap", type=int, default=6)
     t.add_argument("--dagger", type=int, default=6)
@@ -786,7 +818,9 @@ def main(argv=None) -> int:
     t.add_argument("--critic-warmup", type=int, default=1500)
     t.add_argument("--bc-epochs", type=int, default=20)
     t.add_argument("--student-epochs", type=int, default=15)
-    t.add_argument("--miss-penalty", type=float, default=0.5)
+    t.add_argument("--miss-penalty", type=float, default=2.0,
+                   help="an admitted request that misses costs this many answers in time "
+                        "(agent.learned.transitions: why above 1 on lanes with admission)")
     t.add_argument("--checkpoint-every", type=int, default=10)
     t.add_argument("--tau-ms", type=float, default=50.0,
                    help="the discount's time constant: a reward dt later counts exp(-dt / tau)")
@@ -800,8 +834,9 @@ def main(argv=None) -> int:
     e = sub.add_parser("evaluate", help="held-out traces in the simulator: every contender and the learned policy")
     e.add_argument("--board", choices=sorted(BOARDS), default="cpu-2core")
     e.add_argument("--policy", required=True)
-    e.add_argument("--contenders", default="fifo,fixed,triton,clipper,deeprt,edge,shed,learned",
-                   help="bench contenders, 'shed' (the rules on lanes without admission) and 'learned'")
+    e.add_argument("--contenders", default="fifo,fixed,triton,clipper,deeprt,edge,shed,rules_lanes,learned",
+                   help="bench contenders, 'shed' (the rules on lanes without admission), 'rules_lanes' (the "
+                        "rules on the policy's lanes) and 'learned'")
     e.add_argument("--duration", type=float, default=10.0)
     e.add_argument("--per-kind", type=int, default=2)
     e.add_argument("--teacher", help="a teacher checkpoint (runs/<board>/teacher_final.pt): its greedy choices too")
@@ -810,7 +845,7 @@ def main(argv=None) -> int:
     r.add_argument("--board", choices=sorted(BOARDS), default="cpu-2core")
     r.add_argument("--trace", required=True)
     r.add_argument("--policy", default="rules", help="'rules' or a learned policy's directory")
-    r.add_argument("--lanes", choices=LANES, default="shed", help="with --policy rules: the lanes")
+    r.add_argument("--lanes", choices=LANES, default="edge", help="with --policy rules: the lanes")
     r.add_argument("--out", required=True, help="the .npz to write")
     o = sub.add_parser("offline", help="discrete IQL from logged transitions into the 2x32 student; export a policy")
     o.add_argument("--transitions", nargs="+", required=True)

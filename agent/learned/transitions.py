@@ -15,6 +15,14 @@ and an admitted request that misses (expired, shed or late) costs ``miss_penalty
 run's return is then the mean share of each class answered in time (utility's goodput term, whose
 best is 1) less the penalty on misses, which stands in for utility's p99 factor (a late answer
 raises the p99; a decision-level reward cannot see a percentile).
+
+How large the penalty: utility counts a request refused at the door and an admitted one that
+missed alike (neither is goodput), but a miss is a promise admission made and the dispatch broke,
+and the deadline-miss rate of admitted requests is a target of its own (issue 25: no worse than
+the ``edge`` rule's). On lanes with admission control the policy cannot refuse; it can only keep or
+break those promises, so ``tools/train_policy.py`` trains with a penalty above the answer's worth
+(``--miss-penalty``, 2 by default: a broken promise costs two answers in time). The functions here
+keep 0.5, the value the recorded logs of earlier runs were written with.
 """
 from __future__ import annotations
 

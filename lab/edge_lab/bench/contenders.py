@@ -98,22 +98,27 @@ CONTENDERS: dict[str, ContenderSpec] = {spec.name: spec for spec in (
     ContenderSpec("edge", "ours, the default: deadline-aware batching from the profiled latency table, batches capped "
                           "by the tightest SLO, shedding and admission control (README, agent.scheduler)", _edge,
                   hold_fraction=None, admission_lookahead=None, edf_horizon_ms=None),
-    ContenderSpec("learned", "ours: the edge lanes (deadline-aware rule, shedding, admission unless the policy was "
-                             "trained without it: its card's training.lanes = 'shed'), each dispatch decided by "
+    ContenderSpec("learned", "ours: the edge lanes (deadline-aware rule, shedding, admission but on the lanes the "
+                             "policy was trained without it: its card's training.admission_off, or every lane for "
+                             "training.lanes = 'shed'), each dispatch decided by "
                              "the distilled network of [agent] policy_path (default policies/cpu-2core; "
                              "agent.scheduler.policies.learned)", _edge,
                   hold_fraction=None, admission_lookahead=None, edf_horizon_ms=None, policy="learned"),
 )}
 
 
-def _trained_lanes(policy_path: str) -> str:
-    """The lanes a learned policy was trained on (its card's ``training.lanes``; ``edge`` if unsaid)."""
+def _admission_off(policy_path: str, models) -> set[str]:
+    """The lanes a learned policy was trained without admission on: its card's
+    ``training.admission_off`` (model names), else every lane if ``training.lanes`` is ``shed``,
+    else none (``tools/train_policy.py``, ``LANES``)."""
     import json
     try:
-        card = json.loads((Path(policy_path) / "card.json").read_text())
+        training = json.loads((Path(policy_path) / "card.json").read_text()).get("training", {})
     except (OSError, ValueError):
-        return "edge"           # the agent refuses the policy at load, naming why
-    return str(card.get("training", {}).get("lanes", "edge"))
+        return set()            # the agent refuses the policy at load, naming why
+    if "admission_off" in training:
+        return {str(name) for name in training["admission_off"]}
+    return {m.name for m in models} if training.get("lanes", "edge") == "shed" else set()
 
 
 def apply_contender(config: Config, contender: str, *, slo_ms_by_model: Mapping[str, float] | None = None) -> Config:
@@ -133,9 +138,11 @@ def apply_contender(config: Config, contender: str, *, slo_ms_by_model: Mapping[
     policy_path = config.policy_path
     if policy == "learned" and policy_path is None:
         policy_path = str(DEFAULT_POLICY_PATH)
-    if spec.policy == "learned" and _trained_lanes(policy_path) == "shed":
-        # Trained on the edge lanes without admission (tools/train_policy.py, LANES): run it on those.
-        models = tuple(replace(m, batching=replace(m.batching, admission=False)) for m in models)
+    if spec.policy == "learned":
+        # Trained with admission off on some lanes (tools/train_policy.py, LANES): run it on those lanes.
+        off = _admission_off(policy_path, models)
+        models = tuple(replace(m, batching=replace(m.batching, admission=False)) if m.name in off else m
+                       for m in models)
     return replace(config, models=models, workers=workers, hold_fraction=hold, admission_lookahead=lookahead,
                    edf_horizon_ms=horizon, policy=policy, policy_path=policy_path)
 
