@@ -68,9 +68,10 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import BAD_REQUEST, ERROR_CODES, TOO_LARGE, InferenceError
+from agent.errors import ERROR_CODES, TOO_LARGE, InferenceError
 from agent.intake.msgpack_codec import _show
 from agent.offload.peers import PeerTable
+from agent.offload.wire import _bad, _name, unpack_map
 from agent.telemetry import Counters, RateLimitedLog
 from agent.transport.topics import probe_reply_topic, probe_topic, publish_topic_problem
 
@@ -114,14 +115,6 @@ class ProbeAnswer:
     received_bytes: int = 0
 
 
-def _name(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 256
-
-
-def _bad(message: str, field: str | None) -> InferenceError:
-    return InferenceError(BAD_REQUEST, message, field)
-
-
 def encode_probe(origin: str, probe: str, pad: bytes = b"") -> bytes:
     """What a board publishes to ``edge/v1/<peer>/probe``."""
     message: dict[str, Any] = {"v": PROBE_WIRE_VERSION, "origin": origin, "probe": probe}
@@ -136,12 +129,7 @@ def decode_probe(payload: bytes, max_payload_bytes: int) -> Probe:
     if len(payload) > max_payload_bytes:
         raise InferenceError(TOO_LARGE, f"probe payload of {len(payload)} bytes exceeds the limit of "
                                         f"{max_payload_bytes} bytes")
-    try:
-        message = msgpack.unpackb(payload, raw=False)
-    except Exception as exc:
-        raise _bad(f"probe is not valid msgpack ({type(exc).__name__}: {exc})", None) from None
-    if not isinstance(message, dict):
-        raise _bad(f"probe must be a msgpack map, got {type(message).__name__}", None)
+    message = unpack_map(payload, "probe")
     probe = message.get("probe")
     try:
         if message.get("v") != PROBE_WIRE_VERSION:
@@ -172,12 +160,7 @@ def encode_probe_answer(probe: str | None, *, held_ms: float = 0.0, received_byt
 
 def decode_probe_answer(payload: bytes) -> ProbeAnswer:
     """The board's side: a peer's answer, checked; raises ``InferenceError`` naming the field."""
-    try:
-        message = msgpack.unpackb(payload, raw=False)
-    except Exception as exc:
-        raise _bad(f"probe answer is not valid msgpack ({type(exc).__name__}: {exc})", None) from None
-    if not isinstance(message, dict):
-        raise _bad(f"probe answer must be a msgpack map, got {type(message).__name__}", None)
+    message = unpack_map(payload, "probe answer")
     if message.get("v") != PROBE_WIRE_VERSION:
         raise _bad(f"v = {_show(message.get('v'))}: expected {PROBE_WIRE_VERSION}", "v")
     probe = message.get("probe") if _name(message.get("probe")) else None

@@ -116,18 +116,25 @@ def _name(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 256
 
 
+def unpack_map(payload: bytes, what: str) -> dict:
+    """``payload`` as a msgpack map; raises ``bad_request`` naming ``what`` (an offload request, a
+    reply, a probe) when it is not one."""
+    try:
+        message = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:
+        raise _bad(f"{what} is not valid msgpack ({type(exc).__name__}: {exc})", None) from None
+    if not isinstance(message, dict):
+        raise _bad(f"{what} must be a msgpack map, got {type(message).__name__}", None)
+    return message
+
+
 def decode_request(payload: bytes, max_payload_bytes: int) -> OffloadRequest:
     """Bytes to an :class:`OffloadRequest`, every field checked; raises ``InferenceError`` naming
     the first wrong field (with the batch id on it as ``batch`` when it could be read)."""
     if len(payload) > max_payload_bytes:
         raise InferenceError(TOO_LARGE, f"offload payload of {len(payload)} bytes exceeds the limit of "
                                         f"{max_payload_bytes} bytes")
-    try:
-        message = msgpack.unpackb(payload, raw=False)
-    except Exception as exc:
-        raise _bad(f"payload is not valid msgpack ({type(exc).__name__}: {exc})", None) from None
-    if not isinstance(message, dict):
-        raise _bad(f"offload request must be a msgpack map, got {type(message).__name__}", None)
+    message = unpack_map(payload, "offload request")
     batch = message.get("batch")
     try:
         return _request_fields(message)
@@ -216,12 +223,7 @@ def _error(value: Any, where: str) -> InferenceError:
 def decode_reply(payload: bytes, expected_items: int | None = None) -> OffloadReply:
     """The board's side: a peer's reply, checked as strictly as a request (a peer is a program
     too). Raises ``InferenceError`` naming the field; ``expected_items``: the batch's size."""
-    try:
-        message = msgpack.unpackb(payload, raw=False)
-    except Exception as exc:
-        raise _bad(f"reply is not valid msgpack ({type(exc).__name__}: {exc})", None) from None
-    if not isinstance(message, dict):
-        raise _bad(f"reply must be a msgpack map, got {type(message).__name__}", None)
+    message = unpack_map(payload, "reply")
     if message.get("v") != OFFLOAD_WIRE_VERSION:
         raise _bad(f"v = {_show(message.get('v'))}: expected {OFFLOAD_WIRE_VERSION}", "v")
     batch = message.get("batch")
