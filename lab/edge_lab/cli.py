@@ -334,26 +334,39 @@ def _cmd_bench_codecs(args: argparse.Namespace) -> int:
 def _cmd_bench_probe(args: argparse.Namespace) -> int:
     from edge_lab.bench.offload import parse_links
     from edge_lab.bench.probe import bench_probe, format_probe
-    from edge_lab.netlab import LabError
     try:
         links = parse_links(args.links)
-        sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        expected = f"--sizes {args.sizes}: expected bytes in 0..4194304, comma-separated"
+        try:
+            sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(expected) from None
         if not sizes or any(not 0 <= x <= 4 * 1024 * 1024 for x in sizes):
-            raise ValueError(f"--sizes {args.sizes}: expected bytes in 0..4194304, comma-separated")
+            raise ValueError(expected)
     except ValueError as exc:
         print(f"edge-agent bench probe: {exc}", file=sys.stderr)
         return 2
+    return _lab_bench("probe", lambda: bench_probe(links, sizes, idle_s=args.idle_s, settle_s=args.settle,
+                                                   measure_s=args.measure, board_cpu=args.board_cpu,
+                                                   say=lambda line: print(f"  {line}", flush=True)),
+                      format_probe, args.json)
+
+
+def _lab_bench(name: str, run, format_results, json_path: str | None) -> int:
+    """Run a two-board lab bench (``run()`` returns its figures), print them with
+    ``format_results`` and write them to ``json_path``: 1 for the lab's or the bench's refusal,
+    130 on Ctrl-C (the lab and its agents are torn down by then)."""
+    from edge_lab.netlab import LabError
     try:
-        results = bench_probe(links, sizes, idle_s=args.idle_s, settle_s=args.settle, measure_s=args.measure,
-                              board_cpu=args.board_cpu, say=lambda line: print(f"  {line}", flush=True))
+        results = run()
     except (LabError, ValueError) as exc:
-        print(f"edge-agent bench probe: {exc}", file=sys.stderr)
+        print(f"edge-agent bench {name}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("edge-agent bench probe: interrupted; the lab and its agents were torn down", file=sys.stderr)
+        print(f"edge-agent bench {name}: interrupted; the lab and its agents were torn down", file=sys.stderr)
         return 130
-    print(format_probe(results), flush=True)
-    write_json(args.json, results)
+    print(format_results(results), flush=True)
+    write_json(json_path, results)
     return 0
 
 
@@ -363,7 +376,6 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
         sim_args = ["--duration", f"{args.duration:g}", "--load", f"{args.load:g}", "--seed", str(args.seed)]
         return simulated(sim_args)
     from edge_lab.bench.offload import bench_offload, format_offload, parse_links
-    from edge_lab.netlab import LabError
     try:
         links = parse_links(args.links)
     except ValueError as exc:
@@ -373,41 +385,24 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     shapes = ", ".join(f"{link.mbit:g} Mbit/s {link.delay_ms:g} ms" for link in links)
     print(f"edge-agent bench offload: board {args.board_cpu} core, peer twice that unless --peer-cpu; "
           f"links {shapes}", flush=True)
-    try:
-        results = bench_offload(links, model=args.model, board_cpu=args.board_cpu, peer_cpu=args.peer_cpu,
-                                duration_s=args.duration, load=args.load, slo_ms=args.slo_ms, rows=rows,
-                                seed=args.seed, say=lambda line: print(f"  {line}", flush=True))
-    except (LabError, ValueError) as exc:
-        print(f"edge-agent bench offload: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("edge-agent bench offload: interrupted; the lab and its agents were torn down", file=sys.stderr)
-        return 130
-    print(format_offload(results), flush=True)
-    write_json(args.json, results)
-    return 0
+    return _lab_bench("offload", lambda: bench_offload(
+        links, model=args.model, board_cpu=args.board_cpu, peer_cpu=args.peer_cpu, duration_s=args.duration,
+        load=args.load, slo_ms=args.slo_ms, rows=rows, seed=args.seed,
+        say=lambda line: print(f"  {line}", flush=True)), format_offload, args.json)
 
 
 def _cmd_bench_pool(args: argparse.Namespace) -> int:
     from edge_lab.bench.pool import bench_pool, format_pool
-    from edge_lab.netlab import LabError, check_support
+    from edge_lab.netlab import check_support
     problem = check_support()
     if problem is not None:
         print(f"edge-agent bench pool: {problem}", file=sys.stderr)
         return 1
     print(f"edge-agent bench pool: one agent, then three, {args.cpu:g} core each, {args.model}", flush=True)
-    try:
-        results = bench_pool(model=args.model, cpu=args.cpu, duration_s=args.duration, load=args.load,
-                             slo_ms=args.slo_ms, seed=args.seed, say=lambda line: print(f"  {line}", flush=True))
-    except (LabError, ValueError) as exc:
-        print(f"edge-agent bench pool: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("edge-agent bench pool: interrupted; the lab and its agents were torn down", file=sys.stderr)
-        return 130
-    print(format_pool(results), flush=True)
-    write_json(args.json, results)
-    return 0
+    return _lab_bench("pool", lambda: bench_pool(model=args.model, cpu=args.cpu, duration_s=args.duration,
+                                                 load=args.load, slo_ms=args.slo_ms, seed=args.seed,
+                                                 say=lambda line: print(f"  {line}", flush=True)),
+                      format_pool, args.json)
 
 
 def _cores(text: str) -> float | None:
