@@ -328,3 +328,21 @@ def test_boards_probe_each_other_under_the_shipped_acl(tmp_path):
             if board is not None:
                 board.close()
             peer.close()
+
+
+def test_a_reconnect_drops_the_probes_out_so_an_answer_after_it_never_times_the_outage():
+    """Probes go at QoS 1, so the broker may hand an answer over after an outage: the board drops
+    what it had out when it reconnects, and such an answer counts ``late``, no sample."""
+    from types import SimpleNamespace
+    table = PeerTable("me", 5.0)
+    prober = probe.Prober(table, "me", ["b"], idle_s=1, probe_bytes=0)
+    state = prober._state.setdefault("b", probe._PeerProbes())
+    state.outstanding = probe._Out("p-1", 0.0, 100, False, True)
+    prober._by_id["p-1"] = "b"
+    prober.on_session(True)
+    assert state.outstanding is None and prober.counters["dropped"] == 1
+    answer = SimpleNamespace(properties=SimpleNamespace(CorrelationData=probe.CORRELATION_PREFIX + b"p-1"),
+                             payload=probe.encode_probe_answer("p-1", held_ms=0.0, received_bytes=100))
+    prober._on_answer(answer)
+    assert prober.counters["late"] == 1 and prober.counters["answered"] == 0
+    assert table.snapshot().get("b") is None or table.snapshot()["b"].get("probe_samples", 0) == 0

@@ -100,7 +100,7 @@ class PeerHandler:
 
     def start(self, timeout: float = 10.0) -> "PeerHandler":
         self.transport.subscribe(self.topic_filter, self._on_message, qos=1, timeout=timeout)
-        self.transport.subscribe(self.probes.topic, self.probes.on_message, qos=0, timeout=timeout)
+        self.transport.subscribe(self.probes.topic, self.probes.on_message, qos=1, timeout=timeout)
         self._refresher = threading.Thread(target=self._refresh, name="offload-status", daemon=True)
         self._refresher.start()
         log.info("serving offload on %s: tails %s", self.topic_filter, sorted(self.agent.tails))

@@ -40,8 +40,10 @@ live peer (one of ``[offload] peers``/``peer``) has had no batch from this board
   after that, or one for no probe of ours, is counted ``late`` and dropped. A peer that is
   forgotten (its will, a stale status) is not probed, and its outstanding probe is dropped.
 
-The wire (msgpack, v1, QoS 0: a probe lost is only a missing sample, and one queued across a
-reconnect would measure the outage, not the link): a probe on ``edge/v1/<peer>/probe`` is
+The wire (msgpack, v1, QoS 1 both ways, as the batches and every reply go: a probe then takes
+the batches' own path through the broker; a board that reconnects drops its outstanding probes
+(:meth:`Prober.on_session`), so an answer held across the outage is counted ``late`` and never
+measures it): a probe on ``edge/v1/<peer>/probe`` is
 ``{v: 1, origin, probe: id, pad?: bytes}``, with an MQTT v5 response topic (the board's
 ``edge/v1/<board>/probe-reply``) and correlation data ``probe:<id>``; the answer is ``{v: 1, probe:
 id, status: "ok", held_ms, bytes}`` (``bytes``: the probe payload's size as received) or ``{v: 1,
@@ -217,7 +219,7 @@ class ProbeAnswerer:
         if correlation is not None:
             answer.CorrelationData = correlation
         try:
-            self.transport.publish(response_topic, payload, qos=0, properties=answer)
+            self.transport.publish(response_topic, payload, qos=1, properties=answer)
         except Exception:
             self.counters.add("unanswerable_probes")
             log.exception("probe answer to %s not published", response_topic)
@@ -278,7 +280,8 @@ class Prober:
         if not self.enabled:
             return
         self.transport = transport
-        transport.subscribe(probe_reply_topic(self.device), self._on_answer, qos=0)
+        transport.subscribe(probe_reply_topic(self.device), self._on_answer, qos=1)
+        transport.on_session(self.on_session)
         self._thread = threading.Thread(target=self._loop, name="offload-probe", daemon=True)
         self._thread.start()
 
@@ -293,6 +296,16 @@ class Prober:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(2.0)
+
+    def on_session(self, session_present: bool) -> None:
+        """After a (re)connect: a probe out before it would time the outage, not the link; each is
+        dropped (counted ``dropped``) and its answer, if the broker kept it, comes ``late``."""
+        with self._lock:
+            for st in self._state.values():
+                if st.outstanding is not None:
+                    self._by_id.pop(st.outstanding.probe, None)
+                    st.outstanding, st.then = None, None
+                    self.counters.add("dropped")
 
     # --- the probe thread -------------------------------------------------------------------------
 
@@ -355,7 +368,7 @@ class Prober:
         props.CorrelationData = CORRELATION_PREFIX + out.probe.encode()
         out.sent_at = self.clock()
         try:
-            info = self.transport.publish(probe_topic(device), payload, qos=0, properties=props)
+            info = self.transport.publish(probe_topic(device), payload, qos=1, properties=props)
             failed = info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS
         except Exception:
             log.exception("offload probe to %s not published", device)
