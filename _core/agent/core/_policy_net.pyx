@@ -12,6 +12,26 @@ cimport cython
 import numpy as np
 
 
+cdef inline void _dense(const float* x, Py_ssize_t n_in, const float* w, const float* b, Py_ssize_t n_out,
+                        float* y, bint relu) noexcept nogil:
+    """``y = x @ w + b`` (``w`` row-major, ``n_in`` x ``n_out``), ReLU'd when ``relu``: each output's
+    sum runs in input order ``i`` ascending, as the pure twin's does; the inner loop over ``j``
+    vectorises."""
+    cdef Py_ssize_t i, j
+    cdef float xi, acc
+    cdef const float* row
+    for j in range(n_out):
+        y[j] = 0.0
+    for i in range(n_in):
+        xi = x[i]
+        row = w + i * n_out
+        for j in range(n_out):
+            y[j] += xi * row[j]
+    for j in range(n_out):
+        acc = y[j] + b[j]
+        y[j] = (acc if acc > 0.0 else 0.0) if relu else acc
+
+
 @cython.final
 cdef class PolicyNet:
     # Fields in _policy_net.pxd (the fused decision, agent.core._policy_decide, calls act_c).
@@ -61,7 +81,7 @@ cdef class PolicyNet:
         # Local pointers, so the compiler keeps them in registers and vectorises the inner loops
         # (over j: each output's sum still runs in input order i ascending, as before).
         cdef Py_ssize_t i, j, n_in = self.n_in, n1 = self.n1, n2 = self.n2, n_out = self.n_out
-        cdef float acc, xi, best = 0.0
+        cdef float best = 0.0
         cdef Py_ssize_t best_j = -1
         cdef const float* mean = &self.mean[0]
         cdef const float* inv_std = &self.inv_std[0]
@@ -75,38 +95,12 @@ cdef class PolicyNet:
         cdef float* h1 = &self.h1[0]
         cdef float* h2 = &self.h2[0]
         cdef float* out = &self.out[0]
-        cdef const float* row
         for i in range(n_in):
             z[i] = (x[i] - mean[i]) * inv_std[i]
-        for j in range(n1):
-            h1[j] = 0.0
-        for i in range(n_in):
-            xi = z[i]
-            row = w1 + i * n1
-            for j in range(n1):
-                h1[j] += xi * row[j]
-        for j in range(n1):
-            acc = h1[j] + b1[j]
-            h1[j] = acc if acc > 0.0 else 0.0
-        for j in range(n2):
-            h2[j] = 0.0
-        for i in range(n1):
-            xi = h1[i]
-            row = w2 + i * n2
-            for j in range(n2):
-                h2[j] += xi * row[j]
-        for j in range(n2):
-            acc = h2[j] + b2[j]
-            h2[j] = acc if acc > 0.0 else 0.0
+        _dense(z, n_in, w1, b1, n1, h1, True)
+        _dense(h1, n1, w2, b2, n2, h2, True)
+        _dense(h2, n2, w3, b3, n_out, out, False)
         for j in range(n_out):
-            out[j] = 0.0
-        for i in range(n2):
-            xi = h2[i]
-            row = w3 + i * n_out
-            for j in range(n_out):
-                out[j] += xi * row[j]
-        for j in range(n_out):
-            out[j] = out[j] + b3[j]
             if mask[j] and (best_j < 0 or out[j] > best):
                 best, best_j = out[j], j
         return best_j
