@@ -11,11 +11,8 @@ field.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -34,20 +31,18 @@ from agent.offload import wire
 from agent.service import Service
 from agent.transport.paho_client import connect, make_client
 from agent.transport.topics import offload_topic
+from tests.agent_process import AgentProcess
 from tests.waiting import wait_for as _wait
 
 MODEL = "resnet_digits"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 
-class PeerProcess:
+class PeerProcess(AgentProcess):
     """``edge-agent run`` serving offload, as its own process."""
 
     def __init__(self, tmp_path: Path, broker, device: str, card: str = f"demo:{MODEL}") -> None:
-        self.device = device
-        config = tmp_path / f"{device}.toml"
-        config.write_text(f"""
+        super().__init__(tmp_path, device, f"""
 config_version = {CONFIG_VERSION}
 [agent]
 device = "{device}"
@@ -68,23 +63,6 @@ default_slo_ms = 1000
 [models.batching]
 max_batch = 4
 """)
-        self.log = open(tmp_path / f"{device}.log", "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                                        stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def signal(self, sig: int) -> None:
-        self.process.send_signal(sig)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.log.close()
 
 
 def _board(broker, peer: str, split: str | None = None, card: str = f"demo:{MODEL}",

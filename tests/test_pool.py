@@ -10,8 +10,6 @@ and what the dead board held is counted and, with the client's re-send, answered
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,22 +20,20 @@ import pytest
 
 from agent.client import InferenceClient
 from agent.config import CONFIG_VERSION
+from tests.agent_process import AgentProcess
 from tests.waiting import wait_for as _wait
 
 MODEL = "resnet_digits"
 GROUP = "cams"
-ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("pool-a", "pool-b", "pool-c")
 
 
 
-class PoolAgent:
+class PoolAgent(AgentProcess):
     """``edge-agent run`` serving the pool, as its own process."""
 
     def __init__(self, tmp_path: Path, broker, device: str) -> None:
-        self.device = device
-        self.config = tmp_path / f"{device}.toml"
-        self.config.write_text(f"""
+        super().__init__(tmp_path, device, f"""
 config_version = {CONFIG_VERSION}
 [agent]
 device = "{device}"
@@ -55,24 +51,6 @@ default_slo_ms = 2000
 [models.batching]
 max_batch = 4
 """)
-        self.log_path = tmp_path / f"{device}.log"
-        self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(self.config)],
-                                        stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-    def ready(self) -> bool:
-        assert self.process.poll() is None, self.log_path.read_text()[-3000:]
-        return b"serving" in self.log_path.read_bytes()      # printed once every intake listens
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.log.close()
 
 
 class PoolApp:
