@@ -25,24 +25,21 @@ def _board_counts(text: str) -> dict[str, int]:
     return counts
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a fraction in (0, 1]")
-    return value
+def _float_in(low: float, high: float, expected: str):
+    """An argparse type: a number in ``(low, high]``, else an error saying ``expected``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = low
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds in (0, 3600]")
-    return value
+_fraction = _float_in(0.0, 1.0, "a fraction in (0, 1]")
+_seconds = _float_in(0.0, 3600.0, "seconds in (0, 3600]")
 
 
 def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
