@@ -233,14 +233,14 @@ class Agent:
         self._lane_model.update({lane_name: name for name, lane_name, *_ in survivors})
         self.telemetry = Telemetry([*lanes, *self._lane_model])
         self.scheduler = Scheduler(
-            [*(_lane(name, m) for name, m in lanes.items()), *(lane for _, _, lane, _, _ in survivors)],
+            [*(_lane(name, m) for name, m in lanes.items()), *(lane for _, _, lane, _ in survivors)],
             max_concurrent=config.worker_count, hold_fraction=config.hold_fraction,
             lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s, policy=config.policy,
             policy_options={"offload": config.offload, "policy_path": config.policy_path,
                             "offload_view": self.offload.view() if self.offload is not None else None},
         )
         self.executor = LocalExecutor({**{name: m.instance_set() for name, m in lanes.items()},
-                                       **{lane_name: instances for _, lane_name, _, instances, _ in survivors}})
+                                       **{lane_name: instances for _, lane_name, _, instances in survivors}})
         self._served_by = {
             name: [{"device": config.device, "backend": b.kind, "accelerator": b.device, "instance": i,
                     **({"split": name.partition("@")[2]} if name in self.tails else {}),
@@ -408,11 +408,11 @@ class Agent:
                 self.telemetry.add_model(lane_name)
             with self.loop.lock:
                 self.executor.models = {**self.executor.models, name: instances,
-                                        **{lane_name: inst for lane_name, _, inst, _ in survivors}}
+                                        **{lane_name: inst for lane_name, _, inst in survivors}}
                 self._served_by = {**self._served_by, name: served_by,
                                    **{lane_name: served_by for lane_name, *_ in survivors}}
                 self._lane_model.update({lane_name: name for lane_name, *_ in survivors})
-                for _, survivor_lane, _, _ in survivors:
+                for _, survivor_lane, _ in survivors:
                     self.scheduler.add_lane(survivor_lane)
                 self.scheduler.add_lane(lane)
                 self.models = {**self.models, name: loaded}
@@ -440,29 +440,15 @@ class Agent:
                     self.config, models=tuple(m for m in self.config.models if m.name != name))
             self._notify_models_changed()
             deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                with lock:
-                    if not len(lane.queue):
-                        break
-                time.sleep(0.005)
-            with lock:
-                leftover = self.scheduler.cancel_lane(name)
-            for request in leftover:
-                self.loop.driver.fail(request, InferenceError(
-                    SHUTTING_DOWN, f"model {name!r} was unloaded before this request ran ({timeout_s:g} s to serve "
-                                   f"its queue ran out)"))
-            while True:            # the batches running finish (a batch cannot be stopped)
-                with lock:
-                    if self.scheduler.lane_idle(name):
-                        self.scheduler.remove_lane(name)
-                        self.executor.models = {n: s for n, s in self.executor.models.items() if n != name}
-                        break
-                time.sleep(0.005)
+            leftover = self._retire_lane(name, deadline, f"model {name!r} was unloaded before this request ran "
+                                                         f"({timeout_s:g} s to serve its queue ran out)")
+            unserved = len(leftover)
             # exit_rebatch: the survivors handed on wait in the later stages' lanes; each is served
             # in turn (stage by stage, nothing more arrives) within the same time, then removed.
-            unserved = len(leftover)
             for lane_name in [n for n, m in self._lane_model.items() if m == name]:
-                leftover += self._retire_lane(lane_name, deadline, timeout_s)
+                leftover += self._retire_lane(lane_name, deadline, f"model {name!r} was unloaded before this "
+                                                                   f"request's next stage ran ({timeout_s:g} s to "
+                                                                   f"serve its queue ran out)")
             # A worker may still be sending the last batch's replies: _served_by keeps the entry
             # (a few dicts; replaced if the model is loaded again).
             loaded.close()
@@ -471,10 +457,9 @@ class Agent:
             return {"queued_at_unload": queued, "running_at_unload": running, "served": queued - unserved,
                     "answered_shutting_down": len(leftover)}
 
-    def _retire_lane(self, lane_name: str, deadline: float, timeout_s: float) -> list[Request]:
-        """Serve what waits in a later stage's lane (``exit_rebatch``) until ``deadline``, answer the
-        rest ``shutting_down``, then remove the lane once no batch runs on it; returns what was
-        answered so."""
+    def _retire_lane(self, lane_name: str, deadline: float, why: str) -> list[Request]:
+        """Serve what waits in ``lane_name`` until ``deadline``, answer the rest ``shutting_down``
+        (``why``), then remove the lane once no batch runs on it; returns what was answered so."""
         lock = self.loop.lock
         while time.monotonic() < deadline:
             with lock:
@@ -485,10 +470,8 @@ class Agent:
             self.scheduler.close_lane(lane_name)
             leftover = self.scheduler.cancel_lane(lane_name)
         for request in leftover:
-            self.loop.driver.fail(request, InferenceError(
-                SHUTTING_DOWN, f"model {self._lane_model[lane_name]!r} was unloaded before this request's next "
-                               f"stage ran ({timeout_s:g} s to serve its queue ran out)"))
-        while True:
+            self.loop.driver.fail(request, InferenceError(SHUTTING_DOWN, why))
+        while True:            # the batches running finish (a batch cannot be stopped)
             with lock:
                 if self.scheduler.lane_idle(lane_name):
                     self.scheduler.remove_lane(lane_name)
@@ -514,11 +497,11 @@ class Agent:
             survivors = survivor_lanes(name, changed) if config.exit_rebatch else []
             with self.loop.cond:
                 self.scheduler.swap_rule(name, template)
-                for lane_name, survivor_lane, survivor_instances, _ in survivors:
+                for lane_name, survivor_lane, survivor_instances in survivors:
                     self.scheduler.swap_rule(lane_name, survivor_lane)
                     self.executor.models = {**self.executor.models, lane_name: survivor_instances}
                 self.executor.models = {**self.executor.models, name: instances}
-                self.models = {**self.models, name: dataclasses.replace(loaded, config=config, rule=rule)}
+                self.models = {**self.models, name: changed}
                 self._replace_model_config(config)
                 self.loop.cond.notify_all()    # a batch the old rule held for may leave now
             self._notify_models_changed()

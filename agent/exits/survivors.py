@@ -28,7 +28,7 @@ from agent.core import LatencyTable
 from agent.runtime.local_executor import InstanceSet
 from agent.scheduler.rules import build_lane, build_rule
 
-__all__ = ["survivor_lane_name", "survivor_lanes", "first_stage_instances"]
+__all__ = ["survivor_lane_name", "survivor_lanes", "stage_lane", "first_stage_instances"]
 
 
 def survivor_lane_name(model: str, stage: int) -> str:
@@ -43,23 +43,29 @@ def first_stage_instances(name: str, loaded: Any) -> InstanceSet:
                        first=0, hand_on_lane=survivor_lane_name(name, 1))
 
 
-def survivor_lanes(name: str, loaded: Any) -> list[tuple[str, Any, InstanceSet, LatencyTable]]:
-    """``(lane name, scheduler lane, instances, latency table)`` per later stage of ``loaded`` (an
+def stage_lane(config: Any, stage: int, table: LatencyTable) -> Any:
+    """The scheduler lane of stage ``stage`` of the model configured by ``config`` (an
+    ``agent.config.ModelConfig``), timed by ``table``: the model's rule and queue, no admission (a
+    request was admitted once, at intake). The agent and the simulator build it alike."""
+    name = survivor_lane_name(config.name, stage)
+    batching = dataclasses.replace(config.batching, admission=False)
+    return build_lane(name, build_rule(batching, table), dataclasses.replace(config, name=name, batching=batching),
+                      table)
+
+
+def survivor_lanes(name: str, loaded: Any) -> list[tuple[str, Any, InstanceSet]]:
+    """``(lane name, scheduler lane, instances)`` per later stage of ``loaded`` (an
     ``agent.api.LoadedModel`` with its stages and exit plan, measured at load)."""
-    exits, card, config = loaded.exits, loaded.card, loaded.config
+    exits, card = loaded.exits, loaded.card
     if exits is None or exits.stage_ms is None:
         raise ValueError(f"model {name!r}: exit_rebatch needs a stage-by-stage model with its stage times")
-    batching = dataclasses.replace(config.batching, admission=False)
     out = []
     last = len(card.exits) - 1
     for k in range(1, last + 1):
-        lane_name = survivor_lane_name(name, k)
-        table = LatencyTable(list(exits.batch_sizes), [ms / 1000.0 for ms in exits.stage_ms[k]])
-        rule = build_rule(batching, table)
-        lane = build_lane(lane_name, rule, dataclasses.replace(config, name=lane_name, batching=batching), table)
-        point = card.exits[k]
-        instances = InstanceSet([stages[k] for stages in loaded.stages], [point.stage_input], rule.max_batch,
-                                [[stages[k]] for stages in loaded.stages], exits, card.exits, first=k,
-                                hand_on_lane=survivor_lane_name(name, k + 1) if k < last else None)
-        out.append((lane_name, lane, instances, table))
+        lane = stage_lane(loaded.config, k,
+                          LatencyTable(list(exits.batch_sizes), [ms / 1000.0 for ms in exits.stage_ms[k]]))
+        instances = InstanceSet([stages[k] for stages in loaded.stages], [card.exits[k].stage_input],
+                                lane.rule.max_batch, [[stages[k]] for stages in loaded.stages], exits, card.exits,
+                                first=k, hand_on_lane=survivor_lane_name(name, k + 1) if k < last else None)
+        out.append((lane.name, lane, instances))
     return out

@@ -142,21 +142,13 @@ def sim_models_from_config(config: Config, tables: Mapping[str, LatencyTable],
 
 def _survivor_templates(model, table: LatencyTable, exits) -> tuple:
     """What the simulator needs of ``model``'s later stages' lanes (``agent.exits.survivors``): each
-    lane's rule over the stage's share of the model's table, no admission, as live."""
-    import dataclasses
-
-    from agent.exits.survivors import survivor_lane_name
-    batching = dataclasses.replace(model.batching, admission=False)
+    built as live, timed by the stage's share of the model's table."""
+    from agent.exits.survivors import stage_lane, survivor_lane_name
+    sizes = list(table.batch_sizes.tolist())
     out = []
     for k in range(1, len(exits.names)):
-        name = survivor_lane_name(model.name, k)
-        sizes = list(table.batch_sizes.tolist())
         stage = LatencyTable(sizes, [table.predict(b) * exits.stage_fraction(k, b) for b in sizes])
-
-        def make(name=name, stage=stage):
-            return build_lane(name, build_rule(batching, stage), dataclasses.replace(model, name=name, batching=batching),
-                              stage)
-        out.append((name, k, make))
+        out.append((survivor_lane_name(model.name, k), k, lambda k=k, stage=stage: stage_lane(model, k, stage)))
     return tuple(out)
 
 
