@@ -12,7 +12,6 @@ import pytest
 
 from agent.config import CONFIG_VERSION, ConfigError, parse_config
 from agent.errors import REJECTED, InferenceError
-from agent.exits.allocation import Problem, UserClass
 from agent.exits.online import OnlineAllocation
 from agent.models.card import load_card
 from agent.scheduler.exit_rule import exit_plan
@@ -100,16 +99,6 @@ def test_classes_are_the_exit_and_the_slo_rounded_down_onto_a_grid(plan):
     a, b = allocation.key(1, 50.0), allocation.key(1, 52.0)
     assert a == b and a.slo_ms <= 50.0
     assert allocation.key(1, 80.0).slo_ms > 50.0 and allocation.key(0, 50.0) != a
-
-
-def test_processors_multiply_the_capacity_not_the_latency(plan):
-    from agent.exits.allocation import ExitModel
-    model = ExitModel(plan.names, plan.accuracy, plan.batch_sizes, plan.stage_ms)
-    classes = [UserClass("a", 100.0, 50.0, 0.9)]
-    one, two = Problem(classes, model), Problem(classes, model, processors=2)
-    assert two.capacity_ms == 2 * one.capacity_ms and two.cum_ms == one.cum_ms
-    with pytest.raises(Exception, match="processors"):
-        Problem(classes, model, processors=0)
 
 
 def test_only_fixed_mode_takes_the_allocation(plan):

@@ -36,8 +36,7 @@ The problem
   time is at most ``sum_k a_k min(Lambda_b / b, F_bk) + c_k F_bk`` ms per second. That bound is
   exact for a stream of one exit and for batch 1, and the expected value for mixed exits,
   ``(Lambda_b/b)(1 - (1 - F_bk/Lambda_b)^b)``, never exceeds it. The plan needs
-  ``sum_b busy_b <= 1000 utilisation processors`` (``processors``: stage batches that run at once,
-  a board's model instances on their own cores; 1 by default).
+  ``sum_b busy_b <= 1000 utilisation``.
 * **Objective: the served rate**, ``sum of rate_i`` over the classes served whole. Why this and not
   the largest uniform scale of all rates: when the board is overloaded the agent must decide *whom*
   to serve (admission), and the served rate answers that, while a uniform scale only says how much
@@ -203,11 +202,9 @@ class Problem:
     """
 
     def __init__(self, classes: Sequence[UserClass], model: ExitModel,
-                 utilisation: float = DEFAULT_UTILISATION, processors: int = 1) -> None:
+                 utilisation: float = DEFAULT_UTILISATION) -> None:
         if not (isinstance(utilisation, (int, float)) and 0.0 < utilisation <= 1.0):
             raise AllocationError(f"utilisation = {utilisation!r}: expected a share of the processor in (0, 1]")
-        if not (isinstance(processors, int) and not isinstance(processors, bool) and processors >= 1):
-            raise AllocationError(f"processors = {processors!r}: expected an int >= 1")
         classes = tuple(classes)
         names = [c.name for c in classes]
         for c in classes:
@@ -224,10 +221,7 @@ class Problem:
         self.classes = classes
         self.model = model
         self.utilisation = float(utilisation)
-        # ``processors`` stage batches at once (a board's model instances, each on its own core):
-        # the busy time may add up to that many seconds per second; each batch's latency is unchanged.
-        self.processors = processors
-        self.capacity_ms = 1000.0 * self.utilisation * processors
+        self.capacity_ms = 1000.0 * self.utilisation
         K, J = len(model.names), len(model.batch_sizes)
         #: cum_ms[e][j]: stages up to exit e at batch size j, the latency's execution part.
         self.cum_ms = [[model.time_to_exit(e, j) for j in range(J)] for e in range(K)]

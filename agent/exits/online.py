@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from agent.errors import REJECTED, InferenceError
-from agent.exits.allocation import ExitModel
 from agent.scheduler.exit_rule import ExitPlan
 
 __all__ = ["OnlineAllocation", "ClassKey"]
@@ -96,7 +95,6 @@ class OnlineAllocation:
                              f"(measured at load, or the card's exit_profile)")
         self.model = model
         self.exits = plan
-        self.exit_model = ExitModel(plan.names, plan.accuracy, plan.batch_sizes, plan.stage_ms)
         self.processors = processors
         self.utilisation = utilisation
         self.tau_s, self.replan_s, self.moved = tau_s, replan_s, moved
@@ -190,13 +188,13 @@ class OnlineAllocation:
         """Busy ms per request of ``key`` at ``rate``: its stages up to its exit, as measured, at the
         largest profiled batch whose fill wait (at the class's own rate) and stages meet its SLO,
         divided by that batch (batch 1 if none does)."""
-        model = self.exit_model
+        sizes, stage_ms = self.exits.batch_sizes, self.exits.stage_ms
         best = 0
-        for j, b in enumerate(model.batch_sizes):
+        for j, b in enumerate(sizes):
             fill = 0.0 if b == 1 else 1000.0 * (b - 1) / max(rate, 1e-9)
-            if fill + sum(model.stage_ms[k][j] for k in range(key.exit + 1)) <= key.slo_ms:
+            if fill + sum(stage_ms[k][j] for k in range(key.exit + 1)) <= key.slo_ms:
                 best = j
-        return sum(model.stage_ms[k][best] for k in range(key.exit + 1)) / model.batch_sizes[best]
+        return sum(stage_ms[k][best] for k in range(key.exit + 1)) / sizes[best]
 
     # --- status ------------------------------------------------------------------------------------
 
