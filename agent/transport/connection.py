@@ -160,10 +160,11 @@ class MqttTransport:
 
     def on_session(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(session_present)`` on the network thread after every CONNACK (once the
-        subscriptions are renewed). ``session_present`` False after a reconnect means the broker
-        lost this client's session (a broker killed between autosaves, an expired session): every
-        QoS 1 message that was on its way to this client is gone, and whoever waits for one (the
-        offload client for its peers' replies) should stop waiting."""
+        subscriptions are renewed). A reconnect means what was on its way may be gone: with
+        ``session_present`` False the broker lost this client's session and every QoS 1 message
+        queued for it; with True it may still have lost what came after its last autosave. Whoever
+        waits for a message decides what that costs it (the offload client runs the batches out on
+        peers here, the idle probe drops its probes)."""
         self._on_session.append(listener)
 
     def unsubscribe(self, topic_filter: str) -> None:
