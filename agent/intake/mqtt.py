@@ -2,8 +2,10 @@
 
 One subscriber of the agent's transport (:class:`agent.transport.connection.MqttTransport`), which
 owns the connection, the status and the last will. Thin by design (handlers run on paho's network
-thread, which must never block): decode, validate, ``Agent.submit``, return. The reply is published
-from the worker that finished the batch. Every request that carries a response topic gets exactly
+thread, which reads every request): decode, validate, ``Agent.submit_inline``, return. The reply is
+published from the worker that finished the batch; on an idle board (nothing queued or running, no
+request for a moment: ``Scheduler.start_alone``) the network thread runs the request itself and its
+reply leaves with the read's acknowledgements, as the HTTP intake does: no thread hand-off. Every request that carries a response topic gets exactly
 one reply, an error reply included; one without a response topic that can be published to (none,
 or a wildcard) cannot be answered, so it is counted and logged (rate-limited), not run.
 
@@ -201,9 +203,12 @@ class MqttIntake:
             request_id = request.id
             if key is not None:                 # until its deadline (plus the grace)
                 self._remember(key, expiry + self._budget_s(model, request), now)
-            future = self.agent.submit(model, request.inputs, slo_ms=request.slo_ms, deadline=request.deadline,
-                                       priority=request.priority, client_id=request.id,
-                                       min_accuracy=request.min_accuracy)
+            # On an idle board the request runs here, on the network thread, and its reply is
+            # written with the read's acknowledgements (Agent.submit_inline, as HTTP does).
+            self.agent.submit_inline(model, request.inputs,
+                                     lambda f: self._reply(f, response_topic, correlation, request.id),
+                                     slo_ms=request.slo_ms, deadline=request.deadline, priority=request.priority,
+                                     client_id=request.id, min_accuracy=request.min_accuracy)
         except InferenceError as exc:
             if request_id is None:
                 request_id = getattr(exc, "request_id", None)
@@ -214,7 +219,6 @@ class MqttIntake:
             self._publish(response_topic, correlation,
                           self._error_reply(request_id, InferenceError("internal", f"{type(exc).__name__}: {exc}")))
             return
-        future.add_done_callback(lambda f: self._reply(f, response_topic, correlation, request_id))
 
     def _budget_s(self, model: str, request) -> float:
         """Seconds from now to the request's deadline (as the agent will read it)."""

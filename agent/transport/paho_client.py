@@ -309,6 +309,9 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
 READ_CHUNK = 256 * 1024
 #: At most this many bytes of queued packets are joined into one send.
 WRITE_CHUNK = 256 * 1024
+#: How long a publishing thread waits for another thread's write before leaving its packet to the
+#: network thread (seconds): a write is one send; only a reconnect holds the lock longer.
+WRITE_WAIT_S = 0.05
 
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 _AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
@@ -443,9 +446,10 @@ class DirectClient(paho.Client):
     long read runs, and every wake-up and every system call was a hand-over of the GIL to a busy
     worker and back. The HTTP intake writes a reply from the worker that computed it. Here:
 
-    * a QoS 1 PUBLISH or a PUBACK is written by the calling thread when the connection is up and no
-      other thread is writing (a non-blocking try of the write lock); otherwise it is queued and the
-      network thread woken, as paho does;
+    * a QoS 1 PUBLISH or a PUBACK is written by the calling thread when the connection is up, once
+      paho has let go of its message lock (which the network thread takes for every acknowledgement)
+      and after any other thread's write (a bounded wait for the write lock); otherwise it is queued
+      and the network thread woken, as paho does;
     * what the network thread queues while it reads (the PUBACKs of the requests its handlers took,
       the replies it publishes) is written once the read is done, joined into one ``send``;
     * reads ask the socket for :data:`READ_CHUNK` bytes and parse the packets out of that buffer;
@@ -479,6 +483,7 @@ class DirectClient(paho.Client):
         self._rsock: Any = None              # the socket _rbuf was read from
         self._rbuf = b""
         self._rpos = 0
+        self._publishing = threading.local()  # defer: publish() writes after paho's message lock
         #: Packets a publishing thread wrote itself, the queue emptied (the others: the network thread's).
         self.written_direct = 0
         super().__init__(*args, **kwargs)
@@ -494,19 +499,45 @@ class DirectClient(paho.Client):
         if threading.get_ident() == self._reader:
             self._out_packet.append(entry)       # written, with the others, once the read is done
             return _SUCCESS
-        if self._state == _CONNECTED and self._write_lock.acquire(blocking=False):
+        self._out_packet.append(entry)
+        if getattr(self._publishing, "defer", False):
+            self._publishing.queued = True       # written once publish() lets go of the message lock
+            return _SUCCESS
+        self._write_queued()
+        return _SUCCESS
+
+    def _write_queued(self) -> None:
+        """Write what is queued from this (publishing) thread if the connection is up, after any
+        other thread's write (a send takes microseconds; the wait is bounded by WRITE_WAIT_S, for
+        a reconnect that holds the lock while it swaps the socket); else leave it to the network
+        thread, woken."""
+        if self._state == _CONNECTED and self._write_lock.acquire(timeout=WRITE_WAIT_S):
             try:
-                self._out_packet.append(entry)
                 self._flush()
                 if not self._out_packet:
                     self.written_direct += 1
-                    return _SUCCESS
+                    return
             finally:
                 self._write_lock.release()
-        else:
-            self._out_packet.append(entry)
         self._wake()        # the socket is full, or another thread writes: the network thread finishes
-        return _SUCCESS
+
+    def publish(self, *args: Any, **kwargs: Any) -> paho.MQTTMessageInfo:
+        """paho's publish, the packet written after paho has let go of its message lock: paho
+        sends a QoS 1 message while it holds the lock (``_out_message_mutex``) that the network
+        thread takes for every acknowledgement, so a worker's send (and its wait for the GIL on the
+        way back from the system call) held up the reading of every request behind it
+        (BENCHMARKS.md, issue 21's MQTT row)."""
+        if self._thread is None or threading.get_ident() == self._reader:
+            return super().publish(*args, **kwargs)
+        local = self._publishing
+        local.defer, local.queued = True, False
+        try:
+            info = super().publish(*args, **kwargs)
+        finally:
+            local.defer = False
+        if local.queued:
+            self._write_queued()
+        return info
 
     def _wake(self) -> None:
         if self._sockpairW is not None:

@@ -1,40 +1,37 @@
 """The MQTT side of ``bench triton``'s load generator, played from several processes.
 
-Why several: one Python process with one paho client could not keep up with the agent's MQTT
-intake (issue 21). Each request costs the generator a publish handed to paho's network thread, the
-broker's acknowledgement (QoS 1), the reply's decode and its acknowledgement, all under one GIL on
-the same cores as the server; in a burst the replies then waited in the generator's socket and
-were stamped late, and the row measured the generator. Here ``procs`` spawned processes each
-take every ``procs``-th row of the trace (round robin, so each gets an even share of every burst),
-each with its own paho client (``TCP_NODELAY``: :func:`agent.transport.paho_client.make_client`),
-its own reply topic and the row's index as correlation data. All send on one schedule: the parent
-fixes a start time on the system-wide monotonic clock once every process is connected and
-subscribed, and each row goes out at ``start + t_s`` as in :mod:`edge_lab.bench.loadgen`.
+Why several: one Python process could not keep up with the agent's MQTT intake (issue 21): in a
+burst the replies waited in the generator's socket and were stamped late, and the row measured the
+generator. Here ``procs`` spawned processes each take every ``procs``-th row of the trace (round
+robin, so each gets an even share of every burst), each with its own connection, its own reply
+topic and the row's index as correlation data. All send on one schedule: the parent fixes a start
+time on the system-wide monotonic clock once every process is connected and subscribed, and each
+row goes out at ``start + t_s`` as in :mod:`edge_lab.bench.loadgen`.
 
-QoS 1 both ways, as the agent and its application client (``agent.client``) speak it: requests are
-published at QoS 1 and replies subscribed at QoS 1. paho's own window of unacknowledged publishes
-(20 by default) is lifted: a burst beyond it would wait inside paho, after its send stamp, and
-count as the agent's latency.
+Each process's client is :class:`edge_lab.bench.mqttwire.WireClient`, a plain socket speaking the
+few MQTT v5 packets a replay needs, every request's PUBLISH built before the run: with paho the
+generator's processes used about five times the HTTP generator's CPU per request, on the cores the
+agent and the broker share (BENCHMARKS.md, fifteenth session). QoS 1 both ways, as the agent and
+its application client (``agent.client``) speak it: requests are published at QoS 1 (no window of
+the client's own: a burst goes out at its time, not after earlier acknowledgements) and replies
+subscribed at QoS 1, each acknowledged.
 
 How busy each generator process was is measured and returned with the replay
 (:class:`GeneratorLoad`): its send lag (how late rows went out against the schedule) and its CPU
 use (process CPU seconds over the sending window, and the busiest half-second), so a row the
 generator limited is told from one the agent limited.
 
-Measured as the HTTP generator measures (:class:`edge_lab.bench.loadgen.HttpTarget`): each process's
-client is a :class:`StampedClient`, the agent's own :class:`~agent.transport.paho_client.DirectClient`
-reading with ``recvmsg``: a request is written by the sending thread at its send time (not queued
-for paho's network thread, which may be busy with replies), and a reply is stamped with the kernel's
-receive time of the read that completed it (``SO_TIMESTAMPNS``), not when the process's network
-thread got round to it on cores shared with the server; how far the reads lagged those stamps is
-reported as the read lag. A reply that has not come when the replay ends (``drain_s`` after the
-last deadline) stays ``unanswered``: lost, and counted.
+Measured as the HTTP generator measures (:class:`edge_lab.bench.loadgen.HttpTarget`): a request is
+written by the sending thread at its send time, and a reply is stamped with the kernel's receive
+time of the read that completed it (``SO_TIMESTAMPNS``), not when the process's reader got round to
+it on cores shared with the server; how far the reads lagged those stamps is reported as the read
+lag. A reply that has not come when the replay ends (``drain_s`` after the last deadline) stays
+``unanswered``: lost, and counted.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import struct
 import threading
 import time
@@ -45,7 +42,6 @@ from typing import Sequence
 import numpy as np
 
 from agent import errors
-from agent.transport.paho_client import NODELAY_SOCKET_OPEN, DirectClient
 from agent.transport.topics import infer_topic, pool_infer_topic
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
@@ -117,46 +113,6 @@ def default_procs() -> int:
     return max(2, min(4, cores))
 
 
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python does not name it
-_STAMP_SPACE = socket.CMSG_SPACE(16)
-
-
-class StampedClient(DirectClient):
-    """The generator's MQTT client: the agent's direct-writing client, its socket read with
-    ``recvmsg`` so that each read carries the kernel's receive stamp. ``stamp`` is the monotonic
-    time the last read's data reached the socket (its last segment; the read time where the
-    kernel gives none), ``read_at`` when it was read: a message handled in ``on_message`` came
-    with the read that completed it, so these are its times."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.stamp = self.read_at = 0.0
-
-    @staticmethod
-    def socket_open(client, userdata, sock) -> None:
-        """Its ``on_socket_open``: TCP_NODELAY (as every client here) and the kernel's receive stamps."""
-        NODELAY_SOCKET_OPEN(client, userdata, sock)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        except OSError:                      # not Linux: replies are stamped when read
-            pass
-
-    def _recv_chunk(self, size: int) -> bytes:
-        sock = self._sock
-        if sock is None:
-            raise ConnectionError("no socket")
-        data, ancillary, _, _ = sock.recvmsg(size, _STAMP_SPACE)   # BlockingIOError: nothing yet
-        read = time.monotonic()
-        stamp = read
-        for level, kind, value in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
-                seconds, nanoseconds = struct.unpack("qq", value[:16])
-                # The kernel stamps in wall-clock time; monotonic is not: convert at once.
-                stamp = min(read, seconds + 1e-9 * nanoseconds - (time.time() - time.monotonic()))
-        self.stamp, self.read_at = stamp, read
-        return data
-
-
 # --- one generator process --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -188,11 +144,8 @@ def _generator_main(share: _Share, pipe) -> None:
 
 
 def _generate(share: _Share, pipe) -> dict:
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
     from agent.intake import msgpack_codec as wire
-    from agent.transport.paho_client import connect, make_client
+    from edge_lab.bench.mqttwire import WireClient, publish_packet
 
     count = len(share.rows)
     slot = {index: k for k, (index, _, _, _) in enumerate(share.rows)}
@@ -207,16 +160,15 @@ def _generate(share: _Share, pipe) -> dict:
     all_answered = threading.Event()
     state = {"start": None, "over": False}
 
-    def on_reply(client, userdata, message) -> None:
-        received, read_at = client.stamp, client.read_at
+    def on_reply(correlation: bytes | None, payload: bytes, received: float, read_at: float) -> None:
         try:
-            k = slot.get(struct.unpack("!Q", message.properties.CorrelationData)[0])
-        except (AttributeError, TypeError, struct.error):
+            k = slot.get(struct.unpack("!Q", correlation)[0])
+        except (TypeError, struct.error):
             return                               # not one of ours
         if k is None or state["start"] is None:
             return
         try:
-            reply = wire.decode_reply(message.payload)
+            reply = wire.decode_reply(payload)
             code = "ok" if reply.get("status") == "ok" else (reply.get("error") or {}).get("code", errors.INTERNAL)
             outputs = reply.get("outputs") or {}
             total = (reply.get("timing") or {}).get("total_ms")
@@ -240,28 +192,18 @@ def _generate(share: _Share, pipe) -> dict:
             if not tally["waiting"]:
                 all_answered.set()
 
-    client = make_client(share.name, direct=StampedClient)
-    assert isinstance(client, StampedClient)
-    client.on_socket_open = StampedClient.socket_open
-    client.max_inflight_messages_set(0)          # no window of paho's own (module docstring)
-    client.max_queued_messages_set(0)
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *args: subscribed.set()
-    client.on_message = on_reply
     reply_topic = f"bench/replies/{share.name}"
-    connect(client, share.host, share.port)
+    topics = {model: pool_infer_topic(share.pool, model) if share.pool else infer_topic(share.device, model)
+              for _, _, model, _ in share.rows}
+    # Every request's bytes before the run, as the HTTP generator builds its bodies: at its send
+    # time a row costs one write.
+    packets = [publish_packet(topics[model], share.bodies[key], qos=share.qos, packet_id=k % 65535 + 1,
+                              response_topic=reply_topic, correlation=struct.pack("!Q", index))
+               for k, (index, _, model, key) in enumerate(share.rows)]
+    client = WireClient(share.host, share.port, share.name, on_reply)
     try:
-        client.subscribe(reply_topic, qos=share.qos)
-        if not subscribed.wait(10):
-            raise TimeoutError(f"broker {share.host}:{share.port} did not acknowledge {share.name}'s subscription")
-        properties = []
-        for index, _, _, _ in share.rows:        # built before the run, as the bodies are
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = reply_topic
-            props.CorrelationData = struct.pack("!Q", index)
-            properties.append(props)
-        topics = {model: pool_infer_topic(share.pool, model) if share.pool else infer_topic(share.device, model)
-                  for _, _, model, _ in share.rows}
+        client.connect()
+        client.subscribe(reply_topic, share.qos)
         pipe.send(("ready", None))
         start = pipe.recv()
         sampler = CpuSampler()
@@ -271,20 +213,21 @@ def _generate(share: _Share, pipe) -> dict:
         state["start"] = start
         sampler.start()
         cpu0, wall0 = time.process_time(), time.monotonic()
-        for k, (_, t_s, model, key) in enumerate(share.rows):
+        for k, (_, t_s, _, _) in enumerate(share.rows):
             delay = start + t_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             sent_at[k] = time.monotonic() - start
-            client.publish(topics[model], share.bodies[key], qos=share.qos, properties=properties[k])
+            client.write(packets[k])
         cpu_s, wall_s = time.process_time() - cpu0, time.monotonic() - wall0
         all_answered.wait(max(0.0, start + share.deadline_s - time.monotonic()))
         with lock:
             state["over"] = True
         peak = sampler.stop()
+        if client.error is not None:
+            raise client.error
     finally:
-        client.disconnect()
-        client.loop_stop()
+        client.close()
     lags = [1000.0 * (sent_at[k] - share.rows[k][1]) for k in range(count)]
     load = GeneratorLoad(count, spread_ms(lags), cpu_s, wall_s, max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
     return {"index": [r[0] for r in share.rows], "sent": sent_at, "status": status, "finish": finish, "read": read,
