@@ -1,10 +1,10 @@
 """The load generator's MQTT v5 client: a plain socket, every request's PUBLISH built before the run.
 
 Why not paho (issue 21): the generator shares the board's two cores with the agent and the broker,
-and what it burns the agent does not get. Measured on this machine with paho (BENCHMARKS.md,
-fifteenth session), the MQTT generator's processes used about five times the CPU per request of
-the HTTP generator (a hand-written client on a plain socket, :mod:`edge_lab.bench.loadgen`), so the
-MQTT row measured the generator's share of the cores as much as the agent's intake. This client
+and what it burns the agent does not get. With paho the MQTT generator's two processes used half
+as much CPU again as the HTTP generator's one (a hand-written client on a plain socket,
+:mod:`edge_lab.bench.loadgen`) for the same replay; with this client about the same (BENCHMARKS.md,
+fifteenth session). This client
 speaks just what a replay needs, as the HTTP generator does for HTTP: CONNECT (clean start, no
 keep-alive), one SUBSCRIBE for the reply topic, PUBLISH at QoS 0 or 1 from bytes made before the
 run (only the bytes go out at the send time), PUBACK for each reply (joined per read), DISCONNECT.
