@@ -10,9 +10,9 @@ receive stamp on the reply's last segment (``SO_TIMESTAMPNS``). The HTTP generat
 application of the board from one Python process on the same cores as the server, and its loop can
 be busy for milliseconds when a burst of replies comes in; an application of its own would not queue
 behind the others' replies. How long replies waited for the loop is reported too (read lag), and
-``Replay.read_s`` keeps when each was read. The MQTT side is played from several processes
-(:mod:`edge_lab.bench.mqttload`), since one paho client could not keep up, and is stamped the same
-way (the kernel's receive stamp of the read that completed the reply). Every replay reports how
+``Replay.read_s`` keeps when each was read. The MQTT side is played from several processes, each
+a plain-socket client (:mod:`edge_lab.bench.mqttload`), since one could not keep up, and is stamped
+the same way (the kernel's receive stamp of the read that completed the reply). Every replay reports how
 hard each generator process worked (``Replay.generators``: send lag and CPU use), so a row the
 generator limited shows.
 
