@@ -41,7 +41,7 @@ from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, _ConnectionState
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, readBytes, readUTF, writeBytes, writeUTF
+from paho.mqtt.properties import MalformedPacket, Properties, readBytes, writeBytes, writeUTF
 
 __all__ = ["make_client", "connect", "session_args", "NODELAY_SOCKET_OPEN", "set_tcp_nodelay", "MqttSecurity",
            "read_password_file", "SecurityError", "DirectClient", "PublishProperties"]
@@ -309,6 +309,8 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
 READ_CHUNK = 256 * 1024
 #: At most this many bytes of queued packets are joined into one send.
 WRITE_CHUNK = 256 * 1024
+#: Topics whose matching message callbacks a client remembers (DirectClient._handle_on_message).
+MATCHES_KEPT = 256
 #: How long a publishing thread waits for another thread's write before leaving its packet to the
 #: network thread (seconds): a write is one send; only a reconnect holds the lock longer.
 WRITE_WAIT_S = 0.05
@@ -321,13 +323,14 @@ _PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
 #: The paho-mqtt releases whose internals DirectClient was read against (pyproject pins it).
 PAHO_VERSIONS = ("2.2.0",)
 #: paho internals DirectClient overrides or calls (methods of ``paho.Client``) ...
-_PAHO_METHODS = ("_handle_publish", "_handle_on_message", "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
+_PAHO_METHODS = ("_handle_publish", "_handle_on_message", "message_callback_add", "message_callback_remove",
+                 "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
                  "_packet_queue", "_packet_write", "loop_read", "loop_write", "reconnect", "_update_inflight",
                  "_handle_pubackcomp", "_do_on_publish", "_call_socket_register_write", "_send_publish")
 #: ... and the attributes it reads or changes on a client.
 _PAHO_ATTRIBUTES = ("_out_packet", "_in_packet", "_out_messages", "_inflight_messages", "_out_message_mutex",
                     "_msgtime_mutex", "_last_msg_out", "_sockpairW", "_sock", "_state", "_thread", "_manual_ack",
-                    "_protocol")
+                    "_protocol", "_callback_mutex", "_in_callback_mutex", "_on_message_filtered")
 
 
 def paho_internals_problem(client_class: type = paho.Client, version: str | None = None) -> str | None:
@@ -362,8 +365,25 @@ def _plain(command: int, qos: int) -> bool:
     return (kind == _PUBLISH and qos > 0) or kind == _PUBACK
 
 
+def read_utf(buffer: bytes, maxlen: int) -> tuple[str, int]:
+    """paho's ``readUTF`` (the same checks and errors) without its loop over every character: a
+    strict UTF-8 decode already refuses the surrogates D800-DFFF, and the two code points MQTT
+    forbids besides are looked for with ``in``. A response topic is read per request."""
+    if maxlen < 2:
+        raise MalformedPacket("Not enough data to read string length")
+    length = (buffer[0] << 8) | buffer[1]
+    if length > maxlen - 2:
+        raise MalformedPacket("Length delimited string too long")
+    text = bytes(buffer[2:2 + length]).decode("utf-8")
+    if "\x00" in text:
+        raise MalformedPacket("[MQTT-1.5.4-2] Null found in UTF-8 data")
+    if "\ufeff" in text:
+        raise MalformedPacket("[MQTT-1.5.4-3] U+FEFF in UTF-8 data")
+    return text, length + 2
+
+
 #: The properties :class:`PublishProperties` reads and writes itself: (identifier, attribute, reader).
-_FAST_PROPERTIES = {8: ("ResponseTopic", readUTF), 9: ("CorrelationData", readBytes)}
+_FAST_PROPERTIES = {8: ("ResponseTopic", read_utf), 9: ("CorrelationData", readBytes)}
 _FAST_NAMES = frozenset(("packetType", "types", "names", "properties", "ResponseTopic", "CorrelationData"))
 
 
@@ -484,6 +504,7 @@ class DirectClient(paho.Client):
         self._rbuf = b""
         self._rpos = 0
         self._publishing = threading.local()  # defer: publish() writes after paho's message lock
+        self._matches: dict[str, tuple] = {}  # topic -> its message callbacks (_handle_on_message)
         #: Packets a publishing thread wrote itself, the queue emptied (the others: the network thread's).
         self.written_direct = 0
         super().__init__(*args, **kwargs)
@@ -684,6 +705,42 @@ class DirectClient(paho.Client):
         if qos == 0 or self._manual_ack:
             return _SUCCESS
         return self._send_puback(message.mid)
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        with self._callback_mutex:
+            super().message_callback_add(sub, callback)
+            self._matches.clear()
+
+    def message_callback_remove(self, sub: str) -> None:
+        with self._callback_mutex:
+            super().message_callback_remove(sub)
+            self._matches.clear()
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        """paho's, with the callbacks matching a topic remembered (paho walks its topic tree for
+        every message; a board's requests come on a handful of topics): at most
+        :data:`MATCHES_KEPT` topics, forgotten whenever a callback is added or removed."""
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            super()._handle_on_message(message)
+            return
+        with self._callback_mutex:
+            callbacks = self._matches.get(topic)
+            if callbacks is None:
+                callbacks = tuple(self._on_message_filtered.iter_match(topic))
+                if len(self._matches) < MATCHES_KEPT:
+                    self._matches[topic] = callbacks
+            on_message = None if callbacks else self.on_message
+        for callback in callbacks or ((on_message,) if on_message else ()):
+            with self._in_callback_mutex:
+                try:
+                    callback(self, self._userdata, message)
+                except Exception as err:
+                    self._easy_log(paho.MQTT_LOG_ERR, "Caught exception in user defined callback function %s: %s",
+                                   getattr(callback, "__name__", callback), err)
+                    if not self.suppress_exceptions:
+                        raise
 
     @staticmethod
     def _decode_publish(header: int, packet: bytearray, qos: int) -> paho.MQTTMessage:
