@@ -249,6 +249,37 @@ def test_a_killed_peer_costs_no_reply_and_is_forgotten(broker, digits, tmp_path)
         peer.close()
 
 
+def test_a_peer_whose_last_will_fires_has_its_batches_run_here_at_once(broker, digits, tmp_path):
+    """A peer that dies holding batches (stalled, then killed: its will fires when its socket
+    closes) gets them back at once, not each at its give-up time seconds later."""
+    frames, _ = digits
+    peer = PeerProcess(tmp_path, broker, "board-w")
+    board = app = None
+    try:
+        board = _board(broker, "board-w")
+        client = board.agent.offload
+        _wait(lambda: client.peers.live("board-w") is not None, 60.0, "the peer's status")
+        peer.signal(signal.SIGSTOP)                  # it takes what it is sent and answers nothing
+        app = Replies(broker, board.config.device, "app-will")
+        _load(app, frames, 4, 0.01, 8000)            # given up on only ~8 s after sending
+        time.sleep(0.5)
+        assert client.waiting_on_peers() and not app.all_answered()
+        killed = time.monotonic()
+        peer.signal(signal.SIGKILL)
+        _wait(app.all_answered, 4.0, "every reply, well before the give-up times")
+        answered_after_s = time.monotonic() - killed
+        replies = app.check_exactly_once()
+        assert all(r["status"] == "ok" and r["served_by"]["offload"] == "fallback" for r in replies), replies
+        assert client.counters["rescued_at_will"] == client.counters["sent"] >= 1
+        assert answered_after_s < 4.0
+    finally:
+        if app is not None:
+            app.close()
+        if board is not None:
+            board.close()
+        peer.close()
+
+
 def _split_card(tmp_path: Path, split: str) -> str:
     """A card whose split point has head and tail files: the shipped ones where the card has them,
     else cut here from the shipped model (needs onnx)."""

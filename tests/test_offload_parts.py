@@ -69,14 +69,16 @@ def test_the_peer_table_keeps_serving_peers_and_forgets_them_on_their_will_or_si
     table = PeerTable("me", stale_s=5.0, clock=lambda: now[0])
     table.on_status(*_status("b"))
     table.on_status(*_status("me"))                          # itself: never a peer
-    table.on_status("edge/v1/c/status", json.dumps({"device": "c", "state": "online"}).encode())   # does not serve
+    serves_nothing = json.dumps({"device": "c", "state": "online"}).encode()
+    assert table.on_status("edge/v1/c/status", serves_nothing) is None
     info = table.live("b")
     assert info is not None and info.offers_split("m", "s1") and info.offers_split("m", None)
     assert not info.offers_split("m", "s9") and table.live("me") is None and table.live("c") is None
     table.observe("b", 0.004, 4000)
     table.observe("b", 0.002, 4000)
     assert table.rtt_s("b") == 0.002 and table.live("b").samples == 2    # one size: the smallest sample
-    table.on_status("edge/v1/b/status", json.dumps({"device": "b", "state": "offline"}).encode())   # its will
+    # its will: forgotten, and named (what it was sent it will not answer)
+    assert table.on_status("edge/v1/b/status", json.dumps({"device": "b", "state": "offline"}).encode()) == "b"
     assert table.live("b") is None
     table.on_status(*_status("b"))
     assert table.live("b").rtt_s is not None                 # the link's measure outlives an absence

@@ -141,15 +141,17 @@ class PeerTable:
         self._links: dict[str, LinkFit] = {}
         self._seen: dict[str, _Seen] = {}
 
-    def on_status(self, topic: str, payload: bytes, retained: bool = False) -> None:
+    def on_status(self, topic: str, payload: bytes, retained: bool = False) -> str | None:
         """A status on ``edge/v1/<device>/status``: keep, refresh or forget that device. A malformed
-        one forgets it too (a peer that cannot say what it offers is not sent to)."""
+        one forgets it too (a peer that cannot say what it offers is not sent to). Returns the
+        device when the status says it is offline (its last will, or its shutdown's last word):
+        whatever it was sent and has not answered, it will not answer."""
         parts = topic.split("/")
         if len(parts) != 4 or parts[3] != "status":
-            return
+            return None
         device = parts[2]
         if device == self.device:
-            return
+            return None
         try:
             status = json.loads(payload) if payload else {}
         except ValueError:
@@ -158,11 +160,11 @@ class PeerTable:
             status.get("offload"), dict) else None
         if not isinstance(status, dict) or status.get("state") != "online" or not isinstance(serve, dict):
             self.forget(device)
-            return
+            return device if isinstance(status, dict) and status.get("state") == "offline" else None
         at = serve.get("at")
         if retained and isinstance(at, (int, float)) and time.time() - at > self.stale_s:
             self.forget(device)      # a retained status from a peer that has not refreshed it since
-            return
+            return None
         try:
             info = PeerInfo(device=device, offers=dict(serve.get("models") or {}),
                             queue_ms={str(k): float(v) for k, v in (serve.get("queue_ms") or {}).items()},
@@ -174,12 +176,13 @@ class PeerTable:
         except (TypeError, ValueError, AttributeError):
             log.warning("peer %s: offload status not understood: %r", device, serve)
             self.forget(device)
-            return
+            return None
         with self._lock:
             self._fill_link(info)
             if device not in self._peers:
                 log.info("offload peer %s online: %s", device, info.offers)
             self._peers[device] = info
+        return None
 
     def forget(self, device: str) -> None:
         with self._lock:

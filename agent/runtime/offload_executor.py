@@ -80,7 +80,8 @@ log = logging.getLogger(__name__)
 
 #: What the board side counts (``OffloadClient.counters``; the status's ``offload.client``).
 COUNTERS = ("sent", "answered_by_peer", "peer_gone", "fallback_local", "fallback_missed", "item_fallbacks",
-            "late_replies", "duplicate_replies", "bad_replies", "send_failed", "rescued_at_reconnect")
+            "late_replies", "duplicate_replies", "bad_replies", "send_failed", "rescued_at_reconnect",
+            "rescued_at_will")
 #: Batches whose end is remembered (to tell a late reply from a duplicate one).
 REMEMBERED = 4096
 #: Weight of a new batch in a split's bytes and codec time per item (EWMAs).
@@ -349,7 +350,22 @@ class OffloadClient:
     # --- network thread: replies and statuses ---------------------------------------------------
 
     def _on_status(self, message) -> None:
-        self.peers.on_status(message.topic, message.payload, bool(message.retain))
+        device = self.peers.on_status(message.topic, message.payload, bool(message.retain))
+        if device is not None:
+            self._rescue_all(lambda pending: pending.peer == device, "rescued_at_will",
+                             f"peer {device} went offline (its last will, or a shutdown)")
+
+    def _rescue_all(self, which: Callable[["_Pending"], bool], counter: str, why: str) -> None:
+        """Run here now every batch out on a peer that ``which`` picks, earliest give-up first (the
+        fallback thread takes them in that order), instead of each at its give-up time."""
+        with self._lock:
+            lost = sorted((b for b, p in self._pending.items() if which(p)), key=lambda b: self._pending[b].give_up_at)
+        taken = [p for p in (self._take(b, "gave_up") for b in lost) if p is not None]
+        if taken:
+            self.counters.add(counter, len(taken))
+            log.warning("offload: %s: %d batches out on peers run here now", why, len(taken))
+        for pending in taken:
+            self._fallback_pool.submit(self._rescue, pending, None, None)
 
     def _take(self, batch_id: str, why: str) -> _Pending | None:
         """Take a batch out of ``pending`` (once: None if the reply or the give-up took it)."""
@@ -414,15 +430,8 @@ class OffloadClient:
         published after its last save; a peer also reconnects on its own backoff, seconds after this
         board. A reply that comes after all is late and dropped. (The first connect finds nothing
         pending.)"""
-        with self._lock:
-            lost = sorted(self._pending, key=lambda b: self._pending[b].give_up_at)
-        taken = [p for p in (self._take(b, "gave_up") for b in lost) if p is not None]
-        if taken:
-            self.counters.add("rescued_at_reconnect", len(taken))
-            log.warning("offload: reconnected to the broker (session %s): %d batches out on peers run here now",
-                        "resumed" if session_present else "lost", len(taken))
-        for pending in taken:
-            self._fallback_pool.submit(self._rescue, pending, None, None)
+        self._rescue_all(lambda pending: True, "rescued_at_reconnect",
+                         f"reconnected to the broker (session {'resumed' if session_present else 'lost'})")
 
     # --- giving up, and the local rest ----------------------------------------------------------
 
