@@ -15,6 +15,7 @@ import shutil
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -225,59 +226,60 @@ def test_a_stalled_peer_costs_no_reply_and_its_late_replies_are_dropped_and_coun
     assert app.client.duplicate_replies == 0
 
 
+@contextmanager
+def _peer_and_board(broker, tmp_path: Path, device: str):
+    """A peer process ``device`` and a board in this process sending it every batch, the peer's
+    status seen; yields (peer, board, the board's offload client)."""
+    peer = PeerProcess(tmp_path, broker, device)
+    board = None
+    try:
+        board = _board(broker, device)
+        client = board.agent.offload
+        _wait(lambda: client.peers.live(device) is not None, 60.0, "the peer's status")
+        yield peer, board, client
+    finally:
+        if board is not None:
+            board.close()
+        peer.close()
+
+
 def test_a_killed_peer_costs_no_reply_and_is_forgotten(broker, digits, tmp_path):
     frames, _ = digits
-    peer = PeerProcess(tmp_path, broker, "board-k")
-    board = app = None
-    try:
-        board = _board(broker, "board-k")
-        client = board.agent.offload
-        _wait(lambda: client.peers.live("board-k") is not None, 60.0, "the peer's status")
+    with _peer_and_board(broker, tmp_path, "board-k") as (peer, board, client):
         app = Replies(broker, board.config.device, "app-kill")
-        _load(app, frames, 30, 0.02, 600, at=8, then=lambda: peer.signal(signal.SIGKILL))
-        replies = app.check_exactly_once()
+        try:
+            _load(app, frames, 30, 0.02, 600, at=8, then=lambda: peer.signal(signal.SIGKILL))
+            replies = app.check_exactly_once()
+        finally:
+            app.close()
         assert all(r["status"] == "ok" or r["error"]["code"] == "deadline_missed" for r in replies)
         assert sum(r["status"] == "ok" for r in replies) >= len(replies) // 2
         # Its last will fired (its socket closed): forgotten, so later batches ran here at once.
         _wait(lambda: client.peers.live("board-k") is None, 15.0, "the peer forgotten")
         assert client.counters["peer_gone"] >= 1
-    finally:
-        if app is not None:
-            app.close()
-        if board is not None:
-            board.close()
-        peer.close()
 
 
 def test_a_peer_whose_last_will_fires_has_its_batches_run_here_at_once(broker, digits, tmp_path):
     """A peer that dies holding batches (stalled, then killed: its will fires when its socket
     closes) gets them back at once, not each at its give-up time seconds later."""
     frames, _ = digits
-    peer = PeerProcess(tmp_path, broker, "board-w")
-    board = app = None
-    try:
-        board = _board(broker, "board-w")
-        client = board.agent.offload
-        _wait(lambda: client.peers.live("board-w") is not None, 60.0, "the peer's status")
+    with _peer_and_board(broker, tmp_path, "board-w") as (peer, board, client):
         peer.signal(signal.SIGSTOP)                  # it takes what it is sent and answers nothing
         app = Replies(broker, board.config.device, "app-will")
-        _load(app, frames, 4, 0.01, 8000)            # given up on only ~8 s after sending
-        time.sleep(0.5)
-        assert client.waiting_on_peers() and not app.all_answered()
-        killed = time.monotonic()
-        peer.signal(signal.SIGKILL)
-        _wait(app.all_answered, 4.0, "every reply, well before the give-up times")
-        answered_after_s = time.monotonic() - killed
-        replies = app.check_exactly_once()
+        try:
+            _load(app, frames, 4, 0.01, 8000)        # given up on only ~8 s after sending
+            time.sleep(0.5)
+            assert client.waiting_on_peers() and not app.all_answered()
+            killed = time.monotonic()
+            peer.signal(signal.SIGKILL)
+            _wait(app.all_answered, 4.0, "every reply, well before the give-up times")
+            answered_after_s = time.monotonic() - killed
+            replies = app.check_exactly_once()
+        finally:
+            app.close()
         assert all(r["status"] == "ok" and r["served_by"]["offload"] == "fallback" for r in replies), replies
         assert client.counters["rescued_at_will"] == client.counters["sent"] >= 1
         assert answered_after_s < 4.0
-    finally:
-        if app is not None:
-            app.close()
-        if board is not None:
-            board.close()
-        peer.close()
 
 
 def _split_card(tmp_path: Path, split: str) -> str:

@@ -38,7 +38,6 @@ import functools
 import json
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -49,6 +48,7 @@ from agent import errors
 from agent.workload.records import RequestRecord
 from agent.workload.trace import TraceRow
 from edge_lab.bench.mqttload import CpuSampler, GeneratorLoad, spread_ms
+from edge_lab.bench.mqttwire import SO_TIMESTAMPNS, STAMP_SPACE, receive_stamp
 
 
 @dataclass(frozen=True)
@@ -212,8 +212,6 @@ class HttpTarget(_Target):
             connection.close()
 
 
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python does not name it
-_STAMP_SPACE = socket.CMSG_SPACE(16)
 
 
 class _HttpConnection:
@@ -272,7 +270,7 @@ class _HttpConnection:
 
     def _readable(self) -> None:
         try:
-            data, ancillary, _, _ = self.sock.recvmsg(65536, _STAMP_SPACE)
+            data, ancillary, _, _ = self.sock.recvmsg(65536, STAMP_SPACE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -285,12 +283,7 @@ class _HttpConnection:
         reply = _complete_reply(self.buffer)
         if reply is None:
             return
-        received = read
-        for level, kind, stamp in ancillary:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(stamp) >= 16:
-                seconds, nanoseconds = struct.unpack("qq", stamp[:16])
-                # The kernel stamps in wall-clock time; perf_counter is monotonic: convert at once.
-                received = min(read, seconds + 1e-9 * nanoseconds - (time.time() - time.perf_counter()))
+        received = receive_stamp(ancillary, read, time.perf_counter)
         status, output, close, server_ms = reply
         done, self.done = self.done, None
         if close:

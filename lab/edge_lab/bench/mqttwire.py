@@ -23,7 +23,18 @@ from typing import Callable
 from agent.transport.paho_client import set_tcp_nodelay
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python does not name it
-_STAMP_SPACE = socket.CMSG_SPACE(16)
+STAMP_SPACE = socket.CMSG_SPACE(16)                      # recvmsg's ancillary room for the stamp
+
+
+def receive_stamp(ancillary, read: float, clock: Callable[[], float] = time.monotonic) -> float:
+    """When a read's data reached the socket, on ``clock`` (``read``: when it was read, on the same
+    clock; also the answer where the kernel gave no stamp). The kernel stamps in wall-clock time
+    (``SO_TIMESTAMPNS``, the last segment the read took), converted at once."""
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", value[:16])
+            return min(read, seconds + 1e-9 * nanoseconds - (time.time() - clock()))
+    return read
 READ_CHUNK = 256 * 1024
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, DISCONNECT = 1, 2, 3, 4, 8, 9, 14
@@ -192,18 +203,13 @@ class WireClient:
         sock = self._sock
         try:
             while not self._closed:
-                data, ancillary, _, _ = sock.recvmsg(READ_CHUNK, _STAMP_SPACE)
+                data, ancillary, _, _ = sock.recvmsg(READ_CHUNK, STAMP_SPACE)
                 read = time.monotonic()
                 if not data:
                     if not self._closed:
                         raise MqttWireError(f"{self.client_id}: the broker closed the connection")
                     return
-                stamp = read
-                for level, kind, value in ancillary:
-                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
-                        seconds, nanoseconds = struct.unpack("qq", value[:16])
-                        # The kernel stamps in wall-clock time; monotonic is not: convert at once.
-                        stamp = min(read, seconds + 1e-9 * nanoseconds - (time.time() - time.monotonic()))
+                stamp = receive_stamp(ancillary, read)
                 self._buf += data
                 while True:
                     parsed = self._parse_one()
