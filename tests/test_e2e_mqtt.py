@@ -265,3 +265,25 @@ def test_requests_and_replies_travel_at_qos_1(broker, service, digits):
         app.client.disconnect()
         app.client.loop_stop()
     assert reply["status"] == "ok" and seen == [1]
+
+
+def test_an_idle_board_runs_an_mqtt_request_on_the_network_thread(raw, service, digits):
+    """The idle board's path, as HTTP takes it: a lone request runs on paho's network thread that
+    read it (no hand-off to a worker and back); requests sent together go to the workers."""
+    frames, labels = digits
+    backend = service.agent.models["mobilenet_digits"].backends[0]
+    ran_on: list[str] = []
+    run = backend.run
+    backend.run = lambda batch: (ran_on.append(threading.current_thread().name), run(batch))[1]
+    try:
+        time.sleep(0.1)                                  # idle: nothing in flight or queued for a while
+        reply = raw.request("mobilenet_digits", good_payload(frames[3], "idle"), b"idle-1").result(10)
+        assert reply["status"] == "ok" and int(np.argmax(decode_tensor(reply["outputs"]["logits"], "l"))) == labels[3]
+        assert len(ran_on) == 1 and ran_on[0].startswith("paho-mqtt-client-"), ran_on
+        ran_on.clear()
+        burst = [raw.request("mobilenet_digits", good_payload(frames[i], f"b{i}"), f"burst-{i}".encode())
+                 for i in range(12)]
+        assert all(f.result(10)["status"] == "ok" for f in burst)
+        assert any(name.startswith("edge-agent-worker-") for name in ran_on), ran_on
+    finally:
+        backend.run = run
