@@ -70,10 +70,10 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.errors import ERROR_CODES, TOO_LARGE, InferenceError
+from agent.errors import ERROR_CODES, InferenceError
 from agent.intake.msgpack_codec import _show
 from agent.offload.peers import PeerTable
-from agent.offload.wire import _bad, _name, unpack_map
+from agent.offload.wire import _bad, _name, check_size, unpack_map
 from agent.telemetry import Counters, RateLimitedLog
 from agent.transport.topics import probe_reply_topic, probe_topic, publish_topic_problem
 
@@ -128,9 +128,7 @@ def encode_probe(origin: str, probe: str, pad: bytes = b"") -> bytes:
 def decode_probe(payload: bytes, max_payload_bytes: int) -> Probe:
     """Bytes to a :class:`Probe`, every field checked; raises ``InferenceError`` naming the field
     (with the probe's id on it as ``probe`` when it could be read)."""
-    if len(payload) > max_payload_bytes:
-        raise InferenceError(TOO_LARGE, f"probe payload of {len(payload)} bytes exceeds the limit of "
-                                        f"{max_payload_bytes} bytes")
+    check_size(payload, max_payload_bytes, "probe payload")
     message = unpack_map(payload, "probe")
     probe = message.get("probe")
     try:

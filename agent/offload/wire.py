@@ -116,6 +116,14 @@ def _name(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 256
 
 
+def check_size(payload: bytes, max_payload_bytes: int, what: str) -> None:
+    """Raise ``too_large`` naming ``what`` (an offload payload, a probe payload) when ``payload`` is
+    longer than ``max_payload_bytes``: checked before anything is decoded."""
+    if len(payload) > max_payload_bytes:
+        raise InferenceError(TOO_LARGE, f"{what} of {len(payload)} bytes exceeds the limit of "
+                                        f"{max_payload_bytes} bytes")
+
+
 def unpack_map(payload: bytes, what: str) -> dict:
     """``payload`` as a msgpack map; raises ``bad_request`` naming ``what`` (an offload request, a
     reply, a probe) when it is not one."""
@@ -131,9 +139,7 @@ def unpack_map(payload: bytes, what: str) -> dict:
 def decode_request(payload: bytes, max_payload_bytes: int) -> OffloadRequest:
     """Bytes to an :class:`OffloadRequest`, every field checked; raises ``InferenceError`` naming
     the first wrong field (with the batch id on it as ``batch`` when it could be read)."""
-    if len(payload) > max_payload_bytes:
-        raise InferenceError(TOO_LARGE, f"offload payload of {len(payload)} bytes exceeds the limit of "
-                                        f"{max_payload_bytes} bytes")
+    check_size(payload, max_payload_bytes, "offload payload")
     message = unpack_map(payload, "offload request")
     batch = message.get("batch")
     try:
