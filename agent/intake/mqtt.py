@@ -42,7 +42,7 @@ from agent.errors import InferenceError
 from agent.intake.msgpack_codec import decode_request, encode_reply, error_reply, result_reply
 from agent.telemetry import Counters
 from agent.transport.connection import MqttTransport
-from agent.transport.paho_client import PublishProperties
+from agent.transport.paho_client import PublishProperties, reply_address
 from agent.transport.topics import infer_topic, pool_infer_topic, publish_topic_problem, shared
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,7 @@ class MqttIntake:
     # --- network thread: decode, validate, submit, return --------------------------------------
 
     def _on_message(self, message: MQTTMessage) -> None:
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        response_topic, correlation = reply_address(message)
         problem = publish_topic_problem(response_topic) if response_topic else "no response topic"
         if problem is not None:
             self._unanswerable(message.topic, problem)

@@ -41,6 +41,7 @@ from agent.offload import wire
 from agent.offload.probe import ANSWER_COUNTERS, ProbeAnswerer
 from agent.offload.splits import lane_name
 from agent.telemetry import Counters
+from agent.transport.paho_client import reply_address
 from agent.transport.topics import offload_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,7 @@ class PeerHandler:
     # --- network thread -------------------------------------------------------------------------
 
     def _on_message(self, message: MQTTMessage) -> None:
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        response_topic, correlation = reply_address(message)
         if publish_topic_problem(response_topic) is not None:
             self.counters.add("unanswerable")
             log.warning("offload message on %s without a usable response topic: dropped", message.topic)

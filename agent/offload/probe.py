@@ -75,6 +75,7 @@ from agent.intake.msgpack_codec import _show
 from agent.offload.peers import PeerTable
 from agent.offload.wire import _bad, _name, check_size, unpack_map
 from agent.telemetry import Counters, RateLimitedLog
+from agent.transport.paho_client import reply_address
 from agent.transport.topics import probe_reply_topic, probe_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
@@ -197,9 +198,7 @@ class ProbeAnswerer:
 
     def on_message(self, message) -> None:
         received = time.monotonic()
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        response_topic, correlation = reply_address(message)
         if publish_topic_problem(response_topic) is not None:
             self.counters.add("unanswerable_probes")
             log.debug("probe on %s without a usable response topic: dropped", message.topic)
@@ -385,8 +384,7 @@ class Prober:
 
     def _on_answer(self, message) -> None:
         arrived = self.clock()
-        props = message.properties
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        correlation = reply_address(message)[1]
         probe_id = (bytes(correlation[len(CORRELATION_PREFIX):]).decode(errors="replace")
                     if isinstance(correlation, (bytes, bytearray)) and correlation.startswith(CORRELATION_PREFIX)
                     else None)

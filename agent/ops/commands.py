@@ -52,6 +52,7 @@ from agent.config import Config, ConfigError, parse_batching, parse_model_entry
 from agent.ops.keys import Keyring, KeyFileError, fingerprint, install_key, parse_public_key
 from agent.ops.signing import Verifier, encode_ack, make_ack
 from agent.transport.connection import MqttTransport
+from agent.transport.paho_client import reply_address
 from agent.transport.topics import cmd_topic, fleet_cmd_topic, publish_topic_problem
 
 __all__ = ["CommandChannel", "CommandArgsError", "CommandFailed", "SELFTEST_DEFAULT_GROUPS"]
@@ -137,9 +138,7 @@ class CommandChannel:
     # --- network thread: hand over, return ---------------------------------------------------------
 
     def _on_message(self, message: MQTTMessage) -> None:
-        props = message.properties
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        response_topic, correlation = reply_address(message)
         problem = publish_topic_problem(response_topic) if response_topic else "no response topic"
         if problem is not None:
             self._unanswerable(message.topic, problem)

@@ -71,6 +71,7 @@ from agent.profiler.measure import measure_latency_table
 from agent.runtime.executor import BatchOutcome, OnDone
 from agent.scheduler.dispatcher import NO_INSTANCE, Dispatch
 from agent.telemetry import Counters
+from agent.transport.paho_client import reply_address
 from agent.transport.topics import offload_reply_topic, offload_topic, status_topic
 
 if TYPE_CHECKING:
@@ -378,8 +379,7 @@ class OffloadClient:
             return pending
 
     def _on_reply(self, message) -> None:
-        props = message.properties
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        correlation = reply_address(message)[1]
         batch_id = correlation.decode(errors="replace") if isinstance(correlation, (bytes, bytearray)) else None
         arrived = self.clock()
         pending = self._take(batch_id, "answered") if batch_id else None

@@ -427,6 +427,15 @@ class PublishProperties(Properties):
         return _vbi(len(buffer)) + buffer
 
 
+def reply_address(message: paho.MQTTMessage) -> tuple[str | None, bytes | None]:
+    """A message's MQTT v5 response topic and correlation data (each None where absent): where and
+    under what its answer goes. Unchecked: the caller checks the topic (``publish_topic_problem``)."""
+    props = message.properties
+    if props is None:
+        return None, None
+    return getattr(props, "ResponseTopic", None), getattr(props, "CorrelationData", None)
+
+
 def _vbi(value: int) -> bytes:
     """MQTT's variable byte integer."""
     out = bytearray()
