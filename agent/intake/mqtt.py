@@ -5,9 +5,10 @@ owns the connection, the status and the last will. Thin by design (handlers run 
 thread, which reads every request): decode, validate, ``Agent.submit_inline``, return. The reply is
 published from the worker that finished the batch; on an idle board (nothing queued or running, no
 request for a moment: ``Scheduler.start_alone``) the network thread runs the request itself and its
-reply leaves with the read's acknowledgements, as the HTTP intake does: no thread hand-off. Every request that carries a response topic gets exactly
-one reply, an error reply included; one without a response topic that can be published to (none,
-or a wildcard) cannot be answered, so it is counted and logged (rate-limited), not run.
+reply leaves with the read's acknowledgements, as the HTTP intake does: no thread hand-off. Every
+request that carries a response topic gets exactly one reply, an error reply included; one without
+a response topic that can be published to (none, or a wildcard) cannot be answered, so it is
+counted and logged (rate-limited), not run.
 
 Exactly once to the application: the wire is at-least-once (QoS 1; a broker re-sends what it has
 no acknowledgement for after a reconnect, and an application re-sends its unacknowledged requests

@@ -324,13 +324,14 @@ _PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
 PAHO_VERSIONS = ("2.2.0",)
 #: paho internals DirectClient overrides or calls (methods of ``paho.Client``) ...
 _PAHO_METHODS = ("_handle_publish", "_handle_on_message", "message_callback_add", "message_callback_remove",
-                 "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
+                 "_easy_log", "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
                  "_packet_queue", "_packet_write", "loop_read", "loop_write", "reconnect", "_update_inflight",
                  "_handle_pubackcomp", "_do_on_publish", "_call_socket_register_write", "_send_publish")
 #: ... and the attributes it reads or changes on a client.
 _PAHO_ATTRIBUTES = ("_out_packet", "_in_packet", "_out_messages", "_inflight_messages", "_out_message_mutex",
                     "_msgtime_mutex", "_last_msg_out", "_sockpairW", "_sock", "_state", "_thread", "_manual_ack",
-                    "_protocol", "_callback_mutex", "_in_callback_mutex", "_on_message_filtered")
+                    "_protocol", "_callback_mutex", "_in_callback_mutex", "_on_message_filtered", "_userdata",
+                    "suppress_exceptions")
 
 
 def paho_internals_problem(client_class: type = paho.Client, version: str | None = None) -> str | None:
@@ -740,8 +741,9 @@ class DirectClient(paho.Client):
                 callbacks = tuple(self._on_message_filtered.iter_match(topic))
                 if len(self._matches) < MATCHES_KEPT:
                     self._matches[topic] = callbacks
-            on_message = None if callbacks else self.on_message
-        for callback in callbacks or ((on_message,) if on_message else ()):
+            if not callbacks and self.on_message is not None:
+                callbacks = (self.on_message,)         # no topic's callback: the default one, as paho
+        for callback in callbacks:
             with self._in_callback_mutex:
                 try:
                     callback(self, self._userdata, message)

@@ -12,9 +12,9 @@ be busy for milliseconds when a burst of replies comes in; an application of its
 behind the others' replies. How long replies waited for the loop is reported too (read lag), and
 ``Replay.read_s`` keeps when each was read. The MQTT side is played from several processes, each
 a plain-socket client (:mod:`edge_lab.bench.mqttload`), since one could not keep up, and is stamped
-the same way (the kernel's receive stamp of the read that completed the reply). Every replay reports how
-hard each generator process worked (``Replay.generators``: send lag and CPU use), so a row the
-generator limited shows.
+the same way (the kernel's receive stamp of the read that completed the reply). Every replay
+reports how hard each generator process worked (``Replay.generators``: send lag and CPU use), so a
+row the generator limited shows.
 
 The generator has to be cheap, because on a 2-core board it shares the CPU with the server under
 test: request bodies are built once per (model, SLO, frame) before the run and sent as bytes; HTTP
@@ -210,8 +210,6 @@ class HttpTarget(_Target):
     async def close(self) -> None:
         for connection in list(self._open):
             connection.close()
-
-
 
 
 class _HttpConnection:

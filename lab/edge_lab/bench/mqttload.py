@@ -11,9 +11,9 @@ row goes out at ``start + t_s`` as in :mod:`edge_lab.bench.loadgen`.
 Each process's client is :class:`edge_lab.bench.mqttwire.WireClient`, a plain socket speaking the
 few MQTT v5 packets a replay needs, every request's PUBLISH built before the run: with paho the
 generator's processes used half as much CPU again as the HTTP generator, on the cores the agent and
-the broker share (BENCHMARKS.md, fifteenth session). QoS 1 both ways, as the agent and
-its application client (``agent.client``) speak it: requests are published at QoS 1 (no window of
-the client's own: a burst goes out at its time, not after earlier acknowledgements) and replies
+the broker share (BENCHMARKS.md, fifteenth session). QoS 1 both ways, as the agent and its
+application client (``agent.client``) speak it: requests are published at QoS 1 (no window of the
+client's own: a burst goes out at its time, not after earlier acknowledgements) and replies
 subscribed at QoS 1, each acknowledged.
 
 How busy each generator process was is measured and returned with the replay
