@@ -387,7 +387,7 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
           f"links {shapes}", flush=True)
     return _lab_bench("offload", lambda: bench_offload(
         links, model=args.model, board_cpu=args.board_cpu, peer_cpu=args.peer_cpu, duration_s=args.duration,
-        load=args.load, slo_ms=args.slo_ms, rows=rows, seed=args.seed,
+        load=args.load, slo_ms=args.slo_ms, rows=rows, seed=args.seed, keep=args.keep,
         say=lambda line: print(f"  {line}", flush=True)), format_offload, args.json)
 
 
@@ -680,6 +680,8 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                          help="the peer's CPU quota in cores (default twice the board's)")
     offload.add_argument("--seed", type=int, default=0, help="seed of the trace (default 0)")
     offload.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    offload.add_argument("--keep", action="store_true",
+                         help="keep the agents' logs and configs (their folder is printed at the end)")
     offload.add_argument("--sim", action="store_true",
                          help="the same comparison in the simulator instead (the board's scheduler on a virtual "
                               "clock, a simulated peer and link; no root, seconds): edge_lab.bench.offload_sim")

@@ -33,7 +33,8 @@ Per row: goodput (ok replies within the SLO per second of the trace), SLO attain
 (no reply by the end of the drain) and duplicated (a second reply to one request: both must be 0),
 wrong predictions, and where the replies were computed: the peer's offload replies are read off the
 broker (``edge/v1/<board>/offload-reply/+``, whose ``served_by`` names the split point), the rest
-was computed on the board. The targets (:func:`check_targets`): on 100 Mbit/s and 10 ms, ours at
+was computed on the board. The items the peer refused or missed are counted by code with the first
+one's message (``peer_errors``: why, in the peer's words), beside the peer's last status. The targets (:func:`check_targets`): on 100 Mbit/s and 10 ms, ours at
 least 2.4x local-only (the local row's goodput, or the measured capacity where that is higher: an
 overloaded local board that collapses must not flatter the ratio) and above full offload and
 Neurosurgeon; on every shape, ours within 10 % of
@@ -167,6 +168,8 @@ class _Monitor:
         self._lock = threading.Condition()
         self._live: dict[str, list[dict]] = {}        # device -> statuses published while we listened
         self._served: dict[str, list[int]] = {}       # split ("full") -> [replies, items, items ok]
+        self._refused: dict[str, int] = {}            # the peer's error code -> items it refused
+        self._examples: dict[str, str] = {}           # the peer's error code -> its first message
         self._batches: set[str] = set()
         self.duplicate_wire_replies = 0
         self.bad = 0
@@ -175,7 +178,7 @@ class _Monitor:
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: subscribed.set()
         connect(self.client, host, port)
-        self.client.subscribe([("edge/v1/+/status", 1), (f"edge/v1/{board}/offload-reply/+", 0)])
+        self.client.subscribe([("edge/v1/+/status", 1), (f"edge/v1/{board}/offload-reply/+", 1)])
         if not subscribed.wait(10):
             raise LabError(f"the broker at {host}:{port} did not acknowledge the bench's subscription")
 
@@ -205,6 +208,10 @@ class _Monitor:
             counts[0] += 1
             counts[1] += len(reply.errors)
             counts[2] += sum(1 for e in reply.errors if e is None)
+            for e in reply.errors:
+                if e is not None:
+                    self._refused[e.code] = self._refused.get(e.code, 0) + 1
+                    self._examples.setdefault(e.code, str(e))
 
     def wait_online(self, device: str, since: int, timeout_s: float, alive: Callable[[], bool]) -> dict:
         """The first live ``online`` status of ``device`` after its ``since``-th; raises LabError
@@ -221,17 +228,27 @@ class _Monitor:
                     raise LabError(f"the {device} agent was not online on the broker within {timeout_s:g} s")
                 self._lock.wait(0.2)
 
+    def last_status(self, device: str) -> dict | None:
+        """The latest live status ``device`` published (None before any)."""
+        with self._lock:
+            statuses = self._live.get(device)
+            return statuses[-1] if statuses else None
+
     def seen(self, device: str) -> int:
         with self._lock:
             return len(self._live.get(device, []))
 
-    def take_served(self) -> tuple[dict[str, list[int]], int]:
-        """What the peer served since the last call (split -> [replies, items, items ok]), and
-        replies seen twice on the wire."""
+    def take_served(self) -> tuple[dict[str, list[int]], int, dict[str, dict]]:
+        """What the peer served since the last call (split -> [replies, items, items ok]), replies
+        seen twice on the wire, and the items the peer answered with an error, by its code (how
+        many, and the first one's message: why the peer refused or missed)."""
         with self._lock:
             served, dups = self._served, self.duplicate_wire_replies
+            errors = {code: {"items": n, "example": self._examples.get(code, "")}
+                      for code, n in sorted(self._refused.items())}
             self._served, self._batches, self.duplicate_wire_replies = {}, set(), 0
-        return served, dups
+            self._refused, self._examples = {}, {}
+        return served, dups, errors
 
     def close(self) -> None:
         try:
@@ -358,10 +375,11 @@ def _row_result(contender: Contender, trace: Sequence[TraceRow], played: dict, s
 def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet_digits", board_cpu: float | None = 0.5,
                   peer_cpu: float | None = None, duration_s: float = 10.0, load: float = 3.0, slo_ms: float = 150.0,
                   rows: Sequence[str] | None = None, seed: int = 0, warmup_s: float = 1.5, calibrate_s: float = 4.0,
-                  drain_s: float = 8.0,
+                  drain_s: float = 8.0, keep: bool = False,
                   say: Callable[[str], None] = lambda line: None) -> dict:
     """Build the lab, measure the board's capacity, run every row under every link shape, tear down.
-    Returns every figure (module docstring); ``say`` gets a progress line per step and row."""
+    Returns every figure (module docstring); ``say`` gets a progress line per step and row. ``keep``:
+    leave the agents' logs and configs in the work directory (its path said at the end)."""
     from agent.models.card import load_card
     from agent.scheduler.policy import policy_names
     if peer_cpu is None:
@@ -439,10 +457,12 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
                         played = _play(e, [_trace_phase("warmup", warmup), _trace_phase("measure", trace)],
                                        f"{s}-{contender.key}", drain_s=drain_s,
                                        on_phase=lambda name: name == "measure" and monitor.take_served())[1]
-                        served, wire_dups = monitor.take_served()
+                        served, wire_dups, refused = monitor.take_served()
                     finally:
                         _stop(board)
                     row = _row_result(contender, trace, played, served, wire_dups, time.monotonic() - t0)
+                    row["peer_errors"] = refused
+                    row["peer_status"] = monitor.last_status(PEER)
                     row["log"] = str(log)
                     shape["rows"].append(row)
                     say(f"[{link.mbit:g} Mbit/s, {link.delay_ms:g} ms] {k + 1}/{len(every)} {contender.label}: "
@@ -455,7 +475,10 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
     finally:
         if monitor is not None:
             monitor.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if keep:
+            say(f"kept the agents' logs and configs in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     results["wall_s"] = time.monotonic() - started
     results["targets"] = check_targets(results)
     return results
@@ -564,6 +587,10 @@ def format_offload(results: dict) -> str:
             p99 = f"{row['p99_ms']:.0f}" if row["p99_ms"] is not None else "-"
             lines.append(f"{row['label']:<24}{row['goodput_per_s']:>10.1f}{x:>8}{xc:>7}{_pct(row['slo_attainment']):>9}"
                          f"{p99:>8}{row['lost']:>6}{row['duplicated']:>5}{row['wrong']:>6}  {_mix(row)}")
+        for row in shape["rows"]:
+            for code, seen in (row.get("peer_errors") or {}).items():
+                lines.append(f"  {row['label']}: the peer answered {seen['items']} items {code}; the first: "
+                             f"{seen['example']}")
     lines.append("")
     lines.append("targets (issue 23):")
     for t in results.get("targets", []):
