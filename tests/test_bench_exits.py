@@ -25,3 +25,45 @@ def test_bench_exits_sim_prints_the_table_and_the_run_past_capacity(tmp_path, ca
     assert past["factor"] == 2.0 and set(past["sim"]) == {"batching+exit fixed", "batching+exit+allocation"}
     assert all(r["goodput"] > 0 and r["statuses"].get("rejected", 0) > 0 for r in past["sim"].values())
     assert "past capacity" in printed
+
+
+def test_the_exit_oracle_sends_each_item_to_its_earliest_right_exit_and_spends_the_allowance_on_the_dearest():
+    import numpy as np
+    from edge_lab.bench.exits import exit_oracle
+    # four items, three exits costing 1, 3 and 6 per item (cumulative)
+    correct = [np.array([True, False, False, False]),      # exit 1 gets item 0 right
+               np.array([True, True, False, False]),       # exit 2 items 0 and 1
+               np.array([True, True, True, False])]        # the last items 0-2; item 3 no exit
+    cost = [1.0, 3.0, 6.0]
+    # everything right that can be (3 of 4 = 0.75): item 0 at 1, item 1 at 3, item 2 at 6; item 3,
+    # wrong at every exit, leaves at the first
+    assert exit_oracle(correct, cost, 0.75) == (1 + 3 + 6 + 1) / 4
+    # 0.5 allows one wrong answer more: the dearest right item (item 2, at 6) leaves at exit 1 instead
+    assert exit_oracle(correct, cost, 0.5) == (1 + 3 + 1 + 1) / 4
+    # 0.25: two; items 2 and then 1
+    assert exit_oracle(correct, cost, 0.25) == (1 + 1 + 1 + 1) / 4
+    # a target above what the exits can reach gets no allowance: the same as everything right
+    assert exit_oracle(correct, cost, 0.9) == exit_oracle(correct, cost, 0.75)
+
+
+def test_the_oracle_bound_on_the_shipped_exit_model_is_above_one_and_rises_with_batching_only_if_it_pays():
+    import numpy as np
+    from agent.api import Agent
+    from agent.models.card import load_card
+    from agent.models.digits import card_test_set
+    from edge_lab.bench.exits import MODEL, agent_config, oracle_bound
+    card = load_card(f"demo:{MODEL}")
+    frames, labels = card_test_set(card.raw["dataset"], card.source.parent)
+    with Agent(agent_config("fixed", True, 8, 1000.0)) as agent:
+        bound = oracle_bound(agent, frames[:120], labels[:120], 8)
+        plan = agent.models[MODEL].exits
+        stage_ms, sizes = np.array(plan.stage_ms), list(plan.batch_sizes)
+    # the first exit is cheaper than the whole graph, and it answers most frames right: the oracle
+    # beats batch-1 whole-graph serving; what batching adds is this machine's per-item saving
+    assert bound["x_base_batch_1"] > 1.0
+    assert set(bound["classes"]) == {1, 8}
+    per_item_1, per_item_8 = stage_ms[:, sizes.index(1)].sum(), stage_ms[:, sizes.index(8)].sum() / 8
+    assert (bound["x_base_batch_8"] > bound["x_base_batch_1"]) == (per_item_8 < per_item_1)
+    for b, means in bound["classes"].items():
+        assert list(means) == [0.8, 0.9, 0.95, 0.97]
+        assert all(x <= y + 1e-9 for x, y in zip(list(means.values()), list(means.values())[1:]))  # stricter costs more

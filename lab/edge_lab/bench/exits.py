@@ -21,6 +21,12 @@ timed run would be a sample of it): the delivered top-1 accuracy per class is pr
 class asked for. Which exit answers does not depend on the load (fixed: the class; confidence: the
 item's own logits), so the untimed pass delivers what the timed runs did.
 
+Beside the table, the ceiling any exit rule has on this machine (:func:`oracle_bound`): an oracle
+that knows which exit answers each labelled test frame right, timed by the stage times the agent
+measured at load, at batch 1 and at a full batch, against the no-batch/no-exit row's compute. It
+says how much of a target such as issue 24's 2x is left to the exits on a CPU where batching
+saves little per item.
+
 Throughput at equal SLO attainment: for each contender, the highest offered rate whose SLO attainment
 (answered ``ok`` within the SLO, over all requests sent) is at least ``--attainment``. Simulated
 first (the same scheduler on a virtual clock, ``agent.sim``: a bisection over the rate), then live:
@@ -54,6 +60,53 @@ OVERLOADED = ("batching+exit fixed", "batching+exit+allocation")
 #: The min_accuracy classes of the trace, equal shares.
 CLASSES = (0.8, 0.9, 0.95, 0.97)
 MODEL = "camera_exits"
+
+
+def exit_oracle(correct: Sequence[np.ndarray], cumulative_ms: Sequence[float], target: float) -> float:
+    """The least mean time per item (ms) at which any exit rule could answer ``target``'s class on
+    these items: an oracle that knows which exit answers each item right sends it to the earliest
+    such exit (to the first where none does: it is wrong wherever it leaves), then spends the
+    class's allowance of wrong answers (the items it may get wrong and still be ``target`` accurate
+    overall) on the dearest items, sent to the first exit. ``correct[k][i]``: exit ``k`` answers item ``i`` right; ``cumulative_ms[k]``:
+    what running up to exit ``k`` costs per item. A bound, not a rule: no confidence test knows
+    which items are right, so a real rule's mean time is at least this."""
+    right = np.asarray(correct, dtype=bool)                      # [exits, items]
+    cost = np.asarray(cumulative_ms, dtype=np.float64)
+    if right.ndim != 2 or right.shape[0] != cost.shape[0] or right.shape[1] == 0:
+        raise ValueError(f"correct {list(right.shape)} and cumulative_ms {list(cost.shape)}: expected "
+                         "[exits, items] and [exits]")
+    n = right.shape[1]
+    answerable = right.any(axis=0)
+    # an item no exit answers right is wrong wherever it leaves: the first exit, for nothing
+    per_item = np.where(answerable, cost[right.argmax(axis=0)], cost[0])
+    allowance = int(math.floor(answerable.sum() - target * n + 1e-9))
+    if allowance > 0:
+        dearest = np.argsort(-np.where(answerable, per_item - cost[0], -np.inf), kind="stable")[:allowance]
+        per_item[dearest] = cost[0]
+    return float(per_item.mean())
+
+
+def oracle_bound(agent, frames: np.ndarray, labels: np.ndarray, max_batch: int,
+                 classes: Sequence[float] = CLASSES) -> dict:
+    """The ceiling any exit rule has on this machine (:func:`exit_oracle` per class, equal shares),
+    against the whole graph at batch 1 (the no-batch/no-exit row): at batch 1, and at ``max_batch``
+    (each stage's time per item in a full batch, as if batching were free to fill): compute alone,
+    no queueing, no overhead. Stage times: those the agent measured at load on this machine."""
+    loaded = agent.models[MODEL]
+    plan = loaded.exits
+    outputs = loaded.backends[0].run({loaded.card.inputs[0].name: frames})
+    correct = [np.asarray(outputs[name]).argmax(axis=1) == labels for name in plan.outputs]
+    sizes = list(plan.batch_sizes)
+    out: dict = {"classes": {}}
+    whole_1 = sum(row[sizes.index(1)] for row in plan.stage_ms)
+    for b in (1, max_batch):
+        if b not in sizes:
+            continue
+        per_item = np.cumsum([row[sizes.index(b)] / b for row in plan.stage_ms])
+        means = {c: exit_oracle(correct, per_item, c) for c in classes}
+        out["classes"][b] = means
+        out[f"x_base_batch_{b}"] = whole_1 / float(np.mean(list(means.values())))
+    return out
 
 
 @dataclass
@@ -306,6 +359,8 @@ def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attain
                                            labels), start, attainment, tries)
                 if round_ == 0:
                     entry["accuracy"] = {str(c): a for c, a in accuracy_pass(agent, frames, labels).items()}
+                if "oracle" not in out and mode != "off":
+                    out["oracle"] = oracle_bound(agent, frames, labels, max_batch)
             entry["rounds"].append({"rate": rate, "goodput": run.goodput, "attainment": run.attainment,
                                     "exits": run.exits, "mean_batch": run.mean_batch, "statuses": run.statuses,
                                     "tries": tries, "held": run.attainment >= attainment})
@@ -374,6 +429,11 @@ def format_exits(out: dict) -> str:
         else:
             lines.append(f"{name:<26} {sim['goodput']:9.1f} {sim_x:6.2f}x {'-':>10} {'':>7} "
                          f"{100 * sim['attainment']:6.1f}% {sim['mean_batch']:6.2f}")
+    oracle = out.get("oracle")
+    if oracle:
+        parts = [f"{oracle[key]:.2f}x at batch {key.rsplit('_', 1)[1]}" for key in oracle if key.startswith("x_base_")]
+        lines.append("ceiling of any exit rule, x base (an oracle that knows which exit answers each test frame "
+                     f"right; this machine's stage times, compute alone): {', '.join(parts)}")
     section = out.get("overload")
     if section:
         lines.append(f"past capacity: {section['factor']:g}x the staged contender's rate ({section['rate']:.0f} req/s)")
