@@ -224,3 +224,36 @@ def test_a_bad_config_exits_2_naming_the_field(tmp_path):
     bad.write_text('config_version = 1\n[[models]]\nname = "m"\ninstances = 0\n')
     out = edge_agent("selftest", "--config", str(bad))
     assert out.returncode == 2 and "models[0].instances = 0" in out.stderr
+
+
+def test_a_learned_policy_is_checked_and_a_damaged_one_fails_naming_its_weights(tmp_path):
+    """[agent] policy = "learned": the shipped policy passes for the demo models; one whose weights
+    were altered fails with the sha256 named (loading the config does not look at the card), and
+    one trained for other models fails naming the lanes. The exit code says so."""
+    models = (model_table("mobilenet_digits", "demo:mobilenet_digits")
+              + model_table("resnet_digits", "demo:resnet_digits"))
+
+    def config_with(policy_dir: Path, table: str = models) -> Path:
+        path = tmp_path / f"{policy_dir.name}-{len(table)}.toml"
+        path.write_text(f'config_version = 1\n[agent]\ndevice = "selftest-board"\npolicy = "learned"\n'
+                        f'policy_path = "{policy_dir}"\n[mqtt]\nenabled = false\n{table}')
+        return path
+
+    shipped = ROOT / "policies" / "cpu-2core"
+    good = rows(run_selftest(load_config(config_with(shipped)), groups=["files"]))["policy"]
+    assert good["status"] == "ok" and "policy.npz matches its card" in good["detail"], good
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shipped, damaged)
+    weights = damaged / "policy.npz"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    out = edge_agent("selftest", "--config", str(config_with(damaged)), "--skip", "core", "models", "accelerators",
+                     "headroom", "--json", "-q")
+    assert out.returncode == 1, out.stdout + out.stderr
+    row = rows(json.loads(out.stdout))["policy"]
+    assert row["status"] == "fail" and "policy.npz have sha256" in row["detail"] and "policy_path" in row["fix"], row
+
+    one_model = rows(run_selftest(load_config(config_with(shipped, model_table("mobilenet_digits",
+                                                                                "demo:mobilenet_digits"))),
+                                  groups=["files"]))["policy"]
+    assert one_model["status"] == "fail" and "lanes" in one_model["detail"], one_model
