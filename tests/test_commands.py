@@ -2,6 +2,7 @@
 `[mqtt] subscribers = ["infer", "cmd"]`, and `edge-agent ctl` or a plain MQTT v5 client sending
 signed commands. Every command message is answered exactly once, on its response topic."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -181,8 +182,16 @@ def test_refused_commands_are_answered_once_with_the_reason(broker, keys, operat
         assert not ack["ok"] and ack["code"] == code and ack["reason"], (correlation, ack)
     status = json.loads(ctl(broker, keys, "status").stdout)["result"]
     assert not status["draining"]                                 # none of the refused drains ran
+    # A captured command's nonce under a new command id: a replay, refused (the first ran once).
+    nonce = os.urandom(16)
+    operator.send(sign("drain", {"timeout_s": 0}, DEVICE, alice, nonce=nonce), "drain", b"nonce-first")
+    operator.send(sign("drain", {"timeout_s": 0}, DEVICE, alice, nonce=nonce), "drain", b"nonce-again")
+    assert operator.ack(b"nonce-first")["ok"]
+    replayed = operator.ack(b"nonce-again")
+    assert not replayed["ok"] and replayed["code"] == "replayed" and "nonce" in replayed["reason"], replayed
+    assert ctl(broker, keys, "resume").returncode == 0
     time.sleep(0.3)
-    assert all(len(operator.acks[c]) == 1 for c in cases)
+    assert all(len(operator.acks[c]) == 1 for c in [*cases, b"nonce-first", b"nonce-again"])
 
 
 def test_a_repeated_command_gets_its_first_ack_and_does_not_run_twice(broker, keys, operator):
