@@ -26,7 +26,7 @@ import pytest
 from agent.config import ConfigError, parse_config
 from agent.ops.notify import Notifier, notify_address, watchdog_interval
 from agent.ops.supervisor import ProgressWatchdog
-from agent.ops.systemd import render_unit
+from agent.ops.systemd import JETSON_NODES, board_devices, render_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "systemd_child.py"
@@ -310,6 +310,56 @@ def test_service_install_writes_unit_config_and_user_commands_and_is_idempotent(
     assert config.read_text().endswith("# edited on the board\n") and "WatchdogSec=30" in unit.read_text()
 
 
+def device_allows(unit_text: str) -> set[str]:
+    return set(re.findall(r"^DeviceAllow=(\S+) rw$", unit_text, re.M))
+
+
+@pytest.mark.parametrize("board, allowed", [
+    ("jetson-orin-nano", {"/dev/nvmap", "/dev/nvhost-ctrl-gpu", "/dev/nvhost-gpu"}),
+    ("coral-devboard", {"/dev/apex_0"}),
+    ("rpi-coral-usb", {"char-usb_device"}),
+    ("generic-x86", set()),
+])
+def test_service_install_allows_only_the_boards_own_accelerator_nodes(tmp_path, board, allowed):
+    out = edge_agent("service", "install", "--root", str(tmp_path), "--config", board, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = render_unit(devices=board_devices(board))
+    nodes = device_allows(text)
+    assert allowed <= nodes and "DevicePolicy=closed" in text
+    others = device_allows(render_unit()) - nodes              # every other board's nodes stay shut
+    assert not any(node in nodes for node in others)
+    if board.startswith("jetson"):
+        assert nodes == set(JETSON_NODES)
+    else:
+        assert nodes == allowed
+    assert f"DeviceAllow: board {board}:" in out.stdout
+    # Written for real: the unit on disk is that rendering.
+    written = edge_agent("service", "install", "--root", str(tmp_path), "--config", board)
+    assert written.returncode == 0, written.stderr
+    unit = (tmp_path / "etc/systemd/system/edge-agent.service").read_text()
+    assert device_allows(unit) == nodes
+
+
+def test_service_install_into_a_staging_tree_without_a_board_allows_every_boards_nodes(tmp_path):
+    source = ROOT / "firmware_configs" / "generic-linux.toml"
+    out = edge_agent("service", "install", "--root", str(tmp_path), "--config", str(source))
+    assert out.returncode == 0, out.stderr
+    assert "DeviceAllow: every supported board's accelerator nodes (name the board with --board" in out.stdout
+    assert device_allows((tmp_path / "etc/systemd/system/edge-agent.service").read_text()) == device_allows(UNIT.read_text())
+    # On the machine itself, with a Coral plugged into a generic board: its nodes too, no others.
+    fake = tmp_path / "machine"
+    (fake / "dev").mkdir(parents=True)
+    (fake / "dev" / "apex_0").write_text("")
+    usb = fake / "sys/bus/usb/devices/1-1"
+    usb.mkdir(parents=True)
+    (usb / "idVendor").write_text("18d1\n")
+    (usb / "idProduct").write_text("9302\n")
+    assert board_devices("generic-x86", fake) == ("apex", "usb")
+    assert board_devices("jetson-orin-nano", tmp_path / "empty") == ("jetson",)
+    with pytest.raises(ValueError, match="board = 'pi-zero'"):
+        board_devices("pi-zero")
+
+
 def test_service_install_refuses_a_bad_config_before_writing(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('config_version = 1\n[[models]]\nname = "m"\ninstances = 0\n')
@@ -328,6 +378,12 @@ def test_systemd_analyze_verifies_the_unit_cleanly(tmp_path):
     copy.write_text(UNIT.read_text().replace("/usr/local/bin/edge-agent", sys.executable))
     out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.stderr == "" and out.returncode == 0, out.stderr
+    for devices in ((), ("jetson",)):          # a board's own rendering: fewer DeviceAllow= lines
+        one = tmp_path / "-".join(devices or ("cpu",)) / "edge-agent.service"
+        one.parent.mkdir()
+        one.write_text(render_unit(sys.executable, devices=devices))
+        out = subprocess.run([analyze, "verify", str(one)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert out.stderr == "" and out.returncode == 0, (devices, out.stderr)
     # verify exits 0 on bad values: only stderr tells, as this control shows.
     broken = tmp_path / "broken" / "edge-agent.service"
     broken.parent.mkdir()
