@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -113,9 +114,9 @@ def http_port(status: str) -> int:
     return int(re.search(r"http://127\.0\.0\.1:(\d+)", status).group(1))
 
 
-def infer_over_http(port: int) -> dict:
+def infer_over_http(port: int, slo_ms: float = 5000) -> dict:
     body = json.dumps({"inputs": [{"name": "frames", "shape": [1, 64, 64, 3], "datatype": "UINT8",
-                                   "data": [0] * (64 * 64 * 3)}], "parameters": {"slo_ms": 5000}}).encode()
+                                   "data": [0] * (64 * 64 * 3)}], "parameters": {"slo_ms": slo_ms}}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/mobilenet_digits/infer", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as reply:
@@ -216,6 +217,45 @@ def test_run_notifies_ready_status_watchdog_and_stopping(tmp_path, broker):
         assert code == 0, err
         _, stopping = manager.wait_for(lambda m: "STOPPING=1" in m, timeout=5, since=t_term)
         assert "up to 0.5 s" in status_of(stopping)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        manager.close()
+
+
+def test_sigterm_drains_for_the_bound_then_answers_what_is_left_and_exits(tmp_path):
+    """Requests that can never be served on their own (a fixed batch of 8 that two requests never
+    fill) are queued when SIGTERM comes: STOPPING=1, the drain waits its bound
+    (drain_timeout_s), each queued request is answered shutting_down, and the process exits 0.
+    Without the bound the drain would wait for a batch that never forms."""
+    config = write_config(tmp_path, {"enabled": False}, drain_timeout_s=1.0)
+    config.write_text(config.read_text().replace("max_batch = 2", 'rule = "fixed"\nsize = 8\nmax_batch = 8'))
+    manager = Manager(str(tmp_path / "notify"))
+    agent = start_agent(config, str(tmp_path / "notify"))
+    replies: list = []
+
+    def infer(port: int) -> None:
+        try:
+            replies.append(infer_over_http(port, slo_ms=120_000))
+        except urllib.error.HTTPError as exc:
+            replies.append(json.loads(exc.read()))
+
+    try:
+        _, ready = manager.wait_for(lambda m: "READY=1" in m, timeout=90)
+        port = http_port(status_of(ready))
+        senders = [threading.Thread(target=infer, args=(port,)) for _ in range(2)]
+        for sender in senders:
+            sender.start()
+        manager.wait_for(lambda m: "; 2 queued" in (status_of(m) or ""), timeout=30)
+        t_term = time.monotonic()
+        code, _, err = stop(agent)
+        stopped_s = time.monotonic() - t_term
+        for sender in senders:
+            sender.join(10)
+        assert code == 0, err
+        manager.wait_for(lambda m: "STOPPING=1" in m, timeout=5, since=t_term)
+        assert len(replies) == 2 and all("shutting_down" in r["error"] for r in replies), replies
+        assert stopped_s >= 1.0           # it served (waited) for its bound before giving up
     finally:
         if agent.poll() is None:
             agent.kill()
