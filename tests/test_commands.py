@@ -211,6 +211,32 @@ def test_a_fleet_command_is_answered_by_the_board(broker, keys, operator):
     assert ack["ok"] and ack["device"] == DEVICE
 
 
+def test_a_fleet_command_by_ctl_is_answered_once_by_every_board(broker, keys, agent_process):
+    """Two boards on one broker, each trusting alice: `ctl --device fleet` collects one ack from
+    each (edge/v1/fleet/cmd/<command>), each naming its board; a command for one board runs on it alone."""
+    from agent.service import Service
+    second = Service(parse_config({
+        "config_version": 1, "agent": {"device": "cmd-board-2", "workers": 1},
+        "mqtt": {"host": broker.host, "port": broker.port, "subscribers": ["cmd"]},
+        "control": {"keyring": str(keys["ring"])}, "telemetry": {"interval_s": 0},
+        "models": [{"name": MODEL, "card": f"demo:{MODEL}", "instances": 1}]}))
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "ctl", "--device", "fleet", "--port", str(broker.port),
+                              "--key", str(keys["dir"] / "alice.key"), "--compact", "--timeout", "4",
+                              "set-slo-default", "--all", "--slo-ms", "250"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        acks = [json.loads(line) for line in out.stdout.splitlines()]
+        assert sorted(a["device"] for a in acks) == [DEVICE, "cmd-board-2"], acks
+        assert all(a["ok"] and a["result"]["default_slo_ms"] == 250 for a in acks)
+        assert second.agent.models[MODEL].config.default_slo_ms == 250
+        assert second.subscribers["cmd"].answered == 1
+        status = json.loads(ctl(broker, keys, "status").stdout)       # to cmd-board alone
+        assert status["device"] == DEVICE and second.subscribers["cmd"].answered == 1
+    finally:
+        second.close()
+
+
 def test_ctl_exit_codes_say_refused_and_unanswered(broker, keys, agent_process):
     refused = ctl(broker, keys, "status", key="stranger")
     assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "unknown_key"
