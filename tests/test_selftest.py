@@ -257,3 +257,17 @@ def test_a_learned_policy_is_checked_and_a_damaged_one_fails_naming_its_weights(
                                                                                 "demo:mobilenet_digits"))),
                                   groups=["files"]))["policy"]
     assert one_model["status"] == "fail" and "lanes" in one_model["detail"], one_model
+
+
+def test_a_jetson_whose_onnxruntime_lacks_the_gpu_providers_is_warned_with_what_to_install(tmp_path):
+    import onnxruntime
+    if set(onnxruntime.get_available_providers()) & set(selftest.GPU_PROVIDERS):
+        pytest.skip("this onnxruntime offers a GPU provider: the warning cannot show here")
+    jetson = tmp_path / "jetson"
+    (jetson / "etc").mkdir(parents=True)
+    (jetson / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 3.0, GCID: 1, BOARD: generic\n")
+    row = selftest.check_jetson_gpu(jetson)
+    assert row.status == "warn" and "R36 (release)" in row.detail and "models run on the CPU" in row.detail
+    assert "nvidia-jetpack" in row.fix and "onnxruntime-gpu" in row.fix
+    elsewhere = selftest.check_jetson_gpu(tmp_path / "x86")
+    assert elsewhere.status == "skip" and "not a Jetson" in elsewhere.detail

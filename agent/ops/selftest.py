@@ -704,9 +704,10 @@ def jetson_release(root: Path = Path("/")) -> str | None:
     return model if "jetson" in model.lower() else None
 
 
-def check_jetson_gpu() -> Check:
-    """A Jetson's GPU through onnxruntime's providers: warned when a Jetson's onnxruntime lacks them."""
-    release = jetson_release()
+def check_jetson_gpu(root: Path = Path("/")) -> Check:
+    """A Jetson's GPU through onnxruntime's providers: warned when a Jetson's onnxruntime lacks them.
+    ``root``: where ``/etc/nv_tegra_release`` and the device tree are read (the tests' fake trees)."""
+    release = jetson_release(root)
     try:
         import onnxruntime
         providers = list(onnxruntime.get_available_providers())
