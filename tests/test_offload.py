@@ -449,22 +449,44 @@ def test_set_offload_moves_batches_to_the_peer_and_back_while_serving_and_refuse
     key = load_signing_key(tmp_path / "ops" / "alice.key")
     device = "board-setoff"
 
-    def command(args: dict) -> dict:
+    def command(args: dict, name: str = "set-offload") -> dict:
         command_id = uuid.uuid4().hex
-        acks = send_command(broker.host, broker.port, device, "set-offload",
-                            sign("set-offload", args, device, key, command_id=command_id), command_id, timeout_s=30)
+        acks = send_command(broker.host, broker.port, device, name,
+                            sign(name, args, device, key, command_id=command_id), command_id, timeout_s=30)
         assert len(acks) == 1, acks
         return acks[0]
 
-    board = Service(parse_config({
-        "config_version": CONFIG_VERSION,
-        "agent": {"device": device, "workers": 1, "policy": "offload_fixed"},
-        "mqtt": {"host": broker.host, "port": broker.port, "session_expiry_s": 0, "subscribers": ["infer", "cmd"]},
-        "control": {"keyring": str(tmp_path / "ring")},
-        "telemetry": {"interval_s": 0},
-        "offload": {"peer": "board-b", "split": "none", "share": 0.0},
-        "models": [{"name": MODEL, "card": f"demo:{MODEL}", "default_slo_ms": 1000, "batching": {"max_batch": 4}}],
-    }))
+    def write_config(offload: str) -> None:
+        config_path.write_text(f"""config_version = {CONFIG_VERSION}
+[agent]
+device = "{device}"
+workers = 1
+policy = "offload_fixed"
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+session_expiry_s = 0
+subscribers = ["infer", "cmd"]
+[control]
+keyring = "{tmp_path / 'ring'}"
+[telemetry]
+interval_s = 0
+[offload]
+peer = "board-b"
+split = "none"
+{offload}
+[[models]]
+name = "{MODEL}"
+card = "demo:{MODEL}"
+default_slo_ms = 1000
+[models.batching]
+max_batch = 4
+""")
+
+    from agent.config import load_config
+    config_path = tmp_path / "board.toml"
+    write_config("share = 0.0")
+    board = Service(load_config(config_path), config_source=lambda: load_config(config_path))
     app = Replies(broker, device, "app-setoff")
     try:
         _wait(lambda: board.agent.offload.peers.live("board-b") is not None, 60.0, "the peer's status")
@@ -506,6 +528,16 @@ def test_set_offload_moves_batches_to_the_peer_and_back_while_serving_and_refuse
             app.send(frame, slo_ms=3000)
         replies = app.check_exactly_once()
         assert {r["served_by"]["device"] for r in replies[home:]} == {device}
+
+        # reload-config takes the file's plan the same way; a restart-only key there is refused.
+        write_config("share = 0.5")
+        reloaded = command({}, "reload-config")
+        assert reloaded["ok"] and reloaded["result"]["offload"]["share"] == 0.5, reloaded
+        assert board.agent.config.offload.share == 0.5
+        write_config('share = 1.0\ncodec = "raw"')
+        refused = command({}, "reload-config")
+        assert refused["code"] == "needs_restart" and refused["result"]["needs_restart"] == ["offload.codec: 'int8' -> 'raw'"]
+        assert board.agent.config.offload.share == 0.5
     finally:
         app.close()
         board.close()

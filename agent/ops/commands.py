@@ -384,8 +384,9 @@ class CommandChannel:
     def _reload_config(self, args: dict) -> dict:
         """The difference between the config file and the running config, applied all or nothing:
         models added (loaded and profiled first: one that fails to load undoes the others), batching
-        and default SLOs changed, models removed (their queues served first). Anything else that
-        differs is refused ``needs_restart`` and nothing is applied."""
+        and default SLOs changed, models removed (their queues served first), the offload plan
+        (``set-offload``'s fields). Anything else that differs is refused ``needs_restart`` and
+        nothing is applied."""
         _no_args(args, set())
         if self.agent.config_source is None:
             raise CommandFailed("unavailable", "this agent was not started from a config file "
@@ -395,8 +396,9 @@ class CommandChannel:
         except ConfigError as exc:
             raise CommandFailed("bad_config", f"{exc}: nothing was applied") from None
         running = self.agent.config
-        restart = [line for f in dataclasses.fields(Config) if f.name != "models"
+        restart = [line for f in dataclasses.fields(Config) if f.name not in ("models", "offload")
                    for line in _differences(f.name, getattr(running, f.name), getattr(new, f.name))]
+        restart += self.agent.offload_restart_needs(new.offload)     # the offload plan changes live
         old_models = {m.name: m for m in running.models}
         new_models = {m.name: m for m in new.models}
         changed: dict[str, dict] = {}
@@ -435,9 +437,10 @@ class CommandChannel:
             if "default_slo_ms" in fields:
                 self.agent.set_default_slo(name, fields["default_slo_ms"])
         unloaded = {name: self.agent.remove_model(name, DRAIN_TIMEOUT_S) for name in removed}
+        offload = self.agent.set_offload(new.offload)["offload"] if new.offload != running.offload else None
         self._publish_status()
         return {"added": loaded, "removed": unloaded, "changed": {n: sorted(f) for n, f in changed.items()},
-                "models": sorted(self.agent.models)}
+                "models": sorted(self.agent.models), "offload": offload}
 
     # --- the self-test ------------------------------------------------------------------------------
 
