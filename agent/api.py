@@ -21,7 +21,7 @@ import numpy as np
 
 from agent.backends import load_backend
 from agent.backends.base import Backend
-from agent.config import BatchingConfig, Config, ModelConfig
+from agent.config import BatchingConfig, Config, ModelConfig, OffloadConfig
 from agent.core import LatencyTable
 from agent.errors import BAD_REQUEST, REJECTED, SHUTTING_DOWN, UNKNOWN_MODEL, InferenceError
 from agent.exits.online import OnlineAllocation
@@ -527,6 +527,58 @@ class Agent:
                 self.loop.cond.notify_all()    # what the old policy held may leave now
             log.info("dispatch policy %s -> %s%s", was, policy, f" ({path})" if path else "")
             return {"policy": policy, "policy_path": path, "was": was}
+
+    #: ``[offload]`` fields :meth:`set_offload` changes while serving: the plan. The others decide
+    #: what is loaded, subscribed or measured at start (peers, splits, the peer role, the codec, the
+    #: probe, the status cadence): a restart changes them.
+    LIVE_OFFLOAD_FIELDS = ("peer", "split", "share", "models", "planner", "margin_ms")
+
+    def offload_restart_needs(self, offload: OffloadConfig) -> list[str]:
+        """What in ``offload`` differs from the running ``[offload]`` in a way only a restart makes
+        (``field: old -> new``, one line each); empty when :meth:`set_offload` can take it."""
+        running = self.config.offload
+        needs = [f"offload.{f}: {getattr(running, f)!r} -> {getattr(offload, f)!r}"
+                 for f in OffloadConfig.__dataclass_fields__
+                 if f not in self.LIVE_OFFLOAD_FIELDS and getattr(running, f) != getattr(offload, f)]
+        if self.offload is None:
+            if offload != running:
+                needs.append("offload: this board sends to no peer ([offload] peers is empty): set peers and restart")
+            return needs
+        if offload.peer is not None and offload.peer not in running.targets:
+            needs.append(f"offload.peer: {offload.peer!r} is not one of this board's peers {list(running.targets)} "
+                         f"(add it to [offload] peers and restart)")
+        if (offload.split, offload.models) == (running.split, running.models):
+            return needs
+        loaded = self.offload.loaded_splits()
+        # Every model it may offload: those named, else each one the client loaded (onnxruntime's).
+        for model in ([m for m in self.models if m in loaded] if offload.models is None else offload.models):
+            if offload.split not in loaded.get(model, []):
+                needs.append(f"offload.split: {offload.split or 'none'!r} for {model} is not loaded on this board "
+                             f"(loaded: {[s or 'none' for s in loaded.get(model, [])]}; [offload] splits, then restart)")
+        return needs
+
+    def set_offload(self, offload: OffloadConfig) -> dict:
+        """Offload by ``offload`` (the running ``[offload]`` with its plan changed: peer, split,
+        share, models, planner, margin_ms) from the next decision on. The dispatch policy is built
+        again with it (the policies that offload read the plan when built); nothing queued or running
+        is lost, and a batch out on a peer comes back as before. Raises ``ValueError`` naming each
+        field only a restart changes (:meth:`offload_restart_needs`); nothing changes then."""
+        with self._changes:
+            needs = self.offload_restart_needs(offload)
+            if needs:
+                raise ValueError("; ".join(needs))
+            was = self.config.offload
+            with self.loop.cond:
+                self.scheduler.set_policy(self.config.policy, {"offload": offload})
+                if self.offload is not None:
+                    self.offload.settings = offload        # margin_ms: read per batch sent
+                self.config = dataclasses.replace(self.config, offload=offload)
+                self.loop.cond.notify_all()
+            plan = {f: getattr(offload, f) for f in self.LIVE_OFFLOAD_FIELDS}
+            log.info("offload plan %s -> %s (policy %s)", {f: getattr(was, f) for f in self.LIVE_OFFLOAD_FIELDS},
+                     plan, self.config.policy)
+            return {"offload": plan, "was": {f: getattr(was, f) for f in self.LIVE_OFFLOAD_FIELDS},
+                    "policy": self.config.policy}
 
     def set_default_slo(self, name: str, slo_ms: float) -> float:
         """Requests for ``name`` that give no SLO get ``slo_ms`` from now on; returns the old one."""

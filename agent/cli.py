@@ -191,7 +191,7 @@ def _cmd_service_install(args: argparse.Namespace) -> int:
     from agent.ops.systemd import install
     try:
         steps = install(Path(args.root), user=args.user, config_source=args.config, exec_start=args.exec_start,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, board=args.board)
     except (ValueError, ConfigError) as exc:
         print(f"edge-agent service install: {exc}", file=sys.stderr)
         return 2
@@ -210,7 +210,7 @@ def _cmd_service_install(args: argparse.Namespace) -> int:
 
 
 def _add_service_parser(sub: argparse._SubParsersAction) -> None:
-    from agent.ops.systemd import DEFAULT_USER
+    from agent.ops.systemd import BOARD_DEVICES, DEFAULT_USER
     service = sub.add_parser("service", help="run the agent as the board's systemd service (service install)",
                              description="Operate the agent as a systemd service.")
     actions = service.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -223,7 +223,12 @@ def _add_service_parser(sub: argparse._SubParsersAction) -> None:
     install.add_argument("--root", default="/", metavar="DIR",
                          help="install under DIR (a staging tree): users are then not created, their commands printed")
     install.add_argument("--user", default=DEFAULT_USER, metavar="NAME", help=f"the service user (default {DEFAULT_USER})")
-    install.add_argument("--config", metavar="FILE", help="the config to install (default: the shipped config for this board, as --config auto picks it)")
+    install.add_argument("--config", metavar="FILE", help="the config to install: a file, or a shipped board's name "
+                                                          "(default: the shipped config for this board, as --config auto picks it)")
+    install.add_argument("--board", choices=sorted(BOARD_DEVICES), metavar="BOARD",
+                         help="whose accelerator nodes the unit's DeviceAllow= lets the service open (default: the "
+                              "board --config names, else the one detected here; a --root tree without it: every "
+                              f"board's). One of {', '.join(sorted(BOARD_DEVICES))}")
     install.add_argument("--exec", dest="exec_start", metavar="PATH",
                          help="the edge-agent executable for ExecStart (default: the one running this command)")
     install.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")

@@ -479,40 +479,52 @@ def _offload_codecs() -> list[str]:
     return available_codecs()
 
 
-def _parse_offload(t: dict, models: tuple[ModelConfig, ...]) -> OffloadConfig:
-    """``[offload]``: every key checked, a split or model named that no model has is an error here."""
-    _no_unknown(t, set(OffloadConfig.__dataclass_fields__) - {"targets"}, "offload")
+def parse_offload(t: dict, models: tuple[ModelConfig, ...], where: str = "offload") -> OffloadConfig:
+    """``[offload]``: every key checked, a model named that none of ``models`` is an error here.
+    ``where`` names the table in errors (``args`` for the ``set-offload`` command)."""
+    _no_unknown(t, set(OffloadConfig.__dataclass_fields__) - {"targets"}, where)
     names = {m.name for m in models}
-    splits = _take(t, "splits", "offload", list, None,
+    splits = _take(t, "splits", where, list, None,
                    lambda v: all(isinstance(x, str) and x and "@" not in x for x in v),
                    "a list of split point names (as the model cards name them)")
-    peers = _take(t, "peers", "offload", list, [], lambda v: all(_device_id(x) for x in v),
+    peers = _take(t, "peers", where, list, [], lambda v: all(_device_id(x) for x in v),
                   "a list of device ids (no '/', '+' or '#')")
-    peer = _take(t, "peer", "offload", str, None, _device_id, "a device id (no '/', '+' or '#')")
-    split = _take(t, "split", "offload", str, "none", lambda v: bool(v) and "@" not in v,
+    peer = _take(t, "peer", where, str, None, _device_id, "a device id (no '/', '+' or '#')")
+    split = _take(t, "split", where, str, "none", lambda v: bool(v) and "@" not in v,
                   "a split point's name, or \"none\" to send whole inputs (full offload)")
-    chosen = _take(t, "models", "offload", list, None, lambda v: all(x in names for x in v),
+    chosen = _take(t, "models", where, list, None, lambda v: all(x in names for x in v),
                    f"a list of configured model names ({sorted(names)})")
     return OffloadConfig(
-        serve=_take(t, "serve", "offload", bool, False),
+        serve=_take(t, "serve", where, bool, False),
         splits=None if splits is None else tuple(splits),
         peers=tuple(peers), peer=peer, split=None if split == "none" else split,
-        share=float(_take(t, "share", "offload", (int, float), 0.5, lambda v: 0 <= v <= 1, "a fraction in 0..1")),
+        share=float(_take(t, "share", where, (int, float), 0.5, lambda v: 0 <= v <= 1, "a fraction in 0..1")),
         models=None if chosen is None else tuple(chosen),
-        status_interval_s=float(_take(t, "status_interval_s", "offload", (int, float), 2.0,
+        status_interval_s=float(_take(t, "status_interval_s", where, (int, float), 2.0,
                                       lambda v: 0.1 <= v <= 3600, "seconds in 0.1..3600")),
-        peer_stale_s=float(_take(t, "peer_stale_s", "offload", (int, float), 10.0,
+        peer_stale_s=float(_take(t, "peer_stale_s", where, (int, float), 10.0,
                                  lambda v: 0.5 <= v <= 86400, "seconds in 0.5..86400")),
-        planner=_take(t, "planner", "offload", str, "queue", lambda v: v in PLANNERS, f"one of {list(PLANNERS)}"),
-        codec=_take(t, "codec", "offload", str, "int8", lambda v: v in _offload_codecs(),
+        planner=_take(t, "planner", where, str, "queue", lambda v: v in PLANNERS, f"one of {list(PLANNERS)}"),
+        codec=_take(t, "codec", where, str, "int8", lambda v: v in _offload_codecs(),
                     f"one of {_offload_codecs()}"),
-        margin_ms=float(_take(t, "margin_ms", "offload", (int, float), 5.0, lambda v: 0 <= v <= 60_000,
+        margin_ms=float(_take(t, "margin_ms", where, (int, float), 5.0, lambda v: 0 <= v <= 60_000,
                               "milliseconds in 0..60000")),
-        probe_idle_s=float(_take(t, "probe_idle_s", "offload", (int, float), 2.0,
+        probe_idle_s=float(_take(t, "probe_idle_s", where, (int, float), 2.0,
                                  lambda v: v == 0 or 0.05 <= v <= 3600, "seconds in 0.05..3600, or 0 (off)")),
-        probe_bytes=_take(t, "probe_bytes", "offload", int, None, lambda v: 0 <= v <= MAX_PROBE_BYTES,
+        probe_bytes=_take(t, "probe_bytes", where, int, None, lambda v: 0 <= v <= MAX_PROBE_BYTES,
                           f"bytes in 0..{MAX_PROBE_BYTES} (0: round trips only)"),
     )
+
+
+def offload_table(offload: OffloadConfig) -> dict:
+    """``offload`` as the ``[offload]`` table :func:`parse_offload` reads back into it (what
+    ``set-offload`` merges its args into, so they are checked as a config file's would be)."""
+    table = {f: getattr(offload, f) for f in OffloadConfig.__dataclass_fields__}
+    table["split"] = "none" if offload.split is None else offload.split
+    for key in ("splits", "peers", "models"):
+        if table[key] is not None:
+            table[key] = list(table[key])
+    return {k: v for k, v in table.items() if v is not None}
 
 
 def parse_config(data: dict, base_dir: Path | None = None) -> Config:
@@ -556,7 +568,7 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError("control.keyring", None, "a directory of the operators' public keys (edge-agent keys "
                                                    "generate) when [mqtt] subscribers has \"cmd\"")
     security = _parse_security(mqtt, base_dir)
-    offload = _parse_offload(_table(data, "offload", ""), models)
+    offload = parse_offload(_table(data, "offload", ""), models)
     if offload.serve and "offload" not in subscribers:
         subscribers = (*subscribers, "offload")
     device = _take(agent, "device", "agent", str, "edge-board",

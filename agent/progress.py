@@ -2,9 +2,10 @@
 with the time left on a terminal, nothing at all elsewhere.
 
 Users of such tools expect the bar and its estimate; a log, a pipe or CI expects no redraws and no
-lines per step, so where the stream is not a terminal the bar is off. Two ways to count: steps
+lines per step, so where the stream is not a terminal the bar is off. Three ways to count: steps
 announced as they start (:meth:`Progress.step`: a step counts as done when the next one starts),
-or seconds of a run of known length (:meth:`Progress.advance_to`).
+or seconds of a run of known length (:meth:`Progress.advance_to`), or the lines a command prints
+as it goes, one per step (:meth:`Progress.say`: the benches that narrate their runs).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ __all__ = ["Progress", "STDERR", "ticking"]
 
 #: The default stream: sys.stderr as it is when the bar is made (tests swap it).
 STDERR = object()
+#: A step's label beside the bar is cut to this many characters (a long line would squeeze the bar).
+STEP_LABEL_CHARS = 40
 
 
 def _is_terminal(stream: object) -> bool:
@@ -67,6 +70,20 @@ class Progress:
             self._bar.write(text, file=stream)
         else:
             print(text, file=stream, flush=True)
+
+    def tick(self, n: float = 1) -> None:
+        """``n`` more units done (rounds, cases: the loops that count as they go)."""
+        self._bar.update(n)
+
+    def say(self, line: str, stream: IO[str] | None | object = None) -> None:
+        """For a command that reports each step as a line of its output: print ``line`` there
+        (``stream``, stdout by default; above the bar on a terminal) and count a step done."""
+        self.write(line, sys.stdout if stream is None else stream)
+        label = line.strip()
+        self._bar.update(1)
+        # Lines come seconds apart: each drawn at once (tqdm would wait out its mininterval).
+        self._bar.set_postfix_str(label if len(label) <= STEP_LABEL_CHARS else label[:STEP_LABEL_CHARS - 3] + "...",
+                                  refresh=True)
 
     def close(self) -> None:
         if self._pending:

@@ -25,6 +25,12 @@ def test_bench_exits_sim_prints_the_table_and_the_run_past_capacity(tmp_path, ca
     assert past["factor"] == 2.0 and set(past["sim"]) == {"batching+exit fixed", "batching+exit+allocation"}
     assert all(r["goodput"] > 0 and r["statuses"].get("rejected", 0) > 0 for r in past["sim"].values())
     assert "past capacity" in printed
+    # Its progress bar counts the lines it says as it goes: as many as line_count says.
+    from edge_lab.bench.exits import line_count
+    lines = printed.splitlines()
+    said = lines[1:next(i for i, line in enumerate(lines) if line.startswith("SLO "))]
+    assert said[0].startswith("measured at start") and len(said) == line_count(live=False) == 10, said
+    assert line_count(live=True, repeat=3) == 1 + 7 + 3 * 7 + 2 * 2 and line_count(["exit only"], live=True) == 3
 
 
 def test_the_exit_oracle_sends_each_item_to_its_earliest_right_exit_and_spends_the_allowance_on_the_dearest():

@@ -2,6 +2,7 @@
 `[mqtt] subscribers = ["infer", "cmd"]`, and `edge-agent ctl` or a plain MQTT v5 client sending
 signed commands. Every command message is answered exactly once, on its response topic."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -181,8 +182,16 @@ def test_refused_commands_are_answered_once_with_the_reason(broker, keys, operat
         assert not ack["ok"] and ack["code"] == code and ack["reason"], (correlation, ack)
     status = json.loads(ctl(broker, keys, "status").stdout)["result"]
     assert not status["draining"]                                 # none of the refused drains ran
+    # A captured command's nonce under a new command id: a replay, refused (the first ran once).
+    nonce = os.urandom(16)
+    operator.send(sign("drain", {"timeout_s": 0}, DEVICE, alice, nonce=nonce), "drain", b"nonce-first")
+    operator.send(sign("drain", {"timeout_s": 0}, DEVICE, alice, nonce=nonce), "drain", b"nonce-again")
+    assert operator.ack(b"nonce-first")["ok"]
+    replayed = operator.ack(b"nonce-again")
+    assert not replayed["ok"] and replayed["code"] == "replayed" and "nonce" in replayed["reason"], replayed
+    assert ctl(broker, keys, "resume").returncode == 0
     time.sleep(0.3)
-    assert all(len(operator.acks[c]) == 1 for c in cases)
+    assert all(len(operator.acks[c]) == 1 for c in [*cases, b"nonce-first", b"nonce-again"])
 
 
 def test_a_repeated_command_gets_its_first_ack_and_does_not_run_twice(broker, keys, operator):
@@ -200,6 +209,32 @@ def test_a_fleet_command_is_answered_by_the_board(broker, keys, operator):
     operator.send(sign("status", {}, FLEET, keys["alice"]), "status", b"fleet", device="fleet")
     ack = operator.ack(b"fleet")
     assert ack["ok"] and ack["device"] == DEVICE
+
+
+def test_a_fleet_command_by_ctl_is_answered_once_by_every_board(broker, keys, agent_process):
+    """Two boards on one broker, each trusting alice: `ctl --device fleet` collects one ack from
+    each (edge/v1/fleet/cmd/<command>), each naming its board; a command for one board runs on it alone."""
+    from agent.service import Service
+    second = Service(parse_config({
+        "config_version": 1, "agent": {"device": "cmd-board-2", "workers": 1},
+        "mqtt": {"host": broker.host, "port": broker.port, "subscribers": ["cmd"]},
+        "control": {"keyring": str(keys["ring"])}, "telemetry": {"interval_s": 0},
+        "models": [{"name": MODEL, "card": f"demo:{MODEL}", "instances": 1}]}))
+    try:
+        out = subprocess.run([sys.executable, "-m", "agent.cli", "ctl", "--device", "fleet", "--port", str(broker.port),
+                              "--key", str(keys["dir"] / "alice.key"), "--compact", "--timeout", "4",
+                              "set-slo-default", "--all", "--slo-ms", "250"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        acks = [json.loads(line) for line in out.stdout.splitlines()]
+        assert sorted(a["device"] for a in acks) == [DEVICE, "cmd-board-2"], acks
+        assert all(a["ok"] and a["result"]["default_slo_ms"] == 250 for a in acks)
+        assert second.agent.models[MODEL].config.default_slo_ms == 250
+        assert second.subscribers["cmd"].answered == 1
+        status = json.loads(ctl(broker, keys, "status").stdout)       # to cmd-board alone
+        assert status["device"] == DEVICE and second.subscribers["cmd"].answered == 1
+    finally:
+        second.close()
 
 
 def test_ctl_exit_codes_say_refused_and_unanswered(broker, keys, agent_process):

@@ -361,3 +361,46 @@ def test_set_policy_refuses_a_card_for_other_models_and_swaps_by_name(operator, 
     assert operator.run("set-policy", {"policy": "rules", "extra": 1})["code"] == "bad_args"
     swapped = operator.run("set-policy", {"policy": "rules"})
     assert swapped["ok"] and swapped["result"] == {"policy": "rules", "policy_path": None, "was": "rules"}
+
+
+def test_load_model_and_reload_config_while_requests_stream_lose_none_and_answer_none_twice(
+        broker, keys, board, operator, frames):
+    """Requests for the serving model arrive every 10 ms while load-model loads and profiles a
+    second model on the board and reload-config then removes it again (the file does not name
+    it): every request is answered exactly once, none lost or failed in either change."""
+    config = board["config"]
+    config.write_text(config_text(broker, keys["ring"], models=(MODEL,)))
+    replies = Replies(broker)
+    stop = threading.Event()
+    sent: list[str] = []
+
+    def stream():
+        while not stop.is_set():
+            rid = f"stream-{len(sent)}"
+            replies.send(MODEL, frames[len(sent) % 50], rid)
+            sent.append(rid)
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    try:
+        time.sleep(0.2)
+        before_load = len(sent)
+        loaded = operator.run("load-model", {"name": "streamed", "card": f"demo:{SECOND}"})
+        during_load = len(sent)
+        reloaded = operator.run("reload-config")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        sender.join()
+    try:
+        got = replies.wait(sent)                       # each exactly once (asserted inside)
+    finally:
+        replies.close()
+    assert loaded["ok"] and reloaded["ok"], (loaded, reloaded)
+    assert "streamed" in reloaded["result"]["removed"]
+    assert set(operator.run("status")["result"]["models"]) == {MODEL}
+    assert before_load < during_load < len(sent)            # requests were sent during both changes
+    # Served, or refused at the door by admission while the cores loaded a model; none lost or failed.
+    assert {code(r) for r in got.values()} <= {"ok", "rejected"}, [r.get("error") for r in got.values()]
+    assert sum(code(r) == "ok" for r in got.values()) >= len(sent) // 2

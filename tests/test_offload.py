@@ -424,3 +424,120 @@ def test_a_broker_restart_under_offload_load_costs_no_reply_and_gives_none_twice
             if board is not None:
                 board.close()
             peer.close()
+
+
+# --- set-offload: the plan changed by a signed command while the board serves --------------------
+
+def test_set_offload_moves_batches_to_the_peer_and_back_while_serving_and_refuses_what_needs_a_restart(
+        pair, broker, digits, tmp_path):
+    """A board with the command channel, the fixed plan sending nothing yet (share 0) to the peer
+    ``board-b``: ``set-offload --share 1`` (sent as ``edge-agent ctl`` sends it) while requests
+    arrive sends the later batches to the peer, every request answered once; ``--share 0`` brings
+    them home. A peer that is not among the board's, an unloaded split, a restart-only key and a
+    bad value are each refused with the field named, and change nothing."""
+    import shutil as _shutil
+    import uuid
+
+    from agent.ops.ctl import send_command
+    from agent.ops.keys import generate_key_pair, load_signing_key
+    from agent.ops.signing import sign
+
+    frames, _ = digits
+    generate_key_pair(tmp_path / "ops", "alice")
+    (tmp_path / "ring").mkdir()
+    _shutil.copy(tmp_path / "ops" / "alice.pub", tmp_path / "ring" / "alice.pub")
+    key = load_signing_key(tmp_path / "ops" / "alice.key")
+    device = "board-setoff"
+
+    def command(args: dict, name: str = "set-offload") -> dict:
+        command_id = uuid.uuid4().hex
+        acks = send_command(broker.host, broker.port, device, name,
+                            sign(name, args, device, key, command_id=command_id), command_id, timeout_s=30)
+        assert len(acks) == 1, acks
+        return acks[0]
+
+    def write_config(offload: str) -> None:
+        config_path.write_text(f"""config_version = {CONFIG_VERSION}
+[agent]
+device = "{device}"
+workers = 1
+policy = "offload_fixed"
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+session_expiry_s = 0
+subscribers = ["infer", "cmd"]
+[control]
+keyring = "{tmp_path / 'ring'}"
+[telemetry]
+interval_s = 0
+[offload]
+peer = "board-b"
+split = "none"
+{offload}
+[[models]]
+name = "{MODEL}"
+card = "demo:{MODEL}"
+default_slo_ms = 1000
+[models.batching]
+max_batch = 4
+""")
+
+    from agent.config import load_config
+    config_path = tmp_path / "board.toml"
+    write_config("share = 0.0")
+    board = Service(load_config(config_path), config_source=lambda: load_config(config_path))
+    app = Replies(broker, device, "app-setoff")
+    try:
+        _wait(lambda: board.agent.offload.peers.live("board-b") is not None, 60.0, "the peer's status")
+        for frame in frames[:6]:
+            app.send(frame, slo_ms=3000)
+        _wait(app.all_answered, 30.0, "the replies before the change")
+        sender = threading.Thread(target=_load, args=(app, frames, 30, 0.02, 3000))
+        sender.start()
+        ack = command({"share": 1})
+        sender.join()
+        assert ack["ok"] and ack["code"] == "ok", ack
+        assert ack["result"]["offload"]["share"] == 1.0 and ack["result"]["was"]["share"] == 0.0, ack
+        assert ack["result"]["offload"]["peer"] == "board-b" and ack["result"]["policy"] == "offload_fixed"
+        before = len(app.sent)
+        for frame in frames[:8]:
+            app.send(frame, slo_ms=3000)
+        replies = app.check_exactly_once()      # those sent across the change too: each once
+        assert all(r["status"] == "ok" for r in replies), [r for r in replies if r["status"] != "ok"]
+        assert {r["served_by"]["device"] for r in replies[:6]} == {device}
+        assert {r["served_by"]["device"] for r in replies[before:]} == {"board-b"}
+
+        refusals = {
+            "needs_restart": [({"peer": "board-z"}, "offload.peer: 'board-z' is not one of this board's peers"),
+                              ({"split": "no-such-split"}, "offload.split: 'no-such-split' for resnet_digits is not loaded"),
+                              ({"codec": "raw"}, "offload.codec: 'int8' -> 'raw'")],
+            "bad_args": [({"share": 2}, "args.share = 2: expected a fraction in 0..1"),
+                         ({"models": ["nope"]}, "args.models = ['nope']"),
+                         ({"sharee": 1}, "args.sharee = 1: expected one of the known keys")],
+        }
+        for code, cases in refusals.items():
+            for args, reason in cases:
+                refused = command(args)
+                assert not refused["ok"] and refused["code"] == code and reason in refused["reason"], (args, refused)
+        assert board.agent.config.offload.share == 1.0 and board.agent.config.offload.peer == "board-b"
+
+        assert command({"share": 0})["ok"]
+        home = len(app.sent)
+        for frame in frames[:6]:
+            app.send(frame, slo_ms=3000)
+        replies = app.check_exactly_once()
+        assert {r["served_by"]["device"] for r in replies[home:]} == {device}
+
+        # reload-config takes the file's plan the same way; a restart-only key there is refused.
+        write_config("share = 0.5")
+        reloaded = command({}, "reload-config")
+        assert reloaded["ok"] and reloaded["result"]["offload"]["share"] == 0.5, reloaded
+        assert board.agent.config.offload.share == 0.5
+        write_config('share = 1.0\ncodec = "raw"')
+        refused = command({}, "reload-config")
+        assert refused["code"] == "needs_restart" and refused["result"]["needs_restart"] == ["offload.codec: 'int8' -> 'raw'"]
+        assert board.agent.config.offload.share == 0.5
+    finally:
+        app.close()
+        board.close()

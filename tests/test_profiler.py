@@ -250,6 +250,26 @@ def test_progress_bar_shows_the_step_and_the_time_left_on_a_terminal_only():
     assert piped.getvalue() == ""
 
 
+def test_a_narrating_bench_prints_its_lines_and_counts_them_on_the_bar():
+    terminal, out = Terminal(), io.StringIO()
+    with Progress(3, terminal, desc="bench x") as bar:
+        bar.say("build the lab", out)
+        bar.say("[100 Mbit/s, 10 ms] 1/2 local: goodput 12.0/s, attainment 99.0%, lost 0", out)
+        drawn = terminal.getvalue().split("\r")[-1]
+        assert "2/3" in drawn and "<" in drawn and "[100 Mbit/s, 10 ms] 1/2" in drawn, drawn
+    assert out.getvalue().splitlines() == ["build the lab", "[100 Mbit/s, 10 ms] 1/2 local: goodput 12.0/s, "
+                                           "attainment 99.0%, lost 0"]
+    terminal = Terminal()
+    with Progress(4, terminal, desc="bench y", unit="round") as bar:
+        for _ in range(3):
+            bar.tick()
+    assert "3/4" in terminal.getvalue().split("\r")[-1]
+    piped, out = io.StringIO(), io.StringIO()               # not a terminal: the lines, and no bar
+    with Progress(3, piped) as bar:
+        bar.say("build the lab", out)
+    assert piped.getvalue() == "" and out.getvalue() == "build the lab\n"
+
+
 def test_cli_profile_handler(tmp_path, capsys):
     config = tmp_path / "board.toml"
     config.write_text('config_version = 1\n[[models]]\nname = "mobilenet_digits"\ncard = "demo:mobilenet_digits"\n'

@@ -224,3 +224,50 @@ def test_a_bad_config_exits_2_naming_the_field(tmp_path):
     bad.write_text('config_version = 1\n[[models]]\nname = "m"\ninstances = 0\n')
     out = edge_agent("selftest", "--config", str(bad))
     assert out.returncode == 2 and "models[0].instances = 0" in out.stderr
+
+
+def test_a_learned_policy_is_checked_and_a_damaged_one_fails_naming_its_weights(tmp_path):
+    """[agent] policy = "learned": the shipped policy passes for the demo models; one whose weights
+    were altered fails with the sha256 named (loading the config does not look at the card), and
+    one trained for other models fails naming the lanes. The exit code says so."""
+    models = (model_table("mobilenet_digits", "demo:mobilenet_digits")
+              + model_table("resnet_digits", "demo:resnet_digits"))
+
+    def config_with(policy_dir: Path, table: str = models) -> Path:
+        path = tmp_path / f"{policy_dir.name}-{len(table)}.toml"
+        path.write_text(f'config_version = 1\n[agent]\ndevice = "selftest-board"\npolicy = "learned"\n'
+                        f'policy_path = "{policy_dir}"\n[mqtt]\nenabled = false\n{table}')
+        return path
+
+    shipped = ROOT / "policies" / "cpu-2core"
+    good = rows(run_selftest(load_config(config_with(shipped)), groups=["files"]))["policy"]
+    assert good["status"] == "ok" and "policy.npz matches its card" in good["detail"], good
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shipped, damaged)
+    weights = damaged / "policy.npz"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    out = edge_agent("selftest", "--config", str(config_with(damaged)), "--skip", "core", "models", "accelerators",
+                     "headroom", "--json", "-q")
+    assert out.returncode == 1, out.stdout + out.stderr
+    row = rows(json.loads(out.stdout))["policy"]
+    assert row["status"] == "fail" and "policy.npz have sha256" in row["detail"] and "policy_path" in row["fix"], row
+
+    one_model = rows(run_selftest(load_config(config_with(shipped, model_table("mobilenet_digits",
+                                                                                "demo:mobilenet_digits"))),
+                                  groups=["files"]))["policy"]
+    assert one_model["status"] == "fail" and "lanes" in one_model["detail"], one_model
+
+
+def test_a_jetson_whose_onnxruntime_lacks_the_gpu_providers_is_warned_with_what_to_install(tmp_path):
+    import onnxruntime
+    if set(onnxruntime.get_available_providers()) & set(selftest.GPU_PROVIDERS):
+        pytest.skip("this onnxruntime offers a GPU provider: the warning cannot show here")
+    jetson = tmp_path / "jetson"
+    (jetson / "etc").mkdir(parents=True)
+    (jetson / "etc" / "nv_tegra_release").write_text("# R36 (release), REVISION: 3.0, GCID: 1, BOARD: generic\n")
+    row = selftest.check_jetson_gpu(jetson)
+    assert row.status == "warn" and "R36 (release)" in row.detail and "models run on the CPU" in row.detail
+    assert "nvidia-jetpack" in row.fix and "onnxruntime-gpu" in row.fix
+    elsewhere = selftest.check_jetson_gpu(tmp_path / "x86")
+    assert elsewhere.status == "skip" and "not a Jetson" in elsewhere.detail

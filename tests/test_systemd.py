@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pytest
 from agent.config import ConfigError, parse_config
 from agent.ops.notify import Notifier, notify_address, watchdog_interval
 from agent.ops.supervisor import ProgressWatchdog
-from agent.ops.systemd import render_unit
+from agent.ops.systemd import JETSON_NODES, board_devices, render_unit
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "systemd_child.py"
@@ -113,9 +114,9 @@ def http_port(status: str) -> int:
     return int(re.search(r"http://127\.0\.0\.1:(\d+)", status).group(1))
 
 
-def infer_over_http(port: int) -> dict:
+def infer_over_http(port: int, slo_ms: float = 5000) -> dict:
     body = json.dumps({"inputs": [{"name": "frames", "shape": [1, 64, 64, 3], "datatype": "UINT8",
-                                   "data": [0] * (64 * 64 * 3)}], "parameters": {"slo_ms": 5000}}).encode()
+                                   "data": [0] * (64 * 64 * 3)}], "parameters": {"slo_ms": slo_ms}}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/mobilenet_digits/infer", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as reply:
@@ -222,6 +223,45 @@ def test_run_notifies_ready_status_watchdog_and_stopping(tmp_path, broker):
         manager.close()
 
 
+def test_sigterm_drains_for_the_bound_then_answers_what_is_left_and_exits(tmp_path):
+    """Requests that can never be served on their own (a fixed batch of 8 that two requests never
+    fill) are queued when SIGTERM comes: STOPPING=1, the drain waits its bound
+    (drain_timeout_s), each queued request is answered shutting_down, and the process exits 0.
+    Without the bound the drain would wait for a batch that never forms."""
+    config = write_config(tmp_path, {"enabled": False}, drain_timeout_s=1.0)
+    config.write_text(config.read_text().replace("max_batch = 2", 'rule = "fixed"\nsize = 8\nmax_batch = 8'))
+    manager = Manager(str(tmp_path / "notify"))
+    agent = start_agent(config, str(tmp_path / "notify"))
+    replies: list = []
+
+    def infer(port: int) -> None:
+        try:
+            replies.append(infer_over_http(port, slo_ms=120_000))
+        except urllib.error.HTTPError as exc:
+            replies.append(json.loads(exc.read()))
+
+    try:
+        _, ready = manager.wait_for(lambda m: "READY=1" in m, timeout=90)
+        port = http_port(status_of(ready))
+        senders = [threading.Thread(target=infer, args=(port,)) for _ in range(2)]
+        for sender in senders:
+            sender.start()
+        manager.wait_for(lambda m: "; 2 queued" in (status_of(m) or ""), timeout=30)
+        t_term = time.monotonic()
+        code, _, err = stop(agent)
+        stopped_s = time.monotonic() - t_term
+        for sender in senders:
+            sender.join(10)
+        assert code == 0, err
+        manager.wait_for(lambda m: "STOPPING=1" in m, timeout=5, since=t_term)
+        assert len(replies) == 2 and all("shutting_down" in r["error"] for r in replies), replies
+        assert stopped_s >= 1.0           # it served (waited) for its bound before giving up
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        manager.close()
+
+
 def test_a_stalled_scheduler_stops_the_pings_while_status_goes_on(tmp_path):
     name = f"@edge-agent-test-stall-{os.getpid()}"
     manager = Manager(notify_address(name))
@@ -310,6 +350,56 @@ def test_service_install_writes_unit_config_and_user_commands_and_is_idempotent(
     assert config.read_text().endswith("# edited on the board\n") and "WatchdogSec=30" in unit.read_text()
 
 
+def device_allows(unit_text: str) -> set[str]:
+    return set(re.findall(r"^DeviceAllow=(\S+) rw$", unit_text, re.M))
+
+
+@pytest.mark.parametrize("board, allowed", [
+    ("jetson-orin-nano", {"/dev/nvmap", "/dev/nvhost-ctrl-gpu", "/dev/nvhost-gpu"}),
+    ("coral-devboard", {"/dev/apex_0"}),
+    ("rpi-coral-usb", {"char-usb_device"}),
+    ("generic-x86", set()),
+])
+def test_service_install_allows_only_the_boards_own_accelerator_nodes(tmp_path, board, allowed):
+    out = edge_agent("service", "install", "--root", str(tmp_path), "--config", board, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = render_unit(devices=board_devices(board))
+    nodes = device_allows(text)
+    assert allowed <= nodes and "DevicePolicy=closed" in text
+    others = device_allows(render_unit()) - nodes              # every other board's nodes stay shut
+    assert not any(node in nodes for node in others)
+    if board.startswith("jetson"):
+        assert nodes == set(JETSON_NODES)
+    else:
+        assert nodes == allowed
+    assert f"DeviceAllow: board {board}:" in out.stdout
+    # Written for real: the unit on disk is that rendering.
+    written = edge_agent("service", "install", "--root", str(tmp_path), "--config", board)
+    assert written.returncode == 0, written.stderr
+    unit = (tmp_path / "etc/systemd/system/edge-agent.service").read_text()
+    assert device_allows(unit) == nodes
+
+
+def test_service_install_into_a_staging_tree_without_a_board_allows_every_boards_nodes(tmp_path):
+    source = ROOT / "firmware_configs" / "generic-linux.toml"
+    out = edge_agent("service", "install", "--root", str(tmp_path), "--config", str(source))
+    assert out.returncode == 0, out.stderr
+    assert "DeviceAllow: every supported board's accelerator nodes (name the board with --board" in out.stdout
+    assert device_allows((tmp_path / "etc/systemd/system/edge-agent.service").read_text()) == device_allows(UNIT.read_text())
+    # On the machine itself, with a Coral plugged into a generic board: its nodes too, no others.
+    fake = tmp_path / "machine"
+    (fake / "dev").mkdir(parents=True)
+    (fake / "dev" / "apex_0").write_text("")
+    usb = fake / "sys/bus/usb/devices/1-1"
+    usb.mkdir(parents=True)
+    (usb / "idVendor").write_text("18d1\n")
+    (usb / "idProduct").write_text("9302\n")
+    assert board_devices("generic-x86", fake) == ("apex", "usb")
+    assert board_devices("jetson-orin-nano", tmp_path / "empty") == ("jetson",)
+    with pytest.raises(ValueError, match="board = 'pi-zero'"):
+        board_devices("pi-zero")
+
+
 def test_service_install_refuses_a_bad_config_before_writing(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('config_version = 1\n[[models]]\nname = "m"\ninstances = 0\n')
@@ -328,6 +418,12 @@ def test_systemd_analyze_verifies_the_unit_cleanly(tmp_path):
     copy.write_text(UNIT.read_text().replace("/usr/local/bin/edge-agent", sys.executable))
     out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.stderr == "" and out.returncode == 0, out.stderr
+    for devices in ((), ("jetson",)):          # a board's own rendering: fewer DeviceAllow= lines
+        one = tmp_path / "-".join(devices or ("cpu",)) / "edge-agent.service"
+        one.parent.mkdir()
+        one.write_text(render_unit(sys.executable, devices=devices))
+        out = subprocess.run([analyze, "verify", str(one)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert out.stderr == "" and out.returncode == 0, (devices, out.stderr)
     # verify exits 0 on bad values: only stderr tells, as this control shows.
     broken = tmp_path / "broken" / "edge-agent.service"
     broken.parent.mkdir()

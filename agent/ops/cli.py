@@ -163,7 +163,8 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                "... load-model --name resnet_digits --card demo:resnet_digits --instances 2 "
                "--batching '{\"max_batch\": 4}';  ... unload-model --model resnet_digits --timeout-s 10;  "
                "... set-batching --model resnet_digits --max-batch 4 --max-wait-ms 2;  "
-               "... set-slo-default --all --slo-ms 80;  ... set-policy --policy learned --policy-path policies/cpu-2core;  ... selftest --groups '[\"core\", \"broker\"]';  "
+               "... set-slo-default --all --slo-ms 80;  ... set-policy --policy learned --policy-path policies/cpu-2core;  "
+               "... set-offload --share 0.25 --split none;  ... selftest --groups '[\"core\", \"broker\"]';  "
                "... reload-config;  ... rotate-key --key-id bob --public-key @bob.pub --revoke alice")
     ctl.add_argument("--device", required=True, metavar="D", help="the board's device id, or 'fleet' for every board")
     ctl.add_argument("--key", metavar="PRIVATE_KEY", help=f"the operator's private key (edge-agent keys generate; "
@@ -179,7 +180,7 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
                                                         "again returns the first acknowledgement, never a second run")
     ctl.add_argument("--compact", action="store_true", help="one line of JSON per acknowledgement")
     ctl.add_argument("command", metavar="COMMAND", help="status, drain, resume, load-model, unload-model, "
-                     "set-batching, set-slo-default, set-policy, selftest, reload-config, rotate-key")
+                     "set-batching, set-slo-default, set-policy, set-offload, selftest, reload-config, rotate-key")
     ctl.add_argument("args", nargs=argparse.REMAINDER, metavar="--NAME VALUE", help="the command's args")
     add_broker_security_args(ctl)
     ctl.set_defaults(func=_cmd_ctl)

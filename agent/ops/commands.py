@@ -21,6 +21,9 @@ or after ``timeout_s``), ``resume`` (take requests again), and the model and key
 ``load-model`` (args: one ``[[models]]`` table, validated as a config file's), ``unload-model``,
 ``set-batching``, ``set-slo-default``, ``set-policy`` (args: ``policy``, the learned one's
 ``policy_path``: the card is checked first, a refused one leaves the old policy deciding),
+``set-offload`` (args: keys of ``[offload]``, the plan's: ``peer``, ``split``, ``share``,
+``models``, ``planner``, ``margin_ms``; checked as the config file's table, and what only a
+restart changes, a peer or split not loaded at start among them, refused ``needs_restart``),
 ``reload-config`` (the config file again: its models' changes
 applied through the same operations, all or nothing; what only a restart changes refused
 ``needs_restart``), ``selftest`` (:func:`agent.ops.selftest.run_selftest`, its report in the ack)
@@ -48,7 +51,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.api import Agent
-from agent.config import Config, ConfigError, parse_batching, parse_model_entry
+from agent.config import Config, ConfigError, offload_table, parse_batching, parse_model_entry, parse_offload
 from agent.ops.keys import Keyring, KeyFileError, fingerprint, install_key, parse_public_key
 from agent.ops.signing import Verifier, encode_ack, make_ack
 from agent.transport.connection import MqttTransport
@@ -107,7 +110,7 @@ class CommandChannel:
             "status": self._status, "drain": self._drain, "resume": self._resume,
             "load-model": self._load_model, "unload-model": self._unload_model,
             "set-batching": self._set_batching, "set-slo-default": self._set_slo_default,
-            "set-policy": self._set_policy,
+            "set-policy": self._set_policy, "set-offload": self._set_offload,
             "selftest": self._selftest, "reload-config": self._reload_config, "rotate-key": self._rotate_key,
         }
         self.answered = 0
@@ -330,6 +333,31 @@ class CommandChannel:
         self._publish_status()
         return result
 
+    def _set_offload(self, args: dict) -> dict:
+        if not args:
+            raise CommandArgsError(f"no offload settings: give some of {list(Agent.LIVE_OFFLOAD_FIELDS)} (keys of a "
+                                   f"config's [offload] table)")
+        table = offload_table(self.agent.config.offload)
+        for key, value in args.items():
+            if value is None and key in ("peer", "models"):       # nil: no peer, every model
+                table.pop(key, None)
+            else:
+                table[key] = "none" if value is None and key == "split" else value
+        try:
+            offload = parse_offload(table, self.agent.config.models, "args")
+        except ConfigError as exc:
+            raise CommandArgsError(_args_error(exc)) from None
+        needs = self.agent.offload_restart_needs(offload)
+        if needs:
+            raise CommandFailed("needs_restart", "these offload settings change only when the agent restarts, so "
+                                "nothing was changed: " + "; ".join(needs), {"needs_restart": needs})
+        try:
+            result = self.agent.set_offload(offload)
+        except ValueError as exc:
+            raise CommandFailed("cannot_apply_live", str(exc)) from None
+        self._publish_status()
+        return result
+
     def _set_slo_default(self, args: dict) -> dict:
         _no_args(args, {"model", "all", "slo_ms"})
         if ("model" in args) == bool(args.get("all")):
@@ -356,8 +384,9 @@ class CommandChannel:
     def _reload_config(self, args: dict) -> dict:
         """The difference between the config file and the running config, applied all or nothing:
         models added (loaded and profiled first: one that fails to load undoes the others), batching
-        and default SLOs changed, models removed (their queues served first). Anything else that
-        differs is refused ``needs_restart`` and nothing is applied."""
+        and default SLOs changed, models removed (their queues served first), the offload plan
+        (``set-offload``'s fields). Anything else that differs is refused ``needs_restart`` and
+        nothing is applied."""
         _no_args(args, set())
         if self.agent.config_source is None:
             raise CommandFailed("unavailable", "this agent was not started from a config file "
@@ -367,8 +396,9 @@ class CommandChannel:
         except ConfigError as exc:
             raise CommandFailed("bad_config", f"{exc}: nothing was applied") from None
         running = self.agent.config
-        restart = [line for f in dataclasses.fields(Config) if f.name != "models"
+        restart = [line for f in dataclasses.fields(Config) if f.name not in ("models", "offload")
                    for line in _differences(f.name, getattr(running, f.name), getattr(new, f.name))]
+        restart += self.agent.offload_restart_needs(new.offload)     # the offload plan changes live
         old_models = {m.name: m for m in running.models}
         new_models = {m.name: m for m in new.models}
         changed: dict[str, dict] = {}
@@ -407,9 +437,10 @@ class CommandChannel:
             if "default_slo_ms" in fields:
                 self.agent.set_default_slo(name, fields["default_slo_ms"])
         unloaded = {name: self.agent.remove_model(name, DRAIN_TIMEOUT_S) for name in removed}
+        offload = self.agent.set_offload(new.offload)["offload"] if new.offload != running.offload else None
         self._publish_status()
         return {"added": loaded, "removed": unloaded, "changed": {n: sorted(f) for n, f in changed.items()},
-                "models": sorted(self.agent.models)}
+                "models": sorted(self.agent.models), "offload": offload}
 
     # --- the self-test ------------------------------------------------------------------------------
 

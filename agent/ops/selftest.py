@@ -359,8 +359,10 @@ def _leaves(value: Any) -> list[Any]:
 # ---- files the config names: policy, profile ----------------------------------------------------
 
 def check_policy(config: Config) -> Check:
-    """The dispatch policy is a module of ``agent.scheduler.policies`` with a ``build`` function.
-    Policies with a file of their own (the learned one, later) validate it here."""
+    """The dispatch policy is a module of ``agent.scheduler.policies`` with a ``build`` function;
+    the learned one's directory (``[agent] policy_path``) is checked as the agent checks it at start
+    (``agent.learned.card.load_policy``: card version, schemas, the lanes against the configured
+    models, the weights' sha256 and shape), which loading the config does not do."""
     from agent.scheduler.policy import policy_names
     if config.policy not in policy_names():
         return Check("policy", "fail", f"[agent] policy = {config.policy!r} is not installed; installed: {policy_names()}",
@@ -369,6 +371,18 @@ def check_policy(config: Config) -> Check:
     if not callable(getattr(module, "build", None)):
         return Check("policy", "fail", f"policy module {module.__name__} has no build(scheduler) function",
                      "reinstall edge-agent: the policy module is damaged")
+    if config.policy == "learned":
+        from agent.learned.card import PolicyCardError, load_policy
+        try:
+            loaded = load_policy(config.policy_path, [m.name for m in config.models])
+        except PolicyCardError as exc:
+            return Check("policy", "fail", str(exc),
+                         "copy the policy directory again from the release (or retrain it: tools/train_policy.py), "
+                         "point [agent] policy_path at one trained for these models, or set [agent] policy = \"rules\"")
+        weights = loaded.card["weights"]
+        return Check("policy", "ok", f"'learned' from {config.policy_path}: {weights['file']} matches its card "
+                                     f"({weights['sha256'][:12]}...), lanes {list(loaded.lanes)}, "
+                                     f"{len(loaded.buckets)} batch buckets")
     return Check("policy", "ok", f"{config.policy!r} (built in, no policy file)")
 
 
@@ -690,9 +704,10 @@ def jetson_release(root: Path = Path("/")) -> str | None:
     return model if "jetson" in model.lower() else None
 
 
-def check_jetson_gpu() -> Check:
-    """A Jetson's GPU through onnxruntime's providers: warned when a Jetson's onnxruntime lacks them."""
-    release = jetson_release()
+def check_jetson_gpu(root: Path = Path("/")) -> Check:
+    """A Jetson's GPU through onnxruntime's providers: warned when a Jetson's onnxruntime lacks them.
+    ``root``: where ``/etc/nv_tegra_release`` and the device tree are read (the tests' fake trees)."""
+    release = jetson_release(root)
     try:
         import onnxruntime
         providers = list(onnxruntime.get_available_providers())

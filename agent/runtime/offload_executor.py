@@ -237,6 +237,14 @@ class OffloadClient:
             if while_waiting:
                 self._overlap["overlapped_s"] += seconds
 
+    def loaded_splits(self) -> dict[str, list[str | None]]:
+        """Per model, what it can send a peer: ``None`` (whole inputs) and each split point whose
+        head and fallback tail were loaded at start (``set-offload`` may choose only among them)."""
+        out: dict[str, list[str | None]] = {}
+        for model, split in self._splits:
+            out.setdefault(model, []).append(split)
+        return out
+
     def waiting_on_peers(self) -> bool:
         return bool(self._pending)
 

@@ -136,26 +136,32 @@ def _cmd_bench_broker_restart(args: argparse.Namespace) -> int:
     print(f"edge-agent bench broker-restart: {args.requests} requests at {args.rate:g}/s to the demo's small model, "
           f"the broker (persistent Mosquitto) restarted after 40% of them; +backlog: the agent away meanwhile "
           f"(stopped, a quarter of the requests queued for its session); clean: [mqtt] session_expiry_s = 0", flush=True)
+    from agent.progress import Progress
     rows = []
-    for backlog in (False, True):
-        for graceful in (True, False):
-            rows.append(run_broker_restart(graceful, backlog=backlog, requests=args.requests, rate_hz=args.rate))
-            print(format_restart(rows[-1:]).splitlines()[1], flush=True)
-    if args.clean:
+    with Progress(4 + 2 * bool(args.clean), desc="bench broker-restart") as progress:   # on a terminal: the time left
         for backlog in (False, True):
-            rows.append(run_broker_restart(True, backlog=backlog, requests=args.requests, rate_hz=args.rate,
-                                           session_expiry_s=0))
+            for graceful in (True, False):
+                rows.append(run_broker_restart(graceful, backlog=backlog, requests=args.requests, rate_hz=args.rate))
+                progress.say(format_restart(rows[-1:]).splitlines()[1])
+        if args.clean:
+            for backlog in (False, True):
+                rows.append(run_broker_restart(True, backlog=backlog, requests=args.requests, rate_hz=args.rate,
+                                               session_expiry_s=0))
+                progress.say(format_restart(rows[-1:]).splitlines()[1])
     print()
     print(format_restart(rows))
     return 0
 
 
 def _cmd_bench_tls(args: argparse.Namespace) -> int:
-    from edge_lab.bench.tls import bench_tls, format_tls
+    from agent.progress import Progress
+    from edge_lab.bench.tls import bench_tls, format_tls, rounds
     print(f"edge-agent bench tls: {args.connects} connects and {args.requests} requests (one at a time, batch 1, the "
           "demo's small model) each way, plain and TLS with client certificates alternating, loopback Mosquitto",
           flush=True)
-    print(format_tls(bench_tls(requests=args.requests, connects=args.connects)))
+    with Progress(rounds(args.requests, args.connects), desc="bench tls", unit="round") as progress:
+        figures = bench_tls(requests=args.requests, connects=args.connects, tick=progress.tick)
+    print(format_tls(figures))
     return 0
 
 
@@ -171,9 +177,13 @@ def _cmd_bench_exits(args: argparse.Namespace) -> int:
             return 2
     command = "edge-agent bench exits " + " ".join(sys.argv[3:])
     print(f"{command.strip()}: batching and early exit on {', '.join(names)}; simulated, then live", flush=True)
-    out = bench_exits(duration_s=args.duration, sim_duration_s=args.sim_duration, attainment=args.attainment,
-                      max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
-                      repeat=args.repeat, overload=args.overload, say=lambda line: print(line, flush=True))
+    from agent.progress import Progress
+    from edge_lab.bench.exits import line_count
+    with Progress(line_count(chosen, live=not args.sim_only, repeat=args.repeat, overload=args.overload),
+                  desc="bench exits") as progress:
+        out = bench_exits(duration_s=args.duration, sim_duration_s=args.sim_duration, attainment=args.attainment,
+                          max_batch=args.max_batch, seed=args.seed, live=not args.sim_only, contenders=chosen,
+                          repeat=args.repeat, overload=args.overload, say=progress.say)
     print(format_exits(out), flush=True)
     write_json(args.json, out)
     return 0
@@ -267,7 +277,9 @@ def _cmd_bench_fuzz(args: argparse.Namespace) -> int:
         print(f"edge-agent: --count {args.count}: expected 1 or more requests", file=sys.stderr)
         return 2
     intakes = ("mqtt", "http") if args.intake == "both" else (args.intake,)
-    results = run_fuzz(args.count, args.seed, intakes)
+    from agent.progress import Progress
+    with Progress(args.count * len(intakes), desc="bench fuzz", unit="case") as progress:
+        results = run_fuzz(args.count, args.seed, intakes, progress=progress)
     print(format_fuzz(results))
     return 0 if all(targets(results).values()) else 1
 
@@ -346,10 +358,14 @@ def _cmd_bench_probe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edge-agent bench probe: {exc}", file=sys.stderr)
         return 2
-    return _lab_bench("probe", lambda: bench_probe(links, sizes, idle_s=args.idle_s, settle_s=args.settle,
-                                                   measure_s=args.measure, board_cpu=args.board_cpu,
-                                                   say=lambda line: print(f"  {line}", flush=True)),
-                      format_probe, args.json)
+    from agent.progress import Progress
+    # Its lines: the lab built; per probe size, the board started, each link shape (the unshaped
+    # lab first) and the board stopped; the teardown.
+    with Progress(1 + len(sizes) * (len(links) + 3) + 1, desc="bench probe") as progress:
+        return _lab_bench("probe", lambda: bench_probe(links, sizes, idle_s=args.idle_s, settle_s=args.settle,
+                                                       measure_s=args.measure, board_cpu=args.board_cpu,
+                                                       say=lambda line: progress.say(f"  {line}")),
+                          format_probe, args.json)
 
 
 def _lab_bench(name: str, run, format_results, json_path: str | None) -> int:
@@ -385,10 +401,15 @@ def _cmd_bench_offload(args: argparse.Namespace) -> int:
     shapes = ", ".join(f"{link.mbit:g} Mbit/s {link.delay_ms:g} ms" for link in links)
     print(f"edge-agent bench offload: board {args.board_cpu} core, peer twice that unless --peer-cpu; "
           f"links {shapes}", flush=True)
-    return _lab_bench("offload", lambda: bench_offload(
-        links, model=args.model, board_cpu=args.board_cpu, peer_cpu=args.peer_cpu, duration_s=args.duration,
-        load=args.load, slo_ms=args.slo_ms, rows=rows, seed=args.seed, keep=args.keep,
-        say=lambda line: print(f"  {line}", flush=True)), format_offload, args.json)
+    from agent.progress import Progress
+    from edge_lab.bench.offload import row_count
+    # Its lines: the lab built, the peer started, the capacity measured and said, each row under
+    # each link, the teardown.
+    with Progress(4 + len(links) * row_count(args.model, rows) + 1, desc="bench offload") as progress:
+        return _lab_bench("offload", lambda: bench_offload(
+            links, model=args.model, board_cpu=args.board_cpu, peer_cpu=args.peer_cpu, duration_s=args.duration,
+            load=args.load, slo_ms=args.slo_ms, rows=rows, seed=args.seed, keep=args.keep,
+            say=lambda line: progress.say(f"  {line}")), format_offload, args.json)
 
 
 def _cmd_bench_pool(args: argparse.Namespace) -> int:
@@ -399,10 +420,12 @@ def _cmd_bench_pool(args: argparse.Namespace) -> int:
         print(f"edge-agent bench pool: {problem}", file=sys.stderr)
         return 1
     print(f"edge-agent bench pool: one agent, then three, {args.cpu:g} core each, {args.model}", flush=True)
-    return _lab_bench("pool", lambda: bench_pool(model=args.model, cpu=args.cpu, duration_s=args.duration,
-                                                 load=args.load, slo_ms=args.slo_ms, seed=args.seed,
-                                                 say=lambda line: print(f"  {line}", flush=True)),
-                      format_pool, args.json)
+    from agent.progress import Progress
+    with Progress(4, desc="bench pool") as progress:      # each row: its capacity, then its goodput
+        return _lab_bench("pool", lambda: bench_pool(model=args.model, cpu=args.cpu, duration_s=args.duration,
+                                                     load=args.load, slo_ms=args.slo_ms, seed=args.seed,
+                                                     say=lambda line: progress.say(f"  {line}")),
+                          format_pool, args.json)
 
 
 def _cores(text: str) -> float | None:

@@ -308,6 +308,16 @@ def accuracy_pass(agent, frames: np.ndarray, labels: np.ndarray, classes: Sequen
     return out
 
 
+def line_count(contenders: Sequence[str] | None = None, *, live: bool = True, repeat: int = 1,
+               overload: float = 2.0) -> int:
+    """How many lines :func:`bench_exits` says with these arguments (its progress bar's steps): the
+    measurement, each contender simulated, each live round of each, each overloaded run."""
+    names = [c[0] for c in CONTENDERS if contenders is None or c[0] in contenders]
+    overloaded = (sum(1 for n in names if n in OVERLOADED) * (2 if live else 1)
+                  if overload > 0 and all(n in names for n in OVERLOADED) else 0)
+    return 1 + len(names) + (repeat * len(names) if live else 0) + overloaded
+
+
 def bench_exits(*, duration_s: float = 6.0, sim_duration_s: float = 20.0, attainment: float = 0.95,
                 max_batch: int = 8, slo_batches: float = 2.5, seed: int = 0, live: bool = True,
                 contenders: Sequence[str] | None = None, repeat: int = 1, overload: float = 2.0,

@@ -109,7 +109,17 @@ def _progress(label: str, done: int, total: int, started: float, rss_mb) -> None
     print(f"  {label}: {done}/{total} ({time.monotonic() - started:.0f} s, agent RSS {rss_mb():.1f} MB)", flush=True)
 
 
-def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random, rss_mb):
+def _on_bar(progress, base: int):
+    """:func:`_progress` for a run with a bar (an ``agent.progress.Progress`` over every case of the
+    run, this intake's from ``base`` on): the same line above the bar, and the bar moved on."""
+    def report(label: str, done: int, total: int, started: float, rss_mb) -> None:
+        progress.write(f"  {label}: {done}/{total} ({time.monotonic() - started:.0f} s, agent RSS {rss_mb():.1f} MB)",
+                       sys.stdout)
+        progress.advance_to(base + done, f"{label} {done}/{total}")
+    return report
+
+
+def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random, rss_mb, report=_progress):
     from edge_lab.fuzz import MAX_PAYLOAD, MqttFuzzer, Tally, mqtt_case
     fuzzer = MqttFuzzer(host, port, device, f"fuzz-bench-{os.getpid()}")
     tally, sent = Tally(), []
@@ -126,7 +136,7 @@ def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random,
                 fuzzer.wait_for(outstanding[0], 30)
                 outstanding = [t for t in outstanding if t not in fuzzer.replies]
             if (n + 1) % 1000 == 0:
-                _progress("mqtt", n + 1, count, started, rss_mb)
+                report("mqtt", n + 1, count, started, rss_mb)
         for topic in outstanding:
             fuzzer.wait_for(topic, 30)
         time.sleep(SETTLE_S)            # duplicates, were there any, arrive meanwhile
@@ -139,7 +149,7 @@ def fuzz_mqtt(host: str, port: int, device: str, count: int, rng: random.Random,
     return tally, time.monotonic() - started
 
 
-def fuzz_http(port: int, count: int, rng: random.Random, rss_mb):
+def fuzz_http(port: int, count: int, rng: random.Random, rss_mb, report=_progress):
     from edge_lab.fuzz import MAX_PAYLOAD, Tally, check_http, http_case, http_exchange
     cases = [http_case(rng, MAX_PAYLOAD) for _ in range(count)]
     tally = Tally()
@@ -159,7 +169,7 @@ def fuzz_http(port: int, count: int, rng: random.Random, rss_mb):
                 responses = []
             check_http(case, n, responses, closed, tally)
             if (n + 1) % 1000 == 0:
-                _progress("http", n + 1, count, started, rss_mb)
+                report("http", n + 1, count, started, rss_mb)
     return tally, time.monotonic() - started
 
 
@@ -189,9 +199,9 @@ def _warm_up(agent: AgentProcess, broker, device: str) -> None:
             client.client.loop_stop()
 
 
-def run_fuzz(count: int, seed: int, intakes: tuple[str, ...]) -> dict:
+def run_fuzz(count: int, seed: int, intakes: tuple[str, ...], progress=None) -> dict:
     """Fuzz an agent process on ``intakes`` with ``count`` requests each; returns the figures and
-    whether each target held."""
+    whether each target held. ``progress``: a bar over ``count`` cases per intake (its lines above it)."""
     from edge_lab.broker import LocalBroker
     broker = LocalBroker().start() if "mqtt" in intakes else None
     device = "fuzz-board"
@@ -204,13 +214,19 @@ def run_fuzz(count: int, seed: int, intakes: tuple[str, ...]) -> dict:
             time.sleep(SETTLE_S)
             results["rss_before_mb"] = agent.rss_mb()
             rng = random.Random(seed)
-            for intake in intakes:
-                print(f"fuzzing {intake}: {count} requests (seed {seed})", flush=True)
+            for k, intake in enumerate(intakes):
+                line = f"fuzzing {intake}: {count} requests (seed {seed})"
+                report = _progress
+                if progress is None:
+                    print(line, flush=True)
+                else:
+                    progress.write(line, sys.stdout)
+                    report = _on_bar(progress, k * count)
                 before = agent.stats()["unanswerable"]
                 if intake == "mqtt":
-                    tally, seconds = fuzz_mqtt(broker.host, broker.port, device, count, rng, agent.rss_mb)
+                    tally, seconds = fuzz_mqtt(broker.host, broker.port, device, count, rng, agent.rss_mb, report)
                 else:
-                    tally, seconds = fuzz_http(agent.http_port, count, rng, agent.rss_mb)
+                    tally, seconds = fuzz_http(agent.http_port, count, rng, agent.rss_mb, report)
                 unanswerable = agent.stats()["unanswerable"] - before
                 results["intakes"][intake] = {"tally": tally, "seconds": seconds, "unanswerable": unanswerable,
                                               "rss_mb": agent.rss_mb()}

@@ -104,6 +104,19 @@ def available_contenders(split_points: Sequence[str], policies: Sequence[str]) -
     return rows
 
 
+def _model_contenders(model: str) -> list[Contender]:
+    """:func:`available_contenders` for ``model`` (a demo model's name or a card's path)."""
+    from agent.models.card import load_card
+    from agent.scheduler.policy import policy_names
+    card = load_card(f"demo:{model}") if not model.endswith(".json") else load_card(model)
+    return available_contenders([sp.name for sp in card.split_points], policy_names())
+
+
+def row_count(model: str, rows: Sequence[str] | None) -> int:
+    """How many rows :func:`bench_offload` runs under each link for ``model`` (``rows`` as given to it)."""
+    return len(rows) if rows is not None else len(_model_contenders(model))
+
+
 def parse_links(text: str) -> list[Link]:
     """``"10:50,100:10"`` (Mbit/s:one-way ms, comma-separated) to links; ValueError naming the bad one."""
     links = []
@@ -378,15 +391,17 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
                   drain_s: float = 8.0, keep: bool = False,
                   say: Callable[[str], None] = lambda line: None) -> dict:
     """Build the lab, measure the board's capacity, run every row under every link shape, tear down.
+<<<<<<< HEAD
     Returns every figure (module docstring); ``say`` gets a progress line per step and row. ``keep``:
     leave the agents' logs and configs in the work directory (its path said at the end)."""
     from agent.models.card import load_card
+=======
+    Returns every figure (module docstring); ``say`` gets a progress line per step and row."""
+>>>>>>> ops-audit
     from agent.scheduler.policy import policy_names
     if peer_cpu is None:
         peer_cpu = 2 * board_cpu if board_cpu is not None else None
-    card = load_card(f"demo:{model}") if not model.endswith(".json") else load_card(model)
-    split_points = [sp.name for sp in card.split_points]
-    every = available_contenders(split_points, policy_names())
+    every = _model_contenders(model)
     if rows is not None:
         unknown = [key for key in rows if key not in {c.key for c in every}]
         if unknown:

@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from agent.config import CONFIG_VERSION, parse_config
 from agent.transport.paho_client import MqttSecurity, connect, make_client
@@ -28,7 +29,15 @@ def _quantiles(samples_s: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
 
 
-def bench_tls(requests: int = 500, connects: int = 50) -> dict:
+def rounds(requests: int = 500, connects: int = 50) -> int:
+    """How many rounds :func:`bench_tls` runs (its ``tick`` calls): the connects, the requests and
+    their warm-up tenth."""
+    return connects + requests + requests // 10
+
+
+def bench_tls(requests: int = 500, connects: int = 50, tick: Callable[[], None] = lambda: None) -> dict:
+    """``tick`` is called after each round (a connect each way, or a request each way): a progress
+    bar's step, :func:`rounds` of them in all."""
     from agent.client import InferenceClient
     from agent.service import Service
     from edge_lab.bench.overhead import _frame
@@ -64,6 +73,7 @@ def bench_tls(requests: int = 500, connects: int = 50) -> dict:
                     connect_s[name].append(time.perf_counter() - started)
                     client.disconnect()
                     client.loop_stop()
+                tick()
             clients = {name: InferenceClient(broker.host, broker.port, "board-1", "app-bench", security=sec)
                        for name, (broker, sec) in sides.items()}
             inputs = {"frames": _frame()}
@@ -78,6 +88,7 @@ def bench_tls(requests: int = 500, connects: int = 50) -> dict:
                             raise RuntimeError(f"bench tls: an error reply over {name}: {reply.get('error')}")
                         if i >= requests // 10:        # the first tenth warms up
                             round_trip_s[name].append(elapsed)
+                    tick()
             finally:
                 for client in clients.values():
                     client.close()
