@@ -391,13 +391,8 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
                   drain_s: float = 8.0, keep: bool = False,
                   say: Callable[[str], None] = lambda line: None) -> dict:
     """Build the lab, measure the board's capacity, run every row under every link shape, tear down.
-<<<<<<< HEAD
     Returns every figure (module docstring); ``say`` gets a progress line per step and row. ``keep``:
     leave the agents' logs and configs in the work directory (its path said at the end)."""
-    from agent.models.card import load_card
-=======
-    Returns every figure (module docstring); ``say`` gets a progress line per step and row."""
->>>>>>> ops-audit
     from agent.scheduler.policy import policy_names
     if peer_cpu is None:
         peer_cpu = 2 * board_cpu if board_cpu is not None else None
