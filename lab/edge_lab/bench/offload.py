@@ -324,6 +324,38 @@ def _trace_phase(name: str, trace: Sequence[TraceRow]) -> dict:
     return {"name": name, "kind": "trace", "rows": [[r.t_s, r.app, r.model, r.slo_ms, r.priority] for r in trace]}
 
 
+class _CpuMeter:
+    """Each board's cores used (its cgroup's processes' CPU seconds per second) and the share of CFS
+    periods its quota throttled, from :meth:`start` to :meth:`stop`: near its quota and often
+    throttled, the quota bounds that board; well below it, the machine (or the work) does."""
+
+    def __init__(self, lab: Lab, boards: Sequence[str]) -> None:
+        self.lab, self.boards = lab, tuple(boards)
+        self._start: tuple[float, dict, dict] | None = None
+
+    def _sample(self) -> tuple[dict, dict]:
+        from edge_lab.bench.proctree import tree_cpu_s
+        return ({b: tree_cpu_s(self.lab.pids(b)) for b in self.boards},
+                {b: self.lab.cpu_stat(b) for b in self.boards})
+
+    def start(self) -> None:
+        self._start = (time.monotonic(), *self._sample())
+
+    def stop(self) -> dict[str, dict]:
+        if self._start is None:
+            return {}
+        t0, cpu0, stat0 = self._start
+        cpu1, stat1 = self._sample()
+        wall = max(time.monotonic() - t0, 1e-9)
+        out = {}
+        for b in self.boards:
+            periods = stat1[b].get("nr_periods", 0) - stat0[b].get("nr_periods", 0)
+            throttled = stat1[b].get("nr_throttled", 0) - stat0[b].get("nr_throttled", 0)
+            out[b] = {"cores": round((cpu1[b] - cpu0[b]) / wall, 3),
+                      "throttled_share": round(throttled / periods, 3) if periods > 0 else None}
+        return out
+
+
 def _play(e: _Env, phases: Sequence[dict], tag: str, *, on_phase: Callable[[str], None] = lambda name: None,
           drain_s: float = 3.0) -> list[dict]:
     """Run the board's applications (:mod:`edge_lab.bench.nsload`) in its namespace, outside its
@@ -463,14 +495,18 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
                         raise LabError(f"the peer agent exited ({peer.returncode}):\n{log_tail(peer_log)}")
                     t0 = time.monotonic()
                     board, log, _ = _start_board(e, contender, f"{s}-{contender.key}")
+                    cpu = _CpuMeter(lab, (BOARD, PEER))
                     try:
                         played = _play(e, [_trace_phase("warmup", warmup), _trace_phase("measure", trace)],
                                        f"{s}-{contender.key}", drain_s=drain_s,
-                                       on_phase=lambda name: name == "measure" and monitor.take_served())[1]
+                                       on_phase=lambda name: name == "measure" and (monitor.take_served(),
+                                                                                    cpu.start()))[1]
                         served, wire_dups, refused = monitor.take_served()
+                        used = cpu.stop()
                     finally:
                         _stop(board)
                     row = _row_result(contender, trace, played, served, wire_dups, time.monotonic() - t0)
+                    row["cpu"] = used
                     row["peer_errors"] = refused
                     row["peer_status"] = monitor.last_status(PEER)
                     row["log"] = str(log)
@@ -598,6 +634,10 @@ def format_offload(results: dict) -> str:
             lines.append(f"{row['label']:<24}{row['goodput_per_s']:>10.1f}{x:>8}{xc:>7}{_pct(row['slo_attainment']):>9}"
                          f"{p99:>8}{row['lost']:>6}{row['duplicated']:>5}{row['wrong']:>6}  {_mix(row)}")
         for row in shape["rows"]:
+            if row.get("cpu"):
+                lines.append(f"  {row['label']}: cores used / periods throttled, " + ", ".join(
+                    f"{b} {c['cores']:.2f} / " + ("-" if c["throttled_share"] is None else f"{c['throttled_share']:.0%}")
+                    for b, c in row["cpu"].items()))
             for code, seen in (row.get("peer_errors") or {}).items():
                 lines.append(f"  {row['label']}: the peer answered {seen['items']} items {code}; the first: "
                              f"{seen['example']}")
