@@ -12,9 +12,10 @@ given what is already committed on each resource:
 * **split k on peer p** (k = ``None``: the whole input goes): the head holds the slot for
   ``head_k(b) + encode``; the tensor leaves when the head is done and the uplink to p is free (this
   board's reservations of that link, :class:`PeerState.link_free_at`) and takes
-  ``b x bytes_k / bandwidth``; it reaches p half a round trip later, waits behind p's advertised
-  queue and the work this board already sent it and has no answer for (``outstanding_s``), runs
-  ``tail_k(b)`` on p, and the reply takes the other half of the round trip.
+  ``b x bytes_k / bandwidth``; it reaches p half a round trip later, waits behind the work this
+  board already sent it and has no answer for (``outstanding_s``) and the rest of p's advertised
+  queue (the queue less what of this board's work it held when p took it: counted once, as it is
+  now), runs ``tail_k(b)`` on p, and the reply takes the other half of the round trip.
 
 Each option ends at ``finish`` and frees this board's slot after ``local_s``. The planner picks the
 option with the least ``max(finish, now + local_s + backlog_s)`` among those that meet the batch's
@@ -80,6 +81,11 @@ class PeerState:
     outstanding_s: float = 0.0
     #: How many batches the peer runs at once (its execution slots): the work above is shared by them.
     slots: int = 1
+    #: When the peer took the queue figures above (``PeerSnapshot.status_at``), and how much of this
+    #: board's work was out on it then (``outstanding_s`` at that moment): the advertised queue holds
+    #: part of that work already, which ``outstanding_s`` counts too.
+    status_at: float | None = None
+    own_at_status: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,9 @@ class PeerSnapshot:
     queue_s: Mapping[str, float]
     offers: Mapping[str, Sequence[SplitCost]]
     slots: int = 1
+    #: When the peer's queue figures were taken (the status they came in; any clock, compared only
+    #: for change). None: not known, each refresh taken as new.
+    status_at: float | None = None
 
 
 class OffloadView(Protocol):
@@ -147,6 +156,8 @@ class Planner:
                 state = PeerState(snap.device, snap.rtt_s, snap.bandwidth_Bps)
             state.rtt_s, state.bandwidth_Bps = snap.rtt_s, snap.bandwidth_Bps
             state.queue_s, state.offers, state.slots = dict(snap.queue_s), dict(snap.offers), snap.slots
+            if snap.status_at is None or snap.status_at != state.status_at:
+                state.status_at, state.own_at_status = snap.status_at, state.outstanding_s
             fresh[snap.device] = state
         self.peers = fresh
 
@@ -173,8 +184,11 @@ class Planner:
         sent_at = leaves + b * cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0)
         arrives = sent_at + 0.5 * peer.rtt_s
         tail = cost.tail.predict(b)
-        waits = peer.queue_s.get(lane_name(model, cost.split), 0.0)
-        starts = max(arrives, now + waits + peer.outstanding_s / max(peer.slots, 1))
+        slots = max(peer.slots, 1)
+        # The advertised queue, less this board's own work in it when it was taken (counted below
+        # as it is now: answered batches gone, new ones in), is the other boards' and the peer's own.
+        others = max(0.0, peer.queue_s.get(lane_name(model, cost.split), 0.0) - peer.own_at_status / slots)
+        starts = max(arrives, now + others + peer.outstanding_s / slots)
         finish = starts + tail + 0.5 * peer.rtt_s
         return Placement(peer.device, cost.split, finish, local_s, sent_at, tail)
 

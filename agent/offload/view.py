@@ -80,7 +80,7 @@ class LiveOffloadView:
             bandwidth = info.bandwidth_bps if info.bandwidth_bps is not None else ASSUMED_BANDWIDTH_BPS
             queue_s = {lane: ms / 1000.0 for lane, ms in info.queue_ms.items()}
             out.append(PeerSnapshot(info.device, rtt, bandwidth / 8.0 if math.isfinite(bandwidth) else 1e12,
-                                    queue_s, offers, info.slots))
+                                    queue_s, offers, info.slots, status_at=info.seen_at))
         return out
 
 

@@ -353,6 +353,7 @@ class SimOffloadView:
         self.status_interval_s = status_interval_s
         self._next_status = -math.inf
         self._queue_s: dict[str, float] = {}
+        self._status_at = -math.inf
         self._offers: dict[str, dict[str, list[SplitCost]]] = {}
         for device, executor in offload.executors.items():
             offers: dict[str, list[SplitCost]] = {}
@@ -376,6 +377,7 @@ class SimOffloadView:
     def peer_snapshots(self, now: float) -> list[PeerSnapshot]:
         if now >= self._next_status:       # each peer's status refreshed: its queue as of now
             self._next_status = now + self.status_interval_s
+            self._status_at = now
             self._queue_s = {device: ex.peer.backlog_s(now) for device, ex in self.offload.executors.items()}
         snaps = []
         for device, executor in self.offload.executors.items():
@@ -383,7 +385,8 @@ class SimOffloadView:
             offers = self._offers[device]
             queue = self._queue_s.get(device, 0.0)
             lanes = {lane_name(model, cost.split): queue for model, costs in offers.items() for cost in costs}
-            snaps.append(PeerSnapshot(device, spec.rtt_s, spec.bandwidth_Bps, lanes, offers, spec.slots))
+            snaps.append(PeerSnapshot(device, spec.rtt_s, spec.bandwidth_Bps, lanes, offers, spec.slots,
+                                      status_at=self._status_at))
         return snaps
 
 

@@ -242,10 +242,13 @@ class _Monitor:
                 self._lock.wait(0.2)
 
     def last_status(self, device: str) -> dict | None:
-        """The latest live status ``device`` published (None before any)."""
+        """The latest live ``online`` status ``device`` published (None before any): what it said
+        of itself while it served, not its goodbye."""
         with self._lock:
-            statuses = self._live.get(device)
-            return statuses[-1] if statuses else None
+            for status in reversed(self._live.get(device, [])):
+                if status.get("state") == "online":
+                    return status
+            return None
 
     def seen(self, device: str) -> int:
         with self._lock:
@@ -509,6 +512,7 @@ def bench_offload(links: Sequence[Link] = DEFAULT_LINKS, *, model: str = "resnet
                     row["cpu"] = used
                     row["peer_errors"] = refused
                     row["peer_status"] = monitor.last_status(PEER)
+                    row["board_status"] = monitor.last_status(BOARD)
                     row["log"] = str(log)
                     shape["rows"].append(row)
                     say(f"[{link.mbit:g} Mbit/s, {link.delay_ms:g} ms] {k + 1}/{len(every)} {contender.label}: "
