@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_plan_parser", "cmd_plan"]
+__all__ = ["add_plan_parser", "cmd_plan", "add_push_parser", "cmd_push"]
 
 
 def _board_counts(text: str) -> dict[str, int]:
@@ -156,3 +156,100 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 1 if comparison.replays[args.method].violations else 0
+
+
+def add_push_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``push-plan`` command (``agent.fleet.push``); returns its parser."""
+    from agent.ops.cli import KEY_ENV, add_broker_security_args
+    parser = subparsers.add_parser(
+        "push-plan", help="make running agents serve a plan's models, with signed load-model / unload-model commands",
+        description="For each board of a plan written by edge-agent plan (DIR/configs/<board>.toml; boards it "
+                    "leaves empty from DIR/report.json), ask the running agent its status, then send signed "
+                    "commands that make it serve the plan's models: unload-model for models the plan does not "
+                    "give it, set-batching / set-slo-default for models it keeps, unload-model and load-model "
+                    "where the instances differ, load-model for models it lacks. Each step and its "
+                    "acknowledgement is printed. Exit 0 when every board answered and every step was ok, 1 when a "
+                    "step was refused, 3 when a board did not answer, 2 on bad input.",
+        epilog="example: edge-agent push-plan --plan plan/ --key ops.key --timeout 60. The boards' configs "
+               "must subscribe \"cmd\" and trust the key ([control] keyring).")
+    parser.add_argument("--plan", required=True, metavar="DIR", help="the plan directory (edge-agent plan --out DIR)")
+    parser.add_argument("--device", action="append", metavar="D",
+                        help="push only to this board (repeatable; default every board of the plan)")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="leave loaded the models a board serves that the plan does not give it")
+    parser.add_argument("--key", metavar="PRIVATE_KEY", help=f"the operator's private key (default ${KEY_ENV})")
+    parser.add_argument("--key-id", metavar="ID", help="the key's id on the boards (default: the key file's name)")
+    parser.add_argument("--host", help="MQTT broker (default: the one the plan's configs name)")
+    parser.add_argument("--port", type=int, default=None, help="MQTT broker port (default: the plan's configs')")
+    parser.add_argument("--ttl", type=float, default=120.0, metavar="S", help="seconds each command stays valid "
+                        "(default 120; boards accept at most their max_ttl_s)")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for each acknowledgement (default 60: a load-model loads and "
+                             "profiles the model before it answers)")
+    add_broker_security_args(parser)
+    parser.set_defaults(func=cmd_push)
+    return parser
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """0: every board reached and every step ok; 1: a step refused; 3: a board silent; 2: bad input."""
+    import os
+    import tomllib
+    from agent.fleet.push import planned_boards, push_plan
+    from agent.ops.cli import KEY_ENV, broker_security
+    from agent.ops.ctl import send_command
+    from agent.ops.keys import KeyFileError, load_signing_key
+    from agent.ops.signing import CommandError, sign
+    from agent.transport.paho_client import SecurityError
+
+    key_path = args.key or os.environ.get(KEY_ENV)
+    if not key_path:
+        print(f"edge-agent push-plan: no signing key: give --key PRIVATE_KEY or set ${KEY_ENV}", file=sys.stderr)
+        return 2
+    try:
+        key = load_signing_key(key_path, args.key_id)
+        boards = planned_boards(args.plan)
+        security = broker_security(args)
+    except (KeyFileError, ValueError) as exc:
+        print(f"edge-agent push-plan: {exc}", file=sys.stderr)
+        return 2
+    except SecurityError as exc:
+        print(f"edge-agent push-plan: --{exc.setting.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
+    host, port = args.host, args.port
+    configs = sorted((Path(args.plan) / "configs").glob("*.toml"))
+    if (host is None or port is None) and configs:
+        mqtt = tomllib.loads(configs[0].read_text()).get("mqtt", {})
+        host = host or mqtt.get("host")
+        port = port if port is not None else mqtt.get("port")
+    host = host or "127.0.0.1"
+    port = port if port is not None else (8883 if security.tls else 1883)
+    if not boards:
+        print(f"edge-agent push-plan: {args.plan}: the plan has no boards", file=sys.stderr)
+        return 2
+
+    def send(device: str, command: str, command_args: dict) -> dict | None:
+        try:
+            envelope = sign(command, command_args, device, key, ttl_s=args.ttl)
+        except CommandError as exc:
+            return {"ok": False, "code": "not_sent", "reason": str(exc), "device": device}
+        from agent.ops.signing import decode_envelope
+        command_id = decode_envelope(envelope)[0].command_id
+        try:
+            acks = send_command(host, port, device, command, envelope, command_id, timeout_s=args.timeout,
+                                security=security)
+        except (OSError, TimeoutError) as exc:
+            return {"ok": False, "code": "not_sent", "reason": str(exc), "device": device}
+        return acks[0] if acks else None
+
+    try:
+        results = push_plan(args.plan, send, devices=args.device, keep_others=args.keep_others,
+                            progress=lambda line: print(line, flush=True))
+    except ValueError as exc:
+        print(f"edge-agent push-plan: {exc}", file=sys.stderr)
+        return 2
+    silent = [r.device for r in results if not r.reached]
+    refused = [r.device for r in results if r.reached and not r.ok]
+    print(f"push-plan: {len(results) - len(silent) - len(refused)} of {len(results)} boards serve the plan"
+          + (f"; no answer from {silent}" if silent else "") + (f"; refused steps on {refused}" if refused else ""))
+    return 3 if silent else 1 if refused else 0

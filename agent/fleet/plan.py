@@ -156,7 +156,8 @@ def push_script(plan: Plan, predict: Predictor, *, broker_host: str, broker_port
     import shlex
     lines = ["#!/bin/sh", f"# Written by edge-agent plan ({plan.method}): load each board's models into its running agent.",
              "# Needs the operator key ($EDGE_AGENT_KEY or add --key FILE) and boards whose config subscribes \"cmd\".",
-             "# A board already serving a model of the same name refuses load-model: unload-model it first.",
+             "# A board already serving a model of the same name refuses load-model: for boards that serve",
+             "# models already, edge-agent push-plan --plan DIR unloads, changes and loads what differs.",
              "set -e"]
     for board in plan.boards:
         apps = plan.hosted.get(board.name, [])
