@@ -51,7 +51,9 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                     "kind, from `edge-agent profile` with a planner 'board' section; the shipped kinds are in "
                     "agent/fleet/profiles) three ways: knapsack (memory and cores alone, the baseline), "
                     "interference_aware (the Ibis paper's model-driven packing with the profiles' interference "
-                    "model) and local_search (ours: the latter, then moves that host what it left out). Each plan "
+                    "model) and local_search (ours: the latter from several starts, moves that host what it left out, a "
+                    "large-neighbourhood search, then each board checked in the simulator on traces of its own). "
+                    "Each plan "
                     "is replayed in the simulator (the live scheduler on a virtual clock, per board, Poisson "
                     "traces at the stated rates). Writes, for the chosen plan, OUT/configs/<board>.toml (the "
                     "agent's config; each checked by the agent's own loader), OUT/k8s/manifests.yaml (per board a "
@@ -81,8 +83,15 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                              "every batch takes its profiled time, slowed by the interference model)")
     parser.add_argument("--attainment", type=_fraction, default=0.99, metavar="F",
                         help="share of an application's requests that must be answered in SLO (default 0.99)")
-    parser.add_argument("--search-budget", type=_seconds, default=20.0, metavar="S",
-                        help="seconds local_search may spend (default 20)")
+    parser.add_argument("--search-budget", type=_seconds, default=180.0, metavar="S",
+                        help="seconds local_search may spend at most (default 180; --search-iters ends it "
+                             "first on most machines, which keeps a plan reproducible)")
+    parser.add_argument("--search-iters", type=int, default=400, metavar="N",
+                        help="steps of local_search's large-neighbourhood search (default 400; 0: the packing "
+                             "starts and repairs alone)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="write local_search's plan without checking its boards in the simulator first")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--traces", action="store_true",
                         help="also write OUT/traces/<board>.csv, the chosen plan's replay traces, to replay against a "
                              "live agent: edge-agent bench run --trace OUT/traces/B.csv --config OUT/configs/B.toml")
@@ -136,10 +145,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
             servable.append(app)
     for line in refused:
         print(f"edge-agent plan: not placed: {line}", file=sys.stderr)
-    plans, predict = make_plans(boards, servable, search_budget_s=args.search_budget)
     if not 0 <= args.jitter <= 2:
         print(f"edge-agent plan: --jitter {args.jitter!r}: expected a sigma in 0..2", file=sys.stderr)
         return 2
+    if not 0 <= args.search_iters <= 1_000_000:
+        print(f"edge-agent plan: --search-iters {args.search_iters!r}: expected a count in 0..1000000", file=sys.stderr)
+        return 2
+    import time
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"[{time.monotonic() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    plans, predict = make_plans(boards, servable, search_budget_s=args.search_budget,
+                                search_iterations=args.search_iters,
+                                check_duration_s=0.0 if args.no_check else args.duration, seed=args.seed,
+                                attainment=args.attainment, jitter=args.jitter, progress=progress)
+    progress("replaying the three plans")
     comparison = compare(plans, predict, duration_s=args.duration, seed=args.seed, attainment=args.attainment,
                          jitter=args.jitter, trace_dir=Path(args.out) / "traces" if args.traces else None,
                          trace_method=args.method)
