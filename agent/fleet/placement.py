@@ -14,8 +14,14 @@
   from packings in other orders (long-batch models first, loosest SLO first) and with a "pack"
   board rule (the fullest feasible board: long batches group and leave other boards to tight
   applications), hosts in each what it left out by moving one hosted application to another board
-  to make room (an ejection chain of depth one), and keeps the plan hosting the most; every board
-  stays feasible under the same model.
+  to make room (an ejection chain of depth one), keeps the plan hosting the most, then runs a
+  seeded large-neighbourhood search from it (ruin and recreate: empty a board or two and a few
+  applications elsewhere, place them and what was left out again in a noisy smallest-demand-first
+  order, repair); every board stays feasible under the same model. Why the second stage: the
+  packing starts and one-move repairs stop where hosting one more application needs several
+  applications to change boards at once, which on mixes of long-batch and tight-SLO models left a
+  fifth of what the model can host unplaced (``agent.fleet.verify`` then checks the result in the
+  simulator).
 
 All three see the applications in the same order (smallest compute demand first: what maximises
 the count for a knapsack), so they differ only in what they check.
