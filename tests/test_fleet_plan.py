@@ -207,6 +207,7 @@ def test_plan_command_writes_a_report_against_knapsack(example_plan):
     assert methods["knapsack"]["violations"], "the shipped example should show knapsack's violations"
     assert methods["local_search"]["hosted"] > methods["knapsack"]["hosted"]
     assert "x knapsack" in proc.stdout and "hosted" in (out / "report.txt").read_text()
+    assert "local_search:" in proc.stderr and "simulation check:" in proc.stderr     # progress as it plans
     assert proc.returncode == (1 if methods["local_search"]["violations"] else 0)
 
 
