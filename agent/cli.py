@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_parser(sub)
     _add_lab_parsers(sub)
 
-    from agent.fleet.cli import add_plan_parser
+    from agent.fleet.cli import add_plan_parser, add_push_parser
     from agent.models.cli import add_model_parser
     from agent.ops.cli import add_ctl_parser, add_keys_parser
     from agent.profiler.cli import add_profile_parser
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_parser(sub)
     add_ctl_parser(sub)
     add_plan_parser(sub)
+    add_push_parser(sub)
     return parser
 
 

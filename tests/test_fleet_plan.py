@@ -104,22 +104,87 @@ def test_knapsack_violates_where_interference_matters_and_ours_does_not(tmp_path
     assert len(ours_replay.hosted) == 3 > len(base_replay.hosted)
 
 
-def test_local_search_hosts_what_first_fit_left_out(tmp_path):
-    """Board x (one slot, 10 ms) and board y (one slot, 10 ms): the order puts small apps first,
-    and a move of one of them makes room for a big one that fits nowhere as placed."""
+def test_local_search_hosts_as_many_as_the_best_assignment_on_two_boards(tmp_path):
+    """Board x and board y (one slot, 10 ms each, load cap 0.8): demands 0.2, 0.2, 0.3, 0.45 and
+    0.5 sum to 1.65, more than both boards' 1.6, so at most four fit; first fit hosts four too
+    (0.2 + 0.2 + 0.3 and 0.45; 0.5 fits beside neither). Local search keeps that and every board
+    feasible; the count is checked against all 3^5 assignments."""
     kinds = kinds_from(tmp_path, board_profile("one-core", cores=1, workers=1, beta_ms=10.0))
     boards = fleet_boards(kinds, {"one-core": 2})
-    # Demands 0.2, 0.2, 0.3, 0.45: packing puts 0.2+0.2+0.3 (0.7) on the first board, 0.45 fits on
-    # the second; 0.5 then fits nowhere (0.7 + 0.5, 0.45 + 0.5 > 0.8) unless 0.3 moves over.
     apps = [App("s1", "mobilenet_digits", 20.0, 1000.0), App("s2", "mobilenet_digits", 20.0, 1000.0),
             App("m", "mobilenet_digits", 30.0, 1000.0), App("l1", "mobilenet_digits", 45.0, 1000.0),
             App("l2", "mobilenet_digits", 50.0, 1000.0)]
     predict = Predictor()
     first = interference_aware(boards, apps, predict)
     better = local_search(boards, apps, predict, start=first)
-    assert better.placed_count >= first.placed_count
+    assert _exhaustive_best(boards, apps, predict) == 4
+    assert first.placed_count == better.placed_count == 4
     for board in boards:
         assert predict(board, better.hosted[board.name]).feasible
+
+
+def _exhaustive_best(boards, apps, predict) -> int:
+    """The most applications any assignment hosts with every board feasible under ``predict``:
+    every application on every board or on none, all (len(boards) + 1) ** len(apps) of them."""
+    import itertools
+    n = len(apps)
+    feasible = {}
+    for j, board in enumerate(boards):
+        for mask in range(1 << n):
+            members = [apps[i] for i in range(n) if mask >> i & 1]
+            feasible[j, mask] = (all(board.kind.serves(a.model) for a in members)
+                                 and predict(board, members).feasible)
+    best = 0
+    for assign in itertools.product(range(len(boards) + 1), repeat=n):
+        masks = [0] * len(boards)
+        for i, j in enumerate(assign):
+            if j < len(boards):
+                masks[j] |= 1 << i
+        if all(feasible[j, masks[j]] for j in range(len(boards))):
+            best = max(best, sum(1 for j in assign if j < len(boards)))
+    return best
+
+
+def test_local_search_reaches_the_exhaustive_optimum_where_the_repairs_alone_do_not():
+    """Eight applications of the three demo models on the shipped kinds (one cpu-2core, two
+    cpu-halfcore; the mix is ``random_apps(8, 7)``): the packing starts with one-move repairs
+    (``iterations=0``) host fewer than the best of all 4^8 assignments under the same latency
+    model; the large-neighbourhood search hosts that many, each board feasible."""
+    from agent.fleet.plan import random_apps
+    boards = fleet_boards(load_kinds(PROFILES_DIR), {"cpu-2core": 1, "cpu-halfcore": 2})
+    apps = list(random_apps(8, 7).apps)
+    predict = Predictor()
+    optimum = _exhaustive_best(boards, apps, predict)
+    repairs_only = local_search(boards, apps, predict, iterations=0)
+    searched = local_search(boards, apps, predict, iterations=200, budget_s=120)
+    assert repairs_only.placed_count < optimum
+    assert searched.placed_count == optimum
+    for board in boards:
+        assert predict(board, searched.hosted[board.name]).feasible
+    again = local_search(boards, apps, Predictor(), iterations=200, budget_s=120)      # seeded: the same plan
+    assert {b: [a.name for a in v] for b, v in again.hosted.items()} == \
+        {b: [a.name for a in v] for b, v in searched.hosted.items()}
+
+
+def test_the_simulation_check_turns_a_violating_plan_into_one_that_holds(tmp_path):
+    """Knapsack's plan of the contended boards above (three applications on the first board, the
+    second empty) misses SLOs in the replay; the simulation check (its own traces, not the
+    replay's) gives up applications on the first board until the simulator says it holds and
+    places them on the second: the replay then finds no violation and all three hosted."""
+    from agent.fleet.verify import CHECK_SEED, simulation_checked
+    kinds = kinds_from(tmp_path, board_profile("contended", cores=2, workers=2, beta_ms=5.0, gamma=1.0))
+    boards = fleet_boards(kinds, {"contended": 2})
+    apps = [App(f"cam{i}", "mobilenet_digits", 80.0, 100.0) for i in range(3)]
+    predict = Predictor()
+    base = knapsack(boards, apps)
+    assert replay_plan(base, duration_s=10.0, predict=predict).violations
+    lines: list[str] = []
+    checked = simulation_checked(base, predict, duration_s=10.0, progress=lines.append)
+    assert CHECK_SEED != 0 and any("gives up" in line for line in lines), lines
+    assert len(checked.hosted[boards[1].name]) >= 1 and not checked.unplaced
+    replay = replay_plan(checked, duration_s=10.0, predict=predict)
+    assert replay.violations == [] and len(replay.hosted) == 3, replay.apps
+    assert [a.name for a in base.hosted[boards[0].name]] == ["cam0", "cam1", "cam2"]     # the input is left alone
 
 
 # --- outputs: configs, manifests, CLI ---------------------------------------------------------
@@ -142,6 +207,7 @@ def test_plan_command_writes_a_report_against_knapsack(example_plan):
     assert methods["knapsack"]["violations"], "the shipped example should show knapsack's violations"
     assert methods["local_search"]["hosted"] > methods["knapsack"]["hosted"]
     assert "x knapsack" in proc.stdout and "hosted" in (out / "report.txt").read_text()
+    assert "local_search:" in proc.stderr and "simulation check:" in proc.stderr     # progress as it plans
     assert proc.returncode == (1 if methods["local_search"]["violations"] else 0)
 
 

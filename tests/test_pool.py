@@ -140,7 +140,12 @@ def test_a_refusal_in_the_pool_names_the_board_that_refused(pool, broker, digits
         _wait(lambda: app.answered() == 12, 30.0, "every refusal")
         replies = list(app.replies.values())
         assert {r["status"] for r in replies} == {"error"}
-        assert {r["error"]["code"] for r in replies} <= {"rejected", "deadline_missed"}
+        codes = Counter(r["error"]["code"] for r in replies)
+        print(f"\npool refusals: {dict(codes)}; {replies[0]['error']}")
+        assert set(codes) <= {"rejected", "deadline_missed"}
+        assert codes["rejected"] >= 1, codes                # admission control refused, and says so ...
+        assert all("deadline cannot be met" in r["error"]["message"]    # ... with its reason
+                   for r in replies if r["error"]["code"] == "rejected")
         assert {r["served_by"]["device"] for r in replies} <= set(DEVICES)
         assert len({r["served_by"]["device"] for r in replies}) >= 2
     finally:

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_plan_parser", "cmd_plan"]
+__all__ = ["add_plan_parser", "cmd_plan", "add_push_parser", "cmd_push"]
 
 
 def _board_counts(text: str) -> dict[str, int]:
@@ -51,7 +51,9 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                     "kind, from `edge-agent profile` with a planner 'board' section; the shipped kinds are in "
                     "agent/fleet/profiles) three ways: knapsack (memory and cores alone, the baseline), "
                     "interference_aware (the Ibis paper's model-driven packing with the profiles' interference "
-                    "model) and local_search (ours: the latter, then moves that host what it left out). Each plan "
+                    "model) and local_search (ours: the latter from several starts, moves that host what it left out, a "
+                    "large-neighbourhood search, then each board checked in the simulator on traces of its own). "
+                    "Each plan "
                     "is replayed in the simulator (the live scheduler on a virtual clock, per board, Poisson "
                     "traces at the stated rates). Writes, for the chosen plan, OUT/configs/<board>.toml (the "
                     "agent's config; each checked by the agent's own loader), OUT/k8s/manifests.yaml (per board a "
@@ -81,8 +83,15 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                              "every batch takes its profiled time, slowed by the interference model)")
     parser.add_argument("--attainment", type=_fraction, default=0.99, metavar="F",
                         help="share of an application's requests that must be answered in SLO (default 0.99)")
-    parser.add_argument("--search-budget", type=_seconds, default=20.0, metavar="S",
-                        help="seconds local_search may spend (default 20)")
+    parser.add_argument("--search-budget", type=_seconds, default=180.0, metavar="S",
+                        help="seconds local_search may spend at most (default 180; --search-iters ends it "
+                             "first on most machines, which keeps a plan reproducible)")
+    parser.add_argument("--search-iters", type=int, default=400, metavar="N",
+                        help="steps of local_search's large-neighbourhood search (default 400; 0: the packing "
+                             "starts and repairs alone)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="write local_search's plan without checking its boards in the simulator first")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--traces", action="store_true",
                         help="also write OUT/traces/<board>.csv, the chosen plan's replay traces, to replay against a "
                              "live agent: edge-agent bench run --trace OUT/traces/B.csv --config OUT/configs/B.toml")
@@ -136,10 +145,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
             servable.append(app)
     for line in refused:
         print(f"edge-agent plan: not placed: {line}", file=sys.stderr)
-    plans, predict = make_plans(boards, servable, search_budget_s=args.search_budget)
     if not 0 <= args.jitter <= 2:
         print(f"edge-agent plan: --jitter {args.jitter!r}: expected a sigma in 0..2", file=sys.stderr)
         return 2
+    if not 0 <= args.search_iters <= 1_000_000:
+        print(f"edge-agent plan: --search-iters {args.search_iters!r}: expected a count in 0..1000000", file=sys.stderr)
+        return 2
+    import time
+    started = time.monotonic()
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"[{time.monotonic() - started:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+    plans, predict = make_plans(boards, servable, search_budget_s=args.search_budget,
+                                search_iterations=args.search_iters,
+                                check_duration_s=0.0 if args.no_check else args.duration, seed=args.seed,
+                                attainment=args.attainment, jitter=args.jitter, progress=progress)
+    progress("replaying the three plans")
     comparison = compare(plans, predict, duration_s=args.duration, seed=args.seed, attainment=args.attainment,
                          jitter=args.jitter, trace_dir=Path(args.out) / "traces" if args.traces else None,
                          trace_method=args.method)
@@ -156,3 +179,100 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 1 if comparison.replays[args.method].violations else 0
+
+
+def add_push_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``push-plan`` command (``agent.fleet.push``); returns its parser."""
+    from agent.ops.cli import KEY_ENV, add_broker_security_args
+    parser = subparsers.add_parser(
+        "push-plan", help="make running agents serve a plan's models, with signed load-model / unload-model commands",
+        description="For each board of a plan written by edge-agent plan (DIR/configs/<board>.toml; boards it "
+                    "leaves empty from DIR/report.json), ask the running agent its status, then send signed "
+                    "commands that make it serve the plan's models: unload-model for models the plan does not "
+                    "give it, set-batching / set-slo-default for models it keeps, unload-model and load-model "
+                    "where the instances differ, load-model for models it lacks. Each step and its "
+                    "acknowledgement is printed. Exit 0 when every board answered and every step was ok, 1 when a "
+                    "step was refused, 3 when a board did not answer, 2 on bad input.",
+        epilog="example: edge-agent push-plan --plan plan/ --key ops.key --timeout 60. The boards' configs "
+               "must subscribe \"cmd\" and trust the key ([control] keyring).")
+    parser.add_argument("--plan", required=True, metavar="DIR", help="the plan directory (edge-agent plan --out DIR)")
+    parser.add_argument("--device", action="append", metavar="D",
+                        help="push only to this board (repeatable; default every board of the plan)")
+    parser.add_argument("--keep-others", action="store_true",
+                        help="leave loaded the models a board serves that the plan does not give it")
+    parser.add_argument("--key", metavar="PRIVATE_KEY", help=f"the operator's private key (default ${KEY_ENV})")
+    parser.add_argument("--key-id", metavar="ID", help="the key's id on the boards (default: the key file's name)")
+    parser.add_argument("--host", help="MQTT broker (default: the one the plan's configs name)")
+    parser.add_argument("--port", type=int, default=None, help="MQTT broker port (default: the plan's configs')")
+    parser.add_argument("--ttl", type=float, default=120.0, metavar="S", help="seconds each command stays valid "
+                        "(default 120; boards accept at most their max_ttl_s)")
+    parser.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                        help="seconds to wait for each acknowledgement (default 60: a load-model loads and "
+                             "profiles the model before it answers)")
+    add_broker_security_args(parser)
+    parser.set_defaults(func=cmd_push)
+    return parser
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """0: every board reached and every step ok; 1: a step refused; 3: a board silent; 2: bad input."""
+    import os
+    import tomllib
+    from agent.fleet.push import planned_boards, push_plan
+    from agent.ops.cli import KEY_ENV, broker_security
+    from agent.ops.ctl import send_command
+    from agent.ops.keys import KeyFileError, load_signing_key
+    from agent.ops.signing import CommandError, sign
+    from agent.transport.paho_client import SecurityError
+
+    key_path = args.key or os.environ.get(KEY_ENV)
+    if not key_path:
+        print(f"edge-agent push-plan: no signing key: give --key PRIVATE_KEY or set ${KEY_ENV}", file=sys.stderr)
+        return 2
+    try:
+        key = load_signing_key(key_path, args.key_id)
+        boards = planned_boards(args.plan)
+        security = broker_security(args)
+    except (KeyFileError, ValueError) as exc:
+        print(f"edge-agent push-plan: {exc}", file=sys.stderr)
+        return 2
+    except SecurityError as exc:
+        print(f"edge-agent push-plan: --{exc.setting.replace('_', '-')}: {exc}", file=sys.stderr)
+        return 2
+    host, port = args.host, args.port
+    configs = sorted((Path(args.plan) / "configs").glob("*.toml"))
+    if (host is None or port is None) and configs:
+        mqtt = tomllib.loads(configs[0].read_text()).get("mqtt", {})
+        host = host or mqtt.get("host")
+        port = port if port is not None else mqtt.get("port")
+    host = host or "127.0.0.1"
+    port = port if port is not None else (8883 if security.tls else 1883)
+    if not boards:
+        print(f"edge-agent push-plan: {args.plan}: the plan has no boards", file=sys.stderr)
+        return 2
+
+    def send(device: str, command: str, command_args: dict) -> dict | None:
+        try:
+            envelope = sign(command, command_args, device, key, ttl_s=args.ttl)
+        except CommandError as exc:
+            return {"ok": False, "code": "not_sent", "reason": str(exc), "device": device}
+        from agent.ops.signing import decode_envelope
+        command_id = decode_envelope(envelope)[0].command_id
+        try:
+            acks = send_command(host, port, device, command, envelope, command_id, timeout_s=args.timeout,
+                                security=security)
+        except (OSError, TimeoutError) as exc:
+            return {"ok": False, "code": "not_sent", "reason": str(exc), "device": device}
+        return acks[0] if acks else None
+
+    try:
+        results = push_plan(args.plan, send, devices=args.device, keep_others=args.keep_others,
+                            progress=lambda line: print(line, flush=True))
+    except ValueError as exc:
+        print(f"edge-agent push-plan: {exc}", file=sys.stderr)
+        return 2
+    silent = [r.device for r in results if not r.reached]
+    refused = [r.device for r in results if r.reached and not r.ok]
+    print(f"push-plan: {len(results) - len(silent) - len(refused)} of {len(results)} boards serve the plan"
+          + (f"; no answer from {silent}" if silent else "") + (f"; refused steps on {refused}" if refused else ""))
+    return 3 if silent else 1 if refused else 0

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from agent.fleet.apps import App, AppList
 from agent.fleet.boards import Board, BoardKind, fleet_boards
@@ -63,14 +63,26 @@ class Comparison:
 
 
 def make_plans(boards: Sequence[Board], apps: Sequence[App], settings: Settings = Settings(),
-               search_budget_s: float = 20.0) -> tuple[dict[str, Plan], Predictor]:
-    """The three plans: knapsack (baseline), interference-aware (the paper's), local search (ours)."""
+               search_budget_s: float = 20.0, *, search_iterations: int = 400, check_duration_s: float = 20.0,
+               seed: int = 0, attainment: float = 0.99, jitter: float = 0.0,
+               progress: Callable[[str], None] | None = None) -> tuple[dict[str, Plan], Predictor]:
+    """The three plans: knapsack (baseline), interference-aware (the paper's), local search (ours:
+    the search, then each board checked in the simulator on traces of its own,
+    :func:`agent.fleet.verify.simulation_checked`; ``check_duration_s`` 0 skips the check)."""
+    from agent.fleet.verify import simulation_checked
     predict = Predictor(settings)
     ours = interference_aware(boards, apps, predict)
+    searched = local_search(boards, apps, predict, budget_s=search_budget_s, start=ours,
+                            iterations=search_iterations, progress=progress)
+    if check_duration_s > 0:
+        searched = simulation_checked(searched, predict, duration_s=check_duration_s, seed=seed,
+                                      attainment=attainment, jitter=jitter, progress=progress)
+        if progress:
+            progress(f"simulation check: {searched.placed_count} placed")
     return {
         "knapsack": knapsack(boards, apps),
         "interference_aware": ours,
-        "local_search": local_search(boards, apps, predict, budget_s=search_budget_s, start=ours),
+        "local_search": searched,
     }, predict
 
 
@@ -94,7 +106,8 @@ def format_report(comparison: Comparison, chosen: str) -> str:
                      f"{len(replay.violations):>10} {f'{replay.missed_requests}/{total}':>16} {ratio:>10.2f}")
     threshold = next(iter(comparison.replays.values())).attainment
     lines.append("knapsack: the baseline (memory and cores alone); interference_aware: the Ibis paper's "
-                 "model-driven packing; local_search: ours (several packing starts plus one-move repairs)")
+                 "model-driven packing; local_search: ours (packing starts, one-move repairs, a large-neighbourhood "
+                 "search, then each board checked in the simulator on traces other than this replay's)")
     lines.append(f"hosted = placed and >= {threshold:.0%} of its requests answered ok within its SLO in the "
                  f"simulated replay; the files written are the {chosen} plan's")
     for method in comparison.plans:
@@ -156,7 +169,8 @@ def push_script(plan: Plan, predict: Predictor, *, broker_host: str, broker_port
     import shlex
     lines = ["#!/bin/sh", f"# Written by edge-agent plan ({plan.method}): load each board's models into its running agent.",
              "# Needs the operator key ($EDGE_AGENT_KEY or add --key FILE) and boards whose config subscribes \"cmd\".",
-             "# A board already serving a model of the same name refuses load-model: unload-model it first.",
+             "# A board already serving a model of the same name refuses load-model: for boards that serve",
+             "# models already, edge-agent push-plan --plan DIR unloads, changes and loads what differs.",
              "set -e"]
     for board in plan.boards:
         apps = plan.hosted.get(board.name, [])

@@ -16,15 +16,18 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from agent.config import parse_config
+from agent.fleet.apps import App
+from agent.fleet.boards import Board
 from agent.fleet.placement import Plan, Predictor
 from agent.fleet.emit import board_config
 from agent.sim.engine import sim_models_from_config, simulate
 from agent.workload.generators import AppSpec, poisson
 from agent.workload.trace import write_trace
 
-__all__ = ["AppOutcome", "Replay", "replay_plan"]
+__all__ = ["AppOutcome", "Replay", "replay_board", "replay_plan"]
 
 
 @dataclass
@@ -63,6 +66,40 @@ class Replay:
         return sum(o.requests - o.within_slo for o in self.apps.values())
 
 
+def replay_board(board: Board, apps: Sequence[App], *, duration_s: float = 20.0, trace_seed: int = 0,
+                 predict: Predictor | None = None, jitter: float = 0.0,
+                 trace_path: str | Path | None = None) -> tuple[dict[str, AppOutcome], float]:
+    """Simulate one board hosting ``apps`` (its config as the plan writes it, a Poisson trace seeded
+    ``trace_seed``): per-application outcomes and the board's goodput (answered in SLO per second)."""
+    predict = predict or Predictor()
+    kind = board.kind
+    prediction = predict(board, apps)
+    config = parse_config(board_config(board, prediction))
+    tables = {m.name: kind.table(m.name) for m in config.models}
+    models = sim_models_from_config(config, tables, jitter=jitter)
+    total = sum(a.rate_per_s for a in apps)
+    specs = [AppSpec(a.name, a.model, a.slo_ms, a.rate_per_s) for a in apps]
+    trace = poisson(total, duration_s, specs, seed=trace_seed)
+    if trace_path is not None:
+        Path(trace_path).parent.mkdir(parents=True, exist_ok=True)
+        write_trace(Path(trace_path), trace)
+    slowdown = {m.name: (lambda n, _m=m.name: kind.slowdown(_m, n)) for m in config.models}
+    sim = simulate(trace, models, config.worker_count, cores=kind.cores, hold_fraction=config.hold_fraction,
+                   lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s,
+                   policy=config.policy, slowdown=slowdown)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for record in sim.records:
+        counts[record.app][0] += 1
+        counts[record.app][1] += int(record.within_slo)
+        statuses[record.app][record.status] += 1
+    outcomes = {}
+    for app in apps:
+        n, ok = counts.get(app.name, [0, 0])
+        outcomes[app.name] = AppOutcome(app.name, board.name, n, ok, dict(statuses.get(app.name, {})))
+    return outcomes, sum(r.within_slo for r in sim.records) / duration_s
+
+
 def replay_plan(plan: Plan, *, duration_s: float = 20.0, seed: int = 0, attainment: float = 0.99,
                 predict: Predictor | None = None, jitter: float = 0.0, trace_dir: str | Path | None = None) -> Replay:
     """Simulate every board of ``plan`` with its applications' traces; per-application outcomes.
@@ -75,30 +112,9 @@ def replay_plan(plan: Plan, *, duration_s: float = 20.0, seed: int = 0, attainme
     for index, (board_name, apps) in enumerate(sorted(plan.hosted.items())):
         if not apps:
             continue
-        board = by_name[board_name]
-        kind = board.kind
-        prediction = predict(board, apps)
-        config = parse_config(board_config(board, prediction))
-        tables = {m.name: kind.table(m.name) for m in config.models}
-        models = sim_models_from_config(config, tables, jitter=jitter)
-        total = sum(a.rate_per_s for a in apps)
-        specs = [AppSpec(a.name, a.model, a.slo_ms, a.rate_per_s) for a in apps]
-        trace = poisson(total, duration_s, specs, seed=seed * 7919 + index)
-        if trace_dir is not None:
-            Path(trace_dir).mkdir(parents=True, exist_ok=True)
-            write_trace(Path(trace_dir) / f"{board_name}.csv", trace)
-        slowdown = {m.name: (lambda n, _m=m.name: kind.slowdown(_m, n)) for m in config.models}
-        sim = simulate(trace, models, config.worker_count, cores=kind.cores, hold_fraction=config.hold_fraction,
-                       lookahead=config.admission_lookahead, edf_horizon_s=config.edf_horizon_s,
-                       policy=config.policy, slowdown=slowdown)
-        counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        statuses: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for record in sim.records:
-            counts[record.app][0] += 1
-            counts[record.app][1] += int(record.within_slo)
-            statuses[record.app][record.status] += 1
-        for app in apps:
-            n, ok = counts.get(app.name, [0, 0])
-            result.apps[app.name] = AppOutcome(app.name, board_name, n, ok, dict(statuses.get(app.name, {})))
-        result.goodput_per_s[board_name] = sum(r.within_slo for r in sim.records) / duration_s
+        outcomes, goodput = replay_board(by_name[board_name], apps, duration_s=duration_s,
+                                         trace_seed=seed * 7919 + index, predict=predict, jitter=jitter,
+                                         trace_path=Path(trace_dir) / f"{board_name}.csv" if trace_dir else None)
+        result.apps.update(outcomes)
+        result.goodput_per_s[board_name] = goodput
     return result
