@@ -124,3 +124,34 @@ def test_reservations_spread_a_backlog_over_the_board_and_its_peer():
 def test_no_option_without_a_local_model_or_a_peer():
     assert Planner().choose("m", 1, 0.0, 1.0, None) is None
     assert Planner().choose("m", 1, 0.0, 1.0, FULL).target == LOCAL
+
+
+def test_this_boards_work_in_the_peers_advertised_queue_is_counted_once():
+    """The peer's status counts the batches this board sent it; ``outstanding_s`` counts them too.
+    Priced once: a peer whose whole queue is this board's work waits as long as that work, and
+    other boards' work in the queue still counts."""
+    from agent.offload.planner import PeerSnapshot
+    p = Planner()
+    tail = Linear(0.0, 0.005)
+    offers = {"m": [SplitCost(None, None, tail, 76_800)]}
+
+    def status(queue_ms: float, at: float) -> PeerSnapshot:
+        return PeerSnapshot("peer", 0.0, 1e12, {"m": queue_ms / 1000.0}, offers, status_at=at)
+
+    p.refresh([status(0.0, at=1.0)])
+    for _ in range(4):                       # four batches of 8 sent: 0.16 s of the peer's work
+        p.commit(p.options("m", 8, 0.0, None)[0])
+    assert math.isclose(p.peers["peer"].outstanding_s, 0.16)
+    # the peer's next status: those 0.16 s in its queue (nothing of anyone else's)
+    p.refresh([status(160.0, at=2.0)])
+    [option] = p.options("m", 8, 0.0, None)
+    assert math.isclose(option.finish, 0.16 + 0.04), option        # waits 0.16 s, not 0.32
+    # the same status read again (no new one) keeps its reading: two batches answered since
+    p.answered("peer", 0.08)
+    p.refresh([status(160.0, at=2.0)])
+    [option] = p.options("m", 8, 0.0, None)
+    assert math.isclose(option.finish, 0.08 + 0.04), option
+    # another board's 0.1 s in the queue besides this board's 0.08 s: both count
+    p.refresh([status(180.0, at=3.0)])
+    [option] = p.options("m", 8, 0.0, None)
+    assert math.isclose(option.finish, 0.1 + 0.08 + 0.04), option
