@@ -413,7 +413,6 @@ class OffloadClient:
         if reply.error is not None:
             log.info("offload: %s refused batch %s (%s: %s): running it here", pending.peer, batch_id,
                      reply.error.code, reply.error.message)
-            pending.dispatch.peer_refused = n
             self._fallback_pool.submit(self._rescue, pending, None, reply.error)
             return
         served_by = {**reply.served_by, "split": pending.split}
@@ -423,7 +422,6 @@ class OffloadClient:
         compute_s = pending.head_s + float(reply.timing.get("compute_ms", 0.0)) / 1000.0
         failed = [i for i, err in enumerate(reply.errors) if err is not None]
         if failed:
-            pending.dispatch.peer_refused = len(failed)
             self._fallback_pool.submit(self._rescue, pending, (failed, outputs, reply.errors, served_by, compute_s),
                                        None)
             return

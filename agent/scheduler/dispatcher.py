@@ -141,10 +141,6 @@ class Dispatch:
     # (what admission learns the batch's profiled cost from); None for a whole-graph batch.
     answered: set | None = None
     stage_sizes: list | None = None
-    # Items of a batch sent to a peer that the peer answered with an error (refused: its admission
-    # said it could not finish them in time, or failed): set by the offload executor before the
-    # batch completes, read by the split policy's calibration of that peer.
-    peer_refused: int = 0
 
     @property
     def released(self) -> bool:

@@ -263,17 +263,13 @@ class SplitPolicy(RulePolicy):
 
 
     def _calibrate_away(self, peer: str, dispatch: "Dispatch", now: float) -> None:
-        """Requests admitted for ``peer`` were answered: each one late, or refused by the peer, raises
-        the peer's slack (a share of the request's SLO added to every prediction for it), each one
-        in time lowers it, so that about ``AWAY_MISS`` of them miss, whatever the virtual queue
-        leaves out (the peer's own load, its CPU share, the broker). As admission's slack does for
-        this board (admission.py). A refusal counts as a miss: the peer's admission said it could
-        not finish the request in time, which is what the virtual queue predicted it would; its
-        rest then runs here, on compute this board's own admission did not count on."""
+        """Requests admitted for ``peer`` were answered: each one late raises the peer's slack (a
+        share of the request's SLO added to every prediction for it), each one in time lowers it, so
+        that about ``AWAY_MISS`` of them miss, whatever the virtual queue leaves out (the peer's own
+        load, its CPU share, the broker). As admission's slack does for this board (admission.py)."""
         slack = self.away_slack.get(peer, 0.0)
-        refused = dispatch.peer_refused
-        for k, request in enumerate(dispatch.requests):
-            if k < refused or now > request.deadline:
+        for request in dispatch.requests:
+            if now > request.deadline:
                 slack = min(slack + (1.0 - AWAY_MISS) * AWAY_STEP, 1.0)
             else:
                 slack = max(slack - AWAY_MISS * AWAY_STEP, 0.0)
