@@ -8,6 +8,8 @@ of a local run, exactly once each.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -205,3 +207,42 @@ def test_requests_admitted_for_a_peer_that_miss_make_the_next_admissions_for_it_
     on_time = [req("m", 0.0, 0.1) for _ in range(5)]
     policy.observe(Dispatch("m", -1, on_time, 0.0, Action("m", 5, target="peer", requests=tuple(r.rid for r in on_time))), 0.05)
     assert 0 < policy.away_slack["peer"] < raised
+
+
+def test_a_peers_advertised_queue_drains_while_its_status_ages():
+    """The live view gives the planner the peer's queue as its last status said, less the time since
+    (the peer works it off meanwhile): a status one second old with 0.3 s queued means no wait."""
+    from types import SimpleNamespace
+    from agent.offload.peers import PeerInfo
+    from agent.offload.view import LiveOffloadView
+    info = PeerInfo(device="peer", offers={"m": {"full": True, "splits": []}}, queue_ms={"m": 300.0}, free_slots=0,
+                    codecs=["raw"], seen_at=10.0, rtt_s=0.001, bandwidth_bps=1e9)
+    held = SimpleNamespace(head_table=None, local_table=THERE, sent_bytes_per_item=None, bytes_per_item=76_800,
+                           codec_s_per_item=0.0)
+    client = SimpleNamespace(models={}, _splits={("m", None): held},
+                             peers=SimpleNamespace(live_peers=lambda: [info]))
+    view = LiveOffloadView(client)
+    assert [s.queue_s["m"] for s in view.peer_snapshots(10.0)] == [0.3]
+    assert math.isclose(view.peer_snapshots(10.2)[0].queue_s["m"], 0.1)
+    assert view.peer_snapshots(11.0)[0].queue_s["m"] == 0.0
+
+
+def test_a_peers_slack_fades_so_a_spell_of_misses_does_not_shut_it_out_for_good():
+    """Misses raise the slack and only requests admitted for the peer in time lower it, so a slack
+    raised high enough to admit none would stay: it fades with time instead (AWAY_DECAY_S)."""
+    from agent.scheduler.dispatcher import Dispatch
+    from agent.scheduler.policies.split import AWAY_DECAY_S
+    s = scheduler(View())
+    policy = s.policy
+    late = [req("m", 0.0, 0.1) for _ in range(100)]
+    policy.observe(Dispatch("m", -1, late, 0.0, Action("m", 100, target="peer", requests=tuple(r.rid for r in late))),
+                   0.5)
+    raised = policy._away_slack("peer", 0.5)
+    assert raised > 0.9
+    assert math.isclose(policy._away_slack("peer", 0.5 + AWAY_DECAY_S), raised / math.e)
+    assert policy._away_slack("peer", 0.5 + 10 * AWAY_DECAY_S) < 0.01 * raised
+    # the raised slack refuses a request for the peer (its 31 ms round trip and run, plus 90% of its
+    # 100 ms SLO); once the slack has faded the same request is admitted for it
+    lane = s.lanes["m"]
+    assert not policy.admit_elsewhere(lane, req("m", 0.5, 0.1))
+    assert policy.admit_elsewhere(lane, req("m", 0.5 + 10 * AWAY_DECAY_S, 0.1))

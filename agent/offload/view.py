@@ -5,7 +5,8 @@ and head tables (measured at start), and per live peer (``agent.offload.peers``)
 that this board can send (a split point needs its head here), each option's tail time on the peer
 (the peer's own latency table from its status; this board's, when the peer does not say), the
 bytes an item puts on the wire after the codec and the codec's time (measured from this board's own
-sends; before the first, the codec's nominal ratio), the peer's queue delay per lane and its slots,
+sends; before the first, the codec's nominal ratio), the peer's queue delay per lane (as its last
+status said, less the time since: the peer works its queue off while its status ages) and its slots,
 and the link.
 
 Before this board has measured a link, it assumes a fast one (``ASSUMED_RTT_S``,
@@ -78,7 +79,10 @@ class LiveOffloadView:
                 continue
             rtt = info.rtt_s if info.rtt_s is not None else ASSUMED_RTT_S
             bandwidth = info.bandwidth_bps if info.bandwidth_bps is not None else ASSUMED_BANDWIDTH_BPS
-            queue_s = {lane: ms / 1000.0 for lane, ms in info.queue_ms.items()}
+            # The queue as the peer advertised it, drained since: it ran its queue while the status
+            # aged, and a second-old queue held as it was refused work the peer had time for.
+            age_s = max(0.0, now - info.seen_at)
+            queue_s = {lane: max(0.0, ms / 1000.0 - age_s) for lane, ms in info.queue_ms.items()}
             out.append(PeerSnapshot(info.device, rtt, bandwidth / 8.0 if math.isfinite(bandwidth) else 1e12,
                                     queue_s, offers, info.slots, status_at=info.seen_at))
         return out

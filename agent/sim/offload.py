@@ -383,7 +383,7 @@ class SimOffloadView:
         for device, executor in self.offload.executors.items():
             spec = executor.peer.spec
             offers = self._offers[device]
-            queue = self._queue_s.get(device, 0.0)
+            queue = max(0.0, self._queue_s.get(device, 0.0) - (now - self._status_at))   # drained since, as live
             lanes = {lane_name(model, cost.split): queue for model, costs in offers.items() for cost in costs}
             snaps.append(PeerSnapshot(device, spec.rtt_s, spec.bandwidth_Bps, lanes, offers, spec.slots,
                                       status_at=self._status_at))

@@ -39,6 +39,7 @@ peers' side adds to a request's latency.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from agent.offload.planner import LOCAL, Planner
@@ -56,6 +57,10 @@ SLOWDOWN_ALPHA = 0.1
 #: of the request's SLO) per request answered (:meth:`SplitPolicy._calibrate_away`).
 AWAY_MISS = 0.02
 AWAY_STEP = 0.01
+#: The peer's slack fades toward 0 with this time constant (seconds) between lessons: a slack
+#: raised by a spell of misses would otherwise shut the peer out for good, since only requests
+#: admitted for it (none, once the slack is high) bring it down (:meth:`SplitPolicy._away_slack`).
+AWAY_DECAY_S = 2.0
 
 
 class SplitPolicy(RulePolicy):
@@ -83,8 +88,10 @@ class SplitPolicy(RulePolicy):
         self.virtual_free: dict[str, float] = options.setdefault("_split_virtual_free", {})
         self._item_cost: dict[int, tuple] = {}          # id(table) -> (table, least time per request)
         self.admitted_away: dict[str, dict[int, str]] = options.setdefault("_split_away", {})
-        #: Per peer, the share of a request's SLO added to what the virtual queue predicts.
+        #: Per peer, the share of a request's SLO added to what the virtual queue predicts, and when
+        #: it was last learned (it fades from there: :meth:`_away_slack`).
         self.away_slack: dict[str, float] = options.setdefault("_split_away_slack", {})
+        self.away_slack_at: dict[str, float] = options.setdefault("_split_away_slack_at", {})
 
 
     # --- deciding ------------------------------------------------------------------------------
@@ -140,7 +147,7 @@ class SplitPolicy(RulePolicy):
                 starts = max(self.virtual_free.get(peer.device, now), now + peer.queue_s.get(lane.name, 0.0),
                              peer.link_free_at)
                 finish = starts + work + cost.bytes_per_item / max(peer.bandwidth_Bps, 1.0) + peer.rtt_s
-                finish += self.away_slack.get(peer.device, 0.0) * (request.deadline - request.arrival)
+                finish += self._away_slack(peer.device, now) * (request.deadline - request.arrival)
                 if finish <= request.deadline and (best is None or finish < best[0]):
                     best = (finish, peer.device, starts + work)
         if best is None:
@@ -267,13 +274,27 @@ class SplitPolicy(RulePolicy):
         share of the request's SLO added to every prediction for it), each one in time lowers it, so
         that about ``AWAY_MISS`` of them miss, whatever the virtual queue leaves out (the peer's own
         load, its CPU share, the broker). As admission's slack does for this board (admission.py)."""
-        slack = self.away_slack.get(peer, 0.0)
+        slack = self._away_slack(peer, now)
         for request in dispatch.requests:
             if now > request.deadline:
                 slack = min(slack + (1.0 - AWAY_MISS) * AWAY_STEP, 1.0)
             else:
                 slack = max(slack - AWAY_MISS * AWAY_STEP, 0.0)
-        self.away_slack[peer] = slack
+        self.away_slack[peer], self.away_slack_at[peer] = slack, now
+
+    def _away_slack(self, peer: str, now: float) -> float:
+        """``peer``'s slack now: as last learned, faded by ``exp(-elapsed / AWAY_DECAY_S)``. Why it
+        fades: it falls only as requests admitted for the peer come back in time, and a slack
+        raised high admits none, so without it one bad spell (a burst that queued on the peer while
+        the board's view of it was stale) kept a live peer idle for the rest of the run (seen in
+        ``bench offload``: the slack at 0.7 of the SLO after the first 3 s, nothing sent after).
+        Faded, the board tries the peer again within seconds, and misses raise it again if the
+        peer is still short."""
+        slack = self.away_slack.get(peer, 0.0)
+        if slack <= 0.0:
+            return 0.0
+        elapsed = now - self.away_slack_at.get(peer, now)
+        return slack * math.exp(-max(elapsed, 0.0) / AWAY_DECAY_S)
 
     def _learn_slowdown(self, dispatch: "Dispatch", now: float) -> None:
         """How much longer this board's batches take than its table says (an EWMA of the ratio,
