@@ -216,21 +216,16 @@ def add_push_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def cmd_push(args: argparse.Namespace) -> int:
     """0: every board reached and every step ok; 1: a step refused; 3: a board silent; 2: bad input."""
-    import os
     import tomllib
     from agent.fleet.push import planned_boards, push_plan
-    from agent.ops.cli import KEY_ENV, broker_security
+    from agent.ops.cli import broker_security, operator_key
     from agent.ops.ctl import send_command
-    from agent.ops.keys import KeyFileError, load_signing_key
+    from agent.ops.keys import KeyFileError
     from agent.ops.signing import CommandError, sign
     from agent.transport.paho_client import SecurityError
 
-    key_path = args.key or os.environ.get(KEY_ENV)
-    if not key_path:
-        print(f"edge-agent push-plan: no signing key: give --key PRIVATE_KEY or set ${KEY_ENV}", file=sys.stderr)
-        return 2
     try:
-        key = load_signing_key(key_path, args.key_id)
+        key = operator_key(args)
         boards = planned_boards(args.plan)
         security = broker_security(args)
     except (KeyFileError, ValueError) as exc:

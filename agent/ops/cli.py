@@ -81,17 +81,23 @@ def parse_command_args(words: list[str]) -> dict:
     return args
 
 
-def _cmd_ctl(args: argparse.Namespace) -> int:
-    from agent.ops.ctl import send_command
+def operator_key(args: argparse.Namespace):
+    """The operator's signing key, from ``--key`` or ``$EDGE_AGENT_KEY`` (and ``--key-id``), for
+    ``ctl`` and ``push-plan``; raises ``KeyFileError`` naming what is missing or wrong."""
     from agent.ops.keys import KeyFileError, load_signing_key
-    from agent.ops.signing import CommandError, sign
     key_path = args.key or os.environ.get(KEY_ENV)
     if not key_path:
-        print(f"edge-agent ctl: no signing key: give --key PRIVATE_KEY or set ${KEY_ENV}", file=sys.stderr)
-        return 2
+        raise KeyFileError(f"no signing key: give --key PRIVATE_KEY or set ${KEY_ENV}")
+    return load_signing_key(key_path, args.key_id)
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from agent.ops.ctl import send_command
+    from agent.ops.keys import KeyFileError
+    from agent.ops.signing import CommandError, sign
     try:
+        key = operator_key(args)
         command_args = parse_command_args(args.args)
-        key = load_signing_key(key_path, args.key_id)
         command_id = args.command_id or None
         envelope = sign(args.command, command_args, args.device, key, ttl_s=args.ttl, command_id=command_id)
     except (ValueError, KeyFileError, CommandError) as exc:
