@@ -574,11 +574,9 @@ class Agent:
                     self.offload.settings = offload        # margin_ms: read per batch sent
                 self.config = dataclasses.replace(self.config, offload=offload)
                 self.loop.cond.notify_all()
-            plan = {f: getattr(offload, f) for f in self.LIVE_OFFLOAD_FIELDS}
-            log.info("offload plan %s -> %s (policy %s)", {f: getattr(was, f) for f in self.LIVE_OFFLOAD_FIELDS},
-                     plan, self.config.policy)
-            return {"offload": plan, "was": {f: getattr(was, f) for f in self.LIVE_OFFLOAD_FIELDS},
-                    "policy": self.config.policy}
+            plan, was_plan = ({f: getattr(o, f) for f in self.LIVE_OFFLOAD_FIELDS} for o in (offload, was))
+            log.info("offload plan %s -> %s (policy %s)", was_plan, plan, self.config.policy)
+            return {"offload": plan, "was": was_plan, "policy": self.config.policy}
 
     def set_default_slo(self, name: str, slo_ms: float) -> float:
         """Requests for ``name`` that give no SLO get ``slo_ms`` from now on; returns the old one."""

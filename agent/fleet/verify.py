@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 from agent.fleet.apps import App
 from agent.fleet.boards import Board
-from agent.fleet.placement import Plan, Predictor, _demand
+from agent.fleet.placement import Plan, Predictor, _copy, _demand
 from agent.fleet.replay import replay_board
 
 __all__ = ["CHECK_SEED", "simulation_checked"]
@@ -30,7 +30,7 @@ def simulation_checked(plan: Plan, predict: Predictor, *, duration_s: float = 20
                        attainment: float = 0.99, jitter: float = 0.0,
                        progress: Callable[[str], None] | None = None) -> Plan:
     """A copy of ``plan`` whose every board holds every SLO in the simulator (module docstring)."""
-    out = Plan(plan.method, list(plan.boards), {k: list(v) for k, v in plan.hosted.items()}, list(plan.unplaced))
+    out = _copy(plan, plan.method)
     by_name = {b.name: b for b in plan.boards}
     index = {b.name: i for i, b in enumerate(plan.boards)}
     cache: dict[tuple, float] = {}
@@ -65,10 +65,13 @@ def simulation_checked(plan: Plan, predict: Predictor, *, duration_s: float = 20
         options = []
         for board in plan.boards:
             current = out.hosted[board.name]
-            if not board.kind.serves(app.model) or not predict(board, [*current, app]).feasible:
+            if not board.kind.serves(app.model):
+                continue
+            prediction = predict(board, [*current, app])
+            if not prediction.feasible:
                 continue
             serving = any(a.model == app.model for a in current)
-            options.append((not serving, predict(board, [*current, app]).load / board.kind.workers, board.name))
+            options.append((not serving, prediction.load / board.kind.workers, board.name))
         for _, _, name in sorted(options):
             if worst(by_name[name], [*out.hosted[name], app]) >= attainment:
                 out.hosted[name].append(app)

@@ -67,9 +67,10 @@ def exit_oracle(correct: Sequence[np.ndarray], cumulative_ms: Sequence[float], t
     these items: an oracle that knows which exit answers each item right sends it to the earliest
     such exit (to the first where none does: it is wrong wherever it leaves), then spends the
     class's allowance of wrong answers (the items it may get wrong and still be ``target`` accurate
-    overall) on the dearest items, sent to the first exit. ``correct[k][i]``: exit ``k`` answers item ``i`` right; ``cumulative_ms[k]``:
-    what running up to exit ``k`` costs per item. A bound, not a rule: no confidence test knows
-    which items are right, so a real rule's mean time is at least this."""
+    overall) on the dearest items, sent to the first exit. ``correct[k][i]``: exit ``k`` answers
+    item ``i`` right; ``cumulative_ms[k]``: what running up to exit ``k`` costs per item. A bound,
+    not a rule: no confidence test knows which items are right, so a real rule's mean time is at
+    least this."""
     right = np.asarray(correct, dtype=bool)                      # [exits, items]
     cost = np.asarray(cumulative_ms, dtype=np.float64)
     if right.ndim != 2 or right.shape[0] != cost.shape[0] or right.shape[1] == 0:

@@ -34,12 +34,13 @@ Per row: goodput (ok replies within the SLO per second of the trace), SLO attain
 wrong predictions, and where the replies were computed: the peer's offload replies are read off the
 broker (``edge/v1/<board>/offload-reply/+``, whose ``served_by`` names the split point), the rest
 was computed on the board. The items the peer refused or missed are counted by code with the first
-one's message (``peer_errors``: why, in the peer's words), beside the peer's last status. The targets (:func:`check_targets`): on 100 Mbit/s and 10 ms, ours at
-least 2.4x local-only (the local row's goodput, or the measured capacity where that is higher: an
-overloaded local board that collapses must not flatter the ratio) and above full offload and
-Neurosurgeon; on every shape, ours within 10 % of
-the best fixed plan (local, full offload, or a split point at share 1); the split ours chooses
-most moves between shapes; no row loses or duplicates a reply.
+one's message (``peer_errors``: why, in the peer's words), beside each board's cores used and share
+of periods throttled (``cpu``) and both agents' last statuses. The targets (:func:`check_targets`):
+on 100 Mbit/s and 10 ms, ours at least 2.4x local-only (the local row's goodput, or the measured
+capacity where that is higher: an overloaded local board that collapses must not flatter the ratio)
+and above full offload and Neurosurgeon; on every shape, ours within 10 % of the best fixed plan
+(local, full offload, or a split point at share 1); the split ours chooses most moves between
+shapes; no row loses or duplicates a reply.
 """
 from __future__ import annotations
 
@@ -181,8 +182,7 @@ class _Monitor:
         self._lock = threading.Condition()
         self._live: dict[str, list[dict]] = {}        # device -> statuses published while we listened
         self._served: dict[str, list[int]] = {}       # split ("full") -> [replies, items, items ok]
-        self._refused: dict[str, int] = {}            # the peer's error code -> items it refused
-        self._examples: dict[str, str] = {}           # the peer's error code -> its first message
+        self._refused: dict[str, dict] = {}           # the peer's error code -> {"items", "example": the first}
         self._batches: set[str] = set()
         self.duplicate_wire_replies = 0
         self.bad = 0
@@ -223,8 +223,7 @@ class _Monitor:
             counts[2] += sum(1 for e in reply.errors if e is None)
             for e in reply.errors:
                 if e is not None:
-                    self._refused[e.code] = self._refused.get(e.code, 0) + 1
-                    self._examples.setdefault(e.code, str(e))
+                    self._refused.setdefault(e.code, {"items": 0, "example": str(e)})["items"] += 1
 
     def wait_online(self, device: str, since: int, timeout_s: float, alive: Callable[[], bool]) -> dict:
         """The first live ``online`` status of ``device`` after its ``since``-th; raises LabError
@@ -259,11 +258,8 @@ class _Monitor:
         seen twice on the wire, and the items the peer answered with an error, by its code (how
         many, and the first one's message: why the peer refused or missed)."""
         with self._lock:
-            served, dups = self._served, self.duplicate_wire_replies
-            errors = {code: {"items": n, "example": self._examples.get(code, "")}
-                      for code, n in sorted(self._refused.items())}
-            self._served, self._batches, self.duplicate_wire_replies = {}, set(), 0
-            self._refused, self._examples = {}, {}
+            served, dups, errors = self._served, self.duplicate_wire_replies, dict(sorted(self._refused.items()))
+            self._served, self._batches, self.duplicate_wire_replies, self._refused = {}, set(), 0, {}
         return served, dups, errors
 
     def close(self) -> None:
