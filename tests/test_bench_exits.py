@@ -52,7 +52,7 @@ def test_the_exit_oracle_sends_each_item_to_its_earliest_right_exit_and_spends_t
     assert exit_oracle(correct, cost, 0.9) == exit_oracle(correct, cost, 0.75)
 
 
-def test_the_oracle_bound_on_the_shipped_exit_model_is_above_one_and_rises_with_batching_only_if_it_pays():
+def test_the_oracle_bound_on_the_shipped_exit_model_is_above_one_and_rises_with_batching_only_where_it_pays():
     import numpy as np
     from agent.api import Agent
     from agent.models.card import load_card
@@ -68,8 +68,15 @@ def test_the_oracle_bound_on_the_shipped_exit_model_is_above_one_and_rises_with_
     # beats batch-1 whole-graph serving; what batching adds is this machine's per-item saving
     assert bound["x_base_batch_1"] > 1.0
     assert set(bound["classes"]) == {1, 8}
-    per_item_1, per_item_8 = stage_ms[:, sizes.index(1)].sum(), stage_ms[:, sizes.index(8)].sum() / 8
-    assert (bound["x_base_batch_8"] > bound["x_base_batch_1"]) == (per_item_8 < per_item_1)
+    # the oracle pays each frame's cost up to its exit: batching raises the bound when every exit's
+    # cumulative per-item cost is lower at batch 8, lowers it when every one is higher (mixed orders,
+    # e.g. a dearer first stage and a cheaper tail, can go either way with the exit mix)
+    cum_1 = np.cumsum(stage_ms[:, sizes.index(1)])
+    cum_8 = np.cumsum(stage_ms[:, sizes.index(8)] / 8)
+    if np.all(cum_8 <= cum_1):
+        assert bound["x_base_batch_8"] >= bound["x_base_batch_1"]
+    if np.all(cum_8 >= cum_1):
+        assert bound["x_base_batch_8"] <= bound["x_base_batch_1"]
     for b, means in bound["classes"].items():
         assert list(means) == [0.8, 0.9, 0.95, 0.97]
         assert all(x <= y + 1e-9 for x, y in zip(list(means.values()), list(means.values())[1:]))  # stricter costs more
