@@ -122,3 +122,51 @@ def test_the_link_fit_tells_latency_from_bandwidth():
     assert 0.017 < rtt < 0.023 and 10e6 < bandwidth < 15e6
     naive = 65_536 / (0.020 + 65_536 / 12.5e6)
     assert naive < 3e6          # what bytes over time alone would have said
+
+
+def test_items_the_peer_refused_run_here_only_while_this_board_has_room():
+    """A peer's refusal (its scheduler's ``rejected`` or ``deadline_missed``) is run on the board's
+    fallback only with an empty queue and a free slot; on a busy board the peer's answer is the
+    request's (``refusals_passed_on``). A peer that failed otherwise (``internal``) is still covered."""
+    from agent.api import Agent
+    from agent.errors import DEADLINE_MISSED, INTERNAL, REJECTED, InferenceError
+    from agent.models.card import load_card
+    from agent.models.digits import card_test_set
+    from agent.runtime.offload_executor import _Pending
+    from agent.scheduler.dispatcher import Dispatch
+    from agent.scheduler.policy import Action
+
+    card = load_card("demo:resnet_digits")
+    frames = card_test_set(card.raw["dataset"], card.source.parent)[0][:2]
+    config = parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "board-r", "workers": 1},
+                           "mqtt": {"enabled": False}, "offload": {"peer": "board-p"},
+                           "models": [{"name": "resnet_digits", "card": "demo:resnet_digits",
+                                       "default_slo_ms": 5000}]})
+    with Agent(config) as agent:
+        client, scheduler = agent.offload, agent.loop.driver.scheduler
+
+        def rescue(errors):
+            done = []
+            now = client.clock()
+            requests = [req("resnet_digits", now, 5.0) for _ in range(2)]
+            dispatch = Dispatch("resnet_digits", 0, requests, now, Action("resnet_digits", 2, target="board-p"))
+            pending = _Pending("b-1", "board-p", dispatch, lambda d, outcome: done.append(outcome), None,
+                               {card.inputs[0].name: frames}, now + 5.0, now, 0, 0.0, True)
+            client._rescue(pending, ([0, 1], [None, None], errors, None, 0.0), None)
+            return done[0].item_errors
+
+        refused = [InferenceError(REJECTED, "deadline cannot be met"), InferenceError(DEADLINE_MISSED, "late")]
+        assert rescue(refused) == [None, None]                       # an idle board: run here
+        assert client.counters["item_fallbacks"] == 1
+        with agent.loop.lock:                                        # no worker polls meanwhile
+            busy = req("resnet_digits", client.clock(), 5.0)
+            scheduler.enqueue(busy)                                  # something queued: no room
+            try:
+                assert [e.code for e in rescue(refused)] == [REJECTED, DEADLINE_MISSED]
+                assert client.counters["refusals_passed_on"] == 1
+                failed = [InferenceError(INTERNAL, "the peer's session failed")] * 2
+                assert rescue(failed) == [None, None]                # not a verdict on time: run here
+                assert client.counters["item_fallbacks"] == 2
+            finally:
+                scheduler.lanes["resnet_digits"].queue.cancel(busy.rid)
+                del scheduler.lanes["resnet_digits"].pending[busy.rid]

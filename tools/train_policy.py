@@ -635,6 +635,50 @@ def goodput_bound(board: Board, trace, window_s: float = 1.0) -> float:
     return total / max(t.max(), 1e-9)
 
 
+def utility_bound(board: Board, trace, window_s: float = 1.0) -> float:
+    """An upper bound on the utility (``edge_lab.metrics.utility``) any scheduler could reach on
+    ``trace`` with the board's compute: :func:`goodput_bound`'s relaxations, with each request in
+    time worth what it adds to the utility rather than 1.
+
+    The utility is the mean over SLO classes c (model, SLO) of ``in_time_c / sent_c x min(1,
+    SLO_c / p99_c)``; the tail factor is at most 1, so it is at most ``sum_c in_time_c / (C x
+    sent_c)``, a request of class c in time worth ``1 / (C x sent_c)``. The same window budgets
+    bind as in :func:`goodput_bound` (each window's requests in time need at most that compute, so
+    any real schedule is feasible for them), and the most value a budget holds is a fractional
+    knapsack: classes in order of value per second of compute, the last one cut. Summed over the
+    windows: a bound on the utility. Why beside the goodput bound: the two part where classes
+    differ in cost and count, and a scheduler's target ratio over ``edge``'s utility is only within
+    reach if this bound leaves room for it."""
+    per_item = {m: min(ms[k] / b for k, b in enumerate((1, 2, 4, 8))) / 1000.0 for m, ms in board.profile_ms.items()}
+    speed = min(board.workers, board.cores)
+    if not len(trace):
+        return 0.0
+    t = np.array([r.t_s for r in trace])
+    slo = np.array([r.slo_ms for r in trace]) / 1000.0
+    keys = [(r.model, r.slo_ms) for r in trace]
+    classes = sorted(set(keys))
+    index = {c: i for i, c in enumerate(classes)}
+    cls = np.array([index[k] for k in keys])
+    sent = np.bincount(cls, minlength=len(classes)).astype(float)
+    value = 1.0 / (len(classes) * sent)                          # per request in time, by class
+    cost = np.array([per_item[m] for m, _ in classes])
+    order = np.argsort(-value / cost)                            # most utility per second first
+    total = 0.0
+    for start in np.arange(0.0, t.max() + window_s, window_s):
+        sel = (t >= start) & (t < start + window_s)
+        if not sel.any():
+            continue
+        budget = speed * (window_s + slo[sel].max())
+        counts = np.bincount(cls[sel], minlength=len(classes))
+        for c in order:
+            take = min(float(counts[c]), budget / cost[c])
+            total += take * value[c]
+            budget -= take * cost[c]
+            if budget <= 0:
+                break
+    return float(min(total, 1.0))
+
+
 def evaluate(args) -> None:
     from edge_lab.bench.contenders import apply_contender
     from edge_lab.bench.run import slo_floor_by_model
@@ -652,9 +696,10 @@ def evaluate(args) -> None:
         teacher = NumpyNet(actor.numpy_layers(), state["mean"], state["std"], False, None)
         args.contenders += ",teacher"
 
-    bounds = {}
+    bounds, u_bounds = {}, {}
     for meta, trace in held_out_traces(board, args.duration, per_kind=args.per_kind):
         bounds.setdefault(meta["kind"], []).append(goodput_bound(board, trace))
+        u_bounds.setdefault(meta["kind"], []).append(utility_bound(board, trace))
         floors = slo_floor_by_model(trace)
         for name in args.contenders.split(","):
             if name == "learned":
@@ -678,15 +723,16 @@ def evaluate(args) -> None:
         by.setdefault((r["kind"], r["policy"]), []).append(r)
     print(f"held-out traces in the simulator, board {board.name} ({args.per_kind} per kind, {args.duration:g} s each; "
           f"mean over traces)")
-    print("bound: an upper bound on the goodput any scheduler could reach with the same compute (goodput_bound)")
+    print("bound: upper bounds on the utility and the goodput any scheduler could reach with the same compute "
+          "(utility_bound, goodput_bound); its 'vs edge' is the most any policy could gain over edge")
     print(f"learned: the card's lanes ({policy_lanes}); rules_lanes: the rules on them; "
           f"shed: the rules on the edge lanes without admission")
     print(f"{'kind':<8} {'policy':<11} {'utility':>8} {'goodput/s':>10} {'miss %':>7} {'p99 ms':>7} {'vs edge':>8} "
-          f"{'of bound':>8}")
+          f"{'of bound':>8} {'of U bound':>10}")
     for kind, _ in HELD_OUT:
         edge_u = np.mean([r["utility"] for r in by.get((kind, "edge"), [{"utility": np.nan}])])
-        bound = float(np.mean(bounds[kind]))
-        print(f"{kind:<8} {'bound':<11} {'':>8} {bound:10.1f}")
+        bound, u_bound = float(np.mean(bounds[kind])), float(np.mean(u_bounds[kind]))
+        print(f"{kind:<8} {'bound':<11} {u_bound:8.3f} {bound:10.1f} {'':>7} {'':>7} {u_bound / edge_u:8.3f}")
         for name in args.contenders.split(","):
             group = by[(kind, name)]
             u = np.mean([r["utility"] for r in group])
@@ -694,7 +740,7 @@ def evaluate(args) -> None:
             print(f"{kind:<8} {name:<11} {u:8.3f} {np.mean([r['goodput_per_s'] for r in group]):10.1f} "
                   f"{100 * np.mean([r['deadline_miss_rate'] or 0 for r in group]):7.2f} "
                   f"{np.mean(p99) if p99 else float('nan'):7.1f} {u / edge_u:8.3f} "
-                  f"{np.mean([r['goodput_per_s'] for r in group]) / bound:8.3f}")
+                  f"{np.mean([r['goodput_per_s'] for r in group]) / bound:8.3f} {u / u_bound:10.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

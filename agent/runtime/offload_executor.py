@@ -27,7 +27,8 @@ peer (``OffloadClient.executor(peer)``) registered under the peer's device id as
 3. **A reply** (network thread): decoded (strictly: a malformed reply counts ``bad_replies`` and
    falls back), the round trip measured into the peer table, and the batch answered from the peer's
    outputs there and then (decoding is views of the payload; the driver's answers are cheap). Items
-   the peer refused or failed are run here if time allows, else answered with the peer's error.
+   the peer failed are run here if time allows, else answered with the peer's error; those its
+   scheduler refused or let miss, only while this board has room (:meth:`OffloadClient._rescue`).
 4. **Giving up** (the watcher thread): the batch leaves ``pending`` and its rest runs on a fallback
    thread with this board's own tail (or whole-model) session, unless even that cannot finish in
    time: then each request is answered ``deadline_missed``.
@@ -60,7 +61,7 @@ from paho.mqtt.properties import Properties
 
 from agent.backends import load_backend
 from agent.core import gather_into, scatter_rows
-from agent.errors import DEADLINE_MISSED, SHUTTING_DOWN, InferenceError
+from agent.errors import DEADLINE_MISSED, REJECTED, SHUTTING_DOWN, InferenceError
 from agent.models.card import CardError
 from agent.offload import wire
 from agent.offload.codecs import nominal_ratio
@@ -82,13 +83,15 @@ log = logging.getLogger(__name__)
 #: What the board side counts (``OffloadClient.counters``; the status's ``offload.client``).
 COUNTERS = ("sent", "answered_by_peer", "peer_gone", "fallback_local", "fallback_missed", "item_fallbacks",
             "late_replies", "duplicate_replies", "bad_replies", "send_failed", "rescued_at_reconnect",
-            "rescued_at_will")
+            "rescued_at_will", "refusals_passed_on")
 #: Batches whose end is remembered (to tell a late reply from a duplicate one).
 REMEMBERED = 4096
 #: Weight of a new batch in a split's bytes and codec time per item (EWMAs).
 SENT_ALPHA = 0.2
 #: Half a round trip assumed before the first one is measured.
 DEFAULT_RETURN_S = 0.005
+#: Weight of a new fallback run in the slowdown its predictions are priced with (:meth:`OffloadClient._rescue`).
+RESCUE_ALPHA = 0.2
 
 
 @dataclass
@@ -162,6 +165,8 @@ class OffloadClient:
             probe_bytes = default_probe_bytes(s.sent_bytes_per_item for s in self._splits.values())
         self.prober = Prober(self.peers, self.device, self.settings.targets, self.settings.probe_idle_s, probe_bytes)
         self._fallback_pool = ThreadPoolExecutor(1, thread_name_prefix="offload-fallback")
+        #: Per split, the fallback's runs' time over its table's (an EWMA; 1 until one ran).
+        self._rescue_slowdown: dict[tuple[str, str | None], float] = {}
         self._watcher = threading.Thread(target=self._watch, name="offload-watch", daemon=True)
         self._watcher.start()
 
@@ -466,11 +471,26 @@ class OffloadClient:
                              pending.peer, batch_id)
                     self._fallback_pool.submit(self._rescue, pending, None, None)
 
+    def _board_has_room(self) -> bool:
+        """Whether this board's own scheduler has nothing queued and a slot free (read without its
+        lock: a hint, stale by a batch at most)."""
+        driver = self.driver
+        if driver is None:
+            return True
+        scheduler = driver.scheduler
+        return scheduler.in_flight < scheduler.max_concurrent and not scheduler.queued()
+
     def _rescue(self, pending: _Pending, partial, peer_error: InferenceError | None) -> None:
         """On the fallback thread: run the rest of ``pending`` here for every item (``partial`` None)
         or for the items the peer failed (``partial``: (failed indexes, outputs, errors, served_by,
-        compute_s)); items that cannot finish in time any more are answered ``deadline_missed`` (or
-        with the peer's error)."""
+        compute_s)); items that cannot finish in time any more (the table's time scaled by what the
+        fallback's own runs took: a board at its CPU quota runs them several times slower) are
+        answered ``deadline_missed`` (or with the peer's error). Items the peer's scheduler refused
+        or let miss (``rejected``, ``deadline_missed``) run here only when this board has room (an
+        empty queue and a free slot): otherwise the peer's answer is theirs. Run outside the
+        slots, they took the CPU the board's own batches and forwarding needed (bench offload: 30%
+        of a saturated board's busy samples in full offload, p99 past the SLO), and the simulator's
+        peer answers a refused batch the same way (agent.sim.offload)."""
         try:
             requests = pending.dispatch.requests
             n = len(requests)
@@ -479,10 +499,21 @@ class OffloadClient:
             else:
                 items, outputs, errors, served_by, compute_s = partial
                 errors = list(errors)
-            split = self._splits[(pending.dispatch.model, pending.split)]
+            key = (pending.dispatch.model, pending.split)
+            split = self._splits[key]
             now = self.clock()
-            local_s = split.local_table.predict(len(items))
-            if now + local_s > max(requests[i].deadline for i in items):
+            table_s = split.local_table.predict(len(items))
+            local_s = table_s * self._rescue_slowdown.get(key, 1.0)
+            verdicts = [peer_error] if peer_error is not None else [partial[2][i] for i in items] if partial else []
+            refused = bool(verdicts) and all(e is not None and e.code in (REJECTED, DEADLINE_MISSED) for e in verdicts)
+            if refused and not self._board_has_room():
+                # The peer's scheduler refused these (or let them miss): run here, outside the slots,
+                # they would take the CPU this board's own batches and the requests it forwards
+                # need, and a board that sent work away is short of it (module docstring).
+                self.counters.add("refusals_passed_on")
+                for i in items:
+                    errors[i] = peer_error or partial[2][i]
+            elif now + local_s > max(requests[i].deadline for i in items):
                 self.counters.add("fallback_missed")
                 for i in items:
                     errors[i] = (peer_error or (partial[2][i] if partial is not None else None)
@@ -495,7 +526,12 @@ class OffloadClient:
                 batch = {name: np.ascontiguousarray(pending.rest[name][index]) for name in split.fallback_inputs}
                 t0 = time.perf_counter()
                 result = split.fallback.run(batch)
-                compute_s += time.perf_counter() - t0
+                took = time.perf_counter() - t0
+                compute_s += took
+                if table_s > 0:
+                    ratio = min(max(took / table_s, 0.25), 20.0)
+                    old = self._rescue_slowdown.get(key)
+                    self._rescue_slowdown[key] = ratio if old is None else old + RESCUE_ALPHA * (ratio - old)
                 rows = {name: scatter_rows(array, len(items)) for name, array in result.items()}
                 for k, i in enumerate(items):
                     outputs[i] = {name: r[k] for name, r in rows.items()}
