@@ -126,12 +126,13 @@ def test_the_link_fit_tells_latency_from_bandwidth():
 
 def test_items_the_peer_refused_run_here_only_while_this_board_has_room():
     """A peer's refusal (its scheduler's ``rejected`` or ``deadline_missed``) is run on the board's
-    fallback only with an empty queue and a free slot; on a busy board the peer's answer is the
-    request's (``refusals_passed_on``). A peer that failed otherwise (``internal``) is still covered."""
+    fallback only with CPU to spare, an empty queue and a free slot; on a busy board the peer's
+    answer is the request's (``refusals_passed_on``). A peer that failed otherwise (``internal``) is still covered."""
     from agent.api import Agent
     from agent.errors import DEADLINE_MISSED, INTERNAL, REJECTED, InferenceError
     from agent.models.card import load_card
     from agent.models.digits import card_test_set
+    from agent.offload.cpu import CpuGauge
     from agent.runtime.offload_executor import _Pending
     from agent.scheduler.dispatcher import Dispatch
     from agent.scheduler.policy import Action
@@ -155,18 +156,42 @@ def test_items_the_peer_refused_run_here_only_while_this_board_has_room():
             client._rescue(pending, ([0, 1], [None, None], errors, None, 0.0), None)
             return done[0].item_errors
 
+        clock, used = [0.0], [0.0]                                   # the agent's CPU, as the test says
+        client.cpu = CpuGauge(1.0, window_s=0.1, clock=lambda: clock[0], cpu=lambda: used[0])
         refused = [InferenceError(REJECTED, "deadline cannot be met"), InferenceError(DEADLINE_MISSED, "late")]
         assert rescue(refused) == [None, None]                       # an idle board: run here
         assert client.counters["item_fallbacks"] == 1
+        clock[0], used[0] = 1.0, 0.9                                 # 90% of its CPU over the last second
+        assert [e.code for e in rescue(refused)] == [REJECTED, DEADLINE_MISSED]
+        assert client.counters["refusals_passed_on"] == 1
+        clock[0] = 2.0                                               # idle again
         with agent.loop.lock:                                        # no worker polls meanwhile
             busy = req("resnet_digits", client.clock(), 5.0)
             scheduler.enqueue(busy)                                  # something queued: no room
             try:
                 assert [e.code for e in rescue(refused)] == [REJECTED, DEADLINE_MISSED]
-                assert client.counters["refusals_passed_on"] == 1
+                assert client.counters["refusals_passed_on"] == 2
                 failed = [InferenceError(INTERNAL, "the peer's session failed")] * 2
                 assert rescue(failed) == [None, None]                # not a verdict on time: run here
                 assert client.counters["item_fallbacks"] == 2
             finally:
                 scheduler.lanes["resnet_digits"].queue.cancel(busy.rid)
                 del scheduler.lanes["resnet_digits"].pending[busy.rid]
+
+
+def test_the_cpu_gauge_is_the_process_cpu_time_over_wall_time_as_a_share_of_its_budget():
+    import os
+
+    from agent.offload.cpu import CpuGauge, cpu_budget
+    clock, cpu = [0.0], [0.0]
+    gauge = CpuGauge(0.5, window_s=0.25, clock=lambda: clock[0], cpu=lambda: cpu[0])
+    assert gauge.load() == 0.0
+    clock[0], cpu[0] = 0.1, 0.05
+    assert gauge.load() == 0.0                          # the window is not over: the last one's figure
+    clock[0], cpu[0] = 0.5, 0.2                         # 0.2 s of CPU in 0.5 s on half a core: 80%
+    assert gauge.load() == pytest.approx(0.8)
+    clock[0], cpu[0] = 1.5, 0.2                         # idle for a second
+    assert gauge.load() == pytest.approx(0.0)
+    assert 0 < cpu_budget() <= (len(os.sched_getaffinity(0)) or 1)
+    with pytest.raises(ValueError, match="budget"):
+        CpuGauge(0.0)

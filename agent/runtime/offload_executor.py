@@ -62,6 +62,7 @@ from paho.mqtt.properties import Properties
 from agent.backends import load_backend
 from agent.core import gather_into, scatter_rows
 from agent.errors import DEADLINE_MISSED, REJECTED, SHUTTING_DOWN, InferenceError
+from agent.offload.cpu import CpuGauge
 from agent.models.card import CardError
 from agent.offload import wire
 from agent.offload.codecs import nominal_ratio
@@ -92,6 +93,8 @@ SENT_ALPHA = 0.2
 DEFAULT_RETURN_S = 0.005
 #: Weight of a new fallback run in the slowdown its predictions are priced with (:meth:`OffloadClient._rescue`).
 RESCUE_ALPHA = 0.2
+#: The share of its CPU budget below which this board runs what a peer refused (:meth:`OffloadClient._rescue`).
+SPARE_CPU = 0.8
 
 
 @dataclass
@@ -167,6 +170,7 @@ class OffloadClient:
         self._fallback_pool = ThreadPoolExecutor(1, thread_name_prefix="offload-fallback")
         #: Per split, the fallback's runs' time over its table's (an EWMA; 1 until one ran).
         self._rescue_slowdown: dict[tuple[str, str | None], float] = {}
+        self.cpu = CpuGauge()
         self._watcher = threading.Thread(target=self._watch, name="offload-watch", daemon=True)
         self._watcher.start()
 
@@ -472,8 +476,11 @@ class OffloadClient:
                     self._fallback_pool.submit(self._rescue, pending, None, None)
 
     def _board_has_room(self) -> bool:
-        """Whether this board's own scheduler has nothing queued and a slot free (read without its
-        lock: a hint, stale by a batch at most)."""
+        """Whether this board has CPU to spare (its agent below ``SPARE_CPU`` of its budget,
+        ``agent.offload.cpu``) and its own scheduler has nothing queued and a slot free (read
+        without its lock: a hint, stale by a batch at most)."""
+        if self.cpu.load() >= SPARE_CPU:
+            return False
         driver = self.driver
         if driver is None:
             return True
@@ -486,11 +493,13 @@ class OffloadClient:
         compute_s)); items that cannot finish in time any more (the table's time scaled by what the
         fallback's own runs took: a board at its CPU quota runs them several times slower) are
         answered ``deadline_missed`` (or with the peer's error). Items the peer's scheduler refused
-        or let miss (``rejected``, ``deadline_missed``) run here only when this board has room (an
-        empty queue and a free slot): otherwise the peer's answer is theirs. Run outside the
-        slots, they took the CPU the board's own batches and forwarding needed (bench offload: 30%
-        of a saturated board's busy samples in full offload, p99 past the SLO), and the simulator's
-        peer answers a refused batch the same way (agent.sim.offload)."""
+        or let miss (``rejected``, ``deadline_missed``) run here only when this board has room
+        (:meth:`_board_has_room`: CPU to spare, an empty queue and a free slot): otherwise the
+        peer's answer is theirs. Run outside the slots, they took the CPU that the board's own
+        batches and its forwarding needed (bench offload: 30% of a saturated board's busy samples
+        in full offload, and more of what it forwarded reached the peer too late: BENCHMARKS.md,
+        seventeenth session); the simulator's peer answers a refused batch the same way
+        (agent.sim.offload)."""
         try:
             requests = pending.dispatch.requests
             n = len(requests)
