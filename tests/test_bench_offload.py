@@ -3,7 +3,8 @@ board agent per row (real processes, a real Mosquitto, the shaped link), the boa
 in its namespace. It must run both rows, serve the full-offload row's requests on the peer (the
 offloaded replies are seen on the broker), answer every request exactly once (nothing lost,
 nothing duplicated, no wrong prediction), and leave nothing behind. Needs root and the lab's
-tools: it skips otherwise, saying which is missing. The load is half the board's measured
+tools: it skips otherwise, saying which is missing. And the targets' estimate of what the lab allows,
+by hand. The load is half the board's measured
 capacity (an overload is the bench's business, not a test's: this machine's CPU is shared).
 """
 from __future__ import annotations
@@ -13,9 +14,9 @@ import pytest
 from edge_lab.netlab import Link, check_support, leftovers
 
 _REASON = check_support()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"network lab unavailable: {_REASON}")
 
 
+@pytest.mark.skipif(_REASON is not None, reason=f"network lab unavailable: {_REASON}")
 def test_bench_offload_runs_end_to_end_and_tears_down():
     from edge_lab.bench.offload import bench_offload, format_offload
     before = leftovers()
@@ -34,3 +35,22 @@ def test_bench_offload_runs_end_to_end_and_tears_down():
     assert rows["full"]["served_by_peer"].get("full", {}).get("items_ok", 0) > 0, rows["full"]
     text = format_offload(results)
     assert "full offload" in text and "local only" in text
+
+
+def test_the_lab_ceiling_is_the_peer_plus_what_forwarding_leaves_of_the_board():
+    from edge_lab.bench.offload import BOARD, check_targets, lab_ceiling
+    full = {"cpu": {BOARD: {"cores": 0.44, "throttled_share": 0.5}}}
+    results = {"board_cpu": 0.5, "peer_cpu": 1.0}
+    ceiling = lab_ceiling(results, full)
+    assert ceiling["peer_x"] == 2.0 and ceiling["board_left_x"] == pytest.approx(0.12)
+    assert ceiling["x"] == pytest.approx(2.12)
+    assert lab_ceiling(results, None) is None and lab_ceiling({**results, "board_cpu": None}, full) is None
+
+    def row(key, goodput, **more):
+        return {"key": key, "label": key, "goodput_per_s": goodput, "lost": 0, "duplicated": 0,
+                "config": {"policy": "offload_fixed" if key == "full" else "split"}, "served_here_ok": 1,
+                "served_by_peer": {}, **more}
+    shape = {"link": {"mbit": 100, "delay_ms": 10},
+             "rows": [row("local", 70.0), row("full", 180.0, **full), row("ours", 170.0)]}
+    target = check_targets({**results, "capacity": {"local_per_s": 100.0}, "shapes": [shape]})[0]
+    assert target["held"] is False and "1.70x" in target["detail"] and "ceiling about 2.12x" in target["detail"]

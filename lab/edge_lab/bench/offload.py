@@ -542,6 +542,22 @@ def _dominant(row: dict) -> str:
     return max(counts, key=lambda k: counts[k])
 
 
+def lab_ceiling(results: dict, full: dict | None) -> dict | None:
+    """An estimate (not a bound) of the most goodput the two boards could reach together, in units of
+    the board's capacity: the peer's compute (its quota over the board's: twice, by default) plus
+    the part of the board's quota that taking in and forwarding the trace leaves free, as the
+    full-offload row measured it (that row runs no model here but for rescues). The target's 3x
+    counts both boards' compute and nothing for moving requests; this says what the lab leaves
+    once the intake is paid. ``None`` without the quotas or the full-offload row's CPU figures."""
+    board_cpu, peer_cpu = results.get("board_cpu"), results.get("peer_cpu")
+    used = ((full or {}).get("cpu") or {}).get(BOARD, {}).get("cores")
+    if not board_cpu or not peer_cpu or used is None:
+        return None
+    peer_x = peer_cpu / board_cpu
+    left_x = max(0.0, board_cpu - used) / board_cpu
+    return {"x": peer_x + left_x, "peer_x": peer_x, "board_left_x": left_x}
+
+
 def check_targets(results: dict) -> list[dict]:
     """Issue 23's targets on these results: ``{"target", "held": True | False | None, "detail"}``
     (None: the rows it compares were not run)."""
@@ -560,9 +576,13 @@ def check_targets(results: dict) -> list[dict]:
     if ours is not None and "local" in rows:
         base = max(rows["local"]["goodput_per_s"], results.get("capacity", {}).get("local_per_s", 0.0))
         ratio = ours["goodput_per_s"] / base if base else float("inf")
+        ceiling = lab_ceiling(results, rows.get("full"))
         add(f"ours >= {TARGET_VS_LOCAL}x local only on {TARGET_LINK}", ratio >= TARGET_VS_LOCAL,
             f"{ratio:.2f}x (ours {ours['goodput_per_s']:.1f}/s; local row {rows['local']['goodput_per_s']:.1f}/s, "
-            f"capacity {results.get('capacity', {}).get('local_per_s', 0.0):.1f}/s)")
+            f"capacity {results.get('capacity', {}).get('local_per_s', 0.0):.1f}/s)"
+            + (f"; this lab's ceiling about {ceiling['x']:.2f}x: the peer {ceiling['peer_x']:g}x, and "
+               f"{ceiling['board_left_x']:.2f}x of the board's CPU left after forwarding the trace "
+               f"(the full-offload row)" if ceiling else ""))
     else:
         add(f"ours >= {TARGET_VS_LOCAL}x local only on {TARGET_LINK}", None, "not run (needs that shape, ours and local)")
     for other in ("full", "neurosurgeon"):
