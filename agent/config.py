@@ -29,14 +29,19 @@ def available_cores() -> int:
     cores), which ``os.cpu_count()`` ignores, and its cgroup's CPU quota (systemd's ``CPUQuota=``, a
     container's ``--cpus``, Kubernetes' CPU limit), rounded up: a slot per machine core on a process
     allowed fewer would only time-slice them, each batch taking several times its profiled time."""
+    return max(1, math.ceil(cpu_budget() - 1e-9))
+
+
+def cpu_budget() -> float:
+    """The cores this process may keep busy, unrounded: its cgroup's CPU quota where one is set (0.5
+    for half a core), else its CPU affinity (what :func:`available_cores` rounds up to slots, and
+    ``agent.offload.cpu`` measures the agent's load against)."""
     try:
-        cores = len(os.sched_getaffinity(0)) or 1
+        cores = float(len(os.sched_getaffinity(0)) or 1)
     except AttributeError:     # not Linux
-        cores = os.cpu_count() or 1
+        cores = float(os.cpu_count() or 1)
     quota = cgroup_cpu_quota()
-    if quota is not None:
-        cores = max(1, min(cores, math.ceil(quota - 1e-9)))
-    return cores
+    return min(cores, quota) if quota is not None and quota > 0 else cores
 
 
 def cgroup_cpu_quota(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> float | None:

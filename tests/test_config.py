@@ -236,10 +236,11 @@ def test_a_process_under_a_half_core_quota_takes_one_execution_slot(tmp_path):
         with open(os.path.join(group, "cpu.cfs_quota_us"), "w") as fh:
             fh.write("50000")
         code = ("import os,sys; open(sys.argv[1], 'w').write(str(os.getpid()));"
-                "from agent.config import available_cores, cgroup_cpu_quota; print(available_cores(), cgroup_cpu_quota())")
+                "from agent.config import available_cores, cgroup_cpu_quota, cpu_budget;"
+                "print(available_cores(), cgroup_cpu_quota(), cpu_budget())")
         script = f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c \"{code}\" {tmp_path / 'pid'}"
         out = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split() == ["1", "0.5"]
+        assert out.stdout.split() == ["1", "0.5", "0.5"]     # one slot; half a core to measure load against
     finally:
         os.rmdir(group)

@@ -182,7 +182,8 @@ def test_items_the_peer_refused_run_here_only_while_this_board_has_room():
 def test_the_cpu_gauge_is_the_process_cpu_time_over_wall_time_as_a_share_of_its_budget():
     import os
 
-    from agent.offload.cpu import CpuGauge, cpu_budget
+    from agent.config import cpu_budget
+    from agent.offload.cpu import CpuGauge
     clock, cpu = [0.0], [0.0]
     gauge = CpuGauge(0.5, window_s=0.25, clock=lambda: clock[0], cpu=lambda: cpu[0])
     assert gauge.load() == 0.0

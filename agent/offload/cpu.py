@@ -7,28 +7,17 @@ that runs what a peer refused) takes that CPU: under a cgroup CPU quota the whol
 the rest of each period once the quota is spent, so the requests it forwards reach the peer late
 and are refused there in turn (``edge-agent bench offload``, BENCHMARKS.md).
 
-The budget is the cgroup's CPU quota (``agent.config.cgroup_cpu_quota``) where one is set, else the
-cores the process may run on; the load is the process's CPU time over the wall time, as a share of
+The budget is the cgroup's CPU quota where one is set, else the cores the process may run on
+(``agent.config.cpu_budget``); the load is the process's CPU time over the wall time, as a share of
 that budget, over windows of at least ``window_s`` (a read between window ends returns the last
 window's figure).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
-from agent.config import cgroup_cpu_quota
-
-
-def cpu_budget() -> float:
-    """The cores this process may keep busy: its cgroup's quota (fractional) or its CPU affinity."""
-    try:
-        cores = float(len(os.sched_getaffinity(0)) or 1)
-    except AttributeError:     # not Linux
-        cores = float(os.cpu_count() or 1)
-    quota = cgroup_cpu_quota()
-    return min(cores, quota) if quota is not None and quota > 0 else cores
+from agent.config import cpu_budget
 
 
 class CpuGauge:
@@ -55,4 +44,4 @@ class CpuGauge:
         return self._load
 
 
-__all__ = ["CpuGauge", "cpu_budget"]
+__all__ = ["CpuGauge"]
