@@ -140,6 +140,18 @@ class Placement:
 LOCAL = "local"
 
 
+def learn_slowdown(slowdown: dict, key, took_s: float, predicted_s: float, alpha: float) -> None:
+    """Fold one run into ``slowdown[key]``, an EWMA (weight ``alpha``) of how much longer this
+X
+    ratio is clamped to [0.25, 20]: one run stalled by a quota's period, or one that finished within
+    it, says little alone. A prediction of 0 teaches nothing."""
+    if predicted_s <= 0:
+        return
+    ratio = min(max(took_s / predicted_s, 0.25), 20.0)
+    old = slowdown.get(key)
+    slowdown[key] = ratio if old is None else old + alpha * (ratio - old)
+
+
 class Planner:
     """Prices the options for a batch and keeps the reservations of the choices made."""
 
@@ -224,4 +236,4 @@ class Planner:
             peer.outstanding_s = max(0.0, peer.outstanding_s - peer_s)
 
 
-__all__ = ["LOCAL", "OffloadView", "Placement", "PeerSnapshot", "PeerState", "Planner", "SplitCost", "Table"]
+__all__ = ["LOCAL", "learn_slowdown", "OffloadView", "Placement", "PeerSnapshot", "PeerState", "Planner", "SplitCost", "Table"]

@@ -62,10 +62,11 @@ from paho.mqtt.properties import Properties
 from agent.backends import load_backend
 from agent.core import gather_into, scatter_rows
 from agent.errors import DEADLINE_MISSED, REJECTED, SHUTTING_DOWN, InferenceError
-from agent.offload.cpu import CpuGauge
 from agent.models.card import CardError
 from agent.offload import wire
 from agent.offload.codecs import nominal_ratio
+from agent.offload.cpu import CpuGauge
+from agent.offload.planner import learn_slowdown
 from agent.offload.peers import PeerTable
 from agent.offload.probe import Prober, default_probe_bytes
 from agent.offload.splits import chosen
@@ -513,15 +514,17 @@ class OffloadClient:
             now = self.clock()
             table_s = split.local_table.predict(len(items))
             local_s = table_s * self._rescue_slowdown.get(key, 1.0)
-            verdicts = [peer_error] if peer_error is not None else [partial[2][i] for i in items] if partial else []
+            # The peer's answer per item, where it gave one.
+            verdicts = ([peer_error] * len(items) if peer_error is not None
+                        else [partial[2][i] for i in items] if partial is not None else [])
             refused = bool(verdicts) and all(e is not None and e.code in (REJECTED, DEADLINE_MISSED) for e in verdicts)
             if refused and not self._board_has_room():
                 # The peer's scheduler refused these (or let them miss): run here, outside the slots,
                 # they would take the CPU this board's own batches and the requests it forwards
                 # need, and a board that sent work away is short of it (module docstring).
                 self.counters.add("refusals_passed_on")
-                for i in items:
-                    errors[i] = peer_error or partial[2][i]
+                for i, verdict in zip(items, verdicts):
+                    errors[i] = verdict
             elif now + local_s > max(requests[i].deadline for i in items):
                 self.counters.add("fallback_missed")
                 for i in items:
@@ -537,10 +540,7 @@ class OffloadClient:
                 result = split.fallback.run(batch)
                 took = time.perf_counter() - t0
                 compute_s += took
-                if table_s > 0:
-                    ratio = min(max(took / table_s, 0.25), 20.0)
-                    old = self._rescue_slowdown.get(key)
-                    self._rescue_slowdown[key] = ratio if old is None else old + RESCUE_ALPHA * (ratio - old)
+                learn_slowdown(self._rescue_slowdown, key, took, table_s, RESCUE_ALPHA)
                 rows = {name: scatter_rows(array, len(items)) for name, array in result.items()}
                 for k, i in enumerate(items):
                     outputs[i] = {name: r[k] for name, r in rows.items()}

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from agent.offload.planner import LOCAL, Planner
+from agent.offload.planner import LOCAL, Planner, learn_slowdown
 from agent.scheduler.policies.rules import RulePolicy
 from agent.scheduler.policy import Action
 
@@ -304,12 +304,8 @@ class SplitPolicy(RulePolicy):
         table = self.view.local_table(dispatch.model) if self.view is not None else None
         if table is None:
             return
-        predicted = table.predict(len(dispatch.requests))
-        if predicted <= 0:
-            return
-        ratio = min(max((now - dispatch.started) / predicted, 0.25), 20.0)
-        old = self.slowdown.get(dispatch.model)
-        self.slowdown[dispatch.model] = ratio if old is None else old + SLOWDOWN_ALPHA * (ratio - old)
+        learn_slowdown(self.slowdown, dispatch.model, now - dispatch.started, table.predict(len(dispatch.requests)),
+                       SLOWDOWN_ALPHA)
 
 
 def build(scheduler: "Scheduler") -> SplitPolicy:
