@@ -618,21 +618,30 @@ def goodput_bound(board: Board, trace, window_s: float = 1.0) -> float:
     cores) x (t1 - t0 + max SLO)`` seconds of compute, and the most requests that fit a budget
     are the cheapest first: summed over disjoint windows, a bound on the total. Returns requests
     per second over the trace's span (as goodput is reported)."""
-    per_item = {m: min(ms[k] / b for k, b in enumerate((1, 2, 4, 8))) / 1000.0 for m, ms in board.profile_ms.items()}
-    speed = min(board.workers, board.cores)
-    t = np.array([r.t_s for r in trace])
-    cost = np.array([per_item[r.model] for r in trace])
-    slo = np.array([r.slo_ms for r in trace]) / 1000.0
-    total = 0
-    if not len(t):
+    if not len(trace):
         return 0.0
+    per_item = _per_item_s(board)
+    cost = np.array([per_item[r.model] for r in trace])
+    total = sum(int(np.searchsorted(np.cumsum(np.sort(cost[sel])), budget, side="right"))
+                for sel, budget in _window_budgets(board, trace, window_s))
+    return total / max(max(r.t_s for r in trace), 1e-9)
+
+
+def _per_item_s(board: Board) -> dict[str, float]:
+    """Each model's least time per request over the profiled batch sizes (perfect batching)."""
+    return {m: min(ms[k] / b for k, b in enumerate((1, 2, 4, 8))) / 1000.0 for m, ms in board.profile_ms.items()}
+
+
+def _window_budgets(board: Board, trace, window_s: float):
+    """The bounds' windows: per window of arrivals ``[t0, t0 + window_s)`` with any, the selection
+    of its requests and the compute they can have at most (:func:`goodput_bound`)."""
+    t = np.array([r.t_s for r in trace])
+    slo = np.array([r.slo_ms for r in trace]) / 1000.0
+    speed = min(board.workers, board.cores)
     for start in np.arange(0.0, t.max() + window_s, window_s):
         sel = (t >= start) & (t < start + window_s)
-        if not sel.any():
-            continue
-        budget = speed * (window_s + slo[sel].max())
-        total += int(np.searchsorted(np.cumsum(np.sort(cost[sel])), budget, side="right"))
-    return total / max(t.max(), 1e-9)
+        if sel.any():
+            yield sel, speed * (window_s + slo[sel].max())
 
 
 def utility_bound(board: Board, trace, window_s: float = 1.0) -> float:
@@ -649,12 +658,9 @@ def utility_bound(board: Board, trace, window_s: float = 1.0) -> float:
     windows: a bound on the utility. Why beside the goodput bound: the two part where classes
     differ in cost and count, and a scheduler's target ratio over ``edge``'s utility is only within
     reach if this bound leaves room for it."""
-    per_item = {m: min(ms[k] / b for k, b in enumerate((1, 2, 4, 8))) / 1000.0 for m, ms in board.profile_ms.items()}
-    speed = min(board.workers, board.cores)
     if not len(trace):
         return 0.0
-    t = np.array([r.t_s for r in trace])
-    slo = np.array([r.slo_ms for r in trace]) / 1000.0
+    per_item = _per_item_s(board)
     keys = [(r.model, r.slo_ms) for r in trace]
     classes = sorted(set(keys))
     index = {c: i for i, c in enumerate(classes)}
@@ -664,11 +670,7 @@ def utility_bound(board: Board, trace, window_s: float = 1.0) -> float:
     cost = np.array([per_item[m] for m, _ in classes])
     order = np.argsort(-value / cost)                            # most utility per second first
     total = 0.0
-    for start in np.arange(0.0, t.max() + window_s, window_s):
-        sel = (t >= start) & (t < start + window_s)
-        if not sel.any():
-            continue
-        budget = speed * (window_s + slo[sel].max())
+    for sel, budget in _window_budgets(board, trace, window_s):
         counts = np.bincount(cls[sel], minlength=len(classes))
         for c in order:
             take = min(float(counts[c]), budget / cost[c])
