@@ -127,7 +127,9 @@ def test_the_link_fit_tells_latency_from_bandwidth():
 def test_items_the_peer_refused_run_here_only_while_this_board_has_room():
     """A peer's refusal (its scheduler's ``rejected`` or ``deadline_missed``) is run on the board's
     fallback only with CPU to spare, an empty queue and a free slot; on a busy board the peer's
-    answer is the request's (``refusals_passed_on``). A peer that failed otherwise (``internal``) is still covered."""
+    answer is the request's (``refusals_passed_on``), given at the reply without a hand-off to the
+    fallback thread, and no time is kept back for a rescue when a batch is sent. A peer that failed
+    otherwise (``internal``) is still covered."""
     from agent.api import Agent
     from agent.errors import DEADLINE_MISSED, INTERNAL, REJECTED, InferenceError
     from agent.models.card import load_card
@@ -146,37 +148,97 @@ def test_items_the_peer_refused_run_here_only_while_this_board_has_room():
     with Agent(config) as agent:
         client, scheduler = agent.offload, agent.loop.driver.scheduler
 
-        def rescue(errors):
+        def rescue(errors, at_reply=False):
             done = []
             now = client.clock()
             requests = [req("resnet_digits", now, 5.0) for _ in range(2)]
             dispatch = Dispatch("resnet_digits", 0, requests, now, Action("resnet_digits", 2, target="board-p"))
             pending = _Pending("b-1", "board-p", dispatch, lambda d, outcome: done.append(outcome), None,
                                {card.inputs[0].name: frames}, now + 5.0, now, 0, 0.0, True)
-            client._rescue(pending, ([0, 1], [None, None], errors, None, 0.0), None)
-            return done[0].item_errors
+            partial = ([0, 1], [None, None], errors, None, 0.0)
+            if not at_reply:
+                client._rescue(pending, partial, None)
+                return done[0].item_errors
+            client._fall_back(pending, partial, None)           # as the reply's handler does
+            answered_at_once = bool(done)
+            client._fallback_pool.submit(lambda: None).result()   # the fallback thread's queue is done
+            return done[0].item_errors, answered_at_once
 
         clock, used = [0.0], [0.0]                                   # the agent's CPU, as the test says
         client.cpu = CpuGauge(1.0, window_s=0.1, clock=lambda: clock[0], cpu=lambda: used[0])
         refused = [InferenceError(REJECTED, "deadline cannot be met"), InferenceError(DEADLINE_MISSED, "late")]
         assert rescue(refused) == [None, None]                       # an idle board: run here
         assert client.counters["item_fallbacks"] == 1
+        assert rescue(refused, at_reply=True) == ([None, None], False)   # run on the fallback thread
+        split, now = client._splits[("resnet_digits", None)], client.clock()
+        deadlines = [now + 0.15, now + 0.2]
+        # Room to rescue: the peer has until the earliest deadline less the local run of the batch.
+        assert client._give_up(split, deadlines, now) == (pytest.approx(
+            now + 0.15 - split.local_table.predict(2) - config.offload.margin_ms / 1000), True)
         clock[0], used[0] = 1.0, 0.9                                 # 90% of its CPU over the last second
+        assert client._give_up(split, deadlines, now) == (now + 0.2, False)   # no room: all the time there is
         assert [e.code for e in rescue(refused)] == [REJECTED, DEADLINE_MISSED]
         assert client.counters["refusals_passed_on"] == 1
+        # At the reply, a refusal passed on is answered there and then: no hand-off to the fallback thread.
+        errors, answered_at_once = rescue(refused, at_reply=True)
+        assert [e.code for e in errors] == [REJECTED, DEADLINE_MISSED] and answered_at_once
+        assert client.counters["refusals_passed_on"] == 2
         clock[0] = 2.0                                               # idle again
         with agent.loop.lock:                                        # no worker polls meanwhile
             busy = req("resnet_digits", client.clock(), 5.0)
             scheduler.enqueue(busy)                                  # something queued: no room
             try:
                 assert [e.code for e in rescue(refused)] == [REJECTED, DEADLINE_MISSED]
-                assert client.counters["refusals_passed_on"] == 2
+                assert client.counters["refusals_passed_on"] == 3
                 failed = [InferenceError(INTERNAL, "the peer's session failed")] * 2
                 assert rescue(failed) == [None, None]                # not a verdict on time: run here
-                assert client.counters["item_fallbacks"] == 2
+                assert client.counters["item_fallbacks"] == 3
             finally:
                 scheduler.lanes["resnet_digits"].queue.cancel(busy.rid)
                 del scheduler.lanes["resnet_digits"].pending[busy.rid]
+
+
+def test_the_watcher_gives_up_on_a_batch_with_an_earlier_give_up_sent_after_a_later_one():
+    """The watcher sleeps until the earliest give-up it knows, and is woken only by a batch that
+    becomes the earliest: a batch sent later with an earlier give-up is still given up at its own
+    time, not at the one the watcher slept toward; one with a later give-up waits its turn."""
+    import time
+
+    from agent.api import Agent
+    from agent.models.card import load_card
+    from agent.models.digits import card_test_set
+    from agent.runtime.offload_executor import _Pending
+    from agent.scheduler.dispatcher import Dispatch
+    from agent.scheduler.policy import Action
+
+    card = load_card("demo:resnet_digits")
+    frames = card_test_set(card.raw["dataset"], card.source.parent)[0][:1]
+    config = parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "board-w", "workers": 1},
+                           "mqtt": {"enabled": False}, "offload": {"peer": "board-p"},
+                           "models": [{"name": "resnet_digits", "card": "demo:resnet_digits",
+                                       "default_slo_ms": 5000}]})
+    with Agent(config) as agent:
+        client = agent.offload
+        done: dict[str, float] = {}
+        start = client.clock()
+
+        def out(name, give_up_in_s):
+            request = req("resnet_digits", start, 10.0)
+            dispatch = Dispatch("resnet_digits", 0, [request], start, Action("resnet_digits", 1, target="board-p"))
+            pending = _Pending(name, "board-p", dispatch, lambda d, outcome: done.setdefault(name, client.clock()),
+                               None, {card.inputs[0].name: frames}, start + give_up_in_s, start, 0, 0.0, True)
+            client._await_reply(pending)
+
+        out("late", 1.5)          # the watcher sleeps toward it
+        time.sleep(0.05)
+        out("early", 0.2)         # earlier: it must wake the watcher
+        out("last", 1.6)          # later than the earliest: no need to
+        end = time.monotonic() + 10.0
+        while len(done) < 3 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert sorted(done, key=done.get) == ["early", "late", "last"]
+        assert done["early"] - start < 1.5                    # at its own give-up, not the one slept toward
+        assert done["late"] - start >= 1.5 and done["last"] - start >= 1.6
 
 
 def test_the_cpu_gauge_is_the_process_cpu_time_over_wall_time_as_a_share_of_its_budget():

@@ -19,8 +19,9 @@ peer (``OffloadClient.executor(peer)``) registered under the peer's device id as
    the last moment from which this board could still finish the tail (or the whole model) itself
    before the batch's earliest deadline: earliest deadline less the local time of the rest (the
    latency table measured at start for the tail, the model's own table for full offload) less
-   ``[offload] margin_ms``. Where even that moment has passed when the batch is sent, there is no
-   local rescue to keep time for, and the board waits until the batch's last deadline.
+   ``[offload] margin_ms``. Where even that moment has passed when the batch is sent, or the board
+   has no room to run a rescue (its CPU short, its queue not empty: :meth:`OffloadClient._give_up`),
+   there is no local rescue to keep time for, and the board waits until the batch's last deadline.
    The deadlines given to the peer are that give-up time (or each item's own deadline, if earlier)
    less half the measured round trip: an answer later than that is of no use here, so the peer's
    admission refuses at once what it cannot make, and the board falls back early.
@@ -292,11 +293,7 @@ class OffloadClient:
             self.computed(head_s, overlapping)
             now = self.clock()
             deadlines = [r.deadline for r in requests]
-            local_s = split.local_table.predict(n) + self.settings.margin_ms / 1000.0
-            give_up_at = min(deadlines) - local_s
-            can_rescue = give_up_at > now
-            if not can_rescue:
-                give_up_at = max(deadlines)
+            give_up_at, can_rescue = self._give_up(split, deadlines, now)
             back_s = (self.peers.rtt_s(peer) or 2 * DEFAULT_RETURN_S) / 2
             wall = time.time() - now
             batch_id = f"{self._run}-{next(self._ids)}"
@@ -317,10 +314,7 @@ class OffloadClient:
         pending = _Pending(batch_id, peer, dispatch, on_done, action.split, rest, give_up_at, self.clock(),
                            len(payload), head_s, can_rescue)
         self.driver.release_early(dispatch)
-        with self._cond:
-            self._pending[batch_id] = pending
-            heapq.heappush(self._heap, (give_up_at, batch_id))
-            self._cond.notify()
+        self._await_reply(pending)
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = offload_reply_topic(self.device, dispatch.model)
         props.CorrelationData = batch_id.encode()
@@ -396,6 +390,32 @@ class OffloadClient:
                     self._ended.popitem(last=False)
             return pending
 
+    def _give_up(self, split: "_Split", deadlines: list[float], now: float) -> tuple[float, bool]:
+        """When to stop waiting for a batch with these ``deadlines`` sent ``now``, and whether a
+        local rescue is kept time for (module docstring, 2): the earliest deadline less the rest's
+        local time, when this board has room to run it then (:meth:`_board_has_room`); else the
+        batch's last deadline, and the peer gets all the time there is. A board short of CPU would
+        pass the peer's refusals on anyway, and a rescue there runs several times its table:
+        keeping its time back cut the deadlines the peer's admission judged by (by the local time
+        of a whole batch, half the SLO for a batch of 8 at the bench's quota) and the peer refused
+        work it could have done (BENCHMARKS.md, eighteenth session)."""
+        if self._board_has_room(sending=1):
+            give_up_at = min(deadlines) - split.local_table.predict(len(deadlines)) - self.settings.margin_ms / 1000.0
+            if give_up_at > now:
+                return give_up_at, True
+        return max(deadlines), False
+
+    def _await_reply(self, pending: _Pending) -> None:
+        """``pending`` is out: it waits for its reply or its give-up (the watcher's heap). The
+        watcher sleeps until the earliest give-up at most, so only a new earliest wakes it: a
+        wake-up per batch sent was a thread hand-off each, CPU a board at its quota needs for
+        forwarding (BENCHMARKS.md, eighteenth session)."""
+        with self._cond:
+            self._pending[pending.batch] = pending
+            heapq.heappush(self._heap, (pending.give_up_at, pending.batch))
+            if self._heap[0][1] == pending.batch:
+                self._cond.notify()
+
     def _on_reply(self, message) -> None:
         correlation = reply_address(message)[1]
         batch_id = correlation.decode(errors="replace") if isinstance(correlation, (bytes, bytearray)) else None
@@ -423,7 +443,7 @@ class OffloadClient:
         if reply.error is not None:
             log.info("offload: %s refused batch %s (%s: %s): running it here", pending.peer, batch_id,
                      reply.error.code, reply.error.message)
-            self._fallback_pool.submit(self._rescue, pending, None, reply.error)
+            self._fall_back(pending, None, reply.error)
             return
         served_by = {**reply.served_by, "split": pending.split}
         rows = {name: scatter_rows(array, n) for name, array in reply.outputs.items()}
@@ -432,8 +452,7 @@ class OffloadClient:
         compute_s = pending.head_s + float(reply.timing.get("compute_ms", 0.0)) / 1000.0
         failed = [i for i, err in enumerate(reply.errors) if err is not None]
         if failed:
-            self._fallback_pool.submit(self._rescue, pending, (failed, outputs, reply.errors, served_by, compute_s),
-                                       None)
+            self._fall_back(pending, (failed, outputs, reply.errors, served_by, compute_s), None)
             return
         self.counters.add("answered_by_peer")
         pending.on_done(pending.dispatch, BatchOutcome(outputs, compute_s, served_by=served_by))
@@ -476,19 +495,30 @@ class OffloadClient:
                              pending.peer, batch_id)
                     self._fallback_pool.submit(self._rescue, pending, None, None)
 
-    def _board_has_room(self) -> bool:
+    def _board_has_room(self, sending: int = 0) -> bool:
         """Whether this board has CPU to spare (its agent below ``SPARE_CPU`` of its budget,
-        ``agent.offload.cpu``) and its own scheduler has nothing queued and a slot free (read
-        without its lock: a hint, stale by a batch at most)."""
+        ``agent.offload.cpu``) and its own scheduler has nothing queued and a slot free, not
+        counting the ``sending`` batches still holding theirs until they are sent (read without
+        its lock: a hint, stale by a batch at most)."""
         if self.cpu.load() >= SPARE_CPU:
             return False
         driver = self.driver
         if driver is None:
             return True
         scheduler = driver.scheduler
-        return scheduler.in_flight < scheduler.max_concurrent and not scheduler.queued()
+        return scheduler.in_flight - sending < scheduler.max_concurrent and not scheduler.queued()
 
-    def _rescue(self, pending: _Pending, partial, peer_error: InferenceError | None) -> None:
+    def _fall_back(self, pending: _Pending, partial, peer_error: InferenceError | None) -> None:
+        """What the peer refused or failed (on the network thread, at its reply): answered at once
+        where no model needs to run (:meth:`_rescue` with ``run`` False: passed on, or too late),
+        else handed to the fallback thread. A peer at its capacity refuses about half of what a
+        saturated board sends it, and a hand-off per refused batch only to pass its answer on was
+        CPU the board's forwarding needed (BENCHMARKS.md, eighteenth session)."""
+        if self._rescue(pending, partial, peer_error, run=False):
+            return
+        self._fallback_pool.submit(self._rescue, pending, partial, peer_error)
+
+    def _rescue(self, pending: _Pending, partial, peer_error: InferenceError | None, run: bool = True) -> bool:
         """On the fallback thread: run the rest of ``pending`` here for every item (``partial`` None)
         or for the items the peer failed (``partial``: (failed indexes, outputs, errors, served_by,
         compute_s)); items that cannot finish in time any more (the table's time scaled by what the
@@ -500,7 +530,8 @@ class OffloadClient:
         batches and its forwarding needed (bench offload: 30% of a saturated board's busy samples
         in full offload, and more of what it forwarded reached the peer too late: BENCHMARKS.md,
         seventeenth session); the simulator's peer answers a refused batch the same way
-        (agent.sim.offload)."""
+        (agent.sim.offload). ``run`` False: answer only what needs no model run, and return False
+        (nothing answered) where the rest would run here. True once the batch is answered."""
         try:
             requests = pending.dispatch.requests
             n = len(requests)
@@ -533,6 +564,8 @@ class OffloadClient:
                                                                     f"the rest of the model cannot finish here "
                                                                     f"before the deadline"))
             else:
+                if not run:
+                    return False
                 self.counters.add("fallback_local" if partial is None else "item_fallbacks")
                 index = np.asarray(items)
                 batch = {name: np.ascontiguousarray(pending.rest[name][index]) for name in split.fallback_inputs}
@@ -553,6 +586,7 @@ class OffloadClient:
         except Exception as exc:     # the batch is answered whatever happens
             log.exception("offload: local rest of batch %s failed", pending.batch)
             pending.on_done(pending.dispatch, BatchOutcome(None, 0.0, exc))
+        return True
 
     # --- life cycle -----------------------------------------------------------------------------
 
