@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 #: What the board side counts (``OffloadClient.counters``; the status's ``offload.client``).
 COUNTERS = ("sent", "answered_by_peer", "peer_gone", "fallback_local", "fallback_missed", "item_fallbacks",
             "late_replies", "duplicate_replies", "bad_replies", "send_failed", "rescued_at_reconnect",
-            "rescued_at_will", "refusals_passed_on")
+            "rescued_at_will", "refusals_passed_on", "sent_without_rescue")
 #: Batches whose end is remembered (to tell a late reply from a duplicate one).
 REMEMBERED = 4096
 #: Weight of a new batch in a split's bytes and codec time per item (EWMAs).
@@ -331,6 +331,8 @@ class OffloadClient:
                 self._fallback_pool.submit(self._rescue, taken, None, None)
             return
         self.counters.add("sent")
+        if not pending.can_rescue:
+            self.counters.add("sent_without_rescue")
         self.peers.sent(peer)              # the link is in use: no idle probe for now
 
     def _run_here(self, peer: str, dispatch: Dispatch, on_done: OnDone) -> None:
