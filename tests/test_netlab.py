@@ -285,8 +285,11 @@ def test_teardown_leaves_nothing_and_stops_what_ran():
 
 
 _OWNER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from edge_lab.netlab import Lab, Link
+    # Ctrl-C as at a terminal: a process started in the background by a non-interactive shell
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with Lab(board_cpu=0.5, peer_cpu=1.0, link=Link(mbit=50, delay_ms=5), stop_timeout_s=2.0) as lab:
         # "stubborn": the board's process ignores SIGTERM, so the teardown waits 2 s before SIGKILL
         command = "trap '' TERM; sleep 60" if sys.argv[1:] == ["stubborn"] else "sleep 60"
