@@ -119,3 +119,24 @@ def test_decoded_tensor_is_a_zero_copy_view():
     payload = encode_request("r", {"frames": frame()}, slo_ms=5)
     decoded = decode_request(payload, LIMIT)
     assert not decoded.inputs["frames"].flags.owndata
+
+
+def test_the_per_thread_packer_packs_what_packb_packs_even_after_a_message_it_could_not_pack():
+    """``pack`` keeps one packer per thread (``packb`` builds one, and its buffer, per message):
+    its bytes must be packb's, on every thread, and a message it refuses must leave nothing behind
+    in its buffer for the next one."""
+    import threading
+
+    from agent.intake.msgpack_codec import pack
+    message = {"v": 1, "id": "apps/a/replies#7", "status": "ok", "x": [1, 2.5, "s", b"\x00b", None]}
+    with pytest.raises(TypeError):
+        pack({"id": "x", "bad": object()})
+    assert pack(message) == msgpack.packb(message, use_bin_type=True)
+    got = []
+    threads = [threading.Thread(target=lambda k=k: got.extend(pack({**message, "k": k}) for _ in range(200)))
+               for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(got)) == sorted(msgpack.packb({**message, "k": k}, use_bin_type=True) for k in range(4))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import reprlib
+import threading
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,20 @@ def _fields(message: dict) -> WireRequest:
     )
 
 
+_packers = threading.local()
+
+
+def pack(obj: Any) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True)``, by a packer kept per thread: ``packb`` builds a
+    packer, and allocates its 256 KiB buffer, for every message, and an agent packs one per reply
+    (BENCHMARKS.md, eighteenth session). A packer is not thread-safe, hence one per thread; it
+    resets itself after each message, and after a message it could not pack."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)
+
+
 def encode_request(request_id: str, inputs: Mapping[str, np.ndarray], *, slo_ms: float | None = None,
                    deadline: float | None = None, priority: int | None = None,
                    min_accuracy: float | None = None) -> bytes:
@@ -172,7 +187,7 @@ def encode_request(request_id: str, inputs: Mapping[str, np.ndarray], *, slo_ms:
         message["priority"] = priority
     if min_accuracy is not None:
         message["min_accuracy"] = min_accuracy
-    return msgpack.packb(message, use_bin_type=True)
+    return pack(message)
 
 
 # --- replies ------------------------------------------------------------------------------------
@@ -191,7 +206,7 @@ def encode_reply(reply: dict) -> bytes:
     outputs = reply.get("outputs")
     if outputs is not None:
         reply = dict(reply, outputs={k: encode_tensor(v) for k, v in outputs.items()})
-    return msgpack.packb(reply, use_bin_type=True)
+    return pack(reply)
 
 
 def error_reply(request_id: str | None, error: InferenceError, timing: dict | None = None) -> dict:

@@ -65,13 +65,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-import msgpack
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import ERROR_CODES, InferenceError
-from agent.intake.msgpack_codec import _show
+from agent.intake.msgpack_codec import _show, pack
 from agent.offload.peers import PeerTable
 from agent.offload.wire import _bad, _name, check_size, unpack_map
 from agent.telemetry import Counters, RateLimitedLog
@@ -123,7 +122,7 @@ def encode_probe(origin: str, probe: str, pad: bytes = b"") -> bytes:
     message: dict[str, Any] = {"v": PROBE_WIRE_VERSION, "origin": origin, "probe": probe}
     if pad:
         message["pad"] = pad
-    return msgpack.packb(message, use_bin_type=True)
+    return pack(message)
 
 
 def decode_probe(payload: bytes, max_payload_bytes: int) -> Probe:
@@ -156,7 +155,7 @@ def encode_probe_answer(probe: str | None, *, held_ms: float = 0.0, received_byt
         message["error"] = error.as_dict()
     else:
         message.update(status="ok", held_ms=float(held_ms), bytes=int(received_bytes))
-    return msgpack.packb(message, use_bin_type=True)
+    return pack(message)
 
 
 def decode_probe_answer(payload: bytes) -> ProbeAnswer:

@@ -44,7 +44,7 @@ import msgpack
 import numpy as np
 
 from agent.errors import BAD_REQUEST, ERROR_CODES, INTERNAL, INVALID_INPUT, TOO_LARGE, InferenceError
-from agent.intake.msgpack_codec import _show, decode_tensor, encode_tensor
+from agent.intake.msgpack_codec import _show, decode_tensor, encode_tensor, pack
 from agent.offload import codecs
 
 OFFLOAD_WIRE_VERSION = 1
@@ -105,7 +105,7 @@ def encode_request(request: OffloadRequest, codec: str = "raw") -> bytes:
     }
     if request.priority:
         message["priority"] = request.priority
-    return msgpack.packb(message, use_bin_type=True)
+    return pack(message)
 
 
 def _bad(message: str, field_name: str | None) -> InferenceError:
@@ -217,7 +217,7 @@ def encode_reply(batch: str | None, *, outputs: Mapping[str, np.ndarray] | None 
         message["timing"] = {k: float(v) for k, v in timing.items()}
     if served_by is not None:
         message["served_by"] = dict(served_by)
-    return msgpack.packb(message, use_bin_type=True)
+    return pack(message)
 
 
 def _error(value: Any, where: str) -> InferenceError:
