@@ -443,7 +443,7 @@ class OffloadClient:
         self.peers.observe(pending.peer, arrived - pending.sent_at - peer_ms / 1000.0,
                            pending.sent_bytes + len(message.payload))
         if reply.error is not None:
-            log.info("offload: %s refused batch %s (%s: %s): running it here", pending.peer, batch_id,
+            log.info("offload: %s refused batch %s (%s: %s): falling back", pending.peer, batch_id,
                      reply.error.code, reply.error.message)
             self._fall_back(pending, None, reply.error)
             return
