@@ -25,11 +25,10 @@ from concurrent.futures import Future
 from typing import Callable, Mapping
 
 import numpy as np
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.intake.msgpack_codec import decode_reply, encode_request
-from agent.transport.paho_client import MqttSecurity, connect, make_client
+from agent.transport.paho_client import MqttSecurity, PublishProperties, connect, make_client
 from agent.transport.topics import infer_topic, pool_infer_topic
 
 ReplyCallback = Callable[[dict, float], None]   # (decoded reply, round trip seconds)
@@ -87,7 +86,7 @@ class InferenceClient:
         correlation = self._prefix + seq.to_bytes(8, "big")
         payload = encode_request(request_id or f"{self.reply_topic}#{seq}", inputs, slo_ms=slo_ms, priority=priority,
                                  min_accuracy=min_accuracy)
-        props = Properties(PacketTypes.PUBLISH)
+        props = PublishProperties()
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = correlation
         with self._lock:

@@ -32,8 +32,6 @@ from concurrent.futures import Future
 
 import numpy as np
 from paho.mqtt.client import MQTTMessage
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.errors import INTERNAL, UNKNOWN_MODEL, InferenceError
 from agent.intake.mqtt import SeenRequests, request_key
@@ -41,7 +39,7 @@ from agent.offload import wire
 from agent.offload.probe import ANSWER_COUNTERS, ProbeAnswerer
 from agent.offload.splits import lane_name
 from agent.telemetry import Counters
-from agent.transport.paho_client import reply_address
+from agent.transport.paho_client import PublishProperties, reply_address
 from agent.transport.topics import offload_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
@@ -202,7 +200,7 @@ class PeerHandler:
                                  served_by=served_by)
 
     def _publish(self, response_topic: str, correlation, payload: bytes) -> None:
-        props = Properties(PacketTypes.PUBLISH)
+        props = PublishProperties()
         if correlation is not None:
             props.CorrelationData = correlation
         try:

@@ -66,15 +66,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.errors import ERROR_CODES, InferenceError
 from agent.intake.msgpack_codec import _show, pack
 from agent.offload.peers import PeerTable
 from agent.offload.wire import _bad, _name, check_size, unpack_map
 from agent.telemetry import Counters, RateLimitedLog
-from agent.transport.paho_client import reply_address
+from agent.transport.paho_client import PublishProperties, reply_address
 from agent.transport.topics import probe_reply_topic, probe_topic, publish_topic_problem
 
 log = logging.getLogger(__name__)
@@ -211,7 +209,7 @@ class ProbeAnswerer:
             self.counters.add("bad_probes")
             self._refused_log(logging.INFO, "probe on %s refused: %s", message.topic, exc.message)
             payload = encode_probe_answer(getattr(exc, "probe", None), error=exc)
-        answer = Properties(PacketTypes.PUBLISH)
+        answer = PublishProperties()
         if correlation is not None:
             answer.CorrelationData = correlation
         try:
@@ -359,7 +357,7 @@ class Prober:
             self._send(device, out, payload)
 
     def _send(self, device: str, out: _Out, payload: bytes) -> None:
-        props = Properties(PacketTypes.PUBLISH)
+        props = PublishProperties()
         props.ResponseTopic = probe_reply_topic(self.device)
         props.CorrelationData = CORRELATION_PREFIX + out.probe.encode()
         out.sent_at = self.clock()

@@ -57,8 +57,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent.backends import load_backend
 from agent.core import gather_into, scatter_rows
@@ -75,7 +73,7 @@ from agent.profiler.measure import measure_latency_table
 from agent.runtime.executor import BatchOutcome, OnDone
 from agent.scheduler.dispatcher import NO_INSTANCE, Dispatch
 from agent.telemetry import Counters
-from agent.transport.paho_client import reply_address
+from agent.transport.paho_client import PublishProperties, reply_address
 from agent.transport.topics import offload_reply_topic, offload_topic, status_topic
 
 if TYPE_CHECKING:
@@ -315,7 +313,7 @@ class OffloadClient:
                            len(payload), head_s, can_rescue)
         self.driver.release_early(dispatch)
         self._await_reply(pending)
-        props = Properties(PacketTypes.PUBLISH)
+        props = PublishProperties()
         props.ResponseTopic = offload_reply_topic(self.device, dispatch.model)
         props.CorrelationData = batch_id.encode()
         try:
