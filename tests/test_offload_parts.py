@@ -124,28 +124,36 @@ def test_the_link_fit_tells_latency_from_bandwidth():
     assert naive < 3e6          # what bytes over time alone would have said
 
 
+def _board_by_hand(device: str):
+    """A board agent in this process whose offload client's parts a test drives by hand (offload
+    to ``board-p`` configured, MQTT off: nothing is sent), its config, resnet_digits' card and two
+    of its test frames."""
+    from agent.api import Agent
+    from agent.models.card import load_card
+    from agent.models.digits import card_test_set
+    card = load_card("demo:resnet_digits")
+    frames = card_test_set(card.raw["dataset"], card.source.parent)[0][:2]
+    config = parse_config({"config_version": CONFIG_VERSION, "agent": {"device": device, "workers": 1},
+                           "mqtt": {"enabled": False}, "offload": {"peer": "board-p"},
+                           "models": [{"name": "resnet_digits", "card": "demo:resnet_digits",
+                                       "default_slo_ms": 5000}]})
+    return Agent(config), config, card, frames
+
+
 def test_items_the_peer_refused_run_here_only_while_this_board_has_room():
     """A peer's refusal (its scheduler's ``rejected`` or ``deadline_missed``) is run on the board's
     fallback only with CPU to spare, an empty queue and a free slot; on a busy board the peer's
     answer is the request's (``refusals_passed_on``), given at the reply without a hand-off to the
     fallback thread, and no time is kept back for a rescue when a batch is sent. A peer that failed
     otherwise (``internal``) is still covered."""
-    from agent.api import Agent
     from agent.errors import DEADLINE_MISSED, INTERNAL, REJECTED, InferenceError
-    from agent.models.card import load_card
-    from agent.models.digits import card_test_set
     from agent.offload.cpu import CpuGauge
     from agent.runtime.offload_executor import _Pending
     from agent.scheduler.dispatcher import Dispatch
     from agent.scheduler.policy import Action
 
-    card = load_card("demo:resnet_digits")
-    frames = card_test_set(card.raw["dataset"], card.source.parent)[0][:2]
-    config = parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "board-r", "workers": 1},
-                           "mqtt": {"enabled": False}, "offload": {"peer": "board-p"},
-                           "models": [{"name": "resnet_digits", "card": "demo:resnet_digits",
-                                       "default_slo_ms": 5000}]})
-    with Agent(config) as agent:
+    agent, config, card, frames = _board_by_hand("board-r")
+    with agent:
         client, scheduler = agent.offload, agent.loop.driver.scheduler
 
         def rescue(errors, at_reply=False):
@@ -204,20 +212,13 @@ def test_the_watcher_gives_up_on_a_batch_with_an_earlier_give_up_sent_after_a_la
     time, not at the one the watcher slept toward; one with a later give-up waits its turn."""
     import time
 
-    from agent.api import Agent
-    from agent.models.card import load_card
-    from agent.models.digits import card_test_set
     from agent.runtime.offload_executor import _Pending
     from agent.scheduler.dispatcher import Dispatch
     from agent.scheduler.policy import Action
 
-    card = load_card("demo:resnet_digits")
-    frames = card_test_set(card.raw["dataset"], card.source.parent)[0][:1]
-    config = parse_config({"config_version": CONFIG_VERSION, "agent": {"device": "board-w", "workers": 1},
-                           "mqtt": {"enabled": False}, "offload": {"peer": "board-p"},
-                           "models": [{"name": "resnet_digits", "card": "demo:resnet_digits",
-                                       "default_slo_ms": 5000}]})
-    with Agent(config) as agent:
+    agent, _, card, frames = _board_by_hand("board-w")
+    frames = frames[:1]
+    with agent:
         client = agent.offload
         done: dict[str, float] = {}
         start = client.clock()
