@@ -142,7 +142,7 @@ LOCAL = "local"
 
 def learn_slowdown(slowdown: dict, key, took_s: float, predicted_s: float, alpha: float) -> None:
     """Fold one run into ``slowdown[key]``, an EWMA (weight ``alpha``) of how much longer this
-X
+    board's runs take (``took_s``) than predicted (``predicted_s``): each run's took / predicted
     ratio is clamped to [0.25, 20]: one run stalled by a quota's period, or one that finished within
     it, says little alone. A prediction of 0 teaches nothing."""
     if predicted_s <= 0:

@@ -65,8 +65,8 @@ from agent.models.card import CardError
 from agent.offload import wire
 from agent.offload.codecs import nominal_ratio
 from agent.offload.cpu import CpuGauge
-from agent.offload.planner import learn_slowdown
 from agent.offload.peers import PeerTable
+from agent.offload.planner import learn_slowdown
 from agent.offload.probe import Prober, default_probe_bytes
 from agent.offload.splits import chosen
 from agent.profiler.measure import measure_latency_table
