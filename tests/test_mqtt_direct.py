@@ -1,4 +1,4 @@
-"""The agent's MQTT client writes from the publishing thread and reads in chunks
+"""The agent's MQTT client joins its writes on the network thread and reads in chunks
 (agent.transport.paho_client.DirectClient), against a real Mosquitto: what it sends is what paho
 would send, complete, in order, and nothing is lost when the connection drops."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _replier(broker, device: str):
     transport.connect()
     assert isinstance(transport.client, DirectClient)
     # A small send buffer: writes often go out in part, so a packet's rest must follow before any
-    # other thread's bytes (the write lock's job), and replies often find the socket full.
+    # other packet's bytes (the queue is only taken from its head), and replies often find the socket full.
     transport.client.socket().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     got: dict[int, list[int]] = {w: [] for w in range(WORKERS)}
     got["torn"] = []                        # replies whose payload or correlation data were not as sent
@@ -98,6 +98,14 @@ def _wait_all(got, arrived, expected: int, timeout: float = 30.0) -> None:
 def test_replies_written_from_worker_threads_arrive_once_and_in_order_per_topic(broker):
     device = f"direct-{time.monotonic_ns()}"
     transport, requests, app, got, arrived = _replier(broker, device)
+    senders: set[int] = set()
+    sock_send = transport.client._sock_send
+
+    def watched_send(data):
+        senders.add(threading.get_ident())
+        return sock_send(data)
+
+    transport.client._sock_send = watched_send
     try:
         _publish_from_workers(transport, device, 0, PER_WORKER, requests, app)
         _wait_all(got, arrived, PER_WORKER)
@@ -106,9 +114,8 @@ def test_replies_written_from_worker_threads_arrive_once_and_in_order_per_topic(
             assert not got["torn"], "replies arrived with bytes not as sent"
             for worker in range(WORKERS):
                 assert got[worker] == list(range(PER_WORKER)), f"worker {worker}: not once each, in order"
-        # The workers did write themselves (most of the time: the network thread finishes for a
-        # worker that finds another writing or the socket full).
-        assert transport.client.written_direct > 0
+        # No worker sent: every write was the network thread's (the workers' time is the board's).
+        assert senders == {transport.client._thread.ident}
         # The requests read meanwhile were all handled and acknowledged, and no packet was ever
         # malformed (Mosquitto closes the connection on one: a torn write would show here).
         deadline = time.monotonic() + 10

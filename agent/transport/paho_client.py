@@ -38,7 +38,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt import __version__ as paho_version
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, _ConnectionState
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import MalformedPacket, Properties, readBytes, writeBytes, writeUTF
@@ -311,14 +311,10 @@ READ_CHUNK = 256 * 1024
 WRITE_CHUNK = 256 * 1024
 #: Topics whose matching message callbacks a client remembers (DirectClient._handle_on_message).
 MATCHES_KEPT = 256
-#: How long a publishing thread waits for another thread's write before leaving its packet to the
-#: network thread (seconds): a write is one send; only a reconnect holds the lock longer.
-WRITE_WAIT_S = 0.05
 
 _SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 _AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
 _CONN_LOST = MQTTErrorCode.MQTT_ERR_CONN_LOST
-_CONNECTED = _ConnectionState.MQTT_CS_CONNECTED
 _PUBLISH, _PUBACK = int(paho.PUBLISH), int(paho.PUBACK)
 #: The paho-mqtt releases whose internals DirectClient was read against (pyproject pins it).
 PAHO_VERSIONS = ("2.2.0",)
@@ -326,10 +322,10 @@ PAHO_VERSIONS = ("2.2.0",)
 _PAHO_METHODS = ("_handle_publish", "_handle_on_message", "message_callback_add", "message_callback_remove",
                  "_easy_log", "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
                  "_packet_queue", "_packet_write", "loop_read", "loop_write", "reconnect", "_update_inflight",
-                 "_handle_pubackcomp", "_do_on_publish", "_call_socket_register_write", "_send_publish")
+                 "_handle_pubackcomp", "_do_on_publish")
 #: ... and the attributes it reads or changes on a client.
 _PAHO_ATTRIBUTES = ("_out_packet", "_in_packet", "_out_messages", "_inflight_messages", "_out_message_mutex",
-                    "_msgtime_mutex", "_last_msg_out", "_sockpairW", "_sock", "_state", "_thread", "_manual_ack",
+                    "_msgtime_mutex", "_last_msg_out", "_sock", "_manual_ack",
                     "_protocol", "_callback_mutex", "_in_callback_mutex", "_on_message_filtered", "_userdata",
                     "suppress_exceptions")
 
@@ -467,25 +463,24 @@ def _read_publish_properties(block: bytes) -> Properties:
 
 
 class DirectClient(paho.Client):
-    """A paho client that writes a reply from the thread that publishes it, and reads in chunks.
+    """A paho client that reads in chunks, decodes a request directly, and joins its writes.
 
-    Why (issue 21, BENCHMARKS.md "MQTT intake vs HTTP"): in threaded paho every outgoing packet is
-    queued for the network thread, which a byte on a socket pair wakes; that one thread also reads
-    every packet in three ``recv`` calls (type, length, rest), and reads everything that is waiting
-    before it writes anything. Under load the agent's replies and its PUBACKs then waited behind
-    long read runs, and every wake-up and every system call was a hand-over of the GIL to a busy
-    worker and back. The HTTP intake writes a reply from the worker that computed it. Here:
+    Why (issue 21, BENCHMARKS.md "MQTT intake vs HTTP"): threaded paho reads every packet in three
+    ``recv`` calls (type, length, rest), copies a message's bytes four times or more, and writes
+    each packet with its own ``send``; under load every system call was a hand-over of the GIL to a
+    busy worker and back. Here:
 
-    * a QoS 1 PUBLISH or a PUBACK is written by the calling thread when the connection is up, once
-      paho has let go of its message lock (which the network thread takes for every acknowledgement)
-      and after any other thread's write (a bounded wait for the write lock); otherwise it is queued
-      and the network thread woken, as paho does;
-    * what the network thread queues while it reads (the PUBACKs of the requests its handlers took,
-      the replies it publishes) is written once the read is done, joined into one ``send``;
     * reads ask the socket for :data:`READ_CHUNK` bytes and parse the packets out of that buffer;
-    * an incoming QoS 0 or 1 PUBLISH is decoded with one copy of its payload (paho copies the whole
-      packet four times or more and reads its properties with a per-message table), its properties
-      as :class:`PublishProperties`;
+    * an incoming QoS 0 or 1 PUBLISH is decoded with one copy of its payload (paho reads its
+      properties with a per-message table), its properties as :class:`PublishProperties`;
+    * what the network thread queues while it reads (the PUBACKs of the requests its handlers took,
+      the replies it publishes) is written once the read is done, and every QoS 1 PUBLISH or PUBACK
+      waiting is joined into one ``send`` (up to :data:`WRITE_CHUNK` bytes);
+    * a worker's reply is queued and the network thread woken, as paho does: the worker never
+      sends. Writing it from the worker (the eleventh to eighteenth sessions) cost the workers a
+      ``send`` each, a loopback send doing the receiver's work too, and a wait for one another's
+      writes; the workers are the board's capacity, and at the plain loop's capacity the MQTT
+      row served a fifth less that way (BENCHMARKS.md, nineteenth session);
     * a PUBACK of a reply with no reason code and no properties (what Mosquitto sends) is settled
       without building paho's ReasonCode and Properties, and paho's scan of every unacknowledged
       message for one waiting for a window slot is skipped when none waits.
@@ -513,70 +508,21 @@ class DirectClient(paho.Client):
         self._rsock: Any = None              # the socket _rbuf was read from
         self._rbuf = b""
         self._rpos = 0
-        self._publishing = threading.local()  # defer: publish() writes after paho's message lock
         self._matches: dict[str, tuple] = {}  # topic -> its message callbacks (_handle_on_message)
-        #: Packets a publishing thread wrote itself, the queue emptied (the others: the network thread's).
-        self.written_direct = 0
         super().__init__(*args, **kwargs)
 
     # --- writes -----------------------------------------------------------------------------------
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: paho.MQTTMessageInfo | None = None) -> MQTTErrorCode:
-        if self._thread is None or not _plain(command, qos):
+        # Another thread's packet: paho's (queued, the network thread woken by a byte on its
+        # socket pair). The network thread's own while it reads: queued without the wake-up, and
+        # written with the others once the read is done (loop_read).
+        if threading.get_ident() != self._reader or not _plain(command, qos):
             return super()._packet_queue(command, packet, mid, qos, info)
-        entry = {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
-                 "packet": packet, "info": info}
-        if threading.get_ident() == self._reader:
-            self._out_packet.append(entry)       # written, with the others, once the read is done
-            return _SUCCESS
-        self._out_packet.append(entry)
-        if getattr(self._publishing, "defer", False):
-            self._publishing.queued = True       # written once publish() lets go of the message lock
-            return _SUCCESS
-        self._write_queued()
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})
         return _SUCCESS
-
-    def _write_queued(self) -> None:
-        """Write what is queued from this (publishing) thread if the connection is up, after any
-        other thread's write (a send takes microseconds; the wait is bounded by WRITE_WAIT_S, for
-        a reconnect that holds the lock while it swaps the socket); else leave it to the network
-        thread, woken."""
-        if self._state == _CONNECTED and self._write_lock.acquire(timeout=WRITE_WAIT_S):
-            try:
-                self._flush()
-                if not self._out_packet:
-                    self.written_direct += 1
-                    return
-            finally:
-                self._write_lock.release()
-        self._wake()        # the socket is full, or another thread writes: the network thread finishes
-
-    def publish(self, *args: Any, **kwargs: Any) -> paho.MQTTMessageInfo:
-        """paho's publish, the packet written after paho has let go of its message lock: paho
-        sends a QoS 1 message while it holds the lock (``_out_message_mutex``) that the network
-        thread takes for every acknowledgement, so a worker's send (and its wait for the GIL on the
-        way back from the system call) held up the reading of every request behind it
-        (BENCHMARKS.md, issue 21's MQTT row)."""
-        if self._thread is None or threading.get_ident() == self._reader:
-            return super().publish(*args, **kwargs)
-        local = self._publishing
-        local.defer, local.queued = True, False
-        try:
-            info = super().publish(*args, **kwargs)
-        finally:
-            local.defer = False
-        if local.queued:
-            self._write_queued()
-        return info
-
-    def _wake(self) -> None:
-        if self._sockpairW is not None:
-            try:
-                self._sockpairW.send(paho.sockpair_data)
-            except BlockingIOError:
-                pass
-        self._call_socket_register_write()
 
     def _flush(self) -> MQTTErrorCode:
         """Write the plain packets at the head of the queue, several joined per ``send``; called with
