@@ -223,3 +223,39 @@ def test_the_agent_refuses_a_paho_whose_internals_it_does_not_know(monkeypatch):
     # A client that needs no internals (the application's, or the agent's over TLS) is unaffected.
     assert type(make_client("app-unknown-paho")) is paho_client.paho.Client
     assert type(make_client("tls-unknown-paho", direct=True, security=MqttSecurity(tls=True))) is paho_client.paho.Client
+
+
+def test_whole_packet_finds_a_body_only_when_all_of_it_is_buffered():
+    body = b"x" * 300                                   # length 300: two bytes (0xAC 0x02)
+    packet = bytes([0x32, 0xAC, 0x02]) + body
+    assert paho_client._whole_packet(packet, 0) == (3, 303)
+    assert paho_client._whole_packet(b"ab" + packet + b"\x40", 2) == (5, 305)   # one after it
+    for cut in (1, 2, 3, 302):                          # the length, or the body, cut short
+        assert paho_client._whole_packet(packet[:cut], 0) is None
+    assert paho_client._whole_packet(bytes([0x30, 0x80, 0x80, 0x80, 0x80, 0x01]), 0) is None   # over 4 bytes
+
+
+def test_requests_of_every_size_arrive_whole_and_in_order(broker):
+    """Requests that fit many to a read, one that spans several reads (over READ_CHUNK), and small
+    ones behind it: each handed over once, intact, in the order sent (a packet whole in the
+    buffer is read in one step, one split across reads by paho's own reader)."""
+    device = f"sizes-{time.monotonic_ns()}"
+    transport = MqttTransport(device, broker.host, broker.port)
+    got: queue.Queue = queue.Queue()
+    transport.subscribe(f"req/{device}", got.put)
+    transport.connect()
+    app = make_client(f"app-{device}")
+    connect(app, broker.host, broker.port)
+    sizes = [10, 900, 3 * paho_client.READ_CHUNK + 17, 5, 70_000, 1] + [1_000] * 200
+    payloads = [bytes([k % 251]) * size for k, size in enumerate(sizes)]
+    try:
+        for payload in payloads:
+            app.publish(f"req/{device}", payload, qos=1)
+        received = [got.get(timeout=20).payload for _ in payloads]
+        assert [len(p) for p in received] == sizes
+        assert received == payloads
+        assert got.empty()
+    finally:
+        app.disconnect()
+        app.loop_stop()
+        transport.stop()

@@ -3,7 +3,8 @@
 One subscriber of the agent's transport (:class:`agent.transport.connection.MqttTransport`), which
 owns the connection, the status and the last will. Thin by design (handlers run on paho's network
 thread, which reads every request): decode, validate, ``Agent.submit_inline``, return. The reply is
-published from the worker that finished the batch; on an idle board (nothing queued or running, no
+published by the worker that finished the batch (queued there; the network thread writes it, joined
+with the others waiting: ``DirectClient``); on an idle board (nothing queued or running, no
 request for a moment: ``Scheduler.start_alone``) the network thread runs the request itself and its
 reply leaves with the read's acknowledgements, as the HTTP intake does: no thread hand-off. Every
 request that carries a response topic gets exactly one reply, an error reply included; one without

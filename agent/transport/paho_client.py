@@ -303,10 +303,12 @@ def connect(client: paho.Client, host: str, port: int, timeout: float = 5.0, kee
         client.on_disconnect = user_on_disconnect
 
 
-# --- the agent's own connection: direct, joined writes and chunked reads ------------------------------
+# --- the agent's own connection: joined writes and chunked reads --------------------------------------
 
-#: Bytes asked of the socket per read: every request and acknowledgement waiting, in one system call.
-READ_CHUNK = 256 * 1024
+#: Bytes asked of the socket per read: the requests and acknowledgements waiting, in one system call.
+#: Under glibc's mmap threshold (128 KiB): a larger buffer is mapped, shrunk and unmapped on every
+#: read, three more system calls each time.
+READ_CHUNK = 64 * 1024
 #: At most this many bytes of queued packets are joined into one send.
 WRITE_CHUNK = 256 * 1024
 #: Topics whose matching message callbacks a client remembers (DirectClient._handle_on_message).
@@ -322,10 +324,10 @@ PAHO_VERSIONS = ("2.2.0",)
 _PAHO_METHODS = ("_handle_publish", "_handle_on_message", "message_callback_add", "message_callback_remove",
                  "_easy_log", "_send_puback", "_sock_recv", "_sock_send", "_sock_close",
                  "_packet_queue", "_packet_write", "loop_read", "loop_write", "reconnect", "_update_inflight",
-                 "_handle_pubackcomp", "_do_on_publish")
+                 "_handle_pubackcomp", "_do_on_publish", "_packet_read", "_packet_handle")
 #: ... and the attributes it reads or changes on a client.
 _PAHO_ATTRIBUTES = ("_out_packet", "_in_packet", "_out_messages", "_inflight_messages", "_out_message_mutex",
-                    "_msgtime_mutex", "_last_msg_out", "_sock", "_manual_ack",
+                    "_msgtime_mutex", "_last_msg_out", "_last_bytes_received", "_sock", "_manual_ack",
                     "_protocol", "_callback_mutex", "_in_callback_mutex", "_on_message_filtered", "_userdata",
                     "suppress_exceptions")
 
@@ -443,6 +445,22 @@ def _vbi(value: int) -> bytes:
             return bytes(out)
 
 
+def _whole_packet(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """Where the body of the packet that starts at ``buf[pos]`` lies, ``(start, end)``, if all of it
+    is in ``buf``; ``None`` if not, or if its length is malformed (paho's reader then says so)."""
+    length, shift, at, size = 0, 0, pos + 1, len(buf)
+    while at < size:
+        byte = buf[at]
+        at += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (at, at + length) if at + length <= size else None
+        shift += 7
+        if shift > 21:
+            return None
+    return None
+
+
 def _read_publish_properties(block: bytes) -> Properties:
     """The properties of a PUBLISH from ``block`` (their bytes, after the length): a response topic
     and correlation data read here, any other property by paho's own ``unpack``."""
@@ -470,7 +488,8 @@ class DirectClient(paho.Client):
     each packet with its own ``send``; under load every system call was a hand-over of the GIL to a
     busy worker and back. Here:
 
-    * reads ask the socket for :data:`READ_CHUNK` bytes and parse the packets out of that buffer;
+    * reads ask the socket for :data:`READ_CHUNK` bytes, and a packet that lies whole in that
+      buffer is taken in one step (``_packet_read``);
     * an incoming QoS 0 or 1 PUBLISH is decoded with one copy of its payload (paho reads its
       properties with a per-message table), its properties as :class:`PublishProperties`;
     * what the network thread queues while it reads (the PUBACKs of the requests its handlers took,
@@ -608,6 +627,46 @@ class DirectClient(paho.Client):
             self._rbuf = buf
         self._rpos = pos + bufsize
         return buf[pos:pos + bufsize]
+
+    def _packet_read(self) -> MQTTErrorCode:
+        """paho's, with a packet that lies whole in the read buffer taken in one step (paho asks for
+        its type, then its length a byte at a time, then the rest: a call each, for every request
+        and acknowledgement). A packet split across reads, or one paho's reader began, is paho's."""
+        if self._in_packet["command"] == 0:
+            if self._rsock is not self._sock:
+                self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
+            if self._rpos >= len(self._rbuf):
+                try:
+                    data = self._recv_chunk(READ_CHUNK)
+                except BlockingIOError:
+                    return _AGAIN
+                except OSError as err:
+                    self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                    return _CONN_LOST
+                if not data:
+                    return _CONN_LOST
+                self._rbuf, self._rpos = data, 0
+            buf, pos = self._rbuf, self._rpos
+            body = _whole_packet(buf, pos)
+            if body is not None:
+                start, end = body
+                self._rpos = end
+                packet = self._in_packet
+                packet["command"] = buf[pos]
+                packet["packet"] = bytearray(memoryview(buf)[start:end])
+                packet["remaining_length"] = end - start
+                packet["have_remaining"] = 1
+                try:
+                    rc = self._packet_handle()
+                except MalformedPacket as exc:
+                    self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+                    rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+                self._in_packet = {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+                                   "remaining_length": 0, "packet": bytearray(b""), "to_process": 0, "pos": 0}
+                with self._msgtime_mutex:
+                    self._last_bytes_received = paho.time_func()
+                return rc
+        return super()._packet_read()
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         self._reader = threading.get_ident()
