@@ -610,8 +610,7 @@ class DirectClient(paho.Client):
     # --- reads ------------------------------------------------------------------------------------
 
     def _recv_chunk(self, size: int) -> bytes:
-        """One read of the socket (paho's: its errors as paho raises them); a subclass may read
-        with ``recvmsg`` instead, for the kernel's receive stamp (the lab's load generator)."""
+        """One read of the socket, as paho reads it (its errors as paho raises them)."""
         return super()._sock_recv(size)
 
     def _sock_recv(self, bufsize: int) -> bytes:
