@@ -558,7 +558,7 @@ def add_lab_parsers(sub: argparse._SubParsersAction) -> None:
                         help="Triton settings to try at each load: full (6) or quick (2) (default full)")
     triton.add_argument("--mqtt-procs", type=int, default=None, metavar="K",
                         help="load-generator processes for the edge-agent/mqtt row, each its own MQTT client taking "
-                             "every K-th request (default: one per core, 2 to 4); each process's send lag and CPU "
+                             "every K-th request (default 1, as the HTTP row); each process's send lag and CPU "
                              "are reported, and a row the generator may have limited is marked")
     triton.add_argument("--out", default="bench_out/triton", metavar="DIR", help="where JSON and plots go")
     triton.add_argument("--seed", type=int, default=0, help="seed of the generated trace (default 0)")

@@ -281,6 +281,12 @@ def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], pe
     return overhead
 
 
+#: Load-generator processes for the MQTT row, unless asked otherwise: one, as the HTTP row has. The
+#: MQTT generator is a plain socket (``edge_lab.bench.mqttwire``) that costs a process what the HTTP
+#: generator costs; a second process only added its wake-ups, at a higher priority than the agent's
+#: workers, to the cores the two rows' servers share (BENCHMARKS.md, nineteenth session). A load one
+#: process cannot play shows in its send lag and CPU (flagged below): then ``--mqtt-procs``.
+MQTT_PROCS = 1
 #: A row is flagged as the generator's limit when one of its processes sent its rows this late (the
 #: p99 of the send lag, ms: half the tightest SLO class of the demo) ...
 GENERATOR_LAG_FLAG_MS = 5.0
@@ -396,7 +402,7 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     inside the run-to-run spread (BENCHMARKS.md); a median of three cannot be set by one slow
     spell. ``versus.json`` is rewritten after every round, so a long run stopped early keeps what
     it finished. ``mqtt_procs``: how many processes play the MQTT row's load (None:
-    :func:`edge_lab.bench.mqttload.default_procs`)."""
+    :data:`MQTT_PROCS`)."""
     if repeat < 1:
         raise ValueError(f"repeat = {repeat!r}: expected 1 or more rounds")
     if mqtt_procs is not None and mqtt_procs < 1:
@@ -419,9 +425,9 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     _say("own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
          + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s"
          + (f"; {repeat} rounds" if repeat > 1 else ""))
-    from edge_lab.bench.mqttload import default_procs
+    mqtt_procs = MQTT_PROCS if mqtt_procs is None else mqtt_procs
     results: dict = {"own_ms": own_ms, "plain_capacity_per_s": capacity, "trace_rows": len(trace),
-                     "mqtt_procs": default_procs() if mqtt_procs is None else mqtt_procs,
+                     "mqtt_procs": mqtt_procs,
                      "trace_rate_per_s": rate, "systems": list(systems), "rounds": repeat, "rounds_done": 0,
                      "loads": {}}
     rounds: dict[str, list[dict]] = {label: [] for label, _ in plan}     # label -> one entry per round
