@@ -18,7 +18,7 @@ from agent import errors
 from agent.workload.trace import TraceRow
 from edge_lab.bench import versus
 from edge_lab.bench.loadgen import Frames, error_code_of, replay
-from edge_lab.bench.mqttload import default_procs
+from edge_lab.bench.mqttload import DEFAULT_PROCS
 from edge_lab.bench.proctree import TreeMeter, descendants, tree_cpu_s
 from edge_lab.metrics import summarize
 
@@ -256,7 +256,7 @@ def test_replay_against_a_real_agent_server_answers_everything_right(system, fra
     assert summary["overall"]["within_slo"] == len(trace)
     assert run.send_lag_ms["p99"] < 50.0
     # every replay says how hard its generator worked: over MQTT, one entry per process
-    expected = default_procs() if system == "edge-agent/mqtt" else 1
+    expected = DEFAULT_PROCS if system == "edge-agent/mqtt" else 1
     assert len(run.generators) == expected
     assert sum(g["rows"] for g in run.generators) == len(trace)
     assert all(g["cpu_s"] > 0 and g["wall_s"] > 0 and g["cpu_peak"] > 0 for g in run.generators)

@@ -356,7 +356,7 @@ class MqttTarget(_Target):
     """Where and how to play edge-agent's MQTT wire format: requests to
     ``edge/v1/<device>/infer/<model>`` with a response topic and the row index as correlation
     data, QoS ``qos`` both ways, from ``procs`` generator processes (None: as many as
-    :func:`edge_lab.bench.mqttload.default_procs` says). The replay itself is
+    :data:`edge_lab.bench.mqttload.DEFAULT_PROCS` says). The replay itself is
     :func:`edge_lab.bench.mqttload.replay_mqtt`."""
 
     def __init__(self, host: str, port: int, device: str, frames: Frames, *, procs: int | None = None,

@@ -1,10 +1,11 @@
-"""The MQTT side of ``bench triton``'s load generator, played from several processes.
+"""The MQTT side of ``bench triton``'s load generator, played from one process or several.
 
-Why several: one Python process could not keep up with the agent's MQTT intake (issue 21): in a
-burst the replies waited in the generator's socket and were stamped late, and the row measured the
-generator. Here ``procs`` spawned processes each take every ``procs``-th row of the trace (round
-robin, so each gets an even share of every burst), each with its own connection, its own reply
-topic and the row's index as correlation data. All send on one schedule: the parent fixes a start
+Why several may be needed: a paho client in one Python process could not keep up with the agent's
+MQTT intake (issue 21): in a burst the replies waited in the generator's socket and were stamped
+late, and the row measured the generator. The plain-socket client below keeps up from one process
+(:data:`DEFAULT_PROCS`) at the loads the benches play; ``procs`` spawned processes each take every
+``procs``-th row of the trace (round robin, so each gets an even share of every burst), each with
+its own connection, its own reply topic and the row's index as correlation data. All send on one schedule: the parent fixes a start
 time on the system-wide monotonic clock once every process is connected and subscribed, and each
 row goes out at ``start + t_s`` as in :mod:`edge_lab.bench.loadgen`.
 
@@ -103,14 +104,12 @@ def spread_ms(values_ms: Sequence[float]) -> dict[str, float]:
             "max": float(values.max())}
 
 
-def default_procs() -> int:
-    """Generator processes when none is asked for: one per core the bench may use, at least two
-    (a one-core board still splits the sending from one GIL's reply handling), at most four."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:            # not Linux
-        cores = os.cpu_count() or 1
-    return max(2, min(4, cores))
+#: Generator processes when none is asked for: one, as the HTTP generator has. The client is a plain
+#: socket (:mod:`edge_lab.bench.mqttwire`) that costs a process what the HTTP generator costs; a
+#: second process only added its wake-ups, at a higher priority than the agent's workers, to the
+#: cores the server shares (BENCHMARKS.md, nineteenth session). A load one process cannot play
+#: shows in its send lag and CPU (:class:`GeneratorLoad`): then ask for more.
+DEFAULT_PROCS = 1
 
 
 # --- one generator process --------------------------------------------------------------------------
@@ -247,7 +246,7 @@ def replay_mqtt(target, trace: Sequence[TraceRow], frames, *, drain_s: float = 3
     how much later that was."""
     from edge_lab.bench.loadgen import Replay
     host, port, device, qos = target.host, target.port, target.device, target.qos
-    procs = default_procs() if target.procs is None else int(target.procs)
+    procs = DEFAULT_PROCS if target.procs is None else int(target.procs)
     if procs < 1:
         raise ValueError(f"procs = {procs!r}: expected 1 or more generator processes")
     if qos not in (0, 1):
@@ -346,4 +345,4 @@ def _expect(pipe, process, what: str, timeout_s: float, p: int):
     return value
 
 
-__all__ = ["CPU_WINDOW_S", "CpuSampler", "GeneratorLoad", "default_procs", "replay_mqtt", "spread_ms"]
+__all__ = ["CPU_WINDOW_S", "CpuSampler", "GeneratorLoad", "DEFAULT_PROCS", "replay_mqtt", "spread_ms"]

@@ -83,7 +83,7 @@ class RunningServer:
 
     def target(self, frames: Frames, *, mqtt_procs: int | None = None):
         """Where the load generator sends; over MQTT, from ``mqtt_procs`` processes (None: the
-        default of :func:`edge_lab.bench.mqttload.default_procs`)."""
+        default, :data:`edge_lab.bench.mqttload.DEFAULT_PROCS`)."""
         if self.transport == "mqtt":
             return MqttTarget(self.host, self.port, self.device, frames, procs=mqtt_procs)
         return HttpTarget(self.host, self.port, frames, self.flavor)
@@ -281,12 +281,6 @@ def _warm_up(server: RunningServer, frames: Frames, own_ms: dict[str, float], pe
     return overhead
 
 
-#: Load-generator processes for the MQTT row, unless asked otherwise: one, as the HTTP row has. The
-#: MQTT generator is a plain socket (``edge_lab.bench.mqttwire``) that costs a process what the HTTP
-#: generator costs; a second process only added its wake-ups, at a higher priority than the agent's
-#: workers, to the cores the two rows' servers share (BENCHMARKS.md, nineteenth session). A load one
-#: process cannot play shows in its send lag and CPU (flagged below): then ``--mqtt-procs``.
-MQTT_PROCS = 1
 #: A row is flagged as the generator's limit when one of its processes sent its rows this late (the
 #: p99 of the send lag, ms: half the tightest SLO class of the demo) ...
 GENERATOR_LAG_FLAG_MS = 5.0
@@ -402,7 +396,7 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     inside the run-to-run spread (BENCHMARKS.md); a median of three cannot be set by one slow
     spell. ``versus.json`` is rewritten after every round, so a long run stopped early keeps what
     it finished. ``mqtt_procs``: how many processes play the MQTT row's load (None:
-    :data:`MQTT_PROCS`)."""
+    :data:`edge_lab.bench.mqttload.DEFAULT_PROCS`)."""
     if repeat < 1:
         raise ValueError(f"repeat = {repeat!r}: expected 1 or more rounds")
     if mqtt_procs is not None and mqtt_procs < 1:
@@ -425,7 +419,8 @@ def run_versus(trace: Sequence[TraceRow] | None, *, loads: Sequence[float] | Non
     _say("own time: " + ", ".join(f"{m} {t:.2f} ms" for m, t in own_ms.items())
          + f"; plain-loop capacity {capacity:.0f} req/s; trace {len(trace)} rows at {rate:.0f} req/s"
          + (f"; {repeat} rounds" if repeat > 1 else ""))
-    mqtt_procs = MQTT_PROCS if mqtt_procs is None else mqtt_procs
+    from edge_lab.bench.mqttload import DEFAULT_PROCS
+    mqtt_procs = DEFAULT_PROCS if mqtt_procs is None else mqtt_procs
     results: dict = {"own_ms": own_ms, "plain_capacity_per_s": capacity, "trace_rows": len(trace),
                      "mqtt_procs": mqtt_procs,
                      "trace_rate_per_s": rate, "systems": list(systems), "rounds": repeat, "rounds_done": 0,
