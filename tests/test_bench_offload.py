@@ -33,6 +33,10 @@ def test_bench_offload_runs_end_to_end_and_tears_down():
         assert row["wrong"] == 0 and row["ok"] > 0, row
     assert rows["local"]["served_by_peer"] == {}
     assert rows["full"]["served_by_peer"].get("full", {}).get("items_ok", 0) > 0, rows["full"]
+    # where each ok reply says it was computed: the local row's all here, the full row's mostly on the peer
+    assert rows["local"]["served_ok"] == {"local": rows["local"]["ok"]}
+    assert sum(rows["full"]["served_ok"].values()) == rows["full"]["ok"]
+    assert rows["full"]["served_ok"].get("full", 0) > 0 and "unknown" not in rows["full"]["served_ok"]
     text = format_offload(results)
     assert "full offload" in text and "local only" in text
 
@@ -48,9 +52,23 @@ def test_the_lab_ceiling_is_the_peer_plus_what_forwarding_leaves_of_the_board():
 
     def row(key, goodput, **more):
         return {"key": key, "label": key, "goodput_per_s": goodput, "lost": 0, "duplicated": 0,
-                "config": {"policy": "offload_fixed" if key == "full" else "split"}, "served_here_ok": 1,
+                "config": {"policy": "offload_fixed" if key == "full" else "split"}, "served_ok": {"local": 1},
                 "served_by_peer": {}, **more}
     shape = {"link": {"mbit": 100, "delay_ms": 10},
              "rows": [row("local", 70.0), row("full", 180.0, **full), row("ours", 170.0)]}
     target = check_targets({**results, "capacity": {"local_per_s": 100.0}, "shapes": [shape]})[0]
     assert target["held"] is False and "1.70x" in target["detail"] and "ceiling about 2.12x" in target["detail"]
+
+
+def test_served_ok_counts_where_each_ok_reply_says_it_was_computed():
+    from edge_lab.bench.offload import BOARD, PEER, served_ok
+    records = [["ok", 0.0, 0.1, [BOARD, None]],                 # run here
+               ["ok", 0.0, 0.1, [BOARD, "stage1"]],             # the peer failed it: rescued here
+               ["ok", 0.0, 0.1, [PEER, None]],                  # full offload (no split named)
+               ["ok", 0.0, 0.1, [PEER, "full"]],
+               ["ok", 0.0, 0.1, [PEER, "stage2"]],
+               ["ok", 0.0, 0.1, None],                          # a reply that names no board
+               ["ok", 0.0, 0.1],                                # an old record: no place at all
+               ["rejected", 0.0, 0.1, [BOARD, None]],           # not ok: not counted
+               ["unanswered", 0.0, None, None]]
+    assert served_ok(records) == {"full": 2, "local": 2, "stage2": 1, "unknown": 2}

@@ -116,7 +116,8 @@ def test_infer_matches_the_in_process_agent(service, client, digits, binary):
         np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
         response = result.get_response()
         assert response["id"] == f"r{i}" and response["model_name"] == MODEL
-        assert set(response["parameters"]) == {"queue_ms", "compute_ms", "total_ms", "batch_size"}
+        assert set(response["parameters"]) == {"queue_ms", "compute_ms", "total_ms", "batch_size", "served_by"}
+        assert response["parameters"]["served_by"] == "http-board"     # computed here: no split
         correct += int(np.argmax(logits)) == labels[i]
     assert correct >= 36
 

@@ -457,6 +457,14 @@ class _Connection(asyncio.Protocol):
                       "total_ms": round(slowest.total_ms, 3), "batch_size": slowest.batch_size}
             if exits[0] is not None:
                 timing["exit"] = exits[0] if len(exits) == 1 else exits
+            # Where it was computed, as an MQTT reply's served_by says: the board, and the split
+            # point when a peer ran its tail (agent.offload); a row by row list for several rows.
+            devices = [r.served_by.get("device") for r in results]
+            if devices[0] is not None:
+                timing["served_by"] = devices[0] if len(devices) == 1 else devices
+            splits = [r.served_by.get("split") for r in results]
+            if any(split is not None for split in splits):
+                timing["split"] = splits[0] if len(splits) == 1 else splits
             chunks, header_length = oip.infer_response(request, outputs, timing)
             return 200, chunks, _JSON if header_length is None else _BINARY, header_length
         except Exception as exc:

@@ -26,6 +26,11 @@ What the protocol's fields mean here:
 * ``parameters.min_accuracy`` (number in 0..1): the wire's ``min_accuracy`` (DESIGN.md): a
   multi-exit model answers at an exit accurate enough (``agent.scheduler.exit_rule``); the reply's
   ``parameters.exit`` names the exit that answered (a list, row by row, for several rows).
+* The reply's ``parameters.served_by`` names the board that computed the request, and
+  ``parameters.split`` the split point where a peer ran its tail (``full``: all of it; with
+  ``served_by`` this board, the peer failed it and the board ran it itself): an MQTT reply's
+  ``served_by``, flattened, as the protocol's parameters hold only strings, numbers and booleans
+  (lists row by row for several rows).
 * The batch dimension: a request may carry N >= 1 items (shape ``[N, *item]``, or the bare item
   shape for one); the intake submits each row as its own request, all with the request's SLO, and
   gathers the outputs along the first axis in row order (see :class:`InferRequest`).
@@ -494,9 +499,10 @@ _BINARY_PREFIXES: dict[tuple, bytes] = {}
 
 
 def _parameters_json(parameters: dict) -> bytes:
-    """``parameters`` as compact JSON. Every reply carries the agent's timing (a flat map of numbers),
-    and ``json.dumps`` is most of the cost of encoding a reply: numbers are written directly (``repr``
-    of a finite float is valid JSON), anything else goes through ``json``."""
+    """``parameters`` as compact JSON. Every reply carries the agent's timing (a flat map of numbers)
+    and the board's name, and ``json.dumps`` is most of the cost of encoding a reply: numbers and
+    plain ASCII strings are written directly (``repr`` of a finite float is valid JSON), anything
+    else goes through ``json``."""
     parts = []
     for key, value in parameters.items():
         kind = type(value)
@@ -506,6 +512,8 @@ def _parameters_json(parameters: dict) -> bytes:
             parts.append('"%s":%r' % (key, value))
         elif kind is int:
             parts.append('"%s":%d' % (key, value))
+        elif kind is str and value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            parts.append('"%s":"%s"' % (key, value))     # a device name: nothing to escape
         else:
             return json.dumps(parameters, separators=_JSON_SEPARATORS).encode()
     return ("{%s}" % ",".join(parts)).encode()

@@ -86,8 +86,11 @@ class Replay:
     # ``total_ms``: from taking the request to its result; None: no such figure): the rest of the
     # latency was spent outside the server's accounting (sockets, broker, generator)
     server_ms: list[float | None] = field(default_factory=list)
-    # replies by the board that sent them (``served_by.device``; MQTT only): a pool's spread
+    # replies by the board that sent them (``served_by.device``): a pool's spread
     served_by: dict[str, int] = field(default_factory=dict)
+    # per record, where its reply says it was computed, ``[device, split]`` (``split`` None when the
+    # board ran it whole; HTTP only, from ``parameters.served_by`` and ``parameters.split``)
+    where: list[list | None] = field(default_factory=list)
 
 
 # --- Open Inference Protocol over HTTP -----------------------------------------------------------
@@ -282,14 +285,14 @@ class _HttpConnection:
         if reply is None:
             return
         received = receive_stamp(ancillary, read, time.perf_counter)
-        status, output, close, server_ms = reply
+        status, output, close, server_ms, where = reply
         done, self.done = self.done, None
         if close:
             self.close()
         else:
             self.target._reusable(self)
         if done is not None:
-            done(status, output, received, read, server_ms)
+            done(status, output, received, read, server_ms, where)
 
     def _fail(self) -> None:
         done, self.done = self.done, None
@@ -307,9 +310,9 @@ class _HttpConnection:
         self.target._gone(self)
 
 
-def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool, float | None] | None":
-    """(status, binary output or None, server closes, the server's own ms or None) once ``buffer``
-    holds a whole OIP reply."""
+def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool, float | None, list | None] | None":
+    """(status, binary output or None, server closes, the server's own ms or None, ``[device, split]``
+    it was computed on or None) once ``buffer`` holds a whole OIP reply."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -323,15 +326,31 @@ def _complete_reply(buffer: bytearray) -> "tuple[str, bytes | None, bool, float 
     close = headers.get("connection", "").lower() == "close"
     if code == 200:
         json_length = int(headers.get("inference-header-content-length", len(payload)))
-        return "ok", payload[json_length:], close, _total_ms(payload, json_length)
+        device = _header_string(payload, _SERVED_BY, json_length)
+        where = None if device is None else [device, _header_string(payload, _SPLIT, json_length)]
+        return "ok", payload[json_length:], close, _total_ms(payload, json_length), where
     try:
         message = json.loads(payload).get("error", "")
     except ValueError:
         message = payload.decode("utf-8", "replace")
-    return error_code_of(str(message)), None, close, None
+    return error_code_of(str(message)), None, close, None, None
 
 
 _TOTAL_MS = b'"total_ms":'
+_SERVED_BY = b'"served_by":"'
+_SPLIT = b'"split":"'
+
+
+def _header_string(payload: bytes, key: bytes, end: int) -> str | None:
+    """edge-agent's string ``parameters`` field ``key`` (as ``b'"name":"'``) from a reply's JSON
+    header, found as :func:`_total_ms` finds its number (a device or split name: nothing escaped);
+    None when it is not there, or not one string (several rows: a list)."""
+    at = payload.find(key, 0, end)
+    if at < 0:
+        return None
+    at += len(key)
+    stop = payload.find(b'"', at, end)
+    return None if stop < 0 else payload[at:stop].decode("ascii", "replace")
 
 
 def _total_ms(payload: bytes, end: int) -> float | None:
@@ -391,6 +410,8 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
                for i, row in enumerate(trace)]
     read_s: list[float | None] = [None] * len(trace)
     server_ms: list[float | None] = [None] * len(trace)
+    where: list[list | None] = [None] * len(trace)
+    served_by: dict[str, int] = {}
     lags: list[float] = []
     read_lags: list[float] = []
     frame_count = {m: len(v[2]) for m, v in frames.inputs.items()}
@@ -403,7 +424,7 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
     start = time.perf_counter()
 
     def answered(i: int, k: int, status: str, output: bytes | None, received: float, read: float,
-                 own_ms: float | None = None) -> None:
+                 own_ms: float | None = None, computed: list | None = None) -> None:
         record = records[i]
         if record.status != "unanswered" or all_answered.done():
             return                        # a late second call, or after the drain: not counted
@@ -411,6 +432,9 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
         record.status = status
         read_s[i] = read - start
         server_ms[i] = own_ms
+        where[i] = computed
+        if computed is not None:
+            served_by[computed[0]] = served_by.get(computed[0], 0) + 1
         read_lags.append(read - received)
         if status == "ok" and output:
             logits = np.frombuffer(output[-40:], dtype=np.float32)
@@ -451,7 +475,8 @@ async def _replay(target, trace: Sequence[TraceRow], frames: Frames, drain_s: fl
     load = GeneratorLoad(len(trace), spread_ms(lag_ms), cpu_s, wall_s,
                          max(peak, cpu_s / wall_s if wall_s > 0 else 0.0))
     return Replay(records, span, spread_ms(lag_ms), counts["wrong"], counts["checked"],
-                  spread_ms([1000.0 * lag for lag in read_lags]), read_s, [load.as_dict()], server_ms)
+                  spread_ms([1000.0 * lag for lag in read_lags]), read_s, [load.as_dict()], server_ms,
+                  served_by, where)
 
 
 __all__ = ["Frames", "HttpTarget", "MqttTarget", "Replay", "error_code_of", "oip_body", "replay"]

@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         target = CountingTarget(host, port, frames, "edge-agent")
         run = replay(target, _rows(phase["rows"]), frames, drain_s=float(spec.get("drain_s", 3.0)))
-        results.append({"records": [[r.status, r.arrival_s, r.finish_s] for r in run.records],
+        where = run.where or [None] * len(run.records)
+        results.append({"records": [[r.status, r.arrival_s, r.finish_s, w] for r, w in zip(run.records, where)],
                         "duration_s": run.duration_s, "duplicated": target.duplicated, "wrong": run.wrong,
                         "checked": run.checked, "send_lag_ms": run.send_lag_ms, "generators": run.generators,
                         "server_ms": run.server_ms})

@@ -31,9 +31,10 @@ The last two appear when ``split`` is one of the scheduler's policies
 
 Per row: goodput (ok replies within the SLO per second of the trace), SLO attainment, replies lost
 (no reply by the end of the drain) and duplicated (a second reply to one request: both must be 0),
-wrong predictions, and where the replies were computed: the peer's offload replies are read off the
-broker (``edge/v1/<board>/offload-reply/+``, whose ``served_by`` names the split point), the rest
-was computed on the board. The items the peer refused or missed are counted by code with the first
+wrong predictions, and where the replies were computed (:func:`served_ok`: each ok reply names the
+board that computed it and the split point, ``parameters.served_by`` and ``parameters.split``). The
+peer's offload replies are also read off the broker (``edge/v1/<board>/offload-reply/+``): what it
+sent, late ones included, and the items it refused or missed, counted by code with the first
 one's message (``peer_errors``: why, in the peer's words), beside each board's cores used and share
 of periods throttled (``cpu``) and both agents' last statuses. The targets (:func:`check_targets`):
 on 100 Mbit/s and 10 ms, ours at least 2.4x local-only (the local row's goodput, or the measured
@@ -385,7 +386,7 @@ def _play(e: _Env, phases: Sequence[dict], tag: str, *, on_phase: Callable[[str]
 
 def _records(trace: Sequence[TraceRow], played: dict) -> list[RequestRecord]:
     records = []
-    for i, (row, (status, arrival, finish)) in enumerate(zip(trace, played["records"])):
+    for i, (row, (status, arrival, finish, *_)) in enumerate(zip(trace, played["records"])):
         records.append(RequestRecord(i, row.app, row.model, arrival if arrival is not None else row.t_s, row.slo_ms,
                                      row.priority, status, finish))
     return records
@@ -395,11 +396,27 @@ def _trace(rate_per_s: float, duration_s: float, model: str, slo_ms: float, seed
     return poisson(rate_per_s, duration_s, [AppSpec("camera", model, slo_ms, 1.0)], seed)
 
 
+def served_ok(played_records: Sequence[Sequence]) -> dict[str, int]:
+    """Where the ok replies say they were computed: ``local`` (on the board, a rescue of a batch the
+    peer failed included) or the peer's split point (``full``, ``stage1``...), from each reply's
+    ``parameters.served_by`` and ``parameters.split``; ``unknown`` for a reply that names neither.
+    The replies the peer sent (``served_by_peer``, seen on the broker) count the batches it
+    answered too late as well, after the board had given up on them and answered them itself."""
+    counts: dict[str, int] = {}
+    for status, _, _, *rest in played_records:
+        if status != "ok":
+            continue
+        where = rest[0] if rest else None
+        place = ("unknown" if not where or where[0] is None else
+                 "local" if where[0] == BOARD else (where[1] or "full"))
+        counts[place] = counts.get(place, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _row_result(contender: Contender, trace: Sequence[TraceRow], played: dict, served: dict, wire_dups: int,
                 wall_s: float) -> dict:
     records = _records(trace, played)
     overall = summarize(records, played["duration_s"] or 1e-9)["overall"]
-    peer_ok = sum(v[2] for v in served.values())
     own = [ms for ms in played.get("server_ms") or [] if ms is not None]
     return {"server_p50_ms": float(np.percentile(own, 50)) if own else None,
             "server_p99_ms": float(np.percentile(own, 99)) if own else None,"key": contender.key, "label": contender.label, "config": dataclasses.asdict(contender),
@@ -409,8 +426,9 @@ def _row_result(contender: Contender, trace: Sequence[TraceRow], played: dict, s
             "sent": overall["sent"], "ok": overall["ok"], "within_slo": overall["within_slo"],
             "lost": overall["unanswered"], "duplicated": played["duplicated"],
             "wrong": played["wrong"], "checked": played["checked"],
+            "served_ok": served_ok(played["records"]),
             "served_by_peer": {k: {"replies": v[0], "items": v[1], "items_ok": v[2]} for k, v in sorted(served.items())},
-            "served_here_ok": max(0, overall["ok"] - peer_ok), "duplicate_wire_replies": wire_dups,
+            "duplicate_wire_replies": wire_dups,
             "send_lag_ms": played["send_lag_ms"], "wall_s": wall_s}
 
 
@@ -538,8 +556,8 @@ def _by_key(shape: dict) -> dict[str, dict]:
 
 def _dominant(row: dict) -> str:
     """Where most of a row's ok replies were computed: ``local`` or the peer's split point."""
-    counts = {"local": row["served_here_ok"], **{k: v["items_ok"] for k, v in row["served_by_peer"].items()}}
-    return max(counts, key=lambda k: counts[k])
+    counts = row["served_ok"]
+    return max(counts, key=lambda k: counts[k]) if counts else "local"
 
 
 def lab_ceiling(results: dict, full: dict | None) -> dict | None:
@@ -626,8 +644,7 @@ def _mix(row: dict) -> str:
     ok = row["ok"] or 0
     if not ok:
         return "-"
-    parts = [("local", row["served_here_ok"])] + [(k, v["items_ok"]) for k, v in row["served_by_peer"].items()]
-    return " ".join(f"{name} {100 * n / ok:.0f}%" for name, n in parts if n)
+    return " ".join(f"{name} {100 * n / ok:.0f}%" for name, n in row["served_ok"].items() if n)
 
 
 def format_offload(results: dict) -> str:
