@@ -57,7 +57,18 @@ def encode_tensor(array: np.ndarray) -> dict:
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.tobytes()}
+    dtype = array.dtype
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = dtype.name
+        if len(_DTYPE_NAMES) < 64:
+            _DTYPE_NAMES[dtype] = name
+    return {"dtype": name, "shape": list(array.shape), "data": array.tobytes()}
+
+
+# ``dtype.name`` is computed in Python by numpy each time it is read (most of a reply's tensor
+# encoding); the numeric dtypes a model answers with are a handful.
+_DTYPE_NAMES: dict[np.dtype, str] = {}
 
 
 def decode_tensor(tensor: Any, field: str) -> np.ndarray:
