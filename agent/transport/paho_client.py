@@ -609,21 +609,19 @@ class DirectClient(paho.Client):
 
     # --- reads ------------------------------------------------------------------------------------
 
-    def _recv_chunk(self, size: int) -> bytes:
-        """One read of the socket, as paho reads it (its errors as paho raises them)."""
-        return super()._sock_recv(size)
-
-    def _sock_recv(self, bufsize: int) -> bytes:
+    def _fill(self, size: int) -> None:
+        """Have the read buffer hold this socket's unread bytes: when it is empty, one read of up to
+        ``size`` bytes (``b""`` where the peer closed), raising as paho's own read raises."""
         if self._rsock is not self._sock:        # a new socket: what was read from the old one is gone
             self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
+        if self._rpos >= len(self._rbuf):
+            self._rbuf, self._rpos = super()._sock_recv(size), 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        # paho's reader (a packet split across reads): its bytes out of the buffer, a chunk read when
+        # it is empty (a whole chunk asked for comes back uncopied: slicing all of a bytes is itself)
+        self._fill(max(bufsize, READ_CHUNK))
         buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf):
-            buf = self._recv_chunk(max(bufsize, READ_CHUNK))
-            if len(buf) <= bufsize:               # all of it asked for (or b"": the peer closed)
-                self._rbuf, self._rpos = b"", 0
-                return buf
-            pos = 0
-            self._rbuf = buf
         self._rpos = pos + bufsize
         return buf[pos:pos + bufsize]
 
@@ -632,20 +630,16 @@ class DirectClient(paho.Client):
         its type, then its length a byte at a time, then the rest: a call each, for every request
         and acknowledgement). A packet split across reads, or one paho's reader began, is paho's."""
         if self._in_packet["command"] == 0:
-            if self._rsock is not self._sock:
-                self._rsock, self._rbuf, self._rpos = self._sock, b"", 0
-            if self._rpos >= len(self._rbuf):
-                try:
-                    data = self._recv_chunk(READ_CHUNK)
-                except BlockingIOError:
-                    return _AGAIN
-                except OSError as err:
-                    self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-                    return _CONN_LOST
-                if not data:
-                    return _CONN_LOST
-                self._rbuf, self._rpos = data, 0
+            try:
+                self._fill(READ_CHUNK)
+            except BlockingIOError:
+                return _AGAIN
+            except OSError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return _CONN_LOST
             buf, pos = self._rbuf, self._rpos
+            if pos >= len(buf):                    # b"": the peer closed
+                return _CONN_LOST
             body = _whole_packet(buf, pos)
             if body is not None:
                 start, end = body

@@ -5,9 +5,10 @@ MQTT intake (issue 21): in a burst the replies waited in the generator's socket 
 late, and the row measured the generator. The plain-socket client below keeps up from one process
 (:data:`DEFAULT_PROCS`) at the loads the benches play; ``procs`` spawned processes each take every
 ``procs``-th row of the trace (round robin, so each gets an even share of every burst), each with
-its own connection, its own reply topic and the row's index as correlation data. All send on one schedule: the parent fixes a start
-time on the system-wide monotonic clock once every process is connected and subscribed, and each
-row goes out at ``start + t_s`` as in :mod:`edge_lab.bench.loadgen`.
+its own connection, its own reply topic and the row's index as correlation data. All send on one
+schedule: the parent fixes a start time on the system-wide monotonic clock once every process is
+connected and subscribed, and each row goes out at ``start + t_s`` as in
+:mod:`edge_lab.bench.loadgen`.
 
 Each process's client is :class:`edge_lab.bench.mqttwire.WireClient`, a plain socket speaking the
 few MQTT v5 packets a replay needs, every request's PUBLISH built before the run: with paho the
